@@ -1,0 +1,74 @@
+# MicroVM Sandbox: the two commands are `make up` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MVM_STATE_DIR ?= $(HOME)/.microvm
+export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
+PROTO_FILES := $(shell find protos -name '*.proto')
+GEN := gen/python
+
+.PHONY: up down status test unit-test integration-test deps apt venv protos lint images bench clean-state
+
+up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
+	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
+	$(BIN)/mvm-supervisor wait --state-dir $(MVM_STATE_DIR)
+	@$(BIN)/mvm-supervisor banner --state-dir $(MVM_STATE_DIR)
+	@if [ -x $(BIN)/mvm ] && [ -f $(MVM_CACHE_DIR)/images/default/current ]; then \
+	  echo "--- demo: mvm run -- python3 -c 'print(6*7)'"; \
+	  $(BIN)/mvm run -- python3 -c 'print(6*7)'; fi
+
+down: ## stop everything started by `make up`
+	@$(BIN)/mvm-supervisor stop --state-dir $(MVM_STATE_DIR)
+
+status: ## health of every service
+	@$(BIN)/mvm-supervisor status --state-dir $(MVM_STATE_DIR)
+
+deps: apt venv
+
+apt: ## Debian packages (skipped when already present)
+	@need=""; for p in etcd-server qemu-system-x86 qemu-utils busybox-static debootstrap e2fsprogs cpio iproute2 nftables kmod lz4 procps; do \
+	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then echo "apt-get install$$need"; \
+	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$need; fi
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	@# The checkout itself is the code: put it on the venv's path instead of building a wheel.
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" "$(CURDIR)/clients/cli" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/microvm-sandbox.pth
+	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m mvm_cli.main "$$@"\n' > $(BIN)/mvm && chmod +x $(BIN)/mvm
+	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m services.supervisor.main "$$@"\n' > $(BIN)/mvm-supervisor && chmod +x $(BIN)/mvm-supervisor
+	touch $@
+
+protos: venv $(GEN)/.stamp ## generate Python from protos/
+
+$(GEN)/.stamp: $(PROTO_FILES) Makefile
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ithird_party/googleapis \
+	  --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTO_FILES)
+	find $(GEN)/microvm -type d -exec touch {}/__init__.py \;
+	touch $@
+
+lint: venv ## buf lint, and buf breaking against the previous commit
+	$(BIN)/buf lint
+	@if git rev-parse -q --verify HEAD~1 >/dev/null && git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; else echo "buf breaking: no previous commit with protos"; fi
+
+images: venv ## build guest images (cached by recipe hash)
+	@if [ -d images/templates ]; then $(BIN)/python -m images.builder build --all; fi
+
+test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
+	$(BIN)/python -m pytest -q -ra tests
+
+unit-test: deps protos
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+bench: deps protos images
+	$(BIN)/python -m bench.run
+
+clean-state: down
+	rm -rf $(MVM_STATE_DIR)

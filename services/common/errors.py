@@ -1,0 +1,157 @@
+"""One mapping between domain errors and gRPC statuses, used by every service.
+
+Handlers raise `ServiceError` subclasses; `ErrorMappingInterceptor` turns them into a
+google.rpc.Status with an ErrorInfo (domain `microvm.dev`, a stable UPPER_SNAKE reason). Errors from a
+downstream service pass through unchanged, details included, so the caller sees the original cause.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "microvm.dev"
+log = structlog.get_logger()
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN,
+                                           metadata={k: str(v) for k, v in self.metadata.items()})
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        return rpc_status.to_status(status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=[detail]))
+
+
+def _error(name: str, code: grpc.StatusCode, reason: str) -> type[ServiceError]:
+    return type(name, (ServiceError,), {"code": code, "default_reason": reason})
+
+
+InvalidArgument = _error("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+NotFound = _error("NotFound", grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+AlreadyExists = _error("AlreadyExists", grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS")
+FailedPrecondition = _error("FailedPrecondition", grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION")
+ResourceExhausted = _error("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
+PermissionDenied = _error("PermissionDenied", grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+Unauthenticated = _error("Unauthenticated", grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+Unavailable = _error("Unavailable", grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
+DeadlineExceeded = _error("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
+DataLoss = _error("DataLoss", grpc.StatusCode.DATA_LOSS, "DATA_LOSS")
+Internal = _error("Internal", grpc.StatusCode.INTERNAL, "INTERNAL")
+Aborted = _error("Aborted", grpc.StatusCode.ABORTED, "ABORTED")
+
+
+class Unimplemented(ServiceError):
+    """A capability that is designed in the API but not built yet. Never a fake success."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "CAPABILITY_NOT_BUILT"
+
+    def __init__(self, capability: str) -> None:
+        super().__init__(f"{capability} is not built yet in this release",
+                         metadata={"capability": capability})
+
+
+# google.rpc.Code number -> grpc.StatusCode, for errors reported by the guest agent.
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+ERROR_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                              ResourceExhausted, PermissionDenied, Unauthenticated, Unavailable,
+                              DeadlineExceeded, DataLoss, Internal, Aborted)
+}
+
+
+def error_from_code(code_number: int, message: str, reason: str | None = None) -> ServiceError:
+    code = STATUS_BY_NUMBER.get(code_number, grpc.StatusCode.INTERNAL)
+    return ERROR_BY_CODE.get(code, Internal)(message, reason=reason)
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, if the server sent one."""
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, ServiceError):
+        await context.abort_with_status(exc.to_status())
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # Pass a downstream failure through with its details so the root cause stays visible.
+        details = [(k, v) for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
+        if details:
+            context.set_trailing_metadata(details)
+        await context.abort(exc.code(), exc.details() or "")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns ServiceError (and downstream AioRpcError) raised by any handler into a proper status."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def wrap_unary(behavior):
+            async def wrapped(request_or_iterator: Any, context):
+                try:
+                    return await behavior(request_or_iterator, context)
+                except (ServiceError, grpc.aio.AioRpcError) as exc:
+                    _log(method, exc)
+                    await _abort(context, exc)
+            return wrapped
+
+        def wrap_stream(behavior):
+            async def wrapped(request_or_iterator: Any, context):
+                try:
+                    result = behavior(request_or_iterator, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except (ServiceError, grpc.aio.AioRpcError) as exc:
+                    _log(method, exc)
+                    await _abort(context, exc)
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+
+
+def _log(method: str, exc: BaseException) -> None:
+    if isinstance(exc, ServiceError):
+        log.info("call_failed", method=method, code=exc.code.name, reason=exc.reason, message=exc.message)
+    else:
+        log.info("call_failed_downstream", method=method, code=exc.code().name, message=exc.details())

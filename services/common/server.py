@@ -1,0 +1,162 @@
+"""The one bootstrap every service calls: `run_service(...)` from its `__main__`.
+
+It gives a service a grpc.aio server with the standard health service, server reflection, the
+OpenTelemetry interceptor and the error mapping; JSON logs; an etcd client, a lease-backed
+registration and a live directory of the other services; graceful shutdown on SIGTERM/SIGINT (stop
+accepting, drain in-flight calls up to a bound, deregister); and config validated at start with a
+clear message and a non-zero exit when it is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+
+from services.common import observability
+from services.common.config import CommonSettings, ConfigError, load_config
+from services.common.errors import ErrorMappingInterceptor
+from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client
+
+S = TypeVar("S")
+log = structlog.get_logger()
+
+# Messages up to 8 MiB: file chunks are 1 MiB, a stdin payload up to 4 MiB.
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class ServiceContext(Generic[S]):
+    """What a service's wiring gets: its config, etcd, and a way to reach other services."""
+
+    kind: str
+    instance_id: str
+    common: CommonSettings
+    settings: S
+    etcd: Any
+    directory: ServiceDirectory
+    registration: ServiceRegistration | None = None
+    # Published with the registration, e.g. a compute node's VMM and accelerator.
+    registration_metadata: dict[str, Any] = field(default_factory=dict)
+    # Coroutines run at shutdown, after the server stopped accepting and drained (reverse order).
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A cached client channel to `address`, with tracing interceptors."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                interceptors=aio_client_interceptors())
+            self._channels[address] = channel
+        return channel
+
+    async def close_channels(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+# A service's wiring: registers its servicers on the server and returns their full service names
+# (for health and reflection). It may append shutdown hooks to the context.
+Wiring = Callable[[grpc.aio.Server, ServiceContext], Awaitable[list[str]]]
+
+
+async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring,
+                instance_id: str | None = None, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Runs a service until `stop` is set or SIGTERM/SIGINT arrives."""
+    instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread (tests): the caller sets `stop`
+            pass
+
+    etcd = etcd_client(common.etcd_endpoints)
+    await etcd.connect()
+    directory = ServiceDirectory(etcd)
+    await directory.open()
+    context = ServiceContext(kind=kind, instance_id=instance_id, common=common, settings=settings,
+                             etcd=etcd, directory=directory)
+
+    server = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],
+                             options=CHANNEL_OPTIONS)
+    service_names = await wiring(server, context)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise ConfigError(f"{kind}.listen: cannot bind {settings.listen}")
+    host = settings.listen.rpartition(":")[0]
+    address = f"{host}:{port}"
+    await server.start()
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    registration = ServiceRegistration(
+        etcd, ServiceInstance(kind=kind, instance_id=instance_id, address=address,
+                              metadata=context.registration_metadata),
+        ttl=common.lease_ttl_seconds)
+    await registration.open()
+    context.registration = registration
+    log.info("service_started", address=address, services=service_names)
+    if ready is not None:
+        ready.set()
+
+    await stop.wait()
+    log.info("service_stopping", grace_seconds=settings.shutdown_grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    # Deregister first so no new caller is sent here, then drain in-flight calls.
+    await registration.close()
+    await server.stop(settings.shutdown_grace_seconds)
+    for hook in reversed(context.on_shutdown):
+        try:
+            await hook()
+        except Exception:
+            log.exception("shutdown_hook_failed")
+    await context.close_channels()
+    await directory.close()
+    await etcd.close()
+    log.info("service_stopped")
+
+
+def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] | None = None) -> None:
+    """Entry point of a service process: parse args, load config, run until signalled."""
+    parser = argparse.ArgumentParser(prog=f"microvm-{kind}")
+    parser.add_argument("--config", help="installation config file (YAML); default: built-in defaults")
+    parser.add_argument("--instance-id", help="registration id; default: host-pid-random")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, kind, settings_cls)
+    except ConfigError as exc:
+        print(f"microvm-{kind}: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    instance_id = args.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    observability.configure(kind, instance_id, config.common.log_level, config.common.trace_exporter)
+    try:
+        asyncio.run(serve(kind, config.common, config.service, wiring, instance_id=instance_id))
+    except ConfigError as exc:
+        print(f"microvm-{kind}: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)

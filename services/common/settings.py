@@ -1,0 +1,125 @@
+"""The schema of the installation's config file: one dataclass per section.
+
+Kept in one place so the supervisor can validate the whole file before it starts anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import ConfigError, ServiceSettings, parse_address
+
+
+@dataclasses.dataclass
+class GatewaySettings(ServiceSettings):
+    listen: str = "127.0.0.1:50051"
+    # HTTP/JSON translation of the public API.
+    http_listen: str = "127.0.0.1:8080"
+    # Lifetime of a sandbox when the caller gives none.
+    default_timeout_seconds: int = 600
+    # Longest lifetime a caller may ask for.
+    max_timeout_seconds: int = 86400
+    # Seconds between sweeps that delete expired sandboxes.
+    reaper_interval_seconds: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        parse_address(self.http_listen, key="gateway.http_listen")
+        if not 1 <= self.default_timeout_seconds <= self.max_timeout_seconds:
+            raise ConfigError("gateway.default_timeout_seconds must be between 1 and max_timeout_seconds")
+
+
+@dataclasses.dataclass
+class ComputeSettings(ServiceSettings):
+    # Node id; default: the host name.
+    node_id: str = ""
+    # `auto`, `qemu` or `cloud-hypervisor`.
+    vmm: str = "auto"
+    # `auto`, `kvm` or `tcg`. auto = kvm only where the CPU shows vmx/svm.
+    accel: str = "auto"
+    # Most vCPUs one VM may have, and that the node hands out in total.
+    max_vcpus_per_vm: int = 8
+    vcpus_total: int = 64
+    # Most memory one VM may have, and that the node hands out in total, in MiB.
+    max_memory_mib_per_vm: int = 8192
+    memory_mib_total: int = 20480
+    # TCG translation cache per VM in MiB (QEMU's default of 1 GiB dominates a guest's RSS).
+    tcg_tb_size_mib: int = 64
+    # Seconds to wait for a booted guest's agent to answer.
+    boot_timeout_seconds: float = 90.0
+    # Where built images are cached; default: $MVM_CACHE_DIR/images or ~/.cache/microvm/images.
+    image_cache_dir: str = ""
+    qemu_binary: str = "qemu-system-x86_64"
+    cloud_hypervisor_binary: str = "cloud-hypervisor"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vmm not in ("auto", "qemu", "cloud-hypervisor"):
+            raise ConfigError("compute.vmm must be auto, qemu or cloud-hypervisor")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ConfigError("compute.accel must be auto, kvm or tcg")
+        if not 1 <= self.max_vcpus_per_vm <= 64:
+            raise ConfigError("compute.max_vcpus_per_vm must be between 1 and 64")
+        if not 128 <= self.max_memory_mib_per_vm <= 262144:
+            raise ConfigError("compute.max_memory_mib_per_vm must be between 128 and 262144")
+        if self.tcg_tb_size_mib < 8:
+            raise ConfigError("compute.tcg_tb_size_mib must be at least 8")
+
+
+@dataclasses.dataclass
+class RelaySettings(ServiceSettings):
+    # Per-stream credit granted to the agent, in bytes.
+    stream_window_bytes: int = 1 << 20
+    # Seconds to wait for an agent channel to open.
+    connect_timeout_seconds: float = 10.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 65536 <= self.stream_window_bytes <= 64 << 20:
+            raise ConfigError("relay.stream_window_bytes must be between 64 KiB and 64 MiB")
+
+
+@dataclasses.dataclass
+class NetworkSettings(ServiceSettings):
+    bridge: str = "mvmbr0"
+    subnet: str = "10.88.0.0/16"
+
+
+@dataclasses.dataclass
+class SnapshotSettings(ServiceSettings):
+    chunk_size_bytes: int = 4 << 20
+
+
+@dataclasses.dataclass
+class AuthSettings(ServiceSettings):
+    token_ttl_seconds: int = 900
+
+
+@dataclasses.dataclass
+class SupervisorSettings:
+    # etcd ports on loopback, started by the supervisor.
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    etcd_binary: str = "etcd"
+    # Restart back-off bounds, seconds.
+    restart_backoff_initial_seconds: float = 0.2
+    restart_backoff_max_seconds: float = 10.0
+
+    def validate(self) -> None:
+        for key in ("etcd_client_port", "etcd_peer_port"):
+            port = getattr(self, key)
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"supervisor.{key}: port {port} is outside 1..65535")
+        if not 0 < self.restart_backoff_initial_seconds <= self.restart_backoff_max_seconds:
+            raise ConfigError("supervisor.restart_backoff_initial_seconds must be > 0 and <= the maximum")
+
+
+SECTIONS: dict[str, type] = {
+    "gateway": GatewaySettings,
+    "compute": ComputeSettings,
+    "relay": RelaySettings,
+    "network": NetworkSettings,
+    "snapshot": SnapshotSettings,
+    "auth": AuthSettings,
+    "supervisor": SupervisorSettings,
+}

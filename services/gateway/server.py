@@ -1,0 +1,14 @@
+"""Wiring of the gateway: the public SandboxService."""
+
+from __future__ import annotations
+
+from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
+from services.common.server import ServiceContext
+from services.common.settings import GatewaySettings
+from services.gateway.sandboxes import SandboxServicer
+
+
+async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
+    servicer = SandboxServicer(context)
+    sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)
+    return [sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name]

@@ -1,0 +1,235 @@
+"""The supervisor's work: etcd and the six services as child processes, restarted when they crash."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import LoadedConfig
+from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+from services.common.settings import SupervisorSettings
+
+SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
+# A child that stayed up this long is healthy again: its next crash restarts without back-off.
+STABLE_SECONDS = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the supervisor itself is killed, its children get SIGTERM instead of becoming orphans.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+
+
+class StackSupervisor:
+    def __init__(self, state_dir: Path, config: LoadedConfig[SupervisorSettings],
+                 config_path: str | None) -> None:
+        self.state_dir = state_dir
+        self.config = config
+        self.settings = config.service
+        self.config_path = config_path
+        self.logs = state_dir / "logs"
+        self.children: dict[str, Child] = {}
+        self._stopping = asyncio.Event()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MVM_STATE_DIR"] = str(self.state_dir)
+        env["MVM_ETCD_ENDPOINTS"] = f"127.0.0.1:{self.settings.etcd_client_port}"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _etcd_command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.settings.etcd_client_port}"
+        peer = f"http://127.0.0.1:{self.settings.etcd_peer_port}"
+        return [self.settings.etcd_binary, "--name", "microvm", "--data-dir", str(self.state_dir / "etcd"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"microvm={peer}", "--log-level", "warn"]
+
+    def _service_command(self, kind: str) -> list[str]:
+        command = [sys.executable, "-m", f"services.{kind}"]
+        if self.config_path:
+            command += ["--config", str(Path(self.config_path).resolve())]
+        return command
+
+    async def _spawn(self, child: Child) -> None:
+        log = open(child.log_path, "ab")
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {' '.join(child.command)}\n".encode())
+        log.flush()
+        child.process = await asyncio.create_subprocess_exec(
+            *child.command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(),
+            preexec_fn=_die_with_parent)
+        log.close()
+        child.started_at = time.monotonic()
+        self._write_status()
+
+    def _write_status(self) -> None:
+        status = {name: {"pid": c.process.pid if c.process else None, "restarts": c.restarts}
+                  for name, c in self.children.items()}
+        (self.state_dir / "supervisor.json").write_text(json.dumps(status, indent=1))
+
+    async def _wait_for_etcd(self, timeout: float = 30.0) -> None:
+        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await client.connect()
+                await client.get(b"/microvm/ping")
+                await client.close()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd did not answer in {timeout}s; see {self.logs / 'etcd.log'}")
+                etcd = self.children["etcd"].process
+                if etcd and etcd.returncode is not None:
+                    raise RuntimeError(f"etcd exited with {etcd.returncode}; see {self.logs / 'etcd.log'}")
+                await asyncio.sleep(0.1)
+
+    async def _watch(self, child: Child) -> None:
+        """Restarts `child` whenever it exits, with exponential back-off for quick crashes."""
+        while not self._stopping.is_set():
+            code = await child.process.wait()
+            if self._stopping.is_set():
+                return
+            uptime = time.monotonic() - child.started_at
+            if uptime >= STABLE_SECONDS:
+                child.backoff = 0.0
+            delay = child.backoff
+            child.backoff = min(max(child.backoff * 2, self.settings.restart_backoff_initial_seconds),
+                                self.settings.restart_backoff_max_seconds)
+            print(json.dumps({"event": "child_exited", "child": child.name, "code": code,
+                              "uptime": round(uptime, 2), "restart_in": delay}), flush=True)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay) if delay else None
+            except asyncio.TimeoutError:
+                pass
+            if self._stopping.is_set():
+                return
+            child.restarts += 1
+            await self._spawn(child)
+
+    async def run(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        (self.state_dir / "supervisor.pid").write_text(str(os.getpid()))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        watchers = []
+        try:
+            etcd = Child("etcd", self._etcd_command(), self.logs / "etcd.log")
+            self.children["etcd"] = etcd
+            await self._spawn(etcd)
+            await self._wait_for_etcd()
+            watchers.append(asyncio.create_task(self._watch(etcd)))
+            for kind in SERVICE_KINDS:
+                child = Child(kind, self._service_command(kind), self.logs / f"{kind}.log")
+                self.children[kind] = child
+                await self._spawn(child)
+                watchers.append(asyncio.create_task(self._watch(child)))
+            print(json.dumps({"event": "stack_started", "children": list(self.children)}), flush=True)
+            await self._stopping.wait()
+        except Exception as exc:
+            print(json.dumps({"event": "stack_failed", "error": str(exc)}), flush=True)
+            return_code = 1
+        else:
+            return_code = 0
+        finally:
+            self._stopping.set()
+            for task in watchers:
+                task.cancel()
+            await self._shutdown()
+            (self.state_dir / "supervisor.pid").unlink(missing_ok=True)
+        return return_code
+
+    async def _stop_child(self, child: Child, grace: float) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=grace)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def _shutdown(self) -> None:
+        services = [c for name, c in self.children.items() if name != "etcd"]
+        # Gateway first so no new work arrives, then the rest together.
+        gateway = self.children.get("gateway")
+        if gateway:
+            await self._stop_child(gateway, 15)
+        await asyncio.gather(*(self._stop_child(c, 15) for c in services if c is not gateway))
+        stop_leftover_vms(self.state_dir)
+        if "etcd" in self.children:
+            await self._stop_child(self.children["etcd"], 10)
+        self._write_status()
+        print(json.dumps({"event": "stack_stopped"}), flush=True)
+
+
+def stop_leftover_vms(state_dir: Path) -> int:
+    """Kills VMM processes that compute left running (VMs outlive a compute restart by design)."""
+    killed = 0
+    for pid_file in (state_dir / "compute" / "vms").glob("*/vmm.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pid_file.parent).encode() in cmdline:  # the pid still belongs to this VM
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False) -> dict[str, str]:
+    """Health of each registered service kind, read from the registry and the health service."""
+    report: dict[str, str] = {}
+    client = etcd_client(etcd_endpoints, timeout=2)
+    try:
+        await client.connect()
+        result = await client.get_prefix(SERVICES_PREFIX.encode())
+        instances = [ServiceInstance.decode(kv.key, kv.value) for kv in result]
+    except Exception as exc:
+        return {"etcd": f"UNREACHABLE ({exc.__class__.__name__})"}
+    finally:
+        try:
+            await client.close()
+        except Exception:
+            pass
+    for instance in instances:
+        async with grpc.aio.insecure_channel(instance.address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2)
+                state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                state = f"UNREACHABLE ({exc.code().name})"
+        extra = ""
+        if detailed:
+            extra = f" at {instance.address} (pid {instance.pid})"
+            if instance.metadata:
+                extra += " " + " ".join(f"{k}={v}" for k, v in sorted(instance.metadata.items()))
+        report[instance.kind] = state + extra
+    return report

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.stack import LocalStack, start_stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> LocalStack:
+    """One stack (etcd + six services) shared by the integration tests of a session."""
+    stack = start_stack(tmp_path_factory.mktemp("stack"))
+    yield stack
+    stack.stop()

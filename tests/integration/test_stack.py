@@ -1,0 +1,125 @@
+"""The local stack as `make up` runs it: real etcd, real service processes, the real supervisor."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from microvm.network.v1 import network_pb2, network_pb2_grpc
+from services.common.errors import error_info
+from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+from services.supervisor.stack import SERVICE_KINDS
+from tests.stack import REPO, start_stack
+
+GRPCURL = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "grpcurl")
+
+
+def registered(stack) -> list[ServiceInstance]:
+    async def read():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return [ServiceInstance.decode(kv.key, kv.value)
+                    for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
+        finally:
+            await client.close()
+    return asyncio.run(read())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_every_service_reports_serving(stack):
+    assert stack.health() == {kind: "SERVING" for kind in SERVICE_KINDS}
+
+
+def test_every_service_is_registered_in_etcd_with_a_reachable_address(stack):
+    instances = registered(stack)
+    assert sorted(i.kind for i in instances) == sorted(SERVICE_KINDS)
+    gateway = next(i for i in instances if i.kind == "gateway")
+    assert gateway.address == stack.gateway_address
+
+
+def test_grpcurl_lists_the_public_api_through_reflection(stack):
+    listed = subprocess.run([GRPCURL, "-plaintext", stack.gateway_address, "list"],
+                            capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    assert "microvm.sandbox.v1.SandboxService" in listed
+    assert "grpc.health.v1.Health" in listed
+
+
+def test_grpcurl_describes_the_public_service_and_its_messages(stack):
+    def describe(symbol):
+        return subprocess.run([GRPCURL, "-plaintext", stack.gateway_address, "describe", symbol],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+    service = describe("microvm.sandbox.v1.SandboxService")
+    assert "rpc Exec ( .microvm.sandbox.v1.ExecRequest ) returns ( stream .microvm.sandbox.v1.ExecResponse )" \
+        in service
+    assert "oneof event" in describe("microvm.sandbox.v1.ExecResponse")
+
+
+def test_capability_not_built_answers_unimplemented_naming_it(stack):
+    network = next(i for i in registered(stack) if i.kind == "network")
+
+    async def call():
+        async with grpc.aio.insecure_channel(network.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await network_pb2_grpc.NetworkServiceStub(channel).ExposePort(
+                    network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5)
+            return failure.value
+    error = asyncio.run(call())
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "port exposure" in error.details()
+    assert error_info(error).reason == "CAPABILITY_NOT_BUILT"
+
+
+def test_killed_service_leaves_the_registry_within_ttl_and_is_restarted(stack):
+    before = next(i for i in registered(stack) if i.kind == "network")
+    killed_at = time.monotonic()
+    os.kill(before.pid, signal.SIGKILL)
+
+    restarted_after = gone_after = None
+    while time.monotonic() - killed_at < 10 and (restarted_after is None or gone_after is None):
+        instances = [i for i in registered(stack) if i.kind == "network"]
+        if gone_after is None and before.key not in {i.key for i in instances}:
+            gone_after = time.monotonic() - killed_at
+        if restarted_after is None and any(i.pid != before.pid for i in instances):
+            restarted_after = time.monotonic() - killed_at
+        time.sleep(0.05)
+    assert gone_after is not None and gone_after <= 2 + 1.0, "stale key outlived the 2 s lease TTL"
+    assert restarted_after is not None and restarted_after <= 2.0, f"restart took {restarted_after}"
+    deadline = time.monotonic() + 10
+    while stack.health().get("network") != "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stack.health().get("network") == "SERVING"
+
+
+def test_supervisor_sigterm_leaves_no_process_behind(tmp_path):
+    own = start_stack(tmp_path / "own")
+    children = json.loads((own.state_dir / "supervisor.json").read_text())
+    pids = [entry["pid"] for entry in children.values()]
+    assert len(pids) == 1 + len(SERVICE_KINDS) and all(pid_alive(p) for p in pids)
+    assert own.stop(timeout=40) == 0
+    time.sleep(0.2)
+    assert [p for p in pids if pid_alive(p)] == []
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path):
+    own = start_stack(tmp_path / "own")
+    pids = [entry["pid"] for entry in json.loads((own.state_dir / "supervisor.json").read_text()).values()]
+    own.process.kill()
+    own.process.wait()
+    deadline = time.monotonic() + 20
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if pid_alive(p)] == []
