@@ -1,0 +1,138 @@
+"""Entry point of the agent.
+
+In a guest it runs as PID 1 (the initramfs switch_roots into it): it mounts proc/sys/dev/tmp, sets the
+hostname from the `mvm.hostname=` kernel argument, reaps every zombie, then serves the host over the
+virtio-serial port named `microvm.agent`, surviving host disconnects for as long as the guest runs.
+
+`--unix PATH` serves a unix socket instead, to run the same engine on a host in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from microvm_agent import system
+from microvm_agent.agent import Agent, read_fd, write_fd
+
+PORT_NAME = "microvm.agent"
+
+
+def find_port(name: str = PORT_NAME) -> str | None:
+    base = "/sys/class/virtio-ports"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(f"{base}/{entry}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{entry}"
+            except OSError:
+                continue
+    except OSError:
+        return None
+    return None
+
+
+class PortTransport:
+    """The virtio-serial port. read() returns b'' while no host is connected, so wait for one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def read(self, size: int) -> bytes:
+        return await read_fd(self.fd, size)
+
+    async def write(self, data: bytes) -> None:
+        await write_fd(self.fd, data)
+
+
+async def serve_port(agent: Agent, path: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    transport = PortTransport(fd)
+    while True:
+        # The port reports hang-up until the host side connects; poll cheaply instead of spinning.
+        while _host_disconnected(fd):
+            await asyncio.sleep(0.02)
+        await agent.serve(transport)
+        await asyncio.sleep(0.02)
+
+
+def _host_disconnected(fd: int) -> bool:
+    import select
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+class SocketTransport:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self, size: int) -> bytes:
+        return await self.reader.read(size)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+async def serve_unix(agent: Agent, path: str) -> None:
+    async def connected(reader, writer):
+        try:
+            await agent.serve(SocketTransport(reader, writer))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(connected, path)
+    async with server:
+        await server.serve_forever()
+
+
+async def run(args) -> None:
+    loop = asyncio.get_running_loop()
+    is_init = os.getpid() == 1
+    agent = Agent(is_init=is_init)
+    loop.add_signal_handler(signal.SIGCHLD, agent.reap_children)
+    if args.unix:
+        await serve_unix(agent, args.unix)
+        return
+    path = None
+    for _ in range(500):
+        path = find_port()
+        if path:
+            break
+        await asyncio.sleep(0.01)
+    if not path:
+        print(f"microvm-agent: no virtio port named {PORT_NAME}", file=sys.stderr, flush=True)
+        if is_init:
+            system.power_off()
+        return
+    await serve_port(agent, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="microvm-agent")
+    parser.add_argument("--unix", help="serve on this unix socket instead of the virtio port")
+    args = parser.parse_args()
+    if os.getpid() == 1:
+        system.setup_filesystems()
+        args_by_name = system.kernel_args()
+        system.set_hostname(args_by_name.get("mvm.hostname", "sandbox"))
+        system.bring_up_loopback()
+        os.chdir("/root" if os.path.isdir("/root") else "/")
+        print("microvm-agent: ready", flush=True)
+    try:
+        asyncio.run(run(args))
+    except BaseException as exc:
+        print(f"microvm-agent: fatal: {exc!r}", file=sys.stderr, flush=True)
+        if os.getpid() == 1:
+            system.power_off()
+        raise
+
+
+if __name__ == "__main__":
+    main()

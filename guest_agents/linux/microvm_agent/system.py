@@ -1,0 +1,102 @@
+"""What the agent does as the guest's PID 1: mounts, hostname, entropy, power-off."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+import time
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RNDADDENTROPY = 0x40085203
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, options: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if os.path.ismount(target):
+        return
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, options.encode() or None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {fstype} on {target}: {os.strerror(errno)}")
+
+
+def setup_filesystems() -> None:
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV)
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"),
+                         ("/dev/ptmx", "/dev/pts/ptmx")):
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+
+
+def kernel_args() -> dict[str, str]:
+    try:
+        words = open("/proc/cmdline").read().split()
+    except OSError:
+        return {}
+    return dict(word.partition("=")[::2] for word in words)
+
+
+def set_hostname(name: str) -> None:
+    socket.sethostname(name)
+    try:
+        with open("/etc/hostname", "w") as f:
+            f.write(name + "\n")
+        with open("/etc/hosts", "w") as f:
+            f.write(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
+    except OSError:
+        pass
+
+
+def bring_up_loopback() -> None:
+    # SIOCSIFFLAGS on "lo" with IFF_UP|IFF_RUNNING, without depending on iproute2 being installed.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14s", b"lo", 0x1 | 0x40, b"")
+        try:
+            fcntl.ioctl(s, 0x8914, request)
+        except OSError:
+            pass
+
+
+def add_entropy(data: bytes) -> None:
+    """Mixes `data` into the kernel RNG and credits it, so clones stop sharing a random state."""
+    request = struct.pack("ii", len(data) * 8, len(data)) + data
+    with open("/dev/urandom", "wb") as random_device:
+        fcntl.ioctl(random_device, RNDADDENTROPY, request)
+
+
+def power_off() -> None:
+    os.sync()
+    try:
+        os.kill(-1, 15)
+        time.sleep(0.2)
+        os.kill(-1, 9)
+    except OSError:
+        pass
+    os.sync()
+    _libc.reboot(LINUX_REBOOT_CMD_POWER_OFF)
+
+
+def uptime_seconds() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def meminfo_kib() -> tuple[int, int]:
+    values = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0])
+    return values.get("MemTotal", 0), values.get("MemAvailable", 0)
