@@ -1,44 +1,75 @@
-"""ComputeService handlers."""
+"""Wiring and handlers of the compute service (ComputeService)."""
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from services.common.errors import Unimplemented
+from services.common.server import ServiceContext
+from services.common.settings import ComputeSettings
+from services.compute import hypervisor
+from services.compute.fleet import VmFleet
+from services.compute.qemu import QemuDriver
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
+    def __init__(self, fleet: VmFleet) -> None:
+        self.fleet = fleet
 
     async def CreateVm(self, request, context):
-        raise Unimplemented("CreateVm")
+        vm = await self.fleet.create(request.vm_id, request.template or "default", request.vcpus or 1,
+                                     request.memory_mib or 256, request.hostname)
+        return compute_pb2.CreateVmResponse(vm=vm.to_proto())
 
     async def GetVm(self, request, context):
-        raise Unimplemented("GetVm")
+        return compute_pb2.GetVmResponse(vm=self.fleet.get(request.vm_id).to_proto())
 
     async def ListVms(self, request, context):
-        raise Unimplemented("ListVms")
+        return compute_pb2.ListVmsResponse(vms=[vm.to_proto() for vm in self.fleet.vms.values()])
 
     async def StopVm(self, request, context):
-        raise Unimplemented("StopVm")
+        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(request.vm_id)).to_proto())
 
     async def DeleteVm(self, request, context):
-        raise Unimplemented("DeleteVm")
+        await self.fleet.delete(request.vm_id)
+        return compute_pb2.DeleteVmResponse()
 
     async def PauseVm(self, request, context):
-        raise Unimplemented("PauseVm")
+        return compute_pb2.PauseVmResponse(vm=(await self.fleet.pause(request.vm_id)).to_proto())
 
     async def ResumeVm(self, request, context):
-        raise Unimplemented("ResumeVm")
+        return compute_pb2.ResumeVmResponse(vm=(await self.fleet.resume(request.vm_id)).to_proto())
 
     async def SnapshotVm(self, request, context):
-        raise Unimplemented("SnapshotVm")
+        raise Unimplemented("VM snapshots")
 
     async def RestoreVm(self, request, context):
-        raise Unimplemented("RestoreVm")
+        raise Unimplemented("VM restore from snapshot")
 
     async def GetNodeCapacity(self, request, context):
-        raise Unimplemented("GetNodeCapacity")
+        vcpus, memory = self.fleet.capacity()
+        settings = self.fleet.settings
+        return compute_pb2.GetNodeCapacityResponse(
+            node=self.fleet.node, vcpus_total=settings.vcpus_total, vcpus_used=vcpus,
+            memory_mib_total=settings.memory_mib_total, memory_mib_used=memory,
+            vm_count=sum(1 for vm in self.fleet.vms.values() if vm.holds_resources),
+            vmm=self.fleet.driver.name, accel=self.fleet.driver.accel, templates=self.fleet.templates())
 
 
-async def wire(server, context) -> list[str]:
-    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(), server)
+async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
+    settings = context.settings
+    choice = hypervisor.choose(settings.vmm, settings.accel, settings.qemu_binary,
+                               settings.cloud_hypervisor_binary)
+    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
+    node_id = settings.node_id or socket.gethostname()
+    fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver)
+    await fleet.adopt()
+    context.registration_metadata.update(node=node_id, vmm=choice.vmm, accel=choice.accel,
+                                         hypervisor_reason=choice.reason)
+    context.on_shutdown.append(fleet.close)
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(fleet), server)
     return [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name]
+
+

@@ -1,80 +1,50 @@
-"""SandboxService handlers. Capabilities not built yet answer UNIMPLEMENTED, naming them."""
+"""SandboxServicer: the public SandboxService. Each RPC's handler lives in the module of its group."""
 
 from __future__ import annotations
 
 from microvm.sandbox.v1 import sandbox_service_pb2_grpc
 from services.common.errors import Unimplemented
+from services.common.server import ServiceContext
+from services.gateway.exec import ExecHandlers
+from services.gateway.files import FileHandlers
+from services.gateway.lifecycle import SandboxLifecycle
+from services.gateway.placement import SandboxPlacement
+from services.gateway.records import SandboxStore
+
+_PAUSE = "pause and resume"
+_SNAPSHOTS = "snapshots, restore and fork"
 
 
-class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, context) -> None:
-        self._context = context
-
-    async def CreateSandbox(self, request, context):
-        raise Unimplemented("CreateSandbox")
-
-    async def GetSandbox(self, request, context):
-        raise Unimplemented("GetSandbox")
-
-    async def ListSandboxes(self, request, context):
-        raise Unimplemented("ListSandboxes")
-
-    async def UpdateSandbox(self, request, context):
-        raise Unimplemented("UpdateSandbox")
-
-    async def DeleteSandbox(self, request, context):
-        raise Unimplemented("DeleteSandbox")
-
-    async def Exec(self, request, context):
-        raise Unimplemented("Exec")
-        yield
-
-    async def ExecInteractive(self, request_iterator, context):
-        raise Unimplemented("ExecInteractive")
-        yield
-
-    async def WriteFile(self, request_iterator, context):
-        raise Unimplemented("WriteFile")
-
-    async def ReadFile(self, request, context):
-        raise Unimplemented("ReadFile")
-        yield
-
-    async def ListDir(self, request, context):
-        raise Unimplemented("ListDir")
-
-    async def Stat(self, request, context):
-        raise Unimplemented("Stat")
-
-    async def MakeDir(self, request, context):
-        raise Unimplemented("MakeDir")
-
-    async def Remove(self, request, context):
-        raise Unimplemented("Remove")
+class SandboxServicer(SandboxLifecycle, ExecHandlers, FileHandlers,
+                      sandbox_service_pb2_grpc.SandboxServiceServicer):
+    def __init__(self, context: ServiceContext) -> None:
+        self.context = context
+        self.store = SandboxStore(context.etcd)
+        self.placement = SandboxPlacement(context)
 
     async def PauseSandbox(self, request, context):
-        raise Unimplemented("PauseSandbox")
+        raise Unimplemented(_PAUSE)
 
     async def ResumeSandbox(self, request, context):
-        raise Unimplemented("ResumeSandbox")
+        raise Unimplemented(_PAUSE)
 
     async def CreateSnapshot(self, request, context):
-        raise Unimplemented("CreateSnapshot")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def GetSnapshot(self, request, context):
-        raise Unimplemented("GetSnapshot")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def ListSnapshots(self, request, context):
-        raise Unimplemented("ListSnapshots")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def DeleteSnapshot(self, request, context):
-        raise Unimplemented("DeleteSnapshot")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def RestoreSnapshot(self, request, context):
-        raise Unimplemented("RestoreSnapshot")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def ForkSandbox(self, request, context):
-        raise Unimplemented("ForkSandbox")
+        raise Unimplemented(_SNAPSHOTS)
 
     async def ExposePort(self, request, context):
-        raise Unimplemented("ExposePort")
+        raise Unimplemented("port exposure (sandbox networking)")

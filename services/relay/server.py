@@ -12,7 +12,7 @@ from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2
 from services.common.errors import InvalidArgument, error_from_code
 from services.common.server import ServiceContext
 from services.common.settings import RelaySettings
-from services.relay.channel import AgentStream, AgentTarget, ChannelPool
+from services.common.agent_channel import AgentStream, AgentTarget, ChannelPool
 
 KEEPALIVE_SECONDS = 10.0
 MAX_STDIN_CHUNK = 1 << 20

@@ -1,0 +1,311 @@
+"""VmFleet: the VMs of this compute node, their lifecycle, and their records in etcd.
+
+Each VM has a directory under `<state_dir>/compute/vms/<vm-id>` (disk overlay, sockets, console log,
+pid file) and a record in etcd. The VMM processes are detached from the compute service, so a restarted
+compute re-adopts the VMs that still run (pid + QMP answer) and marks dead ones FAILED, releasing what they
+held: nothing orphaned, nothing forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from images.builder import BuiltImage, available_templates, cache_root
+from services.common.agent_channel import AgentChannel, AgentTarget
+from services.common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                                    NotFound, ResourceExhausted, ServiceError, Unavailable)
+from services.common.settings import ComputeSettings
+from services.compute.qemu import QemuDriver
+from services.compute.records import VMS_PREFIX, VmRecord
+
+log = structlog.get_logger()
+VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
+
+
+class VmFleet:
+    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: QemuDriver) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.node = node_id
+        self.driver = driver
+        self.root = state_dir / "compute" / "vms"
+        self.image_root = Path(settings.image_cache_dir) if settings.image_cache_dir else cache_root()
+        self.vms: dict[str, VmRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._deleting: set[str] = set()
+        self._admission = asyncio.Lock()
+
+    # --- records ---------------------------------------------------------------------------------
+    async def _save(self, vm: VmRecord) -> None:
+        self.vms[vm.id] = vm
+        await self.etcd.put(vm.key.encode(), vm.encode())
+
+    async def _forget(self, vm: VmRecord) -> None:
+        self.vms.pop(vm.id, None)
+        await self.etcd.delete(vm.key.encode())
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def get(self, vm_id: str) -> VmRecord:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id} does not exist on node {self.node}", reason="VM_NOT_FOUND")
+        return vm
+
+    def capacity(self) -> tuple[int, int]:
+        """(vcpus, memory MiB) held by VMs that are not stopped or failed."""
+        held = [vm for vm in self.vms.values() if vm.holds_resources]
+        return sum(vm.vcpus for vm in held), sum(vm.memory_mib for vm in held)
+
+    def templates(self) -> list[str]:
+        return available_templates(self.image_root)
+
+    # --- start-up: re-adopt what survived us ---------------------------------------------------------
+    async def adopt(self) -> dict[str, int]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        counts = {"adopted": 0, "failed": 0, "orphans_removed": 0}
+        result = await self.etcd.get_prefix(f"{VMS_PREFIX}{self.node}/".encode())
+        for kv in result:
+            vm = VmRecord.decode(kv.value)
+            self.vms[vm.id] = vm
+            if not vm.holds_resources:
+                continue
+            directory = Path(vm.directory)
+            alive = vm.pid and self.driver.owns_process(vm.pid, directory)
+            status = None
+            if alive:
+                try:
+                    status = await self.driver.status(directory)
+                except ServiceError:
+                    status = None
+            if status and vm.state != "CREATING":
+                vm.state = "RUNNING" if status == "running" else "PAUSED"
+                await self._save(vm)
+                self._watch(vm)
+                counts["adopted"] += 1
+            else:
+                # Dead, unresponsive, or caught half-created by our crash: it cannot be trusted.
+                if alive:
+                    self._kill(vm.pid)
+                await self._mark_failed(vm, "the VM was not running when the compute service restarted"
+                                        if not alive else "the VM was not ready when the compute service restarted")
+                counts["failed"] += 1
+        for directory in self.root.iterdir() if self.root.exists() else []:
+            if directory.name not in self.vms:
+                pid_file = directory / "vmm.pid"
+                try:
+                    pid = int(pid_file.read_text())
+                    if self.driver.owns_process(pid, directory):
+                        self._kill(pid)
+                except (OSError, ValueError):
+                    pass
+                shutil.rmtree(directory, ignore_errors=True)
+                counts["orphans_removed"] += 1
+        log.info("vms_adopted", **counts)
+        return counts
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def _validate(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> None:
+        if not VM_ID.match(vm_id):
+            raise InvalidArgument(f"vm_id {vm_id!r} must match {VM_ID.pattern}")
+        if not 1 <= vcpus <= self.settings.max_vcpus_per_vm:
+            raise InvalidArgument(f"vcpus must be between 1 and {self.settings.max_vcpus_per_vm}, got {vcpus}",
+                                  reason="VCPUS_OUT_OF_RANGE")
+        if not 128 <= memory_mib <= self.settings.max_memory_mib_per_vm:
+            raise InvalidArgument(f"memory_mib must be between 128 and {self.settings.max_memory_mib_per_vm}, "
+                                  f"got {memory_mib}", reason="MEMORY_OUT_OF_RANGE")
+        if not HOSTNAME.match(hostname):
+            raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
+        if template not in self.templates():
+            raise NotFound(f"template {template!r} is not built on node {self.node} "
+                           f"(available: {', '.join(self.templates()) or 'none'})", reason="TEMPLATE_NOT_FOUND")
+
+    async def create(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> VmRecord:
+        hostname = hostname or vm_id
+        self._validate(vm_id, template, vcpus, memory_mib, hostname)
+        image = BuiltImage.load(template, self.image_root)
+        async with self._admission:
+            if vm_id in self.vms:
+                raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
+            used_vcpus, used_memory = self.capacity()
+            if used_vcpus + vcpus > self.settings.vcpus_total or \
+                    used_memory + memory_mib > self.settings.memory_mib_total:
+                raise ResourceExhausted(
+                    f"node {self.node} has {self.settings.vcpus_total - used_vcpus} vCPUs and "
+                    f"{self.settings.memory_mib_total - used_memory} MiB free; asked for {vcpus} and {memory_mib}",
+                    reason="NODE_CAPACITY")
+            directory = self.root / vm_id
+            vm = VmRecord(id=vm_id, node=self.node, template=template, image_dir=str(image.directory),
+                          vcpus=vcpus, memory_mib=memory_mib, hostname=hostname, vmm=self.driver.name,
+                          accel=self.driver.accel, directory=str(directory),
+                          agent_socket=str(self.driver.paths(directory)["agent"]))
+            await self._save(vm)  # holds its capacity from here on
+        async with self._lock(vm_id):
+            try:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(parents=True)
+                vm.pid = await self.driver.launch(vm, image, directory)
+                await self._save(vm)
+                self._watch(vm)
+                await self._wait_for_agent(vm)
+                vm.state = "RUNNING"
+                await self._save(vm)
+                log.info("vm_created", vm=vm_id, pid=vm.pid, template=template)
+                return vm
+            except BaseException as exc:
+                # Never leave a half-created VM behind: stop it and release everything.
+                await self._destroy(vm)
+                await self._forget(vm)
+                if isinstance(exc, ServiceError):
+                    raise
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise Unavailable(f"VM {vm_id} failed to start: {exc}", reason="VM_START_FAILED") from exc
+
+    async def _wait_for_agent(self, vm: VmRecord) -> None:
+        deadline = time.monotonic() + self.settings.boot_timeout_seconds
+        channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket))
+        await channel.connect(timeout=5)
+        try:
+            while True:
+                if vm.state == "FAILED" or not self.driver.owns_process(vm.pid, Path(vm.directory)):
+                    raise FailedPrecondition(f"VM {vm.id} died while booting: {self.console_tail(vm)}",
+                                             reason="VM_BOOT_FAILED")
+                try:
+                    await channel.ping(timeout=1.0)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"the agent of VM {vm.id} did not answer within "
+                                           f"{self.settings.boot_timeout_seconds:.0f}s: {self.console_tail(vm)}",
+                                           reason="VM_BOOT_TIMEOUT")
+        finally:
+            await channel.close()
+
+    def console_tail(self, vm: VmRecord, lines: int = 5) -> str:
+        try:
+            text = (Path(vm.directory) / "console.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no console output"
+        return " | ".join(text[-lines:]) or "no console output"
+
+    async def delete(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        async with self._lock(vm_id):
+            await self._destroy(vm)
+            await self._forget(vm)
+        self._locks.pop(vm_id, None)
+        log.info("vm_deleted", vm=vm_id)
+
+    async def stop(self, vm_id: str) -> VmRecord:
+        vm = self.get(vm_id)
+        async with self._lock(vm_id):
+            if vm.state in ("RUNNING", "PAUSED"):
+                await self._destroy(vm, keep_disk=True)
+                vm.state, vm.pid = "STOPPED", 0
+                await self._save(vm)
+            return vm
+
+    async def pause(self, vm_id: str) -> VmRecord:
+        vm = self.get(vm_id)
+        async with self._lock(vm_id):
+            if vm.state == "PAUSED":
+                return vm
+            if vm.state != "RUNNING":
+                raise FailedPrecondition(f"VM {vm_id} is {vm.state}, not RUNNING", reason="VM_NOT_RUNNING")
+            await self.driver.pause(Path(vm.directory))
+            vm.state = "PAUSED"
+            await self._save(vm)
+            return vm
+
+    async def resume(self, vm_id: str) -> VmRecord:
+        vm = self.get(vm_id)
+        async with self._lock(vm_id):
+            if vm.state == "RUNNING":
+                return vm
+            if vm.state != "PAUSED":
+                raise FailedPrecondition(f"VM {vm_id} is {vm.state}, not PAUSED", reason="VM_NOT_PAUSED")
+            await self.driver.resume(Path(vm.directory))
+            vm.state = "RUNNING"
+            await self._save(vm)
+            return vm
+
+    # --- process supervision ----------------------------------------------------------------------------
+    def _watch(self, vm: VmRecord) -> None:
+        """Notices the VMM process exiting (pidfd works for processes that are not our children)."""
+        old = self._watchers.pop(vm.id, None)
+        if old:
+            old.cancel()
+        self._watchers[vm.id] = asyncio.create_task(self._watch_process(vm.id, vm.pid), name=f"watch-{vm.id}")
+
+    async def _watch_process(self, vm_id: str, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        if fd is not None:
+            exited = loop.create_future()
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        vm = self.vms.get(vm_id)
+        if vm is None or vm.pid != pid or vm_id in self._deleting or vm.state in ("STOPPED", "FAILED"):
+            return
+        await self._mark_failed(vm, f"the VMM process exited unexpectedly: {self.console_tail(vm, 3)}")
+
+    async def _mark_failed(self, vm: VmRecord, message: str) -> None:
+        log.warning("vm_failed", vm=vm.id, message=message)
+        await self._destroy(vm)
+        vm.state, vm.pid, vm.failure_message = "FAILED", 0, message
+        await self._save(vm)
+
+    @staticmethod
+    def _kill(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def _destroy(self, vm: VmRecord, keep_disk: bool = False) -> None:
+        """Stops the VMM process and frees the VM's files (all of them unless `keep_disk`)."""
+        self._deleting.add(vm.id)
+        try:
+            watcher = self._watchers.pop(vm.id, None)
+            if watcher and watcher is not asyncio.current_task():
+                watcher.cancel()
+            directory = Path(vm.directory)
+            if vm.pid and self.driver.owns_process(vm.pid, directory):
+                self._kill(vm.pid)
+                for _ in range(100):
+                    if not self.driver.owns_process(vm.pid, directory):
+                        break
+                    await asyncio.sleep(0.02)
+            if keep_disk:
+                for name in ("agent", "qmp", "pid"):
+                    self.driver.paths(directory)[name].unlink(missing_ok=True)
+            else:
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+        finally:
+            self._deleting.discard(vm.id)
+
+    async def close(self) -> None:
+        """Stops supervising; the VMs keep running for the next compute instance to adopt."""
+        for task in self._watchers.values():
+            task.cancel()
+        self._watchers.clear()

@@ -1,0 +1,69 @@
+"""VM records: what compute knows about each VM, kept in etcd at `/microvm/vms/<node>/<vm-id>`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from google.protobuf import timestamp_pb2
+
+from microvm.compute.v1 import compute_pb2
+
+VMS_PREFIX = "/microvm/vms/"
+
+STATES = {
+    "CREATING": compute_pb2.VM_STATE_CREATING, "RUNNING": compute_pb2.VM_STATE_RUNNING,
+    "PAUSED": compute_pb2.VM_STATE_PAUSED, "STOPPED": compute_pb2.VM_STATE_STOPPED,
+    "FAILED": compute_pb2.VM_STATE_FAILED,
+}
+
+
+@dataclass
+class VmRecord:
+    id: str
+    node: str
+    template: str
+    image_dir: str
+    vcpus: int
+    memory_mib: int
+    hostname: str
+    vmm: str
+    accel: str
+    directory: str
+    state: str = "CREATING"
+    pid: int = 0
+    agent_socket: str = ""
+    agent_transport: str = "virtio-serial"
+    create_time: float = field(default_factory=time.time)
+    failure_message: str = ""
+    tap_device: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{VMS_PREFIX}{self.node}/{self.id}"
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> "VmRecord":
+        data = json.loads(value)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def holds_resources(self) -> bool:
+        return self.state in ("CREATING", "RUNNING", "PAUSED")
+
+    def to_proto(self) -> compute_pb2.Vm:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(self.create_time * 1e9))
+        transport = {"virtio-serial": compute_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
+                     "hybrid-vsock": compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK}[self.agent_transport]
+        return compute_pb2.Vm(
+            id=self.id, template=self.template, vcpus=self.vcpus, memory_mib=self.memory_mib,
+            state=STATES[self.state], pid=self.pid if self.state in ("RUNNING", "PAUSED") else 0,
+            vmm=self.vmm, accel=self.accel, node=self.node, create_time=created,
+            failure_message=self.failure_message, hostname=self.hostname, tap_device=self.tap_device,
+            agent=compute_pb2.AgentEndpoint(transport=transport, socket_path=self.agent_socket))

@@ -1,0 +1,195 @@
+"""CreateSandbox, GetSandbox, ListSandboxes, UpdateSandbox, DeleteSandbox, and the expiry reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+import uuid
+
+import grpc
+import structlog
+
+from microvm.compute.v1 import compute_pb2
+from microvm.relay.v1 import relay_pb2
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from services.common.errors import InvalidArgument, NotFound, ServiceError, Unimplemented
+from services.gateway.records import SandboxRecord
+
+log = structlog.get_logger()
+SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
+
+
+def parse_name(name: str, collection: str = "sandboxes") -> str:
+    prefix = f"{collection}/"
+    if not name.startswith(prefix) or not SANDBOX_ID.match(name[len(prefix):]):
+        raise InvalidArgument(f"{name!r} is not a valid resource name; expected {collection}/{{id}}",
+                              reason="INVALID_NAME")
+    return name[len(prefix):]
+
+
+def validate_labels(labels) -> None:
+    if len(labels) > 64:
+        raise InvalidArgument("at most 64 labels are allowed")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            raise InvalidArgument(f"label key {key!r} must match {LABEL_KEY.pattern}")
+        if len(value) > 63:
+            raise InvalidArgument(f"label {key!r}: value longer than 63 characters")
+
+
+def parse_filter(text: str) -> dict[str, str]:
+    wanted = {}
+    for term in text.split():
+        match = re.fullmatch(r"labels\.([a-z][a-z0-9_-]*)=(.*)", term)
+        if not match:
+            raise InvalidArgument(f"filter term {term!r} is not of the form labels.KEY=VALUE")
+        wanted[match.group(1)] = match.group(2).strip('"')
+    return wanted
+
+
+class SandboxLifecycle:
+    """Mixin of SandboxServicer: the standard methods on sandboxes."""
+
+    def _timeout_seconds(self, duration) -> int:
+        settings = self.context.settings
+        if duration is None or (duration.seconds == 0 and duration.nanos == 0):
+            return settings.default_timeout_seconds
+        seconds = duration.seconds + (1 if duration.nanos else 0)
+        if not 1 <= seconds <= settings.max_timeout_seconds:
+            raise InvalidArgument(f"timeout must be between 1 s and {settings.max_timeout_seconds} s, got {seconds} s",
+                                  reason="TIMEOUT_OUT_OF_RANGE")
+        return seconds
+
+    async def CreateSandbox(self, request, context):
+        wanted = request.sandbox
+        sandbox_id = request.sandbox_id or f"sbx-{uuid.uuid4().hex[:12]}"
+        if not SANDBOX_ID.match(sandbox_id):
+            raise InvalidArgument(f"sandbox_id {sandbox_id!r} must match {SANDBOX_ID.pattern}")
+        validate_labels(wanted.labels)
+        timeout = self._timeout_seconds(wanted.timeout if wanted.HasField("timeout") else None)
+        template = wanted.template or "default"
+        vcpus = wanted.vcpus or DEFAULT_VCPUS
+        memory = wanted.memory_mib or DEFAULT_MEMORY_MIB
+        if vcpus < 1 or memory < 128:
+            raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
+        if wanted.network_policy.egress not in (sandbox_pb2.EGRESS_MODE_UNSPECIFIED, sandbox_pb2.EGRESS_MODE_NONE):
+            raise Unimplemented("egress other than NONE (sandbox networking)")
+        now = time.time()
+        sandbox = sandbox_pb2.Sandbox(
+            name=f"sandboxes/{sandbox_id}", template=template, state=sandbox_pb2.SANDBOX_STATE_CREATING,
+            vcpus=vcpus, memory_mib=memory, labels=wanted.labels, network_policy=wanted.network_policy)
+        sandbox.create_time.FromNanoseconds(int(now * 1e9))
+        sandbox.update_time.CopyFrom(sandbox.create_time)
+        sandbox.expire_time.FromNanoseconds(int((now + timeout) * 1e9))
+        record = SandboxRecord(id=sandbox_id, sandbox=sandbox, timeout_seconds=timeout, expire_at=now + timeout)
+        node = await self.placement.choose_node(template, vcpus, memory)
+        await self.store.create(record)
+        record.sandbox.node = node
+        try:
+            await self.store.put(record)
+            reply = await self.placement.compute(node).CreateVm(compute_pb2.CreateVmRequest(
+                vm_id=sandbox_id, template=template, vcpus=vcpus, memory_mib=memory, hostname=sandbox_id),
+                timeout=self.context.settings.max_timeout_seconds)
+        except BaseException:
+            # Nothing half-made survives a failed create: the record goes, compute cleaned its side.
+            await self.store.delete(record)
+            raise
+        vm = reply.vm
+        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_RUNNING
+        record.sandbox.hypervisor = f"{vm.vmm}/{vm.accel}"
+        record.agent_socket = vm.agent.socket_path
+        record.agent_transport = "hybrid-vsock" if vm.agent.transport == compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK \
+            else "virtio-serial"
+        await self.store.put(record)
+        log.info("sandbox_created", sandbox=sandbox_id, node=node)
+        return api.CreateSandboxResponse(sandbox=record.sandbox)
+
+    async def GetSandbox(self, request, context):
+        record = await self.store.get(parse_name(request.name))
+        return api.GetSandboxResponse(sandbox=record.sandbox)
+
+    async def ListSandboxes(self, request, context):
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        page_size = min(request.page_size or 50, 1000)
+        wanted = parse_filter(request.filter)
+        records = sorted(await self.store.list(), key=lambda r: (-r.sandbox.create_time.ToNanoseconds(), r.id))
+        records = [r for r in records if all(r.sandbox.labels.get(k) == v for k, v in wanted.items())]
+        if request.page_token:
+            try:
+                after = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+                key = (-int(after[0]), after[1])
+            except Exception:
+                raise InvalidArgument("page_token is not one this server issued") from None
+            records = [r for r in records if (-r.sandbox.create_time.ToNanoseconds(), r.id) > key]
+        page = records[:page_size]
+        token = ""
+        if len(records) > page_size:
+            last = page[-1]
+            token = base64.urlsafe_b64encode(json.dumps(
+                [last.sandbox.create_time.ToNanoseconds(), last.id]).encode()).decode()
+        return api.ListSandboxesResponse(sandboxes=[r.sandbox for r in page], next_page_token=token)
+
+    async def UpdateSandbox(self, request, context):
+        record = await self.store.get(parse_name(request.sandbox.name))
+        paths = list(request.update_mask.paths) or ["labels", "timeout"]
+        for path in paths:
+            if path not in ("labels", "timeout"):
+                raise InvalidArgument(f"field {path!r} cannot be updated; updatable: labels, timeout")
+        if "labels" in paths:
+            validate_labels(request.sandbox.labels)
+            record.sandbox.labels.clear()
+            record.sandbox.labels.update(request.sandbox.labels)
+        if "timeout" in paths and request.sandbox.HasField("timeout"):
+            record.timeout_seconds = self._timeout_seconds(request.sandbox.timeout)
+            record.expire_at = time.time() + record.timeout_seconds
+            record.sandbox.expire_time.FromNanoseconds(int(record.expire_at * 1e9))
+        await self.store.put(record)
+        return api.UpdateSandboxResponse(sandbox=record.sandbox)
+
+    async def DeleteSandbox(self, request, context):
+        record = await self.store.get(parse_name(request.name))
+        await self.destroy(record)
+        return api.DeleteSandboxResponse()
+
+    async def destroy(self, record: SandboxRecord) -> None:
+        """Frees everything a sandbox holds; the record goes last so a failure can be retried."""
+        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_DELETING
+        await self.store.put(record)
+        if record.node:
+            try:
+                await self.placement.compute(record.node).DeleteVm(
+                    compute_pb2.DeleteVmRequest(vm_id=record.id), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            try:
+                await self.placement.relay().CloseChannel(relay_pb2.CloseChannelRequest(vm_id=record.id), timeout=5)
+            except (grpc.aio.AioRpcError, ServiceError) as exc:
+                log.info("relay_close_channel_failed", sandbox=record.id, error=str(exc))
+        await self.store.delete(record)
+        log.info("sandbox_deleted", sandbox=record.id)
+
+    async def reap_expired(self) -> None:
+        """Deletes sandboxes whose timeout passed (and retries deletions that failed)."""
+        while True:
+            await asyncio.sleep(self.context.settings.reaper_interval_seconds)
+            try:
+                now = time.time()
+                for record in await self.store.list():
+                    if record.expire_at <= now or (record.sandbox.state == sandbox_pb2.SANDBOX_STATE_DELETING
+                                                   and record.sandbox.update_time.ToSeconds() < now - 30):
+                        try:
+                            await self.destroy(record)
+                            log.info("sandbox_expired", sandbox=record.id)
+                        except (ServiceError, grpc.aio.AioRpcError, NotFound) as exc:
+                            log.warning("sandbox_reap_failed", sandbox=record.id, error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reaper_failed")

@@ -1,0 +1,66 @@
+"""SandboxPlacement: which compute node gets a new sandbox, and how to reach a sandbox's node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
+from microvm.relay.v1 import relay_pb2_grpc
+from services.common.errors import NotFound, ResourceExhausted, Unavailable
+from services.common.registry import ServiceInstance
+from services.common.server import ServiceContext
+
+log = structlog.get_logger()
+
+
+class SandboxPlacement:
+    def __init__(self, context: ServiceContext) -> None:
+        self.context = context
+
+    def compute_instance(self, node: str) -> ServiceInstance:
+        """The live compute instance of `node` (the newest, if a restarted one overlaps its predecessor)."""
+        instances = [i for i in self.context.directory.instances("compute") if i.metadata.get("node") == node]
+        if not instances:
+            raise Unavailable(f"compute node {node} is not available", reason="NODE_UNAVAILABLE",
+                              metadata={"node": node})
+        return max(instances, key=lambda i: i.started)
+
+    def compute(self, node: str) -> compute_pb2_grpc.ComputeServiceStub:
+        return compute_pb2_grpc.ComputeServiceStub(self.context.channel(self.compute_instance(node).address))
+
+    def relay(self) -> relay_pb2_grpc.RelayServiceStub:
+        instances = self.context.directory.instances("relay")
+        if not instances:
+            raise Unavailable("no relay service is available", reason="RELAY_UNAVAILABLE")
+        return relay_pb2_grpc.RelayServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+
+    async def choose_node(self, template: str, vcpus: int, memory_mib: int) -> str:
+        """The node with the most free memory that has the template and room for the sandbox."""
+        instances = self.context.directory.instances("compute")
+        if not instances:
+            raise Unavailable("no compute node is registered", reason="NO_COMPUTE_NODES")
+
+        async def capacity(instance: ServiceInstance):
+            stub = compute_pb2_grpc.ComputeServiceStub(self.context.channel(instance.address))
+            try:
+                return await stub.GetNodeCapacity(compute_pb2.GetNodeCapacityRequest(), timeout=3)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("node_capacity_unavailable", instance=instance.instance_id, code=exc.code().name)
+                return None
+
+        reports = [r for r in await asyncio.gather(*(capacity(i) for i in instances)) if r is not None]
+        if not reports:
+            raise Unavailable("no compute node answered", reason="NO_COMPUTE_NODES")
+        with_template = [r for r in reports if template in r.templates]
+        if not with_template:
+            raise NotFound(f"template {template!r} is not built on any compute node",
+                           reason="TEMPLATE_NOT_FOUND", metadata={"template": template})
+        fitting = [r for r in with_template if r.vcpus_total - r.vcpus_used >= vcpus
+                   and r.memory_mib_total - r.memory_mib_used >= memory_mib]
+        if not fitting:
+            raise ResourceExhausted(f"no compute node has {vcpus} vCPUs and {memory_mib} MiB free",
+                                    reason="NO_CAPACITY")
+        return max(fitting, key=lambda r: r.memory_mib_total - r.memory_mib_used).node
