@@ -11,3 +11,17 @@ def stack(tmp_path_factory) -> LocalStack:
     stack = start_stack(tmp_path_factory.mktemp("stack"))
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack):
+    from tests.guests import Gateway
+    return Gateway(stack.gateway_address)
+
+
+@pytest.fixture(scope="session")
+def sandbox(gateway):
+    """One booted guest shared by the tests that only run things in it."""
+    sandbox = gateway.create(labels={"suite": "shared"})
+    yield sandbox
+    gateway.delete(sandbox.name)

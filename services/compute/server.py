@@ -55,7 +55,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             node=self.fleet.node, vcpus_total=settings.vcpus_total, vcpus_used=vcpus,
             memory_mib_total=settings.memory_mib_total, memory_mib_used=memory,
             vm_count=sum(1 for vm in self.fleet.vms.values() if vm.holds_resources),
-            vmm=self.fleet.driver.name, accel=self.fleet.driver.accel, templates=self.fleet.templates())
+            vmm=self.fleet.driver.name, accel=self.fleet.driver.accel, templates=self.fleet.templates(),
+            max_vcpus_per_vm=settings.max_vcpus_per_vm, max_memory_mib_per_vm=settings.max_memory_mib_per_vm)
 
 
 async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:

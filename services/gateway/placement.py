@@ -9,7 +9,7 @@ import structlog
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.relay.v1 import relay_pb2_grpc
-from services.common.errors import NotFound, ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.registry import ServiceInstance
 from services.common.server import ServiceContext
 
@@ -58,6 +58,13 @@ class SandboxPlacement:
         if not with_template:
             raise NotFound(f"template {template!r} is not built on any compute node",
                            reason="TEMPLATE_NOT_FOUND", metadata={"template": template})
+        max_vcpus = max(r.max_vcpus_per_vm for r in with_template)
+        max_memory = max(r.max_memory_mib_per_vm for r in with_template)
+        if vcpus > max_vcpus:
+            raise InvalidArgument(f"vcpus must be between 1 and {max_vcpus}, got {vcpus}", reason="VCPUS_OUT_OF_RANGE")
+        if memory_mib > max_memory:
+            raise InvalidArgument(f"memory_mib must be between 128 and {max_memory}, got {memory_mib}",
+                                  reason="MEMORY_OUT_OF_RANGE")
         fitting = [r for r in with_template if r.vcpus_total - r.vcpus_used >= vcpus
                    and r.memory_mib_total - r.memory_mib_used >= memory_mib]
         if not fitting:

@@ -34,7 +34,7 @@ async def relay(tmp_path):
             break
         await asyncio.sleep(0.02)
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-    servicer = RelayServicer(RelaySettings())
+    servicer = RelayServicer(RelaySettings(connect_timeout_seconds=3))
     relay_pb2_grpc.add_RelayServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -163,3 +163,48 @@ async def test_unreachable_agent_is_unavailable(relay):
         await relay.PingAgent(relay_pb2.PingAgentRequest(target=relay_pb2.AgentTarget(
             vm_id="gone", socket_path=str(relay.tmp / "missing.sock"))))
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_slow_client_applies_back_pressure_to_the_process(relay):
+    progress = relay.tmp / "progress"
+    script = ("import os,sys\nn=0\nchunk=b'x'*65536\nwhile n < 200_000_000:\n"
+              f"    sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush(); n+=len(chunk)\n"
+              f"    open('{progress}','w').write(str(n))\n")
+    call = relay.Exec(relay_pb2.ExecRequest(target=relay.target, process=api.ProcessConfig(
+        argv=[sys.executable, "-c", script])))
+    async for response in call:
+        if response.event.stdout:
+            break
+    await asyncio.sleep(2)  # the client reads nothing meanwhile
+    written = int(progress.read_text())
+    call.cancel()
+    # Credit (1 MiB) + pipe + HTTP/2 windows: far below what an unbounded relay would have taken.
+    assert written < 32 << 20, f"the process wrote {written} bytes while nobody read"
+
+
+async def hostile_guest(path: str, payload: bytes) -> asyncio.AbstractServer:
+    async def connected(reader, writer):
+        writer.write(payload)
+        await writer.drain()
+        await reader.read()  # keep the connection open
+    return await asyncio.start_unix_server(connected, path)
+
+
+@pytest.mark.parametrize("payload", [
+    os.urandom(64 << 10),                                    # noise
+    b"\x00\x00\x00\x10" + b"\xff" * 16,                      # a frame that is not protobuf
+    b"\x7f\xff\xff\xff" + b"x" * 100,                        # an impossible length
+])
+async def test_hostile_guest_cannot_crash_the_relay(relay, payload):
+    path = str(relay.tmp / "hostile.sock")
+    server = await hostile_guest(path, payload)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await relay.PingAgent(relay_pb2.PingAgentRequest(
+                target=relay_pb2.AgentTarget(vm_id="hostile", socket_path=path)), timeout=15)
+        assert failure.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        server.close()
+    # The relay still serves well-behaved guests.
+    stdout, _, exited, _ = await run(relay, ["echo", "fine"])
+    assert stdout == b"fine\n" and exited.exit_code == 0

@@ -1,0 +1,155 @@
+"""Exec and files in a real guest under QEMU, through gateway, relay and agent."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.errors import error_info
+from tests.guests import sha256
+
+pytestmark = pytest.mark.guest
+
+
+def test_exec_keeps_stdout_and_stderr_apart_and_returns_the_exit_code(gateway, sandbox):
+    result = gateway.exec(sandbox.name, ["sh", "-c", "echo to-out; echo to-err >&2; exit 42"])
+    assert (result.stdout, result.stderr, result.exit_code) == (b"to-out\n", b"to-err\n", 42)
+    assert result.events[0] == "started" and result.events[-1] == "exited"
+
+
+def test_exec_reports_the_terminating_signal(gateway, sandbox):
+    result = gateway.exec(sandbox.name, ["sh", "-c", "kill -TERM $$"])
+    assert result.exited.WhichOneof("status") == "signal" and result.exited.signal == 15
+
+
+def test_exec_timeout_kills_the_process_and_says_so(gateway, sandbox):
+    started = time.monotonic()
+    result = gateway.exec(sandbox.name, ["sleep", "60"], timeout=60, **{"process_timeout": 1})
+    assert result.exited.timed_out and result.exited.signal == 9
+    assert time.monotonic() - started < 30
+
+
+def test_exec_passes_env_cwd_and_user(gateway, sandbox):
+    result = gateway.exec(sandbox.name, ["sh", "-c", 'echo "$COLOR"; pwd; id -u'], env={"COLOR": "teal"},
+                          cwd="/tmp", user="nobody")
+    assert result.stdout.decode().split() == ["teal", "/tmp", "65534"]
+
+
+def test_exec_echoes_stdin(gateway, sandbox):
+    payload = os.urandom(300_000)
+    result = gateway.exec(sandbox.name, ["cat"], stdin=payload)
+    assert result.stdout == payload
+
+
+def test_exec_runs_python_in_the_guest(gateway, sandbox):
+    assert gateway.exec(sandbox.name, ["python3", "-c", "print(6*7)"]).stdout == b"42\n"
+
+
+def test_exec_carries_binary_output_unchanged(gateway, sandbox):
+    script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 1000)"
+    assert gateway.exec(sandbox.name, ["python3", "-c", script]).stdout == bytes(range(256)) * 1000
+
+
+def test_64_mib_of_output_arrive_intact(gateway, sandbox):
+    result = gateway.exec(sandbox.name, ["sh", "-c",
+                                         "head -c 67108864 /dev/urandom > /root/big; sha256sum /root/big >&2; cat /root/big; rm /root/big"])
+    assert len(result.stdout) == 64 << 20
+    assert sha256(result.stdout) == result.stderr.split()[0].decode()
+
+
+def test_twenty_concurrent_execs_in_one_sandbox(gateway, sandbox):
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda i: gateway.exec(sandbox.name, ["sh", "-c", f"sleep 1; echo {i}"]),
+                                range(20)))
+    assert sorted(int(r.stdout) for r in results) == list(range(20))
+
+
+def test_missing_command_is_not_found(gateway, sandbox):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.exec(sandbox.name, ["no-such-program"])
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancelled_exec_kills_the_guest_process(gateway, sandbox):
+    stream = gateway.stub.Exec(api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(
+        argv=["sh", "-c", "echo up; exec sleep 1000"])), timeout=60)
+    pid = None
+    for event in stream:
+        if event.HasField("started"):
+            pid = event.started.pid
+        if event.stdout:
+            break
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = gateway.exec(sandbox.name, ["sh", "-c", f"kill -0 {pid} 2>/dev/null && echo alive || echo gone"])
+        if alive.stdout == b"gone\n":
+            break
+        time.sleep(0.2)
+    assert alive.stdout == b"gone\n"
+
+
+def test_exec_deadline_propagates_to_the_guest(gateway, sandbox):
+    marker = f"/tmp/deadline-{os.getpid()}"
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.exec(sandbox.name, ["sh", "-c", f"while true; do touch {marker}; sleep 0.1; done"], timeout=2)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1)
+    gateway.exec(sandbox.name, ["rm", "-f", marker])
+    time.sleep(0.5)
+    assert gateway.exec(sandbox.name, ["ls", marker]).exit_code != 0
+
+
+def test_100_mib_file_round_trip_is_intact(gateway, sandbox):
+    data = os.urandom(100 << 20)
+    written = gateway.write_file(sandbox.name, "/root/data/blob.bin", data, make_parents=True)
+    assert written.sha256 == sha256(data) and written.file.size == len(data)
+    guest_digest = gateway.exec(sandbox.name, ["sha256sum", "/root/data/blob.bin"]).stdout.split()[0].decode()
+    assert guest_digest == sha256(data)
+    assert sha256(gateway.read_file(sandbox.name, "/root/data/blob.bin")) == sha256(data)
+    gateway.exec(sandbox.name, ["rm", "/root/data/blob.bin"])
+
+
+def test_missing_paths_are_not_found(gateway, sandbox):
+    for call in (lambda: gateway.read_file(sandbox.name, "/no/such/file"),
+                 lambda: gateway.stub.Stat(api.StatRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
+                 lambda: gateway.stub.ListDir(api.ListDirRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
+                 lambda: gateway.write_file(sandbox.name, "/no/such/dir/file", b"x")):
+        with pytest.raises(grpc.RpcError) as failure:
+            call()
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND, failure.value.details()
+
+
+def test_directory_operations(gateway, sandbox):
+    stub = gateway.stub
+    made = stub.MakeDir(api.MakeDirRequest(sandbox=sandbox.name, path="/srv/a/b", parents=True), timeout=30)
+    assert made.directory.path == "/srv/a/b"
+    gateway.write_file(sandbox.name, "/srv/a/file.txt", b"hello", mode=0o600)
+    listed = stub.ListDir(api.ListDirRequest(sandbox=sandbox.name, path="/srv/a"), timeout=30)
+    assert [(e.path, e.size) for e in listed.entries] == [("/srv/a/b", listed.entries[0].size),
+                                                           ("/srv/a/file.txt", 5)]
+    assert stub.Stat(api.StatRequest(sandbox=sandbox.name, path="/srv/a/file.txt"), timeout=30).file.mode == 0o600
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Remove(api.RemoveRequest(sandbox=sandbox.name, path="/srv/a"), timeout=30)
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stub.Remove(api.RemoveRequest(sandbox=sandbox.name, path="/srv/a", recursive=True), timeout=30)
+    assert gateway.exec(sandbox.name, ["test", "-e", "/srv/a"]).exit_code == 1
+
+
+def test_relative_path_is_invalid_argument(gateway, sandbox):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.stub.Stat(api.StatRequest(sandbox=sandbox.name, path="etc/passwd"), timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_sandbox_is_not_found_with_a_reason(gateway):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.exec("sandboxes/sbx-doesnotexist", ["true"])
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(failure.value).reason == "SANDBOX_NOT_FOUND"

@@ -1,0 +1,188 @@
+"""Sandbox lifecycle against real guests: validation, listing, update, expiry, delete, and faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from services.common.errors import error_info
+from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+
+pytestmark = pytest.mark.guest
+
+
+def instances(stack, kind):
+    async def read():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return [ServiceInstance.decode(kv.key, kv.value)
+                    for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
+        finally:
+            await client.close()
+    return [i for i in asyncio.run(read()) if i.kind == kind]
+
+
+def etcd_keys(stack, prefix: str) -> list[str]:
+    async def read():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
+        finally:
+            await client.close()
+    return asyncio.run(read())
+
+
+def vm_pid(stack, sandbox_id: str) -> int:
+    return int((stack.state_dir / "compute" / "vms" / sandbox_id / "vmm.pid").read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.mark.parametrize("fields, code, reason", [
+    ({"vcpus": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "VCPUS_OUT_OF_RANGE"),
+    ({"memory_mib": 64}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    ({"memory_mib": 10_000_000}, grpc.StatusCode.INVALID_ARGUMENT, "MEMORY_OUT_OF_RANGE"),
+    ({"template": "no-such-template"}, grpc.StatusCode.NOT_FOUND, "TEMPLATE_NOT_FOUND"),
+    ({"labels": {"Bad Key": "x"}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+])
+def test_bad_create_requests_are_refused_with_a_clear_status(gateway, fields, code, reason):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.create(**fields)
+    assert failure.value.code() == code
+    assert error_info(failure.value).reason == reason
+    assert gateway.stub.ListSandboxes(api.ListSandboxesRequest(filter="labels.never=x"), timeout=10).sandboxes == []
+
+
+def test_timeout_beyond_the_maximum_is_refused(gateway):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.create(timeout_seconds=10 * 86400)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_malformed_name_is_invalid_argument(gateway):
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.stub.GetSandbox(api.GetSandboxRequest(name="sandbox/x"), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_list_filter_and_update(gateway, sandbox):
+    got = gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=10).sandbox
+    assert got.state == sandbox_pb2.SANDBOX_STATE_RUNNING and got.hypervisor.startswith("qemu/")
+    listed = gateway.stub.ListSandboxes(api.ListSandboxesRequest(filter="labels.suite=shared"), timeout=10)
+    assert [s.name for s in listed.sandboxes] == [sandbox.name]
+    before = got.expire_time.ToSeconds()
+    updated = gateway.stub.UpdateSandbox(api.UpdateSandboxRequest(
+        sandbox=sandbox_pb2.Sandbox(name=sandbox.name, labels={"suite": "shared", "extra": "yes"},
+                                    timeout=duration_pb2.Duration(seconds=3600)),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels", "timeout"])), timeout=10).sandbox
+    assert updated.labels["extra"] == "yes"
+    assert updated.expire_time.ToSeconds() > before + 1800
+
+
+def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
+    sandbox = gateway.create(timeout_seconds=3)
+    sandbox_id = sandbox.name.split("/")[1]
+    pid = vm_pid(stack, sandbox_id)
+    assert alive(pid)
+
+    def gone():
+        try:
+            gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5)
+            return False
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.NOT_FOUND
+    assert wait_for(gone, timeout=30)
+    assert wait_for(lambda: not alive(pid), timeout=10)
+    assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+    assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
+
+
+def test_delete_frees_the_vm_process_disk_and_records(stack, gateway):
+    sandbox = gateway.create()
+    sandbox_id = sandbox.name.split("/")[1]
+    pid = vm_pid(stack, sandbox_id)
+    gateway.delete(sandbox.name)
+    assert wait_for(lambda: not alive(pid), timeout=10)
+    assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+    assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.delete(sandbox.name)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_killing_compute_ends_a_running_exec_and_the_vm_is_readopted(stack, gateway):
+    sandbox = gateway.create()
+    try:
+        compute = instances(stack, "compute")[0]
+        outcome = {}
+
+        def run_exec():
+            try:
+                gateway.exec(sandbox.name, ["sleep", "120"], timeout=90)
+                outcome["result"] = "finished"
+            except grpc.RpcError as error:
+                outcome["result"] = error.code()
+
+        worker = threading.Thread(target=run_exec)
+        worker.start()
+        time.sleep(1.0)
+        os.kill(compute.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        assert outcome.get("result") == grpc.StatusCode.UNAVAILABLE
+        # The supervisor restarts compute, which re-adopts the still-running VM.
+        assert wait_for(lambda: [i for i in instances(stack, "compute") if i.pid != compute.pid], timeout=20)
+        assert wait_for(lambda: gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5)
+                        .sandbox.state == sandbox_pb2.SANDBOX_STATE_RUNNING, timeout=20)
+        assert gateway.exec(sandbox.name, ["echo", "still here"]).stdout == b"still here\n"
+        assert "adopted" in stack.log("compute")
+    finally:
+        gateway.delete(sandbox.name)
+
+
+def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(stack, gateway):
+    sandbox = gateway.create()
+    sandbox_id = sandbox.name.split("/")[1]
+    compute = instances(stack, "compute")[0]
+    pid = vm_pid(stack, sandbox_id)
+    os.kill(compute.pid, signal.SIGSTOP)  # frozen: it cannot notice the VM dying
+    os.kill(pid, signal.SIGKILL)
+    os.kill(compute.pid, signal.SIGKILL)
+    try:
+        def failed():
+            got = gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5).sandbox
+            return got if got.state == sandbox_pb2.SANDBOX_STATE_FAILED else None
+        got = wait_for(failed, timeout=30)
+        assert got and "not running" in got.failure_message
+        assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+        with pytest.raises(grpc.RpcError) as failure:
+            gateway.exec(sandbox.name, ["true"])
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        gateway.delete(sandbox.name)
+    assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
