@@ -25,12 +25,14 @@ import uuid
 
 from microvm.agent.v1 import agent_pb2
 from microvm_agent import system
-from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode
+from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode_parts
 
 PROTOCOL_VERSION = 1
 INITIAL_WINDOW = 1 << 20
-OUTPUT_CHUNK = 256 << 10
+OUTPUT_CHUNK = 1 << 20
 FILE_CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # How long output may keep arriving after the process exited (a background child holding the pipe
 # must not hold the exit event hostage).
@@ -75,6 +77,16 @@ class Credit:
         return amount
 
 
+async def wait_readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def read_fd(fd: int, size: int) -> bytes:
     """Reads once from a non-blocking fd; b'' at end of file (EIO from a pty master counts as EOF)."""
     loop = asyncio.get_running_loop()
@@ -96,12 +108,22 @@ async def read_fd(fd: int, size: int) -> bytes:
 
 
 async def write_fd(fd: int, data: bytes) -> None:
+    await writev_fd(fd, [data])
+
+
+async def writev_fd(fd: int, buffers: list[bytes]) -> None:
     loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
+    views = [memoryview(b) for b in buffers if b]
+    while views:
         try:
-            written = os.write(fd, view)
-            view = view[written:]
+            written = os.writev(fd, views[:512])
+            while written and views:
+                if written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][written:]
+                    written = 0
             continue
         except BlockingIOError:
             pass
@@ -177,13 +199,15 @@ class Process:
         if shutil.which(argv[0], path=env["PATH"]) is None and "/" not in argv[0]:
             raise StreamError(NOT_FOUND, f"{argv[0]}: command not found")
 
-        def become_user() -> None:
-            if self.pty_master is not None:
-                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-            if user:
-                os.setgroups(os.getgrouplist(user.pw_name, user.pw_gid))
-                os.setgid(user.pw_gid)
-                os.setuid(user.pw_uid)
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        # Without a preexec function subprocess can use vfork, which under emulation is many times
+        # cheaper than forking the agent: only the rare pty case pays for one.
+        identity = {}
+        if user:
+            identity = {"user": user.pw_uid, "group": user.pw_gid,
+                        "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
 
         parent_fds: list[int] = []
         if start.pty:
@@ -196,7 +220,8 @@ class Process:
             stdout = stderr = subprocess.PIPE
         try:
             self.popen = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-                                          start_new_session=True, preexec_fn=become_user, close_fds=True)
+                                          start_new_session=True, close_fds=True,
+                                          preexec_fn=take_terminal if start.pty else None, **identity)
         except FileNotFoundError:
             raise StreamError(NOT_FOUND, f"{argv[0]}: no such file") from None
         except PermissionError:
@@ -212,6 +237,10 @@ class Process:
         else:
             for pipe in (self.popen.stdout, self.popen.stderr):
                 os.set_blocking(pipe.fileno(), False)
+                try:  # bigger pipes: fewer reads and frames for bulk output
+                    fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+                except OSError:
+                    pass
                 parent_fds.append(pipe.fileno())
             if self.popen.stdin:
                 os.set_blocking(self.popen.stdin.fileno(), False)
@@ -251,6 +280,8 @@ class Process:
 
     async def _pump(self, fd: int, channel: int) -> None:
         while True:
+            # Credit is taken only once data is waiting: a quiet stdout must not starve a busy stderr.
+            await wait_readable(fd)
             allowed = await self.credit.take(OUTPUT_CHUNK)
             data = await read_fd(fd, allowed)
             if len(data) < allowed:
@@ -475,7 +506,9 @@ class Agent:
 
     # --- sending ---------------------------------------------------------------------------------
     def send(self, stream_id: int, **body) -> None:
-        self._outgoing.put_nowait(encode(agent_pb2.Frame(stream_id=stream_id, **body)))
+        header, payload = encode_parts(agent_pb2.Frame(stream_id=stream_id, **body))
+        self._outgoing.put_nowait(header)
+        self._outgoing.put_nowait(payload)
 
     def send_error(self, stream_id: int, code: int, message: str) -> None:
         self.send(stream_id, error=agent_pb2.Error(code=code, message=message[:4096]))
@@ -612,8 +645,10 @@ class Agent:
 
     async def _write_loop(self, transport) -> None:
         while True:
-            data = await self._outgoing.get()
-            # Coalesce what is queued into one write, bounded to keep latency low.
-            while not self._outgoing.empty() and len(data) < (1 << 20):
-                data += self._outgoing.get_nowait()
-            await transport.write(data)
+            buffers = [await self._outgoing.get()]
+            size = len(buffers[0])
+            # Hand over what is queued in one call (bounded, to keep latency low), without copying.
+            while not self._outgoing.empty() and size < (4 << 20):
+                buffers.append(self._outgoing.get_nowait())
+                size += len(buffers[-1])
+            await transport.write_buffers(buffers)

@@ -21,6 +21,14 @@ def encode(frame: agent_pb2.Frame) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def encode_parts(frame: agent_pb2.Frame) -> tuple[bytes, bytes]:
+    """Header and body separately, for writev without joining them."""
+    body = frame.SerializeToString()
+    if len(body) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return HEADER.pack(len(body)), body
+
+
 class FrameDecoder:
     """Accumulates bytes and yields complete frame bodies; never buffers more than one max frame."""
 

@@ -17,7 +17,7 @@ import socket
 import sys
 
 from microvm_agent import system
-from microvm_agent.agent import Agent, read_fd, write_fd
+from microvm_agent.agent import Agent, read_fd, writev_fd
 
 PORT_NAME = "microvm.agent"
 
@@ -46,8 +46,8 @@ class PortTransport:
     async def read(self, size: int) -> bytes:
         return await read_fd(self.fd, size)
 
-    async def write(self, data: bytes) -> None:
-        await write_fd(self.fd, data)
+    async def write_buffers(self, buffers: list[bytes]) -> None:
+        await writev_fd(self.fd, buffers)
 
 
 async def serve_port(agent: Agent, path: str) -> None:
@@ -75,8 +75,8 @@ class SocketTransport:
     async def read(self, size: int) -> bytes:
         return await self.reader.read(size)
 
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
+    async def write_buffers(self, buffers: list[bytes]) -> None:
+        self.writer.writelines(buffers)
         await self.writer.drain()
 
 
