@@ -327,8 +327,18 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
     fresh = not (directory / ".complete").exists()
     _stage(directory, build)
     (cache_root() / recipe.name / "current").write_text(key + "\n")
+    prune_old_builds(cache_root() / recipe.name, keep={key})
     _step(f"{recipe.name}: {'built' if fresh else 'cached'} {directory} ({time.monotonic() - started:.1f}s)")
     return BuiltImage.load(recipe.name)
+
+
+def prune_old_builds(template_dir: Path, keep: set[str], keep_newest: int = 2) -> None:
+    """Removes superseded builds of a template, keeping the newest few (running VMs may still use them)."""
+    builds = sorted((d for d in template_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in builds[keep_newest:]:
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -126,7 +126,7 @@ def cmd_status(args) -> int:
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
     report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True))
-    gateway = str(report.get("gateway", "")).partition(" at ")[2] or "127.0.0.1:50051"
+    gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}
   grpcurl -plaintext {gateway} list
