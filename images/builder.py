@@ -79,8 +79,15 @@ class BuiltImage:
         pointer = root / name / "current"
         if not pointer.exists():
             raise FileNotFoundError(f"template {name!r} is not built (run `make images`)")
-        directory = root / name / pointer.read_text().strip()
+        return cls.at(root / name / pointer.read_text().strip())
+
+    @classmethod
+    def at(cls, directory: Path) -> "BuiltImage":
+        """A specific build, e.g. the one a stopped VM's disk overlay was made on."""
+        if not (directory / ".complete").exists():
+            raise FileNotFoundError(f"image build {directory} no longer exists")
         manifest = json.loads((directory / "manifest.json").read_text())
+        name = manifest["template"]
         return cls(name=name, directory=directory, kernel=directory / "vmlinux", bzimage=directory / "bzImage",
                    initramfs=directory / "initramfs.cpio.gz", rootfs=directory / "rootfs.ext4",
                    manifest=manifest)

@@ -218,6 +218,40 @@ class VmFleet:
                 await self._save(vm)
             return vm
 
+    async def start(self, vm_id: str) -> VmRecord:
+        vm = self.get(vm_id)
+        async with self._lock(vm_id):
+            if vm.state == "RUNNING":
+                return vm
+            if vm.state != "STOPPED":
+                raise FailedPrecondition(f"VM {vm_id} is {vm.state}; only a STOPPED VM can be started",
+                                         reason="VM_NOT_STOPPED")
+            async with self._admission:
+                used_vcpus, used_memory = self.capacity()
+                if used_vcpus + vm.vcpus > self.settings.vcpus_total or \
+                        used_memory + vm.memory_mib > self.settings.memory_mib_total:
+                    raise ResourceExhausted(f"node {self.node} has no room to start VM {vm_id}",
+                                            reason="NODE_CAPACITY")
+                vm.state = "CREATING"
+                await self._save(vm)
+            try:
+                try:
+                    image = BuiltImage.at(Path(vm.image_dir))
+                except FileNotFoundError as exc:
+                    raise FailedPrecondition(f"cannot start VM {vm_id}: {exc}", reason="IMAGE_GONE") from None
+                vm.pid = await self.driver.launch(vm, image, Path(vm.directory))
+                await self._save(vm)
+                self._watch(vm)
+                await self._wait_for_agent(vm)
+            except BaseException:
+                await self._destroy(vm, keep_disk=True)
+                vm.state, vm.pid = "STOPPED", 0
+                await self._save(vm)
+                raise
+            vm.state = "RUNNING"
+            await self._save(vm)
+            return vm
+
     async def pause(self, vm_id: str) -> VmRecord:
         vm = self.get(vm_id)
         async with self._lock(vm_id):

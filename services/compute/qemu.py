@@ -75,8 +75,11 @@ class QemuDriver:
                                     reason="DISK_CREATE_FAILED")
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path) -> int:
-        """Starts qemu detached (it outlives a compute restart) and returns its pid."""
-        await self.prepare_disk(image, directory)
+        """Starts qemu detached (it outlives a compute restart) and returns its pid.
+
+        A VM that already has a disk (a stopped one being started again) boots from it."""
+        if not self.paths(directory)["disk"].exists():
+            await self.prepare_disk(image, directory)
         process = await asyncio.create_subprocess_exec(
             *self.command(vm, image, directory), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(directory))

@@ -32,6 +32,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def StopVm(self, request, context):
         return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(request.vm_id)).to_proto())
 
+    async def StartVm(self, request, context):
+        return compute_pb2.StartVmResponse(vm=(await self.fleet.start(request.vm_id)).to_proto())
+
     async def DeleteVm(self, request, context):
         await self.fleet.delete(request.vm_id)
         return compute_pb2.DeleteVmResponse()

@@ -186,3 +186,39 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
     finally:
         gateway.delete(sandbox.name)
     assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
+
+
+def test_exec_ends_unavailable_when_its_sandbox_is_deleted(gateway):
+    sandbox = gateway.create()
+    outcome = {}
+
+    def run_exec():
+        try:
+            gateway.exec(sandbox.name, ["sleep", "120"], timeout=90)
+            outcome["result"] = "finished"
+        except grpc.RpcError as error:
+            outcome["result"] = error.code()
+
+    worker = threading.Thread(target=run_exec)
+    worker.start()
+    time.sleep(1.0)
+    gateway.delete(sandbox.name)
+    worker.join(timeout=30)
+    assert outcome.get("result") == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
+    from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
+    sandbox = gateway.create()
+    sandbox_id = sandbox.name.split("/")[1]
+    try:
+        gateway.write_file(sandbox.name, "/root/kept.txt", b"survives a stop")
+        gateway.exec(sandbox.name, ["sync"])
+        compute = compute_pb2_grpc.ComputeServiceStub(grpc.insecure_channel(instances(stack, "compute")[-1].address))
+        stopped = compute.StopVm(compute_pb2.StopVmRequest(vm_id=sandbox_id), timeout=30).vm
+        assert stopped.state == compute_pb2.VM_STATE_STOPPED and stopped.pid == 0
+        started = compute.StartVm(compute_pb2.StartVmRequest(vm_id=sandbox_id), timeout=120).vm
+        assert started.state == compute_pb2.VM_STATE_RUNNING
+        assert gateway.read_file(sandbox.name, "/root/kept.txt") == b"survives a stop"
+    finally:
+        gateway.delete(sandbox.name)

@@ -208,3 +208,35 @@ async def test_hostile_guest_cannot_crash_the_relay(relay, payload):
     # The relay still serves well-behaved guests.
     stdout, _, exited, _ = await run(relay, ["echo", "fine"])
     assert stdout == b"fine\n" and exited.exit_code == 0
+
+
+async def test_pty_mode_gives_a_terminal_of_the_requested_size(relay):
+    stdout, _, exited, _ = await run(relay, ["sh", "-c", "tty; stty size"],
+                                     process={"pty": True, "terminal_size": {"cols": 100, "rows": 30}})
+    lines = stdout.decode().split()
+    assert lines[0].startswith("/dev/pts/") and lines[1:] == ["30", "100"] and exited.exit_code == 0
+
+
+async def test_interactive_exec_takes_stdin_resize_and_signals(relay):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        yield relay_pb2.ExecInteractiveRequest(target=relay.target, request=api.ExecInteractiveRequest(
+            config=api.ExecInteractiveConfig(process=api.ProcessConfig(
+                argv=["sh", "-c", "read line; echo got:$line; stty size; sleep 30"], pty=True))))
+        while (message := await queue.get()) is not None:
+            yield relay_pb2.ExecInteractiveRequest(request=message)
+
+    call = relay.ExecInteractive(requests())
+    output = b""
+    await queue.put(api.ExecInteractiveRequest(resize=api.TerminalSize(cols=132, rows=43)))
+    await queue.put(api.ExecInteractiveRequest(stdin=b"hello\n"))
+    async for response in call:
+        output += response.event.stdout
+        if b"43 132" in output:
+            await queue.put(api.ExecInteractiveRequest(signal=9))
+        if response.event.HasField("exited"):
+            assert response.event.exited.signal == 9
+            break
+    await queue.put(None)
+    assert b"got:hello" in output and b"43 132" in output
