@@ -55,6 +55,7 @@ def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: floa
         "lease_ttl_seconds": 2,
         "gateway": {"listen": f"127.0.0.1:{gateway_port}", "http_listen": f"127.0.0.1:{free_port()}"},
         "supervisor": {"etcd_client_port": etcd_port, "etcd_peer_port": free_port()},
+        "snapshot": {"keep_last_per_sandbox": 3},
     }
     for section, values in (extra_config or {}).items():
         if isinstance(values, dict):

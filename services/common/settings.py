@@ -87,7 +87,21 @@ class NetworkSettings(ServiceSettings):
 
 @dataclasses.dataclass
 class SnapshotSettings(ServiceSettings):
+    # Artifacts are split into chunks of this size; identical chunks are stored once.
     chunk_size_bytes: int = 4 << 20
+    # Retention: snapshots kept per source sandbox (oldest go first; 0 = unlimited).
+    keep_last_per_sandbox: int = 20
+    # Seconds between retention and garbage-collection sweeps.
+    gc_interval_seconds: float = 60.0
+    # Where chunks live; default: <state_dir>/snapshot.
+    store_dir: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 64 << 10 <= self.chunk_size_bytes <= 64 << 20:
+            raise ConfigError("snapshot.chunk_size_bytes must be between 64 KiB and 64 MiB")
+        if self.keep_last_per_sandbox < 0:
+            raise ConfigError("snapshot.keep_last_per_sandbox must not be negative")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ held: nothing orphaned, nothing forgotten.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,8 +22,9 @@ import structlog
 
 from images.builder import BuiltImage, available_templates, cache_root
 from services.common.agent_channel import AgentChannel, AgentTarget
-from services.common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                                    NotFound, ResourceExhausted, ServiceError, Unavailable)
+from microvm.snapshot.v1 import snapshot_pb2
+from services.common.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition,
+                                    InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable)
 from services.common.settings import ComputeSettings
 from services.compute.qemu import QemuDriver
 from services.compute.records import VMS_PREFIX, VmRecord
@@ -29,6 +32,38 @@ from services.compute.records import VMS_PREFIX, VmRecord
 log = structlog.get_logger()
 VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
+# Artifact name in the snapshot store -> file in a materialized snapshot.
+ARTIFACT_FILES = {"memory": "memory.bin", "disk": "disk.qcow2", "config": "config.json"}
+UPLOAD_CHUNK = 1 << 20
+
+
+def _hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
+    result = {}
+    for name, filename in files.items():
+        digest = hashlib.sha256()
+        with open(directory / filename, "rb") as f:
+            while block := f.read(UPLOAD_CHUNK * 4):
+                digest.update(block)
+        result[name] = {"sha256": digest.hexdigest(), "size": (directory / filename).stat().st_size}
+    return result
+
+
+async def _upload(store, snapshot_id: str, name: str, path: Path) -> int:
+    async def requests():
+        yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id,
+                                                                                     name=name))
+        with open(path, "rb") as f:
+            while data := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
+                yield snapshot_pb2.PutArtifactRequest(data=data)
+    reply = await store.PutArtifact(requests(), timeout=600)
+    return reply.artifact.size_bytes
+
+
+async def _download(store, snapshot_id: str, name: str, path: Path) -> None:
+    with open(path, "wb") as f:
+        async for chunk in store.GetArtifact(snapshot_pb2.GetArtifactRequest(snapshot_id=snapshot_id, name=name),
+                                             timeout=600):
+            await asyncio.to_thread(f.write, chunk.data)
 
 
 class VmFleet:
@@ -38,6 +73,8 @@ class VmFleet:
         self.node = node_id
         self.driver = driver
         self.root = state_dir / "compute" / "vms"
+        # Snapshots materialized on this node: frozen disk + memory, shared by every VM restored from them.
+        self.snapshot_root = state_dir / "compute" / "snapshots"
         self.image_root = Path(settings.image_cache_dir) if settings.image_cache_dir else cache_root()
         self.vms: dict[str, VmRecord] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -135,6 +172,12 @@ class VmFleet:
         hostname = hostname or vm_id
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
         image = BuiltImage.load(template, self.image_root)
+        vm = await self._admit(vm_id, template, vcpus, memory_mib, hostname, image)
+        return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory))
+
+    async def _admit(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
+                     image: BuiltImage, boot_hostname: str = "", source_snapshot: str = "") -> VmRecord:
+        """Reserves capacity for a new VM by recording it (CREATING) before anything starts."""
         async with self._admission:
             if vm_id in self.vms:
                 raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
@@ -149,29 +192,123 @@ class VmFleet:
             vm = VmRecord(id=vm_id, node=self.node, template=template, image_dir=str(image.directory),
                           vcpus=vcpus, memory_mib=memory_mib, hostname=hostname, vmm=self.driver.name,
                           accel=self.driver.accel, directory=str(directory),
-                          agent_socket=str(self.driver.paths(directory)["agent"]))
+                          agent_socket=str(self.driver.paths(directory)["agent"]),
+                          boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot)
             await self._save(vm)  # holds its capacity from here on
-        async with self._lock(vm_id):
+            return vm
+
+    async def _start(self, vm: VmRecord, launch) -> VmRecord:
+        """Runs `launch(directory) -> pid` and waits for the agent; on any failure nothing is left behind."""
+        directory = Path(vm.directory)
+        async with self._lock(vm.id):
             try:
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir(parents=True)
-                vm.pid = await self.driver.launch(vm, image, directory)
+                vm.pid = await launch(directory)
                 await self._save(vm)
                 self._watch(vm)
                 await self._wait_for_agent(vm)
                 vm.state = "RUNNING"
                 await self._save(vm)
-                log.info("vm_created", vm=vm_id, pid=vm.pid, template=template)
+                log.info("vm_started", vm=vm.id, pid=vm.pid, template=vm.template, snapshot=vm.source_snapshot)
                 return vm
             except BaseException as exc:
-                # Never leave a half-created VM behind: stop it and release everything.
                 await self._destroy(vm)
                 await self._forget(vm)
-                if isinstance(exc, ServiceError):
+                if isinstance(exc, (ServiceError, asyncio.CancelledError)):
                     raise
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                raise Unavailable(f"VM {vm_id} failed to start: {exc}", reason="VM_START_FAILED") from exc
+                raise Unavailable(f"VM {vm.id} failed to start: {exc}", reason="VM_START_FAILED") from exc
+
+    # --- snapshots ---------------------------------------------------------------------------------------
+    async def snapshot(self, vm_id: str, snapshot_id: str, store) -> int:
+        """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored."""
+        vm = self.get(vm_id)
+        if vm.state not in ("RUNNING", "PAUSED"):
+            raise FailedPrecondition(f"VM {vm_id} is {vm.state}; only a running or paused VM can be snapshotted",
+                                     reason="VM_NOT_RUNNING")
+        if not VM_ID.match(snapshot_id):
+            raise InvalidArgument(f"snapshot_id {snapshot_id!r} must match {VM_ID.pattern}")
+        image = BuiltImage.at(Path(vm.image_dir))
+        target = self.snapshot_root / snapshot_id
+        work = self.snapshot_root / f".{snapshot_id}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            async with self._lock(vm_id):
+                await self.driver.snapshot(Path(vm.directory), work, image.rootfs)
+            config = {"template": vm.template, "image_dir": vm.image_dir, "vcpus": vm.vcpus,
+                      "memory_mib": vm.memory_mib, "boot_hostname": vm.boot_hostname or vm.hostname,
+                      "vmm": vm.vmm, "accel": vm.accel}
+            (work / "config.json").write_text(json.dumps(config))
+            hashes = await asyncio.to_thread(_hash_files, work, ARTIFACT_FILES)
+            (work / "verified.json").write_text(json.dumps(hashes))
+            total = 0
+            for name, filename in ARTIFACT_FILES.items():
+                total += await _upload(store, snapshot_id, name, work / filename)
+            shutil.rmtree(target, ignore_errors=True)
+            work.rename(target)
+            return total
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _materialize(self, record, store) -> Path:
+        """The snapshot's files on this node, fetched (verified chunk by chunk) when not here yet."""
+        target = self.snapshot_root / record.id
+        expected = {a.name: a.sha256 for a in record.artifacts}
+        async with self._lock(f"snapshot:{record.id}"):
+            try:
+                known = json.loads((target / "verified.json").read_text())
+                if all(known.get(name, {}).get("sha256") == sha and
+                       (target / ARTIFACT_FILES[name]).stat().st_size == known[name]["size"]
+                       for name, sha in expected.items()):
+                    return target
+            except (OSError, ValueError, KeyError):
+                pass
+            work = self.snapshot_root / f".{record.id}.fetch"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                for name in expected:
+                    await _download(store, record.id, name, work / ARTIFACT_FILES[name])
+                hashes = await asyncio.to_thread(_hash_files, work, ARTIFACT_FILES)
+                for name, sha in expected.items():
+                    if hashes[name]["sha256"] != sha:
+                        raise DataLoss(f"artifact {name} of snapshot {record.id} arrived corrupt",
+                                       reason="ARTIFACT_CORRUPT")
+                (work / "verified.json").write_text(json.dumps(hashes))
+                shutil.rmtree(target, ignore_errors=True)
+                work.rename(target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return target
+
+    async def restore(self, vm_id: str, record, hostname: str, store) -> VmRecord:
+        """A new VM from a snapshot: its own disk overlay on the frozen disk, RAM loaded, then running."""
+        hostname = hostname or vm_id
+        if not VM_ID.match(vm_id):
+            raise InvalidArgument(f"vm_id {vm_id!r} must match {VM_ID.pattern}")
+        if not HOSTNAME.match(hostname):
+            raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
+        frozen = await self._materialize(record, store)
+        config = json.loads((frozen / "config.json").read_text())
+        if config["accel"] != self.driver.accel or config["vmm"] != self.driver.name:
+            raise FailedPrecondition(f"snapshot {record.id} was taken under {config['vmm']}/{config['accel']}; "
+                                     f"this node runs {self.driver.name}/{self.driver.accel}",
+                                     reason="HYPERVISOR_MISMATCH")
+        try:
+            image = BuiltImage.at(Path(config["image_dir"]))
+        except FileNotFoundError as exc:
+            raise FailedPrecondition(f"cannot restore snapshot {record.id}: {exc}", reason="IMAGE_GONE") from None
+        vm = await self._admit(vm_id, config["template"], config["vcpus"], config["memory_mib"], hostname,
+                               image, boot_hostname=config["boot_hostname"], source_snapshot=record.id)
+        return await self._start(vm, lambda directory: self.driver.restore(vm, image, directory, frozen))
+
+    def prune_snapshot_cache(self, live_snapshots: set[str]) -> None:
+        """Drops local snapshot copies that no record and no VM needs any more."""
+        in_use = {vm.source_snapshot for vm in self.vms.values()} | live_snapshots
+        for directory in self.snapshot_root.glob("*") if self.snapshot_root.exists() else []:
+            if not directory.name.startswith(".") and directory.name not in in_use:
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def _wait_for_agent(self, vm: VmRecord) -> None:
         deadline = time.monotonic() + self.settings.boot_timeout_seconds

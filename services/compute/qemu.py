@@ -40,7 +40,7 @@ class QemuDriver:
                 "qmp": directory / "qmp.sock", "console": directory / "console.log",
                 "pid": directory / "vmm.pid"}
 
-    def command(self, vm: VmRecord, image: BuiltImage, directory: Path) -> list[str]:
+    def command(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> list[str]:
         p = self.paths(directory)
         for key in ("agent", "qmp"):
             if len(str(p[key])) > MAX_UNIX_PATH:
@@ -48,7 +48,8 @@ class QemuDriver:
                                          "use a shorter state_dir", reason="STATE_DIR_TOO_LONG")
         accel = f"tcg,tb-size={self.tb_size_mib}" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
-        append = f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} mvm.hostname={vm.hostname}"
+        append = (f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} "
+                  f"mvm.hostname={vm.boot_hostname or vm.hostname}")
         return [
             self.binary, "-name", f"microvm-{vm.id}",
             "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on", "-accel", accel, "-cpu", cpu,
@@ -63,7 +64,7 @@ class QemuDriver:
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
             "-qmp", f"unix:{p['qmp']},server=on,wait=off",
             "-daemonize", "-pidfile", str(p["pid"]),
-        ]
+        ] + (["-incoming", "defer"] if incoming else [])
 
     async def prepare_disk(self, image: BuiltImage, directory: Path) -> None:
         process = await asyncio.create_subprocess_exec(
@@ -74,14 +75,15 @@ class QemuDriver:
             raise ResourceExhausted(f"cannot create the VM disk: {stderr.decode().strip()}",
                                     reason="DISK_CREATE_FAILED")
 
-    async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path) -> int:
+    async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
         """Starts qemu detached (it outlives a compute restart) and returns its pid.
 
-        A VM that already has a disk (a stopped one being started again) boots from it."""
+        A VM that already has a disk (a stopped one being started again, or a restore) boots from it.
+        With `incoming` the VM waits for migrated state instead of booting (see `restore`)."""
         if not self.paths(directory)["disk"].exists():
             await self.prepare_disk(image, directory)
         process = await asyncio.create_subprocess_exec(
-            *self.command(vm, image, directory), stdin=asyncio.subprocess.DEVNULL,
+            *self.command(vm, image, directory, incoming), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(directory))
         _, stderr = await process.communicate()
         if process.returncode != 0:
@@ -89,13 +91,75 @@ class QemuDriver:
                                      reason="VMM_START_FAILED")
         return int(self.paths(directory)["pid"].read_text())
 
-    async def _qmp(self, directory: Path, command: str) -> object:
+    async def _qmp(self, directory: Path, command: str, arguments: dict | None = None) -> object:
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()
         try:
-            return await client.execute(command)
+            return await client.execute(command, arguments)
         finally:
             await client.close()
+
+    async def _wait_for_migration(self, client: QmpClient, timeout: float = 120.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            info = await client.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise FailedPrecondition(f"migration {status}: {info.get('error-desc', '')}",
+                                         reason="MIGRATION_FAILED")
+            if asyncio.get_running_loop().time() > deadline:
+                raise FailedPrecondition("migration did not complete in time", reason="MIGRATION_TIMEOUT")
+            await asyncio.sleep(0.005)
+
+    async def snapshot(self, directory: Path, out: Path, base_image: Path) -> None:
+        """Saves RAM + device state and a disk frozen at the same instant into `out`.
+
+        The VM is stopped for the duration; its disk is copied while stopped (restoring RAM onto any other
+        disk silently corrupts files), rebased onto the template image so the copy stands alone."""
+        client = QmpClient(str(self.paths(directory)["qmp"]))
+        await client.connect()
+        try:
+            was_running = (await client.execute("query-status")).get("running")
+            if was_running:
+                await client.execute("stop")
+            await client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+            await client.execute("migrate", {"uri": f"exec:cat > {out / 'memory.bin'}"})
+            await self._wait_for_migration(client)
+            process = await asyncio.create_subprocess_exec(
+                "qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
+                str(self.paths(directory)["disk"]), str(out / "disk.qcow2"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, stderr = await process.communicate()
+            if was_running:
+                await client.execute("cont")
+            if process.returncode != 0:
+                raise FailedPrecondition(f"cannot freeze the disk: {stderr.decode().strip()}",
+                                         reason="DISK_SNAPSHOT_FAILED")
+        finally:
+            await client.close()
+
+    async def restore(self, vm: VmRecord, image: BuiltImage, directory: Path, frozen: Path) -> int:
+        """Starts qemu waiting for state, gives it a fresh overlay on the frozen disk, loads RAM, runs it."""
+        process = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(frozen / "disk.qcow2"), "-F", "qcow2",
+            str(self.paths(directory)["disk"]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise ResourceExhausted(f"cannot create the VM disk: {stderr.decode().strip()}",
+                                    reason="DISK_CREATE_FAILED")
+        pid = await self.launch(vm, image, directory, incoming=True)
+        client = QmpClient(str(self.paths(directory)["qmp"]))
+        await client.connect()
+        try:
+            await client.execute("migrate-incoming", {"uri": f"exec:cat {frozen / 'memory.bin'}"})
+            await self._wait_for_migration(client)
+            # Without `cont` a restored guest stays paused forever.
+            await client.execute("cont")
+        finally:
+            await client.close()
+        return pid
 
     async def pause(self, directory: Path) -> None:
         await self._qmp(directory, "stop")

@@ -38,6 +38,11 @@ class VmRecord:
     create_time: float = field(default_factory=time.time)
     failure_message: str = ""
     tap_device: str = ""
+    # Host name on the kernel command line: a restored VM keeps its source's so the device
+    # configuration matches the migrated state; its real host name is set through the agent.
+    boot_hostname: str = ""
+    # Snapshot this VM was restored from; empty for a cold boot.
+    source_snapshot: str = ""
 
     @property
     def key(self) -> str:

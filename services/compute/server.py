@@ -6,7 +6,8 @@ import socket
 from pathlib import Path
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
-from services.common.errors import Unimplemented
+from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
+from services.common.errors import Unavailable
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
@@ -15,8 +16,16 @@ from services.compute.qemu import QemuDriver
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
-    def __init__(self, fleet: VmFleet) -> None:
+    def __init__(self, fleet: VmFleet, context: ServiceContext) -> None:
         self.fleet = fleet
+        self.context = context
+
+    def _snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
+        instances = self.context.directory.instances("snapshot")
+        if not instances:
+            raise Unavailable("the snapshot store is not available", reason="SNAPSHOT_STORE_UNAVAILABLE")
+        newest = max(instances, key=lambda i: i.started)
+        return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.context.channel(newest.address))
 
     async def CreateVm(self, request, context):
         vm = await self.fleet.create(request.vm_id, request.template or "default", request.vcpus or 1,
@@ -46,10 +55,15 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.ResumeVmResponse(vm=(await self.fleet.resume(request.vm_id)).to_proto())
 
     async def SnapshotVm(self, request, context):
-        raise Unimplemented("VM snapshots")
+        size = await self.fleet.snapshot(request.vm_id, request.snapshot_id, self._snapshot_store())
+        return compute_pb2.SnapshotVmResponse(size_bytes=size)
 
     async def RestoreVm(self, request, context):
-        raise Unimplemented("VM restore from snapshot")
+        store = self._snapshot_store()
+        record = (await store.GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=request.snapshot_id),
+                                                timeout=10)).record
+        vm = await self.fleet.restore(request.vm_id, record, request.hostname, store)
+        return compute_pb2.RestoreVmResponse(vm=vm.to_proto())
 
     async def GetNodeCapacity(self, request, context):
         vcpus, memory = self.fleet.capacity()
@@ -73,7 +87,7 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
     context.registration_metadata.update(node=node_id, vmm=choice.vmm, accel=choice.accel,
                                          hypervisor_reason=choice.reason)
     context.on_shutdown.append(fleet.close)
-    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(fleet), server)
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(fleet, context), server)
     return [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name]
 
 

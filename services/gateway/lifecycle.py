@@ -15,7 +15,7 @@ import structlog
 from microvm.compute.v1 import compute_pb2
 from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
-from services.common.errors import InvalidArgument, NotFound, ServiceError, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unimplemented
 from services.gateway.records import SandboxRecord
 
 log = structlog.get_logger()
@@ -79,35 +79,49 @@ class SandboxLifecycle:
             raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
         if wanted.network_policy.egress not in (sandbox_pb2.EGRESS_MODE_UNSPECIFIED, sandbox_pb2.EGRESS_MODE_NONE):
             raise Unimplemented("egress other than NONE (sandbox networking)")
+        sandbox = sandbox_pb2.Sandbox(template=template, vcpus=vcpus, memory_mib=memory, labels=wanted.labels,
+                                      network_policy=wanted.network_policy)
+        record = await self.start_sandbox(sandbox_id, sandbox, timeout, lambda compute: compute.CreateVm(
+            compute_pb2.CreateVmRequest(vm_id=sandbox_id, template=template, vcpus=vcpus, memory_mib=memory,
+                                        hostname=sandbox_id), timeout=self.context.settings.max_timeout_seconds))
+        return api.CreateSandboxResponse(sandbox=record.sandbox)
+
+    async def start_sandbox(self, sandbox_id: str, sandbox: sandbox_pb2.Sandbox, timeout: int, start_vm,
+                            after_start=None) -> SandboxRecord:
+        """Records a new sandbox, places it, starts its VM with `start_vm(compute_stub)`, marks it RUNNING.
+
+        A failure at any step removes the record again: nothing half-made survives."""
         now = time.time()
-        sandbox = sandbox_pb2.Sandbox(
-            name=f"sandboxes/{sandbox_id}", template=template, state=sandbox_pb2.SANDBOX_STATE_CREATING,
-            vcpus=vcpus, memory_mib=memory, labels=wanted.labels, network_policy=wanted.network_policy)
+        sandbox.name = f"sandboxes/{sandbox_id}"
+        sandbox.state = sandbox_pb2.SANDBOX_STATE_CREATING
         sandbox.create_time.FromNanoseconds(int(now * 1e9))
         sandbox.update_time.CopyFrom(sandbox.create_time)
         sandbox.expire_time.FromNanoseconds(int((now + timeout) * 1e9))
         record = SandboxRecord(id=sandbox_id, sandbox=sandbox, timeout_seconds=timeout, expire_at=now + timeout)
-        node = await self.placement.choose_node(template, vcpus, memory)
+        node = await self.placement.choose_node(sandbox.template, sandbox.vcpus, sandbox.memory_mib)
         await self.store.create(record)
         record.sandbox.node = node
+        compute = self.placement.compute(node)
         try:
             await self.store.put(record)
-            reply = await self.placement.compute(node).CreateVm(compute_pb2.CreateVmRequest(
-                vm_id=sandbox_id, template=template, vcpus=vcpus, memory_mib=memory, hostname=sandbox_id),
-                timeout=self.context.settings.max_timeout_seconds)
+            vm = (await start_vm(compute)).vm
+            record.sandbox.hypervisor = f"{vm.vmm}/{vm.accel}"
+            record.agent_socket = vm.agent.socket_path
+            record.agent_transport = "hybrid-vsock" \
+                if vm.agent.transport == compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK else "virtio-serial"
+            if after_start is not None:
+                await after_start(record)
         except BaseException:
-            # Nothing half-made survives a failed create: the record goes, compute cleaned its side.
+            try:
+                await compute.DeleteVm(compute_pb2.DeleteVmRequest(vm_id=sandbox_id), timeout=30)
+            except grpc.aio.AioRpcError:
+                pass  # compute already cleaned up its side of a failed start
             await self.store.delete(record)
             raise
-        vm = reply.vm
         record.sandbox.state = sandbox_pb2.SANDBOX_STATE_RUNNING
-        record.sandbox.hypervisor = f"{vm.vmm}/{vm.accel}"
-        record.agent_socket = vm.agent.socket_path
-        record.agent_transport = "hybrid-vsock" if vm.agent.transport == compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK \
-            else "virtio-serial"
         await self.store.put(record)
-        log.info("sandbox_created", sandbox=sandbox_id, node=node)
-        return api.CreateSandboxResponse(sandbox=record.sandbox)
+        log.info("sandbox_started", sandbox=sandbox_id, node=node, snapshot=sandbox.source_snapshot)
+        return record
 
     async def GetSandbox(self, request, context):
         record = await self.store.get(parse_name(request.name))
@@ -151,6 +165,26 @@ class SandboxLifecycle:
             record.sandbox.expire_time.FromNanoseconds(int(record.expire_at * 1e9))
         await self.store.put(record)
         return api.UpdateSandboxResponse(sandbox=record.sandbox)
+
+    async def PauseSandbox(self, request, context):
+        record = await self.store.get(parse_name(request.name))
+        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
+                                     reason="SANDBOX_NOT_RUNNING")
+        await self.placement.compute(record.node).PauseVm(compute_pb2.PauseVmRequest(vm_id=record.id), timeout=30)
+        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_PAUSED
+        await self.store.put(record)
+        return api.PauseSandboxResponse(sandbox=record.sandbox)
+
+    async def ResumeSandbox(self, request, context):
+        record = await self.store.get(parse_name(request.name))
+        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
+                                     reason="SANDBOX_NOT_PAUSED")
+        await self.placement.compute(record.node).ResumeVm(compute_pb2.ResumeVmRequest(vm_id=record.id), timeout=30)
+        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_RUNNING
+        await self.store.put(record)
+        return api.ResumeSandboxResponse(sandbox=record.sandbox)
 
     async def DeleteSandbox(self, request, context):
         record = await self.store.get(parse_name(request.name))

@@ -10,41 +10,16 @@ from services.gateway.files import FileHandlers
 from services.gateway.lifecycle import SandboxLifecycle
 from services.gateway.placement import SandboxPlacement
 from services.gateway.records import SandboxStore
-
-_PAUSE = "pause and resume"
-_SNAPSHOTS = "snapshots, restore and fork"
+from services.gateway.snapshots import SnapshotHandlers
 
 
-class SandboxServicer(SandboxLifecycle, ExecHandlers, FileHandlers,
+
+class SandboxServicer(SandboxLifecycle, ExecHandlers, FileHandlers, SnapshotHandlers,
                       sandbox_service_pb2_grpc.SandboxServiceServicer):
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
         self.store = SandboxStore(context.etcd)
         self.placement = SandboxPlacement(context)
-
-    async def PauseSandbox(self, request, context):
-        raise Unimplemented(_PAUSE)
-
-    async def ResumeSandbox(self, request, context):
-        raise Unimplemented(_PAUSE)
-
-    async def CreateSnapshot(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
-
-    async def GetSnapshot(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
-
-    async def ListSnapshots(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
-
-    async def DeleteSnapshot(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
-
-    async def RestoreSnapshot(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
-
-    async def ForkSandbox(self, request, context):
-        raise Unimplemented(_SNAPSHOTS)
 
     async def ExposePort(self, request, context):
         raise Unimplemented("port exposure (sandbox networking)")

@@ -1,47 +1,102 @@
-"""Wiring of the snapshot store. Content-addressed artifacts, lineage and retention come in the
-snapshot issue; until then every RPC answers UNIMPLEMENTED naming the capability."""
+"""Wiring and handlers of the snapshot store (SnapshotStoreService)."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import structlog
+
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import Unimplemented
+from services.common.errors import InvalidArgument
 from services.common.server import ServiceContext
 from services.common.settings import SnapshotSettings
+from services.snapshot.store import SnapshotChunkStore
 
-_STORE = "snapshot artifact store"
-_LINEAGE = "snapshot lineage and retention"
+log = structlog.get_logger()
 
 
 class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
+    def __init__(self, store: SnapshotChunkStore, settings: SnapshotSettings) -> None:
+        self.store = store
+        self.settings = settings
+
     async def PutArtifact(self, request_iterator, context):
-        raise Unimplemented(_STORE)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("request") != "header":
+            raise InvalidArgument("the first PutArtifact message must carry the header")
+        header = first.header
+        if not header.snapshot_id or not header.name:
+            raise InvalidArgument("header.snapshot_id and header.name are required")
+
+        async def data():
+            async for message in request_iterator:
+                yield message.data
+
+        artifact, new_bytes = await self.store.put_artifact(header.snapshot_id, header.name, data())
+        return snapshot_pb2.PutArtifactResponse(artifact=artifact, new_bytes=new_bytes)
 
     async def GetArtifact(self, request, context):
-        raise Unimplemented(_STORE)
-        yield  # an async generator, like every server-streaming handler
+        record = await self.store.get(request.snapshot_id)
+        async for data in self.store.read_artifact(record, request.name):
+            for offset in range(0, len(data), 1 << 20):
+                yield snapshot_pb2.GetArtifactResponse(data=data[offset:offset + (1 << 20)])
 
     async def CommitSnapshot(self, request, context):
-        raise Unimplemented(_LINEAGE)
+        return snapshot_pb2.CommitSnapshotResponse(record=await self.store.commit(request.record))
 
     async def GetSnapshotRecord(self, request, context):
-        raise Unimplemented(_LINEAGE)
+        return snapshot_pb2.GetSnapshotRecordResponse(record=await self.store.get(request.id))
 
     async def ListSnapshotRecords(self, request, context):
-        raise Unimplemented(_LINEAGE)
+        records = [r for r in await self.store.all()
+                   if (not request.tenant or r.tenant == request.tenant)
+                   and (not request.source_sandbox or r.source_sandbox == request.source_sandbox)
+                   and (not request.parent_snapshot or r.parent_snapshot == request.parent_snapshot)
+                   and (not request.root_snapshot or r.root_snapshot == request.root_snapshot)]
+        return snapshot_pb2.ListSnapshotRecordsResponse(records=records)
 
     async def DeleteSnapshotRecord(self, request, context):
-        raise Unimplemented(_LINEAGE)
+        await self.store.delete(request.id)
+        return snapshot_pb2.DeleteSnapshotRecordResponse()
 
     async def VerifySnapshot(self, request, context):
-        raise Unimplemented(_STORE)
+        bad = await self.store.verify(await self.store.get(request.id))
+        return snapshot_pb2.VerifySnapshotResponse(ok=not bad, bad_chunks=bad)
 
     async def CollectGarbage(self, request, context):
-        raise Unimplemented(_LINEAGE)
+        return await self.store.collect_garbage(self.settings.keep_last_per_sandbox)
 
     async def GetStorageUsage(self, request, context):
-        raise Unimplemented(_STORE)
+        return await self.store.usage(request.tenant)
 
 
 async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
-    snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(SnapshotStoreServicer(), server)
+    settings = context.settings
+    root = Path(settings.store_dir) if settings.store_dir else Path(context.common.state_dir) / "snapshot"
+    store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes)
+    snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(SnapshotStoreServicer(store, settings), server)
+
+    async def collect_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.gc_interval_seconds)
+            try:
+                await store.collect_garbage(settings.keep_last_per_sandbox)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("snapshot_gc_failed")
+
+    collector = asyncio.create_task(collect_forever(), name="snapshot-gc")
+
+    async def stop_collector() -> None:
+        collector.cancel()
+        try:
+            await collector
+        except asyncio.CancelledError:
+            pass
+
+    context.on_shutdown.append(stop_collector)
     return [snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotStoreService"].full_name]
+
+

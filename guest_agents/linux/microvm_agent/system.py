@@ -11,6 +11,7 @@ import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_RESTART = 0x01234567
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -74,6 +75,9 @@ def add_entropy(data: bytes) -> None:
     request = struct.pack("ii", len(data) * 8, len(data)) + data
     with open("/dev/urandom", "wb") as random_device:
         fcntl.ioctl(random_device, RNDADDENTROPY, request)
+        # Mixing alone leaves the already-keyed CRNG (and so /dev/urandom) as it was until its next
+        # scheduled reseed: clones would keep producing the same bytes. Reseed it now.
+        fcntl.ioctl(random_device, RNDRESEEDCRNG)
 
 
 def power_off() -> None:

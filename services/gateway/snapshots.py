@@ -1,0 +1,159 @@
+"""CreateSnapshot, GetSnapshot, ListSnapshots, DeleteSnapshot, RestoreSnapshot, ForkSandbox.
+
+The snapshot service stores artifacts and lineage; compute freezes and restores VMs; the gateway ties them
+together. Integrity is checked before every restore: a corrupt snapshot is refused with DATA_LOSS and never
+booted. Every restored or forked guest gets a fresh identity (host name, reseeded kernel RNG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import structlog
+
+from microvm.compute.v1 import compute_pb2
+from microvm.relay.v1 import relay_pb2
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from services.gateway.lifecycle import parse_name, validate_labels
+
+log = structlog.get_logger()
+MAX_FORK = 64
+
+
+def to_public(record: snapshot_pb2.SnapshotRecord) -> sandbox_pb2.Snapshot:
+    snapshot = sandbox_pb2.Snapshot(
+        name=f"snapshots/{record.id}", source_sandbox=f"sandboxes/{record.source_sandbox}",
+        parent_snapshot=f"snapshots/{record.parent_snapshot}" if record.parent_snapshot else "",
+        template=record.template, state=sandbox_pb2.SNAPSHOT_STATE_READY,
+        size_bytes=sum(a.size_bytes for a in record.artifacts), vcpus=record.vcpus, memory_mib=record.memory_mib,
+        labels=record.labels, create_time=record.create_time)
+    if record.HasField("expire_time"):
+        snapshot.expire_time.CopyFrom(record.expire_time)
+    return snapshot
+
+
+class SnapshotHandlers:
+    """Mixin of SandboxServicer."""
+
+    def snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
+        instances = self.context.directory.instances("snapshot")
+        if not instances:
+            raise Unavailable("the snapshot store is not available", reason="SNAPSHOT_STORE_UNAVAILABLE")
+        return snapshot_pb2_grpc.SnapshotStoreServiceStub(
+            self.context.channel(max(instances, key=lambda i: i.started).address))
+
+    async def take_snapshot(self, sandbox_name: str, labels, ttl_seconds: int = 0) -> snapshot_pb2.SnapshotRecord:
+        record = await self.store.get(parse_name(sandbox_name))
+        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
+                                     reason="SANDBOX_NOT_RUNNING")
+        validate_labels(labels)
+        snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
+        await self.placement.compute(record.node).SnapshotVm(
+            compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id), timeout=600)
+        parent = record.sandbox.source_snapshot.removeprefix("snapshots/")
+        snapshot = snapshot_pb2.SnapshotRecord(
+            id=snapshot_id, tenant=record.tenant, source_sandbox=record.id, parent_snapshot=parent,
+            template=record.sandbox.template, labels=labels, vcpus=record.sandbox.vcpus,
+            memory_mib=record.sandbox.memory_mib)
+        snapshot.create_time.GetCurrentTime()
+        if ttl_seconds:
+            snapshot.expire_time.FromSeconds(int(time.time()) + ttl_seconds)
+        committed = await self.snapshot_store().CommitSnapshot(
+            snapshot_pb2.CommitSnapshotRequest(record=snapshot), timeout=30)
+        log.info("snapshot_created", snapshot=snapshot_id, sandbox=record.id, parent=parent)
+        return committed.record
+
+    async def CreateSnapshot(self, request, context):
+        ttl = request.ttl.seconds if request.HasField("ttl") else 0
+        if ttl < 0:
+            raise InvalidArgument("ttl must not be negative")
+        return api.CreateSnapshotResponse(snapshot=to_public(
+            await self.take_snapshot(request.sandbox, request.labels, ttl)))
+
+    async def GetSnapshot(self, request, context):
+        reply = await self.snapshot_store().GetSnapshotRecord(
+            snapshot_pb2.GetSnapshotRecordRequest(id=parse_name(request.name, "snapshots")), timeout=10)
+        return api.GetSnapshotResponse(snapshot=to_public(reply.record))
+
+    async def ListSnapshots(self, request, context):
+        query = snapshot_pb2.ListSnapshotRecordsRequest(
+            source_sandbox=parse_name(request.source_sandbox) if request.source_sandbox else "",
+            parent_snapshot=parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else "")
+        records = list((await self.snapshot_store().ListSnapshotRecords(query, timeout=10)).records)
+        page_size = min(request.page_size or 50, 1000)
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgument("page_token is not one this server issued") from None
+        page = records[offset:offset + page_size]
+        token = str(offset + page_size) if offset + page_size < len(records) else ""
+        return api.ListSnapshotsResponse(snapshots=[to_public(r) for r in page], next_page_token=token)
+
+    async def DeleteSnapshot(self, request, context):
+        await self.snapshot_store().DeleteSnapshotRecord(
+            snapshot_pb2.DeleteSnapshotRecordRequest(id=parse_name(request.name, "snapshots")), timeout=10)
+        return api.DeleteSnapshotResponse()
+
+    async def verified_snapshot(self, snapshot_id: str) -> snapshot_pb2.SnapshotRecord:
+        store = self.snapshot_store()
+        record = (await store.GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id),
+                                                timeout=10)).record
+        check = await store.VerifySnapshot(snapshot_pb2.VerifySnapshotRequest(id=snapshot_id), timeout=120)
+        if not check.ok:
+            raise DataLoss(f"snapshot {snapshot_id} is corrupt ({len(check.bad_chunks)} bad chunks); "
+                           "it will not be restored", reason="SNAPSHOT_CORRUPT",
+                           metadata={"snapshot": f"snapshots/{snapshot_id}", "bad_chunks": len(check.bad_chunks)})
+        return record
+
+    async def restore_into_new_sandbox(self, snapshot: snapshot_pb2.SnapshotRecord, labels,
+                                       timeout_seconds: int) -> sandbox_pb2.Sandbox:
+        sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
+        sandbox = sandbox_pb2.Sandbox(template=snapshot.template, vcpus=snapshot.vcpus,
+                                      memory_mib=snapshot.memory_mib, labels=labels,
+                                      source_snapshot=f"snapshots/{snapshot.id}")
+
+        async def give_identity(record) -> None:
+            # Clones share the source's RAM: a new host name and reseeded RNG make them distinct machines.
+            await self.placement.relay().SetGuestIdentity(relay_pb2.SetGuestIdentityRequest(
+                target=self.agent_target(record), hostname=sandbox_id), timeout=30)
+
+        record = await self.start_sandbox(sandbox_id, sandbox, timeout_seconds, lambda compute: compute.RestoreVm(
+            compute_pb2.RestoreVmRequest(vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id),
+            timeout=600), after_start=give_identity)
+        return record.sandbox
+
+    async def RestoreSnapshot(self, request, context):
+        snapshot = await self.verified_snapshot(parse_name(request.snapshot, "snapshots"))
+        validate_labels(request.sandbox.labels)
+        timeout = self._timeout_seconds(request.sandbox.timeout if request.sandbox.HasField("timeout") else None)
+        return api.RestoreSnapshotResponse(sandbox=await self.restore_into_new_sandbox(
+            snapshot, request.sandbox.labels, timeout))
+
+    async def ForkSandbox(self, request, context):
+        count = request.count or 1
+        if not 1 <= count <= MAX_FORK:
+            raise InvalidArgument(f"count must be between 1 and {MAX_FORK}, got {count}")
+        validate_labels(request.labels)
+        source = await self.store.get(parse_name(request.name))
+        snapshot = await self.take_snapshot(request.name, {"forked-from": source.id})
+        snapshot = await self.verified_snapshot(snapshot.id)
+        results = await asyncio.gather(*(self.restore_into_new_sandbox(snapshot, request.labels,
+                                                                       source.timeout_seconds)
+                                         for _ in range(count)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            # All or nothing: a partial fork would leave the caller with clones it did not ask for.
+            for clone in results:
+                if not isinstance(clone, BaseException):
+                    try:
+                        await self.destroy(await self.store.get(clone.name.split("/")[1]))
+                    except Exception as exc:
+                        log.warning("fork_cleanup_failed", sandbox=clone.name, error=str(exc))
+            raise failures[0]
+        return api.ForkSandboxResponse(snapshot=to_public(snapshot), sandboxes=results)
