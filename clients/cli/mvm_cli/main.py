@@ -7,6 +7,11 @@
     mvm run [create options] -- CMD...        (create, exec, delete)
     mvm cp SRC DST                             (one side is ID:/path)
     mvm rm ID...
+    mvm pause ID / mvm resume ID
+    mvm snapshot ID [--label k=v] [--ttl S]    (prints the snapshot id)
+    mvm restore SNAPSHOT                       (a new sandbox from a snapshot)
+    mvm fork ID [-n COUNT]                     (snapshot + COUNT independent clones)
+    mvm snapshots [--sandbox ID]               (lineage as a tree)
 
 The gateway address comes from --gateway or $MVM_GATEWAY (default 127.0.0.1:50051). `exec` and `run`
 stream output live and exit with the remote process's status (128+N when killed by signal N).
@@ -148,6 +153,29 @@ class Cli:
 STATE = {v: k.removeprefix("SANDBOX_STATE_") for k, v in sandbox_pb2.SandboxState.items()}
 
 
+def snapshot_name(snapshot_id: str) -> str:
+    return snapshot_id if snapshot_id.startswith("snapshots/") else f"snapshots/{snapshot_id}"
+
+
+def snapshot_tree(snapshots) -> list[str]:
+    """Lineage as an indented tree: children under the snapshot their source was restored from."""
+    by_name = {s.name: s for s in snapshots}
+    children: dict[str, list] = {}
+    for snapshot in snapshots:
+        parent = snapshot.parent_snapshot if snapshot.parent_snapshot in by_name else ""
+        children.setdefault(parent, []).append(snapshot)
+    lines: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for snapshot in sorted(children.get(parent, []), key=lambda s: s.create_time.ToNanoseconds()):
+            lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{snapshot.name.removeprefix('snapshots/')}  "
+                         f"from {short(snapshot.source_sandbox)}  {snapshot.size_bytes / 1e6:.1f} MB  "
+                         f"{snapshot.create_time.ToDatetime().strftime('%H:%M:%S')}Z")
+            walk(snapshot.name, depth + 1)
+    walk("", 0)
+    return lines
+
+
 def describe(sandbox: sandbox_pb2.Sandbox) -> str:
     labels = ",".join(f"{k}={v}" for k, v in sorted(sandbox.labels.items()))
     return (f"{short(sandbox.name):18} {STATE[sandbox.state]:9} {sandbox.template:10} {sandbox.vcpus:>2} vCPU "
@@ -193,6 +221,18 @@ def main(argv: list[str] | None = None) -> None:
     cp.add_argument("source")
     cp.add_argument("target")
     sub.add_parser("rm", help="delete sandboxes").add_argument("ids", nargs="+")
+    sub.add_parser("pause", help="stop a sandbox's vCPUs, keeping its memory").add_argument("id")
+    sub.add_parser("resume", help="resume a paused sandbox").add_argument("id")
+    snapshot = sub.add_parser("snapshot", help="snapshot a sandbox (memory, devices, disk)")
+    snapshot.add_argument("id")
+    snapshot.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    snapshot.add_argument("--ttl", type=int, default=0, help="delete the snapshot after S seconds")
+    sub.add_parser("restore", help="start a new sandbox from a snapshot").add_argument("snapshot")
+    fork = sub.add_parser("fork", help="clone a running sandbox")
+    fork.add_argument("id")
+    fork.add_argument("-n", "--count", type=int, default=1)
+    snapshots = sub.add_parser("snapshots", help="list snapshots as a lineage tree")
+    snapshots.add_argument("--sandbox", default="", help="only snapshots of this sandbox")
     args = parser.parse_args(argv)
     if hasattr(args, "command") and args.command and args.command[0] == "--":
         args.command = args.command[1:]
@@ -219,6 +259,29 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)
         elif args.verb == "cp":
             cli.copy(args.source, args.target)
+        elif args.verb in ("pause", "resume"):
+            call = cli.stub.PauseSandbox if args.verb == "pause" else cli.stub.ResumeSandbox
+            request = (api.PauseSandboxRequest if args.verb == "pause" else api.ResumeSandboxRequest)(
+                name=name_of(args.id))
+            print(describe(call(request, timeout=60).sandbox))
+        elif args.verb == "snapshot":
+            request = api.CreateSnapshotRequest(sandbox=name_of(args.id), labels=parse_pairs(args.label, "label"))
+            if args.ttl:
+                request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
+            print(cli.stub.CreateSnapshot(request, timeout=600).snapshot.name.removeprefix("snapshots/"))
+        elif args.verb == "restore":
+            print(short(cli.stub.RestoreSnapshot(api.RestoreSnapshotRequest(
+                snapshot=snapshot_name(args.snapshot)), timeout=600).sandbox.name))
+        elif args.verb == "fork":
+            reply = cli.stub.ForkSandbox(api.ForkSandboxRequest(name=name_of(args.id), count=args.count), timeout=900)
+            print(f"snapshot {reply.snapshot.name.removeprefix('snapshots/')}", file=sys.stderr)
+            for sandbox in reply.sandboxes:
+                print(short(sandbox.name))
+        elif args.verb == "snapshots":
+            request = api.ListSnapshotsRequest(source_sandbox=name_of(args.sandbox) if args.sandbox else "",
+                                               page_size=1000)
+            for line in snapshot_tree(cli.stub.ListSnapshots(request, timeout=30).snapshots):
+                print(line)
         elif args.verb == "rm":
             for sandbox_id in args.ids:
                 cli.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name_of(sandbox_id)), timeout=60)
