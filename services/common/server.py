@@ -35,6 +35,7 @@ log = structlog.get_logger()
 
 # Messages up to 8 MiB: file chunks are 1 MiB, a stdin payload up to 4 MiB.
 MAX_MESSAGE_BYTES = 8 << 20
+SHUTDOWN_STEP_SECONDS = 3.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -131,14 +132,17 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     # Deregister first so no new caller is sent here, then drain in-flight calls.
     await registration.close()
     await server.stop(settings.shutdown_grace_seconds)
+    # Each later step is bounded: with etcd gone (the whole stack stopping) nothing may hang the exit.
     for hook in reversed(context.on_shutdown):
         try:
-            await hook()
+            await asyncio.wait_for(hook(), SHUTDOWN_STEP_SECONDS)
         except Exception:
             log.exception("shutdown_hook_failed")
-    await context.close_channels()
-    await directory.close()
-    await etcd.close()
+    for step in (context.close_channels(), directory.close(), etcd.close()):
+        try:
+            await asyncio.wait_for(step, SHUTDOWN_STEP_SECONDS)
+        except Exception:
+            pass
     log.info("service_stopped")
 
 

@@ -49,6 +49,13 @@ class ComputeSettings(ServiceSettings):
     boot_timeout_seconds: float = 90.0
     # Where built images are cached; default: $MVM_CACHE_DIR/images or ~/.cache/microvm/images.
     image_cache_dir: str = ""
+    # Each template is booted once and snapshotted; creates of the default size restore from it.
+    template_snapshots: bool = True
+    # Restored, paused VMs kept ready per template (0 disables the pool).
+    warm_pool_size: int = 2
+    # The size that template snapshots and the warm pool are made for.
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 
@@ -62,6 +69,8 @@ class ComputeSettings(ServiceSettings):
             raise ConfigError("compute.max_vcpus_per_vm must be between 1 and 64")
         if not 128 <= self.max_memory_mib_per_vm <= 262144:
             raise ConfigError("compute.max_memory_mib_per_vm must be between 128 and 262144")
+        if not 0 <= self.warm_pool_size <= 64:
+            raise ConfigError("compute.warm_pool_size must be between 0 and 64")
         if self.tcg_tb_size_mib < 8:
             raise ConfigError("compute.tcg_tb_size_mib must be at least 8")
 

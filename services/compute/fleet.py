@@ -33,13 +33,16 @@ log = structlog.get_logger()
 VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
 # Artifact name in the snapshot store -> file in a materialized snapshot.
-ARTIFACT_FILES = {"memory": "memory.bin", "disk": "disk.qcow2", "config": "config.json"}
+ARTIFACT_FILES = {"memory": "memory.bin", "devices": "devices.bin", "ram": "ram", "disk": "disk.qcow2",
+                  "config": "config.json"}
 UPLOAD_CHUNK = 1 << 20
 
 
 def _hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
     result = {}
     for name, filename in files.items():
+        if not (directory / filename).exists():
+            continue
         digest = hashlib.sha256()
         with open(directory / filename, "rb") as f:
             while block := f.read(UPLOAD_CHUNK * 4):
@@ -81,6 +84,8 @@ class VmFleet:
         self._watchers: dict[str, asyncio.Task] = {}
         self._deleting: set[str] = set()
         self._admission = asyncio.Lock()
+        from services.compute.warm import WarmStart
+        self.warm = WarmStart(self)
 
     # --- records ---------------------------------------------------------------------------------
     async def _save(self, vm: VmRecord) -> None:
@@ -131,6 +136,15 @@ class VmFleet:
                 await self._save(vm)
                 self._watch(vm)
                 counts["adopted"] += 1
+                if vm.pooled and vm.state == "PAUSED":
+                    self.warm.adopt(vm)
+            elif vm.pooled:
+                # A pool or template-building VM nobody was given: just remove it.
+                if alive:
+                    self._kill(vm.pid)
+                await self._destroy(vm)
+                await self._forget(vm)
+                counts["failed"] += 1
             else:
                 # Dead, unresponsive, or caught half-created by our crash: it cannot be trusted.
                 if alive:
@@ -138,8 +152,9 @@ class VmFleet:
                 await self._mark_failed(vm, "the VM was not running when the compute service restarted"
                                         if not alive else "the VM was not ready when the compute service restarted")
                 counts["failed"] += 1
+        known_directories = {Path(vm.directory) for vm in self.vms.values()}
         for directory in self.root.iterdir() if self.root.exists() else []:
-            if directory.name not in self.vms:
+            if directory not in known_directories:
                 pid_file = directory / "vmm.pid"
                 try:
                     pid = int(pid_file.read_text())
@@ -171,12 +186,28 @@ class VmFleet:
     async def create(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> VmRecord:
         hostname = hostname or vm_id
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
+        if vm_id in self.vms:
+            raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
+        if self.settings.template_snapshots and self.warm.fits(vcpus, memory_mib):
+            vm = await self.warm.claim(template, vm_id, hostname)
+            if vm is not None:
+                return vm
+            frozen = self.warm.frozen(template)
+            if frozen is not None:
+                try:
+                    return await self._restore_from(frozen, vm_id, hostname, start_method="template-snapshot")
+                except ServiceError as exc:
+                    # A template snapshot that does not restore is not trusted again: boot cold, rebuild it.
+                    log.warning("template_snapshot_restore_failed", template=template, error=exc.message)
+                    self.warm.invalidate(template)
         image = BuiltImage.load(template, self.image_root)
         vm = await self._admit(vm_id, template, vcpus, memory_mib, hostname, image)
         return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory))
 
     async def _admit(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
-                     image: BuiltImage, boot_hostname: str = "", source_snapshot: str = "") -> VmRecord:
+                     image: BuiltImage, boot_hostname: str = "", source_snapshot: str = "",
+                     ram_path: str | None = None, ram_shared: bool = True, start_method: str = "cold-boot",
+                     pooled: bool = False) -> VmRecord:
         """Reserves capacity for a new VM by recording it (CREATING) before anything starts."""
         async with self._admission:
             if vm_id in self.vms:
@@ -193,7 +224,10 @@ class VmFleet:
                           vcpus=vcpus, memory_mib=memory_mib, hostname=hostname, vmm=self.driver.name,
                           accel=self.driver.accel, directory=str(directory),
                           agent_socket=str(self.driver.paths(directory)["agent"]),
-                          boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot)
+                          boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot,
+                          # Cold boots keep RAM in a shared file, so their snapshots are a file copy.
+                          ram_path=str(directory / "ram") if ram_path is None else ram_path,
+                          ram_shared=ram_shared, start_method=start_method, pooled=pooled)
             await self._save(vm)  # holds its capacity from here on
             return vm
 
@@ -234,22 +268,26 @@ class VmFleet:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            async with self._lock(vm_id):
-                await self.driver.snapshot(Path(vm.directory), work, image.rootfs)
-            config = {"template": vm.template, "image_dir": vm.image_dir, "vcpus": vm.vcpus,
-                      "memory_mib": vm.memory_mib, "boot_hostname": vm.boot_hostname or vm.hostname,
-                      "vmm": vm.vmm, "accel": vm.accel}
-            (work / "config.json").write_text(json.dumps(config))
-            hashes = await asyncio.to_thread(_hash_files, work, ARTIFACT_FILES)
-            (work / "verified.json").write_text(json.dumps(hashes))
+            hashes = await self._freeze(vm, image, work)
             total = 0
-            for name, filename in ARTIFACT_FILES.items():
-                total += await _upload(store, snapshot_id, name, work / filename)
+            for name in hashes:
+                total += await _upload(store, snapshot_id, name, work / ARTIFACT_FILES[name])
             shutil.rmtree(target, ignore_errors=True)
             work.rename(target)
             return total
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    async def _freeze(self, vm: VmRecord, image: BuiltImage, out: Path) -> dict[str, dict]:
+        async with self._lock(vm.id):
+            snapshot_format = await self.driver.snapshot(vm, out, image.rootfs)
+        config = {"template": vm.template, "image_dir": vm.image_dir, "vcpus": vm.vcpus,
+                  "memory_mib": vm.memory_mib, "boot_hostname": vm.boot_hostname or vm.hostname,
+                  "vmm": vm.vmm, "accel": vm.accel, "format": snapshot_format}
+        (out / "config.json").write_text(json.dumps(config))
+        hashes = await asyncio.to_thread(_hash_files, out, ARTIFACT_FILES)
+        (out / "verified.json").write_text(json.dumps(hashes))
+        return hashes
 
     async def _materialize(self, record, store) -> Path:
         """The snapshot's files on this node, fetched (verified chunk by chunk) when not here yet."""
@@ -290,17 +328,25 @@ class VmFleet:
         if not HOSTNAME.match(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         frozen = await self._materialize(record, store)
+        return await self._restore_from(frozen, vm_id, hostname, source_snapshot=record.id,
+                                        start_method="snapshot-restore")
+
+    async def _restore_from(self, frozen: Path, vm_id: str, hostname: str, source_snapshot: str = "",
+                            start_method: str = "snapshot-restore", pooled: bool = False) -> VmRecord:
         config = json.loads((frozen / "config.json").read_text())
         if config["accel"] != self.driver.accel or config["vmm"] != self.driver.name:
-            raise FailedPrecondition(f"snapshot {record.id} was taken under {config['vmm']}/{config['accel']}; "
+            raise FailedPrecondition(f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
                                      f"this node runs {self.driver.name}/{self.driver.accel}",
                                      reason="HYPERVISOR_MISMATCH")
         try:
             image = BuiltImage.at(Path(config["image_dir"]))
         except FileNotFoundError as exc:
-            raise FailedPrecondition(f"cannot restore snapshot {record.id}: {exc}", reason="IMAGE_GONE") from None
+            raise FailedPrecondition(f"cannot restore snapshot {frozen.name}: {exc}", reason="IMAGE_GONE") from None
+        shared_ram = config.get("format") == "shared-ram"
         vm = await self._admit(vm_id, config["template"], config["vcpus"], config["memory_mib"], hostname,
-                               image, boot_hostname=config["boot_hostname"], source_snapshot=record.id)
+                               image, boot_hostname=config["boot_hostname"], source_snapshot=source_snapshot,
+                               ram_path=str(frozen / "ram") if shared_ram else "", ram_shared=False,
+                               start_method=start_method, pooled=pooled)
         return await self._start(vm, lambda directory: self.driver.restore(vm, image, directory, frozen))
 
     def prune_snapshot_cache(self, live_snapshots: set[str]) -> None:
@@ -309,6 +355,10 @@ class VmFleet:
         for directory in self.snapshot_root.glob("*") if self.snapshot_root.exists() else []:
             if not directory.name.startswith(".") and directory.name not in in_use:
                 shutil.rmtree(directory, ignore_errors=True)
+
+    def visible(self) -> list[VmRecord]:
+        """VMs that belong to someone: not the warm pool's or a template build's."""
+        return [vm for vm in self.vms.values() if not vm.pooled]
 
     async def _wait_for_agent(self, vm: VmRecord) -> None:
         deadline = time.monotonic() + self.settings.boot_timeout_seconds
@@ -337,6 +387,27 @@ class VmFleet:
         except OSError:
             return "no console output"
         return " | ".join(text[-lines:]) or "no console output"
+
+    async def adopt_pooled(self, pooled: VmRecord, vm_id: str, hostname: str) -> VmRecord:
+        """Turns a paused pool VM into `vm_id`: resumed, recorded under the new id, counted as used."""
+        async with self._lock(pooled.id):
+            async with self._admission:
+                if vm_id in self.vms:
+                    raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
+                used_vcpus, used_memory = self.capacity()
+                if used_vcpus + pooled.vcpus > self.settings.vcpus_total or \
+                        used_memory + pooled.memory_mib > self.settings.memory_mib_total:
+                    raise ResourceExhausted(f"node {self.node} has no room for VM {vm_id}", reason="NODE_CAPACITY")
+                await self.driver.resume(Path(pooled.directory))
+                old_watcher = self._watchers.pop(pooled.id, None)
+                if old_watcher:
+                    old_watcher.cancel()
+                await self._forget(pooled)
+                pooled.id, pooled.hostname, pooled.pooled, pooled.state = vm_id, hostname, False, "RUNNING"
+                await self._save(pooled)
+                self._watch(pooled)
+        log.info("vm_started", vm=vm_id, pid=pooled.pid, template=pooled.template, method="warm-pool")
+        return pooled
 
     async def delete(self, vm_id: str) -> None:
         vm = self.get(vm_id)
@@ -461,6 +532,11 @@ class VmFleet:
             if watcher and watcher is not asyncio.current_task():
                 watcher.cancel()
             directory = Path(vm.directory)
+            if not vm.pid:  # interrupted between starting the VMM and recording its pid
+                try:
+                    vm.pid = int(self.driver.paths(directory)["pid"].read_text())
+                except (OSError, ValueError):
+                    pass
             if vm.pid and self.driver.owns_process(vm.pid, directory):
                 self._kill(vm.pid)
                 for _ in range(100):
@@ -477,6 +553,7 @@ class VmFleet:
 
     async def close(self) -> None:
         """Stops supervising; the VMs keep running for the next compute instance to adopt."""
+        await self.warm.close()
         for task in self._watchers.values():
             task.cancel()
         self._watchers.clear()

@@ -50,9 +50,16 @@ class QemuDriver:
         cpu = "max" if self.accel == "tcg" else "host"
         append = (f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} "
                   f"mvm.hostname={vm.boot_hostname or vm.hostname}")
+        # Every VM's RAM is the backend `mem`, file-backed or not, so migrated state fits any of them.
+        machine = "microvm,x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem"
+        backend = f"memory-backend-ram,id=mem,size={vm.memory_mib}M"
+        if vm.ram_path:
+            backend = (f"memory-backend-file,id=mem,size={vm.memory_mib}M,mem-path={vm.ram_path},"
+                       f"share={'on' if vm.ram_shared else 'off'}")
+        memory = ["-object", backend]
         return [
             self.binary, "-name", f"microvm-{vm.id}",
-            "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on", "-accel", accel, "-cpu", cpu,
+            "-M", machine, *memory, "-accel", accel, "-cpu", cpu,
             "-smp", str(vm.vcpus), "-m", f"{vm.memory_mib}M",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
@@ -113,20 +120,31 @@ class QemuDriver:
                 raise FailedPrecondition("migration did not complete in time", reason="MIGRATION_TIMEOUT")
             await asyncio.sleep(0.005)
 
-    async def snapshot(self, directory: Path, out: Path, base_image: Path) -> None:
-        """Saves RAM + device state and a disk frozen at the same instant into `out`.
+    async def snapshot(self, vm: VmRecord, out: Path, base_image: Path) -> str:
+        """Saves RAM + device state and a disk frozen at the same instant into `out`; returns the format.
 
-        The VM is stopped for the duration; its disk is copied while stopped (restoring RAM onto any other
+        `shared-ram`: the VM's RAM lives in a shared file; only device state is migrated and the file is
+        copied (clones later map it copy-on-write and share its pages). `stream`: RAM goes into the migration
+        stream. The VM is stopped meanwhile; its disk is copied while stopped (restoring RAM onto any other
         disk silently corrupts files), rebased onto the template image so the copy stands alone."""
+        directory = Path(vm.directory)
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()
+        shared = bool(vm.ram_path and vm.ram_shared)
         try:
             was_running = (await client.execute("query-status")).get("running")
             if was_running:
                 await client.execute("stop")
             await client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await client.execute("migrate", {"uri": f"exec:cat > {out / 'memory.bin'}"})
+            await client.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": shared}]})
+            target = out / ("devices.bin" if shared else "memory.bin")
+            await client.execute("migrate", {"uri": f"exec:cat > {target}"})
             await self._wait_for_migration(client)
+            if shared:
+                copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", vm.ram_path, str(out / "ram"))
+                if await copy.wait() != 0:
+                    raise FailedPrecondition("cannot copy the VM's memory file", reason="MEMORY_SNAPSHOT_FAILED")
             process = await asyncio.create_subprocess_exec(
                 "qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
                 str(self.paths(directory)["disk"]), str(out / "disk.qcow2"),
@@ -137,11 +155,16 @@ class QemuDriver:
             if process.returncode != 0:
                 raise FailedPrecondition(f"cannot freeze the disk: {stderr.decode().strip()}",
                                          reason="DISK_SNAPSHOT_FAILED")
+            return "shared-ram" if shared else "stream"
         finally:
             await client.close()
 
     async def restore(self, vm: VmRecord, image: BuiltImage, directory: Path, frozen: Path) -> int:
-        """Starts qemu waiting for state, gives it a fresh overlay on the frozen disk, loads RAM, runs it."""
+        """Starts qemu waiting for state, gives it a fresh overlay on the frozen disk, loads RAM, runs it.
+
+        A `shared-ram` snapshot is mapped copy-on-write (`vm.ram_path` must point at its file, private):
+        only device state is read, and clones of one snapshot share its pages."""
+        shared = (frozen / "devices.bin").exists()
         process = await asyncio.create_subprocess_exec(
             "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(frozen / "disk.qcow2"), "-F", "qcow2",
             str(self.paths(directory)["disk"]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -153,7 +176,11 @@ class QemuDriver:
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()
         try:
-            await client.execute("migrate-incoming", {"uri": f"exec:cat {frozen / 'memory.bin'}"})
+            if shared:
+                await client.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "x-ignore-shared", "state": True}]})
+            state = frozen / ("devices.bin" if shared else "memory.bin")
+            await client.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
             await self._wait_for_migration(client)
             # Without `cont` a restored guest stays paused forever.
             await client.execute("cont")

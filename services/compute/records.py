@@ -43,6 +43,13 @@ class VmRecord:
     boot_hostname: str = ""
     # Snapshot this VM was restored from; empty for a cold boot.
     source_snapshot: str = ""
+    # File backing guest RAM (empty: anonymous memory). Shared: the VM writes through to the file, so a
+    # snapshot only copies the file; private: copy-on-write over a snapshot's file, shared between clones.
+    ram_path: str = ""
+    ram_shared: bool = False
+    start_method: str = "cold-boot"
+    # A warm-pool VM: restored and paused, not yet handed out; not counted as used capacity.
+    pooled: bool = False
 
     @property
     def key(self) -> str:
@@ -59,7 +66,7 @@ class VmRecord:
 
     @property
     def holds_resources(self) -> bool:
-        return self.state in ("CREATING", "RUNNING", "PAUSED")
+        return self.state in ("CREATING", "RUNNING", "PAUSED") and not self.pooled
 
     def to_proto(self) -> compute_pb2.Vm:
         created = timestamp_pb2.Timestamp()
@@ -71,4 +78,5 @@ class VmRecord:
             state=STATES[self.state], pid=self.pid if self.state in ("RUNNING", "PAUSED") else 0,
             vmm=self.vmm, accel=self.accel, node=self.node, create_time=created,
             failure_message=self.failure_message, hostname=self.hostname, tap_device=self.tap_device,
+            start_method=self.start_method,
             agent=compute_pb2.AgentEndpoint(transport=transport, socket_path=self.agent_socket))

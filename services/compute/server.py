@@ -7,7 +7,7 @@ from pathlib import Path
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
@@ -19,6 +19,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     def __init__(self, fleet: VmFleet, context: ServiceContext) -> None:
         self.fleet = fleet
         self.context = context
+
+    def _visible(self, vm_id: str) -> str:
+        """Pool and template-build VMs are the node's own business: callers see NOT_FOUND."""
+        vm = self.fleet.vms.get(vm_id)
+        if vm is not None and vm.pooled:
+            raise NotFound(f"VM {vm_id} does not exist on node {self.fleet.node}", reason="VM_NOT_FOUND")
+        return vm_id
 
     def _snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
         instances = self.context.directory.instances("snapshot")
@@ -33,29 +40,29 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.CreateVmResponse(vm=vm.to_proto())
 
     async def GetVm(self, request, context):
-        return compute_pb2.GetVmResponse(vm=self.fleet.get(request.vm_id).to_proto())
+        return compute_pb2.GetVmResponse(vm=self.fleet.get(self._visible(request.vm_id)).to_proto())
 
     async def ListVms(self, request, context):
-        return compute_pb2.ListVmsResponse(vms=[vm.to_proto() for vm in self.fleet.vms.values()])
+        return compute_pb2.ListVmsResponse(vms=[vm.to_proto() for vm in self.fleet.visible()])
 
     async def StopVm(self, request, context):
-        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(request.vm_id)).to_proto())
+        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(self._visible(request.vm_id))).to_proto())
 
     async def StartVm(self, request, context):
-        return compute_pb2.StartVmResponse(vm=(await self.fleet.start(request.vm_id)).to_proto())
+        return compute_pb2.StartVmResponse(vm=(await self.fleet.start(self._visible(request.vm_id))).to_proto())
 
     async def DeleteVm(self, request, context):
-        await self.fleet.delete(request.vm_id)
+        await self.fleet.delete(self._visible(request.vm_id))
         return compute_pb2.DeleteVmResponse()
 
     async def PauseVm(self, request, context):
-        return compute_pb2.PauseVmResponse(vm=(await self.fleet.pause(request.vm_id)).to_proto())
+        return compute_pb2.PauseVmResponse(vm=(await self.fleet.pause(self._visible(request.vm_id))).to_proto())
 
     async def ResumeVm(self, request, context):
-        return compute_pb2.ResumeVmResponse(vm=(await self.fleet.resume(request.vm_id)).to_proto())
+        return compute_pb2.ResumeVmResponse(vm=(await self.fleet.resume(self._visible(request.vm_id))).to_proto())
 
     async def SnapshotVm(self, request, context):
-        size = await self.fleet.snapshot(request.vm_id, request.snapshot_id, self._snapshot_store())
+        size = await self.fleet.snapshot(self._visible(request.vm_id), request.snapshot_id, self._snapshot_store())
         return compute_pb2.SnapshotVmResponse(size_bytes=size)
 
     async def RestoreVm(self, request, context):
@@ -71,7 +78,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.GetNodeCapacityResponse(
             node=self.fleet.node, vcpus_total=settings.vcpus_total, vcpus_used=vcpus,
             memory_mib_total=settings.memory_mib_total, memory_mib_used=memory,
-            vm_count=sum(1 for vm in self.fleet.vms.values() if vm.holds_resources),
+            vm_count=sum(1 for vm in self.fleet.visible() if vm.holds_resources),
             vmm=self.fleet.driver.name, accel=self.fleet.driver.accel, templates=self.fleet.templates(),
             max_vcpus_per_vm=settings.max_vcpus_per_vm, max_memory_mib_per_vm=settings.max_memory_mib_per_vm)
 
@@ -84,6 +91,7 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
     node_id = settings.node_id or socket.gethostname()
     fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver)
     await fleet.adopt()
+    fleet.warm.start()
     context.registration_metadata.update(node=node_id, vmm=choice.vmm, accel=choice.accel,
                                          hypervisor_reason=choice.reason)
     context.on_shutdown.append(fleet.close)

@@ -86,8 +86,8 @@ class SandboxLifecycle:
                                         hostname=sandbox_id), timeout=self.context.settings.max_timeout_seconds))
         return api.CreateSandboxResponse(sandbox=record.sandbox)
 
-    async def start_sandbox(self, sandbox_id: str, sandbox: sandbox_pb2.Sandbox, timeout: int, start_vm,
-                            after_start=None) -> SandboxRecord:
+    async def start_sandbox(self, sandbox_id: str, sandbox: sandbox_pb2.Sandbox, timeout: int,
+                            start_vm) -> SandboxRecord:
         """Records a new sandbox, places it, starts its VM with `start_vm(compute_stub)`, marks it RUNNING.
 
         A failure at any step removes the record again: nothing half-made survives."""
@@ -109,8 +109,11 @@ class SandboxLifecycle:
             record.agent_socket = vm.agent.socket_path
             record.agent_transport = "hybrid-vsock" \
                 if vm.agent.transport == compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK else "virtio-serial"
-            if after_start is not None:
-                await after_start(record)
+            if vm.start_method != "cold-boot":
+                # Restored from a snapshot (the user's or the template's): the guest has its source's
+                # host name and RNG state until it is given its own.
+                await self.placement.relay().SetGuestIdentity(relay_pb2.SetGuestIdentityRequest(
+                    target=self.agent_target(record), hostname=sandbox_id), timeout=30)
         except BaseException:
             try:
                 await compute.DeleteVm(compute_pb2.DeleteVmRequest(vm_id=sandbox_id), timeout=30)

@@ -15,7 +15,6 @@ import grpc
 import structlog
 
 from microvm.compute.v1 import compute_pb2
-from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
@@ -118,14 +117,9 @@ class SnapshotHandlers:
                                       memory_mib=snapshot.memory_mib, labels=labels,
                                       source_snapshot=f"snapshots/{snapshot.id}")
 
-        async def give_identity(record) -> None:
-            # Clones share the source's RAM: a new host name and reseeded RNG make them distinct machines.
-            await self.placement.relay().SetGuestIdentity(relay_pb2.SetGuestIdentityRequest(
-                target=self.agent_target(record), hostname=sandbox_id), timeout=30)
-
         record = await self.start_sandbox(sandbox_id, sandbox, timeout_seconds, lambda compute: compute.RestoreVm(
             compute_pb2.RestoreVmRequest(vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id),
-            timeout=600), after_start=give_identity)
+            timeout=600))
         return record.sandbox
 
     async def RestoreSnapshot(self, request, context):

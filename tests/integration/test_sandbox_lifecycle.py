@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -43,8 +44,22 @@ def etcd_keys(stack, prefix: str) -> list[str]:
     return asyncio.run(read())
 
 
+def vm_record(stack, sandbox_id: str) -> dict:
+    """Compute's record of a sandbox's VM (its directory may be a warm-pool one, not named after it)."""
+    async def read():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/vms/")
+                    if kv.key.decode().endswith(f"/{sandbox_id}")]
+        finally:
+            await client.close()
+    (record,) = asyncio.run(read())
+    return record
+
+
 def vm_pid(stack, sandbox_id: str) -> int:
-    return int((stack.state_dir / "compute" / "vms" / sandbox_id / "vmm.pid").read_text())
+    return int((Path(vm_record(stack, sandbox_id)["directory"]) / "vmm.pid").read_text())
 
 
 def alive(pid: int) -> bool:
@@ -108,6 +123,7 @@ def test_get_list_filter_and_update(gateway, sandbox):
 def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
     sandbox = gateway.create(timeout_seconds=3)
     sandbox_id = sandbox.name.split("/")[1]
+    directory = Path(vm_record(stack, sandbox_id)["directory"])
     pid = vm_pid(stack, sandbox_id)
     assert alive(pid)
 
@@ -119,17 +135,18 @@ def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
             return error.code() == grpc.StatusCode.NOT_FOUND
     assert wait_for(gone, timeout=30)
     assert wait_for(lambda: not alive(pid), timeout=10)
-    assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+    assert not directory.exists()
     assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
 
 
 def test_delete_frees_the_vm_process_disk_and_records(stack, gateway):
     sandbox = gateway.create()
     sandbox_id = sandbox.name.split("/")[1]
+    directory = Path(vm_record(stack, sandbox_id)["directory"])
     pid = vm_pid(stack, sandbox_id)
     gateway.delete(sandbox.name)
     assert wait_for(lambda: not alive(pid), timeout=10)
-    assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+    assert not directory.exists()
     assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
     with pytest.raises(grpc.RpcError) as failure:
         gateway.delete(sandbox.name)
@@ -169,6 +186,7 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
     sandbox = gateway.create()
     sandbox_id = sandbox.name.split("/")[1]
     compute = instances(stack, "compute")[0]
+    directory = Path(vm_record(stack, sandbox_id)["directory"])
     pid = vm_pid(stack, sandbox_id)
     os.kill(compute.pid, signal.SIGSTOP)  # frozen: it cannot notice the VM dying
     os.kill(pid, signal.SIGKILL)
@@ -179,7 +197,7 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
             return got if got.state == sandbox_pb2.SANDBOX_STATE_FAILED else None
         got = wait_for(failed, timeout=30)
         assert got and "not running" in got.failure_message
-        assert not (stack.state_dir / "compute" / "vms" / sandbox_id).exists()
+        assert not directory.exists()
         with pytest.raises(grpc.RpcError) as failure:
             gateway.exec(sandbox.name, ["true"])
         assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -220,5 +238,18 @@ def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
         started = compute.StartVm(compute_pb2.StartVmRequest(vm_id=sandbox_id), timeout=120).vm
         assert started.state == compute_pb2.VM_STATE_RUNNING
         assert gateway.read_file(sandbox.name, "/root/kept.txt") == b"survives a stop"
+    finally:
+        gateway.delete(sandbox.name)
+
+
+@pytest.mark.parametrize("fields, method", [({}, "warm-pool"), ({"memory_mib": 384}, "cold-boot")])
+def test_default_size_starts_from_the_warm_pool_and_other_sizes_boot_cold(stack, gateway, fields, method):
+    # Let the pool refill after earlier tests took from it.
+    wait_for(lambda: len([k for k in etcd_keys(stack, "/microvm/vms/") if "/pool-" in k]) >= 2, timeout=60)
+    sandbox = gateway.create(**fields)
+    try:
+        assert vm_record(stack, sandbox.name.split("/")[1])["start_method"] == method
+        result = gateway.exec(sandbox.name, ["sh", "-c", "hostname; grep MemTotal /proc/meminfo"])
+        assert result.stdout.split(b"\n")[0].decode() == sandbox.name.split("/")[1]
     finally:
         gateway.delete(sandbox.name)

@@ -14,7 +14,7 @@ import pytest
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from services.common.errors import error_info
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
-from services.supervisor.stack import SERVICE_KINDS
+from services.supervisor.stack import SERVICE_KINDS, stop_leftover_vms
 from tests.stack import REPO, start_stack
 
 GRPCURL = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "grpcurl")
@@ -115,6 +115,8 @@ def test_supervisor_sigterm_leaves_no_process_behind(tmp_path):
     assert own.stop(timeout=40) == 0
     time.sleep(0.2)
     assert [p for p in pids if pid_alive(p)] == []
+    vmm_pids = [int(p.read_text()) for p in (own.state_dir / "compute" / "vms").glob("*/vmm.pid")]
+    assert [p for p in vmm_pids if pid_alive(p)] == []
 
 
 def test_children_die_with_a_killed_supervisor(tmp_path):
@@ -126,3 +128,5 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p for p in pids if pid_alive(p)] == []
+    # VMs outlive their supervisor by design (a restarted one re-adopts them); this test's must go.
+    stop_leftover_vms(own.state_dir)

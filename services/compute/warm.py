@@ -1,0 +1,191 @@
+"""WarmStart: template snapshots and the warm pool, which turn Create into a restore instead of a boot.
+
+Each template is cold-booted once (RAM in a shared file) and frozen into a *template snapshot* under
+`<state_dir>/compute/templates/<template>/<image build>/`. Creates of the default size restore from it: the
+RAM file is mapped copy-on-write, so only device state is read and every such VM shares the template's
+pages. A pool of restored, paused VMs per template makes Create a resume. Cold boot stays the fallback,
+used automatically when the template snapshot is missing, stale or fails to restore (it is then rebuilt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import structlog
+
+from images.builder import BuiltImage
+from microvm.agent.v1 import agent_pb2
+from services.common.agent_channel import AgentChannel, AgentTarget
+from services.common.errors import ServiceError
+from services.compute.records import VmRecord
+
+log = structlog.get_logger()
+CHECKED_FILES = ("devices.bin", "disk.qcow2", "config.json")
+
+
+WARM_UP_COMMANDS = (["true"], ["echo", "warm"], ["sh", "-c", "echo warm"])
+
+
+async def warm_up(vm: VmRecord) -> None:
+    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket))
+    await channel.connect(timeout=5)
+    try:
+        for argv in WARM_UP_COMMANDS:
+            stream = channel.open_stream()
+            await stream.send(exec_start=agent_pb2.ExecStart(argv=argv))
+            while (await stream.receive(timeout=30)).WhichOneof("body") not in ("exec_exited", "error"):
+                pass
+            await stream.close(cancel=False)
+    finally:
+        await channel.close()
+
+
+class WarmStart:
+    def __init__(self, fleet) -> None:
+        self.fleet = fleet
+        self.settings = fleet.settings
+        self.root = fleet.root.parent / "templates"
+        self.pool: dict[str, list[str]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._claim_lock = asyncio.Lock()
+
+    def fits(self, vcpus: int, memory_mib: int) -> bool:
+        return vcpus == self.settings.default_vcpus and memory_mib == self.settings.default_memory_mib
+
+    # --- template snapshots ------------------------------------------------------------------------
+    def _directory(self, template: str) -> Path | None:
+        try:
+            image = BuiltImage.load(template, self.fleet.image_root)
+        except FileNotFoundError:
+            return None
+        return self.root / template / image.directory.name
+
+    def frozen(self, template: str) -> Path | None:
+        """The template snapshot if it exists and its files are intact (RAM file: size only, it is large)."""
+        directory = self._directory(template)
+        if directory is None or not (directory / ".complete").exists():
+            return None
+        try:
+            expected = json.loads((directory / "verified.json").read_text())
+            for filename in CHECKED_FILES:
+                digest = hashlib.sha256((directory / filename).read_bytes()).hexdigest()
+                if expected[filename]["sha256"] != digest:
+                    raise ValueError(f"{filename} does not match its hash")
+            if (directory / "ram").stat().st_size != expected["ram"]["size"]:
+                raise ValueError("ram has the wrong size")
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("template_snapshot_invalid", template=template, error=str(exc))
+            self.invalidate(template)
+            return None
+        return directory
+
+    def invalidate(self, template: str) -> None:
+        directory = self._directory(template)
+        if directory is not None:
+            (directory / ".complete").unlink(missing_ok=True)
+        self._wake.set()
+
+    async def _build(self, template: str) -> None:
+        directory = self._directory(template)
+        work = directory.with_name(f".{directory.name}.partial")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        vm_id = f"tmpl-{uuid.uuid4().hex[:10]}"
+        image = BuiltImage.load(template, self.fleet.image_root)
+        vm = await self.fleet._admit(vm_id, template, self.settings.default_vcpus, self.settings.default_memory_mib,
+                                     vm_id, image, pooled=True)
+        try:
+            await self.fleet._start(vm, lambda d: self.fleet.driver.launch(vm, image, d))
+            # Runs the exec path once so the guest's page cache in the snapshot already holds it.
+            await warm_up(vm)
+            await self.fleet._freeze(vm, image, work)
+            hashes = {name: {"sha256": hashlib.sha256((work / name).read_bytes()).hexdigest()}
+                      for name in CHECKED_FILES}
+            hashes["ram"] = {"size": (work / "ram").stat().st_size}
+            (work / "verified.json").write_text(json.dumps(hashes))
+            (work / ".complete").touch()
+            shutil.rmtree(directory, ignore_errors=True)
+            work.rename(directory)
+            for stale in directory.parent.iterdir():  # older image builds of this template
+                if stale != directory and not stale.name.startswith(".") and not self._in_use(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
+            log.info("template_snapshot_built", template=template, directory=str(directory))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if vm_id in self.fleet.vms:
+                await self.fleet.delete(vm_id)
+
+    def _in_use(self, directory: Path) -> bool:
+        return any(vm.ram_path.startswith(str(directory)) for vm in self.fleet.vms.values())
+
+    # --- the pool ----------------------------------------------------------------------------------
+    def adopt(self, vm: VmRecord) -> None:
+        self.pool.setdefault(vm.template, []).append(vm.id)
+
+    async def _fill(self, template: str, frozen: Path) -> None:
+        while len(self.pool.setdefault(template, [])) < self.settings.warm_pool_size:
+            vm_id = f"pool-{uuid.uuid4().hex[:10]}"
+            vm = await self.fleet._restore_from(frozen, vm_id, vm_id, start_method="warm-pool", pooled=True)
+            # Under TCG each new VMM process translates guest code afresh: exercise the exec path now,
+            # not on the user's first command.
+            await warm_up(vm)
+            await self.fleet.pause(vm.id)
+            self.pool[template].append(vm.id)
+
+    async def claim(self, template: str, vm_id: str, hostname: str) -> VmRecord | None:
+        """Hands out a pooled VM as `vm_id`: resumed and re-recorded under its new id; None if none is ready."""
+        async with self._claim_lock:
+            candidates = self.pool.get(template, [])
+            while candidates:
+                pooled = self.fleet.vms.get(candidates.pop(0))
+                if pooled is None or pooled.state != "PAUSED":
+                    continue
+                try:
+                    vm = await self.fleet.adopt_pooled(pooled, vm_id, hostname)
+                except ServiceError as exc:
+                    log.warning("warm_pool_claim_failed", vm=pooled.id, error=exc.message)
+                    continue
+                self._wake.set()
+                return vm
+        self._wake.set()
+        return None
+
+    # --- upkeep ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.settings.template_snapshots:
+            self._task = asyncio.create_task(self._maintain(), name="warm-start")
+
+    async def _maintain(self) -> None:
+        while True:
+            self._wake.clear()
+            for template in self.fleet.templates():
+                try:
+                    frozen = self.frozen(template)
+                    if frozen is None:
+                        await self._build(template)
+                        frozen = self.frozen(template)
+                    if frozen is not None and self.settings.warm_pool_size:
+                        await self._fill(template, frozen)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("warm_start_upkeep_failed", template=template, error=str(exc))
+                    await asyncio.sleep(5)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=30)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, 3)
+            except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                pass
