@@ -6,6 +6,9 @@ Kept in one place so the supervisor can validate the whole file before it starts
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+from pathlib import Path
 
 from services.common.config import ConfigError, ServiceSettings, parse_address
 
@@ -49,6 +52,9 @@ class ComputeSettings(ServiceSettings):
     boot_timeout_seconds: float = 90.0
     # Where built images are cached; default: $MVM_CACHE_DIR/images or ~/.cache/microvm/images.
     image_cache_dir: str = ""
+    # Where running VMs keep their RAM files (tmpfs: no writeback of guest memory to disk). Default:
+    # /dev/shm/microvm-<uid> when /dev/shm exists, else <state_dir>/compute/ram.
+    ram_dir: str = ""
     # Each template is booted once and snapshotted; creates of the default size restore from it.
     template_snapshots: bool = True
     # Restored, paused VMs kept ready per template (0 disables the pool).
@@ -58,6 +64,14 @@ class ComputeSettings(ServiceSettings):
     default_memory_mib: int = 256
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
+
+    def ram_root(self, state_dir: str | Path) -> Path:
+        if self.ram_dir:
+            return Path(self.ram_dir)
+        if os.path.isdir("/dev/shm"):
+            digest = hashlib.sha256(str(Path(state_dir)).encode()).hexdigest()[:12]
+            return Path(f"/dev/shm/microvm-{os.getuid()}") / digest
+        return Path(state_dir) / "compute" / "ram"
 
     def validate(self) -> None:
         super().validate()

@@ -79,6 +79,7 @@ class VmFleet:
         # Snapshots materialized on this node: frozen disk + memory, shared by every VM restored from them.
         self.snapshot_root = state_dir / "compute" / "snapshots"
         self.image_root = Path(settings.image_cache_dir) if settings.image_cache_dir else cache_root()
+        self.ram_root = settings.ram_root(state_dir)
         self.vms: dict[str, VmRecord] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task] = {}
@@ -116,6 +117,7 @@ class VmFleet:
     # --- start-up: re-adopt what survived us ---------------------------------------------------------
     async def adopt(self) -> dict[str, int]:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.ram_root.mkdir(parents=True, exist_ok=True)
         counts = {"adopted": 0, "failed": 0, "orphans_removed": 0}
         result = await self.etcd.get_prefix(f"{VMS_PREFIX}{self.node}/".encode())
         for kv in result:
@@ -164,6 +166,10 @@ class VmFleet:
                     pass
                 shutil.rmtree(directory, ignore_errors=True)
                 counts["orphans_removed"] += 1
+        known_ram = {vm.ram_path for vm in self.vms.values()}
+        for ram in self.ram_root.glob("*.ram"):
+            if str(ram) not in known_ram:
+                ram.unlink(missing_ok=True)
         log.info("vms_adopted", **counts)
         return counts
 
@@ -226,7 +232,7 @@ class VmFleet:
                           agent_socket=str(self.driver.paths(directory)["agent"]),
                           boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot,
                           # Cold boots keep RAM in a shared file, so their snapshots are a file copy.
-                          ram_path=str(directory / "ram") if ram_path is None else ram_path,
+                          ram_path=str(self.ram_root / f"{vm_id}.ram") if ram_path is None else ram_path,
                           ram_shared=ram_shared, start_method=start_method, pooled=pooled)
             await self._save(vm)  # holds its capacity from here on
             return vm
@@ -543,6 +549,8 @@ class VmFleet:
                     if not self.driver.owns_process(vm.pid, directory):
                         break
                     await asyncio.sleep(0.02)
+            if vm.ram_shared and vm.ram_path:
+                Path(vm.ram_path).unlink(missing_ok=True)  # its own RAM file, never a snapshot's
             if keep_disk:
                 for name in ("agent", "qmp", "pid"):
                     self.driver.paths(directory)[name].unlink(missing_ok=True)

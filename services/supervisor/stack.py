@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import LoadedConfig
+from services.common.config import LoadedConfig, load_config
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
-from services.common.settings import SupervisorSettings
+from services.common.settings import ComputeSettings, SupervisorSettings
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
 # A child that stayed up this long is healthy again: its next crash restarts without back-off.
@@ -181,15 +181,16 @@ class StackSupervisor:
         if gateway:
             await self._stop_child(gateway, 15)
         await asyncio.gather(*(self._stop_child(c, 15) for c in services if c is not gateway))
-        stop_leftover_vms(self.state_dir)
+        stop_leftover_vms(self.state_dir, load_config(self.config_path, "compute", ComputeSettings).service)
         if "etcd" in self.children:
             await self._stop_child(self.children["etcd"], 10)
         self._write_status()
         print(json.dumps({"event": "stack_stopped"}), flush=True)
 
 
-def stop_leftover_vms(state_dir: Path) -> int:
-    """Kills VMM processes that compute left running (VMs outlive a compute restart by design)."""
+def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -> int:
+    """Kills VMM processes that compute left running (VMs outlive a compute restart by design) and frees
+    their RAM files."""
     killed = 0
     for pid_file in (state_dir / "compute" / "vms").glob("*/vmm.pid"):
         try:
@@ -200,6 +201,13 @@ def stop_leftover_vms(state_dir: Path) -> int:
         if str(pid_file.parent).encode() in cmdline:  # the pid still belongs to this VM
             os.kill(pid, signal.SIGKILL)
             killed += 1
+    ram_root = (compute or ComputeSettings()).ram_root(state_dir)
+    for ram in ram_root.glob("*.ram") if ram_root.exists() else []:
+        ram.unlink(missing_ok=True)
+    try:
+        ram_root.rmdir()
+    except OSError:
+        pass
     return killed
 
 
