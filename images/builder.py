@@ -147,7 +147,16 @@ def build_kernel(recipe: Recipe) -> Path:
     package = match.group(1) if match else recipe.kernel_package
     version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
                              check=True).stdout
-    candidate = re.search(r"Candidate: (\S+)", version).group(1)
+    match = re.search(r"Candidate: (\S+)", version)
+    if not match or match.group(1) == "(none)":
+        _step("kernel: package lists are empty; running apt-get update once")
+        _run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
+        version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
+                                 check=True).stdout
+        match = re.search(r"Candidate: (\S+)", version)
+    if not match or match.group(1) == "(none)":
+        raise SystemExit(f"kernel: apt has no candidate for {package}")
+    candidate = match.group(1)
     directory = cache_root() / "_kernel" / _hash(package, candidate, BUILDER_VERSION)
 
     def build(work: Path) -> None:
