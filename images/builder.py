@@ -141,6 +141,12 @@ def _stage(directory: Path, build) -> Path:
 
 def build_kernel(recipe: Recipe) -> Path:
     """Unpacks the Debian kernel package; returns a directory with bzImage, vmlinux and lib/modules."""
+    if "Candidate: (none)" in subprocess.run(["apt-cache", "policy", recipe.kernel_package],
+                                             capture_output=True, text=True).stdout or \
+            not subprocess.run(["apt-cache", "policy", recipe.kernel_package], capture_output=True,
+                               text=True).stdout.strip():
+        _step("kernel: package lists are empty; running apt-get update once")
+        _run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
     depends = subprocess.run(["apt-cache", "depends", recipe.kernel_package], capture_output=True,
                              text=True, check=True).stdout
     match = re.search(r"Depends: (linux-image-\S+)", depends)
@@ -148,12 +154,6 @@ def build_kernel(recipe: Recipe) -> Path:
     version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
                              check=True).stdout
     match = re.search(r"Candidate: (\S+)", version)
-    if not match or match.group(1) == "(none)":
-        _step("kernel: package lists are empty; running apt-get update once")
-        _run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
-        version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
-                                 check=True).stdout
-        match = re.search(r"Candidate: (\S+)", version)
     if not match or match.group(1) == "(none)":
         raise SystemExit(f"kernel: apt has no candidate for {package}")
     candidate = match.group(1)
