@@ -26,7 +26,7 @@ from microvm.snapshot.v1 import snapshot_pb2
 from services.common.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition,
                                     InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable)
 from services.common.settings import ComputeSettings
-from services.compute.qemu import QemuDriver
+from services.compute.vmm import VmmDriver
 from services.compute.records import VMS_PREFIX, VmRecord
 
 log = structlog.get_logger()
@@ -34,7 +34,7 @@ VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
 # Artifact name in the snapshot store -> file in a materialized snapshot.
 ARTIFACT_FILES = {"memory": "memory.bin", "devices": "devices.bin", "ram": "ram", "disk": "disk.qcow2",
-                  "config": "config.json"}
+                  "vmm-state": "vmm-state.tar", "config": "config.json"}
 UPLOAD_CHUNK = 1 << 20
 
 
@@ -70,7 +70,7 @@ async def _download(store, snapshot_id: str, name: str, path: Path) -> None:
 
 
 class VmFleet:
-    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: QemuDriver) -> None:
+    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: VmmDriver) -> None:
         self.settings = settings
         self.etcd = etcd
         self.node = node_id
@@ -194,7 +194,7 @@ class VmFleet:
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
         if vm_id in self.vms:
             raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
-        if self.settings.template_snapshots and self.warm.fits(vcpus, memory_mib):
+        if self.warm.enabled and self.warm.fits(vcpus, memory_mib):
             vm = await self.warm.claim(template, vm_id, hostname)
             if vm is not None:
                 return vm
@@ -230,6 +230,7 @@ class VmFleet:
                           vcpus=vcpus, memory_mib=memory_mib, hostname=hostname, vmm=self.driver.name,
                           accel=self.driver.accel, directory=str(directory),
                           agent_socket=str(self.driver.paths(directory)["agent"]),
+                          agent_transport=self.driver.agent_transport,
                           boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot,
                           # Cold boots keep RAM in a shared file, so their snapshots are a file copy.
                           ram_path=str(self.ram_root / f"{vm_id}.ram") if ram_path is None else ram_path,
@@ -368,8 +369,8 @@ class VmFleet:
 
     async def _wait_for_agent(self, vm: VmRecord) -> None:
         deadline = time.monotonic() + self.settings.boot_timeout_seconds
-        channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket))
-        await channel.connect(timeout=5)
+        channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
+        await self._connect_agent(channel, vm, deadline)
         try:
             while True:
                 if vm.state == "FAILED" or not self.driver.owns_process(vm.pid, Path(vm.directory)):
@@ -386,6 +387,18 @@ class VmFleet:
                                            reason="VM_BOOT_TIMEOUT")
         finally:
             await channel.close()
+
+    async def _connect_agent(self, channel: AgentChannel, vm: VmRecord, deadline: float) -> None:
+        # A virtio-serial socket exists once the VMM runs; a hybrid-vsock CONNECT is refused until the
+        # guest's agent listens, so keep trying until the boot deadline.
+        while True:
+            try:
+                await channel.connect(timeout=5)
+                return
+            except Unavailable:
+                if time.monotonic() > deadline or not self.driver.owns_process(vm.pid, Path(vm.directory)):
+                    raise
+                await asyncio.sleep(0.05)
 
     def console_tail(self, vm: VmRecord, lines: int = 5) -> str:
         try:

@@ -53,7 +53,9 @@ def choose(vmm: str, accel: str, qemu_binary: str, cloud_hypervisor_binary: str,
             raise ConfigError(f"compute.vmm is cloud-hypervisor but {cloud_hypervisor_binary!r} is not on PATH")
         if chosen_accel != "kvm":
             raise ConfigError("Cloud Hypervisor needs KVM; this host has no usable KVM (no vmx/svm flag)")
-        raise ConfigError("the Cloud Hypervisor driver is not built yet in this release; use vmm: qemu")
+        return HypervisorChoice("cloud-hypervisor", "kvm", "forced by compute.vmm=cloud-hypervisor")
+    if vmm == "auto" and has_ch and chosen_accel == "kvm":
+        return HypervisorChoice("cloud-hypervisor", "kvm", "KVM usable and cloud-hypervisor installed")
     if shutil.which(qemu_binary) is None:
         raise ConfigError(f"{qemu_binary!r} is not on PATH (Debian: apt-get install qemu-system-x86)")
     reason = {"auto": "KVM usable (vmx/svm)" if kvm else "no vmx/svm flag: software emulation"}.get(

@@ -27,6 +27,10 @@ MAX_UNIX_PATH = 107
 
 
 class QemuDriver:
+    agent_transport = "virtio-serial"
+    # Shared-RAM snapshots (device state + a RAM file mapped copy-on-write) make template restores cheap.
+    supports_template_snapshots = True
+
     def __init__(self, choice: HypervisorChoice, binary: str, tb_size_mib: int) -> None:
         self.name = "qemu"
         self.accel = choice.accel

@@ -12,6 +12,7 @@ from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.fleet import VmFleet
+from services.compute.cloud_hypervisor import CloudHypervisorDriver
 from services.compute.qemu import QemuDriver
 
 
@@ -87,7 +88,8 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
     settings = context.settings
     choice = hypervisor.choose(settings.vmm, settings.accel, settings.qemu_binary,
                                settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
+    driver = CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary) if choice.vmm == "cloud-hypervisor" \
+        else QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
     node_id = settings.node_id or socket.gethostname()
     fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver)
     await fleet.adopt()

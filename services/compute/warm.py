@@ -32,7 +32,7 @@ WARM_UP_COMMANDS = (["true"], ["echo", "warm"], ["sh", "-c", "echo warm"])
 
 
 async def warm_up(vm: VmRecord) -> None:
-    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket))
+    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
     await channel.connect(timeout=5)
     try:
         for argv in WARM_UP_COMMANDS:
@@ -157,8 +157,12 @@ class WarmStart:
         return None
 
     # --- upkeep ------------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.settings.template_snapshots and self.fleet.driver.supports_template_snapshots
+
     def start(self) -> None:
-        if self.settings.template_snapshots:
+        if self.enabled:
             self._task = asyncio.create_task(self._maintain(), name="warm-start")
 
     async def _maintain(self) -> None:

@@ -20,6 +20,7 @@ from microvm_agent import system
 from microvm_agent.agent import Agent, read_fd, writev_fd
 
 PORT_NAME = "microvm.agent"
+VSOCK_PORT = 1024
 
 
 def find_port(name: str = PORT_NAME) -> str | None:
@@ -92,6 +93,21 @@ async def serve_unix(agent: Agent, path: str) -> None:
         await server.serve_forever()
 
 
+async def serve_vsock(agent: Agent, port: int) -> None:
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((socket.VMADDR_CID_ANY, port))
+
+    async def connected(reader, writer):
+        try:
+            await agent.serve(SocketTransport(reader, writer))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connected, sock=listener)
+    async with server:
+        await server.serve_forever()
+
+
 async def run(args) -> None:
     loop = asyncio.get_running_loop()
     is_init = os.getpid() == 1
@@ -101,17 +117,21 @@ async def run(args) -> None:
         await serve_unix(agent, args.unix)
         return
     path = None
-    for _ in range(500):
+    for _ in range(100):
         path = find_port()
         if path:
             break
         await asyncio.sleep(0.01)
-    if not path:
-        print(f"microvm-agent: no virtio port named {PORT_NAME}", file=sys.stderr, flush=True)
+    if path:
+        await serve_port(agent, path)
+        return
+    # No virtio-serial port: a VMM with virtio-vsock (Cloud Hypervisor, hybrid mode on the host side).
+    try:
+        await serve_vsock(agent, VSOCK_PORT)
+    except OSError as exc:
+        print(f"microvm-agent: no virtio port named {PORT_NAME} and no vsock: {exc}", file=sys.stderr, flush=True)
         if is_init:
             system.power_off()
-        return
-    await serve_port(agent, path)
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""VmmDriver: what compute needs from a virtual machine monitor. QEMU and Cloud Hypervisor implement it.
+
+A driver owns the VMM process of each VM (detached, so VMs outlive a compute restart), its devices and
+sockets inside the VM's directory, and the VMM's own API (QMP, REST). It never touches etcd or capacity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from images.builder import BuiltImage
+from services.compute.records import VmRecord
+
+
+class VmmDriver(Protocol):
+    name: str           # "qemu" or "cloud-hypervisor"
+    accel: str          # "kvm" or "tcg"
+    agent_transport: str  # "virtio-serial" or "hybrid-vsock"
+    supports_template_snapshots: bool
+
+    def paths(self, directory: Path) -> dict[str, Path]:
+        """Files of a VM: at least disk, agent, console and pid."""
+
+    async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
+        """Starts the VMM detached and boots the guest; returns the VMM's pid."""
+
+    async def pause(self, directory: Path) -> None: ...
+
+    async def resume(self, directory: Path) -> None: ...
+
+    async def status(self, directory: Path) -> str:
+        """`running` or `paused`; raises Unavailable when the VMM does not answer."""
+
+    async def snapshot(self, vm: VmRecord, out: Path, base_image: Path) -> str:
+        """Freezes RAM, devices and disk into `out`; returns the snapshot format."""
+
+    async def restore(self, vm: VmRecord, image: BuiltImage, directory: Path, frozen: Path) -> int:
+        """Starts a VMM from a frozen snapshot, running; returns its pid."""
+
+    def owns_process(self, pid: int, directory: Path) -> bool:
+        """True when `pid` is still this VM's VMM (pids are reused)."""
