@@ -207,7 +207,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mvm-bench-") as tmp:
         stack = start_stack(Path(tmp) / "stack")
-        gateway = Gateway(stack.gateway_address)
+        gateway = Gateway(stack.gateway_address, stack.admin_key)
         raw_dir = Path(tmp) / "raw"
         raw_dir.mkdir()
         loop = asyncio.new_event_loop()

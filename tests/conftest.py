@@ -16,7 +16,7 @@ def stack(tmp_path_factory) -> LocalStack:
 @pytest.fixture(scope="session")
 def gateway(stack):
     from tests.guests import Gateway
-    return Gateway(stack.gateway_address)
+    return Gateway(stack.gateway_address, stack.admin_key)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
+from mvm_cli.main import connect
 
 CHUNK = 1 << 20
 
@@ -26,8 +27,9 @@ class ExecResult:
 
 
 class Gateway:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20)])
+    def __init__(self, address: str, api_key: str) -> None:
+        self.api_key = api_key
+        self.channel = connect(address, api_key)
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
 
     def create(self, timeout_seconds: int = 0, **fields) -> sandbox_pb2.Sandbox:

@@ -33,6 +33,11 @@ class LocalStack:
     etcd_endpoint: str
     gateway_address: str
     process: subprocess.Popen
+    admin_key: str = ""
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.state_dir / "admin.key"
 
     def health(self, detailed: bool = False) -> dict[str, str]:
         return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed))
@@ -55,7 +60,8 @@ def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: floa
         "lease_ttl_seconds": 2,
         "gateway": {"listen": f"127.0.0.1:{gateway_port}", "http_listen": f"127.0.0.1:{free_port()}"},
         "supervisor": {"etcd_client_port": etcd_port, "etcd_peer_port": free_port()},
-        "snapshot": {"keep_last_per_sandbox": 3},
+        # Retention runs only when a test asks (CollectGarbage), so tests see exactly what they caused.
+        "snapshot": {"keep_last_per_sandbox": 3, "gc_interval_seconds": 3600},
     }
     for section, values in (extra_config or {}).items():
         if isinstance(values, dict):
@@ -78,7 +84,8 @@ def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: floa
             raise RuntimeError(f"supervisor exited {process.returncode}: "
                                f"{(state_dir / 'supervisor-test.log').read_text()[-2000:]}")
         report = stack.health()
-        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS):
+        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and stack.admin_key_path.exists():
+            stack.admin_key = stack.admin_key_path.read_text().strip()
             return stack
         time.sleep(0.2)
     stack.stop()

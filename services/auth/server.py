@@ -1,48 +1,66 @@
-"""Wiring of the auth service. Keys, tokens, roles, quotas and audit come in the auth issue; until
-then every RPC answers UNIMPLEMENTED naming the capability."""
+"""Wiring and handlers of the auth service (AuthService)."""
 
 from __future__ import annotations
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.common.errors import Unimplemented
+from services.auth import permissions
+from services.auth.audit import AuditLog
+from services.auth.credentials import CredentialStore
+from services.auth.quotas import TenantQuotas
+from services.common.errors import InvalidArgument
 from services.common.server import ServiceContext
 from services.common.settings import AuthSettings
 
-_KEYS = "API keys and tokens"
-
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, etcd, settings: AuthSettings) -> None:
+        self.credentials = CredentialStore(etcd, settings.token_ttl_seconds)
+        self.quotas = TenantQuotas(etcd, self.credentials)
+        self.audit = AuditLog(etcd)
+
     async def CreateTenant(self, request, context):
-        raise Unimplemented("tenants")
+        if not request.tenant:
+            raise InvalidArgument("tenant is required")
+        await self.credentials.create_tenant(request.tenant, request.quota)
+        return auth_pb2.CreateTenantResponse(tenant=request.tenant)
 
     async def CreateApiKey(self, request, context):
-        raise Unimplemented(_KEYS)
+        key_id, secret = await self.credentials.create_api_key(request.tenant, request.principal, request.role)
+        return auth_pb2.CreateApiKeyResponse(key_id=key_id, secret=secret)
 
     async def RevokeApiKey(self, request, context):
-        raise Unimplemented(_KEYS)
+        await self.credentials.revoke(request.key_id)
+        return auth_pb2.RevokeApiKeyResponse()
 
     async def ExchangeApiKey(self, request, context):
-        raise Unimplemented(_KEYS)
+        principal = await self.credentials.check_api_key(request.api_key)
+        token, expires = await self.credentials.issue_token(principal)
+        response = auth_pb2.ExchangeApiKeyResponse(token=token)
+        response.expire_time.FromSeconds(expires)
+        return response
 
     async def Authenticate(self, request, context):
-        raise Unimplemented(_KEYS)
+        return auth_pb2.AuthenticateResponse(principal=await self.credentials.authenticate(request.credential))
 
     async def Authorize(self, request, context):
-        raise Unimplemented("roles and permissions")
+        return auth_pb2.AuthorizeResponse(allowed=permissions.allowed(request.principal.role, request.method))
 
     async def ReserveQuota(self, request, context):
-        raise Unimplemented("tenant quotas")
+        await self.quotas.reserve(request.tenant, request.reservation_id, request.amount)
+        return auth_pb2.ReserveQuotaResponse()
 
     async def ReleaseQuota(self, request, context):
-        raise Unimplemented("tenant quotas")
+        await self.quotas.release(request.tenant, request.reservation_id)
+        return auth_pb2.ReleaseQuotaResponse()
 
     async def RecordAuditEvent(self, request, context):
-        raise Unimplemented("audit log")
+        return auth_pb2.RecordAuditEventResponse(event=await self.audit.append(request.event))
 
     async def ListAuditEvents(self, request, context):
-        raise Unimplemented("audit log")
+        events, valid = await self.audit.list(request.tenant, request.start_time, request.end_time)
+        return auth_pb2.ListAuditEventsResponse(events=events, chain_valid=valid)
 
 
 async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(context.etcd, context.settings), server)
     return [auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]

@@ -81,7 +81,7 @@ Wiring = Callable[[grpc.aio.Server, ServiceContext], Awaitable[list[str]]]
 
 async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring,
                 instance_id: str | None = None, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, interceptors=None) -> None:
     """Runs a service until `stop` is set or SIGTERM/SIGINT arrives."""
     instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     stop = stop or asyncio.Event()
@@ -99,7 +99,9 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     context = ServiceContext(kind=kind, instance_id=instance_id, common=common, settings=settings,
                              etcd=etcd, directory=directory)
 
-    server = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()],
+    # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
+    server = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor(),
+                                           *(interceptors(context) if interceptors else [])],
                              options=CHANNEL_OPTIONS)
     service_names = await wiring(server, context)
     health_servicer = health.aio.HealthServicer()
@@ -146,7 +148,8 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     log.info("service_stopped")
 
 
-def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] | None = None) -> None:
+def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] | None = None,
+                interceptors=None) -> None:
     """Entry point of a service process: parse args, load config, run until signalled."""
     parser = argparse.ArgumentParser(prog=f"microvm-{kind}")
     parser.add_argument("--config", help="installation config file (YAML); default: built-in defaults")
@@ -160,7 +163,8 @@ def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] |
     instance_id = args.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     observability.configure(kind, instance_id, config.common.log_level, config.common.trace_exporter)
     try:
-        asyncio.run(serve(kind, config.common, config.service, wiring, instance_id=instance_id))
+        asyncio.run(serve(kind, config.common, config.service, wiring, instance_id=instance_id,
+                          interceptors=interceptors))
     except ConfigError as exc:
         print(f"microvm-{kind}: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -24,6 +24,11 @@ class GatewaySettings(ServiceSettings):
     max_timeout_seconds: int = 86400
     # Seconds between sweeps that delete expired sandboxes.
     reaper_interval_seconds: float = 1.0
+    # Every public call needs `authorization: Bearer ...` (turn off only for a private development box).
+    require_auth: bool = True
+    # Per-API-key token bucket.
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: float = 200.0
 
     def validate(self) -> None:
         super().validate()

@@ -15,7 +15,10 @@ import structlog
 from microvm.compute.v1 import compute_pb2
 from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unimplemented
+from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.common.errors import (FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable,
+                                    Unimplemented)
+from services.gateway.access import current_tenant
 from services.gateway.records import SandboxRecord
 
 log = structlog.get_logger()
@@ -54,6 +57,26 @@ def parse_filter(text: str) -> dict[str, str]:
 
 class SandboxLifecycle:
     """Mixin of SandboxServicer: the standard methods on sandboxes."""
+
+    def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
+        instances = self.context.directory.instances("auth")
+        if not instances:
+            raise Unavailable("the auth service is not available", reason="AUTH_UNAVAILABLE")
+        return auth_pb2_grpc.AuthServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+
+    async def reserve_quota(self, tenant: str, reservation_id: str, amount: auth_pb2.QuotaAmount) -> None:
+        """Holds the tenant's quota for a new resource (atomic in the auth service); a no-op without auth."""
+        if self.context.settings.require_auth:
+            await self._auth().ReserveQuota(auth_pb2.ReserveQuotaRequest(
+                tenant=tenant, reservation_id=reservation_id, amount=amount), timeout=10)
+
+    async def release_quota(self, tenant: str, reservation_id: str) -> None:
+        if self.context.settings.require_auth:
+            try:
+                await self._auth().ReleaseQuota(auth_pb2.ReleaseQuotaRequest(
+                    tenant=tenant, reservation_id=reservation_id), timeout=10)
+            except (grpc.aio.AioRpcError, ServiceError) as exc:
+                log.error("quota_release_failed", tenant=tenant, reservation=reservation_id, error=str(exc))
 
     def _timeout_seconds(self, duration) -> int:
         settings = self.context.settings
@@ -97,9 +120,16 @@ class SandboxLifecycle:
         sandbox.create_time.FromNanoseconds(int(now * 1e9))
         sandbox.update_time.CopyFrom(sandbox.create_time)
         sandbox.expire_time.FromNanoseconds(int((now + timeout) * 1e9))
-        record = SandboxRecord(id=sandbox_id, sandbox=sandbox, timeout_seconds=timeout, expire_at=now + timeout)
+        record = SandboxRecord(id=sandbox_id, sandbox=sandbox, timeout_seconds=timeout, expire_at=now + timeout,
+                               tenant=current_tenant() or "default")
         node = await self.placement.choose_node(sandbox.template, sandbox.vcpus, sandbox.memory_mib)
-        await self.store.create(record)
+        await self.reserve_quota(record.tenant, f"sandbox-{sandbox_id}", auth_pb2.QuotaAmount(
+            sandboxes=1, vcpus=sandbox.vcpus, memory_mib=sandbox.memory_mib))
+        try:
+            await self.store.create(record)
+        except BaseException:
+            await self.release_quota(record.tenant, f"sandbox-{sandbox_id}")
+            raise
         record.sandbox.node = node
         compute = self.placement.compute(node)
         try:
@@ -120,6 +150,7 @@ class SandboxLifecycle:
             except grpc.aio.AioRpcError:
                 pass  # compute already cleaned up its side of a failed start
             await self.store.delete(record)
+            await self.release_quota(record.tenant, f"sandbox-{sandbox_id}")
             raise
         record.sandbox.state = sandbox_pb2.SANDBOX_STATE_RUNNING
         await self.store.put(record)
@@ -210,6 +241,7 @@ class SandboxLifecycle:
             except (grpc.aio.AioRpcError, ServiceError) as exc:
                 log.info("relay_close_channel_failed", sandbox=record.id, error=str(exc))
         await self.store.delete(record)
+        await self.release_quota(record.tenant, f"sandbox-{record.id}")
         log.info("sandbox_deleted", sandbox=record.id)
 
     async def reap_expired(self) -> None:

@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from microvm.sandbox.v1 import sandbox_pb2
 from services.common.errors import AlreadyExists, NotFound
+from services.gateway.access import current_tenant
 
 SANDBOXES_PREFIX = "/microvm/sandboxes/"
 VMS_PREFIX = "/microvm/vms/"
@@ -86,6 +87,11 @@ class SandboxStore:
             raise NotFound(f"sandbox {sandbox_id} does not exist", reason="SANDBOX_NOT_FOUND",
                            metadata={"sandbox": f"sandboxes/{sandbox_id}"})
         record = SandboxRecord.decode(sandbox_id, result.value, result.mod_revision)
+        tenant = current_tenant()
+        if tenant is not None and record.tenant != tenant:
+            # Another tenant's sandbox looks exactly like one that does not exist.
+            raise NotFound(f"sandbox {sandbox_id} does not exist", reason="SANDBOX_NOT_FOUND",
+                           metadata={"sandbox": f"sandboxes/{sandbox_id}"})
         await self._merge_vm_state(record)
         return record
 
@@ -93,6 +99,9 @@ class SandboxStore:
         result = await self.etcd.get_prefix(SANDBOXES_PREFIX.encode())
         records = [SandboxRecord.decode(kv.key.decode()[len(SANDBOXES_PREFIX):], kv.value, kv.mod_revision)
                    for kv in result]
+        tenant = current_tenant()
+        if tenant is not None:
+            records = [r for r in records if r.tenant == tenant]
         vms = {kv.key.decode(): json.loads(kv.value) for kv in await self.etcd.get_prefix(VMS_PREFIX.encode())}
         for record in records:
             self._apply_vm(record, vms.get(f"{VMS_PREFIX}{record.node}/{record.id}"))

@@ -7,7 +7,14 @@ import asyncio
 from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
+from services.gateway.access import AccessInterceptor
 from services.gateway.sandboxes import SandboxServicer
+
+
+def interceptors(context: ServiceContext[GatewaySettings]) -> list:
+    settings = context.settings
+    return [AccessInterceptor(context, settings.rate_limit_per_second, settings.rate_limit_burst)] \
+        if settings.require_auth else []
 
 
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:

@@ -17,11 +17,14 @@ import structlog
 from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from microvm.auth.v1 import auth_pb2
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.gateway.access import current_tenant
 from services.gateway.lifecycle import parse_name, validate_labels
 
 log = structlog.get_logger()
 MAX_FORK = 64
+SNAPSHOT_DISK_ALLOWANCE_MIB = 1024
 
 
 def to_public(record: snapshot_pb2.SnapshotRecord) -> sandbox_pb2.Snapshot:
@@ -53,8 +56,15 @@ class SnapshotHandlers:
                                      reason="SANDBOX_NOT_RUNNING")
         validate_labels(labels)
         snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
-        await self.placement.compute(record.node).SnapshotVm(
-            compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id), timeout=600)
+        # Charged at the most a snapshot of this guest can store: its RAM plus a disk allowance.
+        await self.reserve_quota(record.tenant, f"snapshot-{snapshot_id}", auth_pb2.QuotaAmount(
+            snapshot_bytes=(record.sandbox.memory_mib + SNAPSHOT_DISK_ALLOWANCE_MIB) << 20))
+        try:
+            await self.placement.compute(record.node).SnapshotVm(
+                compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id), timeout=600)
+        except BaseException:
+            await self.release_quota(record.tenant, f"snapshot-{snapshot_id}")
+            raise
         parent = record.sandbox.source_snapshot.removeprefix("snapshots/")
         snapshot = snapshot_pb2.SnapshotRecord(
             id=snapshot_id, tenant=record.tenant, source_sandbox=record.id, parent_snapshot=parent,
@@ -75,13 +85,29 @@ class SnapshotHandlers:
         return api.CreateSnapshotResponse(snapshot=to_public(
             await self.take_snapshot(request.sandbox, request.labels, ttl)))
 
+    async def snapshot_record(self, snapshot_id: str) -> snapshot_pb2.SnapshotRecord:
+        """The record, if it is the caller's tenant's; another tenant's snapshot is NOT_FOUND."""
+        try:
+            record = (await self.snapshot_store().GetSnapshotRecord(
+                snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id), timeout=10)).record
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                record = None
+            else:
+                raise
+        tenant = current_tenant()
+        if record is None or (tenant is not None and record.tenant != tenant):
+            raise NotFound(f"snapshot {snapshot_id} does not exist", reason="SNAPSHOT_NOT_FOUND",
+                           metadata={"snapshot": f"snapshots/{snapshot_id}"})
+        return record
+
     async def GetSnapshot(self, request, context):
-        reply = await self.snapshot_store().GetSnapshotRecord(
-            snapshot_pb2.GetSnapshotRecordRequest(id=parse_name(request.name, "snapshots")), timeout=10)
-        return api.GetSnapshotResponse(snapshot=to_public(reply.record))
+        return api.GetSnapshotResponse(snapshot=to_public(
+            await self.snapshot_record(parse_name(request.name, "snapshots"))))
 
     async def ListSnapshots(self, request, context):
         query = snapshot_pb2.ListSnapshotRecordsRequest(
+            tenant=current_tenant() or "",
             source_sandbox=parse_name(request.source_sandbox) if request.source_sandbox else "",
             parent_snapshot=parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else "")
         records = list((await self.snapshot_store().ListSnapshotRecords(query, timeout=10)).records)
@@ -95,14 +121,15 @@ class SnapshotHandlers:
         return api.ListSnapshotsResponse(snapshots=[to_public(r) for r in page], next_page_token=token)
 
     async def DeleteSnapshot(self, request, context):
+        record = await self.snapshot_record(parse_name(request.name, "snapshots"))
         await self.snapshot_store().DeleteSnapshotRecord(
-            snapshot_pb2.DeleteSnapshotRecordRequest(id=parse_name(request.name, "snapshots")), timeout=10)
+            snapshot_pb2.DeleteSnapshotRecordRequest(id=record.id), timeout=10)
+        await self.release_quota(record.tenant, f"snapshot-{record.id}")
         return api.DeleteSnapshotResponse()
 
     async def verified_snapshot(self, snapshot_id: str) -> snapshot_pb2.SnapshotRecord:
         store = self.snapshot_store()
-        record = (await store.GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id),
-                                                timeout=10)).record
+        record = await self.snapshot_record(snapshot_id)
         check = await store.VerifySnapshot(snapshot_pb2.VerifySnapshotRequest(id=snapshot_id), timeout=120)
         if not check.ok:
             raise DataLoss(f"snapshot {snapshot_id} is corrupt ({len(check.bad_chunks)} bad chunks); "

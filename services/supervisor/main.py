@@ -88,7 +88,7 @@ def cmd_wait(args) -> int:
             print("supervisor is not running; see", state_dir / "logs" / "supervisor.log", file=sys.stderr)
             return 1
         report = asyncio.run(check_stack_health(config.common.etcd_endpoints))
-        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS):
+        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and (state_dir / "admin.key").exists():
             print("all services SERVING")
             return 0
         time.sleep(0.3)
@@ -129,7 +129,8 @@ def cmd_banner(args) -> int:
     gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}
-  grpcurl -plaintext {gateway} list
+  Admin API key (mode 0600, shown nowhere else): {state_dir / 'admin.key'}
+  grpcurl -plaintext -H "authorization: Bearer $(cat {state_dir / 'admin.key'})" {gateway} list
   grpcurl -plaintext {gateway} describe microvm.sandbox.v1.SandboxService
   .venv/bin/mvm run -- python3 -c 'print(6*7)'
   make status | make down

@@ -149,6 +149,8 @@ class StackSupervisor:
                 await self._spawn(child)
                 watchers.append(asyncio.create_task(self._watch(child)))
             print(json.dumps({"event": "stack_started", "children": list(self.children)}), flush=True)
+            bootstrap = asyncio.create_task(self._bootstrap_admin_key())
+            watchers.append(bootstrap)
             await self._stopping.wait()
         except Exception as exc:
             print(json.dumps({"event": "stack_failed", "error": str(exc)}), flush=True)
@@ -162,6 +164,38 @@ class StackSupervisor:
             await self._shutdown()
             (self.state_dir / "supervisor.pid").unlink(missing_ok=True)
         return return_code
+
+    async def _bootstrap_admin_key(self) -> None:
+        """On the first start: a `default` tenant and an admin API key, written to <state>/admin.key (0600)."""
+        key_file = self.state_dir / "admin.key"
+        if key_file.exists():
+            return
+        from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        await client.connect()
+        try:
+            while not self._stopping.is_set():
+                instances = [ServiceInstance.decode(kv.key, kv.value)
+                             for kv in await client.get_prefix(f"{SERVICES_PREFIX}auth/".encode())]
+                if instances:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                return
+        finally:
+            await client.close()
+        async with grpc.aio.insecure_channel(instances[0].address) as channel:
+            auth = auth_pb2_grpc.AuthServiceStub(channel)
+            await auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant="default", quota=auth_pb2.Quota(
+                max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30)),
+                timeout=10, wait_for_ready=True)
+            key = await auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(
+                tenant="default", principal="admin", role=auth_pb2.ROLE_ADMIN), timeout=10)
+        fd = os.open(key_file.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.secret + "\n")
+        os.rename(key_file.with_suffix(".tmp"), key_file)
+        print(json.dumps({"event": "admin_key_created", "path": str(key_file)}), flush=True)
 
     async def _stop_child(self, child: Child, grace: float) -> None:
         process = child.process

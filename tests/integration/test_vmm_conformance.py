@@ -45,7 +45,7 @@ def driver_stack(request, tmp_path_factory):
     stack = start_stack(tmp_path_factory.mktemp(f"conformance-{request.param}"),
                         {"compute": {"vmm": request.param, "warm_pool_size": 1}})
     stack.driver = request.param
-    stack.gateway = Gateway(stack.gateway_address)
+    stack.gateway = Gateway(stack.gateway_address, stack.admin_key)
     yield stack
     stack.stop()
 

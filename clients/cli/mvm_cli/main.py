@@ -58,10 +58,58 @@ def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     return result
 
 
+def api_key() -> str:
+    """$MVM_API_KEY, else the admin key `make up` wrote into the state dir."""
+    if key := os.environ.get("MVM_API_KEY"):
+        return key.strip()
+    path = Path(os.environ.get("MVM_STATE_DIR") or Path.home() / ".microvm") / "admin.key"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        sys.exit(f"mvm: no API key: set MVM_API_KEY or run `make up` (which writes {path})")
+
+
+class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = ("authorization", f"Bearer {key}")
+
+    def _with_auth(self, details):
+        metadata = list(details.metadata or []) + [self.metadata]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+            details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_auth(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_auth(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_auth(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_auth(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def connect(gateway: str, key: str) -> grpc.Channel:
+    channel = grpc.insecure_channel(gateway, options=[
+        ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+    return grpc.intercept_channel(channel, BearerAuth(key))
+
+
 class Cli:
     def __init__(self, gateway: str) -> None:
-        self.channel = grpc.insecure_channel(gateway, options=[
-            ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+        self.channel = connect(gateway, api_key())
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
 
     def create(self, args) -> sandbox_pb2.Sandbox:

@@ -1,0 +1,182 @@
+"""API keys and signed tokens.
+
+An API key is `mvm_<key id>_<secret>`: 32 random bytes, shown once, stored in etcd only as sha256 (the
+secret has 256 bits of entropy, so a fast hash is enough; comparison is constant-time). A token is a JWS
+compact serialization signed with Ed25519 (`alg: EdDSA`, `kid` of the signing key in the header), valid for
+`token_ttl_seconds`. Signing keys live in etcd; rotation adds a new active key while older ones keep
+verifying until every token they signed has expired, so no caller sees a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from microvm.auth.v1 import auth_pb2
+from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+
+KEYS = "/microvm/auth/keys/"
+SIGNING = "/microvm/auth/signing-keys/"
+TENANTS = "/microvm/auth/tenants/"
+PREFIX = "mvm_"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass
+class SigningKey:
+    kid: str
+    private: Ed25519PrivateKey | None
+    public: Ed25519PublicKey
+    created: float
+
+
+class CredentialStore:
+    def __init__(self, etcd, token_ttl: int) -> None:
+        self.etcd = etcd
+        self.token_ttl = token_ttl
+        self._signing: dict[str, SigningKey] = {}
+
+    # --- tenants and API keys --------------------------------------------------------------------
+    async def create_tenant(self, tenant: str, quota: auth_pb2.Quota) -> None:
+        from google.protobuf import json_format
+        await self.etcd.put(f"{TENANTS}{tenant}".encode(), json_format.MessageToJson(quota).encode())
+
+    async def tenant_quota(self, tenant: str) -> auth_pb2.Quota:
+        from google.protobuf import json_format
+        result = await self.etcd.get(f"{TENANTS}{tenant}".encode())
+        if result is None:
+            raise NotFound(f"tenant {tenant} does not exist", reason="TENANT_NOT_FOUND")
+        return json_format.Parse(result.value, auth_pb2.Quota())
+
+    async def create_api_key(self, tenant: str, principal: str, role: int) -> tuple[str, str]:
+        await self.tenant_quota(tenant)  # the tenant must exist
+        if role not in (auth_pb2.ROLE_ADMIN, auth_pb2.ROLE_DEVELOPER, auth_pb2.ROLE_VIEWER):
+            raise InvalidArgument("role must be ADMIN, DEVELOPER or VIEWER")
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        record = {"tenant": tenant, "principal": principal or f"key-{key_id}", "role": role,
+                  "sha256": digest(secret), "revoked": False, "created": time.time()}
+        await self.etcd.put(f"{KEYS}{key_id}".encode(), json.dumps(record).encode())
+        return key_id, f"{PREFIX}{key_id}_{secret}"
+
+    async def revoke(self, key_id: str) -> None:
+        result = await self.etcd.get(f"{KEYS}{key_id}".encode())
+        if result is None:
+            raise NotFound(f"API key {key_id} does not exist", reason="API_KEY_NOT_FOUND")
+        record = json.loads(result.value)
+        record["revoked"] = True
+        await self.etcd.put(f"{KEYS}{key_id}".encode(), json.dumps(record).encode())
+
+    async def check_api_key(self, credential: str) -> auth_pb2.Principal:
+        try:
+            key_id, secret = credential[len(PREFIX):].split("_", 1)
+        except ValueError:
+            raise Unauthenticated("malformed API key", reason="BAD_CREDENTIAL") from None
+        result = await self.etcd.get(f"{KEYS}{key_id}".encode())
+        # The same answer for a missing and a wrong key: no hint which keys exist.
+        if result is None:
+            raise Unauthenticated("invalid API key", reason="BAD_CREDENTIAL")
+        record = json.loads(result.value)
+        if not hmac.compare_digest(record["sha256"], digest(secret)):
+            raise Unauthenticated("invalid API key", reason="BAD_CREDENTIAL")
+        if record["revoked"]:
+            raise Unauthenticated("this API key was revoked", reason="CREDENTIAL_REVOKED")
+        return auth_pb2.Principal(id=record["principal"], tenant=record["tenant"], role=record["role"],
+                                  key_id=key_id)
+
+    # --- signing keys and tokens -------------------------------------------------------------------
+    async def _load_signing_keys(self) -> None:
+        for kv in await self.etcd.get_prefix(SIGNING.encode()):
+            data = json.loads(kv.value)
+            if data["kid"] in self._signing:
+                continue
+            private = serialization.load_pem_private_key(data["private"].encode(), password=None)
+            self._signing[data["kid"]] = SigningKey(data["kid"], private, private.public_key(), data["created"])
+
+    async def rotate(self) -> str:
+        """Adds a new active signing key; older ones keep verifying the tokens they signed."""
+        private = Ed25519PrivateKey.generate()
+        kid = secrets.token_hex(6)
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        created = time.time()
+        await self.etcd.put(f"{SIGNING}{kid}".encode(),
+                            json.dumps({"kid": kid, "private": pem, "created": created}).encode())
+        self._signing[kid] = SigningKey(kid, private, private.public_key(), created)
+        # Keys older than two token lifetimes signed nothing that is still valid.
+        for old in [k for k in self._signing.values() if k.created < created - 2 * self.token_ttl]:
+            await self.etcd.delete(f"{SIGNING}{old.kid}".encode())
+            self._signing.pop(old.kid, None)
+        return kid
+
+    async def _active_key(self) -> SigningKey:
+        await self._load_signing_keys()
+        if not self._signing:
+            await self.rotate()
+        return max(self._signing.values(), key=lambda k: k.created)
+
+    async def issue_token(self, principal: auth_pb2.Principal) -> tuple[str, int]:
+        key = await self._active_key()
+        expires = int(time.time()) + self.token_ttl
+        header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": key.kid}).encode())
+        payload = b64(json.dumps({"sub": principal.id, "tenant": principal.tenant, "role": principal.role,
+                                  "key": principal.key_id, "exp": expires, "iat": int(time.time())}).encode())
+        signature = b64(key.private.sign(f"{header}.{payload}".encode()))
+        return f"{header}.{payload}.{signature}", expires
+
+    async def check_token(self, token: str) -> auth_pb2.Principal:
+        try:
+            header_b64, payload_b64, signature_b64 = token.split(".")
+            header = json.loads(unb64(header_b64))
+            payload = json.loads(unb64(payload_b64))
+            signature = unb64(signature_b64)
+        except (ValueError, json.JSONDecodeError):
+            raise Unauthenticated("malformed token", reason="BAD_CREDENTIAL") from None
+        if header.get("alg") != "EdDSA":  # never trust the token to pick its own algorithm
+            raise Unauthenticated("token algorithm must be EdDSA", reason="BAD_CREDENTIAL")
+        key = self._signing.get(header.get("kid", ""))
+        if key is None:
+            await self._load_signing_keys()
+            key = self._signing.get(header.get("kid", ""))
+        if key is None:
+            raise Unauthenticated("token signed by an unknown key", reason="BAD_CREDENTIAL")
+        try:
+            key.public.verify(signature, f"{header_b64}.{payload_b64}".encode())
+        except InvalidSignature:
+            raise Unauthenticated("token signature does not verify", reason="BAD_CREDENTIAL") from None
+        if payload.get("exp", 0) < time.time():
+            raise Unauthenticated("token expired", reason="CREDENTIAL_EXPIRED")
+        # A token dies with the API key it was bought with.
+        result = await self.etcd.get(f"{KEYS}{payload.get('key', '')}".encode())
+        if result is None or json.loads(result.value)["revoked"]:
+            raise Unauthenticated("the API key behind this token was revoked", reason="CREDENTIAL_REVOKED")
+        return auth_pb2.Principal(id=payload["sub"], tenant=payload["tenant"], role=payload["role"],
+                                  key_id=payload["key"])
+
+    async def authenticate(self, credential: str) -> auth_pb2.Principal:
+        if not credential:
+            raise Unauthenticated("no credential: send `authorization: Bearer <API key or token>`",
+                                  reason="NO_CREDENTIAL")
+        if credential.startswith(PREFIX):
+            return await self.check_api_key(credential)
+        return await self.check_token(credential)

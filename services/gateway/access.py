@@ -1,0 +1,206 @@
+"""Access control at the public door: who is calling, may they, how fast, and the audit trail.
+
+Every SandboxService call must carry `authorization: Bearer <API key or token>`; the auth service checks the
+credential and the permission matrix. The caller's principal is then available to handlers
+(`current_principal()`), which scope every resource to its tenant: another tenant's sandbox or snapshot is
+NOT_FOUND, never PERMISSION_DENIED, so nothing leaks about its existence. Each API key has a token bucket;
+every mutating call is recorded in the tenant's audit log with its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.auth.permissions import MUTATING
+from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
+
+log = structlog.get_logger()
+_principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
+PUBLIC_PREFIX = "/microvm.sandbox.v1.SandboxService/"
+
+
+def current_principal() -> auth_pb2.Principal | None:
+    return _principal.get()
+
+
+def current_tenant() -> str | None:
+    principal = _principal.get()
+    return principal.tenant if principal else None
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.updated = burst, time.monotonic()
+
+    def take(self) -> float:
+        """0 when a token was taken, else seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+def rate_limited(wait: float) -> grpc.Status:
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+        seconds=int(wait), nanos=int((wait % 1) * 1e9)))
+    info = error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain=DOMAIN)
+    details = []
+    for message in (info, retry):
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message=f"rate limit exceeded; retry in {wait:.2f}s", details=details))
+
+
+def target_of(request) -> str:
+    for field in ("name", "sandbox", "snapshot"):
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
+            return value
+    sandbox = getattr(request, "sandbox", None)
+    return getattr(sandbox, "name", "") if sandbox is not None else ""
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, context, rate_per_second: float, burst: float) -> None:
+        self.context = context
+        self.rate, self.burst = rate_per_second, burst
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
+        instances = self.context.directory.instances("auth")
+        if not instances:
+            raise Unavailable("the auth service is not available", reason="AUTH_UNAVAILABLE")
+        return auth_pb2_grpc.AuthServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+
+    async def _admit(self, method: str, metadata) -> auth_pb2.Principal:
+        header = dict(metadata or ()).get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise Unauthenticated("send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL")
+        auth = self._auth()
+        principal = (await auth.Authenticate(auth_pb2.AuthenticateRequest(credential=credential.strip()),
+                                             timeout=5)).principal
+        allowed = (await auth.Authorize(auth_pb2.AuthorizeRequest(principal=principal, method=method),
+                                        timeout=5)).allowed
+        if not allowed:
+            raise PermissionDenied(f"role {auth_pb2.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
+                                   reason="ROLE_FORBIDS")
+        return principal
+
+    async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
+        if method not in MUTATING:
+            return
+        try:
+            await self._auth().RecordAuditEvent(auth_pb2.RecordAuditEventRequest(event=auth_pb2.AuditEvent(
+                tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name)),
+                timeout=5)
+        except Exception as exc:  # the call happened; a lost audit entry is logged loudly
+            log.error("audit_record_failed", method=method, target=target, error=str(exc))
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(PUBLIC_PREFIX):
+            return handler
+        interceptor = self
+
+        async def admit(context) -> auth_pb2.Principal | None:
+            try:
+                principal = await interceptor._admit(method, context.invocation_metadata())
+            except ServiceError as exc:
+                await context.abort_with_status(exc.to_status())
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            bucket = interceptor.buckets.setdefault(principal.key_id, TokenBucket(interceptor.rate, interceptor.burst))
+            if (wait := bucket.take()) > 0:
+                await context.abort_with_status(rate_limited(wait))
+            _principal.set(principal)
+            return principal
+
+        def result_code(context, exc: BaseException | None) -> grpc.StatusCode:
+            if isinstance(exc, ServiceError):
+                return exc.code
+            if isinstance(exc, grpc.aio.AioRpcError):
+                return exc.code()
+            if exc is not None:
+                return grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else \
+                    grpc.StatusCode.UNKNOWN
+            code = context.code()
+            return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+        class FirstMessage:
+            """Wraps a request stream to learn the target from its first message."""
+
+            def __init__(self, iterator) -> None:
+                self.iterator, self.target = iterator, ""
+
+            def __aiter__(self):
+                return self._iterate()
+
+            async def _iterate(self):
+                async for message in self.iterator:
+                    if not self.target:
+                        inner = getattr(message, message.WhichOneof("request") or "", None)
+                        self.target = target_of(inner) if inner is not None else ""
+                    yield message
+
+        def unary(behavior, streaming_request: bool):
+            async def wrapped(request, context):
+                principal = await admit(context)
+                request = FirstMessage(request) if streaming_request else request
+                failure = response = None
+                try:
+                    response = await behavior(request, context)
+                    return response
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    # A create's target is what it created: the name is in the response.
+                    target = (request.target if streaming_request else target_of(request)) or \
+                        (target_of(response) if response is not None else "")
+                    await interceptor._audit(principal, method, target, result_code(context, failure))
+            return wrapped
+
+        def streaming(behavior, streaming_request: bool):
+            async def wrapped(request, context):
+                principal = await admit(context)
+                request = FirstMessage(request) if streaming_request else request
+                failure = None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    target = request.target if streaming_request else target_of(request)
+                    await interceptor._audit(principal, method, target, result_code(context, failure))
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, False),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, True),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream, False),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream, True),
+                                                     handler.request_deserializer, handler.response_serializer)
