@@ -25,3 +25,17 @@ def sandbox(gateway):
     sandbox = gateway.create(labels={"suite": "shared"})
     yield sandbox
     gateway.delete(sandbox.name)
+
+
+@pytest.fixture(scope="session")
+def tenants(stack):
+    """Tenant A owns a sandbox and a snapshot; tenant B (another developer key) tries to reach them."""
+    from microvm.sandbox.v1 import sandbox_service_pb2 as api
+    from tests.guests import Gateway
+    from tests.integration.test_access import tenant_key
+    a = Gateway(stack.gateway_address, tenant_key(stack, "tenant-a"))
+    b = Gateway(stack.gateway_address, tenant_key(stack, "tenant-b"))
+    sandbox = a.create(labels={"owner": "a"})
+    snapshot = a.stub.CreateSnapshot(api.CreateSnapshotRequest(sandbox=sandbox.name), timeout=300).snapshot
+    yield a, b, sandbox, snapshot
+    a.delete(sandbox.name)

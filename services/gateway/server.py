@@ -7,7 +7,11 @@ import asyncio
 from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
+from aiohttp import web
+
+from services.common.config import parse_address
 from services.gateway.access import AccessInterceptor
+from services.gateway.http import HttpGateway
 from services.gateway.sandboxes import SandboxServicer
 
 
@@ -30,4 +34,21 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
             pass
 
     context.on_shutdown.append(stop_reaper)
+
+    # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
+    async def start_http() -> None:
+        while context.registration is None:
+            await asyncio.sleep(0.05)
+        http = HttpGateway(context.registration.instance.address)
+        runner = web.AppRunner(http.app(), access_log=None)
+        await runner.setup()
+        host, port = parse_address(context.settings.http_listen, key="gateway.http_listen")
+        await web.TCPSite(runner, host, port).start()
+
+        async def stop_http() -> None:
+            await runner.cleanup()
+            await http.close()
+        context.on_shutdown.insert(0, stop_http)
+
+    context.http_task = asyncio.create_task(start_http(), name="http-gateway")
     return [sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name]

@@ -36,16 +36,6 @@ def tenant_key(stack, tenant: str, role=auth_pb2.ROLE_DEVELOPER, **quota) -> str
                              timeout=10).secret
 
 
-@pytest.fixture(scope="module")
-def tenants(stack):
-    a = Gateway(stack.gateway_address, tenant_key(stack, "tenant-a"))
-    b = Gateway(stack.gateway_address, tenant_key(stack, "tenant-b"))
-    sandbox = a.create(labels={"owner": "a"})
-    snapshot = a.stub.CreateSnapshot(api.CreateSnapshotRequest(sandbox=sandbox.name), timeout=300).snapshot
-    yield a, b, sandbox, snapshot
-    a.delete(sandbox.name)
-
-
 def test_another_tenant_cannot_touch_anything_and_learns_nothing(tenants):
     a, b, sandbox, snapshot = tenants
     name, snap = sandbox.name, snapshot.name

@@ -1,0 +1,299 @@
+"""HTTP/JSON for the public API, driven by the `google.api.http` annotations in protos/.
+
+Routes, path parameters and bodies come from the descriptors, not from a hand-written route per RPC. Each
+HTTP request becomes a call on the gateway's own gRPC server over loopback, with the caller's
+`Authorization` header, so authentication, tenancy, quotas and errors are exactly those of gRPC.
+- JSON both ways via protobuf's json_format (bytes fields are base64, as proto3 JSON says).
+- Exec streams newline-delimited JSON events, or server-sent events with `Accept: text/event-stream`.
+- ReadFile answers the raw file; WriteFile takes the raw body (`?path=...&mode=...&makeParents=true`).
+- Errors are a JSON google.rpc.Status with the standard gRPC-to-HTTP code mapping.
+- `/openapi.json` is an OpenAPI 3 document generated from the same descriptors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from google.api import annotations_pb2
+from google.protobuf import descriptor, json_format
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api, sandbox_service_pb2_grpc
+
+SERVICE = api.DESCRIPTOR.services_by_name["SandboxService"]
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
+    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+}
+UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass
+class Route:
+    method: descriptor.MethodDescriptor
+    verb: str
+    template: str
+    pattern: re.Pattern
+    fields: dict[str, str]  # regex group -> request field path
+    body: str
+
+
+def parse_template(template: str) -> tuple[re.Pattern, dict[str, str]]:
+    fields: dict[str, str] = {}
+    regex, position = "", 0
+    for index, match in enumerate(re.finditer(r"\{([a-z_.]+)(?:=([^}]+))?\}", template)):
+        regex += re.escape(template[position:match.start()])
+        group = f"f{index}"
+        fields[group] = match.group(1)
+        segments = match.group(2) or "*"
+        regex += f"(?P<{group}>" + "/".join("[^/:]+" if s == "*" else re.escape(s)
+                                           for s in segments.split("/")) + ")"
+        position = match.end()
+    regex += re.escape(template[position:])
+    return re.compile(f"^{regex}$"), fields
+
+
+def routes() -> list[Route]:
+    found = []
+    for method in SERVICE.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        verb = rule.WhichOneof("pattern")
+        if verb is None:
+            continue  # bidirectional streams (ExecInteractive) have no HTTP form
+        template = getattr(rule, verb)
+        pattern, fields = parse_template(template)
+        found.append(Route(method, verb.upper(), template, pattern, fields, rule.body))
+    return found
+
+
+def set_field(message, path: str, value: str) -> None:
+    *parents, leaf = path.split(".")
+    for name in parents:
+        message = getattr(message, name)
+    field = message.DESCRIPTOR.fields_by_name.get(leaf)
+    if field is None:
+        raise ValueError(f"unknown field {path!r}")
+    if field.is_repeated or field.type == field.TYPE_MESSAGE:
+        raise ValueError(f"field {path!r} cannot be set from the URL")
+    converters = {field.TYPE_BOOL: lambda v: v.lower() in ("true", "1"), field.TYPE_STRING: str,
+                  field.TYPE_BYTES: str.encode, field.TYPE_DOUBLE: float, field.TYPE_FLOAT: float}
+    setattr(message, leaf, converters.get(field.type, int)(value))
+
+
+def error_response(error: grpc.aio.AioRpcError) -> web.Response:
+    status = rpc_status.from_call(error) or status_pb2.Status(code=error.code().value[0], message=error.details())
+    return web.json_response(json_format.MessageToDict(status), status=HTTP_STATUS.get(error.code().name, 500))
+
+
+def bad_request(message: str) -> web.Response:
+    return web.json_response({"code": 3, "message": message}, status=400)
+
+
+class HttpGateway:
+    def __init__(self, grpc_address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(grpc_address, options=[
+            ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+        self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
+        self.routes = routes()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        return app
+
+    def _match(self, verb: str, path: str):
+        for route in self.routes:
+            if route.verb == verb and (match := route.pattern.match(path)):
+                return route, match
+        return None, None
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        route, match = self._match(request.method, request.path)
+        if route is None:
+            return web.json_response({"code": 5, "message": f"no route for {request.method} {request.path}"},
+                                     status=404)
+        metadata = [("authorization", request.headers["Authorization"])] if "Authorization" in request.headers else []
+        message = route.method.input_type._concrete_class()
+        try:
+            if route.method.name == "WriteFile":
+                return await self._write_file(request, match, route, metadata)
+            raw = await request.read()
+            if raw and route.body:
+                target = message if route.body == "*" else getattr(message, route.body)
+                json_format.Parse(raw, target, ignore_unknown_fields=False)
+            for group, field in route.fields.items():
+                set_field(message, field, match.group(group))
+            if not route.body:
+                for key, value in request.query.items():
+                    set_field(message, _snake(key), value)
+        except (json_format.ParseError, ValueError) as exc:
+            return bad_request(str(exc))
+        call = getattr(self.stub, route.method.name)
+        try:
+            if not route.method.server_streaming:
+                reply = await call(message, metadata=metadata, timeout=600)
+                return web.json_response(json_format.MessageToDict(reply))
+            if route.method.name == "ReadFile":
+                return await self._read_file(request, call(message, metadata=metadata, timeout=600))
+            return await self._stream_events(request, call(message, metadata=metadata, timeout=3600))
+        except grpc.aio.AioRpcError as error:
+            return error_response(error)
+
+    async def _stream_events(self, request: web.Request, call) -> web.StreamResponse:
+        sse = "text/event-stream" in request.headers.get("Accept", "")
+        response = None
+        try:
+            async for event in call:
+                if response is None:
+                    response = web.StreamResponse(headers={
+                        "Content-Type": "text/event-stream" if sse else "application/x-ndjson"})
+                    await response.prepare(request)
+                text = json.dumps(json_format.MessageToDict(event))
+                await response.write((f"data: {text}\n\n" if sse else text + "\n").encode())
+        except grpc.aio.AioRpcError as error:
+            if response is None:
+                return error_response(error)
+            # Headers are gone: the error becomes the last event of the stream.
+            status = json_format.MessageToDict(rpc_status.from_call(error) or status_pb2.Status(
+                code=error.code().value[0], message=error.details()))
+            text = json.dumps({"error": status})
+            await response.write((f"event: error\ndata: {text}\n\n" if sse else text + "\n").encode())
+        if response is None:
+            response = web.StreamResponse()
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    async def _read_file(self, request: web.Request, call) -> web.StreamResponse:
+        response = None
+        try:
+            async for chunk in call:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                    await response.prepare(request)
+                await response.write(chunk.data)
+        except grpc.aio.AioRpcError as error:
+            if response is None:
+                return error_response(error)
+            raise
+        if response is None:
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    async def _write_file(self, request: web.Request, match, route: Route, metadata) -> web.Response:
+        header = api.WriteFileHeader(sandbox=match.group("f0"), path=request.query.get("path", ""),
+                                     mode=int(request.query.get("mode", "0"), 8),
+                                     make_parents=request.query.get("makeParents", "") in ("true", "1"),
+                                     append=request.query.get("append", "") in ("true", "1"))
+
+        async def messages():
+            yield api.WriteFileRequest(header=header)
+            while chunk := await request.content.read(UPLOAD_CHUNK):
+                yield api.WriteFileRequest(data=chunk)
+        try:
+            reply = await self.stub.WriteFile(messages(), metadata=metadata, timeout=600)
+        except grpc.aio.AioRpcError as error:
+            return error_response(error)
+        return web.json_response(json_format.MessageToDict(reply))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document(self.routes))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+SCALARS = {
+    descriptor.FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+    descriptor.FieldDescriptor.TYPE_STRING: {"type": "string"},
+    descriptor.FieldDescriptor.TYPE_BYTES: {"type": "string", "format": "byte"},
+    descriptor.FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
+    descriptor.FieldDescriptor.TYPE_FLOAT: {"type": "number"},
+    descriptor.FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
+    descriptor.FieldDescriptor.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
+    descriptor.FieldDescriptor.TYPE_INT64: {"type": "string", "format": "int64"},
+    descriptor.FieldDescriptor.TYPE_UINT64: {"type": "string", "format": "uint64"},
+}
+WELL_KNOWN = {"google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+              "google.protobuf.Duration": {"type": "string", "pattern": r"^-?\d+(\.\d+)?s$"},
+              "google.protobuf.FieldMask": {"type": "string"}}
+
+
+def schema_of(message: descriptor.Descriptor, schemas: dict) -> dict:
+    if message.full_name in WELL_KNOWN:
+        return WELL_KNOWN[message.full_name]
+    name = message.full_name.replace(".", "_")
+    if name not in schemas:
+        schemas[name] = {}
+        properties = {}
+        for field in message.fields:
+            if field.message_type and field.message_type.GetOptions().map_entry:
+                value = field.message_type.fields_by_name["value"]
+                item = schema_of(value.message_type, schemas) if value.message_type else SCALARS.get(value.type, {})
+                properties[field.json_name] = {"type": "object", "additionalProperties": item}
+                continue
+            if field.message_type:
+                item = schema_of(field.message_type, schemas)
+            elif field.enum_type:
+                item = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
+            else:
+                item = SCALARS.get(field.type, {"type": "integer"})
+            properties[field.json_name] = {"type": "array", "items": item} \
+                if field.is_repeated else item
+        schemas[name] = {"type": "object", "properties": properties}
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def openapi_document(route_list: list[Route]) -> dict:
+    schemas: dict = {}
+    paths: dict = {}
+    error = {"description": "a google.rpc.Status", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"code": {"type": "integer"}, "message": {"type": "string"},
+                                         "details": {"type": "array", "items": {"type": "object"}}}}}}}
+    for route in route_list:
+        path = route.template
+        parameters = []
+        for field in route.fields.values():
+            name = field.replace(".", "_")
+            # `{name=sandboxes/*}` is `sandboxes/{name}` in OpenAPI: literal segments stay in the path.
+            def render(match: re.Match) -> str:
+                literal = (match.group(1) or "=*")[1:].rsplit("*", 1)[0]
+                return f"{literal}{{{name}}}"
+            path = re.sub(r"\{" + re.escape(field) + r"(=[^}]+)?\}", render, path)
+            parameters.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
+        operation = {"operationId": route.method.name, "parameters": parameters,
+                     "security": [{"bearer": []}],
+                     "responses": {"200": {"description": "OK", "content": {
+                         "application/x-ndjson" if route.method.server_streaming and route.method.name != "ReadFile"
+                         else "application/json": {"schema": schema_of(route.method.output_type, schemas)}}},
+                         "default": error}}
+        if route.method.name == "WriteFile":
+            operation["parameters"] += [{"name": "path", "in": "query", "required": True,
+                                         "schema": {"type": "string"}}]
+            operation["requestBody"] = {"content": {"application/octet-stream": {"schema": {
+                "type": "string", "format": "binary"}}}}
+        elif route.body:
+            target = route.method.input_type if route.body == "*" else \
+                route.method.input_type.fields_by_name[route.body].message_type
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": schema_of(target, schemas)}}}
+        paths.setdefault(path, {})[route.verb.lower()] = operation
+    return {"openapi": "3.0.3",
+            "info": {"title": "MicroVM Sandbox API", "version": "v1",
+                     "description": "Generated from the google.api.http annotations of microvm.sandbox.v1."},
+            "servers": [{"url": "/"}], "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
