@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import yaml
+
+from services.common.pki import load_identity
 
 from services.supervisor.stack import SERVICE_KINDS, check_stack_health
 
@@ -40,7 +43,13 @@ class LocalStack:
         return self.state_dir / "admin.key"
 
     def health(self, detailed: bool = False) -> dict[str, str]:
-        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed))
+        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed,
+                                              pki_dir=self.state_dir / "pki"))
+
+    def internal_channel(self, address: str) -> grpc.Channel:
+        """A channel to an internal service, presenting the operator's certificate (mutual TLS)."""
+        identity = load_identity(self.state_dir / "pki", "operator")
+        return grpc.secure_channel(address, identity.channel_credentials())
 
     def log(self, name: str) -> str:
         path = self.state_dir / "logs" / f"{name}.log"

@@ -115,6 +115,18 @@ class AgentChannel:
         finally:
             self._pongs.pop(nonce, None)
 
+    async def wait_until_answering(self, timeout: float, interval: float = 1.0) -> agent_pb2.Pong:
+        """Pings until a pong comes back: a ping that crossed a reconnect in the guest may be lost."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError()
+            try:
+                return await self.ping(min(interval, remaining))
+            except asyncio.TimeoutError:
+                continue
+
     def open_stream(self) -> AgentStream:
         if self.is_closed:
             raise Unavailable(f"agent channel of VM {self.target.vm_id} is closed", reason="AGENT_UNAVAILABLE")
@@ -232,7 +244,7 @@ class ChannelPool:
             channel = AgentChannel(target)
             await channel.connect(self._connect_timeout)
             try:
-                await channel.ping(self._connect_timeout)
+                await channel.wait_until_answering(self._connect_timeout)
             except (asyncio.TimeoutError, Unavailable) as exc:
                 await channel.close()
                 raise Unavailable(f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}",

@@ -55,6 +55,13 @@ class CommonSettings:
     log_level: str = "info"
     # `none` or `console`: where OpenTelemetry spans go (trace ids are logged either way).
     trace_exporter: str = "none"
+    # Mutual TLS between services with the installation's CA (<state_dir>/pki unless pki_dir is set).
+    internal_tls: bool = True
+    pki_dir: str = ""
+
+    @property
+    def pki_path(self) -> Path:
+        return Path(self.pki_dir) if self.pki_dir else Path(self.state_dir) / "pki"
 
     def validate(self) -> None:
         if not self.etcd_endpoints:

@@ -28,6 +28,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from services.common import observability
 from services.common.config import CommonSettings, ConfigError, load_config
 from services.common.errors import ErrorMappingInterceptor
+from services.common.pki import Identity, load_identity
 from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client
 
 S = TypeVar("S")
@@ -36,6 +37,7 @@ log = structlog.get_logger()
 # Messages up to 8 MiB: file chunks are 1 MiB, a stdin payload up to 4 MiB.
 MAX_MESSAGE_BYTES = 8 << 20
 SHUTDOWN_STEP_SECONDS = 3.0
+PUBLIC_KINDS = {"gateway"}
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -57,14 +59,20 @@ class ServiceContext(Generic[S]):
     registration_metadata: dict[str, Any] = field(default_factory=dict)
     # Coroutines run at shutdown, after the server stopped accepting and drained (reverse order).
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    identity: Identity | None = None
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """A cached client channel to `address`, with tracing interceptors."""
+        """A cached client channel to another service at `address`: mutual TLS with this service's
+        certificate when the installation uses it, and tracing interceptors."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                                interceptors=aio_client_interceptors())
+            if self.identity is not None:
+                channel = grpc.aio.secure_channel(address, self.identity.channel_credentials(),
+                                                  options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
+            else:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                                    interceptors=aio_client_interceptors())
             self._channels[address] = channel
         return channel
 
@@ -92,12 +100,13 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
         except (RuntimeError, ValueError):  # not the main thread (tests): the caller sets `stop`
             pass
 
+    identity = load_identity(common.pki_path, kind) if common.internal_tls else None
     etcd = etcd_client(common.etcd_endpoints)
     await etcd.connect()
     directory = ServiceDirectory(etcd)
     await directory.open()
     context = ServiceContext(kind=kind, instance_id=instance_id, common=common, settings=settings,
-                             etcd=etcd, directory=directory)
+                             etcd=etcd, directory=directory, identity=identity)
 
     # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
     server = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor(),
@@ -109,7 +118,12 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(settings.listen)
+    # Internal services accept only this installation's services; the public gateway port authenticates
+    # callers with bearer credentials instead (it is the one door clients use).
+    if identity is not None and kind not in PUBLIC_KINDS:
+        port = server.add_secure_port(settings.listen, identity.server_credentials())
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise ConfigError(f"{kind}.listen: cannot bind {settings.listen}")
     host = settings.listen.rpartition(":")[0]

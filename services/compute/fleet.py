@@ -377,7 +377,7 @@ class VmFleet:
                     raise FailedPrecondition(f"VM {vm.id} died while booting: {self.console_tail(vm)}",
                                              reason="VM_BOOT_FAILED")
                 try:
-                    await channel.ping(timeout=1.0)
+                    await channel.wait_until_answering(timeout=1.0)
                     return
                 except asyncio.TimeoutError:
                     pass

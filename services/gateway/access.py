@@ -80,6 +80,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self.context = context
         self.rate, self.burst = rate_per_second, burst
         self.buckets: dict[str, TokenBucket] = {}
+        self._pending: set[asyncio.Task] = set()
 
     def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
         instances = self.context.directory.instances("auth")
@@ -102,9 +103,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                                    reason="ROLE_FORBIDS")
         return principal
 
-    async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
+    def audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
+        """Records in the background: a caller that hangs up must not cancel its own audit entry."""
         if method not in MUTATING:
             return
+        task = asyncio.get_running_loop().create_task(self._audit(principal, method, target, code))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
         try:
             await self._auth().RecordAuditEvent(auth_pb2.RecordAuditEventRequest(event=auth_pb2.AuditEvent(
                 tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name)),
@@ -174,23 +181,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     # A create's target is what it created: the name is in the response.
                     target = (request.target if streaming_request else target_of(request)) or \
                         (target_of(response) if response is not None else "")
-                    await interceptor._audit(principal, method, target, result_code(context, failure))
+                    interceptor.audit(principal, method, target, result_code(context, failure))
             return wrapped
 
         def streaming(behavior, streaming_request: bool):
             async def wrapped(request, context):
                 principal = await admit(context)
                 request = FirstMessage(request) if streaming_request else request
-                failure = None
+                failure, finished = None, False
                 try:
                     async for item in behavior(request, context):
+                        # A process stream is complete once its exit was delivered, even if the caller
+                        # hangs up right after reading it.
+                        finished = finished or (hasattr(item, "HasField") and "exited" in item.DESCRIPTOR.fields_by_name
+                                                and item.HasField("exited"))
                         yield item
                 except BaseException as exc:
-                    failure = exc
+                    failure = None if finished else exc
                     raise
                 finally:
                     target = request.target if streaming_request else target_of(request)
-                    await interceptor._audit(principal, method, target, result_code(context, failure))
+                    interceptor.audit(principal, method, target, result_code(context, failure))
             return wrapped
 
         if handler.unary_unary:

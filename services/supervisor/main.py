@@ -87,7 +87,7 @@ def cmd_wait(args) -> int:
         if not _read_pid(state_dir):
             print("supervisor is not running; see", state_dir / "logs" / "supervisor.log", file=sys.stderr)
             return 1
-        report = asyncio.run(check_stack_health(config.common.etcd_endpoints))
+        report = asyncio.run(check_stack_health(config.common.etcd_endpoints, pki_dir=config.common.pki_path))
         if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and (state_dir / "admin.key").exists():
             print("all services SERVING")
             return 0
@@ -117,7 +117,8 @@ def cmd_status(args) -> int:
     state_dir, config = _load(args)
     pid = _read_pid(state_dir)
     print(f"supervisor: {'running, pid ' + str(pid) if pid else 'not running'} (state dir {state_dir})")
-    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True))
+    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True,
+                                            pki_dir=config.common.pki_path))
     for kind in SERVICE_KINDS:
         print(f"  {kind:9} {report.get(kind, 'NOT REGISTERED')}")
     return 0 if all(str(report.get(k, "")).startswith("SERVING") for k in SERVICE_KINDS) else 1
@@ -125,7 +126,8 @@ def cmd_status(args) -> int:
 
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
-    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True))
+    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True,
+                                            pki_dir=config.common.pki_path))
     gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}

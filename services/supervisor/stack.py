@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import LoadedConfig, load_config
+from services.common.pki import ensure_pki, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.common.settings import ComputeSettings, SupervisorSettings
 
@@ -132,6 +133,8 @@ class StackSupervisor:
     async def run(self) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        if self.config.common.internal_tls:
+            ensure_pki(self.config.common.pki_path)
         (self.state_dir / "supervisor.pid").write_text(str(os.getpid()))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -184,7 +187,8 @@ class StackSupervisor:
                 return
         finally:
             await client.close()
-        async with grpc.aio.insecure_channel(instances[0].address) as channel:
+        async with operator_channel(instances[0].address, "auth", self.config.common.pki_path
+                                    if self.config.common.internal_tls else None) as channel:
             auth = auth_pb2_grpc.AuthServiceStub(channel)
             await auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant="default", quota=auth_pb2.Quota(
                 max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30)),
@@ -245,7 +249,16 @@ def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -
     return killed
 
 
-async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False) -> dict[str, str]:
+def operator_channel(address: str, kind: str, pki_dir: Path | None) -> grpc.aio.Channel:
+    """A channel to a service as the operator: mutual TLS for internal services when the PKI exists."""
+    if pki_dir is not None and (pki_dir / "operator.crt").exists() and kind != "gateway":
+        identity = load_identity(pki_dir, "operator")
+        return grpc.aio.secure_channel(address, identity.channel_credentials())
+    return grpc.aio.insecure_channel(address)
+
+
+async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False,
+                             pki_dir: Path | None = None) -> dict[str, str]:
     """Health of each registered service kind, read from the registry and the health service."""
     report: dict[str, str] = {}
     client = etcd_client(etcd_endpoints, timeout=2)
@@ -261,7 +274,7 @@ async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False) 
         except Exception:
             pass
     for instance in instances:
-        async with grpc.aio.insecure_channel(instance.address) as channel:
+        async with operator_channel(instance.address, instance.kind, pki_dir) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=2)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.guest
 
 
 def auth_stub(stack) -> auth_pb2_grpc.AuthServiceStub:
-    return auth_pb2_grpc.AuthServiceStub(grpc.insecure_channel(instances(stack, "auth")[-1].address))
+    return auth_pb2_grpc.AuthServiceStub(stack.internal_channel(instances(stack, "auth")[-1].address))
 
 
 def tenant_key(stack, tenant: str, role=auth_pb2.ROLE_DEVELOPER, **quota) -> str:

@@ -232,7 +232,7 @@ def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
     try:
         gateway.write_file(sandbox.name, "/root/kept.txt", b"survives a stop")
         gateway.exec(sandbox.name, ["sync"])
-        compute = compute_pb2_grpc.ComputeServiceStub(grpc.insecure_channel(instances(stack, "compute")[-1].address))
+        compute = compute_pb2_grpc.ComputeServiceStub(stack.internal_channel(instances(stack, "compute")[-1].address))
         stopped = compute.StopVm(compute_pb2.StopVmRequest(vm_id=sandbox_id), timeout=30).vm
         assert stopped.state == compute_pb2.VM_STATE_STOPPED and stopped.pid == 0
         started = compute.StartVm(compute_pb2.StartVmRequest(vm_id=sandbox_id), timeout=120).vm

@@ -35,7 +35,7 @@ def count(gateway, sandbox) -> int:
 
 
 def store_stub(stack):
-    return snapshot_pb2_grpc.SnapshotStoreServiceStub(grpc.insecure_channel(instances(stack, "snapshot")[-1].address))
+    return snapshot_pb2_grpc.SnapshotStoreServiceStub(stack.internal_channel(instances(stack, "snapshot")[-1].address))
 
 
 @pytest.fixture(scope="module")

@@ -73,14 +73,10 @@ def test_grpcurl_describes_the_public_service_and_its_messages(stack):
 
 def test_capability_not_built_answers_unimplemented_naming_it(stack):
     network = next(i for i in registered(stack) if i.kind == "network")
-
-    async def call():
-        async with grpc.aio.insecure_channel(network.address) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await network_pb2_grpc.NetworkServiceStub(channel).ExposePort(
-                    network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5)
-            return failure.value
-    error = asyncio.run(call())
+    with pytest.raises(grpc.RpcError) as failure:
+        network_pb2_grpc.NetworkServiceStub(stack.internal_channel(network.address)).ExposePort(
+            network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5)
+    error = failure.value
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "port exposure" in error.details()
     assert error_info(error).reason == "CAPABILITY_NOT_BUILT"
@@ -130,3 +126,26 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     assert [p for p in pids if pid_alive(p)] == []
     # VMs outlive their supervisor by design (a restarted one re-adopts them); this test's must go.
     stop_leftover_vms(own.state_dir)
+
+
+@pytest.mark.parametrize("kind", ["compute", "relay", "network", "snapshot", "auth"])
+def test_internal_service_refuses_callers_without_a_service_certificate(stack, tmp_path, kind):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from services.common.pki import ensure_pki, load_identity
+    address = next(i for i in registered(stack) if i.kind == kind).address
+    request = health_pb2.HealthCheckRequest()
+    # No TLS at all.
+    with pytest.raises(grpc.RpcError) as failure:
+        health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check(request, timeout=5)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    # TLS with a certificate from another CA (another installation).
+    ensure_pki(tmp_path / "other")
+    stranger = load_identity(tmp_path / "other", "operator")
+    own_ca = (stack.state_dir / "pki" / "ca.crt").read_bytes()
+    credentials = grpc.ssl_channel_credentials(own_ca, stranger.key, stranger.certificate)
+    with pytest.raises(grpc.RpcError) as failure:
+        health_pb2_grpc.HealthStub(grpc.secure_channel(address, credentials)).Check(request, timeout=5)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    # This installation's certificate is let in.
+    reply = health_pb2_grpc.HealthStub(stack.internal_channel(address)).Check(request, timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

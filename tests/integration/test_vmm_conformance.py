@@ -128,6 +128,7 @@ def test_missing_vmm_binary_fails_at_start_with_a_clear_message(driver_stack, tm
     config.write_text(yaml.safe_dump({"compute": {"vmm": driver_stack.driver, key: "/nonexistent/vmm"}}))
     result = subprocess.run([sys.executable, "-m", "services.compute", "--config", str(config)],
                             capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, MVM_ETCD_ENDPOINTS=driver_stack.etcd_endpoint))
+                            env=dict(os.environ, MVM_ETCD_ENDPOINTS=driver_stack.etcd_endpoint,
+                                     MVM_STATE_DIR=str(driver_stack.state_dir)))
     assert result.returncode == 2
     assert "/nonexistent/vmm" in result.stderr and "Traceback" not in result.stderr
