@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import structlog
+
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth import permissions
 from services.auth.audit import AuditLog
@@ -10,6 +14,8 @@ from services.auth.quotas import TenantQuotas
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceContext
 from services.common.settings import AuthSettings
+
+log = structlog.get_logger()
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -62,5 +68,28 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(context.etcd, context.settings), server)
+    servicer = AuthServicer(context.etcd, context.settings)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+
+    async def rotate_forever() -> None:
+        while True:
+            await asyncio.sleep(context.settings.signing_key_rotation_seconds)
+            try:
+                kid = await servicer.credentials.rotate()
+                log.info("signing_key_rotated", kid=kid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("signing_key_rotation_failed")
+
+    rotation = asyncio.create_task(rotate_forever(), name="signing-key-rotation")
+
+    async def stop_rotation() -> None:
+        rotation.cancel()
+        try:
+            await rotation
+        except asyncio.CancelledError:
+            pass
+
+    context.on_shutdown.append(stop_rotation)
     return [auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]

@@ -134,7 +134,10 @@ class SnapshotSettings(ServiceSettings):
 
 @dataclasses.dataclass
 class AuthSettings(ServiceSettings):
+    # Lifetime of a token bought with an API key.
     token_ttl_seconds: int = 900
+    # A new signing key this often; older keys keep verifying until their tokens expired.
+    signing_key_rotation_seconds: float = 86400.0
 
 
 @dataclasses.dataclass

@@ -194,3 +194,23 @@ def test_token_bucket_refuses_past_the_burst_and_says_when_to_retry():
     assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
     wait = bucket.take()
     assert 0 < wait <= 0.1
+
+
+def test_signing_key_rotation_keeps_earlier_tokens_valid(stack):
+    from services.auth.credentials import CredentialStore
+    key = tenant_key(stack, "tenant-rotation")
+    before = token_for(stack, key)
+
+    async def rotate():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return await CredentialStore(client, token_ttl=900).rotate()
+        finally:
+            await client.close()
+    new_kid = asyncio.run(rotate())
+    after = token_for(stack, key)
+    header = json.loads(base64.urlsafe_b64decode(after.split(".")[0] + "=="))
+    assert header["kid"] == new_kid  # new tokens are signed with the new key
+    assert call_with(stack, before) == grpc.StatusCode.OK  # and the old ones still work
+    assert call_with(stack, after) == grpc.StatusCode.OK
