@@ -8,14 +8,19 @@ from pathlib import Path
 import yaml
 from openapi_schema_validator import OAS30Validator
 
-SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "reference" / "cloud-hypervisor-openapi.yaml"
+REPO = Path(__file__).resolve().parents[2]
+# The reference copy beside the checkout wins (it is the one kept current); the vendored copy makes the
+# tests work in a checkout without it.
+CANDIDATES = (REPO.parent / "shared" / "reference" / "cloud-hypervisor-openapi.yaml",
+              REPO / "third_party" / "cloud-hypervisor" / "cloud-hypervisor-openapi.yaml")
 
 
 @lru_cache
 def spec() -> dict:
-    if not SPEC_PATH.exists():
-        raise FileNotFoundError(f"the Cloud Hypervisor OpenAPI spec is expected at {SPEC_PATH}")
-    return yaml.safe_load(SPEC_PATH.read_text())
+    for path in CANDIDATES:
+        if path.exists():
+            return yaml.safe_load(path.read_text())
+    raise FileNotFoundError(f"no Cloud Hypervisor OpenAPI spec at {' or '.join(map(str, CANDIDATES))}")
 
 
 def operation(method: str, endpoint: str) -> dict | None:
