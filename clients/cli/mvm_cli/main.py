@@ -28,16 +28,11 @@ import tty
 from pathlib import Path
 
 import grpc
-from google.protobuf import duration_pb2
+
+from microvm_sandbox import Client, Exited, NotFoundError, Sandbox, SandboxError, Stderr, Stdout
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
 
-CHUNK = 1 << 20
-
-
-def fail(error: grpc.RpcError) -> "NoReturn":  # noqa: F821
-    print(f"mvm: {error.code().name}: {error.details()}", file=sys.stderr)
-    sys.exit(1 if error.code() != grpc.StatusCode.NOT_FOUND else 2)
 
 
 def name_of(sandbox_id: str) -> str:
@@ -108,48 +103,44 @@ def connect(gateway: str, key: str) -> grpc.Channel:
 
 
 class Cli:
+    """The verbs, on the SDK (one client implementation for the CLI and for programs)."""
+
     def __init__(self, gateway: str) -> None:
-        self.channel = connect(gateway, api_key())
-        self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
+        self.key = api_key()
+        self.client = Client(gateway, self.key)
+        self.gateway = gateway
 
-    def create(self, args) -> sandbox_pb2.Sandbox:
-        sandbox = sandbox_pb2.Sandbox(template=args.template, vcpus=args.vcpus, memory_mib=args.memory,
-                                      labels=parse_pairs(args.label, "label"))
-        if args.timeout:
-            sandbox.timeout.CopyFrom(duration_pb2.Duration(seconds=args.timeout))
-        return self.stub.CreateSandbox(api.CreateSandboxRequest(sandbox=sandbox), timeout=300).sandbox
+    def create(self, args) -> Sandbox:
+        return Sandbox.create(args.template, timeout=args.timeout or None, vcpus=args.vcpus, memory_mib=args.memory,
+                              labels=parse_pairs(args.label, "label"), client=self.client)
 
-    def exec(self, sandbox_name: str, args) -> int:
-        process = api.ProcessConfig(argv=args.command, env=parse_pairs(args.env, "env"), cwd=args.cwd,
-                                    user=args.user, shell=args.shell, pty=args.tty)
-        if args.exec_timeout:
-            process.timeout.CopyFrom(duration_pb2.Duration(seconds=args.exec_timeout))
+    def exec(self, sandbox: Sandbox, args) -> int:
         if args.tty and sys.stdin.isatty():
-            return self._interactive(sandbox_name, process)
+            return self._interactive(sandbox.name, args)
         stdin = b"" if sys.stdin.isatty() or args.no_stdin else sys.stdin.buffer.read()
-        stream = self.stub.Exec(api.ExecRequest(sandbox=sandbox_name, process=process, stdin=stdin))
-        return self._print_events(stream)
-
-    def _print_events(self, events) -> int:
-        for event in events:
-            kind = event.WhichOneof("event")
-            if kind == "stdout":
-                sys.stdout.buffer.write(event.stdout)
+        command = " ".join(args.command) if args.shell else args.command
+        for event in sandbox.exec_stream(command, env=parse_pairs(args.env, "env"), cwd=args.cwd, user=args.user,
+                                         timeout=args.exec_timeout or None, stdin=stdin):
+            if isinstance(event, Stdout):
+                sys.stdout.buffer.write(event.data)
                 sys.stdout.buffer.flush()
-            elif kind == "stderr":
-                sys.stderr.buffer.write(event.stderr)
+            elif isinstance(event, Stderr):
+                sys.stderr.buffer.write(event.data)
                 sys.stderr.buffer.flush()
-            elif kind == "exited":
-                exited = event.exited
-                if exited.timed_out:
+            elif isinstance(event, Exited):
+                if event.timed_out:
                     print("mvm: the process was killed by its timeout", file=sys.stderr)
-                return 128 + exited.signal if exited.WhichOneof("status") == "signal" else exited.exit_code
+                return 128 + event.signal if event.signal else event.exit_code or 0
         print("mvm: the stream ended without an exit status", file=sys.stderr)
         return 255
 
-    def _interactive(self, sandbox_name: str, process: api.ProcessConfig) -> int:
+    def _interactive(self, sandbox_name: str, args) -> int:
+        """A terminal session: the one bidirectional stream, kept on a plain channel with the same key."""
+        stub = sandbox_service_pb2_grpc.SandboxServiceStub(connect(self.gateway, self.key))
         size = os.get_terminal_size()
-        process.terminal_size.CopyFrom(api.TerminalSize(cols=size.columns, rows=size.lines))
+        process = api.ProcessConfig(argv=args.command, env=parse_pairs(args.env, "env"), cwd=args.cwd,
+                                    user=args.user, pty=True,
+                                    terminal_size=api.TerminalSize(cols=size.columns, rows=size.lines))
         stop = threading.Event()
 
         def requests():
@@ -164,7 +155,15 @@ class Cli:
         saved = termios.tcgetattr(sys.stdin)
         tty.setraw(sys.stdin)
         try:
-            return self._print_events(r.event for r in self.stub.ExecInteractive(requests()))
+            for response in stub.ExecInteractive(requests()):
+                event = response.event
+                if event.stdout:
+                    sys.stdout.buffer.write(event.stdout)
+                    sys.stdout.buffer.flush()
+                if event.HasField("exited"):
+                    exited = event.exited
+                    return 128 + exited.signal if exited.WhichOneof("status") == "signal" else exited.exit_code
+            return 255
         finally:
             stop.set()
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
@@ -172,30 +171,22 @@ class Cli:
     def copy(self, source: str, target: str) -> None:
         def remote(spec: str):
             sandbox, sep, path = spec.partition(":")
-            return (name_of(sandbox), path) if sep and path.startswith("/") and "/" not in sandbox else None
+            return (sandbox, path) if sep and path.startswith("/") and "/" not in sandbox else None
 
         src, dst = remote(source), remote(target)
         if bool(src) == bool(dst):
             sys.exit("mvm: exactly one side of cp must be SANDBOX:/absolute/path")
         if dst:
             data = Path(source).read_bytes() if source != "-" else sys.stdin.buffer.read()
-
-            def requests():
-                yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=dst[0], path=dst[1], make_parents=True))
-                for offset in range(0, len(data), CHUNK):
-                    yield api.WriteFileRequest(data=data[offset:offset + CHUNK])
-
-            reply = self.stub.WriteFile(requests(), timeout=600)
-            print(f"{len(data)} bytes -> {short(dst[0])}:{dst[1]} sha256 {reply.sha256}", file=sys.stderr)
+            Sandbox.connect(dst[0], client=self.client).write(dst[1], data)
+            print(f"{len(data)} bytes -> {short(name_of(dst[0]))}:{dst[1]}", file=sys.stderr)
         else:
-            out = sys.stdout.buffer if target == "-" else open(target, "wb")
-            total = 0
-            for chunk in self.stub.ReadFile(api.ReadFileRequest(sandbox=src[0], path=src[1]), timeout=600):
-                out.write(chunk.data)
-                total += len(chunk.data)
-            if out is not sys.stdout.buffer:
-                out.close()
-                print(f"{short(src[0])}:{src[1]} -> {target} ({total} bytes)", file=sys.stderr)
+            data = Sandbox.connect(src[0], client=self.client).read(src[1])
+            if target == "-":
+                sys.stdout.buffer.write(data)
+            else:
+                Path(target).write_bytes(data)
+                print(f"{short(name_of(src[0]))}:{src[1]} -> {target} ({len(data)} bytes)", file=sys.stderr)
 
 
 STATE = {v: k.removeprefix("SANDBOX_STATE_") for k, v in sandbox_pb2.SandboxState.items()}
@@ -289,53 +280,46 @@ def main(argv: list[str] | None = None) -> None:
     cli = Cli(args.gateway)
     try:
         if args.verb == "create":
-            print(short(cli.create(args).name))
+            print(cli.create(args).id)
         elif args.verb == "ls":
-            reply = cli.stub.ListSandboxes(api.ListSandboxesRequest(filter=args.filter, page_size=1000), timeout=30)
-            for sandbox in reply.sandboxes:
+            wanted = dict(term.removeprefix("labels.").split("=", 1) for term in args.filter.split())
+            for sandbox in cli.client.list_sandboxes(wanted):
                 print(describe(sandbox))
         elif args.verb == "get":
-            print(describe(cli.stub.GetSandbox(api.GetSandboxRequest(name=name_of(args.id)), timeout=30).sandbox))
+            print(describe(Sandbox.connect(args.id, client=cli.client).aio.message))
         elif args.verb == "exec":
-            sys.exit(cli.exec(name_of(args.id), args))
+            sys.exit(cli.exec(Sandbox.connect(args.id, client=cli.client), args))
         elif args.verb == "run":
             sandbox = cli.create(args)
             try:
-                code = cli.exec(sandbox.name, args)
+                code = cli.exec(sandbox, args)
             finally:
-                cli.stub.DeleteSandbox(api.DeleteSandboxRequest(name=sandbox.name), timeout=60)
+                sandbox.kill()
             sys.exit(code)
         elif args.verb == "cp":
             cli.copy(args.source, args.target)
         elif args.verb in ("pause", "resume"):
-            call = cli.stub.PauseSandbox if args.verb == "pause" else cli.stub.ResumeSandbox
-            request = (api.PauseSandboxRequest if args.verb == "pause" else api.ResumeSandboxRequest)(
-                name=name_of(args.id))
-            print(describe(call(request, timeout=60).sandbox))
+            sandbox = Sandbox.connect(args.id, client=cli.client)
+            sandbox.pause() if args.verb == "pause" else sandbox.resume()
+            print(describe(sandbox.aio.message))
         elif args.verb == "snapshot":
-            request = api.CreateSnapshotRequest(sandbox=name_of(args.id), labels=parse_pairs(args.label, "label"))
-            if args.ttl:
-                request.ttl.CopyFrom(duration_pb2.Duration(seconds=args.ttl))
-            print(cli.stub.CreateSnapshot(request, timeout=600).snapshot.name.removeprefix("snapshots/"))
+            print(Sandbox.connect(args.id, client=cli.client).snapshot(parse_pairs(args.label, "label"),
+                                                                       ttl=args.ttl or None).id)
         elif args.verb == "restore":
-            print(short(cli.stub.RestoreSnapshot(api.RestoreSnapshotRequest(
-                snapshot=snapshot_name(args.snapshot)), timeout=600).sandbox.name))
+            print(Sandbox.restore(args.snapshot, client=cli.client).id)
         elif args.verb == "fork":
-            reply = cli.stub.ForkSandbox(api.ForkSandboxRequest(name=name_of(args.id), count=args.count), timeout=900)
-            print(f"snapshot {reply.snapshot.name.removeprefix('snapshots/')}", file=sys.stderr)
-            for sandbox in reply.sandboxes:
-                print(short(sandbox.name))
+            for clone in Sandbox.connect(args.id, client=cli.client).fork(args.count):
+                print(clone.id)
         elif args.verb == "snapshots":
-            request = api.ListSnapshotsRequest(source_sandbox=name_of(args.sandbox) if args.sandbox else "",
-                                               page_size=1000)
-            for line in snapshot_tree(cli.stub.ListSnapshots(request, timeout=30).snapshots):
+            for line in snapshot_tree(cli.client.list_snapshots(args.sandbox)):
                 print(line)
         elif args.verb == "rm":
             for sandbox_id in args.ids:
-                cli.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name_of(sandbox_id)), timeout=60)
-                print(f"deleted {short(sandbox_id)}")
-    except grpc.RpcError as error:
-        fail(error)
+                Sandbox.connect(sandbox_id, client=cli.client).kill()
+                print(f"deleted {short(name_of(sandbox_id))}")
+    except SandboxError as error:
+        print(f"mvm: {error.code}: {error.message}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, NotFoundError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
 

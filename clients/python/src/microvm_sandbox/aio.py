@@ -290,9 +290,11 @@ class AsyncSandbox:
         return [FileEntry(e.path, e.type == sandbox_pb2.FILE_TYPE_DIRECTORY, e.size, e.mode) for e in reply.entries]
 
     # --- lifecycle ----------------------------------------------------------------------------------
-    async def snapshot(self, labels: dict[str, str] | None = None) -> Snapshot:
-        reply = await self.client.call("CreateSnapshot", api.CreateSnapshotRequest(
-            sandbox=self.name, labels=labels or {}), timeout=600)
+    async def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
+        request = api.CreateSnapshotRequest(sandbox=self.name, labels=labels or {})
+        if ttl:
+            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl)))
+        reply = await self.client.call("CreateSnapshot", request, timeout=600)
         return _snapshot(reply.snapshot)
 
     async def fork(self, count: int = 1) -> list[AsyncSandbox]:
@@ -334,3 +336,11 @@ async def list_sandboxes(client: AsyncClient, label_filter: dict[str, str] | Non
     reply = await client.call("ListSandboxes", api.ListSandboxesRequest(filter=query, page_size=1000),
                               idempotent=True)
     return list(reply.sandboxes)
+
+
+async def list_snapshots(client: AsyncClient, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
+    name = source_sandbox if not source_sandbox or source_sandbox.startswith("sandboxes/") \
+        else f"sandboxes/{source_sandbox}"
+    reply = await client.call("ListSnapshots", api.ListSnapshotsRequest(source_sandbox=name, page_size=1000),
+                              idempotent=True)
+    return list(reply.snapshots)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm_sandbox.aio import (AsyncClient, AsyncSandbox, ExecEvent, ExecResult, FileEntry, Snapshot,
-                                 list_sandboxes)
+                                 list_sandboxes, list_snapshots)
 
 T = TypeVar("T")
 
@@ -52,6 +52,9 @@ class Client:
 
     def list_sandboxes(self, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
         return self._loop.run(list_sandboxes(self.aio, label_filter))
+
+    def list_snapshots(self, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
+        return self._loop.run(list_snapshots(self.aio, source_sandbox))
 
     def close(self) -> None:
         self._loop.run(self.aio.close())
@@ -118,8 +121,8 @@ class Sandbox:
     def ls(self, path: str = "/") -> list[FileEntry]:
         return self._loop.run(self.aio.ls(path))
 
-    def snapshot(self, labels: dict[str, str] | None = None) -> Snapshot:
-        return self._loop.run(self.aio.snapshot(labels))
+    def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
+        return self._loop.run(self.aio.snapshot(labels, ttl))
 
     def fork(self, count: int = 1) -> list[Sandbox]:
         return [Sandbox(clone) for clone in self._loop.run(self.aio.fork(count))]
