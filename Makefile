@@ -39,7 +39,7 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	@# The checkout itself is the code: put it on the venv's path instead of building a wheel.
-	printf '%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" "$(CURDIR)/clients/cli" "$(CURDIR)/clients/python/src" "$(CURDIR)/guest_agents/linux" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/microvm-sandbox.pth
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" "$(CURDIR)/clients/cli" "$(CURDIR)/clients/python/src" "$(CURDIR)/clients/mcp" "$(CURDIR)/clients/integrations" "$(CURDIR)/guest_agents/linux" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/microvm-sandbox.pth
 	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m mvm_cli.main "$$@"\n' > $(BIN)/mvm && chmod +x $(BIN)/mvm
 	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m services.supervisor.main "$$@"\n' > $(BIN)/mvm-supervisor && chmod +x $(BIN)/mvm-supervisor
 	touch $@

@@ -1,0 +1,3 @@
+from microvm_mcp.server import main
+
+main()

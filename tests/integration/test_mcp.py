@@ -1,0 +1,62 @@
+"""The MCP server, driven by the official `mcp` SDK's own client over stdio against the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+pytestmark = pytest.mark.guest
+TOOLS = {"create_sandbox", "execute_code", "run_command", "write_file", "read_file", "list_files",
+         "snapshot_sandbox", "restore_snapshot", "fork_sandbox", "destroy_sandbox", "list_sandboxes"}
+
+
+def result_data(result) -> object:
+    if result.structured_content is not None:
+        content = result.structured_content
+        return content.get("result", content) if isinstance(content, dict) else content
+    return json.loads(result.content[0].text)
+
+
+def test_mcp_tools_run_code_files_and_snapshots(stack):
+    parameters = StdioServerParameters(command=sys.executable, args=["-m", "microvm_mcp"], env={
+        **os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key})
+
+    async def scenario():
+        async with Client(parameters) as client:
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            assert set(tools) >= TOOLS
+            assert all(tool.description for tool in tools.values())
+            created = result_data(await client.call_tool("create_sandbox", {"timeout_seconds": 300}))
+            sandbox_id = created["sandbox_id"]
+            progress = []
+
+            async def on_progress(value, total, message):
+                progress.append(message)
+            ran = result_data(await client.call_tool(
+                "execute_code", {"sandbox_id": sandbox_id, "language": "python",
+                                 "code": "import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.3)"},
+                progress_callback=on_progress))
+            assert ran["exit_code"] == 0 and ran["stdout"] == "0\n1\n2\n"
+            assert "".join(m or "" for m in progress).split() == ["0", "1", "2"]  # streamed as it ran
+            await client.call_tool("write_file", {"sandbox_id": sandbox_id, "path": "/root/a.txt", "content": "hi"})
+            assert result_data(await client.call_tool("read_file", {"sandbox_id": sandbox_id,
+                                                                    "path": "/root/a.txt"})) == "hi"
+            listed = result_data(await client.call_tool("list_files", {"sandbox_id": sandbox_id, "path": "/root"}))
+            assert "/root/a.txt" in [entry["path"] for entry in listed]
+            snapshot = result_data(await client.call_tool("snapshot_sandbox", {"sandbox_id": sandbox_id}))
+            restored = result_data(await client.call_tool("restore_snapshot", snapshot))
+            assert result_data(await client.call_tool("read_file", {"sandbox_id": restored["sandbox_id"],
+                                                                    "path": "/root/a.txt"})) == "hi"
+            failed = await client.call_tool("read_file", {"sandbox_id": sandbox_id, "path": "/missing"})
+            assert failed.is_error and "NOT_FOUND" in failed.content[0].text
+            for target in (sandbox_id, restored["sandbox_id"]):
+                await client.call_tool("destroy_sandbox", {"sandbox_id": target})
+            gone = await client.call_tool("run_command", {"sandbox_id": sandbox_id, "command": "true"})
+            assert gone.is_error and "NOT_FOUND" in gone.content[0].text
+    asyncio.run(scenario())
