@@ -174,6 +174,8 @@ class Process:
         self.pty_master: int | None = None
         self.stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
+        # Signals that arrived before the process existed: delivered right after it starts.
+        self.early_signals: list[int] = []
 
     def _spawn(self) -> list[int]:
         start = self.start
@@ -254,6 +256,8 @@ class Process:
     async def run(self) -> None:
         fds = self._spawn()
         self.agent.send(self.stream_id, exec_started=agent_pb2.ExecStarted(pid=self.popen.pid))
+        for signum in self.early_signals:
+            self.kill(signum)
         if self.start.timeout_ms:
             asyncio.get_running_loop().call_later(self.start.timeout_ms / 1000, self._on_timeout)
         channels = [agent_pb2.OUTPUT_CHANNEL_STDOUT] if self.pty_master is not None else \
@@ -340,13 +344,18 @@ class Process:
             if frame.stdin.eof:
                 self.stdin_queue.put_nowait(None)
         elif body == "signal":
-            if self.popen and not self.exit_status.done():
+            if self.popen is None:
+                self.early_signals.append(frame.signal.signal)
+            elif not self.exit_status.done():
                 try:
                     os.killpg(self.popen.pid, frame.signal.signal)
                 except (ProcessLookupError, OSError):
                     pass
-        elif body == "resize" and self.pty_master is not None:
-            self._set_size(self.pty_master, frame.resize.cols or 80, frame.resize.rows or 24)
+        elif body == "resize":
+            if self.pty_master is not None:
+                self._set_size(self.pty_master, frame.resize.cols or 80, frame.resize.rows or 24)
+            else:  # not started yet: start at this size
+                self.start.cols, self.start.rows = frame.resize.cols, frame.resize.rows
         elif body == "window_update":
             self.credit.grant(frame.window_update.increment)
 
