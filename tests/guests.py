@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf import duration_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc

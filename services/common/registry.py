@@ -152,6 +152,15 @@ class ServiceDirectory:
     def instances(self, kind: str) -> list[ServiceInstance]:
         return sorted((i for i in self._instances.values() if i.kind == kind), key=lambda i: i.instance_id)
 
+    def newest(self, kind: str) -> ServiceInstance:
+        """The most recently started instance of `kind` (a restarted one may overlap its predecessor's
+        registration until that lease expires)."""
+        from services.common.errors import Unavailable
+        instances = self.instances(kind)
+        if not instances:
+            raise Unavailable(f"the {kind} service is not available", reason=f"{kind.upper()}_UNAVAILABLE")
+        return max(instances, key=lambda i: i.started)
+
     async def wait_for(self, kind: str, timeout: float) -> list[ServiceInstance]:
         """Instances of `kind`, waiting up to `timeout` seconds for at least one to appear."""
         async with self._changed:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from images.builder import BuiltImage
-from services.common.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
+from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice
 from services.compute.records import VmRecord
 
@@ -193,13 +194,7 @@ class CloudHypervisorDriver:
 
     async def prepare_disk(self, image: BuiltImage, directory: Path, backing: Path | None = None,
                            backing_format: str = "raw") -> None:
-        process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing or image.rootfs), "-F", backing_format,
-            str(self.paths(directory)["disk"]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await process.communicate()
-        if process.returncode != 0:
-            raise ResourceExhausted(f"cannot create the VM disk: {stderr.decode().strip()}",
-                                    reason="DISK_CREATE_FAILED")
+        await create_overlay(backing or image.rootfs, backing_format, self.paths(directory)["disk"])
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
         if not self.paths(directory)["disk"].exists():
@@ -233,14 +228,7 @@ class CloudHypervisorDriver:
             await api.snapshot(out / "ch")
             # One file for the store: config.json, state.json and memory-ranges of the VMM's snapshot.
             await asyncio.to_thread(_pack, out / "ch", out / "vmm-state.tar")
-            process = await asyncio.create_subprocess_exec(
-                "qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
-                str(self.paths(directory)["disk"]), str(out / "disk.qcow2"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            _, stderr = await process.communicate()
-            if process.returncode != 0:
-                raise FailedPrecondition(f"cannot freeze the disk: {stderr.decode().strip()}",
-                                         reason="DISK_SNAPSHOT_FAILED")
+            await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2")
         finally:
             if was_running:
                 await api.resume()

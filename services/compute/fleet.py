@@ -480,26 +480,21 @@ class VmFleet:
             return vm
 
     async def pause(self, vm_id: str) -> VmRecord:
-        vm = self.get(vm_id)
-        async with self._lock(vm_id):
-            if vm.state == "PAUSED":
-                return vm
-            if vm.state != "RUNNING":
-                raise FailedPrecondition(f"VM {vm_id} is {vm.state}, not RUNNING", reason="VM_NOT_RUNNING")
-            await self.driver.pause(Path(vm.directory))
-            vm.state = "PAUSED"
-            await self._save(vm)
-            return vm
+        return await self._set_paused(vm_id, True)
 
     async def resume(self, vm_id: str) -> VmRecord:
+        return await self._set_paused(vm_id, False)
+
+    async def _set_paused(self, vm_id: str, paused: bool) -> VmRecord:
         vm = self.get(vm_id)
+        wanted, needed = ("PAUSED", "RUNNING") if paused else ("RUNNING", "PAUSED")
         async with self._lock(vm_id):
-            if vm.state == "RUNNING":
+            if vm.state == wanted:
                 return vm
-            if vm.state != "PAUSED":
-                raise FailedPrecondition(f"VM {vm_id} is {vm.state}, not PAUSED", reason="VM_NOT_PAUSED")
-            await self.driver.resume(Path(vm.directory))
-            vm.state = "RUNNING"
+            if vm.state != needed:
+                raise FailedPrecondition(f"VM {vm_id} is {vm.state}, not {needed}", reason=f"VM_NOT_{needed}")
+            await (self.driver.pause if paused else self.driver.resume)(Path(vm.directory))
+            vm.state = wanted
             await self._save(vm)
             return vm
 

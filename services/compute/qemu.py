@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from images.builder import BuiltImage
-from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.errors import FailedPrecondition
+from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice, host_tsc_khz
 from services.compute.qmp import QmpClient
 from services.compute.records import VmRecord
@@ -78,13 +79,7 @@ class QemuDriver:
         ] + (["-incoming", "defer"] if incoming else [])
 
     async def prepare_disk(self, image: BuiltImage, directory: Path) -> None:
-        process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "raw",
-            str(self.paths(directory)["disk"]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await process.communicate()
-        if process.returncode != 0:
-            raise ResourceExhausted(f"cannot create the VM disk: {stderr.decode().strip()}",
-                                    reason="DISK_CREATE_FAILED")
+        await create_overlay(image.rootfs, "raw", self.paths(directory)["disk"])
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
         """Starts qemu detached (it outlives a compute restart) and returns its pid.
@@ -149,16 +144,11 @@ class QemuDriver:
                 copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", vm.ram_path, str(out / "ram"))
                 if await copy.wait() != 0:
                     raise FailedPrecondition("cannot copy the VM's memory file", reason="MEMORY_SNAPSHOT_FAILED")
-            process = await asyncio.create_subprocess_exec(
-                "qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
-                str(self.paths(directory)["disk"]), str(out / "disk.qcow2"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            _, stderr = await process.communicate()
-            if was_running:
-                await client.execute("cont")
-            if process.returncode != 0:
-                raise FailedPrecondition(f"cannot freeze the disk: {stderr.decode().strip()}",
-                                         reason="DISK_SNAPSHOT_FAILED")
+            try:
+                await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2")
+            finally:
+                if was_running:
+                    await client.execute("cont")
             return "shared-ram" if shared else "stream"
         finally:
             await client.close()
@@ -169,13 +159,7 @@ class QemuDriver:
         A `shared-ram` snapshot is mapped copy-on-write (`vm.ram_path` must point at its file, private):
         only device state is read, and clones of one snapshot share its pages."""
         shared = (frozen / "devices.bin").exists()
-        process = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(frozen / "disk.qcow2"), "-F", "qcow2",
-            str(self.paths(directory)["disk"]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await process.communicate()
-        if process.returncode != 0:
-            raise ResourceExhausted(f"cannot create the VM disk: {stderr.decode().strip()}",
-                                    reason="DISK_CREATE_FAILED")
+        await create_overlay(frozen / "disk.qcow2", "qcow2", self.paths(directory)["disk"])
         pid = await self.launch(vm, image, directory, incoming=True)
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import NotFound
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
@@ -29,11 +29,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return vm_id
 
     def _snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
-        instances = self.context.directory.instances("snapshot")
-        if not instances:
-            raise Unavailable("the snapshot store is not available", reason="SNAPSHOT_STORE_UNAVAILABLE")
-        newest = max(instances, key=lambda i: i.started)
-        return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.context.channel(newest.address))
+        return snapshot_pb2_grpc.SnapshotStoreServiceStub(
+            self.context.channel(self.context.directory.newest("snapshot").address))
 
     async def CreateVm(self, request, context):
         vm = await self.fleet.create(request.vm_id, request.template or "default", request.vcpus or 1,

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.permissions import MUTATING
-from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
+from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
@@ -83,10 +83,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._pending: set[asyncio.Task] = set()
 
     def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
-        instances = self.context.directory.instances("auth")
-        if not instances:
-            raise Unavailable("the auth service is not available", reason="AUTH_UNAVAILABLE")
-        return auth_pb2_grpc.AuthServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+        return auth_pb2_grpc.AuthServiceStub(self.context.channel(self.context.directory.newest("auth").address))
 
     async def _admit(self, method: str, metadata) -> auth_pb2.Principal:
         header = dict(metadata or ()).get("authorization", "")

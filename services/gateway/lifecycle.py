@@ -16,8 +16,7 @@ from microvm.compute.v1 import compute_pb2
 from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.common.errors import (FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable,
-                                    Unimplemented)
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unimplemented
 from services.gateway.access import current_tenant
 from services.gateway.records import SandboxRecord
 
@@ -59,10 +58,7 @@ class SandboxLifecycle:
     """Mixin of SandboxServicer: the standard methods on sandboxes."""
 
     def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
-        instances = self.context.directory.instances("auth")
-        if not instances:
-            raise Unavailable("the auth service is not available", reason="AUTH_UNAVAILABLE")
-        return auth_pb2_grpc.AuthServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+        return auth_pb2_grpc.AuthServiceStub(self.placement.channel_to("auth"))
 
     async def reserve_quota(self, tenant: str, reservation_id: str, amount: auth_pb2.QuotaAmount) -> None:
         """Holds the tenant's quota for a new resource (atomic in the auth service); a no-op without auth."""
@@ -201,24 +197,24 @@ class SandboxLifecycle:
         return api.UpdateSandboxResponse(sandbox=record.sandbox)
 
     async def PauseSandbox(self, request, context):
-        record = await self.store.get(parse_name(request.name))
-        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
-            raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
-                                     reason="SANDBOX_NOT_RUNNING")
-        await self.placement.compute(record.node).PauseVm(compute_pb2.PauseVmRequest(vm_id=record.id), timeout=30)
-        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_PAUSED
-        await self.store.put(record)
-        return api.PauseSandboxResponse(sandbox=record.sandbox)
+        return api.PauseSandboxResponse(sandbox=await self._set_paused(request.name, True))
 
     async def ResumeSandbox(self, request, context):
-        record = await self.store.get(parse_name(request.name))
+        return api.ResumeSandboxResponse(sandbox=await self._set_paused(request.name, False))
+
+    async def _set_paused(self, name: str, paused: bool) -> sandbox_pb2.Sandbox:
+        record = await self.store.get(parse_name(name))
         if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
             raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
-                                     reason="SANDBOX_NOT_PAUSED")
-        await self.placement.compute(record.node).ResumeVm(compute_pb2.ResumeVmRequest(vm_id=record.id), timeout=30)
-        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_RUNNING
+                                     reason="SANDBOX_NOT_RUNNING" if paused else "SANDBOX_NOT_PAUSED")
+        compute = self.placement.compute(record.node)
+        if paused:
+            await compute.PauseVm(compute_pb2.PauseVmRequest(vm_id=record.id), timeout=30)
+        else:
+            await compute.ResumeVm(compute_pb2.ResumeVmRequest(vm_id=record.id), timeout=30)
+        record.sandbox.state = sandbox_pb2.SANDBOX_STATE_PAUSED if paused else sandbox_pb2.SANDBOX_STATE_RUNNING
         await self.store.put(record)
-        return api.ResumeSandboxResponse(sandbox=record.sandbox)
+        return record.sandbox
 
     async def DeleteSandbox(self, request, context):
         record = await self.store.get(parse_name(request.name))

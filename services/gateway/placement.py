@@ -31,11 +31,12 @@ class SandboxPlacement:
     def compute(self, node: str) -> compute_pb2_grpc.ComputeServiceStub:
         return compute_pb2_grpc.ComputeServiceStub(self.context.channel(self.compute_instance(node).address))
 
+    def channel_to(self, kind: str):
+        """A channel to the newest registered instance of a service kind (relay, auth, snapshot)."""
+        return self.context.channel(self.context.directory.newest(kind).address)
+
     def relay(self) -> relay_pb2_grpc.RelayServiceStub:
-        instances = self.context.directory.instances("relay")
-        if not instances:
-            raise Unavailable("no relay service is available", reason="RELAY_UNAVAILABLE")
-        return relay_pb2_grpc.RelayServiceStub(self.context.channel(max(instances, key=lambda i: i.started).address))
+        return relay_pb2_grpc.RelayServiceStub(self.channel_to("relay"))
 
     async def choose_node(self, template: str, vcpus: int, memory_mib: int) -> str:
         """The node with the most free memory that has the template and room for the sandbox."""

@@ -18,7 +18,7 @@ from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.auth.v1 import auth_pb2
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.gateway.access import current_tenant
 from services.gateway.lifecycle import parse_name, validate_labels
 
@@ -43,11 +43,7 @@ class SnapshotHandlers:
     """Mixin of SandboxServicer."""
 
     def snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
-        instances = self.context.directory.instances("snapshot")
-        if not instances:
-            raise Unavailable("the snapshot store is not available", reason="SNAPSHOT_STORE_UNAVAILABLE")
-        return snapshot_pb2_grpc.SnapshotStoreServiceStub(
-            self.context.channel(max(instances, key=lambda i: i.started).address))
+        return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.placement.channel_to("snapshot"))
 
     async def take_snapshot(self, sandbox_name: str, labels, ttl_seconds: int = 0) -> snapshot_pb2.SnapshotRecord:
         record = await self.store.get(parse_name(sandbox_name))

@@ -11,7 +11,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from services.gateway.http import routes
-from tests.integration.test_access import tenant_key
 
 pytestmark = pytest.mark.guest
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -16,7 +15,7 @@ from google.protobuf import duration_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from services.common.errors import error_info
-from tests.integration.test_sandbox_lifecycle import etcd_keys, instances, vm_pid, wait_for
+from tests.integration.test_sandbox_lifecycle import instances, vm_pid, wait_for
 
 pytestmark = pytest.mark.guest
 COUNTER = 'nohup sh -c "i=0; while true; do i=\\$((i+1)); echo \\$i > /tmp/count; sleep 0.1; done" >/dev/null 2>&1 &'

@@ -11,10 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
 

@@ -22,7 +22,7 @@ from services.common.errors import FailedPrecondition
 from services.compute import hypervisor
 from services.compute.cloud_hypervisor import ENDPOINTS, ChApi, CloudHypervisorDriver, CloudHypervisorError
 from services.compute.records import VmRecord
-from tests.fakes.cloud_hypervisor_spec import operation, request_schema, spec, validate
+from tests.fakes.cloud_hypervisor_spec import operation, request_schema, validate
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_cloud_hypervisor.py"
 pytestmark = pytest.mark.timeout(60)

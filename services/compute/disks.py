@@ -1,0 +1,30 @@
+"""qcow2 disks shared by every VMM driver: per-VM overlays and disks frozen for snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition, ResourceExhausted
+
+
+async def _qemu_img(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec("qemu-img", *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    _, stderr = await process.communicate()
+    return process.returncode, stderr.decode().strip()
+
+
+async def create_overlay(backing: Path, backing_format: str, path: Path) -> None:
+    """A copy-on-write qcow2 overlay: instant, and only what the VM writes takes space."""
+    code, error = await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path))
+    if code != 0:
+        raise ResourceExhausted(f"cannot create the VM disk: {error}", reason="DISK_CREATE_FAILED")
+
+
+async def freeze(disk: Path, base_image: Path, target: Path) -> None:
+    """Copies a (stopped) VM's overlay rebased onto the template image, so the copy stands alone."""
+    code, error = await _qemu_img("convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
+                                  str(disk), str(target))
+    if code != 0:
+        raise FailedPrecondition(f"cannot freeze the disk: {error}", reason="DISK_SNAPSHOT_FAILED")
