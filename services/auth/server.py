@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import structlog
 
@@ -71,25 +70,8 @@ async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
     servicer = AuthServicer(context.etcd, context.settings)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
 
-    async def rotate_forever() -> None:
-        while True:
-            await asyncio.sleep(context.settings.signing_key_rotation_seconds)
-            try:
-                kid = await servicer.credentials.rotate()
-                log.info("signing_key_rotated", kid=kid)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("signing_key_rotation_failed")
+    async def rotate() -> None:
+        log.info("signing_key_rotated", kid=await servicer.credentials.rotate())
 
-    rotation = asyncio.create_task(rotate_forever(), name="signing-key-rotation")
-
-    async def stop_rotation() -> None:
-        rotation.cancel()
-        try:
-            await rotation
-        except asyncio.CancelledError:
-            pass
-
-    context.on_shutdown.append(stop_rotation)
+    context.every(context.settings.signing_key_rotation_seconds, rotate, "signing-key-rotation")
     return [auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name]

@@ -76,6 +76,28 @@ class ServiceContext(Generic[S]):
             self._channels[address] = channel
         return channel
 
+    def every(self, seconds: float, work: Callable[[], Awaitable[None]], name: str) -> None:
+        """Runs `work` every `seconds` in the background until shutdown; a failure is logged, not fatal."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await work()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("periodic_work_failed", work=name)
+
+        task = asyncio.create_task(loop(), name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.on_shutdown.append(stop)
+
     async def close_channels(self) -> None:
         for channel in self._channels.values():
             await channel.close()

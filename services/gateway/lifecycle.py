@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -16,7 +15,7 @@ from microvm.compute.v1 import compute_pb2
 from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unimplemented
 from services.gateway.access import current_tenant
 from services.gateway.records import SandboxRecord
 
@@ -242,19 +241,12 @@ class SandboxLifecycle:
 
     async def reap_expired(self) -> None:
         """Deletes sandboxes whose timeout passed (and retries deletions that failed)."""
-        while True:
-            await asyncio.sleep(self.context.settings.reaper_interval_seconds)
-            try:
-                now = time.time()
-                for record in await self.store.list():
-                    if record.expire_at <= now or (record.sandbox.state == sandbox_pb2.SANDBOX_STATE_DELETING
-                                                   and record.sandbox.update_time.ToSeconds() < now - 30):
-                        try:
-                            await self.destroy(record)
-                            log.info("sandbox_expired", sandbox=record.id)
-                        except (ServiceError, grpc.aio.AioRpcError, NotFound) as exc:
-                            log.warning("sandbox_reap_failed", sandbox=record.id, error=str(exc))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reaper_failed")
+        now = time.time()
+        for record in await self.store.list():
+            if record.expire_at <= now or (record.sandbox.state == sandbox_pb2.SANDBOX_STATE_DELETING
+                                           and record.sandbox.update_time.ToSeconds() < now - 30):
+                try:
+                    await self.destroy(record)
+                    log.info("sandbox_expired", sandbox=record.id)
+                except (ServiceError, grpc.aio.AioRpcError) as exc:
+                    log.warning("sandbox_reap_failed", sandbox=record.id, error=str(exc))

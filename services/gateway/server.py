@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
-from services.common.server import ServiceContext
-from services.common.settings import GatewaySettings
 from aiohttp import web
 
+from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
 from services.common.config import parse_address
+from services.common.server import ServiceContext
+from services.common.settings import GatewaySettings
 from services.gateway.access import AccessInterceptor
 from services.gateway.http import HttpGateway
 from services.gateway.sandboxes import SandboxServicer
@@ -24,16 +24,7 @@ def interceptors(context: ServiceContext[GatewaySettings]) -> list:
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     servicer = SandboxServicer(context)
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)
-    reaper = asyncio.create_task(servicer.reap_expired(), name="sandbox-reaper")
-
-    async def stop_reaper() -> None:
-        reaper.cancel()
-        try:
-            await reaper
-        except asyncio.CancelledError:
-            pass
-
-    context.on_shutdown.append(stop_reaper)
+    context.every(context.settings.reaper_interval_seconds, servicer.reap_expired, "sandbox-reaper")
 
     # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:

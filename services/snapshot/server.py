@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import structlog
@@ -77,26 +76,8 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
     store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes)
     snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(SnapshotStoreServicer(store, settings), server)
 
-    async def collect_forever() -> None:
-        while True:
-            await asyncio.sleep(settings.gc_interval_seconds)
-            try:
-                await store.collect_garbage(settings.keep_last_per_sandbox)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("snapshot_gc_failed")
-
-    collector = asyncio.create_task(collect_forever(), name="snapshot-gc")
-
-    async def stop_collector() -> None:
-        collector.cancel()
-        try:
-            await collector
-        except asyncio.CancelledError:
-            pass
-
-    context.on_shutdown.append(stop_collector)
+    context.every(settings.gc_interval_seconds,
+                  lambda: store.collect_garbage(settings.keep_last_per_sandbox), "snapshot-gc")
     return [snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotStoreService"].full_name]
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from microvm_sandbox import Client, Exited, NotFoundError, Sandbox, SandboxError, Stderr, Stdout
+from microvm_sandbox.aio import default_api_key
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
 
@@ -54,14 +55,11 @@ def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
 
 
 def api_key() -> str:
-    """$MVM_API_KEY, else the admin key `make up` wrote into the state dir."""
-    if key := os.environ.get("MVM_API_KEY"):
-        return key.strip()
-    path = Path(os.environ.get("MVM_STATE_DIR") or Path.home() / ".microvm") / "admin.key"
+    """$MVM_API_KEY, else the admin key `make up` wrote into the state dir (the SDK's rule)."""
     try:
-        return path.read_text().strip()
-    except OSError:
-        sys.exit(f"mvm: no API key: set MVM_API_KEY or run `make up` (which writes {path})")
+        return default_api_key()
+    except SandboxError as error:
+        sys.exit(f"mvm: {error.message}")
 
 
 class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
