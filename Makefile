@@ -42,6 +42,7 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	printf '%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" "$(CURDIR)/clients/cli" "$(CURDIR)/clients/python/src" "$(CURDIR)/clients/mcp" "$(CURDIR)/clients/integrations" "$(CURDIR)/guest_agents/linux" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/microvm-sandbox.pth
 	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m mvm_cli.main "$$@"\n' > $(BIN)/mvm && chmod +x $(BIN)/mvm
 	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m services.supervisor.main "$$@"\n' > $(BIN)/mvm-supervisor && chmod +x $(BIN)/mvm-supervisor
+	printf '#!/bin/sh\nexec "$(CURDIR)/$(BIN)/python" -m microvm_mcp "$$@"\n' > $(BIN)/mvm-mcp && chmod +x $(BIN)/mvm-mcp
 	touch $@
 
 protos: venv $(GEN)/.stamp ## generate Python from protos/

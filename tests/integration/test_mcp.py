@@ -60,3 +60,31 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
             gone = await client.call_tool("run_command", {"sandbox_id": sandbox_id, "command": "true"})
             assert gone.is_error and "NOT_FOUND" in gone.content[0].text
     asyncio.run(scenario())
+
+
+def test_mcp_over_streamable_http_lists_tools_with_described_inputs(stack):
+    import socket
+    import subprocess
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "microvm_mcp", "--http", "--port", str(port)],
+                              env={**os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def scenario():
+            for _ in range(100):
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                        return (await client.list_tools()).tools
+                except Exception:
+                    await asyncio.sleep(0.1)
+            raise AssertionError("the MCP HTTP server did not come up")
+        tools = {tool.name: tool for tool in asyncio.run(scenario())}
+        assert set(tools) >= TOOLS
+        schema = tools["execute_code"].input_schema
+        assert all(schema["properties"][p].get("description") for p in ("sandbox_id", "language", "code"))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

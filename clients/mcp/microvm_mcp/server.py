@@ -9,7 +9,9 @@ It talks to the gateway through the Python SDK (MVM_GATEWAY, MVM_API_KEY or the 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -61,7 +63,9 @@ async def _run(sb: AsyncSandbox, command: list[str] | str, ctx: Context | None, 
 
 
 @server.tool(description="Create a sandbox (a fresh Linux microVM). Returns its id for the other tools.")
-async def create_sandbox(template: str = "default", timeout_seconds: int = 600) -> dict[str, str]:
+async def create_sandbox(
+        template: Annotated[str, Field(description="image to boot; `default` is Debian with python3")] = "default",
+        timeout_seconds: Annotated[int, Field(description="lifetime in seconds, 1..86400", ge=1, le=86400)] = 600) -> dict[str, str]:
     """template: image to boot ("default": Debian with python3). timeout_seconds: lifetime, 1..86400."""
     try:
         sb = await AsyncSandbox.create(template, timeout=timeout_seconds, client=client())
@@ -71,7 +75,11 @@ async def create_sandbox(template: str = "default", timeout_seconds: int = 600) 
 
 
 @server.tool(description="Run code in a sandbox and return its output. language: python or sh.")
-async def execute_code(sandbox_id: str, language: str, code: str, ctx: Context, timeout_seconds: int = 120) -> dict:
+async def execute_code(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                       language: Annotated[str, Field(description="`python` or `sh`")],
+                       code: Annotated[str, Field(description="the program; stdout/stderr are returned")],
+                       ctx: Context,
+                       timeout_seconds: Annotated[int, Field(description="kill it after this long", ge=1)] = 120) -> dict:
     runners = {"python": ["python3", "-c", code], "sh": ["sh", "-c", code], "bash": ["sh", "-c", code]}
     if language.lower() not in runners:
         raise ToolError(f"unsupported language {language!r}: use python or sh")
@@ -79,12 +87,17 @@ async def execute_code(sandbox_id: str, language: str, code: str, ctx: Context, 
 
 
 @server.tool(description="Run a shell command line in a sandbox and return exit code, stdout and stderr.")
-async def run_command(sandbox_id: str, command: str, ctx: Context, timeout_seconds: int = 120) -> dict:
+async def run_command(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                      command: Annotated[str, Field(description="a shell command line, run by /bin/sh -c")],
+                      ctx: Context,
+                      timeout_seconds: Annotated[int, Field(description="kill it after this long", ge=1)] = 120) -> dict:
     return await _run(await sandbox(sandbox_id), command, ctx, timeout_seconds)
 
 
 @server.tool(description="Write a text file in a sandbox (parent directories are created).")
-async def write_file(sandbox_id: str, path: str, content: str) -> dict[str, Any]:
+async def write_file(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                     path: Annotated[str, Field(description="absolute path in the sandbox")],
+                     content: Annotated[str, Field(description="text to write (replaces the file)")]) -> dict[str, Any]:
     sb = await sandbox(sandbox_id)
     try:
         await sb.write(path, content)
@@ -94,7 +107,8 @@ async def write_file(sandbox_id: str, path: str, content: str) -> dict[str, Any]
 
 
 @server.tool(description="Read a text file from a sandbox.")
-async def read_file(sandbox_id: str, path: str) -> str:
+async def read_file(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                    path: Annotated[str, Field(description="absolute path in the sandbox")]) -> str:
     sb = await sandbox(sandbox_id)
     try:
         return clip(await sb.read(path))
@@ -103,7 +117,8 @@ async def read_file(sandbox_id: str, path: str) -> str:
 
 
 @server.tool(description="List a directory in a sandbox.")
-async def list_files(sandbox_id: str, path: str = "/root") -> list[dict[str, Any]]:
+async def list_files(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                     path: Annotated[str, Field(description="absolute directory path")] = "/root") -> list[dict[str, Any]]:
     sb = await sandbox(sandbox_id)
     try:
         return [{"path": e.path, "directory": e.is_dir, "size": e.size} for e in await sb.ls(path)]
@@ -112,7 +127,7 @@ async def list_files(sandbox_id: str, path: str = "/root") -> list[dict[str, Any
 
 
 @server.tool(description="Snapshot a sandbox (memory, processes and disk) to come back to it later.")
-async def snapshot_sandbox(sandbox_id: str) -> dict[str, str]:
+async def snapshot_sandbox(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")]) -> dict[str, str]:
     sb = await sandbox(sandbox_id)
     try:
         return {"snapshot_id": (await sb.snapshot()).id}
@@ -121,7 +136,7 @@ async def snapshot_sandbox(sandbox_id: str) -> dict[str, str]:
 
 
 @server.tool(description="Start a new sandbox from a snapshot; running processes continue where they were.")
-async def restore_snapshot(snapshot_id: str) -> dict[str, str]:
+async def restore_snapshot(snapshot_id: Annotated[str, Field(description="id returned by snapshot_sandbox")]) -> dict[str, str]:
     try:
         return {"sandbox_id": (await AsyncSandbox.restore(snapshot_id, client=client())).id}
     except SandboxError as error:
@@ -129,7 +144,8 @@ async def restore_snapshot(snapshot_id: str) -> dict[str, str]:
 
 
 @server.tool(description="Clone a sandbox into N independent copies (to try alternatives in parallel).")
-async def fork_sandbox(sandbox_id: str, count: int = 1) -> dict[str, list[str]]:
+async def fork_sandbox(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                       count: Annotated[int, Field(description="number of clones, 1..64", ge=1, le=64)] = 1) -> dict[str, list[str]]:
     sb = await sandbox(sandbox_id)
     try:
         return {"sandbox_ids": [clone.id for clone in await sb.fork(count)]}
@@ -138,7 +154,7 @@ async def fork_sandbox(sandbox_id: str, count: int = 1) -> dict[str, list[str]]:
 
 
 @server.tool(description="Destroy a sandbox and everything in it.")
-async def destroy_sandbox(sandbox_id: str) -> dict[str, str]:
+async def destroy_sandbox(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")]) -> dict[str, str]:
     await (await sandbox(sandbox_id)).kill()
     return {"sandbox_id": sandbox_id, "state": "DELETED"}
 

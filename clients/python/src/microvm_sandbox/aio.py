@@ -344,3 +344,7 @@ async def list_snapshots(client: AsyncClient, source_sandbox: str = "") -> list[
     reply = await client.call("ListSnapshots", api.ListSnapshotsRequest(source_sandbox=name, page_size=1000),
                               idempotent=True)
     return list(reply.snapshots)
+
+
+# `from microvm_sandbox.aio import Sandbox` reads naturally in async code: `async with Sandbox.create() as sb`.
+Sandbox = AsyncSandbox
