@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -178,8 +180,6 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
             continue
     elapsed = time.perf_counter() - started
     await restored.close()
-    import os
-    import signal
     os.kill(int(driver.paths(target_dir)["pid"].read_text()), signal.SIGKILL)
     return elapsed
 
@@ -216,7 +216,7 @@ def main() -> None:
             wait_for_warm_pool(stack)
             # Cold create through the whole system (a size the pool does not hold), then the same boot by hand.
             first_output, sandbox = first_output_after_create(gateway, memory_mib=320)
-            raw_boot_seconds, channel, _ = loop.run_until_complete(raw_boot(raw_dir))
+            raw_boot_seconds, channel, raw_pid = loop.run_until_complete(raw_boot(raw_dir))
             emit("cold_create_to_first_output", first_output, "s", raw_boot_seconds,
                  "raw qemu boot to first agent answer", "ratio <= 1.1")
 
@@ -276,6 +276,7 @@ def main() -> None:
             for clone in forked.sandboxes:
                 gateway.delete(clone.name)
             gateway.delete(sandbox.name)
+            os.kill(raw_pid, signal.SIGKILL)  # the hand-started source VM, paused since its state was saved
         finally:
             loop.close()
             stack.stop()
