@@ -17,6 +17,7 @@ import grpc
 import yaml
 
 from services.common.pki import load_identity
+from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 
 from services.supervisor.stack import SERVICE_KINDS, check_stack_health
 
@@ -45,6 +46,18 @@ class LocalStack:
     def health(self, detailed: bool = False) -> dict[str, str]:
         return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed,
                                               pki_dir=self.state_dir / "pki"))
+
+    def registered(self) -> list[ServiceInstance]:
+        """Every service instance registered in etcd right now."""
+        async def read():
+            client = etcd_client([self.etcd_endpoint])
+            await client.connect()
+            try:
+                return [ServiceInstance.decode(kv.key, kv.value)
+                        for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
+            finally:
+                await client.close()
+        return asyncio.run(read())
 
     def internal_channel(self, address: str) -> grpc.Channel:
         """A channel to an internal service, presenting the operator's certificate (mutual TLS)."""

@@ -65,7 +65,6 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
 def test_mcp_over_streamable_http_lists_tools_with_described_inputs(stack):
     import socket
     import subprocess
-    import time
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

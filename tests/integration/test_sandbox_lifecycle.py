@@ -16,22 +16,13 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from services.common.errors import error_info
-from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+from services.common.registry import etcd_client
 
 pytestmark = pytest.mark.guest
 
 
 def instances(stack, kind):
-    async def read():
-        client = etcd_client([stack.etcd_endpoint])
-        await client.connect()
-        try:
-            return [ServiceInstance.decode(kv.key, kv.value)
-                    for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
-        finally:
-            await client.close()
-    return [i for i in asyncio.run(read()) if i.kind == kind]
-
+    return [i for i in stack.registered() if i.kind == kind]
 
 def etcd_keys(stack, prefix: str) -> list[str]:
     async def read():
@@ -67,6 +58,25 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def exec_outcome_while(gateway, sandbox, disruption) -> object:
+    """Runs a long exec, applies `disruption` one second in, and returns how the exec ended."""
+    outcome = {}
+
+    def run_exec():
+        try:
+            gateway.exec(sandbox.name, ["sleep", "120"], timeout=90)
+            outcome["result"] = "finished"
+        except grpc.RpcError as error:
+            outcome["result"] = error.code()
+
+    worker = threading.Thread(target=run_exec)
+    worker.start()
+    time.sleep(1.0)
+    disruption()
+    worker.join(timeout=30)
+    return outcome.get("result")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1):
@@ -157,21 +167,8 @@ def test_killing_compute_ends_a_running_exec_and_the_vm_is_readopted(stack, gate
     sandbox = gateway.create()
     try:
         compute = instances(stack, "compute")[0]
-        outcome = {}
-
-        def run_exec():
-            try:
-                gateway.exec(sandbox.name, ["sleep", "120"], timeout=90)
-                outcome["result"] = "finished"
-            except grpc.RpcError as error:
-                outcome["result"] = error.code()
-
-        worker = threading.Thread(target=run_exec)
-        worker.start()
-        time.sleep(1.0)
-        os.kill(compute.pid, signal.SIGKILL)
-        worker.join(timeout=30)
-        assert outcome.get("result") == grpc.StatusCode.UNAVAILABLE
+        result = exec_outcome_while(gateway, sandbox, lambda: os.kill(compute.pid, signal.SIGKILL))
+        assert result == grpc.StatusCode.UNAVAILABLE
         # The supervisor restarts compute, which re-adopts the still-running VM.
         assert wait_for(lambda: [i for i in instances(stack, "compute") if i.pid != compute.pid], timeout=20)
         assert wait_for(lambda: gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5)
@@ -208,21 +205,8 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
 
 def test_exec_ends_unavailable_when_its_sandbox_is_deleted(gateway):
     sandbox = gateway.create()
-    outcome = {}
-
-    def run_exec():
-        try:
-            gateway.exec(sandbox.name, ["sleep", "120"], timeout=90)
-            outcome["result"] = "finished"
-        except grpc.RpcError as error:
-            outcome["result"] = error.code()
-
-    worker = threading.Thread(target=run_exec)
-    worker.start()
-    time.sleep(1.0)
-    gateway.delete(sandbox.name)
-    worker.join(timeout=30)
-    assert outcome.get("result") == grpc.StatusCode.UNAVAILABLE
+    result = exec_outcome_while(gateway, sandbox, lambda: gateway.delete(sandbox.name))
+    assert result == grpc.StatusCode.UNAVAILABLE
 
 
 def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):

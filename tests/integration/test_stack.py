@@ -1,6 +1,5 @@
 """The local stack as `make up` runs it: real etcd, real service processes, the real supervisor."""
 
-import asyncio
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ import pytest
 
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from services.common.errors import error_info
-from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+from services.common.registry import ServiceInstance
 from services.supervisor.stack import SERVICE_KINDS, stop_leftover_vms
 from tests.stack import REPO, start_stack
 
@@ -21,15 +20,7 @@ GRPCURL = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "grp
 
 
 def registered(stack) -> list[ServiceInstance]:
-    async def read():
-        client = etcd_client([stack.etcd_endpoint])
-        await client.connect()
-        try:
-            return [ServiceInstance.decode(kv.key, kv.value)
-                    for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
-        finally:
-            await client.close()
-    return asyncio.run(read())
+    return stack.registered()
 
 
 def pid_alive(pid: int) -> bool:
