@@ -4,6 +4,7 @@ loopback ports, state in a temporary directory."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -69,17 +70,23 @@ class LocalStack:
         return path.read_text() if path.exists() else ""
 
     def stop(self, timeout: float = 30) -> int:
+        if self.process is None:  # a copy handed into a network namespace; its owner stops it
+            return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
 
 
-def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: float = 60) -> LocalStack:
+def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: float = 60,
+                netns: str | None = None) -> LocalStack:
+    """The supervisor with a fresh config; inside network namespace `netns` when given (tests/netns.py)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     etcd_port = free_port()
     gateway_port = free_port()
     config = {
         "lease_ttl_seconds": 2,
+        # Sandbox networking changes the host's network; it is tested in namespaces (tests/netns.py).
+        "networking": False,
         "gateway": {"listen": f"127.0.0.1:{gateway_port}", "http_listen": f"127.0.0.1:{free_port()}"},
         "supervisor": {"etcd_client_port": etcd_port, "etcd_peer_port": free_port()},
         # Retention runs only when a test asks (CollectGarbage), so tests see exactly what they caused.
@@ -95,14 +102,32 @@ def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: floa
     env = dict(os.environ, MVM_STATE_DIR=str(state_dir))
     env.pop("MVM_ETCD_ENDPOINTS", None)
     log = open(state_dir / "supervisor-test.log", "ab")
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.supervisor.main", "run", "--state-dir", str(state_dir),
+        [*prefix, sys.executable, "-m", "services.supervisor.main", "run", "--state-dir", str(state_dir),
          "--config", str(config_path)], stdout=log, stderr=log, env=env, cwd=REPO)
-    stack = LocalStack(state_dir, config_path, f"127.0.0.1:{etcd_port}", f"127.0.0.1:{gateway_port}", process)
+    # Reached over loopback even when extra_config binds them to every address.
+    gateway_address = f"127.0.0.1:{config['gateway']['listen'].rpartition(':')[2]}"
+    etcd_endpoint = f"127.0.0.1:{config['supervisor']['etcd_client_port']}"
+    stack = LocalStack(state_dir, config_path, etcd_endpoint, gateway_address, process)
+    if netns:
+        from tests.netns import run_in
+        try:
+            run_in(netns, wait_until_serving, dataclasses.replace(stack, process=None), timeout)
+        except BaseException:
+            stack.stop()
+            raise
+        stack.admin_key = stack.admin_key_path.read_text().strip()
+        return stack
+    return wait_until_serving(stack, timeout)
+
+
+def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
+    process, state_dir = stack.process, stack.state_dir
     deadline = time.monotonic() + timeout
     report: dict[str, str] = {}
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RuntimeError(f"supervisor exited {process.returncode}: "
                                f"{(state_dir / 'supervisor-test.log').read_text()[-2000:]}")
         report = stack.health()

@@ -16,6 +16,7 @@ offending key named instead of being silently ignored. Environment variables ove
 from __future__ import annotations
 
 import dataclasses
+import socket
 import os
 import types
 import typing
@@ -58,6 +59,14 @@ class CommonSettings:
     # Mutual TLS between services with the installation's CA (<state_dir>/pki unless pki_dir is set).
     internal_tls: bool = True
     pki_dir: str = ""
+    # This host's name in the cluster (compute and network of one host share it); default: the host name.
+    node_id: str = ""
+    # Sandboxes get a NIC on the node's bridge, egress policy and exposed ports (needs CAP_NET_ADMIN).
+    networking: bool = True
+
+    @property
+    def node(self) -> str:
+        return self.node_id or socket.gethostname()
 
     @property
     def pki_path(self) -> Path:

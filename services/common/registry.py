@@ -152,13 +152,15 @@ class ServiceDirectory:
     def instances(self, kind: str) -> list[ServiceInstance]:
         return sorted((i for i in self._instances.values() if i.kind == kind), key=lambda i: i.instance_id)
 
-    def newest(self, kind: str) -> ServiceInstance:
-        """The most recently started instance of `kind` (a restarted one may overlap its predecessor's
-        registration until that lease expires)."""
+    def newest(self, kind: str, node: str | None = None) -> ServiceInstance:
+        """The most recently started instance of `kind` (on `node`, for per-node services); a restarted
+        one may overlap its predecessor's registration until that lease expires."""
         from services.common.errors import Unavailable
-        instances = self.instances(kind)
+        instances = [i for i in self.instances(kind) if node is None or i.metadata.get("node") == node]
         if not instances:
-            raise Unavailable(f"the {kind} service is not available", reason=f"{kind.upper()}_UNAVAILABLE")
+            where = "" if node is None else f" on node {node}"
+            raise Unavailable(f"the {kind} service{where} is not available", reason=f"{kind.upper()}_UNAVAILABLE",
+                              metadata={"node": node} if node else None)
         return max(instances, key=lambda i: i.started)
 
     async def wait_for(self, kind: str, timeout: float) -> list[ServiceInstance]:

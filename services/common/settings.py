@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
 from pathlib import Path
 
@@ -39,8 +40,6 @@ class GatewaySettings(ServiceSettings):
 
 @dataclasses.dataclass
 class ComputeSettings(ServiceSettings):
-    # Node id; default: the host name.
-    node_id: str = ""
     # `auto`, `qemu` or `cloud-hypervisor`.
     vmm: str = "auto"
     # `auto`, `kvm` or `tcg`. auto = kvm only where the CPU shows vmx/svm.
@@ -109,8 +108,33 @@ class RelaySettings(ServiceSettings):
 
 @dataclasses.dataclass
 class NetworkSettings(ServiceSettings):
+    # The node's bridge; its first address is the guests' gateway.
     bridge: str = "mvmbr0"
-    subnet: str = "10.88.0.0/16"
+    # Guest addresses (IPv4); the same range may be used on every node (sandboxes leave a node NATed).
+    subnet: str = "10.213.0.0/20"
+    # Name servers given to guests; default: the host's non-loopback ones from /etc/resolv.conf.
+    dns_servers: list[str] = dataclasses.field(default_factory=list)
+    # Seconds between sweeps that make devices, rules and listeners match the records in etcd.
+    reconcile_interval_seconds: float = 5.0
+    max_exposed_ports_per_sandbox: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            network = ipaddress.ip_network(self.subnet)
+        except ValueError as exc:
+            raise ConfigError(f"network.subnet: {self.subnet!r} is not a network ({exc})") from None
+        if network.version != 4 or not 16 <= network.prefixlen <= 28:
+            raise ConfigError("network.subnet must be an IPv4 network between /16 and /28")
+        for server in self.dns_servers:
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                raise ConfigError(f"network.dns_servers: {server!r} is not an IPv4 address") from None
+        if not 15 >= len(self.bridge) >= 1 or not self.bridge.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("network.bridge must be an interface name (1-15 letters, digits, - or _)")
+        if self.reconcile_interval_seconds <= 0:
+            raise ConfigError("network.reconcile_interval_seconds must be positive")
 
 
 @dataclasses.dataclass
@@ -145,6 +169,8 @@ class SupervisorSettings:
     # etcd ports on loopback, started by the supervisor.
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
+    # Address etcd's client port listens on (the services always use loopback); 0.0.0.0 for other hosts.
+    etcd_listen_host: str = "127.0.0.1"
     etcd_binary: str = "etcd"
     # Restart back-off bounds, seconds.
     restart_backoff_initial_seconds: float = 0.2

@@ -155,7 +155,7 @@ class CloudHypervisorDriver:
         memory: dict[str, Any] = {"size": vm.memory_mib << 20}
         if vm.ram_path and vm.ram_shared:
             memory["shared"] = True
-        return {
+        config: dict[str, Any] = {
             "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
             "memory": memory,
             "payload": {"kernel": str(image.kernel), "initramfs": str(image.initramfs),
@@ -166,6 +166,10 @@ class CloudHypervisorDriver:
             "console": {"mode": "Off"},
             "vsock": {"cid": GUEST_CID, "socket": str(p["agent"])},
         }
+        if vm.tap_device:
+            # The network service's persistent TAP; no `ip`/`mask`: the host side stays a bare bridge port.
+            config["net"] = [{"tap": vm.tap_device, "mac": vm.mac_address, "num_queues": 2}]
+        return config
 
     async def _spawn(self, directory: Path) -> int:
         p = self.paths(directory)
@@ -244,6 +248,8 @@ class CloudHypervisorDriver:
         config["disks"][0]["path"] = str(p["disk"])
         config["vsock"]["socket"] = str(p["agent"])
         config["serial"]["file"] = str(p["console"])
+        for net in config.get("net") or []:
+            net["tap"], net["mac"] = vm.tap_device, vm.mac_address  # the clone's own attachment
         (source / "config.json").write_text(json.dumps(config))
         pid = await self._spawn(directory)
         api = self.api(directory)

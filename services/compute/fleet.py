@@ -27,6 +27,7 @@ from services.common.errors import (AlreadyExists, DataLoss, DeadlineExceeded, F
                                     InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable)
 from services.common.settings import ComputeSettings
 from services.compute.vmm import VmmDriver
+from services.compute.network_link import NetworkLink, configure_guest
 from services.compute.records import VMS_PREFIX, VmRecord
 
 log = structlog.get_logger()
@@ -70,8 +71,11 @@ async def _download(store, snapshot_id: str, name: str, path: Path) -> None:
 
 
 class VmFleet:
-    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: VmmDriver) -> None:
+    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: VmmDriver,
+                 network: NetworkLink | None = None) -> None:
         self.settings = settings
+        # None when the installation runs without networking: VMs then have no NIC.
+        self.network = network
         self.etcd = etcd
         self.node = node_id
         self.driver = driver
@@ -189,26 +193,28 @@ class VmFleet:
             raise NotFound(f"template {template!r} is not built on node {self.node} "
                            f"(available: {', '.join(self.templates()) or 'none'})", reason="TEMPLATE_NOT_FOUND")
 
-    async def create(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> VmRecord:
+    async def create(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
+                     policy=None) -> VmRecord:
         hostname = hostname or vm_id
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
         if vm_id in self.vms:
             raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
         if self.warm.enabled and self.warm.fits(vcpus, memory_mib):
-            vm = await self.warm.claim(template, vm_id, hostname)
+            vm = await self.warm.claim(template, vm_id, hostname, policy)
             if vm is not None:
                 return vm
             frozen = self.warm.frozen(template)
             if frozen is not None:
                 try:
-                    return await self._restore_from(frozen, vm_id, hostname, start_method="template-snapshot")
+                    return await self._restore_from(frozen, vm_id, hostname, start_method="template-snapshot",
+                                                    policy=policy)
                 except ServiceError as exc:
                     # A template snapshot that does not restore is not trusted again: boot cold, rebuild it.
                     log.warning("template_snapshot_restore_failed", template=template, error=exc.message)
                     self.warm.invalidate(template)
         image = BuiltImage.load(template, self.image_root)
         vm = await self._admit(vm_id, template, vcpus, memory_mib, hostname, image)
-        return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory))
+        return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory), policy)
 
     async def _admit(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
                      image: BuiltImage, boot_hostname: str = "", source_snapshot: str = "",
@@ -238,17 +244,23 @@ class VmFleet:
             await self._save(vm)  # holds its capacity from here on
             return vm
 
-    async def _start(self, vm: VmRecord, launch) -> VmRecord:
-        """Runs `launch(directory) -> pid` and waits for the agent; on any failure nothing is left behind."""
+    async def _start(self, vm: VmRecord, launch, policy=None) -> VmRecord:
+        """Attaches the VM to the node's network, runs `launch(directory) -> pid`, waits for the agent and
+        configures the guest's network; on any failure nothing is left behind."""
         directory = Path(vm.directory)
         async with self._lock(vm.id):
             try:
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir(parents=True)
+                if self.network is not None:
+                    await self.network.attach(vm, policy)
+                    await self._save(vm)
                 vm.pid = await launch(directory)
                 await self._save(vm)
                 self._watch(vm)
                 await self._wait_for_agent(vm)
+                if vm.tap_device:
+                    await configure_guest(vm)
                 vm.state = "RUNNING"
                 await self._save(vm)
                 log.info("vm_started", vm=vm.id, pid=vm.pid, template=vm.template, snapshot=vm.source_snapshot)
@@ -290,7 +302,7 @@ class VmFleet:
             snapshot_format = await self.driver.snapshot(vm, out, image.rootfs)
         config = {"template": vm.template, "image_dir": vm.image_dir, "vcpus": vm.vcpus,
                   "memory_mib": vm.memory_mib, "boot_hostname": vm.boot_hostname or vm.hostname,
-                  "vmm": vm.vmm, "accel": vm.accel, "format": snapshot_format}
+                  "vmm": vm.vmm, "accel": vm.accel, "format": snapshot_format, "network": bool(vm.tap_device)}
         (out / "config.json").write_text(json.dumps(config))
         hashes = await asyncio.to_thread(_hash_files, out, ARTIFACT_FILES)
         (out / "verified.json").write_text(json.dumps(hashes))
@@ -327,7 +339,7 @@ class VmFleet:
                 shutil.rmtree(work, ignore_errors=True)
             return target
 
-    async def restore(self, vm_id: str, record, hostname: str, store) -> VmRecord:
+    async def restore(self, vm_id: str, record, hostname: str, store, policy=None) -> VmRecord:
         """A new VM from a snapshot: its own disk overlay on the frozen disk, RAM loaded, then running."""
         hostname = hostname or vm_id
         if not VM_ID.match(vm_id):
@@ -336,11 +348,17 @@ class VmFleet:
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         frozen = await self._materialize(record, store)
         return await self._restore_from(frozen, vm_id, hostname, source_snapshot=record.id,
-                                        start_method="snapshot-restore")
+                                        start_method="snapshot-restore", policy=policy)
 
     async def _restore_from(self, frozen: Path, vm_id: str, hostname: str, source_snapshot: str = "",
-                            start_method: str = "snapshot-restore", pooled: bool = False) -> VmRecord:
+                            start_method: str = "snapshot-restore", pooled: bool = False,
+                            policy=None) -> VmRecord:
         config = json.loads((frozen / "config.json").read_text())
+        if config.get("network", False) != (self.network is not None):
+            # The NIC is part of the frozen device state: it can only be restored where it exists too.
+            raise FailedPrecondition(f"snapshot {frozen.name} was taken with networking "
+                                     f"{'on' if config.get('network') else 'off'}; this node has it "
+                                     f"{'on' if self.network else 'off'}", reason="NETWORKING_MISMATCH")
         if config["accel"] != self.driver.accel or config["vmm"] != self.driver.name:
             raise FailedPrecondition(f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
                                      f"this node runs {self.driver.name}/{self.driver.accel}",
@@ -354,7 +372,7 @@ class VmFleet:
                                image, boot_hostname=config["boot_hostname"], source_snapshot=source_snapshot,
                                ram_path=str(frozen / "ram") if shared_ram else "", ram_shared=False,
                                start_method=start_method, pooled=pooled)
-        return await self._start(vm, lambda directory: self.driver.restore(vm, image, directory, frozen))
+        return await self._start(vm, lambda directory: self.driver.restore(vm, image, directory, frozen), policy)
 
     def prune_snapshot_cache(self, live_snapshots: set[str]) -> None:
         """Drops local snapshot copies that no record and no VM needs any more."""
@@ -407,8 +425,12 @@ class VmFleet:
             return "no console output"
         return " | ".join(text[-lines:]) or "no console output"
 
-    async def adopt_pooled(self, pooled: VmRecord, vm_id: str, hostname: str) -> VmRecord:
-        """Turns a paused pool VM into `vm_id`: resumed, recorded under the new id, counted as used."""
+    async def adopt_pooled(self, pooled: VmRecord, vm_id: str, hostname: str, policy=None) -> VmRecord:
+        """Turns a paused pool VM into `vm_id`: resumed, recorded under the new id, counted as used.
+
+        Its network attachment moves with it (same TAP and address, the caller's policy). The new record is
+        written before the attachment moves and the old one removed after, so the network service never
+        sees an attachment without a VM."""
         async with self._lock(pooled.id):
             async with self._admission:
                 if vm_id in self.vms:
@@ -421,9 +443,20 @@ class VmFleet:
                 old_watcher = self._watchers.pop(pooled.id, None)
                 if old_watcher:
                     old_watcher.cancel()
-                await self._forget(pooled)
+                old_id, old_key = pooled.id, pooled.key
                 pooled.id, pooled.hostname, pooled.pooled, pooled.state = vm_id, hostname, False, "RUNNING"
                 await self._save(pooled)
+                self.vms.pop(old_id, None)
+                try:
+                    if self.network is not None and pooled.tap_device:
+                        await self.network.attach(pooled, policy, from_vm_id=old_id)
+                        await self._save(pooled)
+                except BaseException:
+                    await self.etcd.delete(old_key.encode())
+                    await self._destroy(pooled)
+                    await self._forget(pooled)
+                    raise
+                await self.etcd.delete(old_key.encode())
                 self._watch(pooled)
         log.info("vm_started", vm=vm_id, pid=pooled.pid, template=pooled.template, method="warm-pool")
         return pooled
@@ -470,6 +503,8 @@ class VmFleet:
                 await self._save(vm)
                 self._watch(vm)
                 await self._wait_for_agent(vm)
+                if vm.tap_device:
+                    await configure_guest(vm)
             except BaseException:
                 await self._destroy(vm, keep_disk=True)
                 vm.state, vm.pid = "STOPPED", 0
@@ -564,6 +599,8 @@ class VmFleet:
                     self.driver.paths(directory)[name].unlink(missing_ok=True)
             else:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
+                if self.network is not None:
+                    await self.network.detach(vm.id)
         finally:
             self._deleting.discard(vm.id)
 

@@ -74,9 +74,18 @@ class QemuDriver:
             "-device", "virtio-serial-device",
             "-chardev", f"socket,path={p['agent']},server=on,wait=off,id=agent",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            *self.nic(vm),
             "-qmp", f"unix:{p['qmp']},server=on,wait=off",
             "-daemonize", "-pidfile", str(p["pid"]),
         ] + (["-incoming", "defer"] if incoming else [])
+
+    @staticmethod
+    def nic(vm: VmRecord) -> list[str]:
+        """virtio-net on the VM's persistent TAP (created by the network service, never by qemu)."""
+        if not vm.tap_device:
+            return []
+        return ["-netdev", f"tap,id=net0,ifname={vm.tap_device},script=no,downscript=no",
+                "-device", f"virtio-net-device,netdev=net0,mac={vm.mac_address}"]
 
     async def prepare_disk(self, image: BuiltImage, directory: Path) -> None:
         await create_overlay(image.rootfs, "raw", self.paths(directory)["disk"])

@@ -37,7 +37,12 @@ class VmRecord:
     agent_transport: str = "virtio-serial"
     create_time: float = field(default_factory=time.time)
     failure_message: str = ""
+    # Network attachment (empty without networking): TAP on the node's bridge and the guest's side of it.
     tap_device: str = ""
+    mac_address: str = ""
+    guest_cidr: str = ""
+    gateway: str = ""
+    dns_servers: list[str] = field(default_factory=list)
     # Host name on the kernel command line: a restored VM keeps its source's so the device
     # configuration matches the migrated state; its real host name is set through the agent.
     boot_hostname: str = ""
@@ -78,5 +83,5 @@ class VmRecord:
             state=STATES[self.state], pid=self.pid if self.state in ("RUNNING", "PAUSED") else 0,
             vmm=self.vmm, accel=self.accel, node=self.node, create_time=created,
             failure_message=self.failure_message, hostname=self.hostname, tap_device=self.tap_device,
-            start_method=self.start_method,
+            start_method=self.start_method, ip_address=self.guest_cidr.partition("/")[0],
             agent=compute_pb2.AgentEndpoint(transport=transport, socket_path=self.agent_socket))

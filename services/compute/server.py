@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
@@ -13,6 +12,7 @@ from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.fleet import VmFleet
 from services.compute.cloud_hypervisor import CloudHypervisorDriver
+from services.compute.network_link import NetworkLink
 from services.compute.qemu import QemuDriver
 
 
@@ -34,7 +34,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def CreateVm(self, request, context):
         vm = await self.fleet.create(request.vm_id, request.template or "default", request.vcpus or 1,
-                                     request.memory_mib or 256, request.hostname)
+                                     request.memory_mib or 256, request.hostname, request.network_policy)
         return compute_pb2.CreateVmResponse(vm=vm.to_proto())
 
     async def GetVm(self, request, context):
@@ -67,7 +67,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         store = self._snapshot_store()
         record = (await store.GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=request.snapshot_id),
                                                 timeout=10)).record
-        vm = await self.fleet.restore(request.vm_id, record, request.hostname, store)
+        vm = await self.fleet.restore(request.vm_id, record, request.hostname, store, request.network_policy)
         return compute_pb2.RestoreVmResponse(vm=vm.to_proto())
 
     async def GetNodeCapacity(self, request, context):
@@ -87,8 +87,9 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
                                settings.cloud_hypervisor_binary)
     driver = CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary) if choice.vmm == "cloud-hypervisor" \
         else QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
-    node_id = settings.node_id or socket.gethostname()
-    fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver)
+    node_id = context.common.node
+    network = NetworkLink(context, node_id) if context.common.networking else None
+    fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver, network)
     await fleet.adopt()
     fleet.warm.start()
     context.registration_metadata.update(node=node_id, vmm=choice.vmm, accel=choice.accel,

@@ -64,7 +64,8 @@ class WarmStart:
             image = BuiltImage.load(template, self.fleet.image_root)
         except FileNotFoundError:
             return None
-        return self.root / template / image.directory.name
+        # With networking the frozen devices include a NIC: such a snapshot restores only where VMs have one.
+        return self.root / template / (image.directory.name + ("-net" if self.fleet.network else ""))
 
     def frozen(self, template: str) -> Path | None:
         """The template snapshot if it exists and its files are intact (RAM file: size only, it is large)."""
@@ -138,7 +139,7 @@ class WarmStart:
             await self.fleet.pause(vm.id)
             self.pool[template].append(vm.id)
 
-    async def claim(self, template: str, vm_id: str, hostname: str) -> VmRecord | None:
+    async def claim(self, template: str, vm_id: str, hostname: str, policy=None) -> VmRecord | None:
         """Hands out a pooled VM as `vm_id`: resumed and re-recorded under its new id; None if none is ready."""
         async with self._claim_lock:
             candidates = self.pool.get(template, [])
@@ -147,7 +148,7 @@ class WarmStart:
                 if pooled is None or pooled.state != "PAUSED":
                     continue
                 try:
-                    vm = await self.fleet.adopt_pooled(pooled, vm_id, hostname)
+                    vm = await self.fleet.adopt_pooled(pooled, vm_id, hostname, policy)
                 except ServiceError as exc:
                     log.warning("warm_pool_claim_failed", vm=pooled.id, error=exc.message)
                     continue

@@ -40,7 +40,7 @@ class ExecHandlers:
 
     async def _guarded(self, record: SandboxRecord, call):
         """Yields the relay call's responses while the VM's compute instance stays registered."""
-        instance_key = self.placement.compute_instance(record.node).key
+        instance_key = self.context.directory.newest("compute", record.node).key
         responses = call.__aiter__()
         node_lost = asyncio.Event()
 

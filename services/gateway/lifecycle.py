@@ -15,7 +15,9 @@ from microvm.compute.v1 import compute_pb2
 from microvm.relay.v1 import relay_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unimplemented
+from microvm.network.v1 import network_pb2
+from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
+from services.network.policy import normalized_policy
 from services.gateway.access import current_tenant
 from services.gateway.records import SandboxRecord
 
@@ -23,6 +25,7 @@ log = structlog.get_logger()
 SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
+UPDATABLE = ("labels", "timeout", "network_policy")
 
 
 def parse_name(name: str, collection: str = "sandboxes") -> str:
@@ -95,14 +98,22 @@ class SandboxLifecycle:
         memory = wanted.memory_mib or DEFAULT_MEMORY_MIB
         if vcpus < 1 or memory < 128:
             raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
-        if wanted.network_policy.egress not in (sandbox_pb2.EGRESS_MODE_UNSPECIFIED, sandbox_pb2.EGRESS_MODE_NONE):
-            raise Unimplemented("egress other than NONE (sandbox networking)")
+        policy = self.checked_policy(wanted.network_policy)
         sandbox = sandbox_pb2.Sandbox(template=template, vcpus=vcpus, memory_mib=memory, labels=wanted.labels,
-                                      network_policy=wanted.network_policy)
+                                      network_policy=policy)
         record = await self.start_sandbox(sandbox_id, sandbox, timeout, lambda compute: compute.CreateVm(
             compute_pb2.CreateVmRequest(vm_id=sandbox_id, template=template, vcpus=vcpus, memory_mib=memory,
-                                        hostname=sandbox_id), timeout=self.context.settings.max_timeout_seconds))
+                                        hostname=sandbox_id, network_policy=policy),
+            timeout=self.context.settings.max_timeout_seconds))
         return api.CreateSandboxResponse(sandbox=record.sandbox)
+
+    def checked_policy(self, policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.NetworkPolicy:
+        """The caller's egress policy, validated and normalized (UNSPECIFIED becomes NONE)."""
+        policy = normalized_policy(policy)
+        if not self.context.common.networking and policy.egress != sandbox_pb2.EGRESS_MODE_NONE:
+            raise FailedPrecondition("this installation runs without networking (networking: false); only "
+                                     "egress EGRESS_MODE_NONE is possible", reason="NETWORKING_DISABLED")
+        return policy
 
     async def start_sandbox(self, sandbox_id: str, sandbox: sandbox_pb2.Sandbox, timeout: int,
                             start_vm) -> SandboxRecord:
@@ -131,6 +142,7 @@ class SandboxLifecycle:
             await self.store.put(record)
             vm = (await start_vm(compute)).vm
             record.sandbox.hypervisor = f"{vm.vmm}/{vm.accel}"
+            record.sandbox.ip_address = vm.ip_address
             record.agent_socket = vm.agent.socket_path
             record.agent_transport = "hybrid-vsock" \
                 if vm.agent.transport == compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK else "virtio-serial"
@@ -182,8 +194,18 @@ class SandboxLifecycle:
         record = await self.store.get(parse_name(request.sandbox.name))
         paths = list(request.update_mask.paths) or ["labels", "timeout"]
         for path in paths:
-            if path not in ("labels", "timeout"):
-                raise InvalidArgument(f"field {path!r} cannot be updated; updatable: labels, timeout")
+            if path not in UPDATABLE:
+                raise InvalidArgument(f"field {path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
+        if "network_policy" in paths:
+            policy = self.checked_policy(request.sandbox.network_policy)
+            if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+                raise FailedPrecondition(f"sandbox {record.id} is "
+                                         f"{sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
+                                         reason="SANDBOX_NOT_RUNNING")
+            if self.context.common.networking:
+                await self.placement.network(record.node).SetEgressPolicy(network_pb2.SetEgressPolicyRequest(
+                    sandbox_id=record.id, policy=policy), timeout=30)
+            record.sandbox.network_policy.CopyFrom(policy)
         if "labels" in paths:
             validate_labels(request.sandbox.labels)
             record.sandbox.labels.clear()
@@ -194,6 +216,22 @@ class SandboxLifecycle:
             record.sandbox.expire_time.FromNanoseconds(int(record.expire_at * 1e9))
         await self.store.put(record)
         return api.UpdateSandboxResponse(sandbox=record.sandbox)
+
+    async def ExposePort(self, request, context):
+        record = await self.store.get(parse_name(request.sandbox))
+        if not self.context.common.networking:
+            raise FailedPrecondition("this installation runs without networking (networking: false)",
+                                     reason="NETWORKING_DISABLED")
+        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
+                                     reason="SANDBOX_NOT_RUNNING")
+        reply = await self.placement.network(record.node).ExposePort(network_pb2.ExposePortRequest(
+            sandbox_id=record.id, guest_port=request.guest_port, host_address=request.host_address,
+            host_port=request.host_port), timeout=30)
+        if reply.port not in record.sandbox.exposed_ports:
+            record.sandbox.exposed_ports.append(reply.port)
+            await self.store.put(record)
+        return api.ExposePortResponse(port=reply.port)
 
     async def PauseSandbox(self, request, context):
         return api.PauseSandboxResponse(sandbox=await self._set_paused(request.name, True))

@@ -8,6 +8,7 @@ import grpc
 import structlog
 
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
+from microvm.network.v1 import network_pb2_grpc
 from microvm.relay.v1 import relay_pb2_grpc
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.registry import ServiceInstance
@@ -20,16 +21,13 @@ class SandboxPlacement:
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
 
-    def compute_instance(self, node: str) -> ServiceInstance:
-        """The live compute instance of `node` (the newest, if a restarted one overlaps its predecessor)."""
-        instances = [i for i in self.context.directory.instances("compute") if i.metadata.get("node") == node]
-        if not instances:
-            raise Unavailable(f"compute node {node} is not available", reason="NODE_UNAVAILABLE",
-                              metadata={"node": node})
-        return max(instances, key=lambda i: i.started)
-
     def compute(self, node: str) -> compute_pb2_grpc.ComputeServiceStub:
-        return compute_pb2_grpc.ComputeServiceStub(self.context.channel(self.compute_instance(node).address))
+        return compute_pb2_grpc.ComputeServiceStub(
+            self.context.channel(self.context.directory.newest("compute", node).address))
+
+    def network(self, node: str) -> network_pb2_grpc.NetworkServiceStub:
+        return network_pb2_grpc.NetworkServiceStub(
+            self.context.channel(self.context.directory.newest("network", node).address))
 
     def channel_to(self, kind: str):
         """A channel to the newest registered instance of a service kind (relay, auth, snapshot)."""

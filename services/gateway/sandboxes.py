@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from microvm.sandbox.v1 import sandbox_service_pb2_grpc
-from services.common.errors import Unimplemented
 from services.common.server import ServiceContext
 from services.gateway.exec import ExecHandlers
 from services.gateway.files import FileHandlers
@@ -13,13 +12,9 @@ from services.gateway.records import SandboxStore
 from services.gateway.snapshots import SnapshotHandlers
 
 
-
 class SandboxServicer(SandboxLifecycle, ExecHandlers, FileHandlers, SnapshotHandlers,
                       sandbox_service_pb2_grpc.SandboxServiceServicer):
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
         self.store = SandboxStore(context.etcd)
         self.placement = SandboxPlacement(context)
-
-    async def ExposePort(self, request, context):
-        raise Unimplemented("port exposure (sandbox networking)")

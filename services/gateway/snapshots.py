@@ -133,24 +133,26 @@ class SnapshotHandlers:
                            metadata={"snapshot": f"snapshots/{snapshot_id}", "bad_chunks": len(check.bad_chunks)})
         return record
 
-    async def restore_into_new_sandbox(self, snapshot: snapshot_pb2.SnapshotRecord, labels,
-                                       timeout_seconds: int) -> sandbox_pb2.Sandbox:
+    async def restore_into_new_sandbox(self, snapshot: snapshot_pb2.SnapshotRecord, labels, timeout_seconds: int,
+                                       policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.Sandbox:
+        """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`."""
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
         sandbox = sandbox_pb2.Sandbox(template=snapshot.template, vcpus=snapshot.vcpus,
                                       memory_mib=snapshot.memory_mib, labels=labels,
-                                      source_snapshot=f"snapshots/{snapshot.id}")
+                                      source_snapshot=f"snapshots/{snapshot.id}", network_policy=policy)
 
         record = await self.start_sandbox(sandbox_id, sandbox, timeout_seconds, lambda compute: compute.RestoreVm(
-            compute_pb2.RestoreVmRequest(vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id),
-            timeout=600))
+            compute_pb2.RestoreVmRequest(vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id,
+                                         network_policy=policy), timeout=600))
         return record.sandbox
 
     async def RestoreSnapshot(self, request, context):
-        snapshot = await self.verified_snapshot(parse_name(request.snapshot, "snapshots"))
         validate_labels(request.sandbox.labels)
         timeout = self._timeout_seconds(request.sandbox.timeout if request.sandbox.HasField("timeout") else None)
+        policy = self.checked_policy(request.sandbox.network_policy)
+        snapshot = await self.verified_snapshot(parse_name(request.snapshot, "snapshots"))
         return api.RestoreSnapshotResponse(sandbox=await self.restore_into_new_sandbox(
-            snapshot, request.sandbox.labels, timeout))
+            snapshot, request.sandbox.labels, timeout, policy))
 
     async def ForkSandbox(self, request, context):
         count = request.count or 1
@@ -161,7 +163,8 @@ class SnapshotHandlers:
         snapshot = await self.take_snapshot(request.name, {"forked-from": source.id})
         snapshot = await self.verified_snapshot(snapshot.id)
         results = await asyncio.gather(*(self.restore_into_new_sandbox(snapshot, request.labels,
-                                                                       source.timeout_seconds)
+                                                                       source.timeout_seconds,
+                                                                       source.sandbox.network_policy)
                                          for _ in range(count)), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:

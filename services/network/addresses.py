@@ -29,7 +29,7 @@ class AddressPool:
         # The first host address is the bridge's (the guests' gateway).
         self.gateway = next(self.network.hosts())
 
-    def _key(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    def key(self, address) -> bytes:
         return f"{self.prefix}{address}".encode()
 
     async def allocations(self) -> dict[str, str]:
@@ -49,8 +49,8 @@ class AddressPool:
                 break
             # Lowest first; under contention spread out so racing allocators stop colliding.
             address = candidates.pop(0 if attempt < 3 else random.randrange(len(candidates)))
-            ok, _ = await self.etcd.transaction(compare=[tx.version(self._key(address)) == 0],
-                                                success=[tx.put(self._key(address), sandbox_id.encode())],
+            ok, _ = await self.etcd.transaction(compare=[tx.version(self.key(address)) == 0],
+                                                success=[tx.put(self.key(address), sandbox_id.encode())],
                                                 failure=[])
             if ok:
                 return str(address)

@@ -62,9 +62,10 @@ class StackSupervisor:
 
     def _etcd_command(self) -> list[str]:
         client = f"http://127.0.0.1:{self.settings.etcd_client_port}"
+        listen = f"http://{self.settings.etcd_listen_host}:{self.settings.etcd_client_port}"
         peer = f"http://127.0.0.1:{self.settings.etcd_peer_port}"
         return [self.settings.etcd_binary, "--name", "microvm", "--data-dir", str(self.state_dir / "etcd"),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-client-urls", listen, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"microvm={peer}", "--log-level", "warn"]
 

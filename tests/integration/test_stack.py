@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from microvm.sandbox.v1 import sandbox_pb2
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from services.common.errors import error_info
 from services.common.registry import ServiceInstance
@@ -62,15 +63,19 @@ def test_grpcurl_describes_the_public_service_and_its_messages(stack):
     assert "oneof event" in describe("microvm.sandbox.v1.ExecResponse")
 
 
-def test_capability_not_built_answers_unimplemented_naming_it(stack):
+def test_networking_turned_off_is_a_failed_precondition_naming_the_switch(stack, gateway):
+    # The shared test stack runs with `networking: false` (tests/integration/test_network.py turns it on
+    # inside network namespaces).
     network = next(i for i in registered(stack) if i.kind == "network")
     with pytest.raises(grpc.RpcError) as failure:
         network_pb2_grpc.NetworkServiceStub(stack.internal_channel(network.address)).ExposePort(
             network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5)
-    error = failure.value
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "port exposure" in error.details()
-    assert error_info(error).reason == "CAPABILITY_NOT_BUILT"
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(failure.value).reason == "NETWORKING_DISABLED"
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.create(network_policy=sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL))
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "networking: false" in failure.value.details()
 
 
 def test_killed_service_leaves_the_registry_within_ttl_and_is_restarted(stack):

@@ -60,6 +60,7 @@ def test_every_endpoint_the_driver_calls_exists_in_the_spec():
     {},
     {"vcpus": 8, "memory_mib": 8192, "ram_path": "/dev/shm/x.ram", "ram_shared": True},
     {"boot_hostname": "source-host"},
+    {"tap_device": "mvt0123456789a", "mac_address": "0a:58:0a:d5:00:02", "guest_cidr": "10.213.0.2/20"},
 ])
 def test_vm_config_validates_against_the_vm_config_schema(tmp_path, image, fields):
     driver = CloudHypervisorDriver(kvm_choice(), "cloud-hypervisor")
@@ -67,6 +68,8 @@ def test_vm_config_validates_against_the_vm_config_schema(tmp_path, image, field
     assert validate(request_schema("PUT", "vm.create"), config) == []
     assert config["payload"]["kernel"].endswith("vmlinux")  # ELF through PVH: no firmware needed
     assert config["vsock"]["cid"] >= 3
+    if fields.get("tap_device"):
+        assert config["net"] == [{"tap": "mvt0123456789a", "mac": "0a:58:0a:d5:00:02", "num_queues": 2}]
 
 
 @pytest.mark.parametrize("endpoint, body", [

@@ -110,7 +110,8 @@ class Cli:
 
     def create(self, args) -> Sandbox:
         return Sandbox.create(args.template, timeout=args.timeout or None, vcpus=args.vcpus, memory_mib=args.memory,
-                              labels=parse_pairs(args.label, "label"), client=self.client)
+                              labels=parse_pairs(args.label, "label"), egress=args.egress, allow=args.allow or (),
+                              client=self.client)
 
     def exec(self, sandbox: Sandbox, args) -> int:
         if args.tty and sys.stdin.isatty():
@@ -217,7 +218,26 @@ def describe(sandbox: sandbox_pb2.Sandbox) -> str:
     labels = ",".join(f"{k}={v}" for k, v in sorted(sandbox.labels.items()))
     return (f"{short(sandbox.name):18} {STATE[sandbox.state]:9} {sandbox.template:10} {sandbox.vcpus:>2} vCPU "
             f"{sandbox.memory_mib:>5} MiB  {sandbox.hypervisor or '-':10} node={sandbox.node or '-'} "
-            f"expires={sandbox.expire_time.ToDatetime().strftime('%H:%M:%S')}Z {labels}").rstrip()
+            f"expires={sandbox.expire_time.ToDatetime().strftime('%H:%M:%S')}Z {network(sandbox)} {labels}").rstrip()
+
+
+def network(sandbox: sandbox_pb2.Sandbox) -> str:
+    """`ip=10.213.0.2 egress=allow-list(203.0.113.0/24:443) ports=127.0.0.1:41000->80`."""
+    if not sandbox.ip_address:
+        return "net=off"
+    mode = sandbox_pb2.EgressMode.Name(sandbox.network_policy.egress or 1).removeprefix("EGRESS_MODE_").lower()
+    rules = ",".join(r.cidr + (":" + "+".join(map(str, r.ports)) if r.ports else "")
+                     for r in sandbox.network_policy.allow)
+    ports = ",".join(f"{p.host_address}:{p.host_port}->{p.guest_port}" for p in sandbox.exposed_ports)
+    return (f"ip={sandbox.ip_address} egress={mode.replace('_', '-')}" + (f"({rules})" if rules else "")
+            + (f" ports={ports}" if ports else ""))
+
+
+def add_egress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--egress", choices=["none", "full", "allow-list"], default=None,
+                        help="outbound network: none (default), full, or allow-list (see --allow)")
+    parser.add_argument("--allow", action="append", metavar="CIDR[:PORTS]",
+                        help="allowed destination, e.g. 203.0.113.0/24:80,443 (repeatable; implies allow-list)")
 
 
 def add_create_options(parser) -> None:
@@ -226,6 +246,7 @@ def add_create_options(parser) -> None:
     parser.add_argument("--memory", type=int, default=256, help="MiB")
     parser.add_argument("--timeout", type=int, default=0, help="sandbox lifetime in seconds (default 600)")
     parser.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    add_egress_options(parser)
 
 
 def add_exec_options(parser) -> None:
@@ -268,6 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     fork = sub.add_parser("fork", help="clone a running sandbox")
     fork.add_argument("id")
     fork.add_argument("-n", "--count", type=int, default=1)
+    expose = sub.add_parser("expose", help="make a guest port reachable on the sandbox's host")
+    expose.add_argument("id")
+    expose.add_argument("guest_port", type=int)
+    expose.add_argument("--host-port", type=int, default=0, help="default: a free port")
+    expose.add_argument("--host-address", default="", help="default: 127.0.0.1")
+    egress = sub.add_parser("egress", help="replace a sandbox's outbound network policy")
+    egress.add_argument("id")
+    add_egress_options(egress)
     snapshots = sub.add_parser("snapshots", help="list snapshots as a lineage tree")
     snapshots.add_argument("--sandbox", default="", help="only snapshots of this sandbox")
     args = parser.parse_args(argv)
@@ -311,6 +340,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.verb == "snapshots":
             for line in snapshot_tree(cli.client.list_snapshots(args.sandbox)):
                 print(line)
+        elif args.verb == "expose":
+            port = Sandbox.connect(args.id, client=cli.client).expose_port(args.guest_port, args.host_port,
+                                                                            args.host_address)
+            print(f"{port.host_address}:{port.host_port} -> {short(name_of(args.id))}:{port.guest_port}")
+        elif args.verb == "egress":
+            sandbox = Sandbox.connect(args.id, client=cli.client)
+            sandbox.set_egress(args.egress, args.allow or ())
+            print(describe(sandbox.aio.message))
         elif args.verb == "rm":
             for sandbox_id in args.ids:
                 Sandbox.connect(sandbox_id, client=cli.client).kill()

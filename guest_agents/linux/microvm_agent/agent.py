@@ -556,7 +556,8 @@ class Agent:
         elif kind == "shutdown":
             if self.is_init:
                 system.power_off()
-        elif kind in ("exec_start", "file_write_start", "file_read_start") or kind in FILE_OPERATIONS:
+        elif kind in ("exec_start", "file_write_start", "file_read_start", "configure_network") \
+                or kind in FILE_OPERATIONS:
             if stream_id == 0 or stream_id in self.streams or stream_id in self.tasks:
                 self.send_error(stream_id, INVALID_ARGUMENT, f"stream {stream_id} is already in use")
                 return
@@ -584,6 +585,14 @@ class Agent:
                 await self.streams[stream_id].write(frame.file_write_start)
             elif kind == "file_read_start":
                 await self.streams[stream_id].read(frame.file_read_start)
+            elif kind == "configure_network":
+                request = frame.configure_network
+                try:
+                    interface = await system.configure_network(request.mac_address, request.address_cidr,
+                                                               request.gateway, list(request.dns_servers))
+                except OSError as exc:
+                    raise StreamError(FAILED_PRECONDITION, f"configure network: {exc.strerror or exc}") from None
+                self.send(stream_id, network_configured=agent_pb2.NetworkConfigured(interface=interface))
             else:
                 result = FILE_OPERATIONS[kind](getattr(frame, kind))
                 self.send(stream_id, file_result=result)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import errno
 import fcntl
 import os
+import shutil
 import socket
 import struct
 import time
@@ -104,3 +107,57 @@ def meminfo_kib() -> tuple[int, int]:
             key, _, rest = line.partition(":")
             values[key] = int(rest.split()[0])
     return values.get("MemTotal", 0), values.get("MemAvailable", 0)
+
+
+def network_interface() -> str | None:
+    """The guest's (only) Ethernet interface, e.g. eth0; None when the VM has no NIC."""
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        return None
+    for name in names:
+        if name != "lo" and os.path.exists(f"/sys/class/net/{name}/device"):
+            return name
+    return None
+
+
+IP_SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+async def configure_network(mac_address: str, address_cidr: str, gateway: str, dns_servers: list[str]) -> str:
+    """Gives the NIC its MAC, address and default route (replacing whatever a snapshot carried) and writes
+    /etc/resolv.conf. Raises OSError with iproute2's message when a step fails."""
+    interface = network_interface()
+    if interface is None:
+        raise OSError(errno.ENODEV, "the VM has no network interface")
+    ip = shutil.which("ip", path=IP_SEARCH_PATH)
+    if ip is None:
+        raise OSError(2, "iproute2 (`ip`) is not installed in this image")
+    try:  # guests are IPv4-only; no link-local chatter on the bridge
+        with open(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    commands = [f"link set dev {interface} down",
+                f"link set dev {interface} address {mac_address}" if mac_address else "",
+                f"addr flush dev {interface}",
+                f"addr add {address_cidr} dev {interface}",
+                f"link set dev {interface} up",
+                f"neigh flush dev {interface}",
+                f"route replace default via {gateway} dev {interface}" if gateway else ""]
+    script = "\n".join(c for c in commands if c) + "\n"
+    process = await asyncio.create_subprocess_exec(ip, "-batch", "-", stdin=asyncio.subprocess.PIPE,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await process.communicate(script.encode())
+    if process.returncode != 0:
+        raise OSError(22, f"ip: {err.decode(errors='replace').strip()}")
+    resolv = "".join(f"nameserver {server}\n" for server in dns_servers)
+    temporary = "/etc/.resolv.conf.microvm"
+    with open(temporary, "w") as f:
+        f.write(resolv)
+    try:
+        os.unlink("/etc/resolv.conf")  # may be a symlink into a resolver's runtime directory
+    except FileNotFoundError:
+        pass
+    os.rename(temporary, "/etc/resolv.conf")
+    return interface

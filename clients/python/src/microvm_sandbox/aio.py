@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, UnavailableError, from_rpc_error
@@ -98,6 +98,31 @@ class Snapshot:
     @property
     def id(self) -> str:
         return self.name.removeprefix("snapshots/")
+
+
+EGRESS_MODES = {"none": sandbox_pb2.EGRESS_MODE_NONE, "full": sandbox_pb2.EGRESS_MODE_FULL,
+                "allow-list": sandbox_pb2.EGRESS_MODE_ALLOW_LIST}
+
+
+def egress_policy(egress: str | None = None, allow: Sequence[str] = ()) -> sandbox_pb2.NetworkPolicy:
+    """A NetworkPolicy from `egress` (`none`, `full` or `allow-list`) and allow rules written `CIDR` or
+    `CIDR:PORT,PORT` (e.g. `203.0.113.0/24:80,443`); rules alone mean `allow-list`."""
+    mode = egress or ("allow-list" if allow else "none")
+    if mode not in EGRESS_MODES:
+        raise InvalidArgumentError(f"egress must be one of {', '.join(EGRESS_MODES)}, got {mode!r}")
+    policy = sandbox_pb2.NetworkPolicy(egress=EGRESS_MODES[mode])
+    for rule in allow:
+        cidr, ports = rule, ""
+        network, _, suffix = rule.partition("/")
+        if ":" in suffix:  # the prefix length is followed by ports (IPv6 colons come before the slash)
+            length, _, ports = suffix.partition(":")
+            cidr = f"{network}/{length}"
+        try:
+            numbers = [int(p) for p in ports.split(",") if p]
+        except ValueError:
+            raise InvalidArgumentError(f"allow rule {rule!r}: ports must be numbers, e.g. 10.0.0.0/8:80,443") from None
+        policy.allow.add(cidr=cidr, ports=numbers)
+    return policy
 
 
 def _snapshot(message: sandbox_pb2.Snapshot) -> Snapshot:
@@ -188,12 +213,16 @@ class AsyncSandbox:
 
     @classmethod
     def create(cls, template: str = "default", *, timeout: float | None = None, vcpus: int = 1,
-               memory_mib: int = 256, labels: dict[str, str] | None = None, client: AsyncClient | None = None,
-               **connect: Any) -> _Creating:
+               memory_mib: int = 256, labels: dict[str, str] | None = None, egress: str | None = None,
+               allow: Sequence[str] = (), client: AsyncClient | None = None, **connect: Any) -> _Creating:
+        """A new sandbox. `egress`/`allow`: outbound network policy, see `egress_policy` (default: none)."""
+        policy = egress_policy(egress, allow)
+
         async def make() -> AsyncSandbox:
             own = client is None
             active = client or AsyncClient(**connect)
-            sandbox = sandbox_pb2.Sandbox(template=template, vcpus=vcpus, memory_mib=memory_mib, labels=labels or {})
+            sandbox = sandbox_pb2.Sandbox(template=template, vcpus=vcpus, memory_mib=memory_mib, labels=labels or {},
+                                          network_policy=policy)
             if timeout:
                 sandbox.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))
             reply = await active.call("CreateSandbox", api.CreateSandboxRequest(sandbox=sandbox), timeout=300)
@@ -301,6 +330,25 @@ class AsyncSandbox:
         reply = await self.client.call("ForkSandbox", api.ForkSandboxRequest(name=self.name, count=count),
                                        timeout=900)
         return [AsyncSandbox(self.client, message) for message in reply.sandboxes]
+
+    @property
+    def ip_address(self) -> str:
+        """The guest's address on its node's bridge (empty where networking is off)."""
+        return self.message.ip_address
+
+    async def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
+        """Replaces the outbound policy at once (connections it no longer allows stop)."""
+        sandbox = sandbox_pb2.Sandbox(name=self.name, network_policy=egress_policy(egress, allow))
+        self.message = (await self.client.call("UpdateSandbox", api.UpdateSandboxRequest(
+            sandbox=sandbox, update_mask=field_mask_pb2.FieldMask(paths=["network_policy"])))).sandbox
+
+    async def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
+        """Makes `guest_port` reachable at host_address:host_port on the sandbox's node (loopback and a free
+        port by default); returns the mapping. It lasts as long as the sandbox."""
+        reply = await self.client.call("ExposePort", api.ExposePortRequest(
+            sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address))
+        port: sandbox_pb2.ExposedPort = reply.port
+        return port
 
     async def pause(self) -> None:
         self.message = (await self.client.call("PauseSandbox", api.PauseSandboxRequest(name=self.name))).sandbox

@@ -75,13 +75,14 @@ class Sandbox:
 
     @classmethod
     def create(cls, template: str = "default", *, timeout: float | None = None, vcpus: int = 1,
-               memory_mib: int = 256, labels: dict[str, str] | None = None, client: Client | None = None,
-               **connect: Any) -> Sandbox:
+               memory_mib: int = 256, labels: dict[str, str] | None = None, egress: str | None = None,
+               allow: Sequence[str] = (), client: Client | None = None, **connect: Any) -> Sandbox:
         loop = _Loop.shared()
 
         async def make() -> AsyncSandbox:
             return await AsyncSandbox.create(template, timeout=timeout, vcpus=vcpus, memory_mib=memory_mib,
-                                             labels=labels, client=client.aio if client else None, **connect)
+                                             labels=labels, egress=egress, allow=allow,
+                                             client=client.aio if client else None, **connect)
         return cls(loop.run(make()))
 
     @classmethod
@@ -126,6 +127,16 @@ class Sandbox:
 
     def fork(self, count: int = 1) -> list[Sandbox]:
         return [Sandbox(clone) for clone in self._loop.run(self.aio.fork(count))]
+
+    @property
+    def ip_address(self) -> str:
+        return self.aio.ip_address
+
+    def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
+        self._loop.run(self.aio.set_egress(egress, allow))
+
+    def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
+        return self._loop.run(self.aio.expose_port(guest_port, host_port, host_address))
 
     def pause(self) -> None:
         self._loop.run(self.aio.pause())

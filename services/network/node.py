@@ -1,0 +1,222 @@
+"""NodeNetwork: this node's sandbox networking, kept equal to the attachment records in etcd.
+
+Every change (attach, detach, policy, exposure) writes the records first and then converges the host: TAP
+devices, nftables rules, port listeners. `reconcile` does the same for the whole node (at start and
+periodically): attachments of VMs that no longer exist are removed, TAPs and addresses nobody owns are
+deleted, missing devices and listeners come back. One lock orders all of it inside this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import structlog
+
+from microvm.sandbox.v1 import sandbox_pb2
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.settings import NetworkSettings
+from services.network.addresses import AddressPool
+from services.network.attachments import Attachment, AttachmentStore, ExposedPort, mac_for
+from services.network.firewall import SandboxFirewall
+from services.network.links import HostLinks, new_tap_name
+from services.network.policy import normalized_policy
+from services.network.ports import PortForwarder
+
+log = structlog.get_logger()
+VMS_PREFIX = "/microvm/vms/"
+
+
+def host_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
+    """The host's name servers that a guest can use (loopback resolvers such as systemd-resolved's are not)."""
+    servers = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return servers
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.ip_address(fields[1])
+            except ValueError:
+                continue
+            if address.version == 4 and not address.is_loopback and not address.is_link_local:
+                servers.append(str(address))
+    return servers[:3]
+
+
+class NodeNetwork:
+    def __init__(self, settings: NetworkSettings, etcd, node: str) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.node = node
+        self.subnet = ipaddress.ip_network(settings.subnet)
+        self.pool = AddressPool(etcd, node, settings.subnet)
+        self.store = AttachmentStore(etcd, node)
+        self.links = HostLinks(settings.bridge, f"{self.pool.gateway}/{self.subnet.prefixlen}",
+                               mac_for(str(self.pool.gateway)))
+        self.firewall = SandboxFirewall(settings.bridge, str(self.subnet))
+        self.ports = PortForwarder()
+        self.dns_servers = list(settings.dns_servers) or host_resolvers()
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self.links.ensure_bridge()
+        await self.reconcile()
+
+    async def _converge_rules(self) -> None:
+        await self.firewall.apply(list((await self.store.all()).values()))
+
+    async def _get(self, sandbox_id: str) -> Attachment:
+        attachment = await self.store.get(sandbox_id)
+        if attachment is None:
+            raise NotFound(f"sandbox {sandbox_id} has no network attachment on node {self.node}",
+                           reason="ATTACHMENT_NOT_FOUND")
+        return attachment
+
+    # --- changes ---------------------------------------------------------------------------------------
+    async def attach(self, sandbox_id: str, policy: sandbox_pb2.NetworkPolicy, from_sandbox_id: str = "") -> Attachment:
+        """The sandbox's attachment with `policy`: created (address, TAP, rules), or moved from `from_sandbox_id`
+        (a pooled VM handed out keeps its device and address), or the existing one (idempotent)."""
+        if not sandbox_id:
+            raise InvalidArgument("sandbox_id is required")
+        policy = normalized_policy(policy)
+        async with self.lock:
+            existing = await self.store.get(sandbox_id)
+            if from_sandbox_id:
+                if existing is not None:
+                    raise AlreadyExists(f"sandbox {sandbox_id} already has a network attachment",
+                                        reason="ATTACHMENT_EXISTS")
+                attachment = await self._get(from_sandbox_id)
+                attachment.sandbox_id = sandbox_id
+                attachment.network_policy = policy
+                if not await self.store.move(from_sandbox_id, attachment, self.pool.key(attachment.address)):
+                    raise FailedPrecondition(f"the attachment of {from_sandbox_id} changed meanwhile",
+                                             reason="ATTACHMENT_CHANGED")
+                await self._converge_rules()
+                return attachment
+            if existing is not None:
+                existing.network_policy = policy
+                await self.store.put(existing)
+                await self.links.create_tap(existing.tap_device)
+                await self._converge_rules()
+                return existing
+            address = await self.pool.allocate(sandbox_id)
+            attachment = Attachment(sandbox_id=sandbox_id, tap_device=new_tap_name(), address=address,
+                                    prefix_length=self.subnet.prefixlen, gateway=str(self.pool.gateway),
+                                    mac_address=mac_for(address), dns_servers=self.dns_servers)
+            attachment.network_policy = policy
+            try:
+                await self.store.put(attachment)
+                await self.links.create_tap(attachment.tap_device)
+                await self._converge_rules()
+            except BaseException:
+                await self._remove(attachment)
+                raise
+            log.info("sandbox_attached", sandbox=sandbox_id, tap=attachment.tap_device, address=address)
+            return attachment
+
+    async def detach(self, sandbox_id: str) -> None:
+        async with self.lock:
+            attachment = await self.store.get(sandbox_id)
+            if attachment is None:
+                await self.pool.release(sandbox_id)  # an allocation whose attach never finished
+                return
+            await self._remove(attachment)
+            await self._converge_rules()
+        log.info("sandbox_detached", sandbox=sandbox_id)
+
+    async def _remove(self, attachment: Attachment) -> None:
+        """Listeners, device, record, address: in that order, so a crash midway leaves a record to retry from."""
+        for port in attachment.exposed_ports:
+            await self.ports.close(port.host_address, port.host_port)
+        await self.links.delete_tap(attachment.tap_device)
+        await self.store.delete(attachment.sandbox_id)
+        await self.pool.release(attachment.sandbox_id)
+
+    async def set_policy(self, sandbox_id: str, policy: sandbox_pb2.NetworkPolicy) -> Attachment:
+        policy = normalized_policy(policy)
+        async with self.lock:
+            attachment = await self._get(sandbox_id)
+            attachment.network_policy = policy
+            await self.store.put(attachment)
+            await self._converge_rules()
+            return attachment
+
+    async def expose(self, sandbox_id: str, guest_port: int, host_address: str, host_port: int) -> ExposedPort:
+        if not 1 <= guest_port <= 65535:
+            raise InvalidArgument(f"guest_port must be between 1 and 65535, got {guest_port}", reason="INVALID_PORT")
+        if not 0 <= host_port <= 65535:
+            raise InvalidArgument(f"host_port must be between 0 and 65535, got {host_port}", reason="INVALID_PORT")
+        host_address = self.ports.check_host_address(host_address)
+        async with self.lock:
+            attachment = await self._get(sandbox_id)
+            for port in attachment.exposed_ports:
+                if port.guest_port == guest_port and port.host_address == host_address \
+                        and host_port in (0, port.host_port):
+                    return port
+            if len(attachment.exposed_ports) >= self.settings.max_exposed_ports_per_sandbox:
+                raise ResourceExhausted(f"sandbox {sandbox_id} already exposes "
+                                        f"{len(attachment.exposed_ports)} ports (the most allowed)",
+                                        reason="TOO_MANY_EXPOSED_PORTS")
+            port = ExposedPort(guest_port, host_address,
+                               await self.ports.open(host_address, host_port, attachment.address, guest_port))
+            attachment.exposed_ports.append(port)
+            try:
+                await self.store.put(attachment)
+                await self._converge_rules()
+            except BaseException:
+                await self.ports.close(port.host_address, port.host_port)
+                raise
+            log.info("port_exposed", sandbox=sandbox_id, guest_port=guest_port,
+                     host=f"{port.host_address}:{port.host_port}")
+            return port
+
+    async def attachments(self) -> list[Attachment]:
+        return sorted((await self.store.all()).values(), key=lambda a: a.sandbox_id)
+
+    # --- convergence -----------------------------------------------------------------------------------
+    async def reconcile(self) -> dict[str, int]:
+        """Makes the host match the records, and the records match the VMs that exist on this node."""
+        counts = {"stale_attachments": 0, "stray_taps": 0, "stray_addresses": 0, "listeners_opened": 0}
+        async with self.lock:
+            attachments = await self.store.all()  # read before the VMs: a newer VM cannot look stale
+            vm_prefix = f"{VMS_PREFIX}{self.node}/"
+            vms = {kv.key.decode()[len(vm_prefix):] for kv in await self.etcd.get_prefix(vm_prefix.encode())}
+            for sandbox_id in [s for s in attachments if s not in vms]:
+                log.info("stale_attachment_removed", sandbox=sandbox_id)
+                await self._remove(attachments.pop(sandbox_id))
+                counts["stale_attachments"] += 1
+            taps = await self.links.taps()
+            wanted_taps = {a.tap_device for a in attachments.values()}
+            for tap in taps - wanted_taps:
+                await self.links.delete_tap(tap)
+                counts["stray_taps"] += 1
+            for tap in wanted_taps - taps:
+                await self.links.create_tap(tap)
+            in_use = {a.address for a in attachments.values()}
+            for address in (await self.pool.allocations()):
+                if address not in in_use:
+                    await self.etcd.delete(self.pool.key(address))
+                    counts["stray_addresses"] += 1
+            wanted_ports = {(p.host_address, p.host_port): (a.address, p.guest_port)
+                            for a in attachments.values() for p in a.exposed_ports}
+            for key in set(self.ports.listeners) - set(wanted_ports):
+                await self.ports.close(*key)
+            for (host_address, host_port), (guest, guest_port) in wanted_ports.items():
+                if (host_address, host_port) not in self.ports.listeners:
+                    try:
+                        await self.ports.open(host_address, host_port, guest, guest_port)
+                        counts["listeners_opened"] += 1
+                    except FailedPrecondition as exc:
+                        log.warning("exposed_port_unavailable", host=f"{host_address}:{host_port}",
+                                    error=exc.message)
+            await self.firewall.ensure(list(attachments.values()))
+        if any(counts.values()):
+            log.info("network_reconciled", **counts)
+        return counts
+
+    async def close(self) -> None:
+        await self.ports.close_all()
