@@ -70,6 +70,7 @@ unit-test: deps protos
 
 bench: deps protos images
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.network
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)

@@ -56,7 +56,10 @@ def sh(*argv: str, namespace: str | None = None, check: bool = True) -> str:
 
 def run_in(namespace: str, function, *args, timeout: float = 600):
     """`function(*args)` executed inside `namespace`; its exception is raised here."""
-    payload = base64.b64encode(pickle.dumps((function.__module__, function.__qualname__, args)))
+    module = function.__module__
+    if module == "__main__":  # run as `python -m package.module`: import it under its real name
+        module = sys.modules["__main__"].__spec__.name
+    payload = base64.b64encode(pickle.dumps((module, function.__qualname__, args)))
     result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
                              "from tests.netns import _child; _child()"],
                             input=payload, capture_output=True, timeout=timeout, cwd=REPO)

@@ -7,6 +7,8 @@ any snapshot runs with its own.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import structlog
 
@@ -14,7 +16,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from services.common.agent_channel import AgentChannel, AgentTarget
-from services.common.errors import FailedPrecondition, ServiceError, error_from_code
+from services.common.errors import FailedPrecondition, ServiceError, Unavailable, error_from_code
 from services.compute.records import VmRecord
 
 log = structlog.get_logger()
@@ -25,6 +27,18 @@ class NetworkLink:
     def __init__(self, context, node: str) -> None:
         self.context = context
         self.node = node
+
+    async def wait_until_registered(self, timeout: float) -> bool:
+        """True once this node's network service is registered (it may start after compute)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                self.context.directory.newest("network", self.node)
+                return True
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    return False
+                await asyncio.sleep(0.2)
 
     def _stub(self) -> network_pb2_grpc.NetworkServiceStub:
         return network_pb2_grpc.NetworkServiceStub(

@@ -167,6 +167,9 @@ class WarmStart:
             self._task = asyncio.create_task(self._maintain(), name="warm-start")
 
     async def _maintain(self) -> None:
+        # Every VM needs its TAP: building a template before the node's network service is up only fails.
+        if self.fleet.network is not None and not await self.fleet.network.wait_until_registered(60):
+            log.warning("network_service_missing", node=self.fleet.node)
         while True:
             self._wake.clear()
             for template in self.fleet.templates():
