@@ -18,6 +18,7 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import structlog
 
 from images.builder import BuiltImage, available_templates, cache_root
@@ -127,8 +128,8 @@ class VmFleet:
         for kv in result:
             vm = VmRecord.decode(kv.value)
             self.vms[vm.id] = vm
-            if not vm.holds_resources:
-                continue
+            if vm.state in ("STOPPED", "FAILED"):
+                continue  # nothing runs; pool VMs (which hold no capacity) are checked like the others
             directory = Path(vm.directory)
             alive = vm.pid and self.driver.owns_process(vm.pid, directory)
             status = None
@@ -268,7 +269,8 @@ class VmFleet:
             except BaseException as exc:
                 await self._destroy(vm)
                 await self._forget(vm)
-                if isinstance(exc, (ServiceError, asyncio.CancelledError)):
+                # A downstream status (the network service's RESOURCE_EXHAUSTED, say) passes through as it is.
+                if isinstance(exc, (ServiceError, asyncio.CancelledError, grpc.aio.AioRpcError)):
                     raise
                 raise Unavailable(f"VM {vm.id} failed to start: {exc}", reason="VM_START_FAILED") from exc
 

@@ -24,6 +24,11 @@ pytestmark = pytest.mark.guest
 def instances(stack, kind):
     return [i for i in stack.registered() if i.kind == kind]
 
+def live_instance(stack, kind):
+    """The running instance of `kind` (a killed one stays registered until its lease expires)."""
+    return max((i for i in instances(stack, kind) if alive(i.pid)), key=lambda i: i.started)
+
+
 def etcd_keys(stack, prefix: str) -> list[str]:
     async def read():
         client = etcd_client([stack.etcd_endpoint])
@@ -166,7 +171,7 @@ def test_delete_frees_the_vm_process_disk_and_records(stack, gateway):
 def test_killing_compute_ends_a_running_exec_and_the_vm_is_readopted(stack, gateway):
     sandbox = gateway.create()
     try:
-        compute = instances(stack, "compute")[0]
+        compute = live_instance(stack, "compute")
         result = exec_outcome_while(gateway, sandbox, lambda: os.kill(compute.pid, signal.SIGKILL))
         assert result == grpc.StatusCode.UNAVAILABLE
         # The supervisor restarts compute, which re-adopts the still-running VM.
@@ -182,7 +187,7 @@ def test_killing_compute_ends_a_running_exec_and_the_vm_is_readopted(stack, gate
 def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(stack, gateway):
     sandbox = gateway.create()
     sandbox_id = sandbox.name.split("/")[1]
-    compute = instances(stack, "compute")[0]
+    compute = live_instance(stack, "compute")
     directory = Path(vm_record(stack, sandbox_id)["directory"])
     pid = vm_pid(stack, sandbox_id)
     os.kill(compute.pid, signal.SIGSTOP)  # frozen: it cannot notice the VM dying
@@ -201,6 +206,27 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
     finally:
         gateway.delete(sandbox.name)
     assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
+
+
+def test_pool_vm_that_died_while_compute_was_down_is_removed_on_restart(stack, gateway):
+    def pool_ids():
+        return [k.rsplit("/", 1)[1] for k in etcd_keys(stack, "/microvm/vms/") if k.rsplit("/", 1)[1].startswith("pool-")]
+    assert wait_for(pool_ids, timeout=120), "the warm pool never filled"
+    victim = pool_ids()[0]
+    directory = Path(vm_record(stack, victim)["directory"])
+    compute = live_instance(stack, "compute")
+    os.kill(compute.pid, signal.SIGSTOP)
+    os.kill(vm_pid(stack, victim), signal.SIGKILL)
+    os.kill(compute.pid, signal.SIGKILL)
+    # The restarted compute drops the dead pool VM (record and files), not only dead sandboxes' VMs.
+    assert wait_for(lambda: victim not in pool_ids(), timeout=30)
+    assert wait_for(lambda: not directory.exists(), timeout=10)
+    # A handed-out VM is never that one.
+    sandbox = gateway.create()
+    try:
+        assert gateway.exec(sandbox.name, ["echo", "fine"]).stdout == b"fine\n"
+    finally:
+        gateway.delete(sandbox.name)
 
 
 def test_exec_ends_unavailable_when_its_sandbox_is_deleted(gateway):
