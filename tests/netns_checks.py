@@ -147,3 +147,16 @@ def host_network_state(stack) -> dict:
 
 def network_service_pid(stack) -> int:
     return next(i.pid for i in stack.registered() if i.kind == "network")
+
+
+def http_json(base: str, key: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One call of the gateway's HTTP/JSON API."""
+    import urllib.error
+    request = urllib.request.Request(base + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")

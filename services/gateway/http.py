@@ -73,6 +73,9 @@ def routes() -> list[Route]:
     return found
 
 
+URL_WELL_KNOWN_TYPES = ("google.protobuf.FieldMask", "google.protobuf.Duration", "google.protobuf.Timestamp")
+
+
 def set_field(message, path: str, value: str) -> None:
     *parents, leaf = path.split(".")
     for name in parents:
@@ -80,6 +83,11 @@ def set_field(message, path: str, value: str) -> None:
     field = message.DESCRIPTOR.fields_by_name.get(leaf)
     if field is None:
         raise ValueError(f"unknown field {path!r}")
+    if not field.is_repeated and field.type == field.TYPE_MESSAGE and \
+            field.message_type.full_name in URL_WELL_KNOWN_TYPES:
+        # FieldMask, Duration, Timestamp: their JSON form is a string (`updateMask=labels,networkPolicy`).
+        json_format.Parse(json.dumps(value), getattr(message, leaf))
+        return
     if field.is_repeated or field.type == field.TYPE_MESSAGE:
         raise ValueError(f"field {path!r} cannot be set from the URL")
     converters = {field.TYPE_BOOL: lambda v: v.lower() in ("true", "1"), field.TYPE_STRING: str,
@@ -131,7 +139,7 @@ class HttpGateway:
                 json_format.Parse(raw, target, ignore_unknown_fields=False)
             for group, field in route.fields.items():
                 set_field(message, field, match.group(group))
-            if not route.body:
+            if route.body != "*":  # what neither the path nor the body holds comes from the query string
                 for key, value in request.query.items():
                     set_field(message, _snake(key), value)
         except (json_format.ParseError, ValueError) as exc:
@@ -258,6 +266,24 @@ def schema_of(message: descriptor.Descriptor, schemas: dict) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def query_parameters(route) -> list[dict]:
+    """Fields neither the path nor the body holds: scalars and FieldMask/Duration/Timestamp, by JSON name."""
+    if route.body == "*":
+        return []
+    taken = {field.split(".")[0] for field in route.fields.values()} | {route.body}
+    result = []
+    for field in route.method.input_type.fields:
+        if field.name in taken or field.is_repeated:
+            continue
+        if field.type == field.TYPE_MESSAGE and field.message_type.full_name not in URL_WELL_KNOWN_TYPES:
+            continue
+        kind = {field.TYPE_BOOL: "boolean", field.TYPE_DOUBLE: "number", field.TYPE_FLOAT: "number"}.get(
+            field.type, "string" if field.type in (field.TYPE_STRING, field.TYPE_BYTES, field.TYPE_MESSAGE)
+            else "integer")
+        result.append({"name": field.json_name, "in": "query", "required": False, "schema": {"type": kind}})
+    return result
+
+
 def openapi_document(route_list: list[Route]) -> dict:
     schemas: dict = {}
     paths: dict = {}
@@ -286,7 +312,9 @@ def openapi_document(route_list: list[Route]) -> dict:
                                          "schema": {"type": "string"}}]
             operation["requestBody"] = {"content": {"application/octet-stream": {"schema": {
                 "type": "string", "format": "binary"}}}}
-        elif route.body:
+        else:
+            operation["parameters"] += query_parameters(route)
+        if route.body and route.method.name != "WriteFile":
             target = route.method.input_type if route.body == "*" else \
                 route.method.input_type.fields_by_name[route.body].message_type
             operation["requestBody"] = {"required": True, "content": {"application/json": {

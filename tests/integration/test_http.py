@@ -93,6 +93,10 @@ def test_openapi_document_covers_every_annotated_rpc(stack):
     document = json.loads(body)
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     assert status == 200 and operations == {r.method.name for r in routes()}
+    by_id = {op["operationId"]: op for path in document["paths"].values() for op in path.values()}
+    assert {"name": "updateMask", "in": "query", "required": False, "schema": {"type": "string"}} \
+        in by_id["UpdateSandbox"]["parameters"]
+    assert {p["name"] for p in by_id["ListSandboxes"]["parameters"]} >= {"pageSize", "pageToken", "filter"}
 
 
 ROUTES = routes()

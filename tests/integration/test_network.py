@@ -215,3 +215,23 @@ def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, san
     # The others were rebuilt, not lost.
     target = f"{INTERNET}:8000"
     assert node(checks.probe_from_guest, sandboxes["full"].name, [target])[target].startswith("open")
+
+
+def test_policy_and_exposed_ports_over_http_json(node, sandboxes):
+    base, key = f"http://127.0.0.1:{node.http_port}", node.stack.admin_key
+    name = sandboxes["full"].name
+    status, body = node.on_node(checks.http_json, base, key, "PATCH", f"/v1/{name}?updateMask=networkPolicy",
+                                {"networkPolicy": {"egress": "EGRESS_MODE_ALLOW_LIST",
+                                                   "allow": [{"cidr": f"{INTERNET}/32", "ports": [8001]}]}})
+    assert status == 200, body
+    assert body["sandbox"]["networkPolicy"].get("allow") == [{"cidr": f"{INTERNET}/32", "ports": [8001]}]
+    results = node(checks.probe_from_guest, name, [f"{INTERNET}:8000", f"{INTERNET}:8001"])
+    assert results[f"{INTERNET}:8000"].startswith("blocked") and results[f"{INTERNET}:8001"].startswith("open")
+    status, body = node.on_node(checks.http_json, base, key, "PATCH", f"/v1/{name}?updateMask=networkPolicy",
+                                {"networkPolicy": {"egress": "EGRESS_MODE_FULL"}})
+    assert status == 200 and body["sandbox"]["networkPolicy"]["egress"] == "EGRESS_MODE_FULL"
+    status, body = node.on_node(checks.http_json, base, key, "POST", f"/v1/{name}:exposePort", {"guestPort": 0})
+    assert status == 400 and "guest_port" in body["message"]
+    status, body = node.on_node(checks.http_json, base, key, "POST", f"/v1/{name}:exposePort",
+                                {"guestPort": 9, "hostAddress": "not-an-address"})
+    assert status == 400 and "host_address" in body["message"]
