@@ -16,19 +16,50 @@ import structlog
 from services.common.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger()
-BUFFER = 64 << 10
+WRITE_HIGH_WATER = 1 << 20
 CONNECT_TIMEOUT = 5.0
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(BUFFER):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        pass
+class _Relay(asyncio.Protocol):
+    """One direction-pair end of a relayed connection: what arrives here is written to `peer`, and reading
+    pauses while the peer's send buffer is full (flow control without copying through stream buffers)."""
+
+    def __init__(self, closed: asyncio.Future, peer: "_Relay | None" = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer
+        self.closed = closed
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.peer is None:
+            transport.pause_reading()  # the client waits until the guest end is connected
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        return True  # keep the other direction open (half close)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def join(self, peer: "_Relay") -> None:
+        self.peer, peer.peer = peer, self
+        self.transport.resume_reading()
 
 
 class _Listener:
@@ -55,27 +86,36 @@ class PortForwarder:
         """Starts relaying; returns the host port (chosen by the kernel when `host_port` is 0)."""
         listener: _Listener | None = None
 
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def accept() -> _Relay:
+            client = _Relay(loop.create_future())
+            task = loop.create_task(connect(client), name="exposed-port-connection")
             listener.connections.add(task)
+            task.add_done_callback(listener.connections.discard)
+            return client
+
+        async def connect(client: _Relay) -> None:
+            """Dials the guest for an accepted client and lives as long as the relayed connection."""
             try:
-                upstream_reader, upstream_writer = await asyncio.wait_for(
-                    asyncio.open_connection(*listener.guest), CONNECT_TIMEOUT)
+                _, guest = await asyncio.wait_for(loop.create_connection(
+                    lambda: _Relay(client.closed, peer=client), *listener.guest), CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as exc:
                 log.info("exposed_port_connect_failed", guest=f"{listener.guest[0]}:{listener.guest[1]}",
                          error=str(exc))
-                writer.close()
-                listener.connections.discard(task)
+                if client.transport is not None:
+                    client.transport.close()
                 return
+            client.join(guest)
             try:
-                await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+                await client.closed
             finally:
-                for w in (writer, upstream_writer):
-                    w.close()
-                listener.connections.discard(task)
+                for end in (client, guest):
+                    if end.transport is not None:
+                        end.transport.close()
 
         try:
-            server = await asyncio.start_server(accept, host_address, host_port, reuse_address=True)
+            server = await loop.create_server(accept, host_address, host_port, reuse_address=True)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise FailedPrecondition(f"host port {host_address}:{host_port} is already in use",
