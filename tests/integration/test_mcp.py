@@ -13,7 +13,7 @@ from mcp.client.stdio import StdioServerParameters
 
 pytestmark = pytest.mark.guest
 TOOLS = {"create_sandbox", "execute_code", "run_command", "write_file", "read_file", "list_files",
-         "snapshot_sandbox", "restore_snapshot", "fork_sandbox", "destroy_sandbox", "list_sandboxes"}
+         "snapshot_sandbox", "restore_snapshot", "fork_sandbox", "destroy_sandbox", "list_sandboxes", "expose_port"}
 
 
 def result_data(result) -> object:
@@ -55,6 +55,10 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
                                                                     "path": "/root/a.txt"})) == "hi"
             failed = await client.call_tool("read_file", {"sandbox_id": sandbox_id, "path": "/missing"})
             assert failed.is_error and "NOT_FOUND" in failed.content[0].text
+            # This stack runs without networking: the agent is told why, not handed a dead URL.
+            refused = await client.call_tool("expose_port", {"sandbox_id": sandbox_id, "guest_port": 8000})
+            assert refused.is_error and "networking: false" in refused.content[0].text
+            assert set(tools["create_sandbox"].input_schema["properties"]) >= {"egress", "allow"}
             for target in (sandbox_id, restored["sandbox_id"]):
                 await client.call_tool("destroy_sandbox", {"sandbox_id": target})
             gone = await client.call_tool("run_command", {"sandbox_id": sandbox_id, "command": "true"})

@@ -65,13 +65,16 @@ async def _run(sb: AsyncSandbox, command: list[str] | str, ctx: Context | None, 
 @server.tool(description="Create a sandbox (a fresh Linux microVM). Returns its id for the other tools.")
 async def create_sandbox(
         template: Annotated[str, Field(description="image to boot; `default` is Debian with python3")] = "default",
-        timeout_seconds: Annotated[int, Field(description="lifetime in seconds, 1..86400", ge=1, le=86400)] = 600) -> dict[str, str]:
+        timeout_seconds: Annotated[int, Field(description="lifetime in seconds, 1..86400", ge=1, le=86400)] = 600,
+        egress: Annotated[str, Field(description="outbound network: `none` (default), `full`, or `allow-list`")] = "none",
+        allow: Annotated[list[str], Field(description="with allow-list: destinations as CIDR or CIDR:PORT,PORT, "
+                                                      "e.g. 203.0.113.0/24:443")] = []) -> dict[str, str]:
     """template: image to boot ("default": Debian with python3). timeout_seconds: lifetime, 1..86400."""
     try:
-        sb = await AsyncSandbox.create(template, timeout=timeout_seconds, client=client())
+        sb = await AsyncSandbox.create(template, timeout=timeout_seconds, egress=egress, allow=allow, client=client())
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
-    return {"sandbox_id": sb.id, "state": "RUNNING"}
+    return {"sandbox_id": sb.id, "state": "RUNNING", "ip_address": sb.ip_address}
 
 
 @server.tool(description="Run code in a sandbox and return its output. language: python or sh.")
@@ -151,6 +154,20 @@ async def fork_sandbox(sandbox_id: Annotated[str, Field(description="id returned
         return {"sandbox_ids": [clone.id for clone in await sb.fork(count)]}
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
+
+
+@server.tool(description="Make a TCP port of a sandbox (a web server you started in it) reachable on the host; "
+                         "returns the host address and port to connect to.")
+async def expose_port(sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+                      guest_port: Annotated[int, Field(description="port the program in the sandbox listens on",
+                                                       ge=1, le=65535)]) -> dict[str, Any]:
+    sb = await sandbox(sandbox_id)
+    try:
+        port = await sb.expose_port(guest_port)
+    except SandboxError as error:
+        raise ToolError(f"{error.code}: {error.message}") from None
+    return {"url": f"http://{port.host_address}:{port.host_port}/", "host_address": port.host_address,
+            "host_port": port.host_port, "guest_port": port.guest_port}
 
 
 @server.tool(description="Destroy a sandbox and everything in it.")
