@@ -6,6 +6,7 @@ from pathlib import Path
 
 import structlog
 
+from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceContext
@@ -16,9 +17,10 @@ log = structlog.get_logger()
 
 
 class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
-    def __init__(self, store: SnapshotChunkStore, settings: SnapshotSettings) -> None:
+    def __init__(self, store: SnapshotChunkStore, settings: SnapshotSettings, release_quotas=None) -> None:
         self.store = store
         self.settings = settings
+        self.release_quotas = release_quotas
 
     async def PutArtifact(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
@@ -64,7 +66,13 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
         return snapshot_pb2.VerifySnapshotResponse(ok=not bad, bad_chunks=bad)
 
     async def CollectGarbage(self, request, context):
-        return await self.store.collect_garbage(self.settings.keep_last_per_sandbox)
+        response = await self.store.collect_garbage(self.settings.keep_last_per_sandbox)
+        if self.release_quotas is not None:
+            try:
+                await self.release_quotas()
+            except Exception as exc:  # retried in the background; the collection itself is done
+                log.warning("snapshot_quota_release_deferred", error=str(exc))
+        return response
 
     async def GetStorageUsage(self, request, context):
         return await self.store.usage(request.tenant)
@@ -74,10 +82,29 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
     settings = context.settings
     root = Path(settings.store_dir) if settings.store_dir else Path(context.common.state_dir) / "snapshot"
     store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes)
-    snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(SnapshotStoreServicer(store, settings), server)
 
-    context.every(settings.gc_interval_seconds,
-                  lambda: store.collect_garbage(settings.keep_last_per_sandbox), "snapshot-gc")
+    async def release_quotas() -> None:
+        """Gives retention-deleted snapshots' storage back to their tenants (ReleaseQuota is idempotent)."""
+        pending = await store.pending_releases()
+        if not pending:
+            return
+        auth = auth_pb2_grpc.AuthServiceStub(context.channel(context.directory.newest("auth").address))
+        for snapshot_id, tenant in pending.items():
+            if tenant:
+                await auth.ReleaseQuota(auth_pb2.ReleaseQuotaRequest(
+                    tenant=tenant, reservation_id=f"snapshot-{snapshot_id}"), timeout=10)
+            await store.released(snapshot_id)
+            log.info("snapshot_quota_released", snapshot=snapshot_id, tenant=tenant)
+
+    servicer = SnapshotStoreServicer(store, settings, release_quotas)
+    snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(servicer, server)
+
+    async def collect() -> None:
+        await store.collect_garbage(settings.keep_last_per_sandbox)
+        await release_quotas()
+    context.every(settings.gc_interval_seconds, collect, "snapshot-gc")
+    # Releases that failed (auth away) are retried soon, not only at the next sweep.
+    context.every(10.0, release_quotas, "snapshot-quota-release")
     return [snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotStoreService"].full_name]
 
 

@@ -26,6 +26,8 @@ from services.common.errors import DataLoss, InvalidArgument, NotFound
 log = structlog.get_logger()
 RECORDS = "/microvm/snapshots/"
 PENDING = "/microvm/snapshot-artifacts/"
+# Snapshot id -> tenant, for snapshots retention deleted whose quota reservation is not released yet.
+RELEASES = "/microvm/snapshot-quota-releases/"
 
 
 class SnapshotChunkStore:
@@ -179,8 +181,14 @@ class SnapshotChunkStore:
         if keep_last_per_sandbox:
             for group in by_sandbox.values():
                 expired.update(r.id for r in group[:-keep_last_per_sandbox])
+        tenants = {r.id: r.tenant for r in records}
+        tx = self.etcd.transactions
         for snapshot_id in sorted(expired):
-            await self.etcd.delete(f"{RECORDS}{snapshot_id}".encode())
+            # The record goes together with a note to release its tenant's quota (see `pending_releases`):
+            # retention must give the storage back even if the auth service is away right now.
+            await self.etcd.transaction(compare=[], success=[
+                tx.delete(f"{RECORDS}{snapshot_id}".encode()),
+                tx.put(f"{RELEASES}{snapshot_id}".encode(), tenants[snapshot_id].encode())], failure=[])
             response.expired_snapshots.append(snapshot_id)
         live = [r for r in records if r.id not in expired]
         referenced = {d for r in live for a in r.artifacts for d in a.chunk_sha256}
@@ -194,6 +202,14 @@ class SnapshotChunkStore:
             log.info("snapshot_gc", expired=list(response.expired_snapshots), freed_chunks=freed_chunks,
                      freed_bytes=freed_bytes)
         return response
+
+    async def pending_releases(self) -> dict[str, str]:
+        """Snapshot id -> tenant of snapshots deleted by retention whose quota is still held."""
+        return {kv.key.decode()[len(RELEASES):]: kv.value.decode()
+                for kv in await self.etcd.get_prefix(RELEASES.encode())}
+
+    async def released(self, snapshot_id: str) -> None:
+        await self.etcd.delete(f"{RELEASES}{snapshot_id}".encode())
 
     def _sweep(self, referenced: set[str]) -> tuple[int, int]:
         freed_chunks = freed_bytes = 0

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from services.common.errors import error_info
-from tests.integration.test_sandbox_lifecycle import instances, vm_pid, wait_for
+from tests.integration.test_sandbox_lifecycle import etcd_keys, instances, vm_pid, wait_for
 
 pytestmark = pytest.mark.guest
 COUNTER = 'nohup sh -c "i=0; while true; do i=\\$((i+1)); echo \\$i > /tmp/count; sleep 0.1; done" >/dev/null 2>&1 &'
@@ -143,6 +143,12 @@ def test_retention_and_garbage_collection_free_space(stack, gateway):
         assert used_after <= used_before - collected.freed_bytes
         remaining = gateway.stub.ListSnapshots(api.ListSnapshotsRequest(source_sandbox=sandbox.name), timeout=10)
         assert [s.name for s in remaining.snapshots] == [s.name for s in snapshots[1:]]
+        # Retention gives the storage quota back too, as an explicit DeleteSnapshot does.
+        reservations = etcd_keys(stack, "/microvm/auth/reservations/")
+        for name in expired:
+            assert not [k for k in reservations if k.endswith(f"/snapshot-{name.split('/')[1]}")], name
+        assert [k for k in reservations if k.endswith(f"/snapshot-{snapshots[1].name.split('/')[1]}")]
+        assert not etcd_keys(stack, "/microvm/snapshot-quota-releases/")
     finally:
         gateway.delete(sandbox.name)
 
