@@ -12,7 +12,9 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.network.ports import PortForwarder
 
 
-async def echo_server():
+@pytest.fixture
+async def relayed():
+    """(forwarder, host port) relaying to an echo server that answers EOF with the sha256 of what it got."""
     async def handle(reader, writer):
         digest = hashlib.sha256()
         while data := await reader.read(1 << 16):
@@ -23,46 +25,39 @@ async def echo_server():
         await writer.drain()
         writer.close()
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
-async def test_relays_both_directions_with_half_close():
-    server, guest_port = await echo_server()
     forwarder = PortForwarder()
-    try:
-        port = await forwarder.open("127.0.0.1", 0, "127.0.0.1", guest_port)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        payload = os.urandom(8 << 20)
-
-        async def send():
-            writer.write(payload)
-            await writer.drain()
-            writer.write_eof()
-        sender = asyncio.create_task(send())
-        received = await asyncio.wait_for(reader.read(-1), 30)
-        await sender
-        assert received[:len(payload)] == payload
-        assert received[len(payload):] == hashlib.sha256(payload).hexdigest().encode()
-        writer.close()
-    finally:
-        await forwarder.close_all()
-        server.close()
+    port = await forwarder.open("127.0.0.1", 0, "127.0.0.1", server.sockets[0].getsockname()[1])
+    yield forwarder, port
+    await forwarder.close_all()
+    server.close()
 
 
-async def test_closing_the_exposure_ends_open_connections_and_frees_the_port():
-    server, guest_port = await echo_server()
-    forwarder = PortForwarder()
-    try:
-        port = await forwarder.open("127.0.0.1", 0, "127.0.0.1", guest_port)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"ping")
-        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
-        await forwarder.close("127.0.0.1", port)
-        assert await asyncio.wait_for(reader.read(-1), 5) == b""
-        with pytest.raises(OSError):
-            await asyncio.open_connection("127.0.0.1", port)
-    finally:
-        server.close()
+async def test_relays_both_directions_with_half_close(relayed):
+    _, port = relayed
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = os.urandom(8 << 20)
+
+    async def send():
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+    sender = asyncio.create_task(send())
+    received = await asyncio.wait_for(reader.read(-1), 30)
+    await sender
+    assert received[:len(payload)] == payload
+    assert received[len(payload):] == hashlib.sha256(payload).hexdigest().encode()
+    writer.close()
+
+
+async def test_closing_the_exposure_ends_open_connections_and_frees_the_port(relayed):
+    forwarder, port = relayed
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    await forwarder.close("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(-1), 5) == b""
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
 
 
 async def test_a_guest_that_does_not_answer_closes_the_client():
