@@ -160,3 +160,10 @@ def http_json(base: str, key: str, method: str, path: str, body: dict | None = N
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
+
+
+def tamper() -> None:
+    """What an operator or another tool might do behind the network service's back."""
+    import subprocess
+    subprocess.run(["nft", "delete", "table", "inet", "microvm"], check=True)
+    subprocess.run(["ip", "tuntap", "add", "dev", "mvtstray000000", "mode", "tap"], check=True)

@@ -235,3 +235,17 @@ def test_policy_and_exposed_ports_over_http_json(node, sandboxes):
     status, body = node.on_node(checks.http_json, base, key, "POST", f"/v1/{name}:exposePort",
                                 {"guestPort": 9, "hostAddress": "not-an-address"})
     assert status == 400 and "host_address" in body["message"]
+
+
+def test_drift_is_repaired_deleted_rules_return_and_stray_taps_go(node, sandboxes):
+    node.on_node(checks.tamper)
+    deadline = time.monotonic() + 15
+    while True:
+        state = node.on_node(checks.host_network_state, node.portable_stack)
+        if "table inet microvm" in state["ruleset"] and "mvtstray000000" not in state["taps"]:
+            break
+        assert time.monotonic() < deadline, "the network service did not repair the host"
+        time.sleep(0.5)
+    # Isolation holds again: the NONE sandbox is cut off, the others' policies are back.
+    results = node(checks.probe_from_guest, sandboxes["none"].name, [f"{INTERNET}:8000", *node.service_targets])
+    assert all(r.startswith("blocked") for r in results.values()), results
