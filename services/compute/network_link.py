@@ -21,6 +21,7 @@ from services.compute.records import VmRecord
 
 log = structlog.get_logger()
 CALL_TIMEOUT = 30.0
+RESTART_WAIT = 15.0
 
 
 class NetworkLink:
@@ -47,9 +48,21 @@ class NetworkLink:
     async def attach(self, vm: VmRecord, policy: sandbox_pb2.NetworkPolicy | None,
                      from_vm_id: str = "") -> None:
         """Attaches `vm` (or moves `from_vm_id`'s attachment to it) and records the result in `vm`."""
-        reply = await self._stub().AttachSandbox(network_pb2.AttachSandboxRequest(
-            sandbox_id=vm.id, policy=policy or sandbox_pb2.NetworkPolicy(), from_sandbox_id=from_vm_id),
-            timeout=CALL_TIMEOUT)
+        request = network_pb2.AttachSandboxRequest(sandbox_id=vm.id, policy=policy or sandbox_pb2.NetworkPolicy(),
+                                                   from_sandbox_id=from_vm_id)
+        deadline = asyncio.get_running_loop().time() + RESTART_WAIT
+        while True:
+            try:
+                reply = await self._stub().AttachSandbox(request, timeout=CALL_TIMEOUT)
+                break
+            except (grpc.aio.AioRpcError, Unavailable) as exc:
+                # A network service that is restarting is back within a second or two. Attaching the same
+                # id again is idempotent; a move is not retried (the caller falls back to another VM).
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                if code != grpc.StatusCode.UNAVAILABLE or from_vm_id or \
+                        asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
         attachment = reply.attachment
         vm.tap_device, vm.mac_address, vm.guest_cidr = (attachment.tap_device, attachment.mac_address,
                                                         attachment.guest_cidr)

@@ -197,6 +197,8 @@ def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, san
     old_pid = node.on_node(checks.network_service_pid, node.portable_stack)
     os.kill(old_pid, signal.SIGKILL)
     node(checks.delete, sandbox.name)  # compute cannot reach the network service now
+    # A create meanwhile waits for the restarted service instead of failing.
+    during = node(checks.create, FULL)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -209,12 +211,15 @@ def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, san
         time.sleep(0.5)
     assert sandbox_id not in state["attachments"]
     assert f"sandbox_{sandbox_id.replace('-', '_')}" not in state["ruleset"]
-    assert sandbox.ip_address not in state["ruleset"]
+    assert tap not in state["ruleset"]  # (its address may already serve a new VM: addresses are reused)
     # The bridge kept its own MAC (a bridge without one takes a port's, which changes as TAPs go).
     assert state["bridge_mac"] == before["bridge_mac"] == "0a:58:0a:d5:00:01"
     # The others were rebuilt, not lost.
     target = f"{INTERNET}:8000"
     assert node(checks.probe_from_guest, sandboxes["full"].name, [target])[target].startswith("open")
+    assert during.ip_address and during.ip_address != sandboxes["full"].ip_address
+    assert node(checks.probe_from_guest, during.name, [target])[target].startswith("open")
+    node(checks.delete, during.name)
 
 
 def test_policy_and_exposed_ports_over_http_json(node, sandboxes):
