@@ -16,6 +16,7 @@ import structlog
 
 from microvm.sandbox.v1 import sandbox_pb2
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.config import ConfigError
 from services.common.settings import NetworkSettings
 from services.network.addresses import AddressPool
 from services.network.attachments import Attachment, AttachmentStore, ExposedPort, mac_for
@@ -63,8 +64,14 @@ class NodeNetwork:
         self.lock = asyncio.Lock()
 
     async def start(self) -> None:
-        await self.links.ensure_bridge()
-        await self.reconcile()
+        try:
+            await self.links.ensure_bridge()
+            await self.reconcile()
+        except (FileNotFoundError, PermissionError, FailedPrecondition) as exc:
+            # Not a transient failure: say what the host lacks and how to run without it.
+            raise ConfigError(f"networking: true needs iproute2, nftables and CAP_NET_ADMIN on this host "
+                              f"({getattr(exc, 'message', None) or exc}); install them and run the network "
+                              "service as root, or set `networking: false`") from None
 
     async def _converge_rules(self) -> None:
         await self.firewall.apply(list((await self.store.all()).values()))

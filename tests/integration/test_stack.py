@@ -4,10 +4,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
+import yaml
 import pytest
 
 from microvm.sandbox.v1 import sandbox_pb2
@@ -145,3 +147,16 @@ def test_internal_service_refuses_callers_without_a_service_certificate(stack, t
     # This installation's certificate is let in.
     reply = health_pb2_grpc.HealthStub(stack.internal_channel(address)).Check(request, timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_network_service_without_host_tools_exits_with_what_is_missing(stack, tmp_path):
+    # iproute2 and nftables out of reach (as on a host without them): a clear refusal, nothing half set up.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"networking": True, "etcd_endpoints": [stack.etcd_endpoint],
+                                      "state_dir": str(tmp_path), "pki_dir": str(stack.state_dir / "pki"),
+                                      "network": {"bridge": "mvmnotools0"}}))
+    result = subprocess.run([sys.executable, "-m", "services.network", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": str(tmp_path)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "networking: true needs iproute2, nftables and CAP_NET_ADMIN" in result.stderr
+    assert "networking: false" in result.stderr
