@@ -54,6 +54,8 @@ class ComputeSettings(ServiceSettings):
     tcg_tb_size_mib: int = 64
     # Seconds to wait for a booted guest's agent to answer.
     boot_timeout_seconds: float = 90.0
+    # StopVm lets the guest write back its page cache for at most this long before the VMM is stopped.
+    stop_timeout_seconds: float = 10.0
     # Where built images are cached; default: $MVM_CACHE_DIR/images or ~/.cache/microvm/images.
     image_cache_dir: str = ""
     # Where running VMs keep their RAM files (tmpfs: no writeback of guest memory to disk). Default:

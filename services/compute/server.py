@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+import structlog
+
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
+from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import NotFound
+from services.common.errors import NotFound, ServiceError
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
@@ -14,6 +18,8 @@ from services.compute.fleet import VmFleet
 from services.compute.cloud_hypervisor import CloudHypervisorDriver
 from services.compute.network_link import NetworkLink
 from services.compute.qemu import QemuDriver
+
+log = structlog.get_logger()
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
@@ -44,7 +50,14 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.ListVmsResponse(vms=[vm.to_proto() for vm in self.fleet.visible()])
 
     async def StopVm(self, request, context):
-        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(self._visible(request.vm_id))).to_proto())
+        vm_id = self._visible(request.vm_id)
+        # The guest's agent serves one connection: the relay lets go of it so compute can have the guest sync.
+        try:
+            relay = relay_pb2_grpc.RelayServiceStub(self.context.channel(self.context.directory.newest("relay").address))
+            await relay.CloseChannel(relay_pb2.CloseChannelRequest(vm_id=vm_id), timeout=5)
+        except (grpc.aio.AioRpcError, ServiceError) as exc:
+            log.warning("relay_close_before_stop_failed", vm=vm_id, error=str(exc))
+        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(vm_id)).to_proto())
 
     async def StartVm(self, request, context):
         return compute_pb2.StartVmResponse(vm=(await self.fleet.start(self._visible(request.vm_id))).to_proto())
