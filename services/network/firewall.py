@@ -20,6 +20,7 @@ bridge microvm:
 from __future__ import annotations
 
 import ipaddress
+import time
 
 from microvm.sandbox.v1 import sandbox_pb2
 from services.network.attachments import Attachment
@@ -106,20 +107,24 @@ def render(attachments: list[Attachment], bridge: str, subnet: str) -> str:
 
 
 class SandboxFirewall:
-    def __init__(self, bridge: str, subnet: str) -> None:
+    def __init__(self, bridge: str, subnet: str, refresh_seconds: float = 60.0) -> None:
         self.bridge = bridge
         self.subnet = subnet
+        self.refresh_seconds = refresh_seconds
         self.applied = ""
+        self.applied_at = 0.0
 
     async def apply(self, attachments: list[Attachment]) -> None:
         script = render(attachments, self.bridge, self.subnet)
         await run("nft", "-f", "-", stdin=script.encode())
-        self.applied = script
+        self.applied, self.applied_at = script, time.monotonic()
 
     async def ensure(self, attachments: list[Attachment]) -> bool:
-        """Re-applies when the rules would differ or our tables went missing; True if it applied."""
+        """Re-applies when the rules would differ, our tables went missing, or `refresh_seconds` passed (a
+        rule changed by hand inside our tables is not visible from here); True if it applied."""
         script = render(attachments, self.bridge, self.subnet)
-        if script == self.applied and await self.present():
+        fresh = time.monotonic() - self.applied_at < self.refresh_seconds
+        if script == self.applied and fresh and await self.present():
             return False
         await self.apply(attachments)
         return True
