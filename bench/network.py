@@ -79,8 +79,14 @@ def main() -> None:
                             f"(nohup python3 -m http.server {GUEST_PORT} >/dev/null 2>&1 &) && sleep 1"])
             assert code == 0, err
             port = run_in(lab.node, checks.expose, address, key, sandbox.name, GUEST_PORT)
-            relay = run_in(lab.node, download_seconds, f"http://127.0.0.1:{port.host_port}/blob")
-            direct = run_in(lab.node, download_seconds, f"http://{sandbox.ip_address}:{GUEST_PORT}/blob")
+            relay_url = f"http://127.0.0.1:{port.host_port}/blob"
+            direct_url = f"http://{sandbox.ip_address}:{GUEST_PORT}/blob"
+            run_in(lab.node, download_seconds, direct_url, 1)  # the guest reads the file into its page cache
+            # Interleaved rounds, best of each: both sides see the same background noise.
+            relay = direct = float("inf")
+            for _ in range(3):
+                relay = min(relay, run_in(lab.node, download_seconds, relay_url, 2))
+                direct = min(direct, run_in(lab.node, download_seconds, direct_url, 2))
             mib = DOWNLOAD_BYTES / (1 << 20)
             emit("exposed_port_download", mib / relay, "MiB/s", mib / direct,
                  "same download straight to the guest address", "ratio >= 0.8")
