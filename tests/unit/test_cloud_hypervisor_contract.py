@@ -109,7 +109,7 @@ async def test_driver_lifecycle_snapshot_and_restore_speak_only_the_spec(tmp_pat
     driver = CloudHypervisorDriver(kvm_choice(), binary)
     source = tmp_path / "source"
     source.mkdir()
-    vm = record(source, image)
+    vm = record(source, image, tap_device="mvt00000000001", mac_address="0a:58:0a:d5:00:02")
     pid = await driver.launch(vm, image, source)
     assert driver.owns_process(pid, source)
     assert await driver.status(source) == "running"
@@ -123,11 +123,13 @@ async def test_driver_lifecycle_snapshot_and_restore_speak_only_the_spec(tmp_pat
     assert (frozen / "vmm-state.tar").exists() and (frozen / "disk.qcow2").exists()
     clone_dir = tmp_path / "clone"
     clone_dir.mkdir()
-    await driver.restore(record(clone_dir, image, id="vm-2"), image, clone_dir, frozen)
+    await driver.restore(record(clone_dir, image, id="vm-2", tap_device="mvt00000000002",
+                                mac_address="0a:58:0a:d5:00:03"), image, clone_dir, frozen)
     assert await driver.status(clone_dir) == "running"
     restored = json.loads((clone_dir / "restore" / "config.json").read_text())
     assert restored["disks"][0]["path"] == str(driver.paths(clone_dir)["disk"])  # its own disk, not the source's
     assert restored["vsock"]["socket"] == str(driver.paths(clone_dir)["agent"])
+    assert [(n["tap"], n["mac"]) for n in restored["net"]] == [("mvt00000000002", "0a:58:0a:d5:00:03")]  # its own NIC
     api = driver.api(source)
     await api.counters()
     await api.resize(vcpus=2)
