@@ -68,6 +68,10 @@ class ComputeSettings(ServiceSettings):
     # The size that template snapshots and the warm pool are made for.
     default_vcpus: int = 1
     default_memory_mib: int = 256
+    # Another size gets a template snapshot (restores instead of cold boots) after this many cold boots,
+    # for at most this many sizes per template.
+    size_demand_threshold: int = 2
+    extra_template_sizes: int = 3
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 

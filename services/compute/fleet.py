@@ -201,11 +201,12 @@ class VmFleet:
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
         if vm_id in self.vms:
             raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
-        if self.warm.enabled and self.warm.fits(vcpus, memory_mib):
-            vm = await self.warm.claim(template, vm_id, hostname, policy)
-            if vm is not None:
-                return vm
-            frozen = self.warm.frozen(template)
+        if self.warm.enabled:
+            if self.warm.fits_pool(vcpus, memory_mib):
+                vm = await self.warm.claim(template, vm_id, hostname, policy)
+                if vm is not None:
+                    return vm
+            frozen = self.warm.frozen(template, vcpus, memory_mib)
             if frozen is not None:
                 try:
                     return await self._restore_from(frozen, vm_id, hostname, start_method="template-snapshot",
@@ -213,7 +214,8 @@ class VmFleet:
                 except ServiceError as exc:
                     # A template snapshot that does not restore is not trusted again: boot cold, rebuild it.
                     log.warning("template_snapshot_restore_failed", template=template, error=exc.message)
-                    self.warm.invalidate(template)
+                    self.warm.invalidate(template, vcpus, memory_mib)
+            self.warm.cold_booted(template, vcpus, memory_mib)
         image = BuiltImage.load(template, self.image_root)
         vm = await self._admit(vm_id, template, vcpus, memory_mib, hostname, image)
         return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory), policy)

@@ -1,10 +1,12 @@
 """WarmStart: template snapshots and the warm pool, which turn Create into a restore instead of a boot.
 
 Each template is cold-booted once (RAM in a shared file) and frozen into a *template snapshot* under
-`<state_dir>/compute/templates/<template>/<image build>/`. Creates of the default size restore from it: the
-RAM file is mapped copy-on-write, so only device state is read and every such VM shares the template's
-pages. A pool of restored, paused VMs per template makes Create a resume. Cold boot stays the fallback,
-used automatically when the template snapshot is missing, stale or fails to restore (it is then rebuilt).
+`<state_dir>/compute/templates/<template>/<image build>[-net][-<vcpus>c<memory>m]/`. Creates of that size
+restore from it: the RAM file is mapped copy-on-write, so only device state is read and every such VM shares
+the template's pages. The default size always has one, plus a pool of restored, paused VMs that makes Create
+a resume; another size gets its template snapshot once it has been cold-booted `size_demand_threshold`
+times (at most `extra_template_sizes` sizes). Cold boot stays the fallback, used automatically when the
+template snapshot is missing, stale or fails to restore (it is then rebuilt).
 """
 
 from __future__ import annotations
@@ -51,25 +53,48 @@ class WarmStart:
         self.settings = fleet.settings
         self.root = fleet.root.parent / "templates"
         self.pool: dict[str, list[str]] = {}
+        # Non-default sizes that get template snapshots, and cold boots counted for the others.
+        self.sizes: list[tuple[str, int, int]] = []
+        self.demand: dict[tuple[str, int, int], int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._claim_lock = asyncio.Lock()
 
-    def fits(self, vcpus: int, memory_mib: int) -> bool:
-        return vcpus == self.settings.default_vcpus and memory_mib == self.settings.default_memory_mib
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.settings.default_vcpus, self.settings.default_memory_mib
+
+    def fits_pool(self, vcpus: int, memory_mib: int) -> bool:
+        return (vcpus, memory_mib) == self.default_size
+
+    def cold_booted(self, template: str, vcpus: int, memory_mib: int) -> None:
+        """Counts demand for a size without a template snapshot; enough of it gets one built."""
+        key = (template, vcpus, memory_mib)
+        if (vcpus, memory_mib) == self.default_size or key in self.sizes:
+            return
+        self.demand[key] = self.demand.get(key, 0) + 1
+        extra = [k for k in self.sizes if k[0] == template]
+        if self.demand[key] >= self.settings.size_demand_threshold and \
+                len(extra) < self.settings.extra_template_sizes:
+            self.sizes.append(key)
+            self._wake.set()
 
     # --- template snapshots ------------------------------------------------------------------------
-    def _directory(self, template: str) -> Path | None:
+    def _directory(self, template: str, vcpus: int = 0, memory_mib: int = 0) -> Path | None:
         try:
             image = BuiltImage.load(template, self.fleet.image_root)
         except FileNotFoundError:
             return None
         # With networking the frozen devices include a NIC: such a snapshot restores only where VMs have one.
-        return self.root / template / (image.directory.name + ("-net" if self.fleet.network else ""))
+        name = image.directory.name + ("-net" if self.fleet.network else "")
+        if (vcpus or memory_mib) and (vcpus, memory_mib) != self.default_size:
+            name += f"-{vcpus}c{memory_mib}m"
+        return self.root / template / name
 
-    def frozen(self, template: str) -> Path | None:
-        """The template snapshot if it exists and its files are intact (RAM file: size only, it is large)."""
-        directory = self._directory(template)
+    def frozen(self, template: str, vcpus: int = 0, memory_mib: int = 0) -> Path | None:
+        """The template snapshot of that size (default: the default size) if it exists and its files are
+        intact (RAM file: size only, it is large)."""
+        directory = self._directory(template, vcpus, memory_mib)
         if directory is None or not (directory / ".complete").exists():
             return None
         try:
@@ -82,25 +107,24 @@ class WarmStart:
                 raise ValueError("ram has the wrong size")
         except (OSError, ValueError, KeyError) as exc:
             log.warning("template_snapshot_invalid", template=template, error=str(exc))
-            self.invalidate(template)
+            self.invalidate(template, vcpus, memory_mib)
             return None
         return directory
 
-    def invalidate(self, template: str) -> None:
-        directory = self._directory(template)
+    def invalidate(self, template: str, vcpus: int = 0, memory_mib: int = 0) -> None:
+        directory = self._directory(template, vcpus, memory_mib)
         if directory is not None:
             (directory / ".complete").unlink(missing_ok=True)
         self._wake.set()
 
-    async def _build(self, template: str) -> None:
-        directory = self._directory(template)
+    async def _build(self, template: str, vcpus: int, memory_mib: int) -> None:
+        directory = self._directory(template, vcpus, memory_mib)
         work = directory.with_name(f".{directory.name}.partial")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         vm_id = f"tmpl-{uuid.uuid4().hex[:10]}"
         image = BuiltImage.load(template, self.fleet.image_root)
-        vm = await self.fleet._admit(vm_id, template, self.settings.default_vcpus, self.settings.default_memory_mib,
-                                     vm_id, image, pooled=True)
+        vm = await self.fleet._admit(vm_id, template, vcpus, memory_mib, vm_id, image, pooled=True)
         try:
             await self.fleet._start(vm, lambda d: self.fleet.driver.launch(vm, image, d))
             # Runs the exec path once so the guest's page cache in the snapshot already holds it.
@@ -113,10 +137,12 @@ class WarmStart:
             (work / ".complete").touch()
             shutil.rmtree(directory, ignore_errors=True)
             work.rename(directory)
-            for stale in directory.parent.iterdir():  # older image builds of this template
-                if stale != directory and not stale.name.startswith(".") and not self._in_use(stale):
+            build = image.directory.name
+            for stale in directory.parent.iterdir():  # older image builds of this template, any size
+                if not stale.name.startswith((".", build)) and not self._in_use(stale):
                     shutil.rmtree(stale, ignore_errors=True)
-            log.info("template_snapshot_built", template=template, directory=str(directory))
+            log.info("template_snapshot_built", template=template, vcpus=vcpus, memory_mib=memory_mib,
+                     directory=str(directory))
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if vm_id in self.fleet.vms:
@@ -176,10 +202,13 @@ class WarmStart:
                 try:
                     frozen = self.frozen(template)
                     if frozen is None:
-                        await self._build(template)
+                        await self._build(template, *self.default_size)
                         frozen = self.frozen(template)
                     if frozen is not None and self.settings.warm_pool_size:
                         await self._fill(template, frozen)
+                    for _, vcpus, memory_mib in [k for k in self.sizes if k[0] == template]:
+                        if self.frozen(template, vcpus, memory_mib) is None:
+                            await self._build(template, vcpus, memory_mib)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

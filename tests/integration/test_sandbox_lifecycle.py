@@ -265,3 +265,21 @@ def test_default_size_starts_from_the_warm_pool_and_other_sizes_boot_cold(stack,
         assert result.stdout.split(b"\n")[0].decode() == sandbox.name.split("/")[1]
     finally:
         gateway.delete(sandbox.name)
+
+
+def test_a_size_booted_cold_twice_gets_its_own_template_snapshot(stack, gateway):
+    def create_and_method(memory_mib: int) -> tuple[str, str]:
+        sandbox = gateway.create(memory_mib=memory_mib)
+        try:
+            method = vm_record(stack, sandbox.name.split("/")[1])["start_method"]
+            meminfo = gateway.exec(sandbox.name, ["grep", "MemTotal", "/proc/meminfo"]).stdout.decode()
+        finally:
+            gateway.delete(sandbox.name)
+        return method, meminfo
+    assert create_and_method(288)[0] == "cold-boot"
+    assert create_and_method(288)[0] == "cold-boot"  # the second cold boot of the size asks for a template
+    templates = stack.state_dir / "compute" / "templates" / "default"
+    assert wait_for(lambda: [d for d in templates.glob("*-1c288m") if (d / ".complete").exists()], timeout=120)
+    method, meminfo = create_and_method(288)
+    assert method == "template-snapshot"
+    assert 200 * 1024 < int(meminfo.split()[1]) <= 288 * 1024  # the size asked for, not the default's
