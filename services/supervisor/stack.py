@@ -221,10 +221,32 @@ class StackSupervisor:
             await self._stop_child(gateway, 15)
         await asyncio.gather(*(self._stop_child(c, 15) for c in services if c is not gateway))
         stop_leftover_vms(self.state_dir, load_config(self.config_path, "compute", ComputeSettings).service)
+        if self.config.common.networking and "etcd" in self.children:
+            await self._remove_sandbox_taps()
         if "etcd" in self.children:
             await self._stop_child(self.children["etcd"], 10)
         self._write_status()
         print(json.dumps({"event": "stack_stopped"}), flush=True)
+
+
+    async def _remove_sandbox_taps(self) -> None:
+        """The VMs are gone: so go their TAP devices. Their records stay, and the next start reconciles them
+        (compute fails the VMs, the network service releases their addresses)."""
+        prefix = f"/microvm/network/{self.config.common.node}/attachments/"
+        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        try:
+            await client.connect()
+            taps = [json.loads(kv.value).get("tap_device", "") for kv in await client.get_prefix(prefix.encode())]
+        except Exception as exc:  # stopping must not fail on this; the next start cleans up
+            print(json.dumps({"event": "tap_cleanup_skipped", "error": str(exc)}), flush=True)
+            return
+        finally:
+            await client.close()
+        for tap in filter(None, taps):
+            process = await asyncio.create_subprocess_exec("ip", "link", "delete", tap,
+                                                           stdout=asyncio.subprocess.DEVNULL,
+                                                           stderr=asyncio.subprocess.DEVNULL)
+            await process.wait()
 
 
 def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -> int:

@@ -19,7 +19,7 @@ import yaml
 
 from microvm.sandbox.v1 import sandbox_pb2
 from tests import netns_checks as checks
-from tests.netns import HTTP_ENDPOINTS, INTERNET, INTERNET_OTHER, NODE_UPLINK, NetnsLab, RemoteRpcError, run_in
+from tests.netns import HTTP_ENDPOINTS, INTERNET, INTERNET_OTHER, NODE_UPLINK, NetnsLab, RemoteRpcError, run_in, sh
 from tests.stack import free_port, start_stack
 
 NONE, FULL, ALLOW_LIST = sandbox_pb2.EGRESS_MODE_NONE, sandbox_pb2.EGRESS_MODE_FULL, sandbox_pb2.EGRESS_MODE_ALLOW_LIST
@@ -74,6 +74,10 @@ def node(tmp_path_factory):
             "compute": {"warm_pool_size": 1},
         }, timeout=120, netns=lab.node)
         yield NodeStack(lab, stack)
+        stack.stop()
+        # Stopping the stack kills the VMs, and their TAPs go with them (`make down` leaves none behind).
+        leftover = [line for line in sh("ip", "-br", "link", namespace=lab.node).splitlines() if line.startswith("mvt")]
+        assert leftover == [], leftover
     finally:
         if stack is not None:
             stack.stop()
