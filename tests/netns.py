@@ -3,6 +3,7 @@
     root namespace (untouched; tests reach the node only by running code inside it)
     node      198.51.100.1/24 --veth-- 198.51.100.2/24, .3/24  internet
               the stack (etcd, gateway, ...), bridge, TAPs       HTTP servers on .2:8000, .2:8001, .3:8000
+                                                                 and a "metadata service" on 169.254.169.254:80
 
 No test traffic goes anywhere else. `run_in(namespace, function, *args)` runs a module-level function of
 this repository inside a namespace (a fresh interpreter under `ip netns exec`) and returns its result or
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 NODE_UPLINK = "198.51.100.1"
 INTERNET = "198.51.100.2"
 INTERNET_OTHER = "198.51.100.3"
+METADATA = "169.254.169.254"  # where clouds serve instance metadata (and credentials)
 HTTP_ENDPOINTS = ((INTERNET, 8000), (INTERNET, 8001), (INTERNET_OTHER, 8000))
 
 HTTP_SERVER = """
@@ -129,15 +131,16 @@ class NetnsLab:
         sh("ip", "netns", "add", self.internet)
         sh("ip", "link", "add", node_end, "netns", self.node, "type", "veth", "peer", "name", internet_end,
            "netns", self.internet)
-        for namespace, device, addresses in ((self.node, node_end, [NODE_UPLINK]),
-                                             (self.internet, internet_end, [INTERNET, INTERNET_OTHER])):
+        for namespace, device, addresses in ((self.node, node_end, [f"{NODE_UPLINK}/24"]),
+                                             (self.internet, internet_end,
+                                              [f"{INTERNET}/24", f"{INTERNET_OTHER}/24", f"{METADATA}/32"])):
             sh("ip", "link", "set", "lo", "up", namespace=namespace)
             for address in addresses:
-                sh("ip", "addr", "add", f"{address}/24", "dev", device, namespace=namespace)
+                sh("ip", "addr", "add", address, "dev", device, namespace=namespace)
             sh("ip", "link", "set", device, "up", namespace=namespace)
         sh("ip", "route", "add", "default", "via", INTERNET, namespace=self.node)
         server = subprocess.Popen(["ip", "netns", "exec", self.internet, sys.executable, "-c", HTTP_SERVER,
-                                   *(f"{h}:{p}" for h, p in HTTP_ENDPOINTS)],
+                                   *(f"{h}:{p}" for h, p in HTTP_ENDPOINTS), f"{METADATA}:80"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.servers.append(server)
         if server.stdout.readline().strip() != "ready":

@@ -125,6 +125,9 @@ class NetworkSettings(ServiceSettings):
     subnet: str = "10.213.0.0/20"
     # Name servers given to guests; default: the host's non-loopback ones from /etc/resolv.conf.
     dns_servers: list[str] = dataclasses.field(default_factory=list)
+    # Never reachable from any sandbox, whatever its policy: link-local holds cloud metadata services
+    # (169.254.169.254 hands out the host's credentials on most clouds).
+    denied_destinations: list[str] = dataclasses.field(default_factory=lambda: ["169.254.0.0/16", "fe80::/10"])
     # Seconds between sweeps that make devices, rules and listeners match the records in etcd.
     reconcile_interval_seconds: float = 5.0
     max_exposed_ports_per_sandbox: int = 16
@@ -142,6 +145,11 @@ class NetworkSettings(ServiceSettings):
                 ipaddress.IPv4Address(server)
             except ValueError:
                 raise ConfigError(f"network.dns_servers: {server!r} is not an IPv4 address") from None
+        for denied in self.denied_destinations:
+            try:
+                ipaddress.ip_network(denied, strict=False)
+            except ValueError:
+                raise ConfigError(f"network.denied_destinations: {denied!r} is not a network") from None
         if not 15 >= len(self.bridge) >= 1 or not self.bridge.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("network.bridge must be an interface name (1-15 letters, digits, - or _)")
         if self.reconcile_interval_seconds <= 0:

@@ -10,7 +10,8 @@ inet microvm:
   output    the host reaches a sandbox only on its exposed ports (the port forwarder connects from here)
   forward   nothing enters a sandbox from outside but replies; every packet that leaves goes through its own
             chain `sandbox_<id>` picked by source address (the bridge table guarantees the address is
-            the sandbox's own)
+            the sandbox's own): other sandboxes and the operator's denied destinations (cloud metadata by
+            default) are dropped first, then the sandbox's policy applies
   postrouting  masquerade of sandbox traffic leaving the node
 bridge microvm:
   prerouting  anti-spoofing per TAP: source MAC, IPv4 and ARP sender must be the sandbox's; no IPv6
@@ -34,9 +35,14 @@ def chain_name(sandbox_id: str) -> str:
     return "sandbox_" + sandbox_id.replace("-", "_")
 
 
-def _egress_rules(attachment: Attachment, subnet: str) -> list[str]:
+def _egress_rules(attachment: Attachment, subnet: str, denied: tuple[str, ...]) -> list[str]:
     policy = attachment.network_policy
     rules = [f"ip daddr {subnet} drop comment \"other sandboxes\""]
+    for family in ("ip", "ip6"):
+        networks = [n for n in denied if ipaddress.ip_network(n).version == (4 if family == "ip" else 6)]
+        if networks:
+            # The operator's deny list (cloud metadata by default) wins over any sandbox's policy.
+            rules.append(f"{family} daddr {{ {', '.join(networks)} }} drop comment \"denied by the operator\"")
     if policy.egress == sandbox_pb2.EGRESS_MODE_FULL:
         return rules + ["accept"]
     if policy.egress == sandbox_pb2.EGRESS_MODE_ALLOW_LIST:
@@ -52,7 +58,7 @@ def _egress_rules(attachment: Attachment, subnet: str) -> list[str]:
     return rules
 
 
-def render(attachments: list[Attachment], bridge: str, subnet: str) -> str:
+def render(attachments: list[Attachment], bridge: str, subnet: str, denied: tuple[str, ...] = ()) -> str:
     """The complete nft script for `attachments` (deterministic: the same input gives the same text)."""
     attachments = sorted(attachments, key=lambda a: a.sandbox_id)
     lines = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}",
@@ -81,7 +87,7 @@ def render(attachments: list[Attachment], bridge: str, subnet: str) -> str:
               f"    ip saddr {subnet} oifname != \"{bridge}\" masquerade", "  }"]
     for attachment in attachments:
         lines.append(f"  chain {chain_name(attachment.sandbox_id)} {{")
-        lines += [f"    {rule}" for rule in _egress_rules(attachment, subnet)]
+        lines += [f"    {rule}" for rule in _egress_rules(attachment, subnet, denied)]
         lines.append("  }")
     lines += ["}", ""]
 
@@ -107,22 +113,23 @@ def render(attachments: list[Attachment], bridge: str, subnet: str) -> str:
 
 
 class SandboxFirewall:
-    def __init__(self, bridge: str, subnet: str, refresh_seconds: float = 60.0) -> None:
+    def __init__(self, bridge: str, subnet: str, denied: tuple[str, ...] = (), refresh_seconds: float = 60.0) -> None:
         self.bridge = bridge
         self.subnet = subnet
+        self.denied = denied
         self.refresh_seconds = refresh_seconds
         self.applied = ""
         self.applied_at = 0.0
 
     async def apply(self, attachments: list[Attachment]) -> None:
-        script = render(attachments, self.bridge, self.subnet)
+        script = render(attachments, self.bridge, self.subnet, self.denied)
         await run("nft", "-f", "-", stdin=script.encode())
         self.applied, self.applied_at = script, time.monotonic()
 
     async def ensure(self, attachments: list[Attachment]) -> bool:
         """Re-applies when the rules would differ, our tables went missing, or `refresh_seconds` passed (a
         rule changed by hand inside our tables is not visible from here); True if it applied."""
-        script = render(attachments, self.bridge, self.subnet)
+        script = render(attachments, self.bridge, self.subnet, self.denied)
         fresh = time.monotonic() - self.applied_at < self.refresh_seconds
         if script == self.applied and fresh and await self.present():
             return False

@@ -58,7 +58,8 @@ class NodeNetwork:
         self.store = AttachmentStore(etcd, node)
         self.links = HostLinks(settings.bridge, f"{self.pool.gateway}/{self.subnet.prefixlen}",
                                mac_for(str(self.pool.gateway)))
-        self.firewall = SandboxFirewall(settings.bridge, str(self.subnet))
+        self.firewall = SandboxFirewall(settings.bridge, str(self.subnet),
+                                        tuple(str(ipaddress.ip_network(n, strict=False)) for n in settings.denied_destinations))
         self.ports = PortForwarder()
         self.dns_servers = list(settings.dns_servers) or host_resolvers()
         self.lock = asyncio.Lock()

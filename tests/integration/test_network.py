@@ -19,7 +19,8 @@ import yaml
 
 from microvm.sandbox.v1 import sandbox_pb2
 from tests import netns_checks as checks
-from tests.netns import HTTP_ENDPOINTS, INTERNET, INTERNET_OTHER, NODE_UPLINK, NetnsLab, RemoteRpcError, run_in, sh
+from tests.netns import (HTTP_ENDPOINTS, INTERNET, INTERNET_OTHER, METADATA, NODE_UPLINK, NetnsLab, RemoteRpcError,
+                         run_in, sh)
 from tests.stack import free_port, start_stack
 
 NONE, FULL, ALLOW_LIST = sandbox_pb2.EGRESS_MODE_NONE, sandbox_pb2.EGRESS_MODE_FULL, sandbox_pb2.EGRESS_MODE_ALLOW_LIST
@@ -119,6 +120,12 @@ def test_egress_full_reaches_the_internet(node, sandboxes):
     results = node(checks.probe_from_guest, sandboxes["full"].name, INTERNET_TARGETS)
     for target, result in results.items():
         assert result == f"open internet {target}", results
+
+
+def test_cloud_metadata_is_unreachable_even_with_full_egress(node, sandboxes):
+    target = f"{METADATA}:80"
+    assert node.on_node(checks.probe_from_host, [target])[target] == f"open internet {target}"  # it is there
+    assert node(checks.probe_from_guest, sandboxes["full"].name, [target])[target].startswith("blocked")
 
 
 def test_allow_list_admits_exactly_the_allowed_address_and_port(node, sandboxes):

@@ -55,6 +55,18 @@ def test_each_mode_renders_its_own_chain():
     assert "10.213.0.2 : jump sandbox_sbx_none" in script
 
 
+def test_denied_destinations_come_before_any_policy():
+    script = render([attachment("sbx-full", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL)),
+                     attachment("sbx-list", "10.213.0.4", allow(("169.254.169.254/32", [80])))],
+                    "mvmbr0", SUBNET, ("169.254.0.0/16", "fe80::/10"))
+    for sandbox_id in ("sbx-full", "sbx-list"):
+        rules = [line.strip() for line in chain(script, sandbox_id).splitlines()[1:]]
+        denied = rules.index('ip daddr { 169.254.0.0/16 } drop comment "denied by the operator"')
+        assert rules.index('ip6 daddr { fe80::/10 } drop comment "denied by the operator"') == denied + 1
+        assert all("accept" not in rule for rule in rules[:denied])
+        assert any("accept" in rule for rule in rules[denied:])
+
+
 def test_rendering_is_deterministic_and_replaces_whole_tables():
     attachments = [attachment(f"sbx-{i}", f"10.213.0.{i}", sandbox_pb2.NetworkPolicy(), ports=[80]) for i in (3, 2)]
     first, second = render(attachments, "mvmbr0", SUBNET), render(list(reversed(attachments)), "mvmbr0", SUBNET)
@@ -82,7 +94,7 @@ def test_nft_accepts_the_rendered_rules():
         attachment("sbx-a", "10.213.0.2", allow(("198.51.100.0/24", [80]), ("2001:db8::/32", [53]))),
         attachment("sbx-b", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL),
                    ports=[8080, 22]),
-    ], "mvmbr0", SUBNET)
+    ], "mvmbr0", SUBNET, ("169.254.0.0/16", "fe80::/10"))
     # --check parses and validates in the kernel without changing anything.
     result = subprocess.run(["nft", "--check", "-f", "-"], input=script, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
