@@ -17,13 +17,44 @@ from services.common.server import ServiceContext
 log = structlog.get_logger()
 
 
+RESTART_WAIT_SECONDS = 10.0
+
+
+def never_reached(error: grpc.aio.AioRpcError) -> bool:
+    """True when the call failed to connect, so the server never saw it: retrying cannot do anything twice."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or "")
+
+
+class NodeCompute:
+    """The compute service of one node, riding out its restarts: a killed instance stays registered until its
+    lease expires and its successor registers only after re-adopting the VMs, so a call that cannot connect
+    is tried again on the newest instance for a few seconds."""
+
+    def __init__(self, context: ServiceContext, node: str) -> None:
+        self.context, self.node = context, node
+
+    def __getattr__(self, method: str):
+        async def call(request, timeout: float | None = None):
+            deadline = asyncio.get_running_loop().time() + RESTART_WAIT_SECONDS
+            while True:
+                try:
+                    stub = compute_pb2_grpc.ComputeServiceStub(
+                        self.context.channel(self.context.directory.newest("compute", self.node).address))
+                    return await getattr(stub, method)(request, timeout=timeout)
+                except (grpc.aio.AioRpcError, Unavailable) as exc:
+                    retry = isinstance(exc, Unavailable) or never_reached(exc)
+                    if not retry or asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        return call
+
+
 class SandboxPlacement:
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
 
-    def compute(self, node: str) -> compute_pb2_grpc.ComputeServiceStub:
-        return compute_pb2_grpc.ComputeServiceStub(
-            self.context.channel(self.context.directory.newest("compute", node).address))
+    def compute(self, node: str) -> "NodeCompute":
+        return NodeCompute(self.context, node)
 
     def network(self, node: str) -> network_pb2_grpc.NetworkServiceStub:
         return network_pb2_grpc.NetworkServiceStub(
@@ -51,6 +82,12 @@ class SandboxPlacement:
                 return None
 
         reports = [r for r in await asyncio.gather(*(capacity(i) for i in instances)) if r is not None]
+        deadline = asyncio.get_running_loop().time() + RESTART_WAIT_SECONDS
+        while not reports and asyncio.get_running_loop().time() < deadline:
+            # Every registered instance refused: a compute restarting (its successor registers shortly).
+            await asyncio.sleep(0.3)
+            reports = [r for r in await asyncio.gather(
+                *(capacity(i) for i in self.context.directory.instances("compute"))) if r is not None]
         if not reports:
             raise Unavailable("no compute node answered", reason="NO_COMPUTE_NODES")
         with_template = [r for r in reports if template in r.templates]

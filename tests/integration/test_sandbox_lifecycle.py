@@ -54,6 +54,17 @@ def vm_record(stack, sandbox_id: str) -> dict:
     return record
 
 
+def vm_records(stack) -> list[dict]:
+    async def read():
+        client = etcd_client([stack.etcd_endpoint])
+        await client.connect()
+        try:
+            return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/vms/")]
+        finally:
+            await client.close()
+    return asyncio.run(read())
+
+
 def vm_pid(stack, sandbox_id: str) -> int:
     return int((Path(vm_record(stack, sandbox_id)["directory"]) / "vmm.pid").read_text())
 
@@ -136,7 +147,7 @@ def test_get_list_filter_and_update(gateway, sandbox):
 
 
 def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
-    sandbox = gateway.create(timeout_seconds=3)
+    sandbox = gateway.create(timeout_seconds=15)  # longer than a cold boot, should the pool be empty
     sandbox_id = sandbox.name.split("/")[1]
     directory = Path(vm_record(stack, sandbox_id)["directory"])
     pid = vm_pid(stack, sandbox_id)
@@ -148,7 +159,7 @@ def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
             return False
         except grpc.RpcError as error:
             return error.code() == grpc.StatusCode.NOT_FOUND
-    assert wait_for(gone, timeout=30)
+    assert wait_for(gone, timeout=45)
     assert wait_for(lambda: not alive(pid), timeout=10)
     assert not directory.exists()
     assert not [k for k in etcd_keys(stack, "/microvm/") if sandbox_id in k]
@@ -257,7 +268,10 @@ def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
 @pytest.mark.parametrize("fields, method", [({}, "warm-pool"), ({"memory_mib": 384}, "cold-boot")])
 def test_default_size_starts_from_the_warm_pool_and_other_sizes_boot_cold(stack, gateway, fields, method):
     # Let the pool refill after earlier tests took from it.
-    wait_for(lambda: len([k for k in etcd_keys(stack, "/microvm/vms/") if "/pool-" in k]) >= 2, timeout=60)
+    # (a pool VM is ready once paused; its record exists from the start of its restore)
+    def ready_pool_vms():
+        return [r for r in vm_records(stack) if r["id"].startswith("pool-") and r["state"] == "PAUSED"]
+    assert wait_for(lambda: len(ready_pool_vms()) >= 2, timeout=90)
     sandbox = gateway.create(**fields)
     try:
         assert vm_record(stack, sandbox.name.split("/")[1])["start_method"] == method
