@@ -40,20 +40,6 @@ def etcd_keys(stack, prefix: str) -> list[str]:
     return asyncio.run(read())
 
 
-def vm_record(stack, sandbox_id: str) -> dict:
-    """Compute's record of a sandbox's VM (its directory may be a warm-pool one, not named after it)."""
-    async def read():
-        client = etcd_client([stack.etcd_endpoint])
-        await client.connect()
-        try:
-            return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/vms/")
-                    if kv.key.decode().endswith(f"/{sandbox_id}")]
-        finally:
-            await client.close()
-    (record,) = asyncio.run(read())
-    return record
-
-
 def vm_records(stack) -> list[dict]:
     async def read():
         client = etcd_client([stack.etcd_endpoint])
@@ -63,6 +49,12 @@ def vm_records(stack) -> list[dict]:
         finally:
             await client.close()
     return asyncio.run(read())
+
+
+def vm_record(stack, sandbox_id: str) -> dict:
+    """Compute's record of a sandbox's VM (its directory may be a warm-pool one, not named after it)."""
+    (record,) = [r for r in vm_records(stack) if r["id"] == sandbox_id]
+    return record
 
 
 def vm_pid(stack, sandbox_id: str) -> int:
