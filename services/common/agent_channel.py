@@ -127,6 +127,19 @@ class AgentChannel:
             except asyncio.TimeoutError:
                 continue
 
+    async def run_to_exit(self, argv: list[str], timeout: float) -> agent_pb2.Frame:
+        """Runs `argv` in the guest and returns its last frame (exec_exited or error); output is dropped."""
+        stream = self.open_stream()
+        try:
+            await stream.send(exec_start=agent_pb2.ExecStart(argv=argv))
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                frame = await stream.receive(timeout=max(0.1, deadline - asyncio.get_running_loop().time()))
+                if frame.WhichOneof("body") in ("exec_exited", "error"):
+                    return frame
+        finally:
+            await stream.close(cancel=False)
+
     def open_stream(self) -> AgentStream:
         if self.is_closed:
             raise Unavailable(f"agent channel of VM {self.target.vm_id} is closed", reason="AGENT_UNAVAILABLE")

@@ -44,6 +44,16 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def never_reached(error: BaseException) -> bool:
+    """The call cannot have been seen by any server: none is registered, or it failed to connect. Retrying
+    it cannot do anything twice."""
+    from services.common.errors import Unavailable
+    if isinstance(error, Unavailable):
+        return True
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE \
+        and "failed to connect" in (error.details() or "")
+
+
 @dataclass
 class ServiceContext(Generic[S]):
     """What a service's wiring gets: its config, etcd, and a way to reach other services."""
@@ -75,6 +85,23 @@ class ServiceContext(Generic[S]):
                                                     interceptors=aio_client_interceptors())
             self._channels[address] = channel
         return channel
+
+    async def call_newest(self, kind: str, node: str | None, stub_class, method: str, request, *,
+                          timeout: float | None, retry_for: float,
+                          retryable: Callable[[BaseException], bool] = never_reached):
+        """`method(request)` on the newest instance of `kind` (on `node`), tried again on whatever instance is
+        newest then, for up to `retry_for` seconds, while the failure is one of a restart (`retryable`): a
+        killed instance stays registered until its lease ends, its successor registers when it is ready."""
+        from services.common.errors import Unavailable
+        deadline = asyncio.get_running_loop().time() + retry_for
+        while True:
+            try:
+                stub = stub_class(self.channel(self.directory.newest(kind, node).address))
+                return await getattr(stub, method)(request, timeout=timeout)
+            except (grpc.aio.AioRpcError, Unavailable) as exc:
+                if not retryable(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     def every(self, seconds: float, work: Callable[[], Awaitable[None]], name: str) -> None:
         """Runs `work` every `seconds` in the background until shutdown; a failure is logged, not fatal."""

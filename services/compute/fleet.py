@@ -22,8 +22,7 @@ import grpc
 import structlog
 
 from images.builder import BuiltImage, available_templates, cache_root
-from services.common.agent_channel import AgentChannel, AgentTarget
-from microvm.agent.v1 import agent_pb2
+from services.common.agent_channel import AgentChannel
 from microvm.snapshot.v1 import snapshot_pb2
 from services.common.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition,
                                     InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable)
@@ -392,7 +391,7 @@ class VmFleet:
 
     async def _wait_for_agent(self, vm: VmRecord) -> None:
         deadline = time.monotonic() + self.settings.boot_timeout_seconds
-        channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
+        channel = AgentChannel(vm.agent_target)
         await self._connect_agent(channel, vm, deadline)
         try:
             while True:
@@ -526,15 +525,10 @@ class VmFleet:
     async def _sync_guest(self, vm: VmRecord) -> None:
         """Runs `sync` in the guest: its writes reach the virtual disk, hence the disk file (which the VMM
         has written to the host's page cache by then, so they survive the VMM being killed)."""
-        channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
+        channel = AgentChannel(vm.agent_target)
         try:
             await channel.connect(timeout=5)
-            stream = channel.open_stream()
-            await stream.send(exec_start=agent_pb2.ExecStart(argv=["sync"]))
-            deadline = time.monotonic() + self.settings.stop_timeout_seconds
-            while (await stream.receive(timeout=max(0.1, deadline - time.monotonic()))).WhichOneof("body") \
-                    not in ("exec_exited", "error"):
-                pass
+            await channel.run_to_exit(["sync"], timeout=self.settings.stop_timeout_seconds)
         except (ServiceError, OSError, asyncio.TimeoutError) as exc:
             log.warning("vm_sync_before_stop_failed", vm=vm.id, error=str(exc))
         finally:

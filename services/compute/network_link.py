@@ -15,7 +15,7 @@ import structlog
 from microvm.agent.v1 import agent_pb2
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
-from services.common.agent_channel import AgentChannel, AgentTarget
+from services.common.agent_channel import AgentChannel
 from services.common.errors import FailedPrecondition, ServiceError, Unavailable, error_from_code
 from services.compute.records import VmRecord
 
@@ -50,19 +50,11 @@ class NetworkLink:
         """Attaches `vm` (or moves `from_vm_id`'s attachment to it) and records the result in `vm`."""
         request = network_pb2.AttachSandboxRequest(sandbox_id=vm.id, policy=policy or sandbox_pb2.NetworkPolicy(),
                                                    from_sandbox_id=from_vm_id)
-        deadline = asyncio.get_running_loop().time() + RESTART_WAIT
-        while True:
-            try:
-                reply = await self._stub().AttachSandbox(request, timeout=CALL_TIMEOUT)
-                break
-            except (grpc.aio.AioRpcError, Unavailable) as exc:
-                # A network service that is restarting is back within a second or two. Attaching the same
-                # id again is idempotent; a move is not retried (the caller falls back to another VM).
-                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
-                if code != grpc.StatusCode.UNAVAILABLE or from_vm_id or \
-                        asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.25)
+        # A restarting network service is back within a second or two. Attaching the same id again is
+        # idempotent, so any UNAVAILABLE is retried; a move is not (the caller falls back to another VM).
+        reply = await self.context.call_newest(
+            "network", self.node, network_pb2_grpc.NetworkServiceStub, "AttachSandbox", request,
+            timeout=CALL_TIMEOUT, retry_for=0 if from_vm_id else RESTART_WAIT, retryable=unavailable)
         attachment = reply.attachment
         vm.tap_device, vm.mac_address, vm.guest_cidr = (attachment.tap_device, attachment.mac_address,
                                                         attachment.guest_cidr)
@@ -76,9 +68,14 @@ class NetworkLink:
             log.warning("network_detach_deferred", vm=vm_id, error=str(exc))
 
 
+def unavailable(error: BaseException) -> bool:
+    return isinstance(error, Unavailable) or (
+        isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE)
+
+
 async def configure_guest(vm: VmRecord, timeout: float = 30.0) -> None:
     """Applies the VM's attachment inside the guest (through its agent)."""
-    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
+    channel = AgentChannel(vm.agent_target)
     await channel.connect(timeout=5)
     try:
         stream = channel.open_stream()

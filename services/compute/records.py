@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from google.protobuf import timestamp_pb2
 
 from microvm.compute.v1 import compute_pb2
+from services.common.agent_channel import AgentTarget
 
 VMS_PREFIX = "/microvm/vms/"
 
@@ -68,6 +69,10 @@ class VmRecord:
         data = json.loads(value)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def agent_target(self) -> AgentTarget:
+        return AgentTarget(vm_id=self.id, socket_path=self.agent_socket, transport=self.agent_transport)
 
     @property
     def holds_resources(self) -> bool:

@@ -21,8 +21,7 @@ from pathlib import Path
 import structlog
 
 from images.builder import BuiltImage
-from microvm.agent.v1 import agent_pb2
-from services.common.agent_channel import AgentChannel, AgentTarget
+from services.common.agent_channel import AgentChannel
 from services.common.errors import ServiceError
 from services.compute.records import VmRecord
 
@@ -34,15 +33,11 @@ WARM_UP_COMMANDS = (["true"], ["echo", "warm"], ["sh", "-c", "echo warm"])
 
 
 async def warm_up(vm: VmRecord) -> None:
-    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=vm.agent_socket, transport=vm.agent_transport))
+    channel = AgentChannel(vm.agent_target)
     await channel.connect(timeout=5)
     try:
         for argv in WARM_UP_COMMANDS:
-            stream = channel.open_stream()
-            await stream.send(exec_start=agent_pb2.ExecStart(argv=argv))
-            while (await stream.receive(timeout=30)).WhichOneof("body") not in ("exec_exited", "error"):
-                pass
-            await stream.close(cancel=False)
+            await channel.run_to_exit(argv, timeout=30)
     finally:
         await channel.close()
 

@@ -20,32 +20,17 @@ log = structlog.get_logger()
 RESTART_WAIT_SECONDS = 10.0
 
 
-def never_reached(error: grpc.aio.AioRpcError) -> bool:
-    """True when the call failed to connect, so the server never saw it: retrying cannot do anything twice."""
-    return error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or "")
-
-
 class NodeCompute:
-    """The compute service of one node, riding out its restarts: a killed instance stays registered until its
-    lease expires and its successor registers only after re-adopting the VMs, so a call that cannot connect
-    is tried again on the newest instance for a few seconds."""
+    """The compute service of one node, riding out its restarts (its successor registers only after
+    re-adopting the VMs): a call that never reached a server is tried again for a few seconds."""
 
     def __init__(self, context: ServiceContext, node: str) -> None:
         self.context, self.node = context, node
 
     def __getattr__(self, method: str):
         async def call(request, timeout: float | None = None):
-            deadline = asyncio.get_running_loop().time() + RESTART_WAIT_SECONDS
-            while True:
-                try:
-                    stub = compute_pb2_grpc.ComputeServiceStub(
-                        self.context.channel(self.context.directory.newest("compute", self.node).address))
-                    return await getattr(stub, method)(request, timeout=timeout)
-                except (grpc.aio.AioRpcError, Unavailable) as exc:
-                    retry = isinstance(exc, Unavailable) or never_reached(exc)
-                    if not retry or asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            return await self.context.call_newest("compute", self.node, compute_pb2_grpc.ComputeServiceStub,
+                                                  method, request, timeout=timeout, retry_for=RESTART_WAIT_SECONDS)
         return call
 
 

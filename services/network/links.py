@@ -44,6 +44,11 @@ def _write_sysctl(path: str, value: str) -> None:
         pass  # absent (no IPv6 in this kernel) or read-only: nothing to turn off
 
 
+async def delete_tap(name: str) -> None:
+    """Removes a TAP device; one already gone is fine."""
+    await run("ip", "link", "delete", name, check=False)
+
+
 class HostLinks:
     def __init__(self, bridge: str, gateway_cidr: str, bridge_mac: str) -> None:
         self.bridge = bridge
@@ -84,4 +89,4 @@ class HostLinks:
         await run("ip", "link", "set", name, "up")
 
     async def delete_tap(self, name: str) -> None:
-        await run("ip", "link", "delete", name, check=False)
+        await delete_tap(name)

@@ -19,6 +19,7 @@ from services.common.config import LoadedConfig, load_config
 from services.common.pki import ensure_pki, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.common.settings import ComputeSettings, SupervisorSettings
+from services.network.links import delete_tap
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
 # A child that stayed up this long is healthy again: its next crash restarts without back-off.
@@ -243,10 +244,7 @@ class StackSupervisor:
         finally:
             await client.close()
         for tap in filter(None, taps):
-            process = await asyncio.create_subprocess_exec("ip", "link", "delete", tap,
-                                                           stdout=asyncio.subprocess.DEVNULL,
-                                                           stderr=asyncio.subprocess.DEVNULL)
-            await process.wait()
+            await delete_tap(tap)
 
 
 def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -> int:
