@@ -54,7 +54,9 @@ $(GEN)/.stamp: $(PROTO_FILES) Makefile
 	find $(GEN)/microvm -type d -exec touch {}/__init__.py \;
 	touch $@
 
-lint: venv ## buf lint, and buf breaking against the previous commit
+lint: venv ## ruff (lint + format check), buf lint, and buf breaking against the previous commit
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	@if git rev-parse -q --verify HEAD~1 >/dev/null && git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
 	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; else echo "buf breaking: no previous commit with protos"; fi
@@ -65,8 +67,11 @@ images: venv ## build guest images (cached by recipe hash)
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests
 
-unit-test: deps protos
+unit-test: deps protos ## fast tests: fakes at the edge, real etcd and gRPC servers, no guest
 	$(BIN)/python -m pytest -q -ra tests/unit
+
+integration-test: deps protos images ## tests against whole stacks and real guests
+	$(BIN)/python -m pytest -q -ra tests/integration
 
 bench: deps protos images
 	$(BIN)/python -m bench.run

@@ -29,6 +29,7 @@ GUEST_PORT = 8080
 def download_seconds(url: str, rounds: int = 3) -> float:
     """Best of `rounds` full downloads (runs in the node namespace)."""
     import urllib.request
+
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -41,6 +42,7 @@ def download_seconds(url: str, rounds: int = 3) -> float:
 
 def first_byte_seconds(host: str, port: int, rounds: int = 50) -> list[float]:
     import socket
+
     samples = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -55,8 +57,9 @@ def policy_change_seconds(address: str, key: str, name: str, rounds: int = 20) -
     updates, gets = [], []
     for i in range(rounds):
         t0 = time.perf_counter()
-        checks.update_policy(address, key, name, sandbox_pb2.EGRESS_MODE_FULL if i % 2 else
-                             sandbox_pb2.EGRESS_MODE_NONE)
+        checks.update_policy(
+            address, key, name, sandbox_pb2.EGRESS_MODE_FULL if i % 2 else sandbox_pb2.EGRESS_MODE_NONE
+        )
         updates.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         checks.get(address, key, name)
@@ -69,14 +72,31 @@ def main() -> None:
     stack = None
     try:
         with tempfile.TemporaryDirectory(prefix="mvm-bench-net-") as tmp:
-            stack = start_stack(Path(tmp) / "stack", {
-                "networking": True, "gateway": {"listen": f"127.0.0.1:{free_port()}"},
-                "compute": {"warm_pool_size": 1}}, timeout=120, netns=lab.node)
+            stack = start_stack(
+                Path(tmp) / "stack",
+                {
+                    "networking": True,
+                    "gateway": {"listen": f"127.0.0.1:{free_port()}"},
+                    "compute": {"warm_pool_size": 1},
+                },
+                timeout=120,
+                netns=lab.node,
+            )
             address, key = stack.gateway_address, stack.admin_key
             sandbox = run_in(lab.node, checks.create, address, key, sandbox_pb2.EGRESS_MODE_NONE)
-            code, _, err = run_in(lab.node, checks.run, address, key, sandbox.name, [
-                "sh", "-c", f"head -c {DOWNLOAD_BYTES} /dev/zero > /srv/blob && cd /srv && "
-                            f"(nohup python3 -m http.server {GUEST_PORT} >/dev/null 2>&1 &) && sleep 1"])
+            code, _, err = run_in(
+                lab.node,
+                checks.run,
+                address,
+                key,
+                sandbox.name,
+                [
+                    "sh",
+                    "-c",
+                    f"head -c {DOWNLOAD_BYTES} /dev/zero > /srv/blob && cd /srv && "
+                    f"(nohup python3 -m http.server {GUEST_PORT} >/dev/null 2>&1 &) && sleep 1",
+                ],
+            )
             assert code == 0, err
             port = run_in(lab.node, checks.expose, address, key, sandbox.name, GUEST_PORT)
             relay_url = f"http://127.0.0.1:{port.host_port}/blob"
@@ -88,15 +108,31 @@ def main() -> None:
                 relay = min(relay, run_in(lab.node, download_seconds, relay_url, 2))
                 direct = min(direct, run_in(lab.node, download_seconds, direct_url, 2))
             mib = DOWNLOAD_BYTES / (1 << 20)
-            emit("exposed_port_download", mib / relay, "MiB/s", mib / direct,
-                 "same download straight to the guest address", "ratio >= 0.8")
+            emit(
+                "exposed_port_download",
+                mib / relay,
+                "MiB/s",
+                mib / direct,
+                "same download straight to the guest address",
+                "ratio >= 0.8",
+            )
             relay_samples = run_in(lab.node, first_byte_seconds, "127.0.0.1", port.host_port)
             direct_samples = run_in(lab.node, first_byte_seconds, sandbox.ip_address, GUEST_PORT)
-            emit("exposed_port_first_byte_p50", statistics.median(relay_samples) * 1000, "ms",
-                 statistics.median(direct_samples) * 1000, "straight to the guest address")
+            emit(
+                "exposed_port_first_byte_p50",
+                statistics.median(relay_samples) * 1000,
+                "ms",
+                statistics.median(direct_samples) * 1000,
+                "straight to the guest address",
+            )
             updates, gets = run_in(lab.node, policy_change_seconds, address, key, sandbox.name)
-            emit("policy_change_p50", statistics.median(updates) * 1000, "ms", statistics.median(gets) * 1000,
-                 "GetSandbox through the same gateway")
+            emit(
+                "policy_change_p50",
+                statistics.median(updates) * 1000,
+                "ms",
+                statistics.median(gets) * 1000,
+                "GetSandbox through the same gateway",
+            )
     finally:
         if stack is not None:
             stack.stop()

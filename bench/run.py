@@ -44,12 +44,24 @@ from tests.stack import start_stack
 STREAM_BYTES = 256 << 20
 
 
-def emit(metric: str, value: float, unit: str, baseline: float | None = None, baseline_metric: str = "",
-         goal: str = "") -> None:
+def emit(
+    metric: str, value: float, unit: str, baseline: float | None = None, baseline_metric: str = "", goal: str = ""
+) -> None:
     ratio = round(value / baseline, 3) if baseline else None
-    print(json.dumps({"metric": metric, "value": round(value, 4), "unit": unit,
-                      "baseline": round(baseline, 4) if baseline is not None else None,
-                      "baseline_metric": baseline_metric, "ratio": ratio, "goal": goal}), flush=True)
+    print(
+        json.dumps(
+            {
+                "metric": metric,
+                "value": round(value, 4),
+                "unit": unit,
+                "baseline": round(baseline, 4) if baseline is not None else None,
+                "baseline_metric": baseline_metric,
+                "ratio": ratio,
+                "goal": goal,
+            }
+        ),
+        flush=True,
+    )
 
 
 async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
@@ -59,9 +71,20 @@ async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
     driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
     image = BuiltImage.load("default")
     # The same command compute runs for a cold boot, RAM file in tmpfs included.
-    vm = VmRecord(id="bench-raw", node="bench", template="default", image_dir=str(image.directory), vcpus=1,
-                  memory_mib=256, hostname="bench-raw", vmm="qemu", accel=choice.accel, directory=str(directory),
-                  ram_path=str(settings.ram_root(directory) / "bench-raw.ram"), ram_shared=True)
+    vm = VmRecord(
+        id="bench-raw",
+        node="bench",
+        template="default",
+        image_dir=str(image.directory),
+        vcpus=1,
+        memory_mib=256,
+        hostname="bench-raw",
+        vmm="qemu",
+        accel=choice.accel,
+        directory=str(directory),
+        ram_path=str(settings.ram_root(directory) / "bench-raw.ram"),
+        ram_shared=True,
+    )
     Path(vm.ram_path).parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pid = await driver.launch(vm, image, directory)
@@ -71,7 +94,7 @@ async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
         try:
             await channel.ping(1.0)
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     return time.perf_counter() - started, channel, pid
 
@@ -105,6 +128,7 @@ async def raw_stream(channel: AgentChannel) -> float:
 def vm_directory(stack, sandbox_id: str) -> Path:
     async def read():
         from services.common.registry import etcd_client
+
         client = etcd_client([stack.etcd_endpoint])
         await client.connect()
         try:
@@ -113,6 +137,7 @@ def vm_directory(stack, sandbox_id: str) -> Path:
                     return Path(json.loads(kv.value)["directory"])
         finally:
             await client.close()
+
     return asyncio.run(read())
 
 
@@ -132,8 +157,9 @@ def first_output_after_create(gateway, **fields) -> tuple[float, object]:
     started = time.perf_counter()
     sandbox = gateway.create(**fields)
     first = None
-    for event in gateway.stub.Exec(api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(
-            argv=["echo", "hello"])), timeout=60):
+    for event in gateway.stub.Exec(
+        api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(argv=["echo", "hello"])), timeout=60
+    ):
         if event.stdout and first is None:
             first = time.perf_counter() - started
     return first, sandbox
@@ -142,6 +168,7 @@ def first_output_after_create(gateway, **fields) -> tuple[float, object]:
 async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir: Path) -> float:
     """Saves the raw VM's state as a migration stream, then times a fresh qemu `-incoming` restore of it."""
     from services.compute.qmp import QmpClient
+
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
     driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
@@ -157,12 +184,47 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
     await client.close()
     await channel.close()
     frozen = source_dir / "frozen.qcow2"
-    await (await asyncio.create_subprocess_exec("qemu-img", "convert", "-U", "-O", "qcow2", "-B", str(image.rootfs),
-                                                "-F", "raw", str(driver.paths(source_dir)["disk"]), str(frozen))).wait()
-    await (await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(frozen), "-F",
-                                                "qcow2", str(driver.paths(target_dir)["disk"]))).wait()
-    vm = VmRecord(id="bench-raw2", node="bench", template="default", image_dir=str(image.directory), vcpus=1,
-                  memory_mib=256, hostname="bench-raw", vmm="qemu", accel=choice.accel, directory=str(target_dir))
+    await (
+        await asyncio.create_subprocess_exec(
+            "qemu-img",
+            "convert",
+            "-U",
+            "-O",
+            "qcow2",
+            "-B",
+            str(image.rootfs),
+            "-F",
+            "raw",
+            str(driver.paths(source_dir)["disk"]),
+            str(frozen),
+        )
+    ).wait()
+    await (
+        await asyncio.create_subprocess_exec(
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(frozen),
+            "-F",
+            "qcow2",
+            str(driver.paths(target_dir)["disk"]),
+        )
+    ).wait()
+    vm = VmRecord(
+        id="bench-raw2",
+        node="bench",
+        template="default",
+        image_dir=str(image.directory),
+        vcpus=1,
+        memory_mib=256,
+        hostname="bench-raw",
+        vmm="qemu",
+        accel=choice.accel,
+        directory=str(target_dir),
+    )
     command = driver.command(vm, image, target_dir) + ["-incoming", f"exec:cat {state}"]
     started = time.perf_counter()
     await (await asyncio.create_subprocess_exec(*command)).wait()
@@ -178,7 +240,7 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
         try:
             await restored.ping(1.0)
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     elapsed = time.perf_counter() - started
     await restored.close()
@@ -196,6 +258,7 @@ def wait_for_warm_pool(stack, timeout: float = 120) -> None:
             return sum(1 for kv in await client.get_prefix(b"/microvm/vms/") if b"/pool-" in kv.key)
         finally:
             await client.close()
+
     deadline = time.monotonic() + timeout
     while asyncio.run(pooled()) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -219,8 +282,14 @@ def main() -> None:
             # Cold create through the whole system (a size the pool does not hold), then the same boot by hand.
             first_output, sandbox = first_output_after_create(gateway, memory_mib=320)
             raw_boot_seconds, channel, raw_pid = loop.run_until_complete(raw_boot(raw_dir))
-            emit("cold_create_to_first_output", first_output, "s", raw_boot_seconds,
-                 "raw qemu boot to first agent answer", "ratio <= 1.1")
+            emit(
+                "cold_create_to_first_output",
+                first_output,
+                "s",
+                raw_boot_seconds,
+                "raw qemu boot to first agent answer",
+                "ratio <= 1.1",
+            )
 
             # Exec latency vs bare channel round trip.
             for _ in range(5):
@@ -231,21 +300,42 @@ def main() -> None:
                 gateway.exec(sandbox.name, ["true"])
                 latencies.append(time.perf_counter() - t0)
             rtts = loop.run_until_complete(raw_ping_rtts(channel, 200))
-            emit("exec_true_p50", statistics.median(latencies) * 1000, "ms", statistics.median(rtts) * 1000,
-                 "virtio-serial echo p50", "p50 <= 30 ms")
-            emit("exec_true_p99", percentile(latencies, 0.99) * 1000, "ms", percentile(rtts, 0.99) * 1000,
-                 "virtio-serial echo p99")
+            emit(
+                "exec_true_p50",
+                statistics.median(latencies) * 1000,
+                "ms",
+                statistics.median(rtts) * 1000,
+                "virtio-serial echo p50",
+                "p50 <= 30 ms",
+            )
+            emit(
+                "exec_true_p99",
+                percentile(latencies, 0.99) * 1000,
+                "ms",
+                percentile(rtts, 0.99) * 1000,
+                "virtio-serial echo p99",
+            )
 
             # Streaming throughput.
             t0 = time.perf_counter()
             total = 0
-            for event in gateway.stub.Exec(api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(
-                    argv=["head", "-c", str(STREAM_BYTES), "/dev/zero"])), timeout=600):
+            for event in gateway.stub.Exec(
+                api.ExecRequest(
+                    sandbox=sandbox.name, process=api.ProcessConfig(argv=["head", "-c", str(STREAM_BYTES), "/dev/zero"])
+                ),
+                timeout=600,
+            ):
                 total += len(event.stdout)
             gateway_mbps = total / (time.perf_counter() - t0) / 1e6
             raw_mbps = loop.run_until_complete(raw_stream(channel))
-            emit("stream_throughput", gateway_mbps, "MB/s", raw_mbps, "same command off the raw agent channel",
-                 ">= 40 MB/s")
+            emit(
+                "stream_throughput",
+                gateway_mbps,
+                "MB/s",
+                raw_mbps,
+                "same command off the raw agent channel",
+                ">= 40 MB/s",
+            )
             # Warm create (pool or template snapshot) vs cold create vs raw stream restore.
             warm = []
             for _ in range(5):
@@ -258,10 +348,22 @@ def main() -> None:
             raw_restore_dir.mkdir()
             raw_restore = loop.run_until_complete(raw_stream_restore(channel, raw_dir, raw_restore_dir))
             warm_median = statistics.median(warm)
-            emit("warm_create_to_first_output", warm_median, "s", cold_seconds,
-                 "cold create to first output (same run, 320 MiB: not a pooled size)", "<= 0.25 s")
-            emit("warm_create_vs_raw_restore", warm_median, "s", raw_restore,
-                 "raw qemu -incoming exec:cat restore to first agent answer", "ratio < 1")
+            emit(
+                "warm_create_to_first_output",
+                warm_median,
+                "s",
+                cold_seconds,
+                "cold create to first output (same run, 320 MiB: not a pooled size)",
+                "<= 0.25 s",
+            )
+            emit(
+                "warm_create_vs_raw_restore",
+                warm_median,
+                "s",
+                raw_restore,
+                "raw qemu -incoming exec:cat restore to first agent answer",
+                "ratio < 1",
+            )
 
             # Fork of 10 clones from a cold-booted sandbox: total time and memory each clone costs.
             time.sleep(3)  # let the cold source settle
@@ -273,8 +375,14 @@ def main() -> None:
                 gateway.exec(clone.name, ["true"])
             clone_pss = statistics.mean(sandbox_pss_kib(stack, clone) for clone in forked.sandboxes)
             emit("fork_10_total", fork_seconds, "s", cold_seconds, "one cold create", "")
-            emit("fork_clone_pss", clone_pss / 1024, "MiB", source_pss / 1024, "PSS of the cold-booted source",
-                 "ratio <= 0.33")
+            emit(
+                "fork_clone_pss",
+                clone_pss / 1024,
+                "MiB",
+                source_pss / 1024,
+                "PSS of the cold-booted source",
+                "ratio <= 0.33",
+            )
             for clone in forked.sandboxes:
                 gateway.delete(clone.name)
             gateway.delete(sandbox.name)
@@ -284,13 +392,21 @@ def main() -> None:
             gateway.delete(again.name)
             templates = stack.state_dir / "compute" / "templates" / "default"
             deadline = time.monotonic() + 120
-            while not [d for d in templates.glob("*-1c320m") if (d / ".complete").exists()] \
-                    and time.monotonic() < deadline:
+            while (
+                not [d for d in templates.glob("*-1c320m") if (d / ".complete").exists()]
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
             sized, sized_sandbox = first_output_after_create(gateway, memory_mib=320)
             gateway.delete(sized_sandbox.name)
-            emit("sized_template_create_to_first_output", sized, "s", second_cold,
-                 "cold create of the same size (320 MiB) in the same run", "ratio <= 0.5")
+            emit(
+                "sized_template_create_to_first_output",
+                sized,
+                "s",
+                second_cold,
+                "cold create of the same size (320 MiB) in the same run",
+                "ratio <= 0.5",
+            )
             os.kill(raw_pid, signal.SIGKILL)  # the hand-started source VM, paused since its state was saved
         finally:
             loop.close()

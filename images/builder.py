@@ -52,7 +52,7 @@ class Recipe:
     path: Path = field(default=Path(), repr=False)
 
     @classmethod
-    def load(cls, path: Path) -> "Recipe":
+    def load(cls, path: Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
         known = {"name", "suite", "variant", "packages", "kernel_package", "modules", "rootfs_size_mib"}
         unknown = set(data) - known
@@ -74,7 +74,7 @@ class BuiltImage:
     manifest: dict
 
     @classmethod
-    def load(cls, name: str, root: Path | None = None) -> "BuiltImage":
+    def load(cls, name: str, root: Path | None = None) -> BuiltImage:
         root = root or cache_root()
         pointer = root / name / "current"
         if not pointer.exists():
@@ -82,15 +82,21 @@ class BuiltImage:
         return cls.at(root / name / pointer.read_text().strip())
 
     @classmethod
-    def at(cls, directory: Path) -> "BuiltImage":
+    def at(cls, directory: Path) -> BuiltImage:
         """A specific build, e.g. the one a stopped VM's disk overlay was made on."""
         if not (directory / ".complete").exists():
             raise FileNotFoundError(f"image build {directory} no longer exists")
         manifest = json.loads((directory / "manifest.json").read_text())
         name = manifest["template"]
-        return cls(name=name, directory=directory, kernel=directory / "vmlinux", bzimage=directory / "bzImage",
-                   initramfs=directory / "initramfs.cpio.gz", rootfs=directory / "rootfs.ext4",
-                   manifest=manifest)
+        return cls(
+            name=name,
+            directory=directory,
+            kernel=directory / "vmlinux",
+            bzimage=directory / "bzImage",
+            initramfs=directory / "initramfs.cpio.gz",
+            rootfs=directory / "rootfs.ext4",
+            manifest=manifest,
+        )
 
 
 def available_templates(root: Path | None = None) -> list[str]:
@@ -141,18 +147,21 @@ def _stage(directory: Path, build) -> Path:
 
 def build_kernel(recipe: Recipe) -> Path:
     """Unpacks the Debian kernel package; returns a directory with bzImage, vmlinux and lib/modules."""
-    if "Candidate: (none)" in subprocess.run(["apt-cache", "policy", recipe.kernel_package],
-                                             capture_output=True, text=True).stdout or \
-            not subprocess.run(["apt-cache", "policy", recipe.kernel_package], capture_output=True,
-                               text=True).stdout.strip():
+    if (
+        "Candidate: (none)"
+        in subprocess.run(["apt-cache", "policy", recipe.kernel_package], capture_output=True, text=True).stdout
+        or not subprocess.run(
+            ["apt-cache", "policy", recipe.kernel_package], capture_output=True, text=True
+        ).stdout.strip()
+    ):
         _step("kernel: package lists are empty; running apt-get update once")
         _run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
-    depends = subprocess.run(["apt-cache", "depends", recipe.kernel_package], capture_output=True,
-                             text=True, check=True).stdout
+    depends = subprocess.run(
+        ["apt-cache", "depends", recipe.kernel_package], capture_output=True, text=True, check=True
+    ).stdout
     match = re.search(r"Depends: (linux-image-\S+)", depends)
     package = match.group(1) if match else recipe.kernel_package
-    version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
-                             check=True).stdout
+    version = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=True).stdout
     match = re.search(r"Candidate: (\S+)", version)
     if not match or match.group(1) == "(none)":
         raise SystemExit(f"kernel: apt has no candidate for {package}")
@@ -222,7 +231,8 @@ for module in $(/bin/busybox cat /modules/order); do
   /bin/busybox insmod /modules/$module 2>/dev/null || echo "init: insmod $module failed"
 done
 for i in $(/bin/busybox seq 1 200); do [ -b /dev/vda ] && break; /bin/busybox usleep 10000; done
-/bin/busybox mount -t ext4 -o rw,noatime /dev/vda /newroot || { echo "init: cannot mount /dev/vda"; exec /bin/busybox sh; }
+/bin/busybox mount -t ext4 -o rw,noatime /dev/vda /newroot || \
+  { echo "init: cannot mount /dev/vda"; exec /bin/busybox sh; }
 /bin/busybox umount /proc
 /bin/busybox mount --move /dev /newroot/dev
 exec /bin/busybox switch_root /newroot /usr/bin/python3 -I -S -X frozen_modules=on /opt/microvm/agent.py
@@ -251,8 +261,9 @@ def build_initramfs(recipe: Recipe, kernel_dir: Path, out: Path) -> None:
         (root / "init").write_text(INIT_SCRIPT)
         (root / "init").chmod(0o755)
         files = subprocess.run(["find", ".", "-print0"], cwd=root, capture_output=True, check=True).stdout
-        archive = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,
-                                 capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, capture_output=True, check=True
+        ).stdout
         out.write_bytes(gzip.compress(archive, compresslevel=6))
 
 
@@ -261,19 +272,41 @@ def build_rootfs_tree(recipe: Recipe) -> Path:
 
     def build(work: Path) -> None:
         tree = work / "tree"
-        _step(f"rootfs: debootstrap {recipe.suite} ({recipe.variant}) + {', '.join(recipe.packages)}; "
-              "takes a few minutes")
+        _step(
+            f"rootfs: debootstrap {recipe.suite} ({recipe.variant}) + {', '.join(recipe.packages)}; takes a few minutes"
+        )
         started = time.monotonic()
         process = subprocess.Popen(
-            ["debootstrap", f"--variant={recipe.variant}", f"--include={','.join(recipe.packages)}",
-             recipe.suite, str(tree)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                "debootstrap",
+                f"--variant={recipe.variant}",
+                f"--include={','.join(recipe.packages)}",
+                recipe.suite,
+                str(tree),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in process.stdout:
-            if line.startswith(("I: Retrieving", "I: Extracting", "I: Installing", "I: Configuring",
-                                "I: Base system", "E:", "W: Failure")):
+            if line.startswith(
+                (
+                    "I: Retrieving",
+                    "I: Extracting",
+                    "I: Installing",
+                    "I: Configuring",
+                    "I: Base system",
+                    "E:",
+                    "W: Failure",
+                )
+            ):
                 if line.startswith(("I: Retrieving", "I: Extracting", "I: Configuring")):
                     stage = line.split()[1]
-                    print(f"\r[images] rootfs: {stage} {line.split()[-1][:40]:40} "
-                          f"{time.monotonic() - started:5.0f}s", end="", flush=True)
+                    print(
+                        f"\r[images] rootfs: {stage} {line.split()[-1][:40]:40} {time.monotonic() - started:5.0f}s",
+                        end="",
+                        flush=True,
+                    )
                 else:
                     print(f"\n[images] {line.rstrip()}", flush=True)
         print(flush=True)
@@ -281,8 +314,16 @@ def build_rootfs_tree(recipe: Recipe) -> Path:
             log = tree / "debootstrap" / "debootstrap.log"
             raise SystemExit(f"debootstrap failed; see {log}")
         _step("rootfs: trimming docs, man pages, locales and apt lists")
-        for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-                     "var/lib/apt/lists", "var/cache/apt", "var/cache/debconf", "var/log"):
+        for junk in (
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/info",
+            "usr/share/locale",
+            "var/lib/apt/lists",
+            "var/cache/apt",
+            "var/cache/debconf",
+            "var/log",
+        ):
             shutil.rmtree(tree / junk, ignore_errors=True)
             (tree / junk).mkdir(parents=True, exist_ok=True)
 
@@ -292,6 +333,7 @@ def build_rootfs_tree(recipe: Recipe) -> Path:
 def agent_payload_dirs() -> list[tuple[Path, str]]:
     """What the agent needs in the guest: its code, generated agent.v1 code, and protobuf's runtime."""
     import google.protobuf
+
     protobuf_dir = Path(google.protobuf.__file__).parent
     return [
         (REPO / "guest_agents" / "linux" / "microvm_agent", "microvm_agent"),
@@ -304,8 +346,14 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
     kernel_dir = build_kernel(recipe)
     tree_dir = build_rootfs_tree(recipe)
     payload = agent_payload_dirs()
-    key = _hash(recipe.__dict__ | {"path": None}, BUILDER_VERSION, Path(__file__),
-                (kernel_dir / "version").read_text(), tree_dir.name, *[p for p, _ in payload])
+    key = _hash(
+        recipe.__dict__ | {"path": None},
+        BUILDER_VERSION,
+        Path(__file__),
+        (kernel_dir / "version").read_text(),
+        tree_dir.name,
+        *[p for p, _ in payload],
+    )
     directory = cache_root() / recipe.name / key
     if force and directory.exists():
         shutil.rmtree(directory)
@@ -326,17 +374,35 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
                 (opt / package / "__init__.py").touch()
             (opt / "microvm" / "agent" / "__init__.py").touch()
             (opt / "agent.py").write_text(
-                "import sys\nsys.path.insert(0, '/opt/microvm')\n"
-                "from microvm_agent.main import main\nmain()\n")
+                "import sys\nsys.path.insert(0, '/opt/microvm')\nfrom microvm_agent.main import main\nmain()\n"
+            )
             # Compile ahead so the guest does not spend boot time on it.
             _run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(opt)], stdout=subprocess.DEVNULL)
             (tree / "etc" / "hostname").write_text("sandbox\n")
             (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
             (tree / "etc" / "resolv.conf").unlink(missing_ok=True)
-            _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "root_owner=0:0", "-d", str(tree),
-                  str(work / "rootfs.ext4"), f"{recipe.rootfs_size_mib}M"])
-        manifest = {"template": recipe.name, "key": key, "kernel_version": (kernel_dir / "version").read_text(),
-                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": recipe.path.name}
+            _run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-L",
+                    "root",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                    str(tree),
+                    str(work / "rootfs.ext4"),
+                    f"{recipe.rootfs_size_mib}M",
+                ]
+            )
+        manifest = {
+            "template": recipe.name,
+            "key": key,
+            "kernel_version": (kernel_dir / "version").read_text(),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "recipe": recipe.path.name,
+        }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     started = time.monotonic()
@@ -350,8 +416,11 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
 
 def prune_old_builds(template_dir: Path, keep: set[str], keep_newest: int = 2) -> None:
     """Removes superseded builds of a template, keeping the newest few (running VMs may still use them)."""
-    builds = sorted((d for d in template_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                    key=lambda d: d.stat().st_mtime, reverse=True)
+    builds = sorted(
+        (d for d in template_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
     for old in builds[keep_newest:]:
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -365,8 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--all", action="store_true")
     build.add_argument("--force", action="store_true", help="rebuild the final image even if cached")
     args = parser.parse_args(argv)
-    names = [p.stem for p in sorted(TEMPLATES.glob("*.yaml"))] if args.all or not args.templates \
-        else args.templates
+    names = [p.stem for p in sorted(TEMPLATES.glob("*.yaml"))] if args.all or not args.templates else args.templates
     for name in names:
         build_template(Recipe.load(TEMPLATES / f"{name}.yaml"), force=args.force)
 

@@ -16,6 +16,7 @@ def stack(tmp_path_factory) -> LocalStack:
 @pytest.fixture(scope="session")
 def gateway(stack):
     from tests.guests import Gateway
+
     return Gateway(stack.gateway_address, stack.admin_key)
 
 
@@ -33,6 +34,7 @@ def tenants(stack):
     from microvm.sandbox.v1 import sandbox_service_pb2 as api
     from tests.guests import Gateway
     from tests.integration.test_access import tenant_key
+
     a = Gateway(stack.gateway_address, tenant_key(stack, "tenant-a"))
     b = Gateway(stack.gateway_address, tenant_key(stack, "tenant-b"))
     sandbox = a.create(labels={"owner": "a"})

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from google.protobuf import duration_pb2
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from mvm_cli.main import connect
 
 CHUNK = 1 << 20
@@ -40,14 +41,22 @@ class Gateway:
     def delete(self, name: str) -> None:
         self.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name), timeout=60)
 
-    def exec(self, name: str, argv: list[str], stdin: bytes = b"", timeout: float = 120,
-             process_timeout: float = 0, **process) -> ExecResult:
+    def exec(
+        self,
+        name: str,
+        argv: list[str],
+        stdin: bytes = b"",
+        timeout: float = 120,
+        process_timeout: float = 0,
+        **process,
+    ) -> ExecResult:
         """Runs argv to completion; `timeout` is the call's deadline, `process_timeout` the guest-side one."""
         if process_timeout:
             process["timeout"] = duration_pb2.Duration(seconds=int(process_timeout))
         stdout, stderr, events = bytearray(), bytearray(), []
-        for event in self.stub.Exec(api.ExecRequest(sandbox=name, process=api.ProcessConfig(argv=argv, **process),
-                                                    stdin=stdin), timeout=timeout):
+        for event in self.stub.Exec(
+            api.ExecRequest(sandbox=name, process=api.ProcessConfig(argv=argv, **process), stdin=stdin), timeout=timeout
+        ):
             kind = event.WhichOneof("event")
             events.append(kind)
             if kind == "stdout":
@@ -62,7 +71,8 @@ class Gateway:
         def requests():
             yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=name, path=path, **header))
             for offset in range(0, len(data), CHUNK):
-                yield api.WriteFileRequest(data=data[offset:offset + CHUNK])
+                yield api.WriteFileRequest(data=data[offset : offset + CHUNK])
+
         return self.stub.WriteFile(requests(), timeout=300)
 
     def read_file(self, name: str, path: str) -> bytes:

@@ -62,13 +62,18 @@ def run_in(namespace: str, function, *args, timeout: float = 600):
     if module == "__main__":  # run as `python -m package.module`: import it under its real name
         module = sys.modules["__main__"].__spec__.name
     payload = base64.b64encode(pickle.dumps((module, function.__qualname__, args)))
-    result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
-                             "from tests.netns import _child; _child()"],
-                            input=payload, capture_output=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", "from tests.netns import _child; _child()"],
+        input=payload,
+        capture_output=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{function.__qualname__} in {namespace} exited {result.returncode}: "
-                           f"{result.stderr.decode()[-3000:]}")
+        raise RuntimeError(
+            f"{function.__qualname__} in {namespace} exited {result.returncode}: {result.stderr.decode()[-3000:]}"
+        )
     ok, value = pickle.loads(base64.b64decode(lines[-1]))
     if not ok:
         raise value
@@ -87,6 +92,7 @@ class RemoteRpcError(Exception):
 
     def code(self):
         import grpc
+
         return grpc.StatusCode[self.code_name]
 
     def details(self) -> str:
@@ -115,7 +121,7 @@ class NetnsLab:
     servers: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
-    def create(cls) -> "NetnsLab":
+    def create(cls) -> NetnsLab:
         tag = secrets.token_hex(3)
         lab = cls(node=f"mvmtest-{tag}-node", internet=f"mvmtest-{tag}-inet")
         try:
@@ -129,19 +135,46 @@ class NetnsLab:
         node_end, internet_end = f"mvn{tag}", f"mvi{tag}"
         sh("ip", "netns", "add", self.node)
         sh("ip", "netns", "add", self.internet)
-        sh("ip", "link", "add", node_end, "netns", self.node, "type", "veth", "peer", "name", internet_end,
-           "netns", self.internet)
-        for namespace, device, addresses in ((self.node, node_end, [f"{NODE_UPLINK}/24"]),
-                                             (self.internet, internet_end,
-                                              [f"{INTERNET}/24", f"{INTERNET_OTHER}/24", f"{METADATA}/32"])):
+        sh(
+            "ip",
+            "link",
+            "add",
+            node_end,
+            "netns",
+            self.node,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            internet_end,
+            "netns",
+            self.internet,
+        )
+        for namespace, device, addresses in (
+            (self.node, node_end, [f"{NODE_UPLINK}/24"]),
+            (self.internet, internet_end, [f"{INTERNET}/24", f"{INTERNET_OTHER}/24", f"{METADATA}/32"]),
+        ):
             sh("ip", "link", "set", "lo", "up", namespace=namespace)
             for address in addresses:
                 sh("ip", "addr", "add", address, "dev", device, namespace=namespace)
             sh("ip", "link", "set", device, "up", namespace=namespace)
         sh("ip", "route", "add", "default", "via", INTERNET, namespace=self.node)
-        server = subprocess.Popen(["ip", "netns", "exec", self.internet, sys.executable, "-c", HTTP_SERVER,
-                                   *(f"{h}:{p}" for h, p in HTTP_ENDPOINTS), f"{METADATA}:80"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.internet,
+                sys.executable,
+                "-c",
+                HTTP_SERVER,
+                *(f"{h}:{p}" for h, p in HTTP_ENDPOINTS),
+                f"{METADATA}:80",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.servers.append(server)
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"internet HTTP servers did not start: {server.stderr.read()}")

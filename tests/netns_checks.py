@@ -13,7 +13,8 @@ import urllib.request
 from google.protobuf import field_mask_pb2
 
 from microvm.network.v1 import network_pb2, network_pb2_grpc
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from tests.guests import Gateway
 
 # Runs in the guest: connects to each host:port (in parallel) and reports `open <first bytes of the
@@ -38,8 +39,9 @@ with concurrent.futures.ThreadPoolExecutor(16) as pool:
 """
 
 
-def create(address: str, key: str, egress: int, allow: list[tuple[str, list[int]]] = (),
-           labels: dict | None = None) -> sandbox_pb2.Sandbox:
+def create(
+    address: str, key: str, egress: int, allow: list[tuple[str, list[int]]] = (), labels: dict | None = None
+) -> sandbox_pb2.Sandbox:
     policy = sandbox_pb2.NetworkPolicy(egress=egress)
     for cidr, ports in allow:
         policy.allow.add(cidr=cidr, ports=ports)
@@ -54,19 +56,31 @@ def delete(address: str, key: str, name: str) -> None:
     Gateway(address, key).delete(name)
 
 
-def update_policy(address: str, key: str, name: str, egress: int,
-                  allow: list[tuple[str, list[int]]] = ()) -> sandbox_pb2.Sandbox:
+def update_policy(
+    address: str, key: str, name: str, egress: int, allow: list[tuple[str, list[int]]] = ()
+) -> sandbox_pb2.Sandbox:
     policy = sandbox_pb2.NetworkPolicy(egress=egress)
     for cidr, ports in allow:
         policy.allow.add(cidr=cidr, ports=ports)
-    return Gateway(address, key).stub.UpdateSandbox(api.UpdateSandboxRequest(
-        sandbox=sandbox_pb2.Sandbox(name=name, network_policy=policy),
-        update_mask=field_mask_pb2.FieldMask(paths=["network_policy"])), timeout=30).sandbox
+    return (
+        Gateway(address, key)
+        .stub.UpdateSandbox(
+            api.UpdateSandboxRequest(
+                sandbox=sandbox_pb2.Sandbox(name=name, network_policy=policy),
+                update_mask=field_mask_pb2.FieldMask(paths=["network_policy"]),
+            ),
+            timeout=30,
+        )
+        .sandbox
+    )
 
 
 def expose(address: str, key: str, name: str, guest_port: int) -> sandbox_pb2.ExposedPort:
-    return Gateway(address, key).stub.ExposePort(api.ExposePortRequest(sandbox=name, guest_port=guest_port),
-                                                 timeout=30).port
+    return (
+        Gateway(address, key)
+        .stub.ExposePort(api.ExposePortRequest(sandbox=name, guest_port=guest_port), timeout=30)
+        .port
+    )
 
 
 def fork(address: str, key: str, name: str) -> list[sandbox_pb2.Sandbox]:
@@ -87,18 +101,29 @@ def probe_from_guest(address: str, key: str, name: str, targets: list[str]) -> d
 
 def serve_in_guest(address: str, key: str, name: str, port: int) -> None:
     """A small HTTP server in the guest answering `guest <hostname>`, running in the background."""
-    server = (f"import http.server, socket\n"
-              f"class H(http.server.BaseHTTPRequestHandler):\n"
-              f"    def do_GET(self):\n"
-              f"        body = ('guest ' + socket.gethostname()).encode()\n"
-              f"        self.send_response(200); self.send_header('Content-Length', str(len(body)))\n"
-              f"        self.end_headers(); self.wfile.write(body)\n"
-              f"http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n")
-    code, _, err = run(address, key, name, ["sh", "-c", f"cat > /tmp/serve.py <<'EOF'\n{server}EOF\n"
-                                            f"nohup python3 /tmp/serve.py >/dev/null 2>&1 &\n"
-                                            f"for i in $(seq 50); do python3 -c \"import socket; "
-                                            f"socket.create_connection(('127.0.0.1', {port}), 1)\" 2>/dev/null "
-                                            f"&& exit 0; sleep 0.1; done; exit 1"])
+    server = (
+        f"import http.server, socket\n"
+        f"class H(http.server.BaseHTTPRequestHandler):\n"
+        f"    def do_GET(self):\n"
+        f"        body = ('guest ' + socket.gethostname()).encode()\n"
+        f"        self.send_response(200); self.send_header('Content-Length', str(len(body)))\n"
+        f"        self.end_headers(); self.wfile.write(body)\n"
+        f"http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+    )
+    code, _, err = run(
+        address,
+        key,
+        name,
+        [
+            "sh",
+            "-c",
+            f"cat > /tmp/serve.py <<'EOF'\n{server}EOF\n"
+            f"nohup python3 /tmp/serve.py >/dev/null 2>&1 &\n"
+            f'for i in $(seq 50); do python3 -c "import socket; '
+            f"socket.create_connection(('127.0.0.1', {port}), 1)\" 2>/dev/null "
+            f"&& exit 0; sleep 0.1; done; exit 1",
+        ],
+    )
     if code != 0:
         raise AssertionError(f"guest server did not start: {err}")
 
@@ -138,11 +163,15 @@ def attachments(stack) -> list[network_pb2.Attachment]:
 def host_network_state(stack) -> dict:
     """Everything of ours in the namespace: TAP devices, nftables chains, address records in etcd."""
     import subprocess
+
     links = json.loads(subprocess.run(["ip", "-json", "link", "show"], capture_output=True, text=True).stdout)
     ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
-    return {"taps": sorted(link["ifname"] for link in links if link["ifname"].startswith("mvt")),
-            "bridge_mac": next((link["address"] for link in links if link["ifname"] == "mvmbr0"), ""),
-            "ruleset": ruleset, "attachments": [a.sandbox_id for a in attachments(stack)]}
+    return {
+        "taps": sorted(link["ifname"] for link in links if link["ifname"].startswith("mvt")),
+        "bridge_mac": next((link["address"] for link in links if link["ifname"] == "mvmbr0"), ""),
+        "ruleset": ruleset,
+        "attachments": [a.sandbox_id for a in attachments(stack)],
+    }
 
 
 def network_service_pid(stack) -> int:
@@ -152,9 +181,13 @@ def network_service_pid(stack) -> int:
 def http_json(base: str, key: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     """One call of the gateway's HTTP/JSON API."""
     import urllib.error
-    request = urllib.request.Request(base + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+    request = urllib.request.Request(
+        base + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"{}")
@@ -165,5 +198,6 @@ def http_json(base: str, key: str, method: str, path: str, body: dict | None = N
 def tamper() -> None:
     """What an operator or another tool might do behind the network service's back."""
     import subprocess
+
     subprocess.run(["nft", "delete", "table", "inet", "microvm"], check=True)
     subprocess.run(["ip", "tuntap", "add", "dev", "mvtstray000000", "mode", "tap"], check=True)

@@ -19,7 +19,6 @@ import yaml
 
 from services.common.pki import load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
-
 from services.supervisor.stack import SERVICE_KINDS, check_stack_health
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,19 +44,21 @@ class LocalStack:
         return self.state_dir / "admin.key"
 
     def health(self, detailed: bool = False) -> dict[str, str]:
-        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed,
-                                              pki_dir=self.state_dir / "pki"))
+        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed, pki_dir=self.state_dir / "pki"))
 
     def registered(self) -> list[ServiceInstance]:
         """Every service instance registered in etcd right now."""
+
         async def read():
             client = etcd_client([self.etcd_endpoint])
             await client.connect()
             try:
-                return [ServiceInstance.decode(kv.key, kv.value)
-                        for kv in await client.get_prefix(SERVICES_PREFIX.encode())]
+                return [
+                    ServiceInstance.decode(kv.key, kv.value) for kv in await client.get_prefix(SERVICES_PREFIX.encode())
+                ]
             finally:
                 await client.close()
+
         return asyncio.run(read())
 
     def internal_channel(self, address: str) -> grpc.Channel:
@@ -77,8 +78,9 @@ class LocalStack:
         return self.process.wait(timeout)
 
 
-def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: float = 60,
-                netns: str | None = None) -> LocalStack:
+def start_stack(
+    state_dir: Path, extra_config: dict | None = None, timeout: float = 60, netns: str | None = None
+) -> LocalStack:
     """The supervisor with a fresh config; inside network namespace `netns` when given (tests/netns.py)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     etcd_port = free_port()
@@ -104,14 +106,29 @@ def start_stack(state_dir: Path, extra_config: dict | None = None, timeout: floa
     log = open(state_dir / "supervisor-test.log", "ab")
     prefix = ["ip", "netns", "exec", netns] if netns else []
     process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "services.supervisor.main", "run", "--state-dir", str(state_dir),
-         "--config", str(config_path)], stdout=log, stderr=log, env=env, cwd=REPO)
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "services.supervisor.main",
+            "run",
+            "--state-dir",
+            str(state_dir),
+            "--config",
+            str(config_path),
+        ],
+        stdout=log,
+        stderr=log,
+        env=env,
+        cwd=REPO,
+    )
     # Reached over loopback even when extra_config binds them to every address.
     gateway_address = f"127.0.0.1:{config['gateway']['listen'].rpartition(':')[2]}"
     etcd_endpoint = f"127.0.0.1:{config['supervisor']['etcd_client_port']}"
     stack = LocalStack(state_dir, config_path, etcd_endpoint, gateway_address, process)
     if netns:
         from tests.netns import run_in
+
         try:
             run_in(netns, wait_until_serving, dataclasses.replace(stack, process=None), timeout)
         except BaseException:
@@ -128,8 +145,9 @@ def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
     report: dict[str, str] = {}
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"supervisor exited {process.returncode}: "
-                               f"{(state_dir / 'supervisor-test.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"supervisor exited {process.returncode}: {(state_dir / 'supervisor-test.log').read_text()[-2000:]}"
+            )
         report = stack.health()
         if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and stack.admin_key_path.exists():
             stack.admin_key = stack.admin_key_path.read_text().strip()

@@ -20,8 +20,16 @@ HEAD = "/microvm/auth/audit-head/"
 
 
 def entry_hash(event: auth_pb2.AuditEvent) -> str:
-    fields = [str(event.sequence), event.tenant, event.principal, event.method, event.target, event.result,
-              str(event.time.ToNanoseconds()), event.previous_hash]
+    fields = [
+        str(event.sequence),
+        event.tenant,
+        event.principal,
+        event.method,
+        event.target,
+        event.result,
+        str(event.time.ToNanoseconds()),
+        event.previous_hash,
+    ]
     return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
 
 
@@ -29,8 +37,9 @@ def chain_valid(events: list[auth_pb2.AuditEvent]) -> bool:
     for index, event in enumerate(events):
         if entry_hash(event) != event.hash:
             return False
-        if index and (event.previous_hash != events[index - 1].hash or
-                      event.sequence != events[index - 1].sequence + 1):
+        if index and (
+            event.previous_hash != events[index - 1].hash or event.sequence != events[index - 1].sequence + 1
+        ):
             return False
     return True
 
@@ -46,22 +55,30 @@ class AuditLog:
             event.time.GetCurrentTime()
         for _ in range(200):
             head = await self.etcd.get(head_key)
-            sequence, previous = (json.loads(head.value)["sequence"], json.loads(head.value)["hash"]) \
-                if head else (0, "")
+            sequence, previous = (
+                (json.loads(head.value)["sequence"], json.loads(head.value)["hash"]) if head else (0, "")
+            )
             event.sequence, event.previous_hash = sequence + 1, previous
             event.hash = entry_hash(event)
             compare = [tx.mod(head_key) == head.mod_revision] if head else [tx.version(head_key) == 0]
-            ok, _ = await self.etcd.transaction(compare=compare, success=[
-                tx.put(f"{ENTRIES}{event.tenant}/{event.sequence:020d}".encode(),
-                       json_format.MessageToJson(event).encode()),
-                tx.put(head_key, json.dumps({"sequence": event.sequence, "hash": event.hash}).encode())],
-                failure=[])
+            ok, _ = await self.etcd.transaction(
+                compare=compare,
+                success=[
+                    tx.put(
+                        f"{ENTRIES}{event.tenant}/{event.sequence:020d}".encode(),
+                        json_format.MessageToJson(event).encode(),
+                    ),
+                    tx.put(head_key, json.dumps({"sequence": event.sequence, "hash": event.hash}).encode()),
+                ],
+                failure=[],
+            )
             if ok:
                 return event
         raise Aborted("audit log is too contended; retry", reason="AUDIT_CONTENDED")
 
-    async def list(self, tenant: str, start: timestamp_pb2.Timestamp | None,
-                   end: timestamp_pb2.Timestamp | None) -> tuple[list[auth_pb2.AuditEvent], bool]:
+    async def list(
+        self, tenant: str, start: timestamp_pb2.Timestamp | None, end: timestamp_pb2.Timestamp | None
+    ) -> tuple[list[auth_pb2.AuditEvent], bool]:
         result = await self.etcd.get_prefix(f"{ENTRIES}{tenant}/".encode(), sort_order="ascend")
         events = [json_format.Parse(kv.value, auth_pb2.AuditEvent()) for kv in result]
         valid = chain_valid(events)

@@ -59,10 +59,12 @@ class CredentialStore:
     # --- tenants and API keys --------------------------------------------------------------------
     async def create_tenant(self, tenant: str, quota: auth_pb2.Quota) -> None:
         from google.protobuf import json_format
+
         await self.etcd.put(f"{TENANTS}{tenant}".encode(), json_format.MessageToJson(quota).encode())
 
     async def tenant_quota(self, tenant: str) -> auth_pb2.Quota:
         from google.protobuf import json_format
+
         result = await self.etcd.get(f"{TENANTS}{tenant}".encode())
         if result is None:
             raise NotFound(f"tenant {tenant} does not exist", reason="TENANT_NOT_FOUND")
@@ -74,8 +76,14 @@ class CredentialStore:
             raise InvalidArgument("role must be ADMIN, DEVELOPER or VIEWER")
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
-        record = {"tenant": tenant, "principal": principal or f"key-{key_id}", "role": role,
-                  "sha256": digest(secret), "revoked": False, "created": time.time()}
+        record = {
+            "tenant": tenant,
+            "principal": principal or f"key-{key_id}",
+            "role": role,
+            "sha256": digest(secret),
+            "revoked": False,
+            "created": time.time(),
+        }
         await self.etcd.put(f"{KEYS}{key_id}".encode(), json.dumps(record).encode())
         return key_id, f"{PREFIX}{key_id}_{secret}"
 
@@ -89,7 +97,7 @@ class CredentialStore:
 
     async def check_api_key(self, credential: str) -> auth_pb2.Principal:
         try:
-            key_id, secret = credential[len(PREFIX):].split("_", 1)
+            key_id, secret = credential[len(PREFIX) :].split("_", 1)
         except ValueError:
             raise Unauthenticated("malformed API key", reason="BAD_CREDENTIAL") from None
         result = await self.etcd.get(f"{KEYS}{key_id}".encode())
@@ -101,8 +109,7 @@ class CredentialStore:
             raise Unauthenticated("invalid API key", reason="BAD_CREDENTIAL")
         if record["revoked"]:
             raise Unauthenticated("this API key was revoked", reason="CREDENTIAL_REVOKED")
-        return auth_pb2.Principal(id=record["principal"], tenant=record["tenant"], role=record["role"],
-                                  key_id=key_id)
+        return auth_pb2.Principal(id=record["principal"], tenant=record["tenant"], role=record["role"], key_id=key_id)
 
     # --- signing keys and tokens -------------------------------------------------------------------
     async def _load_signing_keys(self) -> None:
@@ -117,11 +124,13 @@ class CredentialStore:
         """Adds a new active signing key; older ones keep verifying the tokens they signed."""
         private = Ed25519PrivateKey.generate()
         kid = secrets.token_hex(6)
-        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
         created = time.time()
-        await self.etcd.put(f"{SIGNING}{kid}".encode(),
-                            json.dumps({"kid": kid, "private": pem, "created": created}).encode())
+        await self.etcd.put(
+            f"{SIGNING}{kid}".encode(), json.dumps({"kid": kid, "private": pem, "created": created}).encode()
+        )
         self._signing[kid] = SigningKey(kid, private, private.public_key(), created)
         # Keys older than two token lifetimes signed nothing that is still valid.
         for old in [k for k in self._signing.values() if k.created < created - 2 * self.token_ttl]:
@@ -139,8 +148,18 @@ class CredentialStore:
         key = await self._active_key()
         expires = int(time.time()) + self.token_ttl
         header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": key.kid}).encode())
-        payload = b64(json.dumps({"sub": principal.id, "tenant": principal.tenant, "role": principal.role,
-                                  "key": principal.key_id, "exp": expires, "iat": int(time.time())}).encode())
+        payload = b64(
+            json.dumps(
+                {
+                    "sub": principal.id,
+                    "tenant": principal.tenant,
+                    "role": principal.role,
+                    "key": principal.key_id,
+                    "exp": expires,
+                    "iat": int(time.time()),
+                }
+            ).encode()
+        )
         signature = b64(key.private.sign(f"{header}.{payload}".encode()))
         return f"{header}.{payload}.{signature}", expires
 
@@ -170,13 +189,15 @@ class CredentialStore:
         result = await self.etcd.get(f"{KEYS}{payload.get('key', '')}".encode())
         if result is None or json.loads(result.value)["revoked"]:
             raise Unauthenticated("the API key behind this token was revoked", reason="CREDENTIAL_REVOKED")
-        return auth_pb2.Principal(id=payload["sub"], tenant=payload["tenant"], role=payload["role"],
-                                  key_id=payload["key"])
+        return auth_pb2.Principal(
+            id=payload["sub"], tenant=payload["tenant"], role=payload["role"], key_id=payload["key"]
+        )
 
     async def authenticate(self, credential: str) -> auth_pb2.Principal:
         if not credential:
-            raise Unauthenticated("no credential: send `authorization: Bearer <API key or token>`",
-                                  reason="NO_CREDENTIAL")
+            raise Unauthenticated(
+                "no credential: send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL"
+            )
         if credential.startswith(PREFIX):
             return await self.check_api_key(credential)
         return await self.check_token(credential)

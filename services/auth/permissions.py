@@ -14,12 +14,30 @@ from microvm.auth.v1 import auth_pb2
 SANDBOX = "/microvm.sandbox.v1.SandboxService/"
 AUTH = "/microvm.auth.v1.AuthService/"
 
-READ = {f"{SANDBOX}{m}" for m in ("GetSandbox", "ListSandboxes", "Stat", "ListDir", "ReadFile", "GetSnapshot",
-                                   "ListSnapshots")}
-WRITE = {f"{SANDBOX}{m}" for m in (
-    "CreateSandbox", "UpdateSandbox", "DeleteSandbox", "Exec", "ExecInteractive", "WriteFile", "MakeDir",
-    "Remove", "PauseSandbox", "ResumeSandbox", "CreateSnapshot", "DeleteSnapshot", "RestoreSnapshot",
-    "ForkSandbox", "ExposePort")}
+READ = {
+    f"{SANDBOX}{m}"
+    for m in ("GetSandbox", "ListSandboxes", "Stat", "ListDir", "ReadFile", "GetSnapshot", "ListSnapshots")
+}
+WRITE = {
+    f"{SANDBOX}{m}"
+    for m in (
+        "CreateSandbox",
+        "UpdateSandbox",
+        "DeleteSandbox",
+        "Exec",
+        "ExecInteractive",
+        "WriteFile",
+        "MakeDir",
+        "Remove",
+        "PauseSandbox",
+        "ResumeSandbox",
+        "CreateSnapshot",
+        "DeleteSnapshot",
+        "RestoreSnapshot",
+        "ForkSandbox",
+        "ExposePort",
+    )
+}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")}
 
 MATRIX: dict[int, frozenset[str]] = {

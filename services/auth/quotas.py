@@ -17,8 +17,12 @@ from services.common.errors import Aborted, ResourceExhausted
 USAGE = "/microvm/auth/usage/"
 RESERVATIONS = "/microvm/auth/reservations/"
 FIELDS = ("sandboxes", "vcpus", "memory_mib", "snapshot_bytes")
-LIMITS = {"sandboxes": "max_sandboxes", "vcpus": "max_vcpus", "memory_mib": "max_memory_mib",
-          "snapshot_bytes": "max_snapshot_bytes"}
+LIMITS = {
+    "sandboxes": "max_sandboxes",
+    "vcpus": "max_vcpus",
+    "memory_mib": "max_memory_mib",
+    "snapshot_bytes": "max_snapshot_bytes",
+}
 ATTEMPTS = 200
 
 
@@ -53,13 +57,17 @@ class TenantQuotas:
                 if limit and after[field] > limit:
                     raise ResourceExhausted(
                         f"tenant {tenant} quota exceeded: {field} would be {after[field]} of {limit}",
-                        reason="QUOTA_EXCEEDED", metadata={"tenant": tenant, "resource": field,
-                                                           "limit": str(limit)})
+                        reason="QUOTA_EXCEEDED",
+                        metadata={"tenant": tenant, "resource": field, "limit": str(limit)},
+                    )
             ok, _ = await self.etcd.transaction(
                 compare=[self._compare_usage(tenant, revision), tx.version(reservation_key) == 0],
-                success=[tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()),
-                         tx.put(reservation_key, json.dumps(wanted).encode())],
-                failure=[])
+                success=[
+                    tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()),
+                    tx.put(reservation_key, json.dumps(wanted).encode()),
+                ],
+                failure=[],
+            )
             if ok:
                 return
         raise Aborted(f"quota of tenant {tenant} is too contended; retry", reason="QUOTA_CONTENDED")
@@ -76,9 +84,9 @@ class TenantQuotas:
             after = {f: max(0, usage.get(f, 0) - int(amount.get(f, 0))) for f in FIELDS}
             ok, _ = await self.etcd.transaction(
                 compare=[self._compare_usage(tenant, revision), tx.mod(reservation_key) == held.mod_revision],
-                success=[tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()),
-                         tx.delete(reservation_key)],
-                failure=[])
+                success=[tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()), tx.delete(reservation_key)],
+                failure=[],
+            )
             if ok:
                 return
         raise Aborted(f"quota of tenant {tenant} is too contended; retry", reason="QUOTA_CONTENDED")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import structlog
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc

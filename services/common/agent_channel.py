@@ -39,7 +39,7 @@ class ChannelClosed(Exception):
 class AgentStream:
     """One stream on a channel: frames from the agent arrive in `frames`."""
 
-    channel: "AgentChannel"
+    channel: AgentChannel
     stream_id: int
     frames: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False
@@ -51,8 +51,7 @@ class AgentStream:
         """Next frame; raises Unavailable when the channel died, TimeoutError after `timeout`."""
         item = await asyncio.wait_for(self.frames.get(), timeout) if timeout else await self.frames.get()
         if isinstance(item, ChannelClosed):
-            raise Unavailable(f"agent of VM {self.channel.target.vm_id} went away: {item}",
-                              reason="AGENT_UNAVAILABLE")
+            raise Unavailable(f"agent of VM {self.channel.target.vm_id} went away: {item}", reason="AGENT_UNAVAILABLE")
         return item
 
     async def grant(self, increment: int) -> None:
@@ -90,18 +89,21 @@ class AgentChannel:
     async def connect(self, timeout: float) -> None:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.target.socket_path, limit=MAX_FRAME_BYTES * 2), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"cannot reach the agent channel of VM {self.target.vm_id}: {exc}",
-                              reason="AGENT_UNAVAILABLE") from None
+                asyncio.open_unix_connection(self.target.socket_path, limit=MAX_FRAME_BYTES * 2), timeout
+            )
+        except (TimeoutError, OSError) as exc:
+            raise Unavailable(
+                f"cannot reach the agent channel of VM {self.target.vm_id}: {exc}", reason="AGENT_UNAVAILABLE"
+            ) from None
         if self.target.transport == HYBRID_VSOCK:
             writer.write(f"CONNECT {self.target.vsock_port}\n".encode())
             await writer.drain()
             answer = await asyncio.wait_for(reader.readline(), timeout)
             if not answer.startswith(b"OK"):
                 writer.close()
-                raise Unavailable(f"vsock CONNECT refused for VM {self.target.vm_id}: {answer!r}",
-                                  reason="AGENT_UNAVAILABLE")
+                raise Unavailable(
+                    f"vsock CONNECT refused for VM {self.target.vm_id}: {answer!r}", reason="AGENT_UNAVAILABLE"
+                )
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"agent-read-{self.target.vm_id}")
 
@@ -121,10 +123,10 @@ class AgentChannel:
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             try:
                 return await self.ping(min(interval, remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     async def run_to_exit(self, argv: list[str], timeout: float) -> agent_pb2.Frame:
@@ -158,8 +160,9 @@ class AgentChannel:
                 await self._writer.drain()
             except (ConnectionError, OSError) as exc:
                 self._fail(f"write failed: {exc}")
-                raise Unavailable(f"agent channel of VM {self.target.vm_id} broke: {exc}",
-                                  reason="AGENT_UNAVAILABLE") from None
+                raise Unavailable(
+                    f"agent channel of VM {self.target.vm_id} broke: {exc}", reason="AGENT_UNAVAILABLE"
+                ) from None
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder()
@@ -220,8 +223,9 @@ class AgentChannel:
             stream.frames.put_nowait(ChannelClosed(reason))
         for future in self._pongs.values():
             if not future.done():
-                future.set_exception(Unavailable(f"agent of VM {self.target.vm_id}: {reason}",
-                                                 reason="AGENT_UNAVAILABLE"))
+                future.set_exception(
+                    Unavailable(f"agent of VM {self.target.vm_id}: {reason}", reason="AGENT_UNAVAILABLE")
+                )
         if self._writer is not None:
             self._writer.close()
 
@@ -258,10 +262,11 @@ class ChannelPool:
             await channel.connect(self._connect_timeout)
             try:
                 await channel.wait_until_answering(self._connect_timeout)
-            except (asyncio.TimeoutError, Unavailable) as exc:
+            except (TimeoutError, Unavailable) as exc:
                 await channel.close()
-                raise Unavailable(f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}",
-                                  reason="AGENT_UNAVAILABLE") from None
+                raise Unavailable(
+                    f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}", reason="AGENT_UNAVAILABLE"
+                ) from None
             self._channels[target.vm_id] = channel
             return channel
 

@@ -16,12 +16,13 @@ offending key named instead of being silently ignored. Environment variables ove
 from __future__ import annotations
 
 import dataclasses
-import socket
 import os
+import socket
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -149,10 +150,13 @@ def build_dataclass(cls: type[T], values: Mapping[str, Any] | None, prefix: str)
     unknown = sorted(set(values) - fields)
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(fields))}")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-              for name, value in values.items()}
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in values.items()
+    }
     return cls(**kwargs)
 
 
@@ -170,8 +174,9 @@ def _validate_section(settings: Any, section: str) -> None:
         raise ConfigError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
 
 
-def load_config(path: str | None, section: str, settings_cls: type[T],
-                environ: Mapping[str, str] | None = None) -> LoadedConfig[T]:
+def load_config(
+    path: str | None, section: str, settings_cls: type[T], environ: Mapping[str, str] | None = None
+) -> LoadedConfig[T]:
     """Reads the file (absent path: defaults), applies env overrides and validates everything.
 
     Every other section is validated against its own schema too, so one bad file fails every
@@ -194,8 +199,10 @@ def load_config(path: str | None, section: str, settings_cls: type[T],
     known_sections = set(SECTIONS)
     unknown = sorted(k for k in raw if k not in common_fields and k not in known_sections)
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(common_fields | known_sections))}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(common_fields | known_sections))}"
+        )
     common_values = {k: v for k, v in raw.items() if k in common_fields}
     for name in common_fields:
         env_value = environ.get(f"MVM_{name.upper()}")
@@ -216,5 +223,3 @@ def load_config(path: str | None, section: str, settings_cls: type[T],
         if other != section and other in raw:
             _validate_section(build_dataclass(other_cls, raw[other], other), other)
     return LoadedConfig(common=common, service=service)
-
-

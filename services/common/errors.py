@@ -8,7 +8,8 @@ downstream service pass through unchanged, details included, so the caller sees 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import structlog
@@ -24,20 +25,21 @@ class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
 
     def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN,
-                                           metadata={k: str(v) for k, v in self.metadata.items()})
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=DOMAIN, metadata={k: str(v) for k, v in self.metadata.items()}
+        )
         detail = any_pb2.Any()
         detail.Pack(info)
-        return rpc_status.to_status(status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=[detail]))
+        return rpc_status.to_status(
+            status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message, details=[detail])
+        )
 
 
 def _error(name: str, code: grpc.StatusCode, reason: str) -> type[ServiceError]:
@@ -65,17 +67,28 @@ class Unimplemented(ServiceError):
     default_reason = "CAPABILITY_NOT_BUILT"
 
     def __init__(self, capability: str) -> None:
-        super().__init__(f"{capability} is not built yet in this release",
-                         metadata={"capability": capability})
+        super().__init__(f"{capability} is not built yet in this release", metadata={"capability": capability})
 
 
 # google.rpc.Code number -> grpc.StatusCode, for errors reported by the guest agent.
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 ERROR_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                              ResourceExhausted, PermissionDenied, Unauthenticated, Unavailable,
-                              DeadlineExceeded, DataLoss, Internal, Aborted)
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        PermissionDenied,
+        Unauthenticated,
+        Unavailable,
+        DeadlineExceeded,
+        DataLoss,
+        Internal,
+        Aborted,
+    )
 }
 
 
@@ -121,6 +134,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except (ServiceError, grpc.aio.AioRpcError) as exc:
                     _log(method, exc)
                     await _abort(context, exc)
+
             return wrapped
 
         def wrap_stream(behavior):
@@ -135,19 +149,24 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except (ServiceError, grpc.aio.AioRpcError) as exc:
                     _log(method, exc)
                     await _abort(context, exc)
+
             return wrapped
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
 
 
 def _log(method: str, exc: BaseException) -> None:

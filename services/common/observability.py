@@ -38,8 +38,9 @@ def configure(service: str, instance_id: str, level: str = "info", trace_exporte
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service, instance=instance_id)
-    provider = TracerProvider(resource=Resource.create({"service.name": f"microvm-{service}",
-                                                        "service.instance.id": instance_id}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"microvm-{service}", "service.instance.id": instance_id})
+    )
     if trace_exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     trace.set_tracer_provider(provider)

@@ -31,12 +31,14 @@ class Identity:
     certificate: bytes
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.certificate)], root_certificates=self.ca,
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.certificate)], root_certificates=self.ca, require_client_auth=True
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                            certificate_chain=self.certificate)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.certificate
+        )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -46,22 +48,29 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def ensure_pki(directory: Path) -> None:
     """Creates the CA and every identity that is missing; existing ones are kept."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if not (directory / "ca.crt").exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "microvm-sandbox local CA")])
-        ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .sign(ca_key, hashes.SHA256()))
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         _write_private(directory / "ca.key", _pem_key(ca_key))
         (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
@@ -70,25 +79,41 @@ def ensure_pki(directory: Path) -> None:
         if (directory / f"{kind}.crt").exists():
             continue
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"microvm-{kind}")]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-                .add_extension(x509.SubjectAlternativeName([
-                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"microvm-{kind}")]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         _write_private(directory / f"{kind}.key", _pem_key(key))
         (directory / f"{kind}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def load_identity(directory: Path, kind: str) -> Identity:
     try:
-        return Identity(ca=(directory / "ca.crt").read_bytes(), key=(directory / f"{kind}.key").read_bytes(),
-                        certificate=(directory / f"{kind}.crt").read_bytes())
+        return Identity(
+            ca=(directory / "ca.crt").read_bytes(),
+            key=(directory / f"{kind}.key").read_bytes(),
+            certificate=(directory / f"{kind}.crt").read_bytes(),
+        )
     except FileNotFoundError as exc:
         from services.common.config import ConfigError
-        raise ConfigError(f"no service certificate for {kind} in {directory} (the supervisor creates them; "
-                          f"or set internal_tls: false): {exc.filename}") from None
+
+        raise ConfigError(
+            f"no service certificate for {kind} in {directory} (the supervisor creates them; "
+            f"or set internal_tls: false): {exc.filename}"
+        ) from None

@@ -44,15 +44,22 @@ class ServiceInstance:
         return f"{SERVICES_PREFIX}{self.kind}/{self.instance_id}"
 
     def encode(self) -> bytes:
-        return json.dumps({"address": self.address, "pid": self.pid, "started": self.started,
-                           "metadata": self.metadata}).encode()
+        return json.dumps(
+            {"address": self.address, "pid": self.pid, "started": self.started, "metadata": self.metadata}
+        ).encode()
 
     @classmethod
-    def decode(cls, key: bytes, value: bytes) -> "ServiceInstance":
-        kind, instance_id = key.decode()[len(SERVICES_PREFIX):].split("/", 1)
+    def decode(cls, key: bytes, value: bytes) -> ServiceInstance:
+        kind, instance_id = key.decode()[len(SERVICES_PREFIX) :].split("/", 1)
         data = json.loads(value)
-        return cls(kind=kind, instance_id=instance_id, address=data["address"], pid=data.get("pid", 0),
-                   started=data.get("started", 0.0), metadata=data.get("metadata", {}))
+        return cls(
+            kind=kind,
+            instance_id=instance_id,
+            address=data["address"],
+            pid=data.get("pid", 0),
+            started=data.get("started", 0.0),
+            metadata=data.get("metadata", {}),
+        )
 
 
 class ServiceRegistration:
@@ -156,11 +163,15 @@ class ServiceDirectory:
         """The most recently started instance of `kind` (on `node`, for per-node services); a restarted
         one may overlap its predecessor's registration until that lease expires."""
         from services.common.errors import Unavailable
+
         instances = [i for i in self.instances(kind) if node is None or i.metadata.get("node") == node]
         if not instances:
             where = "" if node is None else f" on node {node}"
-            raise Unavailable(f"the {kind} service{where} is not available", reason=f"{kind.upper()}_UNAVAILABLE",
-                              metadata={"node": node} if node else None)
+            raise Unavailable(
+                f"the {kind} service{where} is not available",
+                reason=f"{kind.upper()}_UNAVAILABLE",
+                metadata={"node": node} if node else None,
+            )
         return max(instances, key=lambda i: i.started)
 
     async def wait_for(self, kind: str, timeout: float) -> list[ServiceInstance]:

@@ -16,8 +16,9 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import structlog
@@ -48,10 +49,14 @@ def never_reached(error: BaseException) -> bool:
     """The call cannot have been seen by any server: none is registered, or it failed to connect. Retrying
     it cannot do anything twice."""
     from services.common.errors import Unavailable
+
     if isinstance(error, Unavailable):
         return True
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE \
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.UNAVAILABLE
         and "failed to connect" in (error.details() or "")
+    )
 
 
 @dataclass
@@ -78,21 +83,36 @@ class ServiceContext(Generic[S]):
         channel = self._channels.get(address)
         if channel is None:
             if self.identity is not None:
-                channel = grpc.aio.secure_channel(address, self.identity.channel_credentials(),
-                                                  options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors())
+                channel = grpc.aio.secure_channel(
+                    address,
+                    self.identity.channel_credentials(),
+                    options=CHANNEL_OPTIONS,
+                    interceptors=aio_client_interceptors(),
+                )
             else:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                                    interceptors=aio_client_interceptors())
+                channel = grpc.aio.insecure_channel(
+                    address, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors()
+                )
             self._channels[address] = channel
         return channel
 
-    async def call_newest(self, kind: str, node: str | None, stub_class, method: str, request, *,
-                          timeout: float | None, retry_for: float,
-                          retryable: Callable[[BaseException], bool] = never_reached):
+    async def call_newest(
+        self,
+        kind: str,
+        node: str | None,
+        stub_class,
+        method: str,
+        request,
+        *,
+        timeout: float | None,
+        retry_for: float,
+        retryable: Callable[[BaseException], bool] = never_reached,
+    ):
         """`method(request)` on the newest instance of `kind` (on `node`), tried again on whatever instance is
         newest then, for up to `retry_for` seconds, while the failure is one of a restart (`retryable`): a
         killed instance stays registered until its lease ends, its successor registers when it is ready."""
         from services.common.errors import Unavailable
+
         deadline = asyncio.get_running_loop().time() + retry_for
         while True:
             try:
@@ -105,6 +125,7 @@ class ServiceContext(Generic[S]):
 
     def every(self, seconds: float, work: Callable[[], Awaitable[None]], name: str) -> None:
         """Runs `work` every `seconds` in the background until shutdown; a failure is logged, not fatal."""
+
         async def loop() -> None:
             while True:
                 await asyncio.sleep(seconds)
@@ -123,6 +144,7 @@ class ServiceContext(Generic[S]):
                 await task
             except asyncio.CancelledError:
                 pass
+
         self.on_shutdown.append(stop)
 
     async def close_channels(self) -> None:
@@ -136,9 +158,16 @@ class ServiceContext(Generic[S]):
 Wiring = Callable[[grpc.aio.Server, ServiceContext], Awaitable[list[str]]]
 
 
-async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring,
-                instance_id: str | None = None, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None, interceptors=None) -> None:
+async def serve(
+    kind: str,
+    common: CommonSettings,
+    settings: Any,
+    wiring: Wiring,
+    instance_id: str | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    interceptors=None,
+) -> None:
     """Runs a service until `stop` is set or SIGTERM/SIGINT arrives."""
     instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     stop = stop or asyncio.Event()
@@ -154,19 +183,31 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     await etcd.connect()
     directory = ServiceDirectory(etcd)
     await directory.open()
-    context = ServiceContext(kind=kind, instance_id=instance_id, common=common, settings=settings,
-                             etcd=etcd, directory=directory, identity=identity)
+    context = ServiceContext(
+        kind=kind,
+        instance_id=instance_id,
+        common=common,
+        settings=settings,
+        etcd=etcd,
+        directory=directory,
+        identity=identity,
+    )
 
     # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
-    server = grpc.aio.server(interceptors=[aio_server_interceptor(), ErrorMappingInterceptor(),
-                                           *(interceptors(context) if interceptors else [])],
-                             options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[
+            aio_server_interceptor(),
+            ErrorMappingInterceptor(),
+            *(interceptors(context) if interceptors else []),
+        ],
+        options=CHANNEL_OPTIONS,
+    )
     service_names = await wiring(server, context)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     # Internal services accept only this installation's services; the public gateway port authenticates
     # callers with bearer credentials instead (it is the one door clients use).
     if identity is not None and kind not in PUBLIC_KINDS:
@@ -182,9 +223,10 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     registration = ServiceRegistration(
-        etcd, ServiceInstance(kind=kind, instance_id=instance_id, address=address,
-                              metadata=context.registration_metadata),
-        ttl=common.lease_ttl_seconds)
+        etcd,
+        ServiceInstance(kind=kind, instance_id=instance_id, address=address, metadata=context.registration_metadata),
+        ttl=common.lease_ttl_seconds,
+    )
     await registration.open()
     context.registration = registration
     log.info("service_started", address=address, services=service_names)
@@ -211,8 +253,9 @@ async def serve(kind: str, common: CommonSettings, settings: Any, wiring: Wiring
     log.info("service_stopped")
 
 
-def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] | None = None,
-                interceptors=None) -> None:
+def run_service(
+    kind: str, settings_cls: type, wiring: Wiring, argv: list[str] | None = None, interceptors=None
+) -> None:
     """Entry point of a service process: parse args, load config, run until signalled."""
     parser = argparse.ArgumentParser(prog=f"microvm-{kind}")
     parser.add_argument("--config", help="installation config file (YAML); default: built-in defaults")
@@ -226,8 +269,9 @@ def run_service(kind: str, settings_cls: type, wiring: Wiring, argv: list[str] |
     instance_id = args.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     observability.configure(kind, instance_id, config.common.log_level, config.common.trace_exporter)
     try:
-        asyncio.run(serve(kind, config.common, config.service, wiring, instance_id=instance_id,
-                          interceptors=interceptors))
+        asyncio.run(
+            serve(kind, config.common, config.service, wiring, instance_id=instance_id, interceptors=interceptors)
+        )
     except ConfigError as exc:
         print(f"microvm-{kind}: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)

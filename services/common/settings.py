@@ -98,8 +98,9 @@ class ComputeSettings(ServiceSettings):
         if self.tcg_tb_size_mib < 8:
             raise ConfigError("compute.tcg_tb_size_mib must be at least 8")
         if self.size_demand_threshold < 1 or not 0 <= self.extra_template_sizes <= 16:
-            raise ConfigError("compute.size_demand_threshold must be at least 1 and compute.extra_template_sizes "
-                              "between 0 and 16")
+            raise ConfigError(
+                "compute.size_demand_threshold must be at least 1 and compute.extra_template_sizes between 0 and 16"
+            )
         if self.stop_timeout_seconds <= 0:
             raise ConfigError("compute.stop_timeout_seconds must be positive")
 

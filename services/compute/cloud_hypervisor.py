@@ -22,15 +22,26 @@ from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice
 from services.compute.records import VmRecord
 
-KERNEL_ARGS = ("console=ttyS0 quiet panic=-1 reboot=k cryptomgr.notests=1 mitigations=off audit=0 "
-               "random.trust_cpu=on apparmor=0 rootwait")
+KERNEL_ARGS = (
+    "console=ttyS0 quiet panic=-1 reboot=k cryptomgr.notests=1 mitigations=off audit=0 "
+    "random.trust_cpu=on apparmor=0 rootwait"
+)
 AGENT_VSOCK_PORT = 1024
 GUEST_CID = 3
 # Every (method, endpoint) the driver calls; the contract test checks each against the spec.
 ENDPOINTS = {
-    ("GET", "vmm.ping"), ("PUT", "vmm.shutdown"), ("PUT", "vm.create"), ("PUT", "vm.boot"),
-    ("PUT", "vm.pause"), ("PUT", "vm.resume"), ("PUT", "vm.shutdown"), ("GET", "vm.info"),
-    ("GET", "vm.counters"), ("PUT", "vm.resize"), ("PUT", "vm.snapshot"), ("PUT", "vm.restore"),
+    ("GET", "vmm.ping"),
+    ("PUT", "vmm.shutdown"),
+    ("PUT", "vm.create"),
+    ("PUT", "vm.boot"),
+    ("PUT", "vm.pause"),
+    ("PUT", "vm.resume"),
+    ("PUT", "vm.shutdown"),
+    ("GET", "vm.info"),
+    ("GET", "vm.counters"),
+    ("PUT", "vm.resize"),
+    ("PUT", "vm.snapshot"),
+    ("PUT", "vm.restore"),
     ("PUT", "vm.delete"),
 }
 
@@ -51,13 +62,19 @@ class ChApi:
             raise ValueError(f"{method} {endpoint} is not an endpoint this driver is allowed to call")
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.socket_path), self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"Cloud Hypervisor API at {self.socket_path} is unreachable: {exc}",
-                              reason="VMM_UNAVAILABLE") from None
+        except (TimeoutError, OSError) as exc:
+            raise Unavailable(
+                f"Cloud Hypervisor API at {self.socket_path} is unreachable: {exc}", reason="VMM_UNAVAILABLE"
+            ) from None
         try:
             payload = json.dumps(body).encode() if body is not None else b""
-            head = [f"{method} /api/v1/{endpoint} HTTP/1.1", "Host: localhost", "Accept: application/json",
-                    f"Content-Length: {len(payload)}", "Connection: close"]
+            head = [
+                f"{method} /api/v1/{endpoint} HTTP/1.1",
+                "Host: localhost",
+                "Accept: application/json",
+                f"Content-Length: {len(payload)}",
+                "Connection: close",
+            ]
             if body is not None:
                 head.append("Content-Type: application/json")
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
@@ -65,22 +82,23 @@ class ChApi:
             status_line = await asyncio.wait_for(reader.readline(), self.timeout)
             parts = status_line.decode(errors="replace").split(" ", 2)
             if len(parts) < 2 or not parts[1].isdigit():
-                raise Unavailable(f"Cloud Hypervisor sent a malformed reply: {status_line!r}",
-                                  reason="VMM_UNAVAILABLE")
+                raise Unavailable(f"Cloud Hypervisor sent a malformed reply: {status_line!r}", reason="VMM_UNAVAILABLE")
             status = int(parts[1])
             length = None
             while (line := await asyncio.wait_for(reader.readline(), self.timeout)) not in (b"\r\n", b"\n", b""):
                 name, _, value = line.decode(errors="replace").partition(":")
                 if name.strip().lower() == "content-length":
                     length = int(value.strip())
-            data = await asyncio.wait_for(reader.readexactly(length) if length is not None else reader.read(),
-                                          self.timeout)
+            data = await asyncio.wait_for(
+                reader.readexactly(length) if length is not None else reader.read(), self.timeout
+            )
         finally:
             writer.close()
         if status >= 300:
             message = data.decode(errors="replace").strip() or f"HTTP {status}"
-            raise CloudHypervisorError(f"Cloud Hypervisor refused {method} {endpoint}: {message}",
-                                       metadata={"http_status": str(status)})
+            raise CloudHypervisorError(
+                f"Cloud Hypervisor refused {method} {endpoint}: {message}", metadata={"http_status": str(status)}
+            )
         return json.loads(data) if data.strip() else None
 
     # One method per endpoint, named after it.
@@ -142,9 +160,14 @@ class CloudHypervisorDriver:
 
     @staticmethod
     def paths(directory: Path) -> dict[str, Path]:
-        return {"disk": directory / "disk.qcow2", "agent": directory / "vsock.sock",
-                "api": directory / "api.sock", "console": directory / "console.log",
-                "pid": directory / "vmm.pid", "log": directory / "vmm.log"}
+        return {
+            "disk": directory / "disk.qcow2",
+            "agent": directory / "vsock.sock",
+            "api": directory / "api.sock",
+            "console": directory / "console.log",
+            "pid": directory / "vmm.pid",
+            "log": directory / "vmm.log",
+        }
 
     def api(self, directory: Path) -> ChApi:
         return ChApi(str(self.paths(directory)["api"]))
@@ -158,8 +181,11 @@ class CloudHypervisorDriver:
         config: dict[str, Any] = {
             "cpus": {"boot_vcpus": vm.vcpus, "max_vcpus": vm.vcpus},
             "memory": memory,
-            "payload": {"kernel": str(image.kernel), "initramfs": str(image.initramfs),
-                        "cmdline": f"{KERNEL_ARGS} mvm.hostname={vm.boot_hostname or vm.hostname}"},
+            "payload": {
+                "kernel": str(image.kernel),
+                "initramfs": str(image.initramfs),
+                "cmdline": f"{KERNEL_ARGS} mvm.hostname={vm.boot_hostname or vm.hostname}",
+            },
             "disks": [{"path": str(p["disk"]), "image_type": "Qcow2", "backing_files": True}],
             "rng": {"src": "/dev/urandom"},
             "serial": {"mode": "File", "file": str(p["console"])},
@@ -177,8 +203,15 @@ class CloudHypervisorDriver:
         log = open(p["log"], "ab")
         try:
             process = await asyncio.create_subprocess_exec(
-                self.binary, "--api-socket", f"path={p['api']}", stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, start_new_session=True, cwd=str(directory))
+                self.binary,
+                "--api-socket",
+                f"path={p['api']}",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=str(directory),
+            )
         except FileNotFoundError:
             raise FailedPrecondition(f"{self.binary!r} is not installed", reason="VMM_MISSING") from None
         finally:
@@ -187,8 +220,11 @@ class CloudHypervisorDriver:
         api = self.api(directory)
         for _ in range(200):
             if process.returncode is not None:
-                raise FailedPrecondition(f"cloud-hypervisor exited with {process.returncode}: "
-                                         f"{p['log'].read_text(errors='replace')[-1000:]}", reason="VMM_START_FAILED")
+                raise FailedPrecondition(
+                    f"cloud-hypervisor exited with {process.returncode}: "
+                    f"{p['log'].read_text(errors='replace')[-1000:]}",
+                    reason="VMM_START_FAILED",
+                )
             try:
                 await api.ping()
                 return process.pid
@@ -196,8 +232,9 @@ class CloudHypervisorDriver:
                 await asyncio.sleep(0.02)
         raise FailedPrecondition("cloud-hypervisor's API socket never answered", reason="VMM_START_FAILED")
 
-    async def prepare_disk(self, image: BuiltImage, directory: Path, backing: Path | None = None,
-                           backing_format: str = "raw") -> None:
+    async def prepare_disk(
+        self, image: BuiltImage, directory: Path, backing: Path | None = None, backing_format: str = "raw"
+    ) -> None:
         await create_overlay(backing or image.rootfs, backing_format, self.paths(directory)["disk"])
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
@@ -263,7 +300,6 @@ class CloudHypervisorDriver:
         except OSError:
             return False
         return str(self.paths(directory)["api"]).encode() in cmdline
-
 
 
 def _pack(directory: Path, archive: Path) -> None:

@@ -9,8 +9,9 @@ from services.common.errors import FailedPrecondition, ResourceExhausted
 
 
 async def _qemu_img(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec("qemu-img", *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     _, stderr = await process.communicate()
     return process.returncode, stderr.decode().strip()
 
@@ -24,7 +25,8 @@ async def create_overlay(backing: Path, backing_format: str, path: Path) -> None
 
 async def freeze(disk: Path, base_image: Path, target: Path) -> None:
     """Copies a (stopped) VM's overlay rebased onto the template image, so the copy stands alone."""
-    code, error = await _qemu_img("convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw",
-                                  str(disk), str(target))
+    code, error = await _qemu_img(
+        "convert", "-U", "-O", "qcow2", "-B", str(base_image), "-F", "raw", str(disk), str(target)
+    )
     if code != 0:
         raise FailedPrecondition(f"cannot freeze the disk: {error}", reason="DISK_SNAPSHOT_FAILED")

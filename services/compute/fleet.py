@@ -22,21 +22,36 @@ import grpc
 import structlog
 
 from images.builder import BuiltImage, available_templates, cache_root
-from services.common.agent_channel import AgentChannel
 from microvm.snapshot.v1 import snapshot_pb2
-from services.common.errors import (AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition,
-                                    InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable)
+from services.common.agent_channel import AgentChannel
+from services.common.errors import (
+    AlreadyExists,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from services.common.settings import ComputeSettings
-from services.compute.vmm import VmmDriver
 from services.compute.network_link import NetworkLink, configure_guest
 from services.compute.records import VMS_PREFIX, VmRecord
+from services.compute.vmm import VmmDriver
 
 log = structlog.get_logger()
 VM_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
 # Artifact name in the snapshot store -> file in a materialized snapshot.
-ARTIFACT_FILES = {"memory": "memory.bin", "devices": "devices.bin", "ram": "ram", "disk": "disk.qcow2",
-                  "vmm-state": "vmm-state.tar", "config": "config.json"}
+ARTIFACT_FILES = {
+    "memory": "memory.bin",
+    "devices": "devices.bin",
+    "ram": "ram",
+    "disk": "disk.qcow2",
+    "vmm-state": "vmm-state.tar",
+    "config": "config.json",
+}
 UPLOAD_CHUNK = 1 << 20
 
 
@@ -55,25 +70,33 @@ def _hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
 
 async def _upload(store, snapshot_id: str, name: str, path: Path) -> int:
     async def requests():
-        yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id,
-                                                                                     name=name))
+        yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id, name=name))
         with open(path, "rb") as f:
             while data := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
                 yield snapshot_pb2.PutArtifactRequest(data=data)
+
     reply = await store.PutArtifact(requests(), timeout=600)
     return reply.artifact.size_bytes
 
 
 async def _download(store, snapshot_id: str, name: str, path: Path) -> None:
     with open(path, "wb") as f:
-        async for chunk in store.GetArtifact(snapshot_pb2.GetArtifactRequest(snapshot_id=snapshot_id, name=name),
-                                             timeout=600):
+        async for chunk in store.GetArtifact(
+            snapshot_pb2.GetArtifactRequest(snapshot_id=snapshot_id, name=name), timeout=600
+        ):
             await asyncio.to_thread(f.write, chunk.data)
 
 
 class VmFleet:
-    def __init__(self, settings: ComputeSettings, state_dir: Path, etcd, node_id: str, driver: VmmDriver,
-                 network: NetworkLink | None = None) -> None:
+    def __init__(
+        self,
+        settings: ComputeSettings,
+        state_dir: Path,
+        etcd,
+        node_id: str,
+        driver: VmmDriver,
+        network: NetworkLink | None = None,
+    ) -> None:
         self.settings = settings
         # None when the installation runs without networking: VMs then have no NIC.
         self.network = network
@@ -91,6 +114,7 @@ class VmFleet:
         self._deleting: set[str] = set()
         self._admission = asyncio.Lock()
         from services.compute.warm import WarmStart
+
         self.warm = WarmStart(self)
 
     # --- records ---------------------------------------------------------------------------------
@@ -156,8 +180,12 @@ class VmFleet:
                 # Dead, unresponsive, or caught half-created by our crash: it cannot be trusted.
                 if alive:
                     self._kill(vm.pid)
-                await self._mark_failed(vm, "the VM was not running when the compute service restarted"
-                                        if not alive else "the VM was not ready when the compute service restarted")
+                await self._mark_failed(
+                    vm,
+                    "the VM was not running when the compute service restarted"
+                    if not alive
+                    else "the VM was not ready when the compute service restarted",
+                )
                 counts["failed"] += 1
         known_directories = {Path(vm.directory) for vm in self.vms.values()}
         for directory in self.root.iterdir() if self.root.exists() else []:
@@ -183,19 +211,27 @@ class VmFleet:
         if not VM_ID.match(vm_id):
             raise InvalidArgument(f"vm_id {vm_id!r} must match {VM_ID.pattern}")
         if not 1 <= vcpus <= self.settings.max_vcpus_per_vm:
-            raise InvalidArgument(f"vcpus must be between 1 and {self.settings.max_vcpus_per_vm}, got {vcpus}",
-                                  reason="VCPUS_OUT_OF_RANGE")
+            raise InvalidArgument(
+                f"vcpus must be between 1 and {self.settings.max_vcpus_per_vm}, got {vcpus}",
+                reason="VCPUS_OUT_OF_RANGE",
+            )
         if not 128 <= memory_mib <= self.settings.max_memory_mib_per_vm:
-            raise InvalidArgument(f"memory_mib must be between 128 and {self.settings.max_memory_mib_per_vm}, "
-                                  f"got {memory_mib}", reason="MEMORY_OUT_OF_RANGE")
+            raise InvalidArgument(
+                f"memory_mib must be between 128 and {self.settings.max_memory_mib_per_vm}, got {memory_mib}",
+                reason="MEMORY_OUT_OF_RANGE",
+            )
         if not HOSTNAME.match(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         if template not in self.templates():
-            raise NotFound(f"template {template!r} is not built on node {self.node} "
-                           f"(available: {', '.join(self.templates()) or 'none'})", reason="TEMPLATE_NOT_FOUND")
+            raise NotFound(
+                f"template {template!r} is not built on node {self.node} "
+                f"(available: {', '.join(self.templates()) or 'none'})",
+                reason="TEMPLATE_NOT_FOUND",
+            )
 
-    async def create(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
-                     policy=None) -> VmRecord:
+    async def create(
+        self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str, policy=None
+    ) -> VmRecord:
         hostname = hostname or vm_id
         self._validate(vm_id, template, vcpus, memory_mib, hostname)
         if vm_id in self.vms:
@@ -208,8 +244,9 @@ class VmFleet:
             frozen = self.warm.frozen(template, vcpus, memory_mib)
             if frozen is not None:
                 try:
-                    return await self._restore_from(frozen, vm_id, hostname, start_method="template-snapshot",
-                                                    policy=policy)
+                    return await self._restore_from(
+                        frozen, vm_id, hostname, start_method="template-snapshot", policy=policy
+                    )
                 except ServiceError as exc:
                     # A template snapshot that does not restore is not trusted again: boot cold, rebuild it.
                     log.warning("template_snapshot_restore_failed", template=template, error=exc.message)
@@ -219,31 +256,57 @@ class VmFleet:
         vm = await self._admit(vm_id, template, vcpus, memory_mib, hostname, image)
         return await self._start(vm, lambda directory: self.driver.launch(vm, image, directory), policy)
 
-    async def _admit(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str,
-                     image: BuiltImage, boot_hostname: str = "", source_snapshot: str = "",
-                     ram_path: str | None = None, ram_shared: bool = True, start_method: str = "cold-boot",
-                     pooled: bool = False) -> VmRecord:
+    async def _admit(
+        self,
+        vm_id: str,
+        template: str,
+        vcpus: int,
+        memory_mib: int,
+        hostname: str,
+        image: BuiltImage,
+        boot_hostname: str = "",
+        source_snapshot: str = "",
+        ram_path: str | None = None,
+        ram_shared: bool = True,
+        start_method: str = "cold-boot",
+        pooled: bool = False,
+    ) -> VmRecord:
         """Reserves capacity for a new VM by recording it (CREATING) before anything starts."""
         async with self._admission:
             if vm_id in self.vms:
                 raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
             used_vcpus, used_memory = self.capacity()
-            if used_vcpus + vcpus > self.settings.vcpus_total or \
-                    used_memory + memory_mib > self.settings.memory_mib_total:
+            if (
+                used_vcpus + vcpus > self.settings.vcpus_total
+                or used_memory + memory_mib > self.settings.memory_mib_total
+            ):
                 raise ResourceExhausted(
                     f"node {self.node} has {self.settings.vcpus_total - used_vcpus} vCPUs and "
                     f"{self.settings.memory_mib_total - used_memory} MiB free; asked for {vcpus} and {memory_mib}",
-                    reason="NODE_CAPACITY")
+                    reason="NODE_CAPACITY",
+                )
             directory = self.root / vm_id
-            vm = VmRecord(id=vm_id, node=self.node, template=template, image_dir=str(image.directory),
-                          vcpus=vcpus, memory_mib=memory_mib, hostname=hostname, vmm=self.driver.name,
-                          accel=self.driver.accel, directory=str(directory),
-                          agent_socket=str(self.driver.paths(directory)["agent"]),
-                          agent_transport=self.driver.agent_transport,
-                          boot_hostname=boot_hostname or hostname, source_snapshot=source_snapshot,
-                          # Cold boots keep RAM in a shared file, so their snapshots are a file copy.
-                          ram_path=str(self.ram_root / f"{vm_id}.ram") if ram_path is None else ram_path,
-                          ram_shared=ram_shared, start_method=start_method, pooled=pooled)
+            vm = VmRecord(
+                id=vm_id,
+                node=self.node,
+                template=template,
+                image_dir=str(image.directory),
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                hostname=hostname,
+                vmm=self.driver.name,
+                accel=self.driver.accel,
+                directory=str(directory),
+                agent_socket=str(self.driver.paths(directory)["agent"]),
+                agent_transport=self.driver.agent_transport,
+                boot_hostname=boot_hostname or hostname,
+                source_snapshot=source_snapshot,
+                # Cold boots keep RAM in a shared file, so their snapshots are a file copy.
+                ram_path=str(self.ram_root / f"{vm_id}.ram") if ram_path is None else ram_path,
+                ram_shared=ram_shared,
+                start_method=start_method,
+                pooled=pooled,
+            )
             await self._save(vm)  # holds its capacity from here on
             return vm
 
@@ -281,8 +344,9 @@ class VmFleet:
         """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored."""
         vm = self.get(vm_id)
         if vm.state not in ("RUNNING", "PAUSED"):
-            raise FailedPrecondition(f"VM {vm_id} is {vm.state}; only a running or paused VM can be snapshotted",
-                                     reason="VM_NOT_RUNNING")
+            raise FailedPrecondition(
+                f"VM {vm_id} is {vm.state}; only a running or paused VM can be snapshotted", reason="VM_NOT_RUNNING"
+            )
         if not VM_ID.match(snapshot_id):
             raise InvalidArgument(f"snapshot_id {snapshot_id!r} must match {VM_ID.pattern}")
         image = BuiltImage.at(Path(vm.image_dir))
@@ -304,9 +368,17 @@ class VmFleet:
     async def _freeze(self, vm: VmRecord, image: BuiltImage, out: Path) -> dict[str, dict]:
         async with self._lock(vm.id):
             snapshot_format = await self.driver.snapshot(vm, out, image.rootfs)
-        config = {"template": vm.template, "image_dir": vm.image_dir, "vcpus": vm.vcpus,
-                  "memory_mib": vm.memory_mib, "boot_hostname": vm.boot_hostname or vm.hostname,
-                  "vmm": vm.vmm, "accel": vm.accel, "format": snapshot_format, "network": bool(vm.tap_device)}
+        config = {
+            "template": vm.template,
+            "image_dir": vm.image_dir,
+            "vcpus": vm.vcpus,
+            "memory_mib": vm.memory_mib,
+            "boot_hostname": vm.boot_hostname or vm.hostname,
+            "vmm": vm.vmm,
+            "accel": vm.accel,
+            "format": snapshot_format,
+            "network": bool(vm.tap_device),
+        }
         (out / "config.json").write_text(json.dumps(config))
         hashes = await asyncio.to_thread(_hash_files, out, ARTIFACT_FILES)
         (out / "verified.json").write_text(json.dumps(hashes))
@@ -319,9 +391,11 @@ class VmFleet:
         async with self._lock(f"snapshot:{record.id}"):
             try:
                 known = json.loads((target / "verified.json").read_text())
-                if all(known.get(name, {}).get("sha256") == sha and
-                       (target / ARTIFACT_FILES[name]).stat().st_size == known[name]["size"]
-                       for name, sha in expected.items()):
+                if all(
+                    known.get(name, {}).get("sha256") == sha
+                    and (target / ARTIFACT_FILES[name]).stat().st_size == known[name]["size"]
+                    for name, sha in expected.items()
+                ):
                     return target
             except (OSError, ValueError, KeyError):
                 pass
@@ -334,8 +408,9 @@ class VmFleet:
                 hashes = await asyncio.to_thread(_hash_files, work, ARTIFACT_FILES)
                 for name, sha in expected.items():
                     if hashes[name]["sha256"] != sha:
-                        raise DataLoss(f"artifact {name} of snapshot {record.id} arrived corrupt",
-                                       reason="ARTIFACT_CORRUPT")
+                        raise DataLoss(
+                            f"artifact {name} of snapshot {record.id} arrived corrupt", reason="ARTIFACT_CORRUPT"
+                        )
                 (work / "verified.json").write_text(json.dumps(hashes))
                 shutil.rmtree(target, ignore_errors=True)
                 work.rename(target)
@@ -351,31 +426,54 @@ class VmFleet:
         if not HOSTNAME.match(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         frozen = await self._materialize(record, store)
-        return await self._restore_from(frozen, vm_id, hostname, source_snapshot=record.id,
-                                        start_method="snapshot-restore", policy=policy)
+        return await self._restore_from(
+            frozen, vm_id, hostname, source_snapshot=record.id, start_method="snapshot-restore", policy=policy
+        )
 
-    async def _restore_from(self, frozen: Path, vm_id: str, hostname: str, source_snapshot: str = "",
-                            start_method: str = "snapshot-restore", pooled: bool = False,
-                            policy=None) -> VmRecord:
+    async def _restore_from(
+        self,
+        frozen: Path,
+        vm_id: str,
+        hostname: str,
+        source_snapshot: str = "",
+        start_method: str = "snapshot-restore",
+        pooled: bool = False,
+        policy=None,
+    ) -> VmRecord:
         config = json.loads((frozen / "config.json").read_text())
         if config.get("network", False) != (self.network is not None):
             # The NIC is part of the frozen device state: it can only be restored where it exists too.
-            raise FailedPrecondition(f"snapshot {frozen.name} was taken with networking "
-                                     f"{'on' if config.get('network') else 'off'}; this node has it "
-                                     f"{'on' if self.network else 'off'}", reason="NETWORKING_MISMATCH")
+            raise FailedPrecondition(
+                f"snapshot {frozen.name} was taken with networking "
+                f"{'on' if config.get('network') else 'off'}; this node has it "
+                f"{'on' if self.network else 'off'}",
+                reason="NETWORKING_MISMATCH",
+            )
         if config["accel"] != self.driver.accel or config["vmm"] != self.driver.name:
-            raise FailedPrecondition(f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
-                                     f"this node runs {self.driver.name}/{self.driver.accel}",
-                                     reason="HYPERVISOR_MISMATCH")
+            raise FailedPrecondition(
+                f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
+                f"this node runs {self.driver.name}/{self.driver.accel}",
+                reason="HYPERVISOR_MISMATCH",
+            )
         try:
             image = BuiltImage.at(Path(config["image_dir"]))
         except FileNotFoundError as exc:
             raise FailedPrecondition(f"cannot restore snapshot {frozen.name}: {exc}", reason="IMAGE_GONE") from None
         shared_ram = config.get("format") == "shared-ram"
-        vm = await self._admit(vm_id, config["template"], config["vcpus"], config["memory_mib"], hostname,
-                               image, boot_hostname=config["boot_hostname"], source_snapshot=source_snapshot,
-                               ram_path=str(frozen / "ram") if shared_ram else "", ram_shared=False,
-                               start_method=start_method, pooled=pooled)
+        vm = await self._admit(
+            vm_id,
+            config["template"],
+            config["vcpus"],
+            config["memory_mib"],
+            hostname,
+            image,
+            boot_hostname=config["boot_hostname"],
+            source_snapshot=source_snapshot,
+            ram_path=str(frozen / "ram") if shared_ram else "",
+            ram_shared=False,
+            start_method=start_method,
+            pooled=pooled,
+        )
         return await self._start(vm, lambda directory: self.driver.restore(vm, image, directory, frozen), policy)
 
     def prune_snapshot_cache(self, live_snapshots: set[str]) -> None:
@@ -396,17 +494,20 @@ class VmFleet:
         try:
             while True:
                 if vm.state == "FAILED" or not self.driver.owns_process(vm.pid, Path(vm.directory)):
-                    raise FailedPrecondition(f"VM {vm.id} died while booting: {self.console_tail(vm)}",
-                                             reason="VM_BOOT_FAILED")
+                    raise FailedPrecondition(
+                        f"VM {vm.id} died while booting: {self.console_tail(vm)}", reason="VM_BOOT_FAILED"
+                    )
                 try:
                     await channel.wait_until_answering(timeout=1.0)
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 if time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"the agent of VM {vm.id} did not answer within "
-                                           f"{self.settings.boot_timeout_seconds:.0f}s: {self.console_tail(vm)}",
-                                           reason="VM_BOOT_TIMEOUT")
+                    raise DeadlineExceeded(
+                        f"the agent of VM {vm.id} did not answer within "
+                        f"{self.settings.boot_timeout_seconds:.0f}s: {self.console_tail(vm)}",
+                        reason="VM_BOOT_TIMEOUT",
+                    )
         finally:
             await channel.close()
 
@@ -440,8 +541,10 @@ class VmFleet:
                 if vm_id in self.vms:
                     raise AlreadyExists(f"VM {vm_id} already exists on node {self.node}")
                 used_vcpus, used_memory = self.capacity()
-                if used_vcpus + pooled.vcpus > self.settings.vcpus_total or \
-                        used_memory + pooled.memory_mib > self.settings.memory_mib_total:
+                if (
+                    used_vcpus + pooled.vcpus > self.settings.vcpus_total
+                    or used_memory + pooled.memory_mib > self.settings.memory_mib_total
+                ):
                     raise ResourceExhausted(f"node {self.node} has no room for VM {vm_id}", reason="NODE_CAPACITY")
                 await self.driver.resume(Path(pooled.directory))
                 old_watcher = self._watchers.pop(pooled.id, None)
@@ -492,14 +595,16 @@ class VmFleet:
             if vm.state == "RUNNING":
                 return vm
             if vm.state != "STOPPED":
-                raise FailedPrecondition(f"VM {vm_id} is {vm.state}; only a STOPPED VM can be started",
-                                         reason="VM_NOT_STOPPED")
+                raise FailedPrecondition(
+                    f"VM {vm_id} is {vm.state}; only a STOPPED VM can be started", reason="VM_NOT_STOPPED"
+                )
             async with self._admission:
                 used_vcpus, used_memory = self.capacity()
-                if used_vcpus + vm.vcpus > self.settings.vcpus_total or \
-                        used_memory + vm.memory_mib > self.settings.memory_mib_total:
-                    raise ResourceExhausted(f"node {self.node} has no room to start VM {vm_id}",
-                                            reason="NODE_CAPACITY")
+                if (
+                    used_vcpus + vm.vcpus > self.settings.vcpus_total
+                    or used_memory + vm.memory_mib > self.settings.memory_mib_total
+                ):
+                    raise ResourceExhausted(f"node {self.node} has no room to start VM {vm_id}", reason="NODE_CAPACITY")
                 vm.state = "CREATING"
                 await self._save(vm)
             try:
@@ -529,7 +634,7 @@ class VmFleet:
         try:
             await channel.connect(timeout=5)
             await channel.run_to_exit(["sync"], timeout=self.settings.stop_timeout_seconds)
-        except (ServiceError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ServiceError, OSError) as exc:
             log.warning("vm_sync_before_stop_failed", vm=vm.id, error=str(exc))
         finally:
             await channel.close()

@@ -15,7 +15,7 @@ from services.common.config import ConfigError
 
 @dataclass(frozen=True)
 class HypervisorChoice:
-    vmm: str    # "qemu" or "cloud-hypervisor"
+    vmm: str  # "qemu" or "cloud-hypervisor"
     accel: str  # "kvm" or "tcg"
     reason: str
 
@@ -41,8 +41,9 @@ def kvm_usable(cpuinfo: str | None = None) -> bool:
     return cpu_has_virtualization(cpuinfo) and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def choose(vmm: str, accel: str, qemu_binary: str, cloud_hypervisor_binary: str,
-           cpuinfo: str | None = None) -> HypervisorChoice:
+def choose(
+    vmm: str, accel: str, qemu_binary: str, cloud_hypervisor_binary: str, cpuinfo: str | None = None
+) -> HypervisorChoice:
     kvm = kvm_usable(cpuinfo)
     if accel == "kvm" and not os.path.exists("/dev/kvm"):
         raise ConfigError("compute.accel is kvm but /dev/kvm does not exist")
@@ -59,7 +60,8 @@ def choose(vmm: str, accel: str, qemu_binary: str, cloud_hypervisor_binary: str,
     if shutil.which(qemu_binary) is None:
         raise ConfigError(f"{qemu_binary!r} is not on PATH (Debian: apt-get install qemu-system-x86)")
     reason = {"auto": "KVM usable (vmx/svm)" if kvm else "no vmx/svm flag: software emulation"}.get(
-        accel, f"forced by compute.accel={accel}")
+        accel, f"forced by compute.accel={accel}"
+    )
     return HypervisorChoice("qemu", chosen_accel, reason)
 
 

@@ -43,21 +43,32 @@ class NetworkLink:
 
     def _stub(self) -> network_pb2_grpc.NetworkServiceStub:
         return network_pb2_grpc.NetworkServiceStub(
-            self.context.channel(self.context.directory.newest("network", self.node).address))
+            self.context.channel(self.context.directory.newest("network", self.node).address)
+        )
 
-    async def attach(self, vm: VmRecord, policy: sandbox_pb2.NetworkPolicy | None,
-                     from_vm_id: str = "") -> None:
+    async def attach(self, vm: VmRecord, policy: sandbox_pb2.NetworkPolicy | None, from_vm_id: str = "") -> None:
         """Attaches `vm` (or moves `from_vm_id`'s attachment to it) and records the result in `vm`."""
-        request = network_pb2.AttachSandboxRequest(sandbox_id=vm.id, policy=policy or sandbox_pb2.NetworkPolicy(),
-                                                   from_sandbox_id=from_vm_id)
+        request = network_pb2.AttachSandboxRequest(
+            sandbox_id=vm.id, policy=policy or sandbox_pb2.NetworkPolicy(), from_sandbox_id=from_vm_id
+        )
         # A restarting network service is back within a second or two. Attaching the same id again is
         # idempotent, so any UNAVAILABLE is retried; a move is not (the caller falls back to another VM).
         reply = await self.context.call_newest(
-            "network", self.node, network_pb2_grpc.NetworkServiceStub, "AttachSandbox", request,
-            timeout=CALL_TIMEOUT, retry_for=0 if from_vm_id else RESTART_WAIT, retryable=unavailable)
+            "network",
+            self.node,
+            network_pb2_grpc.NetworkServiceStub,
+            "AttachSandbox",
+            request,
+            timeout=CALL_TIMEOUT,
+            retry_for=0 if from_vm_id else RESTART_WAIT,
+            retryable=unavailable,
+        )
         attachment = reply.attachment
-        vm.tap_device, vm.mac_address, vm.guest_cidr = (attachment.tap_device, attachment.mac_address,
-                                                        attachment.guest_cidr)
+        vm.tap_device, vm.mac_address, vm.guest_cidr = (
+            attachment.tap_device,
+            attachment.mac_address,
+            attachment.guest_cidr,
+        )
         vm.gateway, vm.dns_servers = attachment.gateway, list(attachment.dns_servers)
 
     async def detach(self, vm_id: str) -> None:
@@ -70,7 +81,8 @@ class NetworkLink:
 
 def unavailable(error: BaseException) -> bool:
     return isinstance(error, Unavailable) or (
-        isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE)
+        isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+    )
 
 
 async def configure_guest(vm: VmRecord, timeout: float = 30.0) -> None:
@@ -79,16 +91,19 @@ async def configure_guest(vm: VmRecord, timeout: float = 30.0) -> None:
     await channel.connect(timeout=5)
     try:
         stream = channel.open_stream()
-        await stream.send(configure_network=agent_pb2.ConfigureNetwork(
-            mac_address=vm.mac_address, address_cidr=vm.guest_cidr, gateway=vm.gateway,
-            dns_servers=vm.dns_servers))
+        await stream.send(
+            configure_network=agent_pb2.ConfigureNetwork(
+                mac_address=vm.mac_address, address_cidr=vm.guest_cidr, gateway=vm.gateway, dns_servers=vm.dns_servers
+            )
+        )
         frame = await stream.receive(timeout=timeout)
         await stream.close(cancel=False)
         if frame.WhichOneof("body") == "error":
-            raise error_from_code(frame.error.code, f"VM {vm.id}: {frame.error.message}",
-                                  reason="GUEST_NETWORK_FAILED")
+            raise error_from_code(frame.error.code, f"VM {vm.id}: {frame.error.message}", reason="GUEST_NETWORK_FAILED")
         if frame.WhichOneof("body") != "network_configured":
-            raise FailedPrecondition(f"VM {vm.id}: the agent answered {frame.WhichOneof('body')} to "
-                                     "configure_network", reason="GUEST_NETWORK_FAILED")
+            raise FailedPrecondition(
+                f"VM {vm.id}: the agent answered {frame.WhichOneof('body')} to configure_network",
+                reason="GUEST_NETWORK_FAILED",
+            )
     finally:
         await channel.close()

@@ -20,9 +20,11 @@ from services.compute.qmp import QmpClient
 from services.compute.records import VmRecord
 
 # Measured here: reliable and fast under TCG (see docs/guest-boot.md).
-KERNEL_ARGS = ("console=ttyS0 quiet panic=-1 reboot=t cryptomgr.notests=1 mitigations=off nokaslr "
-               "i8042.noaux i8042.nokbd i8042.nopnp pci=off tsc=reliable no_timer_check audit=0 "
-               "random.trust_cpu=on apparmor=0 rootwait")
+KERNEL_ARGS = (
+    "console=ttyS0 quiet panic=-1 reboot=t cryptomgr.notests=1 mitigations=off nokaslr "
+    "i8042.noaux i8042.nokbd i8042.nopnp pci=off tsc=reliable no_timer_check audit=0 "
+    "random.trust_cpu=on apparmor=0 rootwait"
+)
 AGENT_PORT_NAME = "microvm.agent"
 MAX_UNIX_PATH = 107
 
@@ -41,42 +43,80 @@ class QemuDriver:
 
     @staticmethod
     def paths(directory: Path) -> dict[str, Path]:
-        return {"disk": directory / "disk.qcow2", "agent": directory / "agent.sock",
-                "qmp": directory / "qmp.sock", "console": directory / "console.log",
-                "pid": directory / "vmm.pid"}
+        return {
+            "disk": directory / "disk.qcow2",
+            "agent": directory / "agent.sock",
+            "qmp": directory / "qmp.sock",
+            "console": directory / "console.log",
+            "pid": directory / "vmm.pid",
+        }
 
     def command(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> list[str]:
         p = self.paths(directory)
         for key in ("agent", "qmp"):
             if len(str(p[key])) > MAX_UNIX_PATH:
-                raise FailedPrecondition(f"socket path {p[key]} is longer than a unix socket allows; "
-                                         "use a shorter state_dir", reason="STATE_DIR_TOO_LONG")
+                raise FailedPrecondition(
+                    f"socket path {p[key]} is longer than a unix socket allows; use a shorter state_dir",
+                    reason="STATE_DIR_TOO_LONG",
+                )
         accel = f"tcg,tb-size={self.tb_size_mib}" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
-        append = (f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} "
-                  f"mvm.hostname={vm.boot_hostname or vm.hostname}")
+        append = (
+            f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} "
+            f"mvm.hostname={vm.boot_hostname or vm.hostname}"
+        )
         # Every VM's RAM is the backend `mem`, file-backed or not, so migrated state fits any of them.
         machine = "microvm,x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem"
         backend = f"memory-backend-ram,id=mem,size={vm.memory_mib}M"
         if vm.ram_path:
-            backend = (f"memory-backend-file,id=mem,size={vm.memory_mib}M,mem-path={vm.ram_path},"
-                       f"share={'on' if vm.ram_shared else 'off'}")
+            backend = (
+                f"memory-backend-file,id=mem,size={vm.memory_mib}M,mem-path={vm.ram_path},"
+                f"share={'on' if vm.ram_shared else 'off'}"
+            )
         memory = ["-object", backend]
         return [
-            self.binary, "-name", f"microvm-{vm.id}",
-            "-M", machine, *memory, "-accel", accel, "-cpu", cpu,
-            "-smp", str(vm.vcpus), "-m", f"{vm.memory_mib}M",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initramfs), "-append", append,
-            "-serial", f"file:{p['console']}",
-            "-drive", f"id=root,file={p['disk']},format=qcow2,if=none,cache=unsafe,discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,path={p['agent']},server=on,wait=off,id=agent",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            self.binary,
+            "-name",
+            f"microvm-{vm.id}",
+            "-M",
+            machine,
+            *memory,
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-smp",
+            str(vm.vcpus),
+            "-m",
+            f"{vm.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            str(image.kernel),
+            "-initrd",
+            str(image.initramfs),
+            "-append",
+            append,
+            "-serial",
+            f"file:{p['console']}",
+            "-drive",
+            f"id=root,file={p['disk']},format=qcow2,if=none,cache=unsafe,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            f"socket,path={p['agent']},server=on,wait=off,id=agent",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
             *self.nic(vm),
-            "-qmp", f"unix:{p['qmp']},server=on,wait=off",
-            "-daemonize", "-pidfile", str(p["pid"]),
+            "-qmp",
+            f"unix:{p['qmp']},server=on,wait=off",
+            "-daemonize",
+            "-pidfile",
+            str(p["pid"]),
         ] + (["-incoming", "defer"] if incoming else [])
 
     @staticmethod
@@ -84,8 +124,12 @@ class QemuDriver:
         """virtio-net on the VM's persistent TAP (created by the network service, never by qemu)."""
         if not vm.tap_device:
             return []
-        return ["-netdev", f"tap,id=net0,ifname={vm.tap_device},script=no,downscript=no",
-                "-device", f"virtio-net-device,netdev=net0,mac={vm.mac_address}"]
+        return [
+            "-netdev",
+            f"tap,id=net0,ifname={vm.tap_device},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net0,mac={vm.mac_address}",
+        ]
 
     async def prepare_disk(self, image: BuiltImage, directory: Path) -> None:
         await create_overlay(image.rootfs, "raw", self.paths(directory)["disk"])
@@ -98,12 +142,17 @@ class QemuDriver:
         if not self.paths(directory)["disk"].exists():
             await self.prepare_disk(image, directory)
         process = await asyncio.create_subprocess_exec(
-            *self.command(vm, image, directory, incoming), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(directory))
+            *self.command(vm, image, directory, incoming),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=str(directory),
+        )
         _, stderr = await process.communicate()
         if process.returncode != 0:
-            raise FailedPrecondition(f"qemu failed to start: {stderr.decode().strip()[-2000:]}",
-                                     reason="VMM_START_FAILED")
+            raise FailedPrecondition(
+                f"qemu failed to start: {stderr.decode().strip()[-2000:]}", reason="VMM_START_FAILED"
+            )
         return int(self.paths(directory)["pid"].read_text())
 
     async def _qmp(self, directory: Path, command: str, arguments: dict | None = None) -> object:
@@ -122,8 +171,7 @@ class QemuDriver:
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                raise FailedPrecondition(f"migration {status}: {info.get('error-desc', '')}",
-                                         reason="MIGRATION_FAILED")
+                raise FailedPrecondition(f"migration {status}: {info.get('error-desc', '')}", reason="MIGRATION_FAILED")
             if asyncio.get_running_loop().time() > deadline:
                 raise FailedPrecondition("migration did not complete in time", reason="MIGRATION_TIMEOUT")
             await asyncio.sleep(0.005)
@@ -144,8 +192,9 @@ class QemuDriver:
             if was_running:
                 await client.execute("stop")
             await client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await client.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "x-ignore-shared", "state": shared}]})
+            await client.execute(
+                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": shared}]}
+            )
             target = out / ("devices.bin" if shared else "memory.bin")
             await client.execute("migrate", {"uri": f"exec:cat > {target}"})
             await self._wait_for_migration(client)
@@ -174,8 +223,9 @@ class QemuDriver:
         await client.connect()
         try:
             if shared:
-                await client.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "x-ignore-shared", "state": True}]})
+                await client.execute(
+                    "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+                )
             state = frozen / ("devices.bin" if shared else "memory.bin")
             await client.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
             await self._wait_for_migration(client)
@@ -205,5 +255,6 @@ class QemuDriver:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return str(self.paths(directory)["qmp"]).encode() in cmdline and os.path.basename(
-            self.binary).encode() in cmdline
+        return (
+            str(self.paths(directory)["qmp"]).encode() in cmdline and os.path.basename(self.binary).encode() in cmdline
+        )

@@ -25,13 +25,13 @@ class QmpClient:
             self._reader, self._writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), timeout)
             await asyncio.wait_for(self._reader.readline(), timeout)  # greeting
             await self.execute("qmp_capabilities", timeout=timeout)
-        except (OSError, asyncio.TimeoutError, QmpError) as exc:
+        except (TimeoutError, OSError, QmpError) as exc:
             await self.close()
-            raise Unavailable(f"QMP at {self.path} does not answer: {exc or 'timeout'}",
-                              reason="VMM_UNAVAILABLE") from None
+            raise Unavailable(
+                f"QMP at {self.path} does not answer: {exc or 'timeout'}", reason="VMM_UNAVAILABLE"
+            ) from None
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float = 10.0) -> Any:
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         if self._writer is None:
             raise Unavailable(f"QMP at {self.path} is not connected", reason="VMM_UNAVAILABLE")
         message = {"execute": command}
@@ -48,8 +48,7 @@ class QmpClient:
                 if "event" in reply:
                     continue
                 if "error" in reply:
-                    raise FailedPrecondition(f"VMM refused {command}: {reply['error'].get('desc')}",
-                                             reason="VMM_ERROR")
+                    raise FailedPrecondition(f"VMM refused {command}: {reply['error'].get('desc')}", reason="VMM_ERROR")
                 return reply.get("return")
 
     async def close(self) -> None:

@@ -14,8 +14,10 @@ from services.common.agent_channel import AgentTarget
 VMS_PREFIX = "/microvm/vms/"
 
 STATES = {
-    "CREATING": compute_pb2.VM_STATE_CREATING, "RUNNING": compute_pb2.VM_STATE_RUNNING,
-    "PAUSED": compute_pb2.VM_STATE_PAUSED, "STOPPED": compute_pb2.VM_STATE_STOPPED,
+    "CREATING": compute_pb2.VM_STATE_CREATING,
+    "RUNNING": compute_pb2.VM_STATE_RUNNING,
+    "PAUSED": compute_pb2.VM_STATE_PAUSED,
+    "STOPPED": compute_pb2.VM_STATE_STOPPED,
     "FAILED": compute_pb2.VM_STATE_FAILED,
 }
 
@@ -65,7 +67,7 @@ class VmRecord:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
-    def decode(cls, value: bytes) -> "VmRecord":
+    def decode(cls, value: bytes) -> VmRecord:
         data = json.loads(value)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -81,12 +83,25 @@ class VmRecord:
     def to_proto(self) -> compute_pb2.Vm:
         created = timestamp_pb2.Timestamp()
         created.FromNanoseconds(int(self.create_time * 1e9))
-        transport = {"virtio-serial": compute_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
-                     "hybrid-vsock": compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK}[self.agent_transport]
+        transport = {
+            "virtio-serial": compute_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
+            "hybrid-vsock": compute_pb2.AGENT_TRANSPORT_HYBRID_VSOCK,
+        }[self.agent_transport]
         return compute_pb2.Vm(
-            id=self.id, template=self.template, vcpus=self.vcpus, memory_mib=self.memory_mib,
-            state=STATES[self.state], pid=self.pid if self.state in ("RUNNING", "PAUSED") else 0,
-            vmm=self.vmm, accel=self.accel, node=self.node, create_time=created,
-            failure_message=self.failure_message, hostname=self.hostname, tap_device=self.tap_device,
-            start_method=self.start_method, ip_address=self.guest_cidr.partition("/")[0],
-            agent=compute_pb2.AgentEndpoint(transport=transport, socket_path=self.agent_socket))
+            id=self.id,
+            template=self.template,
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            state=STATES[self.state],
+            pid=self.pid if self.state in ("RUNNING", "PAUSED") else 0,
+            vmm=self.vmm,
+            accel=self.accel,
+            node=self.node,
+            create_time=created,
+            failure_message=self.failure_message,
+            hostname=self.hostname,
+            tap_device=self.tap_device,
+            start_method=self.start_method,
+            ip_address=self.guest_cidr.partition("/")[0],
+            agent=compute_pb2.AgentEndpoint(transport=transport, socket_path=self.agent_socket),
+        )

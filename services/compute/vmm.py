@@ -14,8 +14,8 @@ from services.compute.records import VmRecord
 
 
 class VmmDriver(Protocol):
-    name: str           # "qemu" or "cloud-hypervisor"
-    accel: str          # "kvm" or "tcg"
+    name: str  # "qemu" or "cloud-hypervisor"
+    accel: str  # "kvm" or "tcg"
     agent_transport: str  # "virtio-serial" or "hybrid-vsock"
     supports_template_snapshots: bool
 

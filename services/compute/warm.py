@@ -69,8 +69,7 @@ class WarmStart:
             return
         self.demand[key] = self.demand.get(key, 0) + 1
         extra = [k for k in self.sizes if k[0] == template]
-        if self.demand[key] >= self.settings.size_demand_threshold and \
-                len(extra) < self.settings.extra_template_sizes:
+        if self.demand[key] >= self.settings.size_demand_threshold and len(extra) < self.settings.extra_template_sizes:
             self.sizes.append(key)
             self._wake.set()
 
@@ -125,8 +124,9 @@ class WarmStart:
             # Runs the exec path once so the guest's page cache in the snapshot already holds it.
             await warm_up(vm)
             await self.fleet._freeze(vm, image, work)
-            hashes = {name: {"sha256": hashlib.sha256((work / name).read_bytes()).hexdigest()}
-                      for name in CHECKED_FILES}
+            hashes = {
+                name: {"sha256": hashlib.sha256((work / name).read_bytes()).hexdigest()} for name in CHECKED_FILES
+            }
             hashes["ram"] = {"size": (work / "ram").stat().st_size}
             (work / "verified.json").write_text(json.dumps(hashes))
             (work / ".complete").touch()
@@ -136,8 +136,13 @@ class WarmStart:
             for stale in directory.parent.iterdir():  # older image builds of this template, any size
                 if not stale.name.startswith((".", build)) and not self._in_use(stale):
                     shutil.rmtree(stale, ignore_errors=True)
-            log.info("template_snapshot_built", template=template, vcpus=vcpus, memory_mib=memory_mib,
-                     directory=str(directory))
+            log.info(
+                "template_snapshot_built",
+                template=template,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                directory=str(directory),
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if vm_id in self.fleet.vms:
@@ -211,7 +216,7 @@ class WarmStart:
                     await asyncio.sleep(5)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def close(self) -> None:
@@ -219,5 +224,5 @@ class WarmStart:
             self._task.cancel()
             try:
                 await asyncio.wait_for(self._task, 3)
-            except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
+            except (TimeoutError, asyncio.CancelledError, Exception):
                 pass

@@ -55,16 +55,20 @@ class TokenBucket:
 
 
 def rate_limited(wait: float) -> grpc.Status:
-    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-        seconds=int(wait), nanos=int((wait % 1) * 1e9)))
+    retry = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(wait), nanos=int((wait % 1) * 1e9))
+    )
     info = error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain=DOMAIN)
     details = []
     for message in (info, retry):
         packed = any_pb2.Any()
         packed.Pack(message)
         details.append(packed)
-    return rpc_status.to_status(status_pb2.Status(
-        code=code_pb2.RESOURCE_EXHAUSTED, message=f"rate limit exceeded; retry in {wait:.2f}s", details=details))
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED, message=f"rate limit exceeded; retry in {wait:.2f}s", details=details
+        )
+    )
 
 
 def target_of(request) -> str:
@@ -91,13 +95,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthenticated("send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL")
-        principal = (await self._auth().Authenticate(
-            auth_pb2.AuthenticateRequest(credential=credential.strip()), timeout=5)).principal
+        principal = (
+            await self._auth().Authenticate(auth_pb2.AuthenticateRequest(credential=credential.strip()), timeout=5)
+        ).principal
         # The permission matrix is the auth service's own module: checking it here saves a round trip
         # on every call, and both sides always agree.
         if not permissions.allowed(principal.role, method):
-            raise PermissionDenied(f"role {auth_pb2.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
-                                   reason="ROLE_FORBIDS")
+            raise PermissionDenied(
+                f"role {auth_pb2.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
+                reason="ROLE_FORBIDS",
+            )
         return principal
 
     def audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
@@ -110,9 +117,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
     async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
         try:
-            await self._auth().RecordAuditEvent(auth_pb2.RecordAuditEventRequest(event=auth_pb2.AuditEvent(
-                tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name)),
-                timeout=5)
+            await self._auth().RecordAuditEvent(
+                auth_pb2.RecordAuditEventRequest(
+                    event=auth_pb2.AuditEvent(
+                        tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
+                    )
+                ),
+                timeout=5,
+            )
         except Exception as exc:  # the call happened; a lost audit entry is logged loudly
             log.error("audit_record_failed", method=method, target=target, error=str(exc))
 
@@ -142,8 +154,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(exc, grpc.aio.AioRpcError):
                 return exc.code()
             if exc is not None:
-                return grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else \
-                    grpc.StatusCode.UNKNOWN
+                return grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
             code = context.code()
             return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
@@ -176,9 +187,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     # A create's target is what it created: the name is in the response.
-                    target = (request.target if streaming_request else target_of(request)) or \
-                        (target_of(response) if response is not None else "")
+                    target = (request.target if streaming_request else target_of(request)) or (
+                        target_of(response) if response is not None else ""
+                    )
                     interceptor.audit(principal, method, target, result_code(context, failure))
+
             return wrapped
 
         def streaming(behavior, streaming_request: bool):
@@ -190,8 +203,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     async for item in behavior(request, context):
                         # A process stream is complete once its exit was delivered, even if the caller
                         # hangs up right after reading it.
-                        finished = finished or (hasattr(item, "HasField") and "exited" in item.DESCRIPTOR.fields_by_name
-                                                and item.HasField("exited"))
+                        finished = finished or (
+                            hasattr(item, "HasField")
+                            and "exited" in item.DESCRIPTOR.fields_by_name
+                            and item.HasField("exited")
+                        )
                         yield item
                 except BaseException as exc:
                     failure = None if finished else exc
@@ -199,16 +215,21 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     target = request.target if streaming_request else target_of(request)
                     interceptor.audit(principal, method, target, result_code(context, failure))
+
             return wrapped
 
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, False),
-                                                       handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, True),
-                                                        handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(
+                unary(handler.stream_unary, True), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream, False),
-                                                        handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream, True),
-                                                     handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                streaming(handler.unary_stream, False), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
+        )

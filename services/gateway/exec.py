@@ -12,7 +12,8 @@ import asyncio
 import grpc
 
 from microvm.relay.v1 import relay_pb2
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.gateway.lifecycle import parse_name
 from services.gateway.records import SandboxRecord
@@ -30,13 +31,16 @@ class ExecHandlers:
             raise FailedPrecondition(
                 f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}"
                 + (f": {record.sandbox.failure_message}" if record.sandbox.failure_message else ""),
-                reason="SANDBOX_NOT_RUNNING", metadata={"sandbox": record.sandbox.name})
+                reason="SANDBOX_NOT_RUNNING",
+                metadata={"sandbox": record.sandbox.name},
+            )
         return record
 
     @staticmethod
     def agent_target(record: SandboxRecord) -> relay_pb2.AgentTarget:
-        return relay_pb2.AgentTarget(vm_id=record.id, node=record.node, transport=record.agent_transport,
-                                     socket_path=record.agent_socket)
+        return relay_pb2.AgentTarget(
+            vm_id=record.id, node=record.node, transport=record.agent_transport, socket_path=record.agent_socket
+        )
 
     async def _guarded(self, record: SandboxRecord, call):
         """Yields the relay call's responses while the VM's compute instance stays registered."""
@@ -69,16 +73,20 @@ class ExecHandlers:
         finally:
             watcher.cancel()
             call.cancel()
-        raise Unavailable(f"compute node {record.node} went away while the process ran; the process was "
-                          "stopped", reason="NODE_UNAVAILABLE", metadata={"node": record.node})
+        raise Unavailable(
+            f"compute node {record.node} went away while the process ran; the process was stopped",
+            reason="NODE_UNAVAILABLE",
+            metadata={"node": record.node},
+        )
 
     async def Exec(self, request, context):
         record = await self.running_record(request.sandbox)
         if len(request.stdin) > MAX_EXEC_STDIN:
             raise InvalidArgument(f"stdin is limited to {MAX_EXEC_STDIN} bytes in Exec; use ExecInteractive")
-        call = self.placement.relay().Exec(relay_pb2.ExecRequest(
-            target=self.agent_target(record), process=request.process, stdin=request.stdin),
-            timeout=context.time_remaining())
+        call = self.placement.relay().Exec(
+            relay_pb2.ExecRequest(target=self.agent_target(record), process=request.process, stdin=request.stdin),
+            timeout=context.time_remaining(),
+        )
         async for response in self._guarded(record, call):
             yield response.event
 

@@ -34,33 +34,42 @@ class FileHandlers:
         record = await self.running_record(request.sandbox)
         if request.offset < 0 or request.length < 0:
             raise InvalidArgument("offset and length must not be negative")
-        call = self.placement.relay().ReadFile(relay_pb2.ReadFileRequest(
-            target=self.agent_target(record), request=request), timeout=context.time_remaining())
+        call = self.placement.relay().ReadFile(
+            relay_pb2.ReadFileRequest(target=self.agent_target(record), request=request),
+            timeout=context.time_remaining(),
+        )
         async for chunk in call:
             yield api.ReadFileResponse(data=chunk.data)
 
     async def ListDir(self, request, context):
         record = await self.running_record(request.sandbox)
-        reply = await self.placement.relay().ListDir(relay_pb2.ListDirRequest(
-            target=self.agent_target(record), path=request.path), timeout=context.time_remaining())
+        reply = await self.placement.relay().ListDir(
+            relay_pb2.ListDirRequest(target=self.agent_target(record), path=request.path),
+            timeout=context.time_remaining(),
+        )
         return api.ListDirResponse(entries=reply.entries)
 
     async def Stat(self, request, context):
         record = await self.running_record(request.sandbox)
-        reply = await self.placement.relay().Stat(relay_pb2.StatRequest(
-            target=self.agent_target(record), path=request.path), timeout=context.time_remaining())
+        reply = await self.placement.relay().Stat(
+            relay_pb2.StatRequest(target=self.agent_target(record), path=request.path), timeout=context.time_remaining()
+        )
         return api.StatResponse(file=reply.file)
 
     async def MakeDir(self, request, context):
         record = await self.running_record(request.sandbox)
-        reply = await self.placement.relay().MakeDir(relay_pb2.MakeDirRequest(
-            target=self.agent_target(record), path=request.path, parents=request.parents, mode=request.mode),
-            timeout=context.time_remaining())
+        reply = await self.placement.relay().MakeDir(
+            relay_pb2.MakeDirRequest(
+                target=self.agent_target(record), path=request.path, parents=request.parents, mode=request.mode
+            ),
+            timeout=context.time_remaining(),
+        )
         return api.MakeDirResponse(directory=reply.directory)
 
     async def Remove(self, request, context):
         record = await self.running_record(request.sandbox)
-        await self.placement.relay().Remove(relay_pb2.RemoveRequest(
-            target=self.agent_target(record), path=request.path, recursive=request.recursive),
-            timeout=context.time_remaining())
+        await self.placement.relay().Remove(
+            relay_pb2.RemoveRequest(target=self.agent_target(record), path=request.path, recursive=request.recursive),
+            timeout=context.time_remaining(),
+        )
         return api.RemoveResponse()

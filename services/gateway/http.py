@@ -23,14 +23,28 @@ from google.protobuf import descriptor, json_format
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from microvm.sandbox.v1 import sandbox_service_pb2 as api, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_service_pb2_grpc
 
 SERVICE = api.DESCRIPTOR.services_by_name["SandboxService"]
 HTTP_STATUS = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
-    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
 }
 UPLOAD_CHUNK = 1 << 20
 
@@ -49,12 +63,11 @@ def parse_template(template: str) -> tuple[re.Pattern, dict[str, str]]:
     fields: dict[str, str] = {}
     regex, position = "", 0
     for index, match in enumerate(re.finditer(r"\{([a-z_.]+)(?:=([^}]+))?\}", template)):
-        regex += re.escape(template[position:match.start()])
+        regex += re.escape(template[position : match.start()])
         group = f"f{index}"
         fields[group] = match.group(1)
         segments = match.group(2) or "*"
-        regex += f"(?P<{group}>" + "/".join("[^/:]+" if s == "*" else re.escape(s)
-                                           for s in segments.split("/")) + ")"
+        regex += f"(?P<{group}>" + "/".join("[^/:]+" if s == "*" else re.escape(s) for s in segments.split("/")) + ")"
         position = match.end()
     regex += re.escape(template[position:])
     return re.compile(f"^{regex}$"), fields
@@ -83,15 +96,23 @@ def set_field(message, path: str, value: str) -> None:
     field = message.DESCRIPTOR.fields_by_name.get(leaf)
     if field is None:
         raise ValueError(f"unknown field {path!r}")
-    if not field.is_repeated and field.type == field.TYPE_MESSAGE and \
-            field.message_type.full_name in URL_WELL_KNOWN_TYPES:
+    if (
+        not field.is_repeated
+        and field.type == field.TYPE_MESSAGE
+        and field.message_type.full_name in URL_WELL_KNOWN_TYPES
+    ):
         # FieldMask, Duration, Timestamp: their JSON form is a string (`updateMask=labels,networkPolicy`).
         json_format.Parse(json.dumps(value), getattr(message, leaf))
         return
     if field.is_repeated or field.type == field.TYPE_MESSAGE:
         raise ValueError(f"field {path!r} cannot be set from the URL")
-    converters = {field.TYPE_BOOL: lambda v: v.lower() in ("true", "1"), field.TYPE_STRING: str,
-                  field.TYPE_BYTES: str.encode, field.TYPE_DOUBLE: float, field.TYPE_FLOAT: float}
+    converters = {
+        field.TYPE_BOOL: lambda v: v.lower() in ("true", "1"),
+        field.TYPE_STRING: str,
+        field.TYPE_BYTES: str.encode,
+        field.TYPE_DOUBLE: float,
+        field.TYPE_FLOAT: float,
+    }
     setattr(message, leaf, converters.get(field.type, int)(value))
 
 
@@ -106,8 +127,10 @@ def bad_request(message: str) -> web.Response:
 
 class HttpGateway:
     def __init__(self, grpc_address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(grpc_address, options=[
-            ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+        self.channel = grpc.aio.insecure_channel(
+            grpc_address,
+            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
+        )
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
         self.routes = routes()
 
@@ -126,8 +149,9 @@ class HttpGateway:
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         route, match = self._match(request.method, request.path)
         if route is None:
-            return web.json_response({"code": 5, "message": f"no route for {request.method} {request.path}"},
-                                     status=404)
+            return web.json_response(
+                {"code": 5, "message": f"no route for {request.method} {request.path}"}, status=404
+            )
         metadata = [("authorization", request.headers["Authorization"])] if "Authorization" in request.headers else []
         message = route.method.input_type._concrete_class()
         try:
@@ -161,8 +185,9 @@ class HttpGateway:
         try:
             async for event in call:
                 if response is None:
-                    response = web.StreamResponse(headers={
-                        "Content-Type": "text/event-stream" if sse else "application/x-ndjson"})
+                    response = web.StreamResponse(
+                        headers={"Content-Type": "text/event-stream" if sse else "application/x-ndjson"}
+                    )
                     await response.prepare(request)
                 text = json.dumps(json_format.MessageToDict(event))
                 await response.write((f"data: {text}\n\n" if sse else text + "\n").encode())
@@ -170,8 +195,9 @@ class HttpGateway:
             if response is None:
                 return error_response(error)
             # Headers are gone: the error becomes the last event of the stream.
-            status = json_format.MessageToDict(rpc_status.from_call(error) or status_pb2.Status(
-                code=error.code().value[0], message=error.details()))
+            status = json_format.MessageToDict(
+                rpc_status.from_call(error) or status_pb2.Status(code=error.code().value[0], message=error.details())
+            )
             text = json.dumps({"error": status})
             await response.write((f"event: error\ndata: {text}\n\n" if sse else text + "\n").encode())
         if response is None:
@@ -199,15 +225,19 @@ class HttpGateway:
         return response
 
     async def _write_file(self, request: web.Request, match, route: Route, metadata) -> web.Response:
-        header = api.WriteFileHeader(sandbox=match.group("f0"), path=request.query.get("path", ""),
-                                     mode=int(request.query.get("mode", "0"), 8),
-                                     make_parents=request.query.get("makeParents", "") in ("true", "1"),
-                                     append=request.query.get("append", "") in ("true", "1"))
+        header = api.WriteFileHeader(
+            sandbox=match.group("f0"),
+            path=request.query.get("path", ""),
+            mode=int(request.query.get("mode", "0"), 8),
+            make_parents=request.query.get("makeParents", "") in ("true", "1"),
+            append=request.query.get("append", "") in ("true", "1"),
+        )
 
         async def messages():
             yield api.WriteFileRequest(header=header)
             while chunk := await request.content.read(UPLOAD_CHUNK):
                 yield api.WriteFileRequest(data=chunk)
+
         try:
             reply = await self.stub.WriteFile(messages(), metadata=metadata, timeout=600)
         except grpc.aio.AioRpcError as error:
@@ -236,9 +266,11 @@ SCALARS = {
     descriptor.FieldDescriptor.TYPE_INT64: {"type": "string", "format": "int64"},
     descriptor.FieldDescriptor.TYPE_UINT64: {"type": "string", "format": "uint64"},
 }
-WELL_KNOWN = {"google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
-              "google.protobuf.Duration": {"type": "string", "pattern": r"^-?\d+(\.\d+)?s$"},
-              "google.protobuf.FieldMask": {"type": "string"}}
+WELL_KNOWN = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": r"^-?\d+(\.\d+)?s$"},
+    "google.protobuf.FieldMask": {"type": "string"},
+}
 
 
 def schema_of(message: descriptor.Descriptor, schemas: dict) -> dict:
@@ -260,8 +292,7 @@ def schema_of(message: descriptor.Descriptor, schemas: dict) -> dict:
                 item = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
             else:
                 item = SCALARS.get(field.type, {"type": "integer"})
-            properties[field.json_name] = {"type": "array", "items": item} \
-                if field.is_repeated else item
+            properties[field.json_name] = {"type": "array", "items": item} if field.is_repeated else item
         schemas[name] = {"type": "object", "properties": properties}
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -278,8 +309,9 @@ def query_parameters(route) -> list[dict]:
         if field.type == field.TYPE_MESSAGE and field.message_type.full_name not in URL_WELL_KNOWN_TYPES:
             continue
         kind = {field.TYPE_BOOL: "boolean", field.TYPE_DOUBLE: "number", field.TYPE_FLOAT: "number"}.get(
-            field.type, "string" if field.type in (field.TYPE_STRING, field.TYPE_BYTES, field.TYPE_MESSAGE)
-            else "integer")
+            field.type,
+            "string" if field.type in (field.TYPE_STRING, field.TYPE_BYTES, field.TYPE_MESSAGE) else "integer",
+        )
         result.append({"name": field.json_name, "in": "query", "required": False, "schema": {"type": kind}})
     return result
 
@@ -287,41 +319,76 @@ def query_parameters(route) -> list[dict]:
 def openapi_document(route_list: list[Route]) -> dict:
     schemas: dict = {}
     paths: dict = {}
-    error = {"description": "a google.rpc.Status", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"code": {"type": "integer"}, "message": {"type": "string"},
-                                         "details": {"type": "array", "items": {"type": "object"}}}}}}}
+    error = {
+        "description": "a google.rpc.Status",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "code": {"type": "integer"},
+                        "message": {"type": "string"},
+                        "details": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            }
+        },
+    }
     for route in route_list:
         path = route.template
         parameters = []
         for field in route.fields.values():
             name = field.replace(".", "_")
+
             # `{name=sandboxes/*}` is `sandboxes/{name}` in OpenAPI: literal segments stay in the path.
-            def render(match: re.Match) -> str:
+            def render(match: re.Match, name: str = name) -> str:
                 literal = (match.group(1) or "=*")[1:].rsplit("*", 1)[0]
                 return f"{literal}{{{name}}}"
+
             path = re.sub(r"\{" + re.escape(field) + r"(=[^}]+)?\}", render, path)
             parameters.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
-        operation = {"operationId": route.method.name, "parameters": parameters,
-                     "security": [{"bearer": []}],
-                     "responses": {"200": {"description": "OK", "content": {
-                         "application/x-ndjson" if route.method.server_streaming and route.method.name != "ReadFile"
-                         else "application/json": {"schema": schema_of(route.method.output_type, schemas)}}},
-                         "default": error}}
+        operation = {
+            "operationId": route.method.name,
+            "parameters": parameters,
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {
+                        "application/x-ndjson"
+                        if route.method.server_streaming and route.method.name != "ReadFile"
+                        else "application/json": {"schema": schema_of(route.method.output_type, schemas)}
+                    },
+                },
+                "default": error,
+            },
+        }
         if route.method.name == "WriteFile":
-            operation["parameters"] += [{"name": "path", "in": "query", "required": True,
-                                         "schema": {"type": "string"}}]
-            operation["requestBody"] = {"content": {"application/octet-stream": {"schema": {
-                "type": "string", "format": "binary"}}}}
+            operation["parameters"] += [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"}}]
+            operation["requestBody"] = {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            }
         else:
             operation["parameters"] += query_parameters(route)
         if route.body and route.method.name != "WriteFile":
-            target = route.method.input_type if route.body == "*" else \
-                route.method.input_type.fields_by_name[route.body].message_type
-            operation["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": schema_of(target, schemas)}}}
+            target = (
+                route.method.input_type
+                if route.body == "*"
+                else route.method.input_type.fields_by_name[route.body].message_type
+            )
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema_of(target, schemas)}},
+            }
         paths.setdefault(path, {})[route.verb.lower()] = operation
-    return {"openapi": "3.0.3",
-            "info": {"title": "MicroVM Sandbox API", "version": "v1",
-                     "description": "Generated from the google.api.http annotations of microvm.sandbox.v1."},
-            "servers": [{"url": "/"}], "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "MicroVM Sandbox API",
+            "version": "v1",
+            "description": "Generated from the google.api.http annotations of microvm.sandbox.v1.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -20,8 +20,10 @@ from services.gateway.access import current_tenant
 SANDBOXES_PREFIX = "/microvm/sandboxes/"
 VMS_PREFIX = "/microvm/vms/"
 VM_STATE_TO_SANDBOX = {
-    "CREATING": sandbox_pb2.SANDBOX_STATE_CREATING, "RUNNING": sandbox_pb2.SANDBOX_STATE_RUNNING,
-    "PAUSED": sandbox_pb2.SANDBOX_STATE_PAUSED, "STOPPED": sandbox_pb2.SANDBOX_STATE_FAILED,
+    "CREATING": sandbox_pb2.SANDBOX_STATE_CREATING,
+    "RUNNING": sandbox_pb2.SANDBOX_STATE_RUNNING,
+    "PAUSED": sandbox_pb2.SANDBOX_STATE_PAUSED,
+    "STOPPED": sandbox_pb2.SANDBOX_STATE_FAILED,
     "FAILED": sandbox_pb2.SANDBOX_STATE_FAILED,
 }
 
@@ -46,19 +48,31 @@ class SandboxRecord:
         return self.sandbox.node
 
     def encode(self) -> bytes:
-        return json.dumps({
-            "sandbox": json_format.MessageToDict(self.sandbox), "timeout_seconds": self.timeout_seconds,
-            "expire_at": self.expire_at, "agent_socket": self.agent_socket,
-            "agent_transport": self.agent_transport, "tenant": self.tenant}).encode()
+        return json.dumps(
+            {
+                "sandbox": json_format.MessageToDict(self.sandbox),
+                "timeout_seconds": self.timeout_seconds,
+                "expire_at": self.expire_at,
+                "agent_socket": self.agent_socket,
+                "agent_transport": self.agent_transport,
+                "tenant": self.tenant,
+            }
+        ).encode()
 
     @classmethod
-    def decode(cls, sandbox_id: str, value: bytes, revision: int = 0) -> "SandboxRecord":
+    def decode(cls, sandbox_id: str, value: bytes, revision: int = 0) -> SandboxRecord:
         data = json.loads(value)
         sandbox = json_format.ParseDict(data["sandbox"], sandbox_pb2.Sandbox())
-        return cls(id=sandbox_id, sandbox=sandbox, timeout_seconds=data["timeout_seconds"],
-                   expire_at=data["expire_at"], agent_socket=data.get("agent_socket", ""),
-                   agent_transport=data.get("agent_transport", "virtio-serial"),
-                   tenant=data.get("tenant", "default"), revision=revision)
+        return cls(
+            id=sandbox_id,
+            sandbox=sandbox,
+            timeout_seconds=data["timeout_seconds"],
+            expire_at=data["expire_at"],
+            agent_socket=data.get("agent_socket", ""),
+            agent_transport=data.get("agent_transport", "virtio-serial"),
+            tenant=data.get("tenant", "default"),
+            revision=revision,
+        )
 
     def touch(self) -> None:
         self.sandbox.update_time.FromNanoseconds(time.time_ns())
@@ -72,10 +86,14 @@ class SandboxStore:
         """Writes a new record; ALREADY_EXISTS when the id is taken (atomic, an etcd transaction)."""
         tx = self.etcd.transactions
         succeeded, _ = await self.etcd.transaction(
-            compare=[tx.version(record.key) == 0], success=[tx.put(record.key, record.encode())], failure=[])
+            compare=[tx.version(record.key) == 0], success=[tx.put(record.key, record.encode())], failure=[]
+        )
         if not succeeded:
-            raise AlreadyExists(f"sandbox {record.id} already exists", reason="SANDBOX_EXISTS",
-                                metadata={"sandbox": f"sandboxes/{record.id}"})
+            raise AlreadyExists(
+                f"sandbox {record.id} already exists",
+                reason="SANDBOX_EXISTS",
+                metadata={"sandbox": f"sandboxes/{record.id}"},
+            )
 
     async def put(self, record: SandboxRecord) -> None:
         record.touch()
@@ -84,21 +102,28 @@ class SandboxStore:
     async def get(self, sandbox_id: str) -> SandboxRecord:
         result = await self.etcd.get(f"{SANDBOXES_PREFIX}{sandbox_id}".encode())
         if result is None:
-            raise NotFound(f"sandbox {sandbox_id} does not exist", reason="SANDBOX_NOT_FOUND",
-                           metadata={"sandbox": f"sandboxes/{sandbox_id}"})
+            raise NotFound(
+                f"sandbox {sandbox_id} does not exist",
+                reason="SANDBOX_NOT_FOUND",
+                metadata={"sandbox": f"sandboxes/{sandbox_id}"},
+            )
         record = SandboxRecord.decode(sandbox_id, result.value, result.mod_revision)
         tenant = current_tenant()
         if tenant is not None and record.tenant != tenant:
             # Another tenant's sandbox looks exactly like one that does not exist.
-            raise NotFound(f"sandbox {sandbox_id} does not exist", reason="SANDBOX_NOT_FOUND",
-                           metadata={"sandbox": f"sandboxes/{sandbox_id}"})
+            raise NotFound(
+                f"sandbox {sandbox_id} does not exist",
+                reason="SANDBOX_NOT_FOUND",
+                metadata={"sandbox": f"sandboxes/{sandbox_id}"},
+            )
         await self._merge_vm_state(record)
         return record
 
     async def list(self) -> list[SandboxRecord]:
         result = await self.etcd.get_prefix(SANDBOXES_PREFIX.encode())
-        records = [SandboxRecord.decode(kv.key.decode()[len(SANDBOXES_PREFIX):], kv.value, kv.mod_revision)
-                   for kv in result]
+        records = [
+            SandboxRecord.decode(kv.key.decode()[len(SANDBOXES_PREFIX) :], kv.value, kv.mod_revision) for kv in result
+        ]
         tenant = current_tenant()
         if tenant is not None:
             records = [r for r in records if r.tenant == tenant]

@@ -12,8 +12,9 @@ from services.gateway.records import SandboxStore
 from services.gateway.snapshots import SnapshotHandlers
 
 
-class SandboxServicer(SandboxLifecycle, ExecHandlers, FileHandlers, SnapshotHandlers,
-                      sandbox_service_pb2_grpc.SandboxServiceServicer):
+class SandboxServicer(
+    SandboxLifecycle, ExecHandlers, FileHandlers, SnapshotHandlers, sandbox_service_pb2_grpc.SandboxServiceServicer
+):
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
         self.store = SandboxStore(context.etcd)

@@ -17,8 +17,11 @@ from services.gateway.sandboxes import SandboxServicer
 
 def interceptors(context: ServiceContext[GatewaySettings]) -> list:
     settings = context.settings
-    return [AccessInterceptor(context, settings.rate_limit_per_second, settings.rate_limit_burst)] \
-        if settings.require_auth else []
+    return (
+        [AccessInterceptor(context, settings.rate_limit_per_second, settings.rate_limit_burst)]
+        if settings.require_auth
+        else []
+    )
 
 
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
@@ -39,6 +42,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         async def stop_http() -> None:
             await runner.cleanup()
             await http.close()
+
         context.on_shutdown.insert(0, stop_http)
 
     context.http_task = asyncio.create_task(start_http(), name="http-gateway")

@@ -34,7 +34,7 @@ class AddressPool:
 
     async def allocations(self) -> dict[str, str]:
         result = await self.etcd.get_prefix(self.prefix.encode())
-        return {kv.key.decode()[len(self.prefix):]: kv.value.decode() for kv in result}
+        return {kv.key.decode()[len(self.prefix) :]: kv.value.decode() for kv in result}
 
     async def allocate(self, sandbox_id: str) -> str:
         """The sandbox's address (the same one again if it already has one)."""
@@ -49,9 +49,11 @@ class AddressPool:
                 break
             # Lowest first; under contention spread out so racing allocators stop colliding.
             address = candidates.pop(0 if attempt < 3 else random.randrange(len(candidates)))
-            ok, _ = await self.etcd.transaction(compare=[tx.version(self.key(address)) == 0],
-                                                success=[tx.put(self.key(address), sandbox_id.encode())],
-                                                failure=[])
+            ok, _ = await self.etcd.transaction(
+                compare=[tx.version(self.key(address)) == 0],
+                success=[tx.put(self.key(address), sandbox_id.encode())],
+                failure=[],
+            )
             if ok:
                 return str(address)
         raise ResourceExhausted(f"no free address left in {self.network}", reason="ADDRESSES_EXHAUSTED")
@@ -65,7 +67,8 @@ class AddressPool:
         """Records an address found in use (re-adoption after a restart)."""
         tx = self.etcd.transactions
         key = f"{self.prefix}{address}".encode()
-        ok, _ = await self.etcd.transaction(compare=[tx.version(key) == 0], success=[tx.put(key, sandbox_id.encode())],
-                                            failure=[])
+        ok, _ = await self.etcd.transaction(
+            compare=[tx.version(key) == 0], success=[tx.put(key, sandbox_id.encode())], failure=[]
+        )
         if not ok and (await self.allocations()).get(address) != sandbox_id:
             raise AlreadyExists(f"address {address} belongs to another sandbox", reason="ADDRESS_TAKEN")

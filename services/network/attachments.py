@@ -26,8 +26,9 @@ class ExposedPort:
     host_port: int
 
     def to_proto(self) -> sandbox_pb2.ExposedPort:
-        return sandbox_pb2.ExposedPort(guest_port=self.guest_port, host_address=self.host_address,
-                                       host_port=self.host_port)
+        return sandbox_pb2.ExposedPort(
+            guest_port=self.guest_port, host_address=self.host_address, host_port=self.host_port
+        )
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Attachment:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
-    def decode(cls, value: bytes) -> "Attachment":
+    def decode(cls, value: bytes) -> Attachment:
         data = json.loads(value)
         data["exposed_ports"] = [ExposedPort(**p) for p in data.get("exposed_ports", [])]
         known = set(cls.__dataclass_fields__)
@@ -68,9 +69,15 @@ class Attachment:
 
     def to_proto(self) -> network_pb2.Attachment:
         return network_pb2.Attachment(
-            sandbox_id=self.sandbox_id, tap_device=self.tap_device, guest_cidr=self.guest_cidr,
-            gateway=self.gateway, dns_servers=self.dns_servers, mac_address=self.mac_address,
-            policy=self.network_policy, exposed_ports=[p.to_proto() for p in self.exposed_ports])
+            sandbox_id=self.sandbox_id,
+            tap_device=self.tap_device,
+            guest_cidr=self.guest_cidr,
+            gateway=self.gateway,
+            dns_servers=self.dns_servers,
+            mac_address=self.mac_address,
+            policy=self.network_policy,
+            exposed_ports=[p.to_proto() for p in self.exposed_ports],
+        )
 
 
 def mac_for(address: str) -> str:
@@ -93,7 +100,7 @@ class AttachmentStore:
 
     async def all(self) -> dict[str, Attachment]:
         result = await self.etcd.get_prefix(self.prefix.encode())
-        return {kv.key.decode()[len(self.prefix):]: Attachment.decode(kv.value) for kv in result}
+        return {kv.key.decode()[len(self.prefix) :]: Attachment.decode(kv.value) for kv in result}
 
     async def put(self, attachment: Attachment) -> None:
         attachment.update_time = time.time()
@@ -111,7 +118,11 @@ class AttachmentStore:
         new_id = attachment.sandbox_id
         ok, _ = await self.etcd.transaction(
             compare=[tx.version(self._key(old_id)) > 0, tx.version(self._key(new_id)) == 0],
-            success=[tx.delete(self._key(old_id)), tx.put(self._key(new_id), attachment.encode()),
-                     tx.put(address_key, new_id.encode())],
-            failure=[])
+            success=[
+                tx.delete(self._key(old_id)),
+                tx.put(self._key(new_id), attachment.encode()),
+                tx.put(address_key, new_id.encode()),
+            ],
+            failure=[],
+        )
         return ok

@@ -37,12 +37,12 @@ def chain_name(sandbox_id: str) -> str:
 
 def _egress_rules(attachment: Attachment, subnet: str, denied: tuple[str, ...]) -> list[str]:
     policy = attachment.network_policy
-    rules = [f"ip daddr {subnet} drop comment \"other sandboxes\""]
+    rules = [f'ip daddr {subnet} drop comment "other sandboxes"']
     for family in ("ip", "ip6"):
         networks = [n for n in denied if ipaddress.ip_network(n).version == (4 if family == "ip" else 6)]
         if networks:
             # The operator's deny list (cloud metadata by default) wins over any sandbox's policy.
-            rules.append(f"{family} daddr {{ {', '.join(networks)} }} drop comment \"denied by the operator\"")
+            rules.append(f'{family} daddr {{ {", ".join(networks)} }} drop comment "denied by the operator"')
     if policy.egress == sandbox_pb2.EGRESS_MODE_FULL:
         return rules + ["accept"]
     if policy.egress == sandbox_pb2.EGRESS_MODE_ALLOW_LIST:
@@ -61,53 +61,77 @@ def _egress_rules(attachment: Attachment, subnet: str, denied: tuple[str, ...]) 
 def render(attachments: list[Attachment], bridge: str, subnet: str, denied: tuple[str, ...] = ()) -> str:
     """The complete nft script for `attachments` (deterministic: the same input gives the same text)."""
     attachments = sorted(attachments, key=lambda a: a.sandbox_id)
-    lines = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}",
-             f"table bridge {TABLE} {{}}", f"delete table bridge {TABLE}", ""]
+    lines = [
+        f"table inet {TABLE} {{}}",
+        f"delete table inet {TABLE}",
+        f"table bridge {TABLE} {{}}",
+        f"delete table bridge {TABLE}",
+        "",
+    ]
     exposed = [f"{a.address} . {p.guest_port}" for a in attachments for p in a.exposed_ports]
     sources = [f"{a.address} : jump {chain_name(a.sandbox_id)}" for a in attachments]
 
     lines.append(f"table inet {TABLE} {{")
-    lines += ["  chain input {", "    type filter hook input priority filter; policy accept;",
-              f"    iifname \"{bridge}\" ct state established,related accept",
-              f"    iifname \"{bridge}\" counter drop comment \"sandboxes never reach the host\"", "  }"]
-    lines += ["  chain output {", "    type filter hook output priority filter; policy accept;",
-              f"    oifname \"{bridge}\" ct state established,related accept"]
+    lines += [
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        f'    iifname "{bridge}" ct state established,related accept',
+        f'    iifname "{bridge}" counter drop comment "sandboxes never reach the host"',
+        "  }",
+    ]
+    lines += [
+        "  chain output {",
+        "    type filter hook output priority filter; policy accept;",
+        f'    oifname "{bridge}" ct state established,related accept',
+    ]
     if exposed:
-        lines.append(f"    oifname \"{bridge}\" ip daddr . tcp dport {{ {', '.join(exposed)} }} accept")
-    lines += [f"    oifname \"{bridge}\" counter drop comment \"only exposed ports\"", "  }"]
-    lines += ["  chain forward {", "    type filter hook forward priority filter; policy accept;",
-              f"    oifname \"{bridge}\" ct state established,related accept",
-              f"    oifname \"{bridge}\" counter drop comment \"nothing enters a sandbox from outside\""]
+        lines.append(f'    oifname "{bridge}" ip daddr . tcp dport {{ {", ".join(exposed)} }} accept')
+    lines += [f'    oifname "{bridge}" counter drop comment "only exposed ports"', "  }"]
+    lines += [
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f'    oifname "{bridge}" ct state established,related accept',
+        f'    oifname "{bridge}" counter drop comment "nothing enters a sandbox from outside"',
+    ]
     # No shortcut for established connections on the way out: every packet a sandbox sends is checked
     # against its current policy, so a narrowed policy stops open connections too.
     if sources:
-        lines.append(f"    iifname \"{bridge}\" ip saddr vmap {{ {', '.join(sources)} }}")
-    lines += [f"    iifname \"{bridge}\" counter drop comment \"unknown source\"", "  }"]
-    lines += ["  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
-              f"    ip saddr {subnet} oifname != \"{bridge}\" masquerade", "  }"]
+        lines.append(f'    iifname "{bridge}" ip saddr vmap {{ {", ".join(sources)} }}')
+    lines += [f'    iifname "{bridge}" counter drop comment "unknown source"', "  }"]
+    lines += [
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    ip saddr {subnet} oifname != "{bridge}" masquerade',
+        "  }",
+    ]
     for attachment in attachments:
         lines.append(f"  chain {chain_name(attachment.sandbox_id)} {{")
         lines += [f"    {rule}" for rule in _egress_rules(attachment, subnet, denied)]
         lines.append("  }")
     lines += ["}", ""]
 
-    ports = [f"\"{a.tap_device}\" : jump port_{a.tap_device}" for a in attachments]
+    ports = [f'"{a.tap_device}" : jump port_{a.tap_device}' for a in attachments]
     lines.append(f"table bridge {TABLE} {{")
     lines += ["  chain prerouting {", "    type filter hook prerouting priority filter; policy accept;"]
     if ports:
         lines.append(f"    iifname vmap {{ {', '.join(ports)} }}")
-    lines += [f"    iifname \"{TAP_PREFIX}*\" counter drop comment \"a TAP without attachment\"", "  }"]
-    lines += ["  chain forward {", "    type filter hook forward priority filter; policy accept;",
-              f"    iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" counter drop comment \"sandbox to sandbox\"",
-              "  }"]
+    lines += [f'    iifname "{TAP_PREFIX}*" counter drop comment "a TAP without attachment"', "  }"]
+    lines += [
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        f'    iifname "{TAP_PREFIX}*" oifname "{TAP_PREFIX}*" counter drop comment "sandbox to sandbox"',
+        "  }",
+    ]
     for a in attachments:
-        lines += [f"  chain port_{a.tap_device} {{",
-                  f"    ether saddr != {a.mac_address} counter drop",
-                  f"    ether type arp arp saddr ip != {a.address} counter drop",
-                  f"    ether type ip ip saddr != {a.address} counter drop",
-                  "    ether type != { ip, arp } counter drop",
-                  "    accept",
-                  "  }"]
+        lines += [
+            f"  chain port_{a.tap_device} {{",
+            f"    ether saddr != {a.mac_address} counter drop",
+            f"    ether type arp arp saddr ip != {a.address} counter drop",
+            f"    ether type ip ip saddr != {a.address} counter drop",
+            "    ether type != { ip, arp } counter drop",
+            "    accept",
+            "  }",
+        ]
     lines += ["}", ""]
     return "\n".join(lines)
 

@@ -28,12 +28,16 @@ class CommandFailed(FailedPrecondition):
 
 async def run(*argv: str, stdin: bytes | None = None, check: bool = True) -> str:
     process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(stdin), timeout=30)
     if check and process.returncode != 0:
-        raise CommandFailed(f"{' '.join(argv[:4])} failed: {err.decode().strip()[-1000:]}",
-                            reason="HOST_NETWORK_COMMAND_FAILED")
+        raise CommandFailed(
+            f"{' '.join(argv[:4])} failed: {err.decode().strip()[-1000:]}", reason="HOST_NETWORK_COMMAND_FAILED"
+        )
     return out.decode()
 
 
@@ -69,8 +73,12 @@ class HostLinks:
         _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.bridge}/disable_ipv6", "1")
         addresses = json.loads(await run("ip", "-json", "addr", "show", "dev", self.bridge) or "[]")
         wanted = ipaddress.ip_interface(self.gateway_cidr)
-        present = {f"{a['local']}/{a['prefixlen']}" for entry in addresses for a in entry.get("addr_info", [])
-                   if a.get("family") == "inet"}
+        present = {
+            f"{a['local']}/{a['prefixlen']}"
+            for entry in addresses
+            for a in entry.get("addr_info", [])
+            if a.get("family") == "inet"
+        }
         if str(wanted) not in present:
             await run("ip", "addr", "replace", str(wanted), "dev", self.bridge)
         await run("ip", "link", "set", self.bridge, "up")

@@ -15,8 +15,8 @@ from pathlib import Path
 import structlog
 
 from microvm.sandbox.v1 import sandbox_pb2
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.config import ConfigError
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import NetworkSettings
 from services.network.addresses import AddressPool
 from services.network.attachments import Attachment, AttachmentStore, ExposedPort, mac_for
@@ -56,10 +56,14 @@ class NodeNetwork:
         self.subnet = ipaddress.ip_network(settings.subnet)
         self.pool = AddressPool(etcd, node, settings.subnet)
         self.store = AttachmentStore(etcd, node)
-        self.links = HostLinks(settings.bridge, f"{self.pool.gateway}/{self.subnet.prefixlen}",
-                               mac_for(str(self.pool.gateway)))
-        self.firewall = SandboxFirewall(settings.bridge, str(self.subnet),
-                                        tuple(str(ipaddress.ip_network(n, strict=False)) for n in settings.denied_destinations))
+        self.links = HostLinks(
+            settings.bridge, f"{self.pool.gateway}/{self.subnet.prefixlen}", mac_for(str(self.pool.gateway))
+        )
+        self.firewall = SandboxFirewall(
+            settings.bridge,
+            str(self.subnet),
+            tuple(str(ipaddress.ip_network(n, strict=False)) for n in settings.denied_destinations),
+        )
         self.ports = PortForwarder()
         self.dns_servers = list(settings.dns_servers) or host_resolvers()
         self.lock = asyncio.Lock()
@@ -70,9 +74,11 @@ class NodeNetwork:
             await self.reconcile()
         except (FileNotFoundError, PermissionError, FailedPrecondition) as exc:
             # Not a transient failure: say what the host lacks and how to run without it.
-            raise ConfigError(f"networking: true needs iproute2, nftables and CAP_NET_ADMIN on this host "
-                              f"({getattr(exc, 'message', None) or exc}); install them and run the network "
-                              "service as root, or set `networking: false`") from None
+            raise ConfigError(
+                f"networking: true needs iproute2, nftables and CAP_NET_ADMIN on this host "
+                f"({getattr(exc, 'message', None) or exc}); install them and run the network "
+                "service as root, or set `networking: false`"
+            ) from None
 
     async def _converge_rules(self) -> None:
         await self.firewall.apply(list((await self.store.all()).values()))
@@ -80,8 +86,9 @@ class NodeNetwork:
     async def _get(self, sandbox_id: str) -> Attachment:
         attachment = await self.store.get(sandbox_id)
         if attachment is None:
-            raise NotFound(f"sandbox {sandbox_id} has no network attachment on node {self.node}",
-                           reason="ATTACHMENT_NOT_FOUND")
+            raise NotFound(
+                f"sandbox {sandbox_id} has no network attachment on node {self.node}", reason="ATTACHMENT_NOT_FOUND"
+            )
         return attachment
 
     # --- changes ---------------------------------------------------------------------------------------
@@ -95,14 +102,16 @@ class NodeNetwork:
             existing = await self.store.get(sandbox_id)
             if from_sandbox_id:
                 if existing is not None:
-                    raise AlreadyExists(f"sandbox {sandbox_id} already has a network attachment",
-                                        reason="ATTACHMENT_EXISTS")
+                    raise AlreadyExists(
+                        f"sandbox {sandbox_id} already has a network attachment", reason="ATTACHMENT_EXISTS"
+                    )
                 attachment = await self._get(from_sandbox_id)
                 attachment.sandbox_id = sandbox_id
                 attachment.network_policy = policy
                 if not await self.store.move(from_sandbox_id, attachment, self.pool.key(attachment.address)):
-                    raise FailedPrecondition(f"the attachment of {from_sandbox_id} changed meanwhile",
-                                             reason="ATTACHMENT_CHANGED")
+                    raise FailedPrecondition(
+                        f"the attachment of {from_sandbox_id} changed meanwhile", reason="ATTACHMENT_CHANGED"
+                    )
                 await self._converge_rules()
                 return attachment
             if existing is not None:
@@ -112,9 +121,15 @@ class NodeNetwork:
                 await self._converge_rules()
                 return existing
             address = await self.pool.allocate(sandbox_id)
-            attachment = Attachment(sandbox_id=sandbox_id, tap_device=new_tap_name(), address=address,
-                                    prefix_length=self.subnet.prefixlen, gateway=str(self.pool.gateway),
-                                    mac_address=mac_for(address), dns_servers=self.dns_servers)
+            attachment = Attachment(
+                sandbox_id=sandbox_id,
+                tap_device=new_tap_name(),
+                address=address,
+                prefix_length=self.subnet.prefixlen,
+                gateway=str(self.pool.gateway),
+                mac_address=mac_for(address),
+                dns_servers=self.dns_servers,
+            )
             attachment.network_policy = policy
             try:
                 await self.store.put(attachment)
@@ -162,15 +177,20 @@ class NodeNetwork:
         async with self.lock:
             attachment = await self._get(sandbox_id)
             for port in attachment.exposed_ports:
-                if port.guest_port == guest_port and port.host_address == host_address \
-                        and host_port in (0, port.host_port):
+                if (
+                    port.guest_port == guest_port
+                    and port.host_address == host_address
+                    and host_port in (0, port.host_port)
+                ):
                     return port
             if len(attachment.exposed_ports) >= self.settings.max_exposed_ports_per_sandbox:
-                raise ResourceExhausted(f"sandbox {sandbox_id} already exposes "
-                                        f"{len(attachment.exposed_ports)} ports (the most allowed)",
-                                        reason="TOO_MANY_EXPOSED_PORTS")
-            port = ExposedPort(guest_port, host_address,
-                               await self.ports.open(host_address, host_port, attachment.address, guest_port))
+                raise ResourceExhausted(
+                    f"sandbox {sandbox_id} already exposes {len(attachment.exposed_ports)} ports (the most allowed)",
+                    reason="TOO_MANY_EXPOSED_PORTS",
+                )
+            port = ExposedPort(
+                guest_port, host_address, await self.ports.open(host_address, host_port, attachment.address, guest_port)
+            )
             attachment.exposed_ports.append(port)
             try:
                 await self.store.put(attachment)
@@ -178,8 +198,9 @@ class NodeNetwork:
             except BaseException:
                 await self.ports.close(port.host_address, port.host_port)
                 raise
-            log.info("port_exposed", sandbox=sandbox_id, guest_port=guest_port,
-                     host=f"{port.host_address}:{port.host_port}")
+            log.info(
+                "port_exposed", sandbox=sandbox_id, guest_port=guest_port, host=f"{port.host_address}:{port.host_port}"
+            )
             return port
 
     async def attachments(self) -> list[Attachment]:
@@ -192,7 +213,7 @@ class NodeNetwork:
         async with self.lock:
             attachments = await self.store.all()  # read before the VMs: a newer VM cannot look stale
             vm_prefix = f"{VMS_PREFIX}{self.node}/"
-            vms = {kv.key.decode()[len(vm_prefix):] for kv in await self.etcd.get_prefix(vm_prefix.encode())}
+            vms = {kv.key.decode()[len(vm_prefix) :] for kv in await self.etcd.get_prefix(vm_prefix.encode())}
             for sandbox_id in [s for s in attachments if s not in vms]:
                 log.info("stale_attachment_removed", sandbox=sandbox_id)
                 await self._remove(attachments.pop(sandbox_id))
@@ -205,12 +226,15 @@ class NodeNetwork:
             for tap in wanted_taps - taps:
                 await self.links.create_tap(tap)
             in_use = {a.address for a in attachments.values()}
-            for address in (await self.pool.allocations()):
+            for address in await self.pool.allocations():
                 if address not in in_use:
                     await self.etcd.delete(self.pool.key(address))
                     counts["stray_addresses"] += 1
-            wanted_ports = {(p.host_address, p.host_port): (a.address, p.guest_port)
-                            for a in attachments.values() for p in a.exposed_ports}
+            wanted_ports = {
+                (p.host_address, p.host_port): (a.address, p.guest_port)
+                for a in attachments.values()
+                for p in a.exposed_ports
+            }
             for key in set(self.ports.listeners) - set(wanted_ports):
                 await self.ports.close(*key)
             for (host_address, host_port), (guest, guest_port) in wanted_ports.items():
@@ -219,8 +243,7 @@ class NodeNetwork:
                         await self.ports.open(host_address, host_port, guest, guest_port)
                         counts["listeners_opened"] += 1
                     except FailedPrecondition as exc:
-                        log.warning("exposed_port_unavailable", host=f"{host_address}:{host_port}",
-                                    error=exc.message)
+                        log.warning("exposed_port_unavailable", host=f"{host_address}:{host_port}", error=exc.message)
             await self.firewall.ensure(list(attachments.values()))
         if any(counts.values()):
             log.info("network_reconciled", **counts)

@@ -20,25 +20,32 @@ def normalized_policy(policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.NetworkP
     if egress not in sandbox_pb2.EgressMode.values():
         raise InvalidArgument(f"network_policy.egress {policy.egress} is not an egress mode", reason="INVALID_POLICY")
     if policy.allow and egress != sandbox_pb2.EGRESS_MODE_ALLOW_LIST:
-        raise InvalidArgument("network_policy.allow is only used with egress EGRESS_MODE_ALLOW_LIST",
-                              reason="INVALID_POLICY")
+        raise InvalidArgument(
+            "network_policy.allow is only used with egress EGRESS_MODE_ALLOW_LIST", reason="INVALID_POLICY"
+        )
     if len(policy.allow) > MAX_RULES:
-        raise InvalidArgument(f"network_policy.allow has {len(policy.allow)} rules; at most {MAX_RULES}",
-                              reason="INVALID_POLICY")
+        raise InvalidArgument(
+            f"network_policy.allow has {len(policy.allow)} rules; at most {MAX_RULES}", reason="INVALID_POLICY"
+        )
     result = sandbox_pb2.NetworkPolicy(egress=egress)
     for index, rule in enumerate(policy.allow):
         try:
             network = ipaddress.ip_network(rule.cidr.strip(), strict=False)
         except ValueError:
-            raise InvalidArgument(f"network_policy.allow[{index}].cidr {rule.cidr!r} is not an IPv4 or IPv6 "
-                                  "network in CIDR notation", reason="INVALID_POLICY") from None
+            raise InvalidArgument(
+                f"network_policy.allow[{index}].cidr {rule.cidr!r} is not an IPv4 or IPv6 network in CIDR notation",
+                reason="INVALID_POLICY",
+            ) from None
         if len(rule.ports) > MAX_PORTS_PER_RULE:
-            raise InvalidArgument(f"network_policy.allow[{index}] has {len(rule.ports)} ports; "
-                                  f"at most {MAX_PORTS_PER_RULE}", reason="INVALID_POLICY")
+            raise InvalidArgument(
+                f"network_policy.allow[{index}] has {len(rule.ports)} ports; at most {MAX_PORTS_PER_RULE}",
+                reason="INVALID_POLICY",
+            )
         for port in rule.ports:
             if not 1 <= port <= 65535:
-                raise InvalidArgument(f"network_policy.allow[{index}].ports: {port} is outside 1..65535",
-                                      reason="INVALID_POLICY")
+                raise InvalidArgument(
+                    f"network_policy.allow[{index}].ports: {port} is outside 1..65535", reason="INVALID_POLICY"
+                )
         result.allow.add(cidr=str(network), ports=sorted(set(rule.ports)))
     return result
 

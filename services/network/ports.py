@@ -24,7 +24,7 @@ class _Relay(asyncio.Protocol):
     """One direction-pair end of a relayed connection: what arrives here is written to `peer`, and reading
     pauses while the peer's send buffer is full (flow control without copying through stream buffers)."""
 
-    def __init__(self, closed: asyncio.Future, peer: "_Relay | None" = None) -> None:
+    def __init__(self, closed: asyncio.Future, peer: _Relay | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer = peer
         self.closed = closed
@@ -57,7 +57,7 @@ class _Relay(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def join(self, peer: "_Relay") -> None:
+    def join(self, peer: _Relay) -> None:
         self.peer, peer.peer = peer, self
         self.transport.resume_reading()
 
@@ -79,8 +79,9 @@ class PortForwarder:
         try:
             return str(ipaddress.ip_address(host_address or "127.0.0.1"))
         except ValueError:
-            raise InvalidArgument(f"host_address {host_address!r} is not an IP address",
-                                  reason="INVALID_HOST_ADDRESS") from None
+            raise InvalidArgument(
+                f"host_address {host_address!r} is not an IP address", reason="INVALID_HOST_ADDRESS"
+            ) from None
 
     async def open(self, host_address: str, host_port: int, guest_address: str, guest_port: int) -> int:
         """Starts relaying; returns the host port (chosen by the kernel when `host_port` is 0)."""
@@ -98,11 +99,13 @@ class PortForwarder:
         async def connect(client: _Relay) -> None:
             """Dials the guest for an accepted client and lives as long as the relayed connection."""
             try:
-                _, guest = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Relay(client.closed, peer=client), *listener.guest), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as exc:
-                log.info("exposed_port_connect_failed", guest=f"{listener.guest[0]}:{listener.guest[1]}",
-                         error=str(exc))
+                _, guest = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Relay(client.closed, peer=client), *listener.guest), CONNECT_TIMEOUT
+                )
+            except (TimeoutError, OSError) as exc:
+                log.info(
+                    "exposed_port_connect_failed", guest=f"{listener.guest[0]}:{listener.guest[1]}", error=str(exc)
+                )
                 if client.transport is not None:
                     client.transport.close()
                 return
@@ -118,10 +121,12 @@ class PortForwarder:
             server = await loop.create_server(accept, host_address, host_port, reuse_address=True)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise FailedPrecondition(f"host port {host_address}:{host_port} is already in use",
-                                         reason="HOST_PORT_IN_USE") from None
-            raise FailedPrecondition(f"cannot listen on {host_address}:{host_port}: {exc.strerror}",
-                                     reason="HOST_ADDRESS_UNUSABLE") from None
+                raise FailedPrecondition(
+                    f"host port {host_address}:{host_port} is already in use", reason="HOST_PORT_IN_USE"
+                ) from None
+            raise FailedPrecondition(
+                f"cannot listen on {host_address}:{host_port}: {exc.strerror}", reason="HOST_ADDRESS_UNUSABLE"
+            ) from None
         port = server.sockets[0].getsockname()[1]
         listener = _Listener(server, (guest_address, guest_port))
         self.listeners[(host_address, port)] = listener

@@ -16,8 +16,10 @@ class NetworkServicer(network_pb2_grpc.NetworkServiceServicer):
     @property
     def network(self) -> NodeNetwork:
         if self._network is None:
-            raise FailedPrecondition("sandbox networking is turned off on this installation (networking: false)",
-                                     reason="NETWORKING_DISABLED")
+            raise FailedPrecondition(
+                "sandbox networking is turned off on this installation (networking: false)",
+                reason="NETWORKING_DISABLED",
+            )
         return self._network
 
     async def AttachSandbox(self, request, context):
@@ -33,13 +35,13 @@ class NetworkServicer(network_pb2_grpc.NetworkServiceServicer):
         return network_pb2.SetEgressPolicyResponse(attachment=attachment.to_proto())
 
     async def ExposePort(self, request, context):
-        port = await self.network.expose(request.sandbox_id, request.guest_port, request.host_address,
-                                         request.host_port)
+        port = await self.network.expose(
+            request.sandbox_id, request.guest_port, request.host_address, request.host_port
+        )
         return network_pb2.ExposePortResponse(port=port.to_proto())
 
     async def ListAttachments(self, request, context):
-        return network_pb2.ListAttachmentsResponse(
-            attachments=[a.to_proto() for a in await self.network.attachments()])
+        return network_pb2.ListAttachmentsResponse(attachments=[a.to_proto() for a in await self.network.attachments()])
 
 
 async def wire(server, context: ServiceContext[NetworkSettings]) -> list[str]:

@@ -41,7 +41,7 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
         record = await self.store.get(request.snapshot_id)
         async for data in self.store.read_artifact(record, request.name):
             for offset in range(0, len(data), 1 << 20):
-                yield snapshot_pb2.GetArtifactResponse(data=data[offset:offset + (1 << 20)])
+                yield snapshot_pb2.GetArtifactResponse(data=data[offset : offset + (1 << 20)])
 
     async def CommitSnapshot(self, request, context):
         return snapshot_pb2.CommitSnapshotResponse(record=await self.store.commit(request.record))
@@ -50,11 +50,14 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
         return snapshot_pb2.GetSnapshotRecordResponse(record=await self.store.get(request.id))
 
     async def ListSnapshotRecords(self, request, context):
-        records = [r for r in await self.store.all()
-                   if (not request.tenant or r.tenant == request.tenant)
-                   and (not request.source_sandbox or r.source_sandbox == request.source_sandbox)
-                   and (not request.parent_snapshot or r.parent_snapshot == request.parent_snapshot)
-                   and (not request.root_snapshot or r.root_snapshot == request.root_snapshot)]
+        records = [
+            r
+            for r in await self.store.all()
+            if (not request.tenant or r.tenant == request.tenant)
+            and (not request.source_sandbox or r.source_sandbox == request.source_sandbox)
+            and (not request.parent_snapshot or r.parent_snapshot == request.parent_snapshot)
+            and (not request.root_snapshot or r.root_snapshot == request.root_snapshot)
+        ]
         return snapshot_pb2.ListSnapshotRecordsResponse(records=records)
 
     async def DeleteSnapshotRecord(self, request, context):
@@ -91,8 +94,9 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
         auth = auth_pb2_grpc.AuthServiceStub(context.channel(context.directory.newest("auth").address))
         for snapshot_id, tenant in pending.items():
             if tenant:
-                await auth.ReleaseQuota(auth_pb2.ReleaseQuotaRequest(
-                    tenant=tenant, reservation_id=f"snapshot-{snapshot_id}"), timeout=10)
+                await auth.ReleaseQuota(
+                    auth_pb2.ReleaseQuotaRequest(tenant=tenant, reservation_id=f"snapshot-{snapshot_id}"), timeout=10
+                )
             await store.released(snapshot_id)
             log.info("snapshot_quota_released", snapshot=snapshot_id, tenant=tenant)
 
@@ -102,9 +106,8 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
     async def collect() -> None:
         await store.collect_garbage(settings.keep_last_per_sandbox)
         await release_quotas()
+
     context.every(settings.gc_interval_seconds, collect, "snapshot-gc")
     # Releases that failed (auth away) are retried soon, not only at the next sweep.
     context.every(10.0, release_quotas, "snapshot-quota-release")
     return [snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotStoreService"].full_name]
-
-

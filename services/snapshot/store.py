@@ -60,8 +60,9 @@ class SnapshotChunkStore:
         try:
             data = self.chunk_path(digest).read_bytes()
         except FileNotFoundError:
-            raise DataLoss(f"chunk {digest} is missing from the store", reason="CHUNK_MISSING",
-                           metadata={"chunk": digest}) from None
+            raise DataLoss(
+                f"chunk {digest} is missing from the store", reason="CHUNK_MISSING", metadata={"chunk": digest}
+            ) from None
         if hashlib.sha256(data).hexdigest() != digest:
             raise DataLoss(f"chunk {digest} is corrupt", reason="CHUNK_CORRUPT", metadata={"chunk": digest})
         return data
@@ -77,8 +78,8 @@ class SnapshotChunkStore:
         async def flush(final: bool) -> None:
             nonlocal new_bytes
             while len(buffer) >= self.chunk_size or (final and buffer):
-                piece = bytes(buffer[:self.chunk_size])
-                del buffer[:self.chunk_size]
+                piece = bytes(buffer[: self.chunk_size])
+                del buffer[: self.chunk_size]
                 digest = hashlib.sha256(piece).hexdigest()
                 inflight.add(digest)
                 digest, fresh = await asyncio.to_thread(self._store_chunk, piece)
@@ -93,8 +94,7 @@ class SnapshotChunkStore:
                 await flush(final=False)
             await flush(final=True)
             artifact.sha256 = whole.hexdigest()
-            await self.etcd.put(f"{PENDING}{snapshot_id}/{name}".encode(),
-                                json_format.MessageToJson(artifact).encode())
+            await self.etcd.put(f"{PENDING}{snapshot_id}/{name}".encode(), json_format.MessageToJson(artifact).encode())
         finally:
             self._inflight.pop(id(artifact), None)
         return artifact, new_bytes
@@ -110,8 +110,9 @@ class SnapshotChunkStore:
             whole.update(data)
             yield data
         if whole.hexdigest() != artifact.sha256:
-            raise DataLoss(f"artifact {name} of snapshot {record.id} does not match its hash",
-                           reason="ARTIFACT_CORRUPT")
+            raise DataLoss(
+                f"artifact {name} of snapshot {record.id} does not match its hash", reason="ARTIFACT_CORRUPT"
+            )
 
     async def verify(self, record: snapshot_pb2.SnapshotRecord) -> list[str]:
         bad = []
@@ -145,9 +146,13 @@ class SnapshotChunkStore:
             record.create_time.GetCurrentTime()
         tx = self.etcd.transactions
         await self.etcd.transaction(
-            compare=[], success=[tx.put(f"{RECORDS}{record.id}".encode(), json_format.MessageToJson(record).encode()),
-                                 tx.delete(f"{PENDING}{record.id}/".encode(),
-                                           range_end=f"{PENDING}{record.id}0".encode())], failure=[])
+            compare=[],
+            success=[
+                tx.put(f"{RECORDS}{record.id}".encode(), json_format.MessageToJson(record).encode()),
+                tx.delete(f"{PENDING}{record.id}/".encode(), range_end=f"{PENDING}{record.id}0".encode()),
+            ],
+            failure=[],
+        )
         return record
 
     async def get(self, snapshot_id: str, missing_ok: bool = False) -> snapshot_pb2.SnapshotRecord | None:
@@ -155,8 +160,11 @@ class SnapshotChunkStore:
         if result is None:
             if missing_ok:
                 return None
-            raise NotFound(f"snapshot {snapshot_id} does not exist", reason="SNAPSHOT_NOT_FOUND",
-                           metadata={"snapshot": f"snapshots/{snapshot_id}"})
+            raise NotFound(
+                f"snapshot {snapshot_id} does not exist",
+                reason="SNAPSHOT_NOT_FOUND",
+                metadata={"snapshot": f"snapshots/{snapshot_id}"},
+            )
         return json_format.Parse(result.value, snapshot_pb2.SnapshotRecord())
 
     async def all(self) -> list[snapshot_pb2.SnapshotRecord]:
@@ -186,9 +194,14 @@ class SnapshotChunkStore:
         for snapshot_id in sorted(expired):
             # The record goes together with a note to release its tenant's quota (see `pending_releases`):
             # retention must give the storage back even if the auth service is away right now.
-            await self.etcd.transaction(compare=[], success=[
-                tx.delete(f"{RECORDS}{snapshot_id}".encode()),
-                tx.put(f"{RELEASES}{snapshot_id}".encode(), tenants[snapshot_id].encode())], failure=[])
+            await self.etcd.transaction(
+                compare=[],
+                success=[
+                    tx.delete(f"{RECORDS}{snapshot_id}".encode()),
+                    tx.put(f"{RELEASES}{snapshot_id}".encode(), tenants[snapshot_id].encode()),
+                ],
+                failure=[],
+            )
             response.expired_snapshots.append(snapshot_id)
         live = [r for r in records if r.id not in expired]
         referenced = {d for r in live for a in r.artifacts for d in a.chunk_sha256}
@@ -199,14 +212,19 @@ class SnapshotChunkStore:
         freed_chunks, freed_bytes = await asyncio.to_thread(self._sweep, referenced)
         response.freed_chunks, response.freed_bytes = freed_chunks, freed_bytes
         if response.expired_snapshots or freed_chunks:
-            log.info("snapshot_gc", expired=list(response.expired_snapshots), freed_chunks=freed_chunks,
-                     freed_bytes=freed_bytes)
+            log.info(
+                "snapshot_gc",
+                expired=list(response.expired_snapshots),
+                freed_chunks=freed_chunks,
+                freed_bytes=freed_bytes,
+            )
         return response
 
     async def pending_releases(self) -> dict[str, str]:
         """Snapshot id -> tenant of snapshots deleted by retention whose quota is still held."""
-        return {kv.key.decode()[len(RELEASES):]: kv.value.decode()
-                for kv in await self.etcd.get_prefix(RELEASES.encode())}
+        return {
+            kv.key.decode()[len(RELEASES) :]: kv.value.decode() for kv in await self.etcd.get_prefix(RELEASES.encode())
+        }
 
     async def released(self, snapshot_id: str) -> None:
         await self.etcd.delete(f"{RELEASES}{snapshot_id}".encode())
@@ -232,5 +250,6 @@ class SnapshotChunkStore:
         def scan() -> tuple[int, int]:
             sizes = [p.stat().st_size for p in self.chunks.glob("*/*") if not p.name.startswith(".")]
             return sum(sizes), len(sizes)
+
         stored, count = await asyncio.to_thread(scan)
         return snapshot_pb2.GetStorageUsageResponse(stored_bytes=stored, logical_bytes=logical, chunk_count=count)

@@ -1,9 +1,9 @@
 """`mvm-supervisor`: runs the local stack (etcd + the six services) under one process.
 
-    mvm-supervisor run     foreground: start etcd and every service, restart crashed ones with back-off
-    mvm-supervisor start   the same, detached; returns once every service is SERVING
-    mvm-supervisor stop    stop everything it started (services, VMs, etcd); no process is left behind
-    mvm-supervisor status  health of every registered service
+mvm-supervisor run     foreground: start etcd and every service, restart crashed ones with back-off
+mvm-supervisor start   the same, detached; returns once every service is SERVING
+mvm-supervisor stop    stop everything it started (services, VMs, etcd); no process is left behind
+mvm-supervisor status  health of every registered service
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def cmd_start(args) -> int:
     if args.config:
         command += ["--config", str(Path(args.config).resolve())]
     with open(state_dir / "logs" / "supervisor.log", "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, cwd="/")
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/"
+        )
     (state_dir / "supervisor.pid").write_text(str(process.pid))
     print(f"supervisor started (pid {process.pid}); logs in {state_dir / 'logs'}")
     return cmd_wait(args)
@@ -117,8 +118,9 @@ def cmd_status(args) -> int:
     state_dir, config = _load(args)
     pid = _read_pid(state_dir)
     print(f"supervisor: {'running, pid ' + str(pid) if pid else 'not running'} (state dir {state_dir})")
-    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True,
-                                            pki_dir=config.common.pki_path))
+    report = asyncio.run(
+        check_stack_health(config.common.etcd_endpoints, detailed=True, pki_dir=config.common.pki_path)
+    )
     for kind in SERVICE_KINDS:
         print(f"  {kind:9} {report.get(kind, 'NOT REGISTERED')}")
     return 0 if all(str(report.get(k, "")).startswith("SERVING") for k in SERVICE_KINDS) else 1
@@ -126,13 +128,14 @@ def cmd_status(args) -> int:
 
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
-    report = asyncio.run(check_stack_health(config.common.etcd_endpoints, detailed=True,
-                                            pki_dir=config.common.pki_path))
+    report = asyncio.run(
+        check_stack_health(config.common.etcd_endpoints, detailed=True, pki_dir=config.common.pki_path)
+    )
     gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}
-  Admin API key (mode 0600, shown nowhere else): {state_dir / 'admin.key'}
-  grpcurl -plaintext -H "authorization: Bearer $(cat {state_dir / 'admin.key'})" {gateway} list
+  Admin API key (mode 0600, shown nowhere else): {state_dir / "admin.key"}
+  grpcurl -plaintext -H "authorization: Bearer $(cat {state_dir / "admin.key"})" {gateway} list
   grpcurl -plaintext {gateway} describe microvm.sandbox.v1.SandboxService
   .venv/bin/mvm run -- python3 -c 'print(6*7)'
   make status | make down
@@ -141,15 +144,22 @@ MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mvm-supervisor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mvm-supervisor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["run", "start", "stop", "status", "wait", "banner"])
     parser.add_argument("--state-dir", help="default: $MVM_STATE_DIR or ~/.microvm")
     parser.add_argument("--config", help="installation config file (YAML)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for start/wait/stop")
     args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-                "wait": cmd_wait, "banner": cmd_banner}
+    commands = {
+        "run": cmd_run,
+        "start": cmd_start,
+        "stop": cmd_stop,
+        "status": cmd_status,
+        "wait": cmd_wait,
+        "banner": cmd_banner,
+    }
     try:
         sys.exit(commands[args.command](args))
     except ConfigError as exc:

@@ -44,8 +44,7 @@ class Child:
 
 
 class StackSupervisor:
-    def __init__(self, state_dir: Path, config: LoadedConfig[SupervisorSettings],
-                 config_path: str | None) -> None:
+    def __init__(self, state_dir: Path, config: LoadedConfig[SupervisorSettings], config_path: str | None) -> None:
         self.state_dir = state_dir
         self.config = config
         self.settings = config.service
@@ -65,10 +64,25 @@ class StackSupervisor:
         client = f"http://127.0.0.1:{self.settings.etcd_client_port}"
         listen = f"http://{self.settings.etcd_listen_host}:{self.settings.etcd_client_port}"
         peer = f"http://127.0.0.1:{self.settings.etcd_peer_port}"
-        return [self.settings.etcd_binary, "--name", "microvm", "--data-dir", str(self.state_dir / "etcd"),
-                "--listen-client-urls", listen, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"microvm={peer}", "--log-level", "warn"]
+        return [
+            self.settings.etcd_binary,
+            "--name",
+            "microvm",
+            "--data-dir",
+            str(self.state_dir / "etcd"),
+            "--listen-client-urls",
+            listen,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"microvm={peer}",
+            "--log-level",
+            "warn",
+        ]
 
     def _service_command(self, kind: str) -> list[str]:
         command = [sys.executable, "-m", f"services.{kind}"]
@@ -81,15 +95,22 @@ class StackSupervisor:
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {' '.join(child.command)}\n".encode())
         log.flush()
         child.process = await asyncio.create_subprocess_exec(
-            *child.command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(),
-            preexec_fn=_die_with_parent)
+            *child.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=self._env(),
+            preexec_fn=_die_with_parent,
+        )
         log.close()
         child.started_at = time.monotonic()
         self._write_status()
 
     def _write_status(self) -> None:
-        status = {name: {"pid": c.process.pid if c.process else None, "restarts": c.restarts}
-                  for name, c in self.children.items()}
+        status = {
+            name: {"pid": c.process.pid if c.process else None, "restarts": c.restarts}
+            for name, c in self.children.items()
+        }
         (self.state_dir / "supervisor.json").write_text(json.dumps(status, indent=1))
 
     async def _wait_for_etcd(self, timeout: float = 30.0) -> None:
@@ -103,10 +124,10 @@ class StackSupervisor:
                 return
             except Exception:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd did not answer in {timeout}s; see {self.logs / 'etcd.log'}")
+                    raise RuntimeError(f"etcd did not answer in {timeout}s; see {self.logs / 'etcd.log'}") from None
                 etcd = self.children["etcd"].process
                 if etcd and etcd.returncode is not None:
-                    raise RuntimeError(f"etcd exited with {etcd.returncode}; see {self.logs / 'etcd.log'}")
+                    raise RuntimeError(f"etcd exited with {etcd.returncode}; see {self.logs / 'etcd.log'}") from None
                 await asyncio.sleep(0.1)
 
     async def _watch(self, child: Child) -> None:
@@ -119,13 +140,25 @@ class StackSupervisor:
             if uptime >= STABLE_SECONDS:
                 child.backoff = 0.0
             delay = child.backoff
-            child.backoff = min(max(child.backoff * 2, self.settings.restart_backoff_initial_seconds),
-                                self.settings.restart_backoff_max_seconds)
-            print(json.dumps({"event": "child_exited", "child": child.name, "code": code,
-                              "uptime": round(uptime, 2), "restart_in": delay}), flush=True)
+            child.backoff = min(
+                max(child.backoff * 2, self.settings.restart_backoff_initial_seconds),
+                self.settings.restart_backoff_max_seconds,
+            )
+            print(
+                json.dumps(
+                    {
+                        "event": "child_exited",
+                        "child": child.name,
+                        "code": code,
+                        "uptime": round(uptime, 2),
+                        "restart_in": delay,
+                    }
+                ),
+                flush=True,
+            )
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay) if delay else None
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if self._stopping.is_set():
                 return
@@ -176,12 +209,15 @@ class StackSupervisor:
         if key_file.exists():
             return
         from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+
         client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
         await client.connect()
         try:
             while not self._stopping.is_set():
-                instances = [ServiceInstance.decode(kv.key, kv.value)
-                             for kv in await client.get_prefix(f"{SERVICES_PREFIX}auth/".encode())]
+                instances = [
+                    ServiceInstance.decode(kv.key, kv.value)
+                    for kv in await client.get_prefix(f"{SERVICES_PREFIX}auth/".encode())
+                ]
                 if instances:
                     break
                 await asyncio.sleep(0.1)
@@ -189,14 +225,23 @@ class StackSupervisor:
                 return
         finally:
             await client.close()
-        async with operator_channel(instances[0].address, "auth", self.config.common.pki_path
-                                    if self.config.common.internal_tls else None) as channel:
+        async with operator_channel(
+            instances[0].address, "auth", self.config.common.pki_path if self.config.common.internal_tls else None
+        ) as channel:
             auth = auth_pb2_grpc.AuthServiceStub(channel)
-            await auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant="default", quota=auth_pb2.Quota(
-                max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30)),
-                timeout=10, wait_for_ready=True)
-            key = await auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(
-                tenant="default", principal="admin", role=auth_pb2.ROLE_ADMIN), timeout=10)
+            await auth.CreateTenant(
+                auth_pb2.CreateTenantRequest(
+                    tenant="default",
+                    quota=auth_pb2.Quota(
+                        max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30
+                    ),
+                ),
+                timeout=10,
+                wait_for_ready=True,
+            )
+            key = await auth.CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(tenant="default", principal="admin", role=auth_pb2.ROLE_ADMIN), timeout=10
+            )
         fd = os.open(key_file.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key.secret + "\n")
@@ -210,7 +255,7 @@ class StackSupervisor:
         process.terminate()
         try:
             await asyncio.wait_for(process.wait(), timeout=grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
 
@@ -228,7 +273,6 @@ class StackSupervisor:
             await self._stop_child(self.children["etcd"], 10)
         self._write_status()
         print(json.dumps({"event": "stack_stopped"}), flush=True)
-
 
     async def _remove_sandbox_taps(self) -> None:
         """The VMs are gone: so go their TAP devices. Their records stay, and the next start reconciles them
@@ -278,8 +322,9 @@ def operator_channel(address: str, kind: str, pki_dir: Path | None) -> grpc.aio.
     return grpc.aio.insecure_channel(address)
 
 
-async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False,
-                             pki_dir: Path | None = None) -> dict[str, str]:
+async def check_stack_health(
+    etcd_endpoints: list[str], detailed: bool = False, pki_dir: Path | None = None
+) -> dict[str, str]:
     """Health of each registered service kind, read from the registry and the health service."""
     report: dict[str, str] = {}
     client = etcd_client(etcd_endpoints, timeout=2)
@@ -298,7 +343,8 @@ async def check_stack_health(etcd_endpoints: list[str], detailed: bool = False,
         async with operator_channel(instance.address, instance.kind, pki_dir) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    health_pb2.HealthCheckRequest(service=""), timeout=2
+                )
                 state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
                 state = f"UNREACHABLE ({exc.code().name})"

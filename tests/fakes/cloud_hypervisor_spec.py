@@ -11,8 +11,10 @@ from openapi_schema_validator import OAS30Validator
 REPO = Path(__file__).resolve().parents[2]
 # The reference copy beside the checkout wins (it is the one kept current); the vendored copy makes the
 # tests work in a checkout without it.
-CANDIDATES = (REPO.parent / "shared" / "reference" / "cloud-hypervisor-openapi.yaml",
-              REPO / "third_party" / "cloud-hypervisor" / "cloud-hypervisor-openapi.yaml")
+CANDIDATES = (
+    REPO.parent / "shared" / "reference" / "cloud-hypervisor-openapi.yaml",
+    REPO / "third_party" / "cloud-hypervisor" / "cloud-hypervisor-openapi.yaml",
+)
 
 
 @lru_cache
@@ -43,8 +45,7 @@ def _resolve(schema: dict) -> dict:
 def validate(schema: dict, body) -> list[str]:
     """Schema errors plus keys the schema does not declare (the spec allows them; a typo would pass)."""
     root = {**spec(), **schema}
-    errors = [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-              for e in OAS30Validator(root).iter_errors(body)]
+    errors = [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in OAS30Validator(root).iter_errors(body)]
     errors += undeclared_keys(body, schema)
     return errors
 

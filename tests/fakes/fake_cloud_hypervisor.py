@@ -35,8 +35,12 @@ def transition(endpoint: str, body) -> tuple[int, object]:
         return 204, None
     if vm is None:
         return 404, "VM is not created"
-    moves = {"vm.boot": ("Created", "Running"), "vm.pause": ("Running", "Paused"),
-             "vm.resume": ("Paused", "Running"), "vm.shutdown": (None, "Shutdown")}
+    moves = {
+        "vm.boot": ("Created", "Running"),
+        "vm.pause": ("Running", "Paused"),
+        "vm.resume": ("Paused", "Running"),
+        "vm.shutdown": (None, "Shutdown"),
+    }
     if endpoint in moves:
         before, after = moves[endpoint]
         if before and vm != before:
@@ -84,8 +88,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         log.write(json.dumps(entry) + "\n")
     payload = b"" if reply is None else (json.dumps(reply) if not isinstance(reply, str) else reply).encode()
     reason = {200: "OK", 204: "No Content"}.get(status, "Error")
-    writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(payload)}\r\n"
-                 f"Content-Type: application/json\r\n\r\n".encode() + payload)
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(payload)}\r\n"
+        f"Content-Type: application/json\r\n\r\n".encode()
+        + payload
+    )
     await writer.drain()
     writer.close()
     if endpoint == "vmm.shutdown":
@@ -94,7 +101,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def main() -> None:
     args = sys.argv[1:]
-    socket_path = next(a.split("=", 1)[1] for a in args[args.index("--api-socket") + 1:][:1])
+    socket_path = next(a.split("=", 1)[1] for a in args[args.index("--api-socket") + 1 :][:1])
     server = await asyncio.start_unix_server(handle, socket_path)
     async with server:
         await server.serve_forever()

@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import error_info
 from services.common.registry import etcd_client
 from services.gateway.access import TokenBucket
@@ -32,8 +33,9 @@ def tenant_key(stack, tenant: str, role=auth_pb2.ROLE_DEVELOPER, **quota) -> str
     limits = dict(max_sandboxes=20, max_vcpus=40, max_memory_mib=20480, max_snapshot_bytes=50 << 30)
     limits.update(quota)
     auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant=tenant, quota=auth_pb2.Quota(**limits)), timeout=10)
-    return auth.CreateApiKey(auth_pb2.CreateApiKeyRequest(tenant=tenant, principal=f"{tenant}-user", role=role),
-                             timeout=10).secret
+    return auth.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(tenant=tenant, principal=f"{tenant}-user", role=role), timeout=10
+    ).secret
 
 
 def test_another_tenant_cannot_touch_anything_and_learns_nothing(tenants):
@@ -41,11 +43,22 @@ def test_another_tenant_cannot_touch_anything_and_learns_nothing(tenants):
     name, snap = sandbox.name, snapshot.name
     attempts = {
         "GetSandbox": lambda: b.stub.GetSandbox(api.GetSandboxRequest(name=name), timeout=10),
-        "UpdateSandbox": lambda: b.stub.UpdateSandbox(api.UpdateSandboxRequest(
-            sandbox=sandbox_pb2.Sandbox(name=name, labels={"owner": "b"})), timeout=10),
+        "UpdateSandbox": lambda: b.stub.UpdateSandbox(
+            api.UpdateSandboxRequest(sandbox=sandbox_pb2.Sandbox(name=name, labels={"owner": "b"})), timeout=10
+        ),
         "Exec": lambda: b.exec(name, ["id"]),
-        "ExecInteractive": lambda: list(b.stub.ExecInteractive(iter([api.ExecInteractiveRequest(
-            config=api.ExecInteractiveConfig(sandbox=name, process=api.ProcessConfig(argv=["id"])))]), timeout=10)),
+        "ExecInteractive": lambda: list(
+            b.stub.ExecInteractive(
+                iter(
+                    [
+                        api.ExecInteractiveRequest(
+                            config=api.ExecInteractiveConfig(sandbox=name, process=api.ProcessConfig(argv=["id"]))
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
+        ),
         "WriteFile": lambda: b.write_file(name, "/root/pwned", b"x"),
         "ReadFile": lambda: b.read_file(name, "/etc/hostname"),
         "ListDir": lambda: b.stub.ListDir(api.ListDirRequest(sandbox=name, path="/"), timeout=10),
@@ -82,8 +95,11 @@ def test_another_tenant_cannot_touch_anything_and_learns_nothing(tenants):
 
 
 def b64(data) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode() if not isinstance(data, bytes) else data) \
-        .rstrip(b"=").decode()
+    return (
+        base64.urlsafe_b64encode(json.dumps(data).encode() if not isinstance(data, bytes) else data)
+        .rstrip(b"=")
+        .decode()
+    )
 
 
 def token_for(stack, key: str) -> str:
@@ -98,6 +114,7 @@ def signing_key(stack):
             return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/auth/signing-keys/")]
         finally:
             await client.close()
+
     newest = max(asyncio.run(read()), key=lambda k: k["created"])
     return newest["kid"], serialization.load_pem_private_key(newest["private"].encode(), password=None)
 
@@ -123,8 +140,14 @@ def test_tokens_work_and_bad_credentials_are_refused(stack):
     forged = f"{header}.{b64(dict(claims, tenant='tenant-a'))}.{token.split('.')[2]}"
     none_alg = f"{b64({'alg': 'none', 'kid': kid})}.{payload}."
     hs256 = f"{b64({'alg': 'HS256', 'kid': kid})}.{payload}.{b64(b'x' * 32)}"
-    for name, credential in {"expired": expired, "forged": forged, "alg none": none_alg, "alg HS256": hs256,
-                             "garbage": "not-a-token", "wrong key": key[:-4] + "AAAA"}.items():
+    for name, credential in {
+        "expired": expired,
+        "forged": forged,
+        "alg none": none_alg,
+        "alg HS256": hs256,
+        "garbage": "not-a-token",
+        "wrong key": key[:-4] + "AAAA",
+    }.items():
         assert call_with(stack, credential) == grpc.StatusCode.UNAUTHENTICATED, name
     key_id = key.split("_")[1]
     auth_stub(stack).RevokeApiKey(auth_pb2.RevokeApiKeyRequest(key_id=key_id), timeout=10)
@@ -142,11 +165,13 @@ def test_viewer_reads_but_may_not_create(stack):
 
 def test_quota_admits_exactly_the_remaining_room_under_a_race(stack):
     racer = Gateway(stack.gateway_address, tenant_key(stack, "tenant-race", max_sandboxes=5))
+
     def attempt(_):
         try:
             return racer.create()
         except grpc.RpcError as error:
             return error
+
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(attempt, range(50)))
     created = [r for r in results if isinstance(r, sandbox_pb2.Sandbox)]
@@ -185,6 +210,7 @@ def test_audit_chain_verifies_and_tampering_is_detected(stack):
             await client.put(key, json.dumps(entry).encode())
         finally:
             await client.close()
+
     asyncio.run(tamper())
     assert not auth.ListAuditEvents(auth_pb2.ListAuditEventsRequest(tenant="tenant-audit"), timeout=10).chain_valid
 
@@ -198,6 +224,7 @@ def test_token_bucket_refuses_past_the_burst_and_says_when_to_retry():
 
 def test_signing_key_rotation_keeps_earlier_tokens_valid(stack):
     from services.auth.credentials import CredentialStore
+
     key = tenant_key(stack, "tenant-rotation")
     before = token_for(stack, key)
 
@@ -208,6 +235,7 @@ def test_signing_key_rotation_keeps_earlier_tokens_valid(stack):
             return await CredentialStore(client, token_ttl=900).rotate()
         finally:
             await client.close()
+
     new_kid = asyncio.run(rotate())
     after = token_for(stack, key)
     header = json.loads(base64.urlsafe_b64decode(after.split(".")[0] + "=="))

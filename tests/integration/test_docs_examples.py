@@ -22,8 +22,13 @@ pytestmark = pytest.mark.guest
 def environment(stack) -> dict[str, str]:
     config = yaml.safe_load(stack.config_path.read_text())
     venv_bin = str(Path(sys.executable).parent)
-    return dict(os.environ, MVM_GATEWAY=stack.gateway_address, MVM_API_KEY=stack.admin_key,
-                MVM_HTTP="http://" + config["gateway"]["http_listen"], PATH=f"{venv_bin}:{os.environ['PATH']}")
+    return dict(
+        os.environ,
+        MVM_GATEWAY=stack.gateway_address,
+        MVM_API_KEY=stack.admin_key,
+        MVM_HTTP="http://" + config["gateway"]["http_listen"],
+        PATH=f"{venv_bin}:{os.environ['PATH']}",
+    )
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{i}-{kind}" for i, (kind, _) in enumerate(BLOCKS)])

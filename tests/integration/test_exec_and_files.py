@@ -35,8 +35,9 @@ def test_exec_timeout_kills_the_process_and_says_so(gateway, sandbox):
 
 
 def test_exec_passes_env_cwd_and_user(gateway, sandbox):
-    result = gateway.exec(sandbox.name, ["sh", "-c", 'echo "$COLOR"; pwd; id -u'], env={"COLOR": "teal"},
-                          cwd="/tmp", user="nobody")
+    result = gateway.exec(
+        sandbox.name, ["sh", "-c", 'echo "$COLOR"; pwd; id -u'], env={"COLOR": "teal"}, cwd="/tmp", user="nobody"
+    )
     assert result.stdout.decode().split() == ["teal", "/tmp", "65534"]
 
 
@@ -56,16 +57,17 @@ def test_exec_carries_binary_output_unchanged(gateway, sandbox):
 
 
 def test_64_mib_of_output_arrive_intact(gateway, sandbox):
-    result = gateway.exec(sandbox.name, ["sh", "-c",
-                                         "head -c 67108864 /dev/urandom > /root/big; sha256sum /root/big >&2; cat /root/big; rm /root/big"])
+    result = gateway.exec(
+        sandbox.name,
+        ["sh", "-c", "head -c 67108864 /dev/urandom > /root/big; sha256sum /root/big >&2; cat /root/big; rm /root/big"],
+    )
     assert len(result.stdout) == 64 << 20
     assert sha256(result.stdout) == result.stderr.split()[0].decode()
 
 
 def test_twenty_concurrent_execs_in_one_sandbox(gateway, sandbox):
     with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda i: gateway.exec(sandbox.name, ["sh", "-c", f"sleep 1; echo {i}"]),
-                                range(20)))
+        results = list(pool.map(lambda i: gateway.exec(sandbox.name, ["sh", "-c", f"sleep 1; echo {i}"]), range(20)))
     assert sorted(int(r.stdout) for r in results) == list(range(20))
 
 
@@ -76,8 +78,10 @@ def test_missing_command_is_not_found(gateway, sandbox):
 
 
 def test_cancelled_exec_kills_the_guest_process(gateway, sandbox):
-    stream = gateway.stub.Exec(api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(
-        argv=["sh", "-c", "echo up; exec sleep 1000"])), timeout=60)
+    stream = gateway.stub.Exec(
+        api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(argv=["sh", "-c", "echo up; exec sleep 1000"])),
+        timeout=60,
+    )
     pid = None
     for event in stream:
         if event.HasField("started"):
@@ -116,10 +120,12 @@ def test_100_mib_file_round_trip_is_intact(gateway, sandbox):
 
 
 def test_missing_paths_are_not_found(gateway, sandbox):
-    for call in (lambda: gateway.read_file(sandbox.name, "/no/such/file"),
-                 lambda: gateway.stub.Stat(api.StatRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
-                 lambda: gateway.stub.ListDir(api.ListDirRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
-                 lambda: gateway.write_file(sandbox.name, "/no/such/dir/file", b"x")):
+    for call in (
+        lambda: gateway.read_file(sandbox.name, "/no/such/file"),
+        lambda: gateway.stub.Stat(api.StatRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
+        lambda: gateway.stub.ListDir(api.ListDirRequest(sandbox=sandbox.name, path="/no/such"), timeout=30),
+        lambda: gateway.write_file(sandbox.name, "/no/such/dir/file", b"x"),
+    ):
         with pytest.raises(grpc.RpcError) as failure:
             call()
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND, failure.value.details()
@@ -131,8 +137,7 @@ def test_directory_operations(gateway, sandbox):
     assert made.directory.path == "/srv/a/b"
     gateway.write_file(sandbox.name, "/srv/a/file.txt", b"hello", mode=0o600)
     listed = stub.ListDir(api.ListDirRequest(sandbox=sandbox.name, path="/srv/a"), timeout=30)
-    assert [(e.path, e.size) for e in listed.entries] == [("/srv/a/b", listed.entries[0].size),
-                                                           ("/srv/a/file.txt", 5)]
+    assert [(e.path, e.size) for e in listed.entries] == [("/srv/a/b", listed.entries[0].size), ("/srv/a/file.txt", 5)]
     assert stub.Stat(api.StatRequest(sandbox=sandbox.name, path="/srv/a/file.txt"), timeout=30).file.mode == 0o600
     with pytest.raises(grpc.RpcError) as failure:
         stub.Remove(api.RemoveRequest(sandbox=sandbox.name, path="/srv/a"), timeout=30)

@@ -25,8 +25,9 @@ def test_langchain_tool_and_code_executor(stack):
         output = tool.invoke({"language": "python", "code": "print(6*7)"})
         assert "exit code: 0" in output and "42" in output
         assert "exit code: 3" in tool.invoke({"language": "sh", "code": "echo no >&2; exit 3"})
-        assert "INVALID_ARGUMENT" in tool.invoke({"language": "cobol", "code": "x"}) or \
-            "unsupported language" in tool.invoke({"language": "cobol", "code": "x"})
+        assert "INVALID_ARGUMENT" in tool.invoke(
+            {"language": "cobol", "code": "x"}
+        ) or "unsupported language" in tool.invoke({"language": "cobol", "code": "x"})
         executor = SandboxCodeExecutor(sandbox)
         result = executor.execute_code_blocks([Block("python", "x = 2\nprint(x * 21)"), Block("sh", "echo done")])
         assert result.exit_code == 0 and result.output == "42\ndone\n"

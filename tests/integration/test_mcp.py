@@ -12,8 +12,20 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 pytestmark = pytest.mark.guest
-TOOLS = {"create_sandbox", "execute_code", "run_command", "write_file", "read_file", "list_files",
-         "snapshot_sandbox", "restore_snapshot", "fork_sandbox", "destroy_sandbox", "list_sandboxes", "expose_port"}
+TOOLS = {
+    "create_sandbox",
+    "execute_code",
+    "run_command",
+    "write_file",
+    "read_file",
+    "list_files",
+    "snapshot_sandbox",
+    "restore_snapshot",
+    "fork_sandbox",
+    "destroy_sandbox",
+    "list_sandboxes",
+    "expose_port",
+}
 
 
 def result_data(result) -> object:
@@ -24,8 +36,11 @@ def result_data(result) -> object:
 
 
 def test_mcp_tools_run_code_files_and_snapshots(stack):
-    parameters = StdioServerParameters(command=sys.executable, args=["-m", "microvm_mcp"], env={
-        **os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key})
+    parameters = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "microvm_mcp"],
+        env={**os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key},
+    )
 
     async def scenario():
         async with Client(parameters) as client:
@@ -38,21 +53,35 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
 
             async def on_progress(value, total, message):
                 progress.append(message)
-            ran = result_data(await client.call_tool(
-                "execute_code", {"sandbox_id": sandbox_id, "language": "python",
-                                 "code": "import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.3)"},
-                progress_callback=on_progress))
+
+            ran = result_data(
+                await client.call_tool(
+                    "execute_code",
+                    {
+                        "sandbox_id": sandbox_id,
+                        "language": "python",
+                        "code": "import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.3)",
+                    },
+                    progress_callback=on_progress,
+                )
+            )
             assert ran["exit_code"] == 0 and ran["stdout"] == "0\n1\n2\n"
             assert "".join(m or "" for m in progress).split() == ["0", "1", "2"]  # streamed as it ran
             await client.call_tool("write_file", {"sandbox_id": sandbox_id, "path": "/root/a.txt", "content": "hi"})
-            assert result_data(await client.call_tool("read_file", {"sandbox_id": sandbox_id,
-                                                                    "path": "/root/a.txt"})) == "hi"
+            assert (
+                result_data(await client.call_tool("read_file", {"sandbox_id": sandbox_id, "path": "/root/a.txt"}))
+                == "hi"
+            )
             listed = result_data(await client.call_tool("list_files", {"sandbox_id": sandbox_id, "path": "/root"}))
             assert "/root/a.txt" in [entry["path"] for entry in listed]
             snapshot = result_data(await client.call_tool("snapshot_sandbox", {"sandbox_id": sandbox_id}))
             restored = result_data(await client.call_tool("restore_snapshot", snapshot))
-            assert result_data(await client.call_tool("read_file", {"sandbox_id": restored["sandbox_id"],
-                                                                    "path": "/root/a.txt"})) == "hi"
+            assert (
+                result_data(
+                    await client.call_tool("read_file", {"sandbox_id": restored["sandbox_id"], "path": "/root/a.txt"})
+                )
+                == "hi"
+            )
             failed = await client.call_tool("read_file", {"sandbox_id": sandbox_id, "path": "/missing"})
             assert failed.is_error and "NOT_FOUND" in failed.content[0].text
             # This stack runs without networking: the agent is told why, not handed a dead URL.
@@ -63,19 +92,25 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
                 await client.call_tool("destroy_sandbox", {"sandbox_id": target})
             gone = await client.call_tool("run_command", {"sandbox_id": sandbox_id, "command": "true"})
             assert gone.is_error and "NOT_FOUND" in gone.content[0].text
+
     asyncio.run(scenario())
 
 
 def test_mcp_over_streamable_http_lists_tools_with_described_inputs(stack):
     import socket
     import subprocess
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "microvm_mcp", "--http", "--port", str(port)],
-                              env={**os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "microvm_mcp", "--http", "--port", str(port)],
+        env={**os.environ, "MVM_GATEWAY": stack.gateway_address, "MVM_API_KEY": stack.admin_key},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         async def scenario():
             for _ in range(100):
                 try:
@@ -84,6 +119,7 @@ def test_mcp_over_streamable_http_lists_tools_with_described_inputs(stack):
                 except Exception:
                     await asyncio.sleep(0.1)
             raise AssertionError("the MCP HTTP server did not come up")
+
         tools = {tool.name: tool for tool in asyncio.run(scenario())}
         assert set(tools) >= TOOLS
         schema = tools["execute_code"].input_schema

@@ -19,8 +19,17 @@ import yaml
 
 from microvm.sandbox.v1 import sandbox_pb2
 from tests import netns_checks as checks
-from tests.netns import (HTTP_ENDPOINTS, INTERNET, INTERNET_OTHER, METADATA, NODE_UPLINK, NetnsLab, RemoteRpcError,
-                         run_in, sh)
+from tests.netns import (
+    HTTP_ENDPOINTS,
+    INTERNET,
+    INTERNET_OTHER,
+    METADATA,
+    NODE_UPLINK,
+    NetnsLab,
+    RemoteRpcError,
+    run_in,
+    sh,
+)
 from tests.stack import free_port, start_stack
 
 NONE, FULL, ALLOW_LIST = sandbox_pb2.EGRESS_MODE_NONE, sandbox_pb2.EGRESS_MODE_FULL, sandbox_pb2.EGRESS_MODE_ALLOW_LIST
@@ -57,8 +66,11 @@ class NodeStack:
     @property
     def service_targets(self) -> list[str]:
         """Our services as a sandbox could try them: on the bridge address and on the node's uplink."""
-        return [f"{host}:{port}" for host in (BRIDGE_ADDRESS, NODE_UPLINK)
-                for port in (self.etcd_port, self.gateway_port, self.http_port)]
+        return [
+            f"{host}:{port}"
+            for host in (BRIDGE_ADDRESS, NODE_UPLINK)
+            for port in (self.etcd_port, self.gateway_port, self.http_port)
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +78,19 @@ def node(tmp_path_factory):
     lab = NetnsLab.create()
     stack = None
     try:
-        stack = start_stack(tmp_path_factory.mktemp("netns-stack"), {
-            "networking": True,
-            "network": {"dns_servers": ["198.51.100.53"], "reconcile_interval_seconds": 1},
-            # Bound to every address of the node, so only the firewall keeps sandboxes away from them.
-            "gateway": {"listen": f"0.0.0.0:{free_port()}", "http_listen": f"0.0.0.0:{free_port()}"},
-            "supervisor": {"etcd_listen_host": "0.0.0.0"},
-            "compute": {"warm_pool_size": 1},
-        }, timeout=120, netns=lab.node)
+        stack = start_stack(
+            tmp_path_factory.mktemp("netns-stack"),
+            {
+                "networking": True,
+                "network": {"dns_servers": ["198.51.100.53"], "reconcile_interval_seconds": 1},
+                # Bound to every address of the node, so only the firewall keeps sandboxes away from them.
+                "gateway": {"listen": f"0.0.0.0:{free_port()}", "http_listen": f"0.0.0.0:{free_port()}"},
+                "supervisor": {"etcd_listen_host": "0.0.0.0"},
+                "compute": {"warm_pool_size": 1},
+            },
+            timeout=120,
+            netns=lab.node,
+        )
         yield NodeStack(lab, stack)
         stack.stop()
         # Stopping the stack kills the VMs, and their TAPs go with them (`make down` leaves none behind).
@@ -88,8 +105,11 @@ def node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sandboxes(node):
     """Three guests, one per egress mode; the NONE one serves HTTP on GUEST_SERVER_PORT."""
-    made = {"full": node(checks.create, FULL), "none": node(checks.create, NONE),
-            "allow": node(checks.create, ALLOW_LIST, [(f"{INTERNET}/32", [8000])])}
+    made = {
+        "full": node(checks.create, FULL),
+        "none": node(checks.create, NONE),
+        "allow": node(checks.create, ALLOW_LIST, [(f"{INTERNET}/32", [8000])]),
+    }
     node(checks.serve_in_guest, made["none"].name, GUEST_SERVER_PORT)
     yield made
     for sandbox in made.values():
@@ -103,8 +123,9 @@ def test_guest_gets_its_address_gateway_and_name_servers(node, sandboxes):
     addresses = [ipaddress.ip_address(s.ip_address) for s in sandboxes.values()]
     assert all(a in SUBNET for a in addresses) and len(set(addresses)) == 3
     sandbox = sandboxes["full"]
-    code, out, _ = node(checks.run, sandbox.name,
-                        ["sh", "-c", "ip -4 -o addr show; ip route show default; cat /etc/resolv.conf"])
+    code, out, _ = node(
+        checks.run, sandbox.name, ["sh", "-c", "ip -4 -o addr show; ip route show default; cat /etc/resolv.conf"]
+    )
     assert code == 0
     assert f"inet {sandbox.ip_address}/{SUBNET.prefixlen}" in out
     assert f"default via {BRIDGE_ADDRESS}" in out
@@ -203,7 +224,9 @@ def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, san
     sandbox = node(checks.create, FULL)
     sandbox_id = sandbox.name.split("/")[1]
     before = node.on_node(checks.host_network_state, node.portable_stack)
-    tap = next(a.tap_device for a in node.on_node(checks.attachments, node.portable_stack) if a.sandbox_id == sandbox_id)
+    tap = next(
+        a.tap_device for a in node.on_node(checks.attachments, node.portable_stack) if a.sandbox_id == sandbox_id
+    )
     assert tap in before["taps"] and f"sandbox_{sandbox_id.replace('-', '_')}" in before["ruleset"]
     old_pid = node.on_node(checks.network_service_pid, node.portable_stack)
     os.kill(old_pid, signal.SIGKILL)
@@ -236,20 +259,32 @@ def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, san
 def test_policy_and_exposed_ports_over_http_json(node, sandboxes):
     base, key = f"http://127.0.0.1:{node.http_port}", node.stack.admin_key
     name = sandboxes["full"].name
-    status, body = node.on_node(checks.http_json, base, key, "PATCH", f"/v1/{name}?updateMask=networkPolicy",
-                                {"networkPolicy": {"egress": "EGRESS_MODE_ALLOW_LIST",
-                                                   "allow": [{"cidr": f"{INTERNET}/32", "ports": [8001]}]}})
+    status, body = node.on_node(
+        checks.http_json,
+        base,
+        key,
+        "PATCH",
+        f"/v1/{name}?updateMask=networkPolicy",
+        {"networkPolicy": {"egress": "EGRESS_MODE_ALLOW_LIST", "allow": [{"cidr": f"{INTERNET}/32", "ports": [8001]}]}},
+    )
     assert status == 200, body
     assert body["sandbox"]["networkPolicy"].get("allow") == [{"cidr": f"{INTERNET}/32", "ports": [8001]}]
     results = node(checks.probe_from_guest, name, [f"{INTERNET}:8000", f"{INTERNET}:8001"])
     assert results[f"{INTERNET}:8000"].startswith("blocked") and results[f"{INTERNET}:8001"].startswith("open")
-    status, body = node.on_node(checks.http_json, base, key, "PATCH", f"/v1/{name}?updateMask=networkPolicy",
-                                {"networkPolicy": {"egress": "EGRESS_MODE_FULL"}})
+    status, body = node.on_node(
+        checks.http_json,
+        base,
+        key,
+        "PATCH",
+        f"/v1/{name}?updateMask=networkPolicy",
+        {"networkPolicy": {"egress": "EGRESS_MODE_FULL"}},
+    )
     assert status == 200 and body["sandbox"]["networkPolicy"]["egress"] == "EGRESS_MODE_FULL"
     status, body = node.on_node(checks.http_json, base, key, "POST", f"/v1/{name}:exposePort", {"guestPort": 0})
     assert status == 400 and "guest_port" in body["message"]
-    status, body = node.on_node(checks.http_json, base, key, "POST", f"/v1/{name}:exposePort",
-                                {"guestPort": 9, "hostAddress": "not-an-address"})
+    status, body = node.on_node(
+        checks.http_json, base, key, "POST", f"/v1/{name}:exposePort", {"guestPort": 9, "hostAddress": "not-an-address"}
+    )
     assert status == 400 and "host_address" in body["message"]
 
 

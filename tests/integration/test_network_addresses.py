@@ -20,6 +20,7 @@ def run(stack, scenario):
             return await scenario(client)
         finally:
             await client.close()
+
     return asyncio.run(wrapper())
 
 
@@ -39,6 +40,7 @@ def test_fifty_concurrent_allocations_are_unique_and_released_addresses_are_reus
         await pools[0].release("seq-1")
         assert await pools[1].allocate("seq-new") == second
         await client.delete_prefix(f"/microvm/network/{node}/".encode())
+
     run(stack, scenario)
 
 
@@ -52,4 +54,5 @@ def test_a_full_subnet_is_resource_exhausted(stack):
         with pytest.raises(ResourceExhausted):
             await pool.allocate("sbx-one-too-many")
         await client.delete_prefix(f"/microvm/network/{node}/".encode())
+
     run(stack, scenario)

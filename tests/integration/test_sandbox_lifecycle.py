@@ -14,7 +14,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import error_info
 from services.common.registry import etcd_client
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.guest
 
 def instances(stack, kind):
     return [i for i in stack.registered() if i.kind == kind]
+
 
 def live_instance(stack, kind):
     """The running instance of `kind` (a killed one stays registered until its lease expires)."""
@@ -37,6 +39,7 @@ def etcd_keys(stack, prefix: str) -> list[str]:
             return [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
         finally:
             await client.close()
+
     return asyncio.run(read())
 
 
@@ -48,6 +51,7 @@ def vm_records(stack) -> list[dict]:
             return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/vms/")]
         finally:
             await client.close()
+
     return asyncio.run(read())
 
 
@@ -97,13 +101,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
     return predicate()
 
 
-@pytest.mark.parametrize("fields, code, reason", [
-    ({"vcpus": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "VCPUS_OUT_OF_RANGE"),
-    ({"memory_mib": 64}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-    ({"memory_mib": 10_000_000}, grpc.StatusCode.INVALID_ARGUMENT, "MEMORY_OUT_OF_RANGE"),
-    ({"template": "no-such-template"}, grpc.StatusCode.NOT_FOUND, "TEMPLATE_NOT_FOUND"),
-    ({"labels": {"Bad Key": "x"}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "fields, code, reason",
+    [
+        ({"vcpus": 1000}, grpc.StatusCode.INVALID_ARGUMENT, "VCPUS_OUT_OF_RANGE"),
+        ({"memory_mib": 64}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ({"memory_mib": 10_000_000}, grpc.StatusCode.INVALID_ARGUMENT, "MEMORY_OUT_OF_RANGE"),
+        ({"template": "no-such-template"}, grpc.StatusCode.NOT_FOUND, "TEMPLATE_NOT_FOUND"),
+        ({"labels": {"Bad Key": "x"}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    ],
+)
 def test_bad_create_requests_are_refused_with_a_clear_status(gateway, fields, code, reason):
     with pytest.raises(grpc.RpcError) as failure:
         gateway.create(**fields)
@@ -130,10 +137,17 @@ def test_get_list_filter_and_update(gateway, sandbox):
     listed = gateway.stub.ListSandboxes(api.ListSandboxesRequest(filter="labels.suite=shared"), timeout=10)
     assert [s.name for s in listed.sandboxes] == [sandbox.name]
     before = got.expire_time.ToSeconds()
-    updated = gateway.stub.UpdateSandbox(api.UpdateSandboxRequest(
-        sandbox=sandbox_pb2.Sandbox(name=sandbox.name, labels={"suite": "shared", "extra": "yes"},
-                                    timeout=duration_pb2.Duration(seconds=3600)),
-        update_mask=field_mask_pb2.FieldMask(paths=["labels", "timeout"])), timeout=10).sandbox
+    updated = gateway.stub.UpdateSandbox(
+        api.UpdateSandboxRequest(
+            sandbox=sandbox_pb2.Sandbox(
+                name=sandbox.name,
+                labels={"suite": "shared", "extra": "yes"},
+                timeout=duration_pb2.Duration(seconds=3600),
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels", "timeout"]),
+        ),
+        timeout=10,
+    ).sandbox
     assert updated.labels["extra"] == "yes"
     assert updated.expire_time.ToSeconds() > before + 1800
 
@@ -151,6 +165,7 @@ def test_expired_sandbox_is_deleted_with_everything_it_held(stack, gateway):
             return False
         except grpc.RpcError as error:
             return error.code() == grpc.StatusCode.NOT_FOUND
+
     assert wait_for(gone, timeout=45)
     assert wait_for(lambda: not alive(pid), timeout=10)
     assert not directory.exists()
@@ -179,8 +194,13 @@ def test_killing_compute_ends_a_running_exec_and_the_vm_is_readopted(stack, gate
         assert result == grpc.StatusCode.UNAVAILABLE
         # The supervisor restarts compute, which re-adopts the still-running VM.
         assert wait_for(lambda: [i for i in instances(stack, "compute") if i.pid != compute.pid], timeout=20)
-        assert wait_for(lambda: gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5)
-                        .sandbox.state == sandbox_pb2.SANDBOX_STATE_RUNNING, timeout=20)
+        assert wait_for(
+            lambda: (
+                gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5).sandbox.state
+                == sandbox_pb2.SANDBOX_STATE_RUNNING
+            ),
+            timeout=20,
+        )
         assert gateway.exec(sandbox.name, ["echo", "still here"]).stdout == b"still here\n"
         assert "adopted" in stack.log("compute")
     finally:
@@ -197,9 +217,11 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
     os.kill(pid, signal.SIGKILL)
     os.kill(compute.pid, signal.SIGKILL)
     try:
+
         def failed():
             got = gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5).sandbox
             return got if got.state == sandbox_pb2.SANDBOX_STATE_FAILED else None
+
         got = wait_for(failed, timeout=30)
         assert got and "not running" in got.failure_message
         assert not directory.exists()
@@ -213,7 +235,10 @@ def test_vm_that_died_while_compute_was_down_is_marked_failed_and_cleaned_up(sta
 
 def test_pool_vm_that_died_while_compute_was_down_is_removed_on_restart(stack, gateway):
     def pool_ids():
-        return [k.rsplit("/", 1)[1] for k in etcd_keys(stack, "/microvm/vms/") if k.rsplit("/", 1)[1].startswith("pool-")]
+        return [
+            k.rsplit("/", 1)[1] for k in etcd_keys(stack, "/microvm/vms/") if k.rsplit("/", 1)[1].startswith("pool-")
+        ]
+
     assert wait_for(pool_ids, timeout=120), "the warm pool never filled"
     victim = pool_ids()[0]
     directory = Path(vm_record(stack, victim)["directory"])
@@ -240,6 +265,7 @@ def test_exec_ends_unavailable_when_its_sandbox_is_deleted(gateway):
 
 def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
     from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
+
     sandbox = gateway.create()
     sandbox_id = sandbox.name.split("/")[1]
     try:
@@ -263,6 +289,7 @@ def test_default_size_starts_from_the_warm_pool_and_other_sizes_boot_cold(stack,
     # (a pool VM is ready once paused; its record exists from the start of its restore)
     def ready_pool_vms():
         return [r for r in vm_records(stack) if r["id"].startswith("pool-") and r["state"] == "PAUSED"]
+
     assert wait_for(lambda: len(ready_pool_vms()) >= 2, timeout=90)
     sandbox = gateway.create(**fields)
     try:
@@ -282,6 +309,7 @@ def test_a_size_booted_cold_twice_gets_its_own_template_snapshot(stack, gateway)
         finally:
             gateway.delete(sandbox.name)
         return method, meminfo
+
     assert create_and_method(288)[0] == "cold-boot"
     assert create_and_method(288)[0] == "cold-boot"  # the second cold boot of the size asks for a template
     templates = stack.state_dir / "compute" / "templates" / "default"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from microvm_sandbox import (AsyncSandbox, Exited, InvalidArgumentError, NotFoundError, Sandbox, Stdout)
+from microvm_sandbox import AsyncSandbox, Exited, InvalidArgumentError, NotFoundError, Sandbox, Stdout
 from microvm_sandbox.aio import AsyncClient
 
 pytestmark = pytest.mark.guest
@@ -39,6 +39,7 @@ def test_async_sandbox_in_one_line(stack):
         with pytest.raises(NotFoundError):
             await AsyncSandbox.connect(name, client=client)
         await client.close()
+
     asyncio.run(scenario())
 
 

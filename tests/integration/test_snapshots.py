@@ -12,7 +12,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from services.common.errors import error_info
 from tests.integration.test_sandbox_lifecycle import etcd_keys, instances, vm_pid, wait_for
@@ -65,8 +66,9 @@ def test_restore_keeps_files_and_processes_continue_from_their_count(gateway, co
 
 
 def test_fork_makes_independent_clones_with_their_own_identity(gateway, counting_sandbox):
-    forked = gateway.stub.ForkSandbox(api.ForkSandboxRequest(name=counting_sandbox.name, count=4,
-                                                             labels={"fork": "yes"}), timeout=600)
+    forked = gateway.stub.ForkSandbox(
+        api.ForkSandboxRequest(name=counting_sandbox.name, count=4, labels={"fork": "yes"}), timeout=600
+    )
     clones = list(forked.sandboxes)
     try:
         assert len(clones) == 4 and forked.snapshot.source_sandbox == counting_sandbox.name
@@ -76,8 +78,14 @@ def test_fork_makes_independent_clones_with_their_own_identity(gateway, counting
             assert gateway.read_file(clone.name, "/root/mine.txt") == f"clone {index}".encode()
         assert gateway.exec(counting_sandbox.name, ["test", "-e", "/root/mine.txt"]).exit_code == 1
         with ThreadPoolExecutor(4) as pool:
-            outputs = list(pool.map(lambda c: gateway.exec(
-                c.name, ["sh", "-c", "hostname; head -c16 /dev/urandom | od -An -tx1"]).stdout, clones))
+            outputs = list(
+                pool.map(
+                    lambda c: (
+                        gateway.exec(c.name, ["sh", "-c", "hostname; head -c16 /dev/urandom | od -An -tx1"]).stdout
+                    ),
+                    clones,
+                )
+            )
         hostnames = {o.split(b"\n")[0] for o in outputs}
         randomness = {b"".join(o.split(b"\n")[1:]) for o in outputs}
         assert len(hostnames) == 4 and len(randomness) == 4
@@ -102,8 +110,11 @@ def test_lineage_records_the_parent_snapshot(gateway, counting_sandbox):
 
 def test_corrupt_chunk_refuses_restore_with_data_loss(stack, gateway, counting_sandbox):
     snapshot = snapshot_of(gateway, counting_sandbox)
-    record = store_stub(stack).GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(
-        id=snapshot.name.split("/")[1]), timeout=10).record
+    record = (
+        store_stub(stack)
+        .GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=snapshot.name.split("/")[1]), timeout=10)
+        .record
+    )
     memory = next(a for a in record.artifacts if a.name == "memory")
     # A chunk only this snapshot has, so other snapshots stay intact.
     others = store_stub(stack).ListSnapshotRecords(snapshot_pb2.ListSnapshotRecordsRequest(), timeout=10).records
@@ -182,7 +193,8 @@ def test_snapshots_survive_a_restart_of_the_snapshot_service(stack, gateway, cou
     os.kill(old.pid, signal.SIGKILL)
     assert wait_for(lambda: [i for i in instances(stack, "snapshot") if i.pid != old.pid], timeout=20)
     time.sleep(2.5)  # the dead instance's registration expires
-    assert gateway.stub.GetSnapshot(api.GetSnapshotRequest(name=snapshot.name), timeout=10).snapshot.name \
-        == snapshot.name
+    assert (
+        gateway.stub.GetSnapshot(api.GetSnapshotRequest(name=snapshot.name), timeout=10).snapshot.name == snapshot.name
+    )
     clone = restore(gateway, snapshot)
     gateway.delete(clone.name)

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import grpc
-import yaml
 import pytest
+import yaml
 
-from microvm.sandbox.v1 import sandbox_pb2
 from microvm.network.v1 import network_pb2, network_pb2_grpc
+from microvm.sandbox.v1 import sandbox_pb2
 from services.common.errors import error_info
 from services.common.registry import ServiceInstance
 from services.supervisor.stack import SERVICE_KINDS, stop_leftover_vms
@@ -49,19 +49,25 @@ def test_every_service_is_registered_in_etcd_with_a_reachable_address(stack):
 
 
 def test_grpcurl_lists_the_public_api_through_reflection(stack):
-    listed = subprocess.run([GRPCURL, "-plaintext", stack.gateway_address, "list"],
-                            capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    listed = subprocess.run(
+        [GRPCURL, "-plaintext", stack.gateway_address, "list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
     assert "microvm.sandbox.v1.SandboxService" in listed
     assert "grpc.health.v1.Health" in listed
 
 
 def test_grpcurl_describes_the_public_service_and_its_messages(stack):
     def describe(symbol):
-        return subprocess.run([GRPCURL, "-plaintext", stack.gateway_address, "describe", symbol],
-                              capture_output=True, text=True, timeout=30, check=True).stdout
+        return subprocess.run(
+            [GRPCURL, "-plaintext", stack.gateway_address, "describe", symbol],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+
     service = describe("microvm.sandbox.v1.SandboxService")
-    assert "rpc Exec ( .microvm.sandbox.v1.ExecRequest ) returns ( stream .microvm.sandbox.v1.ExecResponse )" \
-        in service
+    assert "rpc Exec ( .microvm.sandbox.v1.ExecRequest ) returns ( stream .microvm.sandbox.v1.ExecResponse )" in service
     assert "oneof event" in describe("microvm.sandbox.v1.ExecResponse")
 
 
@@ -71,7 +77,8 @@ def test_networking_turned_off_is_a_failed_precondition_naming_the_switch(stack,
     network = next(i for i in registered(stack) if i.kind == "network")
     with pytest.raises(grpc.RpcError) as failure:
         network_pb2_grpc.NetworkServiceStub(stack.internal_channel(network.address)).ExposePort(
-            network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5)
+            network_pb2.ExposePortRequest(sandbox_id="x", guest_port=80), timeout=5
+        )
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(failure.value).reason == "NETWORKING_DISABLED"
     with pytest.raises(grpc.RpcError) as failure:
@@ -129,7 +136,9 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
 @pytest.mark.parametrize("kind", ["compute", "relay", "network", "snapshot", "auth"])
 def test_internal_service_refuses_callers_without_a_service_certificate(stack, tmp_path, kind):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from services.common.pki import ensure_pki, load_identity
+
     address = next(i for i in registered(stack) if i.kind == kind).address
     request = health_pb2.HealthCheckRequest()
     # No TLS at all.
@@ -152,11 +161,24 @@ def test_internal_service_refuses_callers_without_a_service_certificate(stack, t
 def test_network_service_without_host_tools_exits_with_what_is_missing(stack, tmp_path):
     # iproute2 and nftables out of reach (as on a host without them): a clear refusal, nothing half set up.
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"networking": True, "etcd_endpoints": [stack.etcd_endpoint],
-                                      "state_dir": str(tmp_path), "pki_dir": str(stack.state_dir / "pki"),
-                                      "network": {"bridge": "mvmnotools0"}}))
-    result = subprocess.run([sys.executable, "-m", "services.network", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": str(tmp_path)})
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "networking": True,
+                "etcd_endpoints": [stack.etcd_endpoint],
+                "state_dir": str(tmp_path),
+                "pki_dir": str(stack.state_dir / "pki"),
+                "network": {"bridge": "mvmnotools0"},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "services.network", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "networking: true needs iproute2, nftables and CAP_NET_ADMIN" in result.stderr
     assert "networking: false" in result.stderr

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.compute.hypervisor import kvm_usable
 from tests.guests import Gateway
 from tests.integration.test_sandbox_lifecycle import alive, vm_record, wait_for
@@ -40,8 +41,10 @@ def driver_stack(request, tmp_path_factory):
     reason = unavailable_reason(request.param)
     if reason:
         pytest.skip(f"{request.param} conformance skipped: {reason}")
-    stack = start_stack(tmp_path_factory.mktemp(f"conformance-{request.param}"),
-                        {"compute": {"vmm": request.param, "warm_pool_size": 1}})
+    stack = start_stack(
+        tmp_path_factory.mktemp(f"conformance-{request.param}"),
+        {"compute": {"vmm": request.param, "warm_pool_size": 1}},
+    )
     stack.driver = request.param
     stack.gateway = Gateway(stack.gateway_address, stack.admin_key)
     yield stack
@@ -91,8 +94,9 @@ def test_snapshot_restore_and_fork(driver_stack):
     try:
         gateway.write_file(sandbox.name, "/root/state.txt", b"kept")
         snapshot = gateway.stub.CreateSnapshot(api.CreateSnapshotRequest(sandbox=sandbox.name), timeout=300).snapshot
-        clones.append(gateway.stub.RestoreSnapshot(api.RestoreSnapshotRequest(snapshot=snapshot.name),
-                                                   timeout=300).sandbox)
+        clones.append(
+            gateway.stub.RestoreSnapshot(api.RestoreSnapshotRequest(snapshot=snapshot.name), timeout=300).sandbox
+        )
         clones += gateway.stub.ForkSandbox(api.ForkSandboxRequest(name=sandbox.name, count=2), timeout=300).sandboxes
         for clone in clones:
             assert gateway.read_file(clone.name, "/root/state.txt") == b"kept"
@@ -113,6 +117,7 @@ def test_killed_vmm_marks_the_vm_failed_and_releases_it(driver_stack):
     def failed():
         got = gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=5).sandbox
         return got.state == sandbox_pb2.SANDBOX_STATE_FAILED and got
+
     got = wait_for(failed, timeout=20)
     assert got and "exited unexpectedly" in got.failure_message
     assert wait_for(lambda: not directory.exists(), timeout=10)
@@ -124,9 +129,12 @@ def test_missing_vmm_binary_fails_at_start_with_a_clear_message(driver_stack, tm
     key = "qemu_binary" if driver_stack.driver == "qemu" else "cloud_hypervisor_binary"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"compute": {"vmm": driver_stack.driver, key: "/nonexistent/vmm"}}))
-    result = subprocess.run([sys.executable, "-m", "services.compute", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, MVM_ETCD_ENDPOINTS=driver_stack.etcd_endpoint,
-                                     MVM_STATE_DIR=str(driver_stack.state_dir)))
+    result = subprocess.run(
+        [sys.executable, "-m", "services.compute", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, MVM_ETCD_ENDPOINTS=driver_stack.etcd_endpoint, MVM_STATE_DIR=str(driver_stack.state_dir)),
+    )
     assert result.returncode == 2
     assert "/nonexistent/vmm" in result.stderr and "Traceback" not in result.stderr

@@ -45,8 +45,18 @@ def image(tmp_path) -> BuiltImage:
 
 
 def record(directory: Path, image: BuiltImage, **fields) -> VmRecord:
-    values = dict(id="vm-1", node="n", template="default", image_dir=str(image.directory), vcpus=2,
-                  memory_mib=512, hostname="vm-1", vmm="cloud-hypervisor", accel="kvm", directory=str(directory))
+    values = dict(
+        id="vm-1",
+        node="n",
+        template="default",
+        image_dir=str(image.directory),
+        vcpus=2,
+        memory_mib=512,
+        hostname="vm-1",
+        vmm="cloud-hypervisor",
+        accel="kvm",
+        directory=str(directory),
+    )
     values.update(fields)
     return VmRecord(**values)
 
@@ -56,12 +66,15 @@ def test_every_endpoint_the_driver_calls_exists_in_the_spec():
     assert missing == []
 
 
-@pytest.mark.parametrize("fields", [
-    {},
-    {"vcpus": 8, "memory_mib": 8192, "ram_path": "/dev/shm/x.ram", "ram_shared": True},
-    {"boot_hostname": "source-host"},
-    {"tap_device": "mvt0123456789a", "mac_address": "0a:58:0a:d5:00:02", "guest_cidr": "10.213.0.2/20"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"vcpus": 8, "memory_mib": 8192, "ram_path": "/dev/shm/x.ram", "ram_shared": True},
+        {"boot_hostname": "source-host"},
+        {"tap_device": "mvt0123456789a", "mac_address": "0a:58:0a:d5:00:02", "guest_cidr": "10.213.0.2/20"},
+    ],
+)
 def test_vm_config_validates_against_the_vm_config_schema(tmp_path, image, fields):
     driver = CloudHypervisorDriver(kvm_choice(), "cloud-hypervisor")
     config = driver.vm_config(record(tmp_path, image, **fields), image, tmp_path)
@@ -72,12 +85,15 @@ def test_vm_config_validates_against_the_vm_config_schema(tmp_path, image, field
         assert config["net"] == [{"tap": "mvt0123456789a", "mac": "0a:58:0a:d5:00:02", "num_queues": 2}]
 
 
-@pytest.mark.parametrize("endpoint, body", [
-    ("vm.resize", {"desired_vcpus": 2}),
-    ("vm.resize", {"desired_ram": 1 << 30}),
-    ("vm.snapshot", {"destination_url": "file:///tmp/snap"}),
-    ("vm.restore", {"source_url": "file:///tmp/snap", "prefault": False}),
-])
+@pytest.mark.parametrize(
+    "endpoint, body",
+    [
+        ("vm.resize", {"desired_vcpus": 2}),
+        ("vm.resize", {"desired_ram": 1 << 30}),
+        ("vm.snapshot", {"destination_url": "file:///tmp/snap"}),
+        ("vm.restore", {"source_url": "file:///tmp/snap", "prefault": False}),
+    ],
+)
 def test_request_bodies_validate(endpoint, body):
     assert validate(request_schema("PUT", endpoint), body) == []
 
@@ -94,7 +110,7 @@ def fake_ch(tmp_path, monkeypatch):
     log = tmp_path / "requests.jsonl"
     monkeypatch.setenv("FAKE_CH_LOG", str(log))
     wrapper = tmp_path / "cloud-hypervisor"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
     wrapper.chmod(0o755)
     yield str(wrapper), log
     subprocess.run(["pkill", "-f", str(FAKE)], check=False)
@@ -123,8 +139,12 @@ async def test_driver_lifecycle_snapshot_and_restore_speak_only_the_spec(tmp_pat
     assert (frozen / "vmm-state.tar").exists() and (frozen / "disk.qcow2").exists()
     clone_dir = tmp_path / "clone"
     clone_dir.mkdir()
-    await driver.restore(record(clone_dir, image, id="vm-2", tap_device="mvt00000000002",
-                                mac_address="0a:58:0a:d5:00:03"), image, clone_dir, frozen)
+    await driver.restore(
+        record(clone_dir, image, id="vm-2", tap_device="mvt00000000002", mac_address="0a:58:0a:d5:00:03"),
+        image,
+        clone_dir,
+        frozen,
+    )
     assert await driver.status(clone_dir) == "running"
     restored = json.loads((clone_dir / "restore" / "config.json").read_text())
     assert restored["disks"][0]["path"] == str(driver.paths(clone_dir)["disk"])  # its own disk, not the source's

@@ -31,8 +31,7 @@ def test_unknown_key_in_a_section_is_named_with_its_section(tmp_path):
 
 def test_bad_port_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="gateway.listen: port 70000 is outside"):
-        load_config(write(tmp_path, "gateway: {listen: '127.0.0.1:70000'}\n"), "gateway", GatewaySettings,
-                    environ={})
+        load_config(write(tmp_path, "gateway: {listen: '127.0.0.1:70000'}\n"), "gateway", GatewaySettings, environ={})
 
 
 def test_other_sections_are_validated_too(tmp_path):
@@ -42,14 +41,17 @@ def test_other_sections_are_validated_too(tmp_path):
 
 def test_wrong_type_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="compute.max_vcpus_per_vm: expected a number"):
-        load_config(write(tmp_path, "compute: {max_vcpus_per_vm: lots}\n"), "compute", ComputeSettings,
-                    environ={})
+        load_config(write(tmp_path, "compute: {max_vcpus_per_vm: lots}\n"), "compute", ComputeSettings, environ={})
 
 
 def test_environment_overrides_the_file(tmp_path):
     path = write(tmp_path, "compute: {accel: kvm}\netcd_endpoints: ['127.0.0.1:1']\n")
-    config = load_config(path, "compute", ComputeSettings,
-                         environ={"MVM_COMPUTE_ACCEL": "tcg", "MVM_ETCD_ENDPOINTS": "127.0.0.1:2,127.0.0.1:3"})
+    config = load_config(
+        path,
+        "compute",
+        ComputeSettings,
+        environ={"MVM_COMPUTE_ACCEL": "tcg", "MVM_ETCD_ENDPOINTS": "127.0.0.1:2,127.0.0.1:3"},
+    )
     assert config.service.accel == "tcg"
     assert config.common.etcd_endpoints == ["127.0.0.1:2", "127.0.0.1:3"]
 
@@ -57,7 +59,8 @@ def test_environment_overrides_the_file(tmp_path):
 @pytest.mark.parametrize("service", ["gateway", "compute", "network", "snapshot", "auth", "relay"])
 def test_service_exits_non_zero_with_a_clear_message_on_bad_config(tmp_path, service):
     path = write(tmp_path, f"{service}: {{listen: 'nowhere'}}\n")
-    result = subprocess.run([sys.executable, "-m", f"services.{service}", "--config", path],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", f"services.{service}", "--config", path], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert f"bad configuration: {service}.listen: 'nowhere' is not host:port" in result.stderr

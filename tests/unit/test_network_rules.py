@@ -18,8 +18,14 @@ SUBNET = "10.213.0.0/20"
 
 
 def attachment(sandbox_id: str, address: str, policy: sandbox_pb2.NetworkPolicy, ports=()) -> Attachment:
-    a = Attachment(sandbox_id=sandbox_id, tap_device=f"mvt{address.split('.')[-1]:0>11}", address=address,
-                   prefix_length=20, gateway="10.213.0.1", mac_address=mac_for(address))
+    a = Attachment(
+        sandbox_id=sandbox_id,
+        tap_device=f"mvt{address.split('.')[-1]:0>11}",
+        address=address,
+        prefix_length=20,
+        gateway="10.213.0.1",
+        mac_address=mac_for(address),
+    )
     a.network_policy = normalized_policy(policy)
     a.exposed_ports = [ExposedPort(p, "127.0.0.1", 40000 + p) for p in ports]
     return a
@@ -27,7 +33,7 @@ def attachment(sandbox_id: str, address: str, policy: sandbox_pb2.NetworkPolicy,
 
 def chain(script: str, sandbox_id: str) -> str:
     start = script.index(f"chain {chain_name(sandbox_id)} {{")
-    return script[start:script.index("\n  }", start)]
+    return script[start : script.index("\n  }", start)]
 
 
 def allow(*rules) -> sandbox_pb2.NetworkPolicy:
@@ -38,11 +44,15 @@ def allow(*rules) -> sandbox_pb2.NetworkPolicy:
 
 
 def test_each_mode_renders_its_own_chain():
-    script = render([
-        attachment("sbx-none", "10.213.0.2", sandbox_pb2.NetworkPolicy()),
-        attachment("sbx-full", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL)),
-        attachment("sbx-list", "10.213.0.4", allow(("198.51.100.2", [8000, 443]), ("2001:db8::/32", []))),
-    ], "mvmbr0", SUBNET)
+    script = render(
+        [
+            attachment("sbx-none", "10.213.0.2", sandbox_pb2.NetworkPolicy()),
+            attachment("sbx-full", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL)),
+            attachment("sbx-list", "10.213.0.4", allow(("198.51.100.2", [8000, 443]), ("2001:db8::/32", []))),
+        ],
+        "mvmbr0",
+        SUBNET,
+    )
     none, full, listed = (chain(script, s) for s in ("sbx-none", "sbx-full", "sbx-list"))
     for text in (none, full, listed):
         assert f"ip daddr {SUBNET} drop" in text  # other sandboxes come first, whatever the mode
@@ -56,9 +66,15 @@ def test_each_mode_renders_its_own_chain():
 
 
 def test_denied_destinations_come_before_any_policy():
-    script = render([attachment("sbx-full", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL)),
-                     attachment("sbx-list", "10.213.0.4", allow(("169.254.169.254/32", [80])))],
-                    "mvmbr0", SUBNET, ("169.254.0.0/16", "fe80::/10"))
+    script = render(
+        [
+            attachment("sbx-full", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL)),
+            attachment("sbx-list", "10.213.0.4", allow(("169.254.169.254/32", [80]))),
+        ],
+        "mvmbr0",
+        SUBNET,
+        ("169.254.0.0/16", "fe80::/10"),
+    )
     for sandbox_id in ("sbx-full", "sbx-list"):
         rules = [line.strip() for line in chain(script, sandbox_id).splitlines()[1:]]
         denied = rules.index('ip daddr { 169.254.0.0/16 } drop comment "denied by the operator"')
@@ -75,13 +91,20 @@ def test_rendering_is_deterministic_and_replaces_whole_tables():
     assert "ip daddr . tcp dport { 10.213.0.2 . 80, 10.213.0.3 . 80 } accept" in first
 
 
-@pytest.mark.parametrize("policy, message", [
-    (allow(("not-a-network", [])), "allow[0].cidr"),
-    (allow(("10.0.0.0/8", [0])), "outside 1..65535"),
-    (sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL,
-                               allow=[sandbox_pb2.EgressRule(cidr="10.0.0.0/8")]), "only used with"),
-    (allow(*[("10.0.0.0/8", [])] * 65), "at most 64"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        (allow(("not-a-network", [])), "allow[0].cidr"),
+        (allow(("10.0.0.0/8", [0])), "outside 1..65535"),
+        (
+            sandbox_pb2.NetworkPolicy(
+                egress=sandbox_pb2.EGRESS_MODE_FULL, allow=[sandbox_pb2.EgressRule(cidr="10.0.0.0/8")]
+            ),
+            "only used with",
+        ),
+        (allow(*[("10.0.0.0/8", [])] * 65), "at most 64"),
+    ],
+)
 def test_invalid_policies_are_refused_naming_the_problem(policy, message):
     with pytest.raises(InvalidArgument) as error:
         normalized_policy(policy)
@@ -90,11 +113,17 @@ def test_invalid_policies_are_refused_naming_the_problem(policy, message):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="nft --check needs root and nftables")
 def test_nft_accepts_the_rendered_rules():
-    script = render([
-        attachment("sbx-a", "10.213.0.2", allow(("198.51.100.0/24", [80]), ("2001:db8::/32", [53]))),
-        attachment("sbx-b", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL),
-                   ports=[8080, 22]),
-    ], "mvmbr0", SUBNET, ("169.254.0.0/16", "fe80::/10"))
+    script = render(
+        [
+            attachment("sbx-a", "10.213.0.2", allow(("198.51.100.0/24", [80]), ("2001:db8::/32", [53]))),
+            attachment(
+                "sbx-b", "10.213.0.3", sandbox_pb2.NetworkPolicy(egress=sandbox_pb2.EGRESS_MODE_FULL), ports=[8080, 22]
+            ),
+        ],
+        "mvmbr0",
+        SUBNET,
+        ("169.254.0.0/16", "fe80::/10"),
+    )
     # --check parses and validates in the kernel without changing anything.
     result = subprocess.run(["nft", "--check", "-f", "-"], input=script, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

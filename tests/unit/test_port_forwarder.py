@@ -15,6 +15,7 @@ from services.network.ports import PortForwarder
 @pytest.fixture
 async def relayed():
     """(forwarder, host port) relaying to an echo server that answers EOF with the sha256 of what it got."""
+
     async def handle(reader, writer):
         digest = hashlib.sha256()
         while data := await reader.read(1 << 16):
@@ -24,6 +25,7 @@ async def relayed():
         writer.write(digest.hexdigest().encode())  # after the client's EOF: the half close reached us
         await writer.drain()
         writer.close()
+
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     forwarder = PortForwarder()
     port = await forwarder.open("127.0.0.1", 0, "127.0.0.1", server.sockets[0].getsockname()[1])
@@ -41,11 +43,12 @@ async def test_relays_both_directions_with_half_close(relayed):
         writer.write(payload)
         await writer.drain()
         writer.write_eof()
+
     sender = asyncio.create_task(send())
     received = await asyncio.wait_for(reader.read(-1), 30)
     await sender
-    assert received[:len(payload)] == payload
-    assert received[len(payload):] == hashlib.sha256(payload).hexdigest().encode()
+    assert received[: len(payload)] == payload
+    assert received[len(payload) :] == hashlib.sha256(payload).hexdigest().encode()
     writer.close()
 
 

@@ -26,9 +26,11 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 async def relay(tmp_path):
     socket_path = str(tmp_path / "agent.sock")
-    agent = subprocess.Popen([sys.executable, "-m", "microvm_agent.main", "--unix", socket_path],
-                             cwd=REPO / "guest_agents" / "linux",
-                             env=dict(os.environ, PYTHONPATH=f"{REPO / 'gen' / 'python'}"))
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "microvm_agent.main", "--unix", socket_path],
+        cwd=REPO / "guest_agents" / "linux",
+        env=dict(os.environ, PYTHONPATH=f"{REPO / 'gen' / 'python'}"),
+    )
     for _ in range(200):
         if os.path.exists(socket_path):
             break
@@ -52,8 +54,11 @@ async def relay(tmp_path):
 
 async def run(stub, argv, **kwargs):
     stdout, stderr, events = b"", b"", []
-    async for response in stub.Exec(relay_pb2.ExecRequest(
-            target=stub.target, process=api.ProcessConfig(argv=argv, **kwargs.pop("process", {})), **kwargs)):
+    async for response in stub.Exec(
+        relay_pb2.ExecRequest(
+            target=stub.target, process=api.ProcessConfig(argv=argv, **kwargs.pop("process", {})), **kwargs
+        )
+    ):
         event = response.event
         events.append(event.WhichOneof("event"))
         stdout += event.stdout
@@ -75,8 +80,12 @@ async def test_exec_reports_terminating_signal(relay):
 
 
 async def test_exec_passes_stdin_env_and_cwd(relay):
-    stdout, _, _, _ = await run(relay, ["sh", "-c", 'cat; echo "$GREETING"; pwd'], stdin=b"hello\n",
-                                process={"env": {"GREETING": "hi"}, "cwd": "/tmp"})
+    stdout, _, _, _ = await run(
+        relay,
+        ["sh", "-c", 'cat; echo "$GREETING"; pwd'],
+        stdin=b"hello\n",
+        process={"env": {"GREETING": "hi"}, "cwd": "/tmp"},
+    )
     assert stdout == b"hello\nhi\n/tmp\n"
 
 
@@ -105,8 +114,14 @@ async def test_concurrent_execs_share_one_channel(relay):
 
 async def test_cancelled_exec_kills_the_guest_process(relay):
     marker = relay.tmp / "alive"
-    call = relay.Exec(relay_pb2.ExecRequest(target=relay.target, process=api.ProcessConfig(
-        argv=["sh", "-c", f"touch {marker}; echo started; while true; do touch {marker}; sleep 0.05; done"])))
+    call = relay.Exec(
+        relay_pb2.ExecRequest(
+            target=relay.target,
+            process=api.ProcessConfig(
+                argv=["sh", "-c", f"touch {marker}; echo started; while true; do touch {marker}; sleep 0.05; done"]
+            ),
+        )
+    )
     async for response in call:
         if response.event.stdout:
             break
@@ -122,23 +137,32 @@ async def test_file_round_trip_keeps_content_and_reports_sha256(relay):
     path = str(relay.tmp / "sub" / "blob.bin")
 
     async def requests():
-        yield relay_pb2.WriteFileRequest(target=relay.target, request=api.WriteFileRequest(
-            header=api.WriteFileHeader(path=path, make_parents=True, mode=0o600)))
+        yield relay_pb2.WriteFileRequest(
+            target=relay.target,
+            request=api.WriteFileRequest(header=api.WriteFileHeader(path=path, make_parents=True, mode=0o600)),
+        )
         for offset in range(0, len(payload), 1 << 20):
-            yield relay_pb2.WriteFileRequest(request=api.WriteFileRequest(data=payload[offset:offset + (1 << 20)]))
+            yield relay_pb2.WriteFileRequest(request=api.WriteFileRequest(data=payload[offset : offset + (1 << 20)]))
 
     written = await relay.WriteFile(requests())
     assert written.response.sha256 == hashlib.sha256(payload).hexdigest()
     assert written.response.file.size == len(payload) and written.response.file.mode == 0o600
-    read = b"".join([r.data async for r in relay.ReadFile(relay_pb2.ReadFileRequest(
-        target=relay.target, request=api.ReadFileRequest(path=path)))])
+    read = b"".join(
+        [
+            r.data
+            async for r in relay.ReadFile(
+                relay_pb2.ReadFileRequest(target=relay.target, request=api.ReadFileRequest(path=path))
+            )
+        ]
+    )
     assert read == payload
 
 
 async def test_file_errors_map_to_statuses(relay):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        async for _ in relay.ReadFile(relay_pb2.ReadFileRequest(
-                target=relay.target, request=api.ReadFileRequest(path="/no/such/file"))):
+        async for _ in relay.ReadFile(
+            relay_pb2.ReadFileRequest(target=relay.target, request=api.ReadFileRequest(path="/no/such/file"))
+        ):
             pass
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -160,18 +184,24 @@ async def test_directories_can_be_made_listed_and_removed(relay):
 
 async def test_unreachable_agent_is_unavailable(relay):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await relay.PingAgent(relay_pb2.PingAgentRequest(target=relay_pb2.AgentTarget(
-            vm_id="gone", socket_path=str(relay.tmp / "missing.sock"))))
+        await relay.PingAgent(
+            relay_pb2.PingAgentRequest(
+                target=relay_pb2.AgentTarget(vm_id="gone", socket_path=str(relay.tmp / "missing.sock"))
+            )
+        )
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_slow_client_applies_back_pressure_to_the_process(relay):
     progress = relay.tmp / "progress"
-    script = ("import os,sys\nn=0\nchunk=b'x'*65536\nwhile n < 200_000_000:\n"
-              f"    sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush(); n+=len(chunk)\n"
-              f"    open('{progress}','w').write(str(n))\n")
-    call = relay.Exec(relay_pb2.ExecRequest(target=relay.target, process=api.ProcessConfig(
-        argv=[sys.executable, "-c", script])))
+    script = (
+        "import os,sys\nn=0\nchunk=b'x'*65536\nwhile n < 200_000_000:\n"
+        f"    sys.stdout.buffer.write(chunk); sys.stdout.buffer.flush(); n+=len(chunk)\n"
+        f"    open('{progress}','w').write(str(n))\n"
+    )
+    call = relay.Exec(
+        relay_pb2.ExecRequest(target=relay.target, process=api.ProcessConfig(argv=[sys.executable, "-c", script]))
+    )
     async for response in call:
         if response.event.stdout:
             break
@@ -187,21 +217,26 @@ async def hostile_guest(path: str, payload: bytes) -> asyncio.AbstractServer:
         writer.write(payload)
         await writer.drain()
         await reader.read()  # keep the connection open
+
     return await asyncio.start_unix_server(connected, path)
 
 
-@pytest.mark.parametrize("payload", [
-    os.urandom(64 << 10),                                    # noise
-    b"\x00\x00\x00\x10" + b"\xff" * 16,                      # a frame that is not protobuf
-    b"\x7f\xff\xff\xff" + b"x" * 100,                        # an impossible length
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        os.urandom(64 << 10),  # noise
+        b"\x00\x00\x00\x10" + b"\xff" * 16,  # a frame that is not protobuf
+        b"\x7f\xff\xff\xff" + b"x" * 100,  # an impossible length
+    ],
+)
 async def test_hostile_guest_cannot_crash_the_relay(relay, payload):
     path = str(relay.tmp / "hostile.sock")
     server = await hostile_guest(path, payload)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await relay.PingAgent(relay_pb2.PingAgentRequest(
-                target=relay_pb2.AgentTarget(vm_id="hostile", socket_path=path)), timeout=15)
+            await relay.PingAgent(
+                relay_pb2.PingAgentRequest(target=relay_pb2.AgentTarget(vm_id="hostile", socket_path=path)), timeout=15
+            )
         assert failure.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         server.close()
@@ -211,8 +246,9 @@ async def test_hostile_guest_cannot_crash_the_relay(relay, payload):
 
 
 async def test_pty_mode_gives_a_terminal_of_the_requested_size(relay):
-    stdout, _, exited, _ = await run(relay, ["sh", "-c", "tty; stty size"],
-                                     process={"pty": True, "terminal_size": {"cols": 100, "rows": 30}})
+    stdout, _, exited, _ = await run(
+        relay, ["sh", "-c", "tty; stty size"], process={"pty": True, "terminal_size": {"cols": 100, "rows": 30}}
+    )
     lines = stdout.decode().split()
     assert lines[0].startswith("/dev/pts/") and lines[1:] == ["30", "100"] and exited.exit_code == 0
 
@@ -221,9 +257,16 @@ async def test_interactive_exec_takes_stdin_resize_and_signals(relay):
     queue: asyncio.Queue = asyncio.Queue()
 
     async def requests():
-        yield relay_pb2.ExecInteractiveRequest(target=relay.target, request=api.ExecInteractiveRequest(
-            config=api.ExecInteractiveConfig(process=api.ProcessConfig(
-                argv=["sh", "-c", "read line; echo got:$line; stty size; sleep 30"], pty=True))))
+        yield relay_pb2.ExecInteractiveRequest(
+            target=relay.target,
+            request=api.ExecInteractiveRequest(
+                config=api.ExecInteractiveConfig(
+                    process=api.ProcessConfig(
+                        argv=["sh", "-c", "read line; echo got:$line; stty size; sleep 30"], pty=True
+                    )
+                )
+            ),
+        )
         while (message := await queue.get()) is not None:
             yield relay_pb2.ExecInteractiveRequest(request=message)
 

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import grpc
 
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox import Client, Exited, NotFoundError, Sandbox, SandboxError, Stderr, Stdout
 from microvm_sandbox.aio import default_api_key
-
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
-
 
 
 def name_of(sandbox_id: str) -> str:
@@ -62,8 +61,12 @@ def api_key() -> str:
         sys.exit(f"mvm: {error.message}")
 
 
-class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class BearerAuth(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer <key>` to every call."""
 
     def __init__(self, key: str) -> None:
@@ -71,9 +74,18 @@ class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
     def _with_auth(self, details):
         metadata = list(details.metadata or []) + [self.metadata]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
-            details.compression)
+        return (
+            details._replace(metadata=metadata)
+            if hasattr(details, "_replace")
+            else _Details(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                details.wait_for_ready,
+                details.compression,
+            )
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_auth(details), request)
@@ -95,8 +107,9 @@ class _Details(grpc.ClientCallDetails):
 
 
 def connect(gateway: str, key: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(gateway, options=[
-        ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+    channel = grpc.insecure_channel(
+        gateway, options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+    )
     return grpc.intercept_channel(channel, BearerAuth(key))
 
 
@@ -109,17 +122,30 @@ class Cli:
         self.gateway = gateway
 
     def create(self, args) -> Sandbox:
-        return Sandbox.create(args.template, timeout=args.timeout or None, vcpus=args.vcpus, memory_mib=args.memory,
-                              labels=parse_pairs(args.label, "label"), egress=args.egress, allow=args.allow or (),
-                              client=self.client)
+        return Sandbox.create(
+            args.template,
+            timeout=args.timeout or None,
+            vcpus=args.vcpus,
+            memory_mib=args.memory,
+            labels=parse_pairs(args.label, "label"),
+            egress=args.egress,
+            allow=args.allow or (),
+            client=self.client,
+        )
 
     def exec(self, sandbox: Sandbox, args) -> int:
         if args.tty and sys.stdin.isatty():
             return self._interactive(sandbox.name, args)
         stdin = b"" if sys.stdin.isatty() or args.no_stdin else sys.stdin.buffer.read()
         command = " ".join(args.command) if args.shell else args.command
-        for event in sandbox.exec_stream(command, env=parse_pairs(args.env, "env"), cwd=args.cwd, user=args.user,
-                                         timeout=args.exec_timeout or None, stdin=stdin):
+        for event in sandbox.exec_stream(
+            command,
+            env=parse_pairs(args.env, "env"),
+            cwd=args.cwd,
+            user=args.user,
+            timeout=args.exec_timeout or None,
+            stdin=stdin,
+        ):
             if isinstance(event, Stdout):
                 sys.stdout.buffer.write(event.data)
                 sys.stdout.buffer.flush()
@@ -137,9 +163,14 @@ class Cli:
         """A terminal session: the one bidirectional stream, kept on a plain channel with the same key."""
         stub = sandbox_service_pb2_grpc.SandboxServiceStub(connect(self.gateway, self.key))
         size = os.get_terminal_size()
-        process = api.ProcessConfig(argv=args.command, env=parse_pairs(args.env, "env"), cwd=args.cwd,
-                                    user=args.user, pty=True,
-                                    terminal_size=api.TerminalSize(cols=size.columns, rows=size.lines))
+        process = api.ProcessConfig(
+            argv=args.command,
+            env=parse_pairs(args.env, "env"),
+            cwd=args.cwd,
+            user=args.user,
+            pty=True,
+            terminal_size=api.TerminalSize(cols=size.columns, rows=size.lines),
+        )
         stop = threading.Event()
 
         def requests():
@@ -206,19 +237,24 @@ def snapshot_tree(snapshots) -> list[str]:
 
     def walk(parent: str, depth: int) -> None:
         for snapshot in sorted(children.get(parent, []), key=lambda s: s.create_time.ToNanoseconds()):
-            lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{snapshot.name.removeprefix('snapshots/')}  "
-                         f"from {short(snapshot.source_sandbox)}  {snapshot.size_bytes / 1e6:.1f} MB  "
-                         f"{snapshot.create_time.ToDatetime().strftime('%H:%M:%S')}Z")
+            lines.append(
+                f"{'  ' * depth}{'└─ ' if depth else ''}{snapshot.name.removeprefix('snapshots/')}  "
+                f"from {short(snapshot.source_sandbox)}  {snapshot.size_bytes / 1e6:.1f} MB  "
+                f"{snapshot.create_time.ToDatetime().strftime('%H:%M:%S')}Z"
+            )
             walk(snapshot.name, depth + 1)
+
     walk("", 0)
     return lines
 
 
 def describe(sandbox: sandbox_pb2.Sandbox) -> str:
     labels = ",".join(f"{k}={v}" for k, v in sorted(sandbox.labels.items()))
-    return (f"{short(sandbox.name):18} {STATE[sandbox.state]:9} {sandbox.template:10} {sandbox.vcpus:>2} vCPU "
-            f"{sandbox.memory_mib:>5} MiB  {sandbox.hypervisor or '-':10} node={sandbox.node or '-'} "
-            f"expires={sandbox.expire_time.ToDatetime().strftime('%H:%M:%S')}Z {network(sandbox)} {labels}").rstrip()
+    return (
+        f"{short(sandbox.name):18} {STATE[sandbox.state]:9} {sandbox.template:10} {sandbox.vcpus:>2} vCPU "
+        f"{sandbox.memory_mib:>5} MiB  {sandbox.hypervisor or '-':10} node={sandbox.node or '-'} "
+        f"expires={sandbox.expire_time.ToDatetime().strftime('%H:%M:%S')}Z {network(sandbox)} {labels}"
+    ).rstrip()
 
 
 def network(sandbox: sandbox_pb2.Sandbox) -> str:
@@ -226,18 +262,30 @@ def network(sandbox: sandbox_pb2.Sandbox) -> str:
     if not sandbox.ip_address:
         return "net=off"
     mode = sandbox_pb2.EgressMode.Name(sandbox.network_policy.egress or 1).removeprefix("EGRESS_MODE_").lower()
-    rules = ",".join(r.cidr + (":" + "+".join(map(str, r.ports)) if r.ports else "")
-                     for r in sandbox.network_policy.allow)
+    rules = ",".join(
+        r.cidr + (":" + "+".join(map(str, r.ports)) if r.ports else "") for r in sandbox.network_policy.allow
+    )
     ports = ",".join(f"{p.host_address}:{p.host_port}->{p.guest_port}" for p in sandbox.exposed_ports)
-    return (f"ip={sandbox.ip_address} egress={mode.replace('_', '-')}" + (f"({rules})" if rules else "")
-            + (f" ports={ports}" if ports else ""))
+    return (
+        f"ip={sandbox.ip_address} egress={mode.replace('_', '-')}"
+        + (f"({rules})" if rules else "")
+        + (f" ports={ports}" if ports else "")
+    )
 
 
 def add_egress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--egress", choices=["none", "full", "allow-list"], default=None,
-                        help="outbound network: none (default), full, or allow-list (see --allow)")
-    parser.add_argument("--allow", action="append", metavar="CIDR[:PORTS]",
-                        help="allowed destination, e.g. 203.0.113.0/24:80,443 (repeatable; implies allow-list)")
+    parser.add_argument(
+        "--egress",
+        choices=["none", "full", "allow-list"],
+        default=None,
+        help="outbound network: none (default), full, or allow-list (see --allow)",
+    )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR[:PORTS]",
+        help="allowed destination, e.g. 203.0.113.0/24:80,443 (repeatable; implies allow-list)",
+    )
 
 
 def add_create_options(parser) -> None:
@@ -261,8 +309,9 @@ def add_exec_options(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mvm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mvm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gateway", default=os.environ.get("MVM_GATEWAY", "127.0.0.1:50051"))
     sub = parser.add_subparsers(dest="verb", required=True)
     add_create_options(sub.add_parser("create", help="create a sandbox and print its id"))
@@ -330,8 +379,11 @@ def main(argv: list[str] | None = None) -> None:
             sandbox.pause() if args.verb == "pause" else sandbox.resume()
             print(describe(sandbox.aio.message))
         elif args.verb == "snapshot":
-            print(Sandbox.connect(args.id, client=cli.client).snapshot(parse_pairs(args.label, "label"),
-                                                                       ttl=args.ttl or None).id)
+            print(
+                Sandbox.connect(args.id, client=cli.client)
+                .snapshot(parse_pairs(args.label, "label"), ttl=args.ttl or None)
+                .id
+            )
         elif args.verb == "restore":
             print(Sandbox.restore(args.snapshot, client=cli.client).id)
         elif args.verb == "fork":
@@ -341,8 +393,9 @@ def main(argv: list[str] | None = None) -> None:
             for line in snapshot_tree(cli.client.list_snapshots(args.sandbox)):
                 print(line)
         elif args.verb == "expose":
-            port = Sandbox.connect(args.id, client=cli.client).expose_port(args.guest_port, args.host_port,
-                                                                            args.host_address)
+            port = Sandbox.connect(args.id, client=cli.client).expose_port(
+                args.guest_port, args.host_port, args.host_address
+            )
             print(f"{port.host_address}:{port.host_port} -> {short(name_of(args.id))}:{port.guest_port}")
         elif args.verb == "egress":
             sandbox = Sandbox.connect(args.id, client=cli.client)

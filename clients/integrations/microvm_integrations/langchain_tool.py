@@ -1,7 +1,7 @@
 """A LangChain tool that runs code in a MicroVM sandbox (optional extra: langchain-core).
 
-    tool = SandboxCodeTool(sandbox=Sandbox.create())
-    tool.invoke({"language": "python", "code": "print(6*7)"})
+tool = SandboxCodeTool(sandbox=Sandbox.create())
+tool.invoke({"language": "python", "code": "print(6*7)"})
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ class SandboxCodeTool(BaseTool):
     """Executes code in an isolated microVM and returns exit code and output."""
 
     name: str = "microvm_execute_code"
-    description: str = ("Run Python or shell code in an isolated Linux sandbox. Files persist between calls. "
-                        "Returns the exit code, stdout and stderr.")
+    description: str = (
+        "Run Python or shell code in an isolated Linux sandbox. Files persist between calls. "
+        "Returns the exit code, stdout and stderr."
+    )
     args_schema: type[BaseModel] = CodeInput
     sandbox: Any = None
     timeout_seconds: int = 120
@@ -35,8 +37,10 @@ class SandboxCodeTool(BaseTool):
             result = self.sandbox.run_code(language, code, timeout=self.timeout_seconds)
         except SandboxError as error:
             return f"error: {error.code}: {error.message}"
-        return (f"exit code: {result.exit_code if result.signal is None else 'signal ' + str(result.signal)}\n"
-                f"stdout:\n{result.stdout.decode(errors='replace')}\nstderr:\n{result.stderr.decode(errors='replace')}")
+        return (
+            f"exit code: {result.exit_code if result.signal is None else 'signal ' + str(result.signal)}\n"
+            f"stdout:\n{result.stdout.decode(errors='replace')}\nstderr:\n{result.stderr.decode(errors='replace')}"
+        )
 
 
 class SandboxCodeExecutor:
@@ -47,7 +51,7 @@ class SandboxCodeExecutor:
         self.sandbox = sandbox
         self.timeout_seconds = timeout_seconds
 
-    def execute_code_blocks(self, code_blocks: list[Any]) -> "CodeResult":
+    def execute_code_blocks(self, code_blocks: list[Any]) -> CodeResult:
         outputs, exit_code = [], 0
         for block in code_blocks:
             result = self.sandbox.run_code(block.language, block.code, timeout=self.timeout_seconds)

@@ -50,10 +50,17 @@ class StreamError(Exception):
 
 
 def os_error(exc: OSError, path: str) -> StreamError:
-    code = {errno.ENOENT: NOT_FOUND, errno.EEXIST: ALREADY_EXISTS, errno.EACCES: PERMISSION_DENIED,
-            errno.EPERM: PERMISSION_DENIED, errno.EISDIR: FAILED_PRECONDITION,
-            errno.ENOTDIR: FAILED_PRECONDITION, errno.ENOTEMPTY: FAILED_PRECONDITION,
-            errno.ENAMETOOLONG: INVALID_ARGUMENT, errno.ENOSPC: 8}.get(exc.errno, INTERNAL)
+    code = {
+        errno.ENOENT: NOT_FOUND,
+        errno.EEXIST: ALREADY_EXISTS,
+        errno.EACCES: PERMISSION_DENIED,
+        errno.EPERM: PERMISSION_DENIED,
+        errno.EISDIR: FAILED_PRECONDITION,
+        errno.ENOTDIR: FAILED_PRECONDITION,
+        errno.ENOTEMPTY: FAILED_PRECONDITION,
+        errno.ENAMETOOLONG: INVALID_ARGUMENT,
+        errno.ENOSPC: 8,
+    }.get(exc.errno, INTERNAL)
     return StreamError(code, f"{path}: {exc.strerror or exc}")
 
 
@@ -144,8 +151,15 @@ def file_info(path: str) -> agent_pb2.FileInfo:
         kind = agent_pb2.FILE_KIND_DIRECTORY
     elif stat_module.S_ISLNK(st.st_mode):
         kind = agent_pb2.FILE_KIND_SYMLINK
-    info = agent_pb2.FileInfo(path=path, kind=kind, size=st.st_size, mode=stat_module.S_IMODE(st.st_mode),
-                              modify_time_ns=st.st_mtime_ns, uid=st.st_uid, gid=st.st_gid)
+    info = agent_pb2.FileInfo(
+        path=path,
+        kind=kind,
+        size=st.st_size,
+        mode=stat_module.S_IMODE(st.st_mode),
+        modify_time_ns=st.st_mtime_ns,
+        uid=st.st_uid,
+        gid=st.st_gid,
+    )
     if kind == agent_pb2.FILE_KIND_SYMLINK:
         info.symlink_target = os.readlink(path)
     return info
@@ -162,7 +176,7 @@ def require_absolute(path: str) -> str:
 class Process:
     """A process started for one exec stream."""
 
-    def __init__(self, agent: "Agent", stream_id: int, start: agent_pb2.ExecStart) -> None:
+    def __init__(self, agent: Agent, stream_id: int, start: agent_pb2.ExecStart) -> None:
         self.agent = agent
         self.stream_id = stream_id
         self.start = start
@@ -208,8 +222,11 @@ class Process:
         # cheaper than forking the agent: only the rare pty case pays for one.
         identity = {}
         if user:
-            identity = {"user": user.pw_uid, "group": user.pw_gid,
-                        "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
+            identity = {
+                "user": user.pw_uid,
+                "group": user.pw_gid,
+                "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
+            }
 
         parent_fds: list[int] = []
         if start.pty:
@@ -221,9 +238,18 @@ class Process:
             stdin = subprocess.PIPE if start.stdin else subprocess.DEVNULL
             stdout = stderr = subprocess.PIPE
         try:
-            self.popen = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-                                          start_new_session=True, close_fds=True,
-                                          preexec_fn=take_terminal if start.pty else None, **identity)
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=take_terminal if start.pty else None,
+                **identity,
+            )
         except FileNotFoundError:
             raise StreamError(NOT_FOUND, f"{argv[0]}: no such file") from None
         except PermissionError:
@@ -260,9 +286,12 @@ class Process:
             self.kill(signum)
         if self.start.timeout_ms:
             asyncio.get_running_loop().call_later(self.start.timeout_ms / 1000, self._on_timeout)
-        channels = [agent_pb2.OUTPUT_CHANNEL_STDOUT] if self.pty_master is not None else \
-            [agent_pb2.OUTPUT_CHANNEL_STDOUT, agent_pb2.OUTPUT_CHANNEL_STDERR]
-        pumps = [asyncio.create_task(self._pump(fd, channel)) for fd, channel in zip(fds, channels)]
+        channels = (
+            [agent_pb2.OUTPUT_CHANNEL_STDOUT]
+            if self.pty_master is not None
+            else [agent_pb2.OUTPUT_CHANNEL_STDOUT, agent_pb2.OUTPUT_CHANNEL_STDERR]
+        )
+        pumps = [asyncio.create_task(self._pump(fd, channel)) for fd, channel in zip(fds, channels, strict=True)]
         if self.stdin_fd is not None:
             self.tasks.append(asyncio.create_task(self._feed_stdin()))
         status = await self.exit_status
@@ -363,7 +392,7 @@ class Process:
 class FileTransfer:
     """A streaming write into, or read out of, the guest's filesystem."""
 
-    def __init__(self, agent: "Agent", stream_id: int) -> None:
+    def __init__(self, agent: Agent, stream_id: int) -> None:
         self.agent = agent
         self.stream_id = stream_id
         self.credit = Credit(agent.initial_window)
@@ -391,10 +420,9 @@ class FileTransfer:
                 if chunk.data:
                     view = memoryview(chunk.data)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                     digest.update(chunk.data)
-                    self.agent.send(self.stream_id,
-                                    window_update=agent_pb2.WindowUpdate(increment=len(chunk.data)))
+                    self.agent.send(self.stream_id, window_update=agent_pb2.WindowUpdate(increment=len(chunk.data)))
                 if chunk.eof:
                     break
             os.fchmod(fd, start.mode or 0o644)
@@ -409,8 +437,9 @@ class FileTransfer:
                 os.close(fd)
             if target != path and os.path.exists(target):
                 os.unlink(target)
-        self.agent.send(self.stream_id, file_write_done=agent_pb2.FileWriteDone(
-            file=file_info(path), sha256=digest.hexdigest()))
+        self.agent.send(
+            self.stream_id, file_write_done=agent_pb2.FileWriteDone(file=file_info(path), sha256=digest.hexdigest())
+        )
 
     async def read(self, start: agent_pb2.FileReadStart) -> None:
         path = require_absolute(start.path)
@@ -548,16 +577,26 @@ class Agent:
         stream_id = frame.stream_id
         if kind == "ping":
             total, available = system.meminfo_kib()
-            self.send(0, pong=agent_pb2.Pong(
-                nonce=frame.ping.nonce, uptime_seconds=system.uptime_seconds(), mem_total_kib=total,
-                mem_available_kib=available, boot_id=self.boot_id, hostname=os.uname().nodename))
+            self.send(
+                0,
+                pong=agent_pb2.Pong(
+                    nonce=frame.ping.nonce,
+                    uptime_seconds=system.uptime_seconds(),
+                    mem_total_kib=total,
+                    mem_available_kib=available,
+                    boot_id=self.boot_id,
+                    hostname=os.uname().nodename,
+                ),
+            )
         elif kind == "set_identity":
             self._set_identity(frame.set_identity)
         elif kind == "shutdown":
             if self.is_init:
                 system.power_off()
-        elif kind in ("exec_start", "file_write_start", "file_read_start", "configure_network") \
-                or kind in FILE_OPERATIONS:
+        elif (
+            kind in ("exec_start", "file_write_start", "file_read_start", "configure_network")
+            or kind in FILE_OPERATIONS
+        ):
             if stream_id == 0 or stream_id in self.streams or stream_id in self.tasks:
                 self.send_error(stream_id, INVALID_ARGUMENT, f"stream {stream_id} is already in use")
                 return
@@ -588,8 +627,9 @@ class Agent:
             elif kind == "configure_network":
                 request = frame.configure_network
                 try:
-                    interface = await system.configure_network(request.mac_address, request.address_cidr,
-                                                               request.gateway, list(request.dns_servers))
+                    interface = await system.configure_network(
+                        request.mac_address, request.address_cidr, request.gateway, list(request.dns_servers)
+                    )
                 except OSError as exc:
                     raise StreamError(FAILED_PRECONDITION, f"configure network: {exc.strerror or exc}") from None
                 self.send(stream_id, network_configured=agent_pb2.NetworkConfigured(interface=interface))
@@ -641,8 +681,15 @@ class Agent:
         """Runs the protocol over `transport` until it closes; streams of that connection are cancelled."""
         decoder = FrameDecoder()
         writer = asyncio.create_task(self._write_loop(transport))
-        self.send(0, hello=agent_pb2.Hello(protocol_version=PROTOCOL_VERSION, boot_id=self.boot_id,
-                                           hostname=os.uname().nodename, initial_window=self.initial_window))
+        self.send(
+            0,
+            hello=agent_pb2.Hello(
+                protocol_version=PROTOCOL_VERSION,
+                boot_id=self.boot_id,
+                hostname=os.uname().nodename,
+                initial_window=self.initial_window,
+            ),
+        )
         try:
             while True:
                 data = await transport.read(MAX_FRAME_BYTES)

@@ -45,8 +45,8 @@ class FrameDecoder:
                 raise FrameTooLarge(f"announced frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
             if len(self._buffer) < HEADER.size + length:
                 break
-            bodies.append(bytes(self._buffer[HEADER.size:HEADER.size + length]))
-            del self._buffer[:HEADER.size + length]
+            bodies.append(bytes(self._buffer[HEADER.size : HEADER.size + length]))
+            del self._buffer[: HEADER.size + length]
         return bodies
 
     def reset(self) -> None:

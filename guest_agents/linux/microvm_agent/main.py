@@ -64,6 +64,7 @@ async def serve_port(agent: Agent, path: str) -> None:
 
 def _host_disconnected(fd: int) -> bool:
     import select
+
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP)
     return any(events & select.POLLHUP for _, events in poller.poll(0))

@@ -37,9 +37,13 @@ def setup_filesystems() -> None:
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV)
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
-                         ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"),
-                         ("/dev/ptmx", "/dev/pts/ptmx")):
+    for link, target in (
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+        ("/dev/ptmx", "/dev/pts/ptmx"),
+    ):
         if not os.path.lexists(link):
             os.symlink(target, link)
 
@@ -138,16 +142,19 @@ async def configure_network(mac_address: str, address_cidr: str, gateway: str, d
             f.write("1")
     except OSError:
         pass
-    commands = [f"link set dev {interface} down",
-                f"link set dev {interface} address {mac_address}" if mac_address else "",
-                f"addr flush dev {interface}",
-                f"addr add {address_cidr} dev {interface}",
-                f"link set dev {interface} up",
-                f"neigh flush dev {interface}",
-                f"route replace default via {gateway} dev {interface}" if gateway else ""]
+    commands = [
+        f"link set dev {interface} down",
+        f"link set dev {interface} address {mac_address}" if mac_address else "",
+        f"addr flush dev {interface}",
+        f"addr add {address_cidr} dev {interface}",
+        f"link set dev {interface} up",
+        f"neigh flush dev {interface}",
+        f"route replace default via {gateway} dev {interface}" if gateway else "",
+    ]
     script = "\n".join(c for c in commands if c) + "\n"
-    process = await asyncio.create_subprocess_exec(ip, "-batch", "-", stdin=asyncio.subprocess.PIPE,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        ip, "-batch", "-", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     _, err = await process.communicate(script.encode())
     if process.returncode != 0:
         raise OSError(22, f"ip: {err.decode(errors='replace').strip()}")

@@ -1,8 +1,8 @@
 """The asynchronous SDK: `AsyncSandbox` over the gateway's gRPC API.
 
-    async with AsyncSandbox.create(template="default", timeout=600) as sb:
-        result = await sb.exec(["python3", "-c", "print(6*7)"])
-        print(result.stdout)
+async with AsyncSandbox.create(template="default", timeout=600) as sb:
+    result = await sb.exec(["python3", "-c", "print(6*7)"])
+    print(result.stdout)
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2 as api, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, UnavailableError, from_rpc_error
 
 T = TypeVar("T")
@@ -33,8 +34,9 @@ def default_api_key() -> str:
     try:
         return path.read_text().strip()
     except OSError:
-        raise SandboxError(f"no API key: pass api_key=, set MVM_API_KEY, or run `make up` (writes {path})",
-                           code="UNAUTHENTICATED") from None
+        raise SandboxError(
+            f"no API key: pass api_key=, set MVM_API_KEY, or run `make up` (writes {path})", code="UNAUTHENTICATED"
+        ) from None
 
 
 @dataclass
@@ -100,8 +102,11 @@ class Snapshot:
         return self.name.removeprefix("snapshots/")
 
 
-EGRESS_MODES = {"none": sandbox_pb2.EGRESS_MODE_NONE, "full": sandbox_pb2.EGRESS_MODE_FULL,
-                "allow-list": sandbox_pb2.EGRESS_MODE_ALLOW_LIST}
+EGRESS_MODES = {
+    "none": sandbox_pb2.EGRESS_MODE_NONE,
+    "full": sandbox_pb2.EGRESS_MODE_FULL,
+    "allow-list": sandbox_pb2.EGRESS_MODE_ALLOW_LIST,
+}
 
 
 def egress_policy(egress: str | None = None, allow: Sequence[str] = ()) -> sandbox_pb2.NetworkPolicy:
@@ -126,8 +131,13 @@ def egress_policy(egress: str | None = None, allow: Sequence[str] = ()) -> sandb
 
 
 def _snapshot(message: sandbox_pb2.Snapshot) -> Snapshot:
-    return Snapshot(name=message.name, source_sandbox=message.source_sandbox, parent=message.parent_snapshot,
-                    size_bytes=message.size_bytes, labels=dict(message.labels))
+    return Snapshot(
+        name=message.name,
+        source_sandbox=message.source_sandbox,
+        parent=message.parent_snapshot,
+        size_bytes=message.size_bytes,
+        labels=dict(message.labels),
+    )
 
 
 def _argv(command: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -145,8 +155,7 @@ def _event(message: api.ExecResponse) -> ExecEvent | None:
     if kind == "exited":
         exited = message.exited
         is_signal = exited.WhichOneof("status") == "signal"
-        return Exited(None if is_signal else exited.exit_code, exited.signal if is_signal else None,
-                      exited.timed_out)
+        return Exited(None if is_signal else exited.exit_code, exited.signal if is_signal else None, exited.timed_out)
     return None  # keepalive
 
 
@@ -157,22 +166,25 @@ class AsyncClient:
         self.address = address or os.environ.get("MVM_GATEWAY", DEFAULT_ADDRESS)
         self.metadata = (("authorization", f"Bearer {api_key or default_api_key()}"),)
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)])
+        self.channel = grpc.aio.insecure_channel(
+            self.address,
+            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
+        )
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     async def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
         attempt = 0
         while True:
             try:
-                return await getattr(self.stub, method)(request, metadata=self.metadata,
-                                                        timeout=timeout or self.timeout)
+                return await getattr(self.stub, method)(
+                    request, metadata=self.metadata, timeout=timeout or self.timeout
+                )
             except grpc.aio.AioRpcError as error:
                 failure = from_rpc_error(error)
                 attempt += 1
                 if not (idempotent and isinstance(failure, UnavailableError) and attempt < RETRIES):
                     raise failure from None
-                await asyncio.sleep(0.2 * 2 ** attempt)
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -212,21 +224,33 @@ class AsyncSandbox:
         return self.message.name.removeprefix("sandboxes/")
 
     @classmethod
-    def create(cls, template: str = "default", *, timeout: float | None = None, vcpus: int = 1,
-               memory_mib: int = 256, labels: dict[str, str] | None = None, egress: str | None = None,
-               allow: Sequence[str] = (), client: AsyncClient | None = None, **connect: Any) -> _Creating:
+    def create(
+        cls,
+        template: str = "default",
+        *,
+        timeout: float | None = None,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        client: AsyncClient | None = None,
+        **connect: Any,
+    ) -> _Creating:
         """A new sandbox. `egress`/`allow`: outbound network policy, see `egress_policy` (default: none)."""
         policy = egress_policy(egress, allow)
 
         async def make() -> AsyncSandbox:
             own = client is None
             active = client or AsyncClient(**connect)
-            sandbox = sandbox_pb2.Sandbox(template=template, vcpus=vcpus, memory_mib=memory_mib, labels=labels or {},
-                                          network_policy=policy)
+            sandbox = sandbox_pb2.Sandbox(
+                template=template, vcpus=vcpus, memory_mib=memory_mib, labels=labels or {}, network_policy=policy
+            )
             if timeout:
                 sandbox.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))
             reply = await active.call("CreateSandbox", api.CreateSandboxRequest(sandbox=sandbox), timeout=300)
             return cls(active, reply.sandbox, owns_client=own)
+
         return _Creating(make)
 
     @classmethod
@@ -237,25 +261,37 @@ class AsyncSandbox:
         return cls(active, reply.sandbox, owns_client=client is None)
 
     @classmethod
-    async def restore(cls, snapshot: Snapshot | str, client: AsyncClient | None = None,
-                      **connect: Any) -> AsyncSandbox:
+    async def restore(cls, snapshot: Snapshot | str, client: AsyncClient | None = None, **connect: Any) -> AsyncSandbox:
         active = client or AsyncClient(**connect)
-        name = snapshot.name if isinstance(snapshot, Snapshot) else (
-            snapshot if snapshot.startswith("snapshots/") else f"snapshots/{snapshot}")
+        name = (
+            snapshot.name
+            if isinstance(snapshot, Snapshot)
+            else (snapshot if snapshot.startswith("snapshots/") else f"snapshots/{snapshot}")
+        )
         reply = await active.call("RestoreSnapshot", api.RestoreSnapshotRequest(snapshot=name), timeout=600)
         return cls(active, reply.sandbox, owns_client=client is None)
 
     # --- processes ----------------------------------------------------------------------------------
-    async def exec_stream(self, command: str | Sequence[str], *, env: dict[str, str] | None = None,
-                          cwd: str = "", user: str = "", timeout: float | None = None,
-                          stdin: bytes = b"") -> AsyncIterator[ExecEvent]:
+    async def exec_stream(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bytes = b"",
+    ) -> AsyncIterator[ExecEvent]:
         """Events as they happen: Started, Stdout/Stderr chunks, then Exited."""
         argv, shell = _argv(command)
         process = api.ProcessConfig(argv=argv, shell=shell, env=env or {}, cwd=cwd, user=user)
         if timeout:
             process.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))
-        call = self.client.stub.Exec(api.ExecRequest(sandbox=self.name, process=process, stdin=stdin),
-                                     metadata=self.client.metadata, timeout=(timeout or 3600) + 30)
+        call = self.client.stub.Exec(
+            api.ExecRequest(sandbox=self.name, process=process, stdin=stdin),
+            metadata=self.client.metadata,
+            timeout=(timeout or 3600) + 30,
+        )
         try:
             async for message in call:
                 event = _event(message)
@@ -276,11 +312,17 @@ class AsyncSandbox:
         raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
 
     async def run_code(self, language: str, code: str, **options: Any) -> ExecResult:
-        runners = {"python": ["python3", "-c", code], "python3": ["python3", "-c", code],
-                   "sh": ["sh", "-c", code], "bash": ["sh", "-c", code], "shell": ["sh", "-c", code]}
+        runners = {
+            "python": ["python3", "-c", code],
+            "python3": ["python3", "-c", code],
+            "sh": ["sh", "-c", code],
+            "bash": ["sh", "-c", code],
+            "shell": ["sh", "-c", code],
+        }
         if language.lower() not in runners:
-            raise InvalidArgumentError(f"unsupported language {language!r}; supported: "
-                                       f"{', '.join(sorted(runners))}", code="INVALID_ARGUMENT")
+            raise InvalidArgumentError(
+                f"unsupported language {language!r}; supported: {', '.join(sorted(runners))}", code="INVALID_ARGUMENT"
+            )
         return await self.exec(runners[language.lower()], **options)
 
     # --- files --------------------------------------------------------------------------------------
@@ -288,10 +330,12 @@ class AsyncSandbox:
         payload = data.encode() if isinstance(data, str) else data
 
         async def requests() -> AsyncIterator[api.WriteFileRequest]:
-            yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=self.name, path=path, mode=mode,
-                                                                  make_parents=make_parents))
+            yield api.WriteFileRequest(
+                header=api.WriteFileHeader(sandbox=self.name, path=path, mode=mode, make_parents=make_parents)
+            )
             for offset in range(0, len(payload), CHUNK):
-                yield api.WriteFileRequest(data=payload[offset:offset + CHUNK])
+                yield api.WriteFileRequest(data=payload[offset : offset + CHUNK])
+
         try:
             await self.client.stub.WriteFile(requests(), metadata=self.client.metadata, timeout=600)
         except grpc.aio.AioRpcError as error:
@@ -300,8 +344,9 @@ class AsyncSandbox:
     async def read(self, path: str) -> bytes:
         chunks = []
         try:
-            async for chunk in self.client.stub.ReadFile(api.ReadFileRequest(sandbox=self.name, path=path),
-                                                         metadata=self.client.metadata, timeout=600):
+            async for chunk in self.client.stub.ReadFile(
+                api.ReadFileRequest(sandbox=self.name, path=path), metadata=self.client.metadata, timeout=600
+            ):
                 chunks.append(chunk.data)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
@@ -327,8 +372,7 @@ class AsyncSandbox:
         return _snapshot(reply.snapshot)
 
     async def fork(self, count: int = 1) -> list[AsyncSandbox]:
-        reply = await self.client.call("ForkSandbox", api.ForkSandboxRequest(name=self.name, count=count),
-                                       timeout=900)
+        reply = await self.client.call("ForkSandbox", api.ForkSandboxRequest(name=self.name, count=count), timeout=900)
         return [AsyncSandbox(self.client, message) for message in reply.sandboxes]
 
     @property
@@ -339,14 +383,24 @@ class AsyncSandbox:
     async def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
         """Replaces the outbound policy at once (connections it no longer allows stop)."""
         sandbox = sandbox_pb2.Sandbox(name=self.name, network_policy=egress_policy(egress, allow))
-        self.message = (await self.client.call("UpdateSandbox", api.UpdateSandboxRequest(
-            sandbox=sandbox, update_mask=field_mask_pb2.FieldMask(paths=["network_policy"])))).sandbox
+        self.message = (
+            await self.client.call(
+                "UpdateSandbox",
+                api.UpdateSandboxRequest(
+                    sandbox=sandbox, update_mask=field_mask_pb2.FieldMask(paths=["network_policy"])
+                ),
+            )
+        ).sandbox
 
     async def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
         """Makes `guest_port` reachable at host_address:host_port on the sandbox's node (loopback and a free
         port by default); returns the mapping. It lasts as long as the sandbox."""
-        reply = await self.client.call("ExposePort", api.ExposePortRequest(
-            sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address))
+        reply = await self.client.call(
+            "ExposePort",
+            api.ExposePortRequest(
+                sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address
+            ),
+        )
         port: sandbox_pb2.ExposedPort = reply.port
         return port
 
@@ -357,8 +411,9 @@ class AsyncSandbox:
         self.message = (await self.client.call("ResumeSandbox", api.ResumeSandboxRequest(name=self.name))).sandbox
 
     async def refresh(self) -> sandbox_pb2.Sandbox:
-        self.message = (await self.client.call("GetSandbox", api.GetSandboxRequest(name=self.name),
-                                               idempotent=True)).sandbox
+        self.message = (
+            await self.client.call("GetSandbox", api.GetSandboxRequest(name=self.name), idempotent=True)
+        ).sandbox
         return self.message
 
     async def kill(self) -> None:
@@ -381,16 +436,19 @@ class AsyncSandbox:
 
 async def list_sandboxes(client: AsyncClient, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
     query = " ".join(f"labels.{k}={v}" for k, v in (label_filter or {}).items())
-    reply = await client.call("ListSandboxes", api.ListSandboxesRequest(filter=query, page_size=1000),
-                              idempotent=True)
+    reply = await client.call("ListSandboxes", api.ListSandboxesRequest(filter=query, page_size=1000), idempotent=True)
     return list(reply.sandboxes)
 
 
 async def list_snapshots(client: AsyncClient, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
-    name = source_sandbox if not source_sandbox or source_sandbox.startswith("sandboxes/") \
+    name = (
+        source_sandbox
+        if not source_sandbox or source_sandbox.startswith("sandboxes/")
         else f"sandboxes/{source_sandbox}"
-    reply = await client.call("ListSnapshots", api.ListSnapshotsRequest(source_sandbox=name, page_size=1000),
-                              idempotent=True)
+    )
+    reply = await client.call(
+        "ListSnapshots", api.ListSnapshotsRequest(source_sandbox=name, page_size=1000), idempotent=True
+    )
     return list(reply.snapshots)
 
 

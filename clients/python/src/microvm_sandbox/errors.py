@@ -12,8 +12,15 @@ from grpc_status import rpc_status
 class SandboxError(Exception):
     """Anything the service refused. `reason` is the stable ErrorInfo reason (e.g. `SANDBOX_NOT_FOUND`)."""
 
-    def __init__(self, message: str, *, code: str = "UNKNOWN", reason: str = "",
-                 metadata: dict[str, str] | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "UNKNOWN",
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.code, self.reason = message, code, reason
         self.metadata = metadata or {}
@@ -21,26 +28,54 @@ class SandboxError(Exception):
 
 
 class InvalidArgumentError(SandboxError): ...
+
+
 class NotFoundError(SandboxError): ...
+
+
 class ConflictError(SandboxError): ...
+
+
 class FailedPreconditionError(SandboxError): ...
+
+
 class AuthenticationError(SandboxError): ...
+
+
 class PermissionDeniedError(SandboxError): ...
+
+
 class QuotaExceededError(SandboxError): ...
+
+
 class RateLimitedError(QuotaExceededError): ...
+
+
 class UnavailableError(SandboxError): ...
+
+
 class DeadlineExceededError(SandboxError): ...
+
+
 class DataLossError(SandboxError): ...
+
+
 class UnimplementedError(SandboxError): ...
 
 
 BY_CODE: dict[grpc.StatusCode, type[SandboxError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError, grpc.StatusCode.ALREADY_EXISTS: ConflictError,
-    grpc.StatusCode.ABORTED: ConflictError, grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError, grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceededError, grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError, grpc.StatusCode.DATA_LOSS: DataLossError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
 
@@ -60,5 +95,4 @@ def from_rpc_error(error: Any) -> SandboxError:
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     cls = RateLimitedError if reason == "RATE_LIMITED" else BY_CODE.get(code, SandboxError)
-    return cls(error.details() or code.name, code=code.name, reason=reason, metadata=metadata,
-               retry_after=retry_after)
+    return cls(error.details() or code.name, code=code.name, reason=reason, metadata=metadata, retry_after=retry_after)

@@ -1,7 +1,7 @@
 """The synchronous SDK: the async one run on a private event loop, so both behave the same.
 
-    with Sandbox.create(template="default") as sb:
-        print(sb.exec(["echo", "hi"]).stdout)
+with Sandbox.create(template="default") as sb:
+    print(sb.exec(["echo", "hi"]).stdout)
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from microvm.sandbox.v1 import sandbox_pb2
-from microvm_sandbox.aio import (AsyncClient, AsyncSandbox, ExecEvent, ExecResult, FileEntry, Snapshot,
-                                 list_sandboxes, list_snapshots)
+from microvm_sandbox.aio import (
+    AsyncClient,
+    AsyncSandbox,
+    ExecEvent,
+    ExecResult,
+    FileEntry,
+    Snapshot,
+    list_sandboxes,
+    list_snapshots,
+)
 
 T = TypeVar("T")
 
@@ -39,6 +47,7 @@ class _Loop:
     def run(self, awaitable: Awaitable[T]) -> T:
         async def wait() -> T:
             return await awaitable
+
         return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
 
 
@@ -48,6 +57,7 @@ class Client:
 
         async def make() -> AsyncClient:
             return AsyncClient(address, api_key, timeout)
+
         self.aio = self._loop.run(make())
 
     def list_sandboxes(self, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
@@ -74,15 +84,34 @@ class Sandbox:
         return self.aio.id
 
     @classmethod
-    def create(cls, template: str = "default", *, timeout: float | None = None, vcpus: int = 1,
-               memory_mib: int = 256, labels: dict[str, str] | None = None, egress: str | None = None,
-               allow: Sequence[str] = (), client: Client | None = None, **connect: Any) -> Sandbox:
+    def create(
+        cls,
+        template: str = "default",
+        *,
+        timeout: float | None = None,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        client: Client | None = None,
+        **connect: Any,
+    ) -> Sandbox:
         loop = _Loop.shared()
 
         async def make() -> AsyncSandbox:
-            return await AsyncSandbox.create(template, timeout=timeout, vcpus=vcpus, memory_mib=memory_mib,
-                                             labels=labels, egress=egress, allow=allow,
-                                             client=client.aio if client else None, **connect)
+            return await AsyncSandbox.create(
+                template,
+                timeout=timeout,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                labels=labels,
+                egress=egress,
+                allow=allow,
+                client=client.aio if client else None,
+                **connect,
+            )
+
         return cls(loop.run(make()))
 
     @classmethod
