@@ -33,11 +33,12 @@ from pathlib import Path
 from images.builder import BuiltImage
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.agent_channel import AgentChannel, AgentTarget
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.common.records import VMS, Records
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.qemu import QemuDriver
-from services.compute.records import VmRecord
+from services.relay.agent_channel import AgentChannel, AgentTarget
 from tests.guests import Gateway
 from tests.stack import start_stack
 
@@ -132,9 +133,9 @@ def vm_directory(stack, sandbox_id: str) -> Path:
         client = etcd_client([stack.etcd_endpoint])
         await client.connect()
         try:
-            for kv in await client.get_prefix(b"/microvm/vms/"):
-                if kv.key.decode().endswith(f"/{sandbox_id}"):
-                    return Path(json.loads(kv.value)["directory"])
+            for stored in await Records(client).list(VMS):
+                if stored.message.id == sandbox_id:
+                    return Path(stored.message.directory)
         finally:
             await client.close()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from services.common.pki import load_identity
+from services.common.pki import TLS_CHANNEL_OPTIONS, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.supervisor.stack import SERVICE_KINDS, check_stack_health
 
@@ -64,7 +64,7 @@ class LocalStack:
     def internal_channel(self, address: str) -> grpc.Channel:
         """A channel to an internal service, presenting the operator's certificate (mutual TLS)."""
         identity = load_identity(self.state_dir / "pki", "operator")
-        return grpc.secure_channel(address, identity.channel_credentials())
+        return grpc.secure_channel(address, identity.channel_credentials(), options=TLS_CHANNEL_OPTIONS)
 
     def log(self, name: str) -> str:
         path = self.state_dir / "logs" / f"{name}.log"

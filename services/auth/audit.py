@@ -8,18 +8,15 @@ changing, removing or reordering one breaks the chain from there on. Appends are
 from __future__ import annotations
 
 import hashlib
-import json
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
-from microvm.auth.v1 import auth_pb2
+from microvm.types.v1 import auth_pb2 as auth_types
 from services.common.errors import Aborted
-
-ENTRIES = "/microvm/auth/audit/"
-HEAD = "/microvm/auth/audit-head/"
+from services.common.records import AUDIT_EVENTS, AUDIT_HEADS, Records
 
 
-def entry_hash(event: auth_pb2.AuditEvent) -> str:
+def entry_hash(event: auth_types.AuditEvent) -> str:
     fields = [
         str(event.sequence),
         event.tenant,
@@ -33,7 +30,7 @@ def entry_hash(event: auth_pb2.AuditEvent) -> str:
     return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
 
 
-def chain_valid(events: list[auth_pb2.AuditEvent]) -> bool:
+def chain_valid(events: list[auth_types.AuditEvent]) -> bool:
     for index, event in enumerate(events):
         if entry_hash(event) != event.hash:
             return False
@@ -46,41 +43,32 @@ def chain_valid(events: list[auth_pb2.AuditEvent]) -> bool:
 
 class AuditLog:
     def __init__(self, etcd) -> None:
-        self.etcd = etcd
+        self.records = Records(etcd)
 
-    async def append(self, event: auth_pb2.AuditEvent) -> auth_pb2.AuditEvent:
-        tx = self.etcd.transactions
-        head_key = f"{HEAD}{event.tenant}".encode()
+    async def append(self, event: auth_types.AuditEvent) -> auth_types.AuditEvent:
         if not event.HasField("time"):
             event.time.GetCurrentTime()
         for _ in range(200):
-            head = await self.etcd.get(head_key)
-            sequence, previous = (
-                (json.loads(head.value)["sequence"], json.loads(head.value)["hash"]) if head else (0, "")
-            )
+            head = await self.records.get(AUDIT_HEADS, event.tenant)
+            sequence, previous = (head.message.sequence, head.message.hash) if head else (0, "")
             event.sequence, event.previous_hash = sequence + 1, previous
             event.hash = entry_hash(event)
-            compare = [tx.mod(head_key) == head.mod_revision] if head else [tx.version(head_key) == 0]
-            ok, _ = await self.etcd.transaction(
-                compare=compare,
+            if await self.records.transaction(
+                compare=[self.records.unchanged(AUDIT_HEADS, head.revision if head else 0, event.tenant)],
                 success=[
-                    tx.put(
-                        f"{ENTRIES}{event.tenant}/{event.sequence:020d}".encode(),
-                        json_format.MessageToJson(event).encode(),
+                    self.records.put_op(AUDIT_EVENTS, event, event.tenant, f"{event.sequence:020d}"),
+                    self.records.put_op(
+                        AUDIT_HEADS, auth_types.AuditHead(sequence=event.sequence, hash=event.hash), event.tenant
                     ),
-                    tx.put(head_key, json.dumps({"sequence": event.sequence, "hash": event.hash}).encode()),
                 ],
-                failure=[],
-            )
-            if ok:
+            ):
                 return event
         raise Aborted("audit log is too contended; retry", reason="AUDIT_CONTENDED")
 
     async def list(
         self, tenant: str, start: timestamp_pb2.Timestamp | None, end: timestamp_pb2.Timestamp | None
-    ) -> tuple[list[auth_pb2.AuditEvent], bool]:
-        result = await self.etcd.get_prefix(f"{ENTRIES}{tenant}/".encode(), sort_order="ascend")
-        events = [json_format.Parse(kv.value, auth_pb2.AuditEvent()) for kv in result]
+    ) -> tuple[list[auth_types.AuditEvent], bool]:
+        events = sorted((s.message for s in await self.records.list(AUDIT_EVENTS, tenant)), key=lambda e: e.sequence)
         valid = chain_valid(events)
         if start is not None and start.ToNanoseconds():
             events = [e for e in events if e.time.ToNanoseconds() >= start.ToNanoseconds()]

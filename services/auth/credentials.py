@@ -22,11 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from microvm.auth.v1 import auth_pb2
+from microvm.types.v1 import auth_pb2 as auth_types
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.common.records import API_KEYS, SIGNING_KEYS, TENANTS, Records
 
-KEYS = "/microvm/auth/keys/"
-SIGNING = "/microvm/auth/signing-keys/"
-TENANTS = "/microvm/auth/tenants/"
 PREFIX = "mvm_"
 
 
@@ -52,73 +51,69 @@ class SigningKey:
 
 class CredentialStore:
     def __init__(self, etcd, token_ttl: int) -> None:
-        self.etcd = etcd
+        self.records = Records(etcd)
         self.token_ttl = token_ttl
         self._signing: dict[str, SigningKey] = {}
 
     # --- tenants and API keys --------------------------------------------------------------------
-    async def create_tenant(self, tenant: str, quota: auth_pb2.Quota) -> None:
-        from google.protobuf import json_format
+    async def create_tenant(self, tenant: str, quota: auth_types.Quota) -> None:
+        await self.records.put(TENANTS, auth_types.TenantRecord(quota=quota), tenant)
 
-        await self.etcd.put(f"{TENANTS}{tenant}".encode(), json_format.MessageToJson(quota).encode())
-
-    async def tenant_quota(self, tenant: str) -> auth_pb2.Quota:
-        from google.protobuf import json_format
-
-        result = await self.etcd.get(f"{TENANTS}{tenant}".encode())
-        if result is None:
+    async def tenant_quota(self, tenant: str) -> auth_types.Quota:
+        stored = await self.records.get(TENANTS, tenant)
+        if stored is None:
             raise NotFound(f"tenant {tenant} does not exist", reason="TENANT_NOT_FOUND")
-        return json_format.Parse(result.value, auth_pb2.Quota())
+        return stored.message.quota
 
     async def create_api_key(self, tenant: str, principal: str, role: int) -> tuple[str, str]:
         await self.tenant_quota(tenant)  # the tenant must exist
-        if role not in (auth_pb2.ROLE_ADMIN, auth_pb2.ROLE_DEVELOPER, auth_pb2.ROLE_VIEWER):
+        if role not in (auth_types.ROLE_ADMIN, auth_types.ROLE_DEVELOPER, auth_types.ROLE_VIEWER):
             raise InvalidArgument("role must be ADMIN, DEVELOPER or VIEWER")
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
-        record = {
-            "tenant": tenant,
-            "principal": principal or f"key-{key_id}",
-            "role": role,
-            "sha256": digest(secret),
-            "revoked": False,
-            "created": time.time(),
-        }
-        await self.etcd.put(f"{KEYS}{key_id}".encode(), json.dumps(record).encode())
+        record = auth_types.ApiKeyRecord(
+            tenant=tenant, principal=principal or f"key-{key_id}", role=role, sha256=digest(secret)
+        )
+        record.create_time.GetCurrentTime()
+        await self.records.put(API_KEYS, record, key_id)
         return key_id, f"{PREFIX}{key_id}_{secret}"
 
     async def revoke(self, key_id: str) -> None:
-        result = await self.etcd.get(f"{KEYS}{key_id}".encode())
-        if result is None:
+        stored = await self.records.get(API_KEYS, key_id)
+        if stored is None:
             raise NotFound(f"API key {key_id} does not exist", reason="API_KEY_NOT_FOUND")
-        record = json.loads(result.value)
-        record["revoked"] = True
-        await self.etcd.put(f"{KEYS}{key_id}".encode(), json.dumps(record).encode())
+        stored.message.revoked = True
+        await self.records.put(API_KEYS, stored.message, key_id)
+
+    async def _key(self, key_id: str) -> auth_types.ApiKeyRecord | None:
+        if not key_id or "/" in key_id:
+            return None
+        stored = await self.records.get(API_KEYS, key_id)
+        return stored.message if stored else None
 
     async def check_api_key(self, credential: str) -> auth_pb2.Principal:
         try:
             key_id, secret = credential[len(PREFIX) :].split("_", 1)
         except ValueError:
             raise Unauthenticated("malformed API key", reason="BAD_CREDENTIAL") from None
-        result = await self.etcd.get(f"{KEYS}{key_id}".encode())
+        record = await self._key(key_id)
         # The same answer for a missing and a wrong key: no hint which keys exist.
-        if result is None:
+        if record is None or not hmac.compare_digest(record.sha256, digest(secret)):
             raise Unauthenticated("invalid API key", reason="BAD_CREDENTIAL")
-        record = json.loads(result.value)
-        if not hmac.compare_digest(record["sha256"], digest(secret)):
-            raise Unauthenticated("invalid API key", reason="BAD_CREDENTIAL")
-        if record["revoked"]:
+        if record.revoked:
             raise Unauthenticated("this API key was revoked", reason="CREDENTIAL_REVOKED")
-        return auth_pb2.Principal(id=record["principal"], tenant=record["tenant"], role=record["role"], key_id=key_id)
+        return auth_pb2.Principal(id=record.principal, tenant=record.tenant, role=record.role, key_id=key_id)
 
     # --- signing keys and tokens -------------------------------------------------------------------
     async def _load_signing_keys(self) -> None:
-        for kv in await self.etcd.get_prefix(SIGNING.encode()):
-            data = json.loads(kv.value)
-            if data["kid"] in self._signing:
+        for stored in await self.records.list(SIGNING_KEYS):
+            record = stored.message
+            if record.kid in self._signing:
                 continue
-            private = serialization.load_pem_private_key(data["private"].encode(), password=None)
-            self._signing[data["kid"]] = SigningKey(data["kid"], private, private.public_key(), data["created"])
+            private = serialization.load_pem_private_key(record.private_key_pem.encode(), password=None)
+            self._signing[record.kid] = SigningKey(
+                record.kid, private, private.public_key(), record.create_time.ToNanoseconds() / 1e9
+            )
 
     async def rotate(self) -> str:
         """Adds a new active signing key; older ones keep verifying the tokens they signed."""
@@ -127,14 +122,14 @@ class CredentialStore:
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode()
-        created = time.time()
-        await self.etcd.put(
-            f"{SIGNING}{kid}".encode(), json.dumps({"kid": kid, "private": pem, "created": created}).encode()
-        )
+        record = auth_types.SigningKeyRecord(kid=kid, private_key_pem=pem)
+        record.create_time.GetCurrentTime()
+        created = record.create_time.ToNanoseconds() / 1e9
+        await self.records.put(SIGNING_KEYS, record, kid)
         self._signing[kid] = SigningKey(kid, private, private.public_key(), created)
         # Keys older than two token lifetimes signed nothing that is still valid.
         for old in [k for k in self._signing.values() if k.created < created - 2 * self.token_ttl]:
-            await self.etcd.delete(f"{SIGNING}{old.kid}".encode())
+            await self.records.delete(SIGNING_KEYS, old.kid)
             self._signing.pop(old.kid, None)
         return kid
 
@@ -186,8 +181,8 @@ class CredentialStore:
         if payload.get("exp", 0) < time.time():
             raise Unauthenticated("token expired", reason="CREDENTIAL_EXPIRED")
         # A token dies with the API key it was bought with.
-        result = await self.etcd.get(f"{KEYS}{payload.get('key', '')}".encode())
-        if result is None or json.loads(result.value)["revoked"]:
+        record = await self._key(str(payload.get("key", "")))
+        if record is None or record.revoked:
             raise Unauthenticated("the API key behind this token was revoked", reason="CREDENTIAL_REVOKED")
         return auth_pb2.Principal(
             id=payload["sub"], tenant=payload["tenant"], role=payload["role"], key_id=payload["key"]

@@ -4,15 +4,17 @@ viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
-          the audit log).
+          the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
+          be one of `gateway.operator_tenants` for those: a tenant's admin is not the cluster's operator).
 """
 
 from __future__ import annotations
 
-from microvm.auth.v1 import auth_pb2
+from microvm.types.v1 import auth_pb2 as auth_types
 
 SANDBOX = "/microvm.sandbox.v1.SandboxService/"
 AUTH = "/microvm.auth.v1.AuthService/"
+NODES = "/microvm.admin.v1.NodeService/"
 
 READ = {
     f"{SANDBOX}{m}"
@@ -38,16 +40,21 @@ WRITE = {
         "ExposePort",
     )
 }
-ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")}
+NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
+ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN
 
 MATRIX: dict[int, frozenset[str]] = {
-    auth_pb2.ROLE_VIEWER: frozenset(READ),
-    auth_pb2.ROLE_DEVELOPER: frozenset(READ | WRITE),
-    auth_pb2.ROLE_ADMIN: frozenset(READ | WRITE | ADMIN),
+    auth_types.ROLE_VIEWER: frozenset(READ),
+    auth_types.ROLE_DEVELOPER: frozenset(READ | WRITE),
+    auth_types.ROLE_ADMIN: frozenset(READ | WRITE | ADMIN),
 }
 
 # Methods whose calls are recorded in the audit log.
-MUTATING = frozenset(WRITE | {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey")})
+MUTATING = frozenset(
+    WRITE
+    | {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey")}
+    | {f"{NODES}{m}" for m in ("CordonNode", "UncordonNode", "DrainNode")}
+)
 
 
 def allowed(role: int, method: str) -> bool:

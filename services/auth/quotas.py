@@ -7,15 +7,10 @@ key's revision (optimistic concurrency, retried): N concurrent creates admit exa
 
 from __future__ import annotations
 
-import json
-
-from google.protobuf import json_format
-
-from microvm.auth.v1 import auth_pb2
+from microvm.types.v1 import auth_pb2 as auth_types
 from services.common.errors import Aborted, ResourceExhausted
+from services.common.records import QUOTA_RESERVATIONS, QUOTA_USAGE, Records
 
-USAGE = "/microvm/auth/usage/"
-RESERVATIONS = "/microvm/auth/reservations/"
 FIELDS = ("sandboxes", "vcpus", "memory_mib", "snapshot_bytes")
 LIMITS = {
     "sandboxes": "max_sandboxes",
@@ -26,67 +21,65 @@ LIMITS = {
 ATTEMPTS = 200
 
 
+def _combine(a: auth_types.QuotaAmount, b: auth_types.QuotaAmount, sign: int) -> auth_types.QuotaAmount:
+    return auth_types.QuotaAmount(**{f: max(0, getattr(a, f) + sign * getattr(b, f)) for f in FIELDS})
+
+
 class TenantQuotas:
     def __init__(self, etcd, credentials) -> None:
-        self.etcd = etcd
+        self.records = Records(etcd)
         self.credentials = credentials
 
-    async def _usage(self, tenant: str) -> tuple[dict, int]:
-        result = await self.etcd.get(f"{USAGE}{tenant}".encode())
-        if result is None:
-            return dict.fromkeys(FIELDS, 0), 0
-        return json.loads(result.value), result.mod_revision
+    async def _usage(self, tenant: str) -> tuple[auth_types.QuotaAmount, int]:
+        stored = await self.records.get(QUOTA_USAGE, tenant)
+        return (stored.message.used, stored.revision) if stored else (auth_types.QuotaAmount(), 0)
 
-    def _compare_usage(self, tenant: str, revision: int):
-        tx = self.etcd.transactions
-        key = f"{USAGE}{tenant}".encode()
-        return tx.version(key) == 0 if revision == 0 else tx.mod(key) == revision
-
-    async def reserve(self, tenant: str, reservation_id: str, amount: auth_pb2.QuotaAmount) -> None:
+    async def reserve(self, tenant: str, reservation_id: str, amount: auth_types.QuotaAmount) -> None:
         quota = await self.credentials.tenant_quota(tenant)
-        wanted = json_format.MessageToDict(amount, preserving_proto_field_name=True)
-        reservation_key = f"{RESERVATIONS}{tenant}/{reservation_id}".encode()
-        tx = self.etcd.transactions
         for _ in range(ATTEMPTS):
             usage, revision = await self._usage(tenant)
-            if await self.etcd.get(reservation_key) is not None:
+            if await self.records.get(QUOTA_RESERVATIONS, tenant, reservation_id) is not None:
                 return  # already reserved: a retried call must not count twice
-            after = {f: usage.get(f, 0) + int(wanted.get(f, 0)) for f in FIELDS}
+            after = _combine(usage, amount, +1)
             for field in FIELDS:
                 limit = getattr(quota, LIMITS[field])
-                if limit and after[field] > limit:
+                if limit and getattr(after, field) > limit:
                     raise ResourceExhausted(
-                        f"tenant {tenant} quota exceeded: {field} would be {after[field]} of {limit}",
+                        f"tenant {tenant} quota exceeded: {field} would be {getattr(after, field)} of {limit}",
                         reason="QUOTA_EXCEEDED",
                         metadata={"tenant": tenant, "resource": field, "limit": str(limit)},
                     )
-            ok, _ = await self.etcd.transaction(
-                compare=[self._compare_usage(tenant, revision), tx.version(reservation_key) == 0],
-                success=[
-                    tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()),
-                    tx.put(reservation_key, json.dumps(wanted).encode()),
+            if await self.records.transaction(
+                compare=[
+                    self.records.unchanged(QUOTA_USAGE, revision, tenant),
+                    self.records.unchanged(QUOTA_RESERVATIONS, 0, tenant, reservation_id),
                 ],
-                failure=[],
-            )
-            if ok:
+                success=[
+                    self.records.put_op(QUOTA_USAGE, auth_types.QuotaUsage(used=after), tenant),
+                    self.records.put_op(
+                        QUOTA_RESERVATIONS, auth_types.QuotaReservation(amount=amount), tenant, reservation_id
+                    ),
+                ],
+            ):
                 return
         raise Aborted(f"quota of tenant {tenant} is too contended; retry", reason="QUOTA_CONTENDED")
 
     async def release(self, tenant: str, reservation_id: str) -> None:
-        reservation_key = f"{RESERVATIONS}{tenant}/{reservation_id}".encode()
-        tx = self.etcd.transactions
         for _ in range(ATTEMPTS):
-            held = await self.etcd.get(reservation_key)
+            held = await self.records.get(QUOTA_RESERVATIONS, tenant, reservation_id)
             if held is None:
                 return  # released already: idempotent
-            amount = json.loads(held.value)
             usage, revision = await self._usage(tenant)
-            after = {f: max(0, usage.get(f, 0) - int(amount.get(f, 0))) for f in FIELDS}
-            ok, _ = await self.etcd.transaction(
-                compare=[self._compare_usage(tenant, revision), tx.mod(reservation_key) == held.mod_revision],
-                success=[tx.put(f"{USAGE}{tenant}".encode(), json.dumps(after).encode()), tx.delete(reservation_key)],
-                failure=[],
-            )
-            if ok:
+            after = _combine(usage, held.message.amount, -1)
+            if await self.records.transaction(
+                compare=[
+                    self.records.unchanged(QUOTA_USAGE, revision, tenant),
+                    self.records.unchanged(QUOTA_RESERVATIONS, held.revision, tenant, reservation_id),
+                ],
+                success=[
+                    self.records.put_op(QUOTA_USAGE, auth_types.QuotaUsage(used=after), tenant),
+                    self.records.delete_op(QUOTA_RESERVATIONS, tenant, reservation_id),
+                ],
+            ):
                 return
         raise Aborted(f"quota of tenant {tenant} is too contended; retry", reason="QUOTA_CONTENDED")

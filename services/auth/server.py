@@ -10,10 +10,21 @@ from services.auth.audit import AuditLog
 from services.auth.credentials import CredentialStore
 from services.auth.quotas import TenantQuotas
 from services.common.errors import InvalidArgument
+from services.common.records import (
+    API_KEYS,
+    AUDIT_EVENTS,
+    AUDIT_HEADS,
+    QUOTA_RESERVATIONS,
+    QUOTA_USAGE,
+    SIGNING_KEYS,
+    TENANTS,
+    Records,
+)
 from services.common.server import ServiceContext
 from services.common.settings import AuthSettings
 
 log = structlog.get_logger()
+AUTH_KINDS = (TENANTS, API_KEYS, SIGNING_KEYS, QUOTA_USAGE, QUOTA_RESERVATIONS, AUDIT_EVENTS, AUDIT_HEADS)
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -66,6 +77,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
+    records = Records(context.etcd)
+    for kind in AUTH_KINDS:
+        await records.migrate(kind)
     servicer = AuthServicer(context.etcd, context.settings)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import types
 import typing
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+NODE_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 
 
 class ConfigError(Exception):
@@ -37,11 +41,16 @@ class ServiceSettings:
 
     # host:port to listen on; port 0 picks a free port (registered in etcd for discovery).
     listen: str = "127.0.0.1:0"
+    # Address registered for others to call (host or host:port; the port defaults to the bound one). Needed
+    # when listening on 0.0.0.0 behind a name or address the host does not know itself by (a pod IP).
+    advertise_address: str = ""
     # Seconds to let in-flight calls finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = 10.0
 
     def validate(self) -> None:
         parse_address(self.listen, key="listen")
+        if self.advertise_address and ":" in self.advertise_address:
+            parse_address(self.advertise_address, key="advertise_address")
         if not 0 <= self.shutdown_grace_seconds <= 600:
             raise ConfigError("shutdown_grace_seconds must be between 0 and 600")
 
@@ -64,6 +73,8 @@ class CommonSettings:
     node_id: str = ""
     # Sandboxes get a NIC on the node's bridge, egress policy and exposed ports (needs CAP_NET_ADMIN).
     networking: bool = True
+    # This node's labels, `key=value` each, matched by a sandbox's node selector (e.g. `zone=a`, `disk=ssd`).
+    node_labels: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def node(self) -> str:
@@ -84,6 +95,14 @@ class CommonSettings:
             raise ConfigError("log_level must be one of debug, info, warning, error")
         if self.trace_exporter not in ("none", "console"):
             raise ConfigError("trace_exporter must be `none` or `console`")
+        if self.node_id and not NODE_ID.match(self.node_id):
+            raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID.pattern}")
+        for label in self.node_labels:
+            key, sep, value = label.partition("=")
+            if not sep or not LABEL_KEY.match(key) or len(value) > 63:
+                raise ConfigError(
+                    f"node_labels: {label!r} is not key=value (key {LABEL_KEY.pattern}, value up to 63 characters)"
+                )
 
 
 def parse_address(value: str, *, key: str, allow_zero: bool = True) -> tuple[str, int]:

@@ -21,6 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 IDENTITIES = ("gateway", "compute", "relay", "network", "snapshot", "auth", "operator")
+# Every service certificate names this host: callers check it instead of the address they dialled, so a
+# service on any host and address is verified as "issued by this installation's CA".
+SERVICE_NAME = "microvm.internal"
+# Client channel options that go with it.
+TLS_CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", SERVICE_NAME)]
 VALID_DAYS = 3650
 
 
@@ -76,7 +81,7 @@ def ensure_pki(directory: Path) -> None:
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     for kind in IDENTITIES:
-        if (directory / f"{kind}.crt").exists():
+        if (directory / f"{kind}.crt").exists() and _names_service(directory / f"{kind}.crt"):
             continue
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
@@ -89,7 +94,11 @@ def ensure_pki(directory: Path) -> None:
             .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [
+                        x509.DNSName(SERVICE_NAME),
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
                 ),
                 critical=False,
             )
@@ -101,6 +110,16 @@ def ensure_pki(directory: Path) -> None:
         )
         _write_private(directory / f"{kind}.key", _pem_key(key))
         (directory / f"{kind}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _names_service(path: Path) -> bool:
+    """Certificates from before SERVICE_NAME lack it: they are issued again (same CA)."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return SERVICE_NAME in names.get_values_for_type(x509.DNSName)
 
 
 def load_identity(directory: Path, kind: str) -> Identity:

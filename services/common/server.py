@@ -29,20 +29,38 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from services.common import observability
 from services.common.config import CommonSettings, ConfigError, load_config
 from services.common.errors import ErrorMappingInterceptor
-from services.common.pki import Identity, load_identity
+from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client
 
 S = TypeVar("S")
+T = TypeVar("T")
 log = structlog.get_logger()
 
 # Messages up to 8 MiB: file chunks are 1 MiB, a stdin payload up to 4 MiB.
 MAX_MESSAGE_BYTES = 8 << 20
 SHUTDOWN_STEP_SECONDS = 3.0
 PUBLIC_KINDS = {"gateway"}
+# One instance of each per node: they own the node's VMs, devices, channels and chunks.
+NODE_KINDS = {"compute", "network", "relay", "snapshot"}
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def advertised_address(settings, port: int) -> str:
+    """The address others call: `advertise_address` if set (its port defaults to the bound one), else the
+    listen host with the bound port; an unspecified listen host (0.0.0.0, ::) is replaced by this host's
+    address."""
+    if settings.advertise_address:
+        host, _, advertised_port = settings.advertise_address.rpartition(":")
+        if not host:
+            host, advertised_port = settings.advertise_address, ""
+        return f"{host}:{advertised_port or port}"
+    host = settings.listen.rpartition(":")[0]
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"
 
 
 def never_reached(error: BaseException) -> bool:
@@ -86,7 +104,7 @@ class ServiceContext(Generic[S]):
                 channel = grpc.aio.secure_channel(
                     address,
                     self.identity.channel_credentials(),
-                    options=CHANNEL_OPTIONS,
+                    options=CHANNEL_OPTIONS + TLS_CHANNEL_OPTIONS,
                     interceptors=aio_client_interceptors(),
                 )
             else:
@@ -108,16 +126,35 @@ class ServiceContext(Generic[S]):
         retry_for: float,
         retryable: Callable[[BaseException], bool] = never_reached,
     ):
-        """`method(request)` on the newest instance of `kind` (on `node`), tried again on whatever instance is
-        newest then, for up to `retry_for` seconds, while the failure is one of a restart (`retryable`): a
-        killed instance stays registered until its lease ends, its successor registers when it is ready."""
+        """`method(request)` on the newest instance of `kind` (on `node`); see `on_newest`."""
+        return await self.on_newest(
+            kind,
+            node,
+            stub_class,
+            lambda stub: getattr(stub, method)(request, timeout=timeout),
+            retry_for=retry_for,
+            retryable=retryable,
+        )
+
+    async def on_newest(
+        self,
+        kind: str,
+        node: str | None,
+        stub_class,
+        invoke: Callable[[Any], Awaitable[T]],
+        *,
+        retry_for: float,
+        retryable: Callable[[BaseException], bool] = never_reached,
+    ) -> T:
+        """`invoke(stub)` on the newest instance of `kind` (on `node`), tried again on whatever instance is newest
+        then, for up to `retry_for` seconds, while the failure is one of a restart (`retryable`): a killed instance
+        stays registered until its lease ends, its successor registers when it is ready."""
         from services.common.errors import Unavailable
 
         deadline = asyncio.get_running_loop().time() + retry_for
         while True:
             try:
-                stub = stub_class(self.channel(self.directory.newest(kind, node).address))
-                return await getattr(stub, method)(request, timeout=timeout)
+                return await invoke(stub_class(self.channel(self.directory.newest(kind, node).address)))
             except (grpc.aio.AioRpcError, Unavailable) as exc:
                 if not retryable(exc) or asyncio.get_running_loop().time() > deadline:
                     raise
@@ -192,6 +229,21 @@ async def serve(
         directory=directory,
         identity=identity,
     )
+    registration = ServiceRegistration(
+        etcd,
+        ServiceInstance(
+            kind=kind,
+            instance_id=instance_id,
+            address="",
+            node=common.node if kind in NODE_KINDS else "",
+            metadata=context.registration_metadata,
+        ),
+        ttl=common.lease_ttl_seconds,
+        on_lost=lambda reason: stop.set(),
+    )
+    if kind in NODE_KINDS:
+        # Before the wiring runs: a second compute on a node would otherwise adopt (and kill) its VMs.
+        await registration.claim_node()
 
     # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
     server = grpc.aio.server(
@@ -206,7 +258,12 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
     )
     # Internal services accept only this installation's services; the public gateway port authenticates
     # callers with bearer credentials instead (it is the one door clients use).
@@ -216,20 +273,19 @@ async def serve(
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise ConfigError(f"{kind}.listen: cannot bind {settings.listen}")
-    host = settings.listen.rpartition(":")[0]
-    address = f"{host}:{port}"
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    registration = ServiceRegistration(
-        etcd,
-        ServiceInstance(kind=kind, instance_id=instance_id, address=address, metadata=context.registration_metadata),
-        ttl=common.lease_ttl_seconds,
-    )
+    registration.instance.address = advertised_address(settings, port)
     await registration.open()
     context.registration = registration
-    log.info("service_started", address=address, services=service_names)
+    log.info(
+        "service_started",
+        address=registration.instance.address,
+        node=registration.instance.node,
+        services=service_names,
+    )
     if ready is not None:
         ready.set()
 

@@ -30,6 +30,8 @@ class GatewaySettings(ServiceSettings):
     # Per-API-key token bucket.
     rate_limit_per_second: float = 50.0
     rate_limit_burst: float = 200.0
+    # Tenants whose admins operate the cluster (node administration: cordon, drain).
+    operator_tenants: list[str] = dataclasses.field(default_factory=lambda: ["default"])
 
     def validate(self) -> None:
         super().validate()
@@ -40,7 +42,7 @@ class GatewaySettings(ServiceSettings):
 
 @dataclasses.dataclass
 class ComputeSettings(ServiceSettings):
-    # `auto`, `qemu` or `cloud-hypervisor`.
+    # `auto`, `qemu` or `cloud-hypervisor`; `fake` runs each "VM" as a host process (tests only: no isolation).
     vmm: str = "auto"
     # `auto`, `kvm` or `tcg`. auto = kvm only where the CPU shows vmx/svm.
     accel: str = "auto"
@@ -85,8 +87,8 @@ class ComputeSettings(ServiceSettings):
 
     def validate(self) -> None:
         super().validate()
-        if self.vmm not in ("auto", "qemu", "cloud-hypervisor"):
-            raise ConfigError("compute.vmm must be auto, qemu or cloud-hypervisor")
+        if self.vmm not in ("auto", "qemu", "cloud-hypervisor", "fake"):
+            raise ConfigError("compute.vmm must be auto, qemu, cloud-hypervisor or fake (tests only: no isolation)")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError("compute.accel must be auto, kvm or tcg")
         if not 1 <= self.max_vcpus_per_vm <= 64:
@@ -107,15 +109,13 @@ class ComputeSettings(ServiceSettings):
 
 @dataclasses.dataclass
 class RelaySettings(ServiceSettings):
-    # Per-stream credit granted to the agent, in bytes.
-    stream_window_bytes: int = 1 << 20
-    # Seconds to wait for an agent channel to open.
+    # Seconds to wait for an agent channel to open (a guest's window is the agent's own, see agent.proto).
     connect_timeout_seconds: float = 10.0
 
     def validate(self) -> None:
         super().validate()
-        if not 65536 <= self.stream_window_bytes <= 64 << 20:
-            raise ConfigError("relay.stream_window_bytes must be between 64 KiB and 64 MiB")
+        if not 0 < self.connect_timeout_seconds <= 600:
+            raise ConfigError("relay.connect_timeout_seconds must be between 0 and 600")
 
 
 @dataclasses.dataclass

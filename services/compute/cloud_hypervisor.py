@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from images.builder import BuiltImage
+from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition, Unavailable
 from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice
-from services.compute.records import VmRecord
 
 KERNEL_ARGS = (
     "console=ttyS0 quiet panic=-1 reboot=k cryptomgr.notests=1 mitigations=off audit=0 "
@@ -192,9 +192,9 @@ class CloudHypervisorDriver:
             "console": {"mode": "Off"},
             "vsock": {"cid": GUEST_CID, "socket": str(p["agent"])},
         }
-        if vm.tap_device:
+        if vm.nic.tap_device:
             # The network service's persistent TAP; no `ip`/`mask`: the host side stays a bare bridge port.
-            config["net"] = [{"tap": vm.tap_device, "mac": vm.mac_address, "num_queues": 2}]
+            config["net"] = [{"tap": vm.nic.tap_device, "mac": vm.nic.mac_address, "num_queues": 2}]
         return config
 
     async def _spawn(self, directory: Path) -> int:
@@ -286,7 +286,7 @@ class CloudHypervisorDriver:
         config["vsock"]["socket"] = str(p["agent"])
         config["serial"]["file"] = str(p["console"])
         for net in config.get("net") or []:
-            net["tap"], net["mac"] = vm.tap_device, vm.mac_address  # the clone's own attachment
+            net["tap"], net["mac"] = vm.nic.tap_device, vm.nic.mac_address  # the clone's own attachment
         (source / "config.json").write_text(json.dumps(config))
         pid = await self._spawn(directory)
         api = self.api(directory)

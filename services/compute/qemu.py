@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from images.builder import BuiltImage
+from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition
 from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice, host_tsc_khz
 from services.compute.qmp import QmpClient
-from services.compute.records import VmRecord
 
 # Measured here: reliable and fast under TCG (see docs/guest-boot.md).
 KERNEL_ARGS = (
@@ -122,13 +122,13 @@ class QemuDriver:
     @staticmethod
     def nic(vm: VmRecord) -> list[str]:
         """virtio-net on the VM's persistent TAP (created by the network service, never by qemu)."""
-        if not vm.tap_device:
+        if not vm.nic.tap_device:
             return []
         return [
             "-netdev",
-            f"tap,id=net0,ifname={vm.tap_device},script=no,downscript=no",
+            f"tap,id=net0,ifname={vm.nic.tap_device},script=no,downscript=no",
             "-device",
-            f"virtio-net-device,netdev=net0,mac={vm.mac_address}",
+            f"virtio-net-device,netdev=net0,mac={vm.nic.mac_address}",
         ]
 
     async def prepare_disk(self, image: BuiltImage, directory: Path) -> None:

@@ -1,46 +1,123 @@
-"""Wiring and handlers of the compute service (ComputeService)."""
+"""Wiring of the compute service: the node's parts put together, and the thin ComputeService servicer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import structlog
 
+from images.builder import cache_root
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
-from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import NotFound, ServiceError
+from services.common import deadlines
+from services.common.errors import Unavailable
+from services.common.records import Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
-from services.compute.cloud_hypervisor import CloudHypervisorDriver
-from services.compute.fleet import VmFleet
+from services.compute.guests import GuestLink
+from services.compute.ledger import VmLedger
+from services.compute.lifecycle import VmLifecycle
 from services.compute.network_link import NetworkLink
-from services.compute.qemu import QemuDriver
+from services.compute.node_record import NodeReporter, parse_labels
+from services.compute.reconcile import adopt
+from services.compute.snapshots import VmSnapshots
+from services.compute.supervision import VmProcesses
+from services.compute.templates import TemplateSnapshots
+from services.compute.vmm import VmmDriver
+from services.compute.warm_pool import WarmStart
 
 log = structlog.get_logger()
 
 
-class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
-    def __init__(self, fleet: VmFleet, context: ServiceContext) -> None:
-        self.fleet = fleet
-        self.context = context
+def make_driver(settings: ComputeSettings) -> tuple[VmmDriver, str]:
+    """The VMM driver this node uses, and why."""
+    if settings.vmm == "fake":
+        from services.compute.fake_vmm import FakeVmmDriver
 
-    def _visible(self, vm_id: str) -> str:
-        """Pool and template-build VMs are the node's own business: callers see NOT_FOUND."""
-        vm = self.fleet.vms.get(vm_id)
-        if vm is not None and vm.pooled:
-            raise NotFound(f"VM {vm_id} does not exist on node {self.fleet.node}", reason="VM_NOT_FOUND")
-        return vm_id
+        log.warning("fake_vmm_in_use", detail="compute.vmm is fake: sandboxes are host processes, not isolated")
+        return FakeVmmDriver(), "forced by compute.vmm=fake (tests only: no isolation)"
+    choice = hypervisor.choose(settings.vmm, settings.accel, settings.qemu_binary, settings.cloud_hypervisor_binary)
+    if choice.vmm == "cloud-hypervisor":
+        from services.compute.cloud_hypervisor import CloudHypervisorDriver
 
-    def _snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
-        return snapshot_pb2_grpc.SnapshotStoreServiceStub(
-            self.context.channel(self.context.directory.newest("snapshot").address)
+        return CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary), choice.reason
+    from services.compute.qemu import QemuDriver
+
+    return QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib), choice.reason
+
+
+class ComputeNode:
+    """Everything compute runs on one node, each part with one responsibility."""
+
+    def __init__(self, context: ServiceContext[ComputeSettings], driver: VmmDriver, hypervisor_reason: str) -> None:
+        settings, common = context.settings, context.common
+        self.context, self.node = context, common.node
+        state_dir = Path(common.state_dir)
+        root = state_dir / "compute"
+        self.network = NetworkLink(context, self.node) if common.networking else None
+        self.ledger = VmLedger(context.etcd, self.node, settings)
+        self.processes = VmProcesses(self.ledger, driver, self.network)
+        image_root = Path(settings.image_cache_dir) if settings.image_cache_dir else cache_root()
+        self.lifecycle = VmLifecycle(
+            self.ledger,
+            driver,
+            self.processes,
+            GuestLink(context, self.node),
+            self.network,
+            settings,
+            root / "vms",
+            image_root,
+            settings.ram_root(state_dir),
+        )
+        self.snapshots = VmSnapshots(self.lifecycle, root / "snapshots")
+        self.templates = TemplateSnapshots(self.lifecycle, self.snapshots, root / "templates")
+        self.warm = WarmStart(self.lifecycle, self.snapshots, self.templates)
+        self.lifecycle.warm = self.warm
+        self.reporter = NodeReporter(
+            Records(context.etcd),
+            self.lifecycle,
+            self.templates,
+            state_dir,
+            parse_labels(common.node_labels),
+            hypervisor_reason,
         )
 
+    def snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
+        """This node's snapshot store: artifacts stay on the node that made them."""
+        instance = self.context.directory.newest("snapshot", self.node)
+        return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.context.channel(instance.address))
+
+    async def restore(self, vm_id: str, snapshot_id: str, hostname: str, policy):
+        store = self.snapshot_store()
+        record = (
+            await store.GetSnapshotRecord(
+                snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id), timeout=deadlines.QUICK
+            )
+        ).record
+        return await self.snapshots.restore(vm_id, record, hostname, store, policy)
+
+    async def network_ready(self) -> None:
+        if self.network is not None and not await self.network.wait_until_registered(60):
+            log.warning("network_service_missing", node=self.node)
+
+    async def start(self) -> None:
+        await adopt(self.lifecycle, self.warm)
+        await self.reporter.publish()
+        self.warm.start_upkeep(self.network_ready)
+
+    async def close(self) -> None:
+        await self.warm.close()
+        self.processes.close()
+
+
+class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
+    def __init__(self, node: ComputeNode) -> None:
+        self.node = node
+        self.lifecycle, self.ledger = node.lifecycle, node.ledger
+
     async def CreateVm(self, request, context):
-        vm = await self.fleet.create(
+        vm = await self.lifecycle.create(
             request.vm_id,
             request.template or "default",
             request.vcpus or 1,
@@ -48,85 +125,58 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             request.hostname,
             request.network_policy,
         )
-        return compute_pb2.CreateVmResponse(vm=vm.to_proto())
+        return compute_pb2.CreateVmResponse(vm=vm)
 
     async def GetVm(self, request, context):
-        return compute_pb2.GetVmResponse(vm=self.fleet.get(self._visible(request.vm_id)).to_proto())
+        return compute_pb2.GetVmResponse(vm=self.ledger.visible(request.vm_id))
 
     async def ListVms(self, request, context):
-        return compute_pb2.ListVmsResponse(vms=[vm.to_proto() for vm in self.fleet.visible()])
+        return compute_pb2.ListVmsResponse(vms=self.ledger.owned())
 
     async def StopVm(self, request, context):
-        vm_id = self._visible(request.vm_id)
-        # The guest's agent serves one connection: the relay lets go of it so compute can have the guest sync.
-        try:
-            relay = relay_pb2_grpc.RelayServiceStub(
-                self.context.channel(self.context.directory.newest("relay").address)
-            )
-            await relay.CloseChannel(relay_pb2.CloseChannelRequest(vm_id=vm_id), timeout=5)
-        except (grpc.aio.AioRpcError, ServiceError) as exc:
-            log.warning("relay_close_before_stop_failed", vm=vm_id, error=str(exc))
-        return compute_pb2.StopVmResponse(vm=(await self.fleet.stop(vm_id)).to_proto())
+        return compute_pb2.StopVmResponse(vm=await self.lifecycle.stop(self.ledger.visible(request.vm_id).id))
 
     async def StartVm(self, request, context):
-        return compute_pb2.StartVmResponse(vm=(await self.fleet.start(self._visible(request.vm_id))).to_proto())
+        return compute_pb2.StartVmResponse(vm=await self.lifecycle.start(self.ledger.visible(request.vm_id).id))
 
     async def DeleteVm(self, request, context):
-        await self.fleet.delete(self._visible(request.vm_id))
+        await self.lifecycle.delete(self.ledger.visible(request.vm_id).id)
         return compute_pb2.DeleteVmResponse()
 
     async def PauseVm(self, request, context):
-        return compute_pb2.PauseVmResponse(vm=(await self.fleet.pause(self._visible(request.vm_id))).to_proto())
+        return compute_pb2.PauseVmResponse(
+            vm=await self.lifecycle.set_paused(self.ledger.visible(request.vm_id).id, True)
+        )
 
     async def ResumeVm(self, request, context):
-        return compute_pb2.ResumeVmResponse(vm=(await self.fleet.resume(self._visible(request.vm_id))).to_proto())
+        return compute_pb2.ResumeVmResponse(
+            vm=await self.lifecycle.set_paused(self.ledger.visible(request.vm_id).id, False)
+        )
 
     async def SnapshotVm(self, request, context):
-        size = await self.fleet.snapshot(self._visible(request.vm_id), request.snapshot_id, self._snapshot_store())
+        size = await self.node.snapshots.snapshot(
+            request.vm_id, request.snapshot_id, self.node.snapshot_store(), request.leave_paused
+        )
         return compute_pb2.SnapshotVmResponse(size_bytes=size)
 
     async def RestoreVm(self, request, context):
-        store = self._snapshot_store()
-        record = (
-            await store.GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=request.snapshot_id), timeout=10)
-        ).record
-        vm = await self.fleet.restore(request.vm_id, record, request.hostname, store, request.network_policy)
-        return compute_pb2.RestoreVmResponse(vm=vm.to_proto())
-
-    async def GetNodeCapacity(self, request, context):
-        vcpus, memory = self.fleet.capacity()
-        settings = self.fleet.settings
-        return compute_pb2.GetNodeCapacityResponse(
-            node=self.fleet.node,
-            vcpus_total=settings.vcpus_total,
-            vcpus_used=vcpus,
-            memory_mib_total=settings.memory_mib_total,
-            memory_mib_used=memory,
-            vm_count=sum(1 for vm in self.fleet.visible() if vm.holds_resources),
-            vmm=self.fleet.driver.name,
-            accel=self.fleet.driver.accel,
-            templates=self.fleet.templates(),
-            max_vcpus_per_vm=settings.max_vcpus_per_vm,
-            max_memory_mib_per_vm=settings.max_memory_mib_per_vm,
-        )
+        vm = await self.node.restore(request.vm_id, request.snapshot_id, request.hostname, request.network_policy)
+        return compute_pb2.RestoreVmResponse(vm=vm)
 
 
 async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
-    settings = context.settings
-    choice = hypervisor.choose(settings.vmm, settings.accel, settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = (
-        CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary)
-        if choice.vmm == "cloud-hypervisor"
-        else QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
-    )
-    node_id = context.common.node
-    network = NetworkLink(context, node_id) if context.common.networking else None
-    fleet = VmFleet(settings, Path(context.common.state_dir), context.etcd, node_id, driver, network)
-    await fleet.adopt()
-    fleet.warm.start()
-    context.registration_metadata.update(
-        node=node_id, vmm=choice.vmm, accel=choice.accel, hypervisor_reason=choice.reason
-    )
-    context.on_shutdown.append(fleet.close)
-    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(fleet, context), server)
+    driver, reason = make_driver(context.settings)
+    node = ComputeNode(context, driver, reason)
+    await node.start()
+
+    async def report() -> None:
+        try:
+            await node.reporter.publish()
+        except Unavailable:
+            pass
+
+    context.every(5.0, report, "node-record")
+    context.registration_metadata.update(vmm=driver.name, accel=driver.accel, hypervisor_reason=reason)
+    context.on_shutdown.append(node.close)
+    compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(node), server)
     return [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from images.builder import BuiltImage
-from services.compute.records import VmRecord
+from microvm.types.v1.vm_pb2 import VmRecord
 
 
 class VmmDriver(Protocol):

@@ -20,13 +20,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
 from services.auth.permissions import MUTATING
 from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
-PUBLIC_PREFIX = "/microvm.sandbox.v1.SandboxService/"
+PUBLIC_PREFIXES = (permissions.SANDBOX, permissions.NODES)
 
 
 def current_principal() -> auth_pb2.Principal | None:
@@ -81,8 +82,9 @@ def target_of(request) -> str:
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, context, rate_per_second: float, burst: float) -> None:
+    def __init__(self, context, rate_per_second: float, burst: float, operator_tenants=("default",)) -> None:
         self.context = context
+        self.operator_tenants = frozenset(operator_tenants)
         self.rate, self.burst = rate_per_second, burst
         self.buckets: dict[str, TokenBucket] = {}
         self._pending: set[asyncio.Task] = set()
@@ -100,9 +102,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         ).principal
         # The permission matrix is the auth service's own module: checking it here saves a round trip
         # on every call, and both sides always agree.
+        if method in permissions.NODE_ADMIN and principal.tenant not in self.operator_tenants:
+            raise PermissionDenied(
+                "node administration is for the cluster's operators (gateway.operator_tenants)",
+                reason="NOT_AN_OPERATOR",
+            )
         if not permissions.allowed(principal.role, method):
             raise PermissionDenied(
-                f"role {auth_pb2.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
+                f"role {auth_types.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
                 reason="ROLE_FORBIDS",
             )
         return principal
@@ -119,7 +126,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         try:
             await self._auth().RecordAuditEvent(
                 auth_pb2.RecordAuditEventRequest(
-                    event=auth_pb2.AuditEvent(
+                    event=auth_types.AuditEvent(
                         tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
                     )
                 ),
@@ -131,7 +138,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(PUBLIC_PREFIX):
+        if handler is None or not method.startswith(PUBLIC_PREFIXES):
             return handler
         interceptor = self
 

@@ -23,10 +23,11 @@ from google.protobuf import descriptor, json_format
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm.sandbox.v1 import sandbox_service_pb2_grpc
 
-SERVICE = api.DESCRIPTOR.services_by_name["SandboxService"]
+# Every service the gateway serves over gRPC, served over HTTP too.
+SERVICES = (api.DESCRIPTOR.services_by_name["SandboxService"], nodes_pb2.DESCRIPTOR.services_by_name["NodeService"])
 HTTP_STATUS = {
     "OK": 200,
     "CANCELLED": 499,
@@ -75,7 +76,7 @@ def parse_template(template: str) -> tuple[re.Pattern, dict[str, str]]:
 
 def routes() -> list[Route]:
     found = []
-    for method in SERVICE.methods:
+    for method in (m for service in SERVICES for m in service.methods):
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
         if verb is None:
@@ -131,7 +132,6 @@ class HttpGateway:
             grpc_address,
             options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
         )
-        self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
         self.routes = routes()
 
     def app(self) -> web.Application:
@@ -168,7 +168,7 @@ class HttpGateway:
                     set_field(message, _snake(key), value)
         except (json_format.ParseError, ValueError) as exc:
             return bad_request(str(exc))
-        call = getattr(self.stub, route.method.name)
+        call = self._callable(route.method)
         try:
             if not route.method.server_streaming:
                 reply = await call(message, metadata=metadata, timeout=600)
@@ -239,10 +239,20 @@ class HttpGateway:
                 yield api.WriteFileRequest(data=chunk)
 
         try:
-            reply = await self.stub.WriteFile(messages(), metadata=metadata, timeout=600)
+            reply = await self._callable(route.method)(messages(), metadata=metadata, timeout=600)
         except grpc.aio.AioRpcError as error:
             return error_response(error)
         return web.json_response(json_format.MessageToDict(reply))
+
+    def _callable(self, method: descriptor.MethodDescriptor):
+        """The gRPC call of `method` on this gateway, whichever service it belongs to."""
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        kind = ("stream_" if method.client_streaming else "unary_") + ("stream" if method.server_streaming else "unary")
+        return getattr(self.channel, kind)(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=method.output_type._concrete_class.FromString,
+        )
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document(self.routes))
@@ -386,7 +396,7 @@ def openapi_document(route_list: list[Route]) -> dict:
         "info": {
             "title": "MicroVM Sandbox API",
             "version": "v1",
-            "description": "Generated from the google.api.http annotations of microvm.sandbox.v1.",
+            "description": "Generated from the google.api.http annotations of microvm.sandbox.v1 and microvm.admin.v1.",
         },
         "servers": [{"url": "/"}],
         "paths": paths,

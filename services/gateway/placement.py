@@ -1,114 +1,159 @@
-"""SandboxPlacement: which compute node gets a new sandbox, and how to reach a sandbox's node."""
+"""SandboxPlacement: which node gets a new sandbox, decided and recorded in one etcd transaction.
+
+Nodes are filtered (alive, schedulable, the template built there, the caller's node selector matches its labels,
+room for the sandbox) and scored: free memory and vCPUs, fewer sandboxes, the template's snapshot already on
+the node (a restore instead of a boot), and fewer of the same tenant's sandboxes (spreading a tenant over the
+cluster). The sandbox record naming the node is written in the same transaction as that node's placement guard,
+compared against the revision read with the view: two gateways deciding at once cannot both fill a node from
+the same view; the loser decides again on a fresh view.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import time
+from collections.abc import Awaitable, Callable
 
-import grpc
 import structlog
 
-from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
-from microvm.network.v1 import network_pb2_grpc
-from microvm.relay.v1 import relay_pb2_grpc
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from services.common.registry import ServiceInstance
-from services.common.server import ServiceContext
+from microvm.types.v1 import sandbox_pb2 as sandbox_types
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.common.records import PLACEMENTS, SANDBOXES, Records
+from services.gateway.nodes import ClusterNodes, NodeView
+from services.gateway.records import SandboxRecord, SandboxStore
 
 log = structlog.get_logger()
+ATTEMPTS = 20
 
 
-RESTART_WAIT_SECONDS = 10.0
+def score(view: NodeView, record: SandboxRecord) -> float:
+    """Higher is better. Every term is a fraction, so no node wins on one term alone by sheer size."""
+    capacity = view.record.capacity
+    free_memory = view.memory_mib_free / capacity.memory_mib if capacity.memory_mib else 0.0
+    free_vcpus = view.vcpus_free / capacity.vcpus if capacity.vcpus else 0.0
+    warm = any(
+        t.template == record.template and t.vcpus == record.vcpus and t.memory_mib == record.memory_mib
+        for t in view.record.template_snapshots
+    )
+    tenant_share = sum(1 for s in view.sandboxes if s.tenant == record.tenant) / (1 + len(view.sandboxes))
+    return (
+        1.0 * free_memory + 0.5 * free_vcpus + (0.4 if warm else 0.0) - 0.3 * tenant_share - 0.01 * len(view.sandboxes)
+    )
 
 
-class NodeCompute:
-    """The compute service of one node, riding out its restarts (its successor registers only after
-    re-adopting the VMs): a call that never reached a server is tried again for a few seconds."""
-
-    def __init__(self, context: ServiceContext, node: str) -> None:
-        self.context, self.node = context, node
-
-    def __getattr__(self, method: str):
-        async def call(request, timeout: float | None = None):
-            return await self.context.call_newest(
-                "compute",
-                self.node,
-                compute_pb2_grpc.ComputeServiceStub,
-                method,
-                request,
-                timeout=timeout,
-                retry_for=RESTART_WAIT_SECONDS,
-            )
-
-        return call
+def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
+    """The best node for `record`, or the status that says why there is none."""
+    alive = [v for v in views.values() if v.alive]
+    if not alive:
+        raise Unavailable("no compute node is answering", reason="NO_COMPUTE_NODES")
+    with_template = [v for v in alive if record.template in v.record.templates]
+    if not with_template:
+        raise NotFound(
+            f"template {record.template!r} is not built on any compute node",
+            reason="TEMPLATE_NOT_FOUND",
+            metadata={"template": record.template},
+        )
+    max_vcpus = max(v.record.capacity.max_vcpus_per_vm for v in with_template)
+    max_memory = max(v.record.capacity.max_memory_mib_per_vm for v in with_template)
+    if record.vcpus > max_vcpus:
+        raise InvalidArgument(
+            f"vcpus must be between 1 and {max_vcpus}, got {record.vcpus}", reason="VCPUS_OUT_OF_RANGE"
+        )
+    if record.memory_mib > max_memory:
+        raise InvalidArgument(
+            f"memory_mib must be between 128 and {max_memory}, got {record.memory_mib}", reason="MEMORY_OUT_OF_RANGE"
+        )
+    matching = [
+        v for v in with_template if all(v.record.labels.get(k) == val for k, val in record.node_selector.items())
+    ]
+    if not matching:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(record.node_selector.items()))
+        raise FailedPrecondition(
+            f"no node with template {record.template!r} has the labels {wanted}", reason="NO_MATCHING_NODE"
+        )
+    schedulable = [v for v in matching if v.schedulable]
+    if not schedulable:
+        raise FailedPrecondition(
+            "every node that could take the sandbox is cordoned or draining", reason="NO_SCHEDULABLE_NODE"
+        )
+    fitting = [
+        v
+        for v in schedulable
+        if v.vcpus_free >= record.vcpus
+        and v.memory_mib_free >= record.memory_mib
+        and v.record.capacity.max_vcpus_per_vm >= record.vcpus
+        and v.record.capacity.max_memory_mib_per_vm >= record.memory_mib
+    ]
+    if not fitting:
+        raise ResourceExhausted(
+            f"no node has {record.vcpus} vCPUs and {record.memory_mib} MiB free", reason="NO_CAPACITY"
+        )
+    return max(fitting, key=lambda v: (score(v, record), v.name)).name
 
 
 class SandboxPlacement:
-    def __init__(self, context: ServiceContext) -> None:
-        self.context = context
+    def __init__(self, nodes: ClusterNodes, store: SandboxStore) -> None:
+        self.nodes, self.store = nodes, store
+        self.records = Records(nodes.context.etcd)
+        # Seconds each decision took (view, choice and transaction), for the benchmark.
+        self.timings: list[float] = []
 
-    def compute(self, node: str) -> NodeCompute:
-        return NodeCompute(self.context, node)
+    async def place(self, record: SandboxRecord, admit: Callable[[], Awaitable[None]] | None = None) -> str:
+        """Chooses a node for a new sandbox and creates its record naming that node, atomically. `admit` runs once
+        a node was found and before the record is written (the tenant's quota: a request that cannot be placed
+        is refused for that, not for a quota it would never have used); it must be idempotent."""
+        for _ in range(ATTEMPTS):
+            started = time.perf_counter()
+            guards = {s.parts[0]: s.revision for s in await self.records.list(PLACEMENTS)}
+            views = await self.nodes.views(await self.store.list(tenant=None, every_tenant=True))
+            node = choose(views, record)
+            if admit is not None:
+                await admit()
+            record.node = node
+            guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
+            guard.time.GetCurrentTime()
+            record.update_time.GetCurrentTime()
+            placed = await self.records.transaction(
+                compare=[
+                    self.records.unchanged(SANDBOXES, 0, record.id),
+                    self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
+                ],
+                success=[
+                    self.records.put_op(SANDBOXES, record, record.id),
+                    self.records.put_op(PLACEMENTS, guard, node),
+                ],
+            )
+            self.timings.append(time.perf_counter() - started)
+            if placed:
+                return node
+            if await self.records.get(SANDBOXES, record.id) is not None:
+                raise AlreadyExists(
+                    f"sandbox {record.id} already exists",
+                    reason="SANDBOX_EXISTS",
+                    metadata={"sandbox": f"sandboxes/{record.id}"},
+                )
+            log.info("placement_contended", sandbox=record.id, node=node)
+        raise Aborted("placement is too contended right now; retry", reason="PLACEMENT_CONTENDED")
 
-    def network(self, node: str) -> network_pb2_grpc.NetworkServiceStub:
-        return network_pb2_grpc.NetworkServiceStub(
-            self.context.channel(self.context.directory.newest("network", node).address)
+    async def move(self, record: SandboxRecord, revision: int, target: str) -> bool:
+        """Records that `record` now runs on `target` (a migration), if neither it nor the target's placements
+        changed since they were read."""
+        guards = {s.parts[0]: s.revision for s in await self.records.list(PLACEMENTS)}
+        record.node = target
+        guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
+        guard.time.GetCurrentTime()
+        record.update_time.GetCurrentTime()
+        return await self.records.transaction(
+            compare=[
+                self.records.unchanged(SANDBOXES, revision, record.id),
+                self.records.unchanged(PLACEMENTS, guards.get(target, 0), target),
+            ],
+            success=[self.records.put_op(SANDBOXES, record, record.id), self.records.put_op(PLACEMENTS, guard, target)],
         )
-
-    def channel_to(self, kind: str):
-        """A channel to the newest registered instance of a service kind (relay, auth, snapshot)."""
-        return self.context.channel(self.context.directory.newest(kind).address)
-
-    def relay(self) -> relay_pb2_grpc.RelayServiceStub:
-        return relay_pb2_grpc.RelayServiceStub(self.channel_to("relay"))
-
-    async def choose_node(self, template: str, vcpus: int, memory_mib: int) -> str:
-        """The node with the most free memory that has the template and room for the sandbox."""
-        instances = self.context.directory.instances("compute")
-        if not instances:
-            raise Unavailable("no compute node is registered", reason="NO_COMPUTE_NODES")
-
-        async def capacity(instance: ServiceInstance):
-            stub = compute_pb2_grpc.ComputeServiceStub(self.context.channel(instance.address))
-            try:
-                return await stub.GetNodeCapacity(compute_pb2.GetNodeCapacityRequest(), timeout=3)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("node_capacity_unavailable", instance=instance.instance_id, code=exc.code().name)
-                return None
-
-        reports = [r for r in await asyncio.gather(*(capacity(i) for i in instances)) if r is not None]
-        deadline = asyncio.get_running_loop().time() + RESTART_WAIT_SECONDS
-        while not reports and asyncio.get_running_loop().time() < deadline:
-            # Every registered instance refused: a compute restarting (its successor registers shortly).
-            await asyncio.sleep(0.3)
-            reports = [
-                r
-                for r in await asyncio.gather(*(capacity(i) for i in self.context.directory.instances("compute")))
-                if r is not None
-            ]
-        if not reports:
-            raise Unavailable("no compute node answered", reason="NO_COMPUTE_NODES")
-        with_template = [r for r in reports if template in r.templates]
-        if not with_template:
-            raise NotFound(
-                f"template {template!r} is not built on any compute node",
-                reason="TEMPLATE_NOT_FOUND",
-                metadata={"template": template},
-            )
-        max_vcpus = max(r.max_vcpus_per_vm for r in with_template)
-        max_memory = max(r.max_memory_mib_per_vm for r in with_template)
-        if vcpus > max_vcpus:
-            raise InvalidArgument(f"vcpus must be between 1 and {max_vcpus}, got {vcpus}", reason="VCPUS_OUT_OF_RANGE")
-        if memory_mib > max_memory:
-            raise InvalidArgument(
-                f"memory_mib must be between 128 and {max_memory}, got {memory_mib}", reason="MEMORY_OUT_OF_RANGE"
-            )
-        fitting = [
-            r
-            for r in with_template
-            if r.vcpus_total - r.vcpus_used >= vcpus and r.memory_mib_total - r.memory_mib_used >= memory_mib
-        ]
-        if not fitting:
-            raise ResourceExhausted(
-                f"no compute node has {vcpus} vCPUs and {memory_mib} MiB free", reason="NO_CAPACITY"
-            )
-        return max(fitting, key=lambda r: r.memory_mib_total - r.memory_mib_used).node

@@ -1,94 +1,107 @@
-"""Sandbox records: the gateway's state in etcd at `/microvm/sandboxes/<id>`.
+"""Sandbox records (`/microvm/sandboxes/<id>`, written only by the gateway) and the public view of them.
 
-A record holds the public Sandbox message (proto JSON) plus where the sandbox runs. The VM's own record
-(`/microvm/vms/<node>/<id>`, written by compute) is read alongside, so a VM that died shows as FAILED
-without anyone having to tell the gateway.
+A record says where a sandbox runs (`node`); what the caller sees also reflects the VM's own record (written by
+its node's compute: a VM that died shows as FAILED without anyone telling the gateway) and whether the node is
+alive (a node whose lease ran out makes its sandboxes UNAVAILABLE).
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
+import re
 
-from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from microvm.sandbox.v1 import sandbox_pb2
+from microvm.types.v1 import sandbox_pb2 as sandbox_types
+from microvm.types.v1 import vm_pb2
 from services.common.errors import AlreadyExists, NotFound
+from services.common.records import SANDBOXES, VMS, Records, Stored
 from services.gateway.access import current_tenant
 
-SANDBOXES_PREFIX = "/microvm/sandboxes/"
-VMS_PREFIX = "/microvm/vms/"
-VM_STATE_TO_SANDBOX = {
-    "CREATING": sandbox_pb2.SANDBOX_STATE_CREATING,
-    "RUNNING": sandbox_pb2.SANDBOX_STATE_RUNNING,
-    "PAUSED": sandbox_pb2.SANDBOX_STATE_PAUSED,
-    "STOPPED": sandbox_pb2.SANDBOX_STATE_FAILED,
-    "FAILED": sandbox_pb2.SANDBOX_STATE_FAILED,
+SandboxRecord = sandbox_types.SandboxRecord
+SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RUNNING = sandbox_types.SANDBOX_RECORD_STATE_RUNNING
+PAUSED = sandbox_types.SANDBOX_RECORD_STATE_PAUSED
+MIGRATING = sandbox_types.SANDBOX_RECORD_STATE_MIGRATING
+VM_TO_SANDBOX = {
+    vm_pb2.VM_STATE_CREATING: sandbox_pb2.SANDBOX_STATE_CREATING,
+    vm_pb2.VM_STATE_RUNNING: sandbox_pb2.SANDBOX_STATE_RUNNING,
+    vm_pb2.VM_STATE_PAUSED: sandbox_pb2.SANDBOX_STATE_PAUSED,
+    vm_pb2.VM_STATE_STOPPED: sandbox_pb2.SANDBOX_STATE_FAILED,
+    vm_pb2.VM_STATE_FAILED: sandbox_pb2.SANDBOX_STATE_FAILED,
 }
 
 
-@dataclass
-class SandboxRecord:
-    id: str
-    sandbox: sandbox_pb2.Sandbox
-    timeout_seconds: int
-    expire_at: float
-    agent_socket: str = ""
-    agent_transport: str = "virtio-serial"
-    tenant: str = "default"
-    revision: int = field(default=0, compare=False)
+def convert(message: Message, into: type[Message]):
+    """The same message under another declaration (public API <-> stored record): their fields are identical, as
+    tests/unit/test_records.py checks, so the wire form carries over."""
+    return into.FromString(message.SerializeToString())
 
-    @property
-    def key(self) -> bytes:
-        return f"{SANDBOXES_PREFIX}{self.id}".encode()
 
-    @property
-    def node(self) -> str:
-        return self.sandbox.node
+def not_found(sandbox_id: str) -> NotFound:
+    return NotFound(
+        f"sandbox {sandbox_id} does not exist",
+        reason="SANDBOX_NOT_FOUND",
+        metadata={"sandbox": f"sandboxes/{sandbox_id}"},
+    )
 
-    def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "sandbox": json_format.MessageToDict(self.sandbox),
-                "timeout_seconds": self.timeout_seconds,
-                "expire_at": self.expire_at,
-                "agent_socket": self.agent_socket,
-                "agent_transport": self.agent_transport,
-                "tenant": self.tenant,
-            }
-        ).encode()
 
-    @classmethod
-    def decode(cls, sandbox_id: str, value: bytes, revision: int = 0) -> SandboxRecord:
-        data = json.loads(value)
-        sandbox = json_format.ParseDict(data["sandbox"], sandbox_pb2.Sandbox())
-        return cls(
-            id=sandbox_id,
-            sandbox=sandbox,
-            timeout_seconds=data["timeout_seconds"],
-            expire_at=data["expire_at"],
-            agent_socket=data.get("agent_socket", ""),
-            agent_transport=data.get("agent_transport", "virtio-serial"),
-            tenant=data.get("tenant", "default"),
-            revision=revision,
+def state_name(state: int) -> str:
+    return sandbox_pb2.SandboxState.Name(state).removeprefix("SANDBOX_STATE_")
+
+
+def to_public(record: SandboxRecord, vm: vm_pb2.VmRecord | None, node_alive: bool) -> sandbox_pb2.Sandbox:
+    """What the caller sees: the record, refined by its VM's state and its node's liveness."""
+    sandbox = sandbox_pb2.Sandbox(
+        name=f"sandboxes/{record.id}",
+        template=record.template,
+        state=record.state,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_mib,
+        labels=record.labels,
+        expire_time=record.expire_time,
+        node=record.node,
+        network_policy=convert(record.network_policy, sandbox_pb2.NetworkPolicy),
+        create_time=record.create_time,
+        update_time=record.update_time,
+        source_snapshot=f"snapshots/{record.source_snapshot}" if record.source_snapshot else "",
+        exposed_ports=[convert(p, sandbox_pb2.ExposedPort) for p in record.exposed_ports],
+        ip_address=record.ip_address,
+        failure_message=record.failure_message,
+        hypervisor=record.hypervisor,
+        node_selector=record.node_selector,
+    )
+    if record.state not in (RUNNING, PAUSED) or not record.node:
+        return sandbox
+    if not node_alive:
+        sandbox.state = sandbox_pb2.SANDBOX_STATE_UNAVAILABLE
+        sandbox.failure_message = (
+            f"node {record.node} is not answering (its lease ran out); the sandbox comes back when the node does"
         )
-
-    def touch(self) -> None:
-        self.sandbox.update_time.FromNanoseconds(time.time_ns())
+    elif vm is None:
+        sandbox.state = sandbox_pb2.SANDBOX_STATE_FAILED
+        sandbox.failure_message = "the VM record is gone from its node"
+    else:
+        sandbox.state = VM_TO_SANDBOX[vm.state]
+        if vm.state in (vm_pb2.VM_STATE_FAILED, vm_pb2.VM_STATE_STOPPED):
+            sandbox.failure_message = vm.failure_message or f"the VM is {vm_pb2.VmState.Name(vm.state)}"
+    return sandbox
 
 
 class SandboxStore:
-    def __init__(self, etcd) -> None:
-        self.etcd = etcd
+    """Typed access to sandbox records, scoped to the caller's tenant (another tenant's look absent)."""
 
-    async def create(self, record: SandboxRecord) -> None:
-        """Writes a new record; ALREADY_EXISTS when the id is taken (atomic, an etcd transaction)."""
-        tx = self.etcd.transactions
-        succeeded, _ = await self.etcd.transaction(
-            compare=[tx.version(record.key) == 0], success=[tx.put(record.key, record.encode())], failure=[]
-        )
-        if not succeeded:
+    def __init__(self, etcd) -> None:
+        self.records = Records(etcd)
+
+    async def create(self, record: SandboxRecord, *also) -> None:
+        """Writes a new record (with `also`, more operations of the same transaction); ALREADY_EXISTS when the id
+        is taken."""
+        record.update_time.GetCurrentTime()
+        if not await self.records.transaction(
+            compare=[self.records.unchanged(SANDBOXES, 0, record.id)],
+            success=[self.records.put_op(SANDBOXES, record, record.id), *also],
+        ):
             raise AlreadyExists(
                 f"sandbox {record.id} already exists",
                 reason="SANDBOX_EXISTS",
@@ -96,60 +109,39 @@ class SandboxStore:
             )
 
     async def put(self, record: SandboxRecord) -> None:
-        record.touch()
-        await self.etcd.put(record.key, record.encode())
+        record.update_time.GetCurrentTime()
+        await self.records.put(SANDBOXES, record, record.id)
+
+    def put_op(self, record: SandboxRecord):
+        record.update_time.GetCurrentTime()
+        return self.records.put_op(SANDBOXES, record, record.id)
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
-        result = await self.etcd.get(f"{SANDBOXES_PREFIX}{sandbox_id}".encode())
-        if result is None:
-            raise NotFound(
-                f"sandbox {sandbox_id} does not exist",
-                reason="SANDBOX_NOT_FOUND",
-                metadata={"sandbox": f"sandboxes/{sandbox_id}"},
-            )
-        record = SandboxRecord.decode(sandbox_id, result.value, result.mod_revision)
-        tenant = current_tenant()
-        if tenant is not None and record.tenant != tenant:
-            # Another tenant's sandbox looks exactly like one that does not exist.
-            raise NotFound(
-                f"sandbox {sandbox_id} does not exist",
-                reason="SANDBOX_NOT_FOUND",
-                metadata={"sandbox": f"sandboxes/{sandbox_id}"},
-            )
-        await self._merge_vm_state(record)
-        return record
+        return (await self.get_stored(sandbox_id)).message
 
-    async def list(self) -> list[SandboxRecord]:
-        result = await self.etcd.get_prefix(SANDBOXES_PREFIX.encode())
-        records = [
-            SandboxRecord.decode(kv.key.decode()[len(SANDBOXES_PREFIX) :], kv.value, kv.mod_revision) for kv in result
-        ]
+    async def get_stored(self, sandbox_id: str) -> Stored[SandboxRecord]:
+        """The record and its revision (for a compare-and-swap)."""
+        stored = await self.records.get(SANDBOXES, sandbox_id) if SANDBOX_ID.match(sandbox_id) else None
         tenant = current_tenant()
-        if tenant is not None:
-            records = [r for r in records if r.tenant == tenant]
-        vms = {kv.key.decode(): json.loads(kv.value) for kv in await self.etcd.get_prefix(VMS_PREFIX.encode())}
-        for record in records:
-            self._apply_vm(record, vms.get(f"{VMS_PREFIX}{record.node}/{record.id}"))
-        return records
+        if stored is None or (tenant is not None and stored.message.tenant != tenant):
+            raise not_found(sandbox_id)  # another tenant's sandbox looks exactly like one that does not exist
+        return stored
+
+    async def list(self, tenant: str | None = None, every_tenant: bool = False) -> list[SandboxRecord]:
+        """The records of `tenant` (default: the caller's tenant when there is one); every tenant's with
+        `every_tenant` (placement, the reaper, node administration)."""
+        tenant = None if every_tenant else (tenant or current_tenant())
+        return [s.message for s in await self.records.list(SANDBOXES) if tenant is None or s.message.tenant == tenant]
 
     async def delete(self, record: SandboxRecord) -> None:
-        await self.etcd.delete(record.key)
+        await self.records.delete(SANDBOXES, record.id)
 
-    async def _merge_vm_state(self, record: SandboxRecord) -> None:
+    async def vm(self, record: SandboxRecord) -> vm_pb2.VmRecord | None:
         if not record.node:
-            return
-        result = await self.etcd.get(f"{VMS_PREFIX}{record.node}/{record.id}".encode())
-        self._apply_vm(record, json.loads(result.value) if result else None)
+            return None
+        stored = await self.records.get(VMS, record.node, record.id)
+        return stored.message if stored else None
 
-    @staticmethod
-    def _apply_vm(record: SandboxRecord, vm: dict | None) -> None:
-        state = record.sandbox.state
-        if state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED) or not record.node:
-            return
-        if vm is None:
-            record.sandbox.state = sandbox_pb2.SANDBOX_STATE_FAILED
-            record.sandbox.failure_message = "the VM record is gone from its node"
-            return
-        record.sandbox.state = VM_STATE_TO_SANDBOX[vm["state"]]
-        if vm["state"] in ("FAILED", "STOPPED"):
-            record.sandbox.failure_message = vm.get("failure_message") or f"the VM is {vm['state']}"
+    async def vms(self) -> dict[tuple[str, str], vm_pb2.VmRecord]:
+        """Every VM record of the cluster by (node, id)."""
+        return {s.parts: s.message for s in await self.records.list(VMS)}

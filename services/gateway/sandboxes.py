@@ -1,21 +1,354 @@
-"""SandboxServicer: the public SandboxService. Each RPC's handler lives in the module of its group."""
+"""Sandboxes: the standard methods on sandboxes (create, get, list, update, delete), pause and resume, exposed
+ports, and the expiry reaper. The control plane: each call is translated into calls on the sandbox's node."""
 
 from __future__ import annotations
 
-from microvm.sandbox.v1 import sandbox_service_pb2_grpc
-from services.common.server import ServiceContext
-from services.gateway.exec import ExecHandlers
-from services.gateway.files import FileHandlers
-from services.gateway.lifecycle import SandboxLifecycle
+import base64
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+import structlog
+
+from microvm.compute.v1 import compute_pb2
+from microvm.network.v1 import network_pb2
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.types.v1 import auth_pb2 as auth_types
+from microvm.types.v1 import network_pb2 as network_types
+from microvm.types.v1 import sandbox_pb2 as sandbox_types
+from microvm.types.v1 import vm_pb2
+from services.common import deadlines
+from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from services.gateway.access import current_tenant
+from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
-from services.gateway.records import SandboxStore
-from services.gateway.snapshots import SnapshotHandlers
+from services.gateway.quotas import QuotaClient
+from services.gateway.records import RUNNING, SandboxRecord, SandboxStore, convert, state_name, to_public
+from services.network.policy import normalized_policy
+
+log = structlog.get_logger()
+SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
+UPDATABLE = ("labels", "timeout", "network_policy")
+StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
 
 
-class SandboxServicer(
-    SandboxLifecycle, ExecHandlers, FileHandlers, SnapshotHandlers, sandbox_service_pb2_grpc.SandboxServiceServicer
-):
-    def __init__(self, context: ServiceContext) -> None:
-        self.context = context
-        self.store = SandboxStore(context.etcd)
-        self.placement = SandboxPlacement(context)
+def parse_name(name: str, collection: str = "sandboxes") -> str:
+    prefix = f"{collection}/"
+    if not name.startswith(prefix) or not SANDBOX_ID.match(name[len(prefix) :]):
+        raise InvalidArgument(
+            f"{name!r} is not a valid resource name; expected {collection}/{{id}}", reason="INVALID_NAME"
+        )
+    return name[len(prefix) :]
+
+
+def validate_labels(labels, what: str = "label", most: int = 64) -> None:
+    if len(labels) > most:
+        raise InvalidArgument(f"at most {most} {what}s are allowed")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            raise InvalidArgument(f"{what} key {key!r} must match {LABEL_KEY.pattern}")
+        if len(value) > 63:
+            raise InvalidArgument(f"{what} {key!r}: value longer than 63 characters")
+
+
+def parse_filter(text: str) -> dict[str, str]:
+    wanted = {}
+    for term in text.split():
+        match = re.fullmatch(r"labels\.([a-z][a-z0-9_-]*)=(.*)", term)
+        if not match:
+            raise InvalidArgument(f"filter term {term!r} is not of the form labels.KEY=VALUE")
+        wanted[match.group(1)] = match.group(2).strip('"')
+    return wanted
+
+
+class Sandboxes:
+    def __init__(
+        self, context, store: SandboxStore, nodes: ClusterNodes, placement: SandboxPlacement, quotas: QuotaClient
+    ) -> None:
+        self.context, self.settings = context, context.settings
+        self.store, self.nodes, self.placement, self.quotas = store, nodes, placement, quotas
+
+    async def view(self, record: SandboxRecord) -> sandbox_pb2.Sandbox:
+        return to_public(record, await self.store.vm(record), self.nodes.alive(record.node))
+
+    async def running(self, name: str) -> SandboxRecord:
+        """The caller's sandbox, FAILED_PRECONDITION unless it runs (UNAVAILABLE when its node is lost)."""
+        record = await self.store.get(parse_name(name))
+        sandbox = await self.view(record)
+        if sandbox.state == sandbox_pb2.SANDBOX_STATE_UNAVAILABLE:
+            raise Unavailable(
+                f"sandbox {record.id}: {sandbox.failure_message}",
+                reason="NODE_UNAVAILABLE",
+                metadata={"sandbox": sandbox.name, "node": record.node},
+            )
+        if sandbox.state != sandbox_pb2.SANDBOX_STATE_RUNNING:
+            raise FailedPrecondition(
+                f"sandbox {record.id} is {state_name(sandbox.state)}"
+                + (f": {sandbox.failure_message}" if sandbox.failure_message else ""),
+                reason="SANDBOX_NOT_RUNNING",
+                metadata={"sandbox": sandbox.name},
+            )
+        return record
+
+    def timeout_seconds(self, duration) -> int:
+        if duration is None or (duration.seconds == 0 and duration.nanos == 0):
+            return self.settings.default_timeout_seconds
+        seconds = duration.seconds + (1 if duration.nanos else 0)
+        if not 1 <= seconds <= self.settings.max_timeout_seconds:
+            raise InvalidArgument(
+                f"timeout must be between 1 s and {self.settings.max_timeout_seconds} s, got {seconds} s",
+                reason="TIMEOUT_OUT_OF_RANGE",
+            )
+        return seconds
+
+    def checked_policy(self, policy: sandbox_pb2.NetworkPolicy) -> network_types.NetworkPolicy:
+        """The caller's egress policy, validated and normalized (UNSPECIFIED becomes NONE)."""
+        policy = normalized_policy(convert(policy, network_types.NetworkPolicy))
+        if not self.context.common.networking and policy.egress != network_types.EGRESS_MODE_NONE:
+            raise FailedPrecondition(
+                "this installation runs without networking (networking: false); only egress "
+                "EGRESS_MODE_NONE is possible",
+                reason="NETWORKING_DISABLED",
+            )
+        return policy
+
+    def new_record(
+        self,
+        sandbox_id: str,
+        template: str,
+        vcpus: int,
+        memory_mib: int,
+        labels,
+        timeout: int,
+        policy: network_types.NetworkPolicy,
+        node_selector=None,
+        source_snapshot: str = "",
+    ) -> SandboxRecord:
+        now = time.time()
+        record = SandboxRecord(
+            id=sandbox_id,
+            tenant=current_tenant() or "default",
+            template=template,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            labels=labels,
+            timeout_seconds=timeout,
+            network_policy=policy,
+            node_selector=node_selector or {},
+            source_snapshot=source_snapshot,
+            state=sandbox_types.SANDBOX_RECORD_STATE_CREATING,
+        )
+        record.create_time.FromNanoseconds(int(now * 1e9))
+        record.expire_time.FromNanoseconds(int((now + timeout) * 1e9))
+        return record
+
+    async def create(self, request: api.CreateSandboxRequest) -> sandbox_pb2.Sandbox:
+        wanted = request.sandbox
+        sandbox_id = request.sandbox_id or f"sbx-{uuid.uuid4().hex[:12]}"
+        if not SANDBOX_ID.match(sandbox_id):
+            raise InvalidArgument(f"sandbox_id {sandbox_id!r} must match {SANDBOX_ID.pattern}")
+        validate_labels(wanted.labels)
+        validate_labels(wanted.node_selector, "node selector", most=16)
+        timeout = self.timeout_seconds(wanted.timeout if wanted.HasField("timeout") else None)
+        vcpus, memory = wanted.vcpus or DEFAULT_VCPUS, wanted.memory_mib or DEFAULT_MEMORY_MIB
+        if vcpus < 1 or memory < 128:
+            raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
+        policy = self.checked_policy(wanted.network_policy)
+        record = self.new_record(
+            sandbox_id,
+            wanted.template or "default",
+            vcpus,
+            memory,
+            wanted.labels,
+            timeout,
+            policy,
+            wanted.node_selector,
+        )
+
+        async def create_vm(node: str) -> vm_pb2.VmRecord:
+            request = compute_pb2.CreateVmRequest(
+                vm_id=sandbox_id,
+                template=record.template,
+                vcpus=vcpus,
+                memory_mib=memory,
+                hostname=sandbox_id,
+                network_policy=policy,
+            )
+            return (await self.nodes.on_compute(node, lambda c: c.CreateVm(request, timeout=deadlines.VM_START))).vm
+
+        return await self.view(await self.start(record, create_vm))
+
+    async def start(self, record: SandboxRecord, start_vm: StartVm) -> SandboxRecord:
+        """Holds the tenant's quota, places the sandbox (its record is created naming the node), starts its VM with
+        `start_vm(node)`, marks it RUNNING. A failure at any step removes what was made: nothing half-made survives."""
+        reservation = f"sandbox-{record.id}"
+        await self.quotas.reserve(
+            record.tenant,
+            reservation,
+            auth_types.QuotaAmount(sandboxes=1, vcpus=record.vcpus, memory_mib=record.memory_mib),
+        )
+        try:
+            node = await self.placement.place(record)
+        except BaseException:
+            await self.quotas.release(record.tenant, reservation)
+            raise
+        try:
+            vm = await start_vm(node)
+            record.hypervisor, record.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
+        except BaseException:
+            try:
+                await self.nodes.on_compute(
+                    node,
+                    lambda c: c.DeleteVm(compute_pb2.DeleteVmRequest(vm_id=record.id), timeout=deadlines.VM_CHANGE),
+                )
+            except (grpc.aio.AioRpcError, ServiceError):
+                pass  # compute already cleaned up its side of a failed start
+            await self.store.delete(record)
+            await self.quotas.release(record.tenant, reservation)
+            raise
+        record.state = RUNNING
+        await self.store.put(record)
+        log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
+        return record
+
+    async def get(self, name: str) -> sandbox_pb2.Sandbox:
+        return await self.view(await self.store.get(parse_name(name)))
+
+    async def list(self, request: api.ListSandboxesRequest) -> api.ListSandboxesResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        page_size = min(request.page_size or 50, 1000)
+        wanted = parse_filter(request.filter)
+        records = sorted(await self.store.list(), key=lambda r: (-r.create_time.ToNanoseconds(), r.id))
+        records = [r for r in records if all(r.labels.get(k) == v for k, v in wanted.items())]
+        if request.page_token:
+            try:
+                after = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+                key = (-int(after[0]), after[1])
+            except Exception:
+                raise InvalidArgument("page_token is not one this server issued") from None
+            records = [r for r in records if (-r.create_time.ToNanoseconds(), r.id) > key]
+        page = records[:page_size]
+        token = ""
+        if len(records) > page_size:
+            last = page[-1]
+            token = base64.urlsafe_b64encode(json.dumps([last.create_time.ToNanoseconds(), last.id]).encode()).decode()
+        vms = await self.store.vms() if page else {}
+        return api.ListSandboxesResponse(
+            sandboxes=[to_public(r, vms.get((r.node, r.id)), self.nodes.alive(r.node)) for r in page],
+            next_page_token=token,
+        )
+
+    async def update(self, request: api.UpdateSandboxRequest) -> sandbox_pb2.Sandbox:
+        record = await self.store.get(parse_name(request.sandbox.name))
+        paths = list(request.update_mask.paths) or ["labels", "timeout"]
+        for path in paths:
+            if path not in UPDATABLE:
+                raise InvalidArgument(f"field {path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
+        if "network_policy" in paths:
+            policy = self.checked_policy(request.sandbox.network_policy)
+            await self._require_running_or_paused(record)
+            if self.context.common.networking:
+                change = network_pb2.SetEgressPolicyRequest(sandbox_id=record.id, policy=policy)
+                await self.nodes.on_network(record.node, lambda n: n.SetEgressPolicy(change, timeout=deadlines.CONTROL))
+            record.network_policy.CopyFrom(policy)
+        if "labels" in paths:
+            validate_labels(request.sandbox.labels)
+            record.labels.clear()
+            record.labels.update(request.sandbox.labels)
+        if "timeout" in paths and request.sandbox.HasField("timeout"):
+            record.timeout_seconds = self.timeout_seconds(request.sandbox.timeout)
+            record.expire_time.FromNanoseconds(int((time.time() + record.timeout_seconds) * 1e9))
+        await self.store.put(record)
+        return await self.view(record)
+
+    async def _require_running_or_paused(self, record: SandboxRecord) -> None:
+        sandbox = await self.view(record)
+        if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(
+                f"sandbox {record.id} is {state_name(sandbox.state)}",
+                reason="SANDBOX_NOT_RUNNING",
+                metadata={"sandbox": sandbox.name},
+            )
+
+    async def expose_port(self, request: api.ExposePortRequest) -> api.ExposePortResponse:
+        record = await self.store.get(parse_name(request.sandbox))
+        if not self.context.common.networking:
+            raise FailedPrecondition(
+                "this installation runs without networking (networking: false)", reason="NETWORKING_DISABLED"
+            )
+        await self._require_running_or_paused(record)
+        expose = network_pb2.ExposePortRequest(
+            sandbox_id=record.id,
+            guest_port=request.guest_port,
+            host_address=request.host_address,
+            host_port=request.host_port,
+        )
+        reply = await self.nodes.on_network(record.node, lambda n: n.ExposePort(expose, timeout=deadlines.CONTROL))
+        if reply.port not in record.exposed_ports:
+            record.exposed_ports.append(reply.port)
+            await self.store.put(record)
+        return api.ExposePortResponse(port=convert(reply.port, sandbox_pb2.ExposedPort))
+
+    async def set_paused(self, name: str, paused: bool) -> sandbox_pb2.Sandbox:
+        record = await self.store.get(parse_name(name))
+        sandbox = await self.view(record)
+        if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+            raise FailedPrecondition(
+                f"sandbox {record.id} is {state_name(sandbox.state)}",
+                reason="SANDBOX_NOT_RUNNING" if paused else "SANDBOX_NOT_PAUSED",
+            )
+        if paused:
+            change = compute_pb2.PauseVmRequest(vm_id=record.id)
+            await self.nodes.on_compute(record.node, lambda c: c.PauseVm(change, timeout=deadlines.VM_CHANGE))
+        else:
+            change = compute_pb2.ResumeVmRequest(vm_id=record.id)
+            await self.nodes.on_compute(record.node, lambda c: c.ResumeVm(change, timeout=deadlines.VM_CHANGE))
+        record.state = sandbox_types.SANDBOX_RECORD_STATE_PAUSED if paused else RUNNING
+        await self.store.put(record)
+        return await self.view(record)
+
+    async def delete(self, name: str) -> None:
+        await self.destroy(await self.store.get(parse_name(name)))
+
+    async def destroy(self, record: SandboxRecord) -> None:
+        """Frees everything a sandbox holds; the record goes last so a failure can be retried."""
+        record.state = sandbox_types.SANDBOX_RECORD_STATE_DELETING
+        await self.store.put(record)
+        if record.node:
+            try:
+                delete = compute_pb2.DeleteVmRequest(vm_id=record.id)
+                await self.nodes.on_compute(record.node, lambda c: c.DeleteVm(delete, timeout=deadlines.VM_CHANGE))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        await self.store.delete(record)
+        await self.quotas.release(record.tenant, f"sandbox-{record.id}")
+        log.info("sandbox_deleted", sandbox=record.id)
+
+    async def reap_expired(self) -> None:
+        """Deletes sandboxes whose timeout passed (and retries deletions that failed). A sandbox on a lost node
+        waits: its VM may still run there, and deleting the record would orphan it."""
+        now = time.time()
+        for record in await self.store.list(every_tenant=True):
+            stuck = (
+                record.state == sandbox_types.SANDBOX_RECORD_STATE_DELETING
+                and record.update_time.ToSeconds() < now - 30
+            )
+            if record.expire_time.ToSeconds() > now and not stuck:
+                continue
+            if record.node and not self.nodes.alive(record.node):
+                continue
+            if record.state == sandbox_types.SANDBOX_RECORD_STATE_MIGRATING:
+                continue  # the drain that moves it owns it until it lands
+            try:
+                await self.destroy(record)
+                log.info("sandbox_expired", sandbox=record.id)
+            except (ServiceError, grpc.aio.AioRpcError) as exc:
+                log.warning("sandbox_reap_failed", sandbox=record.id, error=str(exc))

@@ -1,4 +1,4 @@
-"""Wiring of the gateway: the public SandboxService and the expiry reaper."""
+"""Wiring of the gateway: the public SandboxService, the admin NodeService, HTTP/JSON, and the expiry reaper."""
 
 from __future__ import annotations
 
@@ -6,28 +6,59 @@ import asyncio
 
 from aiohttp import web
 
+from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
 from services.common.config import parse_address
+from services.common.records import SANDBOXES, Records
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
 from services.gateway.access import AccessInterceptor
+from services.gateway.data_plane import DataPlane
 from services.gateway.http import HttpGateway
-from services.gateway.sandboxes import SandboxServicer
+from services.gateway.node_admin import NodeAdmin
+from services.gateway.nodes import ClusterNodes
+from services.gateway.placement import SandboxPlacement
+from services.gateway.quotas import QuotaClient
+from services.gateway.records import SandboxStore
+from services.gateway.sandboxes import Sandboxes
+from services.gateway.servicer import NodeServicer, SandboxServicer
+from services.gateway.snapshots import SnapshotOps
 
 
 def interceptors(context: ServiceContext[GatewaySettings]) -> list:
     settings = context.settings
     return (
-        [AccessInterceptor(context, settings.rate_limit_per_second, settings.rate_limit_burst)]
+        [
+            AccessInterceptor(
+                context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants
+            )
+        ]
         if settings.require_auth
         else []
     )
 
 
+class Gateway:
+    """The gateway's parts, put together once (tests and tools use them directly too)."""
+
+    def __init__(self, context: ServiceContext[GatewaySettings]) -> None:
+        self.store = SandboxStore(context.etcd)
+        self.nodes = ClusterNodes(context)
+        self.placement = SandboxPlacement(self.nodes, self.store)
+        self.sandboxes = Sandboxes(context, self.store, self.nodes, self.placement, QuotaClient(context))
+        self.snapshots = SnapshotOps(self.sandboxes)
+        self.data = DataPlane(self.sandboxes, self.nodes)
+        self.admin = NodeAdmin(self.store, self.nodes, self.placement, self.snapshots)
+
+
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
-    servicer = SandboxServicer(context)
-    sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(servicer, server)
-    context.every(context.settings.reaper_interval_seconds, servicer.reap_expired, "sandbox-reaper")
+    await Records(context.etcd).migrate(SANDBOXES)
+    gateway = Gateway(context)
+    sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
+        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data), server
+    )
+    nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
+    context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
 
     # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:
@@ -46,4 +77,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         context.on_shutdown.insert(0, stop_http)
 
     context.http_task = asyncio.create_task(start_http(), name="http-gateway")
-    return [sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name]
+    return [
+        sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
+        nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    ]

@@ -1,8 +1,9 @@
-"""CreateSnapshot, GetSnapshot, ListSnapshots, DeleteSnapshot, RestoreSnapshot, ForkSandbox.
+"""SnapshotOps: CreateSnapshot, GetSnapshot, ListSnapshots, DeleteSnapshot, RestoreSnapshot, ForkSandbox.
 
-The snapshot service stores artifacts and lineage; compute freezes and restores VMs; the gateway ties them
-together. Integrity is checked before every restore: a corrupt snapshot is refused with DATA_LOSS and never
-booted. Every restored or forked guest gets a fresh identity (host name, reseeded kernel RNG).
+A snapshot is frozen by the compute service of the sandbox's node into that node's snapshot store; its record is
+cluster-wide and says which nodes hold it. A restore or fork lands wherever placement puts it; that node's store
+fetches the chunks it lacks from a holder. Integrity is checked before every restore: a corrupt snapshot is
+refused with DATA_LOSS and never booted. Every restored or forked guest gets a fresh identity.
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import uuid
 import grpc
 import structlog
 
-from microvm.auth.v1 import auth_pb2
 from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
+from microvm.snapshot.v1 import snapshot_pb2
+from microvm.types.v1 import auth_pb2 as auth_types
+from microvm.types.v1 import network_pb2 as network_types
+from microvm.types.v1.snapshot_pb2 import SnapshotRecord
+from services.common import deadlines
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.gateway.access import current_tenant
-from services.gateway.lifecycle import parse_name, validate_labels
+from services.gateway.records import MIGRATING, PAUSED, RUNNING
+from services.gateway.sandboxes import Sandboxes, parse_name, validate_labels
 
 log = structlog.get_logger()
 MAX_FORK = 64
 SNAPSHOT_DISK_ALLOWANCE_MIB = 1024
 
 
-def to_public(record: snapshot_pb2.SnapshotRecord) -> sandbox_pb2.Snapshot:
+def to_public(record: SnapshotRecord) -> sandbox_pb2.Snapshot:
     snapshot = sandbox_pb2.Snapshot(
         name=f"snapshots/{record.id}",
         source_sandbox=f"sandboxes/{record.source_sandbox}",
@@ -46,75 +51,76 @@ def to_public(record: snapshot_pb2.SnapshotRecord) -> sandbox_pb2.Snapshot:
     return snapshot
 
 
-class SnapshotHandlers:
-    """Mixin of SandboxServicer."""
+class SnapshotOps:
+    def __init__(self, sandboxes: Sandboxes) -> None:
+        self.sandboxes, self.nodes, self.quotas = sandboxes, sandboxes.nodes, sandboxes.quotas
 
-    def snapshot_store(self) -> snapshot_pb2_grpc.SnapshotStoreServiceStub:
-        return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.placement.channel_to("snapshot"))
-
-    async def take_snapshot(self, sandbox_name: str, labels, ttl_seconds: int = 0) -> snapshot_pb2.SnapshotRecord:
-        record = await self.store.get(parse_name(sandbox_name))
-        if record.sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
+    async def take(
+        self, sandbox_name: str, labels, ttl_seconds: int = 0, tenant: str | None = None, leave_paused: bool = False
+    ) -> SnapshotRecord:
+        """Freezes the sandbox on its node and commits the record. `tenant` "" makes a node-internal snapshot (a
+        migration's), charged to no quota."""
+        record = await self.sandboxes.store.get(parse_name(sandbox_name))
+        if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
+            sandbox = await self.sandboxes.view(record)
             raise FailedPrecondition(
-                f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(record.sandbox.state)}",
-                reason="SANDBOX_NOT_RUNNING",
+                f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
             )
         validate_labels(labels)
         snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
+        owner = record.tenant if tenant is None else tenant
         # Charged at the most a snapshot of this guest can store: its RAM plus a disk allowance.
-        await self.reserve_quota(
-            record.tenant,
-            f"snapshot-{snapshot_id}",
-            auth_pb2.QuotaAmount(snapshot_bytes=(record.sandbox.memory_mib + SNAPSHOT_DISK_ALLOWANCE_MIB) << 20),
-        )
+        if owner:
+            await self.quotas.reserve(
+                owner,
+                f"snapshot-{snapshot_id}",
+                auth_types.QuotaAmount(snapshot_bytes=(record.memory_mib + SNAPSHOT_DISK_ALLOWANCE_MIB) << 20),
+            )
         try:
-            await self.placement.compute(record.node).SnapshotVm(
-                compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id), timeout=600
+            freeze = compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id, leave_paused=leave_paused)
+            await self.nodes.on_compute(record.node, lambda c: c.SnapshotVm(freeze, timeout=deadlines.SNAPSHOT))
+            snapshot = SnapshotRecord(
+                id=snapshot_id,
+                tenant=owner,
+                source_sandbox=record.id,
+                parent_snapshot=record.source_snapshot,
+                template=record.template,
+                labels=labels,
+                vcpus=record.vcpus,
+                memory_mib=record.memory_mib,
+            )
+            snapshot.create_time.GetCurrentTime()
+            if ttl_seconds:
+                snapshot.expire_time.FromSeconds(int(time.time()) + ttl_seconds)
+            commit = snapshot_pb2.CommitSnapshotRequest(record=snapshot)
+            committed = await self.nodes.on_snapshot_store(
+                record.node, lambda s: s.CommitSnapshot(commit, timeout=deadlines.CONTROL)
             )
         except BaseException:
-            await self.release_quota(record.tenant, f"snapshot-{snapshot_id}")
+            if owner:
+                await self.quotas.release(owner, f"snapshot-{snapshot_id}")
             raise
-        parent = record.sandbox.source_snapshot.removeprefix("snapshots/")
-        snapshot = snapshot_pb2.SnapshotRecord(
-            id=snapshot_id,
-            tenant=record.tenant,
-            source_sandbox=record.id,
-            parent_snapshot=parent,
-            template=record.sandbox.template,
-            labels=labels,
-            vcpus=record.sandbox.vcpus,
-            memory_mib=record.sandbox.memory_mib,
-        )
-        snapshot.create_time.GetCurrentTime()
-        if ttl_seconds:
-            snapshot.expire_time.FromSeconds(int(time.time()) + ttl_seconds)
-        committed = await self.snapshot_store().CommitSnapshot(
-            snapshot_pb2.CommitSnapshotRequest(record=snapshot), timeout=30
-        )
-        log.info("snapshot_created", snapshot=snapshot_id, sandbox=record.id, parent=parent)
+        log.info("snapshot_created", snapshot=snapshot_id, sandbox=record.id, node=record.node)
         return committed.record
 
-    async def CreateSnapshot(self, request, context):
+    async def create(self, request: api.CreateSnapshotRequest) -> sandbox_pb2.Snapshot:
         ttl = request.ttl.seconds if request.HasField("ttl") else 0
         if ttl < 0:
             raise InvalidArgument("ttl must not be negative")
-        return api.CreateSnapshotResponse(
-            snapshot=to_public(await self.take_snapshot(request.sandbox, request.labels, ttl))
-        )
+        return to_public(await self.take(request.sandbox, request.labels, ttl))
 
-    async def snapshot_record(self, snapshot_id: str) -> snapshot_pb2.SnapshotRecord:
+    async def record(self, snapshot_id: str) -> SnapshotRecord:
         """The record, if it is the caller's tenant's; another tenant's snapshot is NOT_FOUND."""
         try:
             record = (
-                await self.snapshot_store().GetSnapshotRecord(
-                    snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id), timeout=10
+                await self.nodes.snapshot_store().GetSnapshotRecord(
+                    snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id), timeout=deadlines.QUICK
                 )
             ).record
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                record = None
-            else:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
+            record = None
         tenant = current_tenant()
         if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFound(
@@ -124,18 +130,16 @@ class SnapshotHandlers:
             )
         return record
 
-    async def GetSnapshot(self, request, context):
-        return api.GetSnapshotResponse(
-            snapshot=to_public(await self.snapshot_record(parse_name(request.name, "snapshots")))
-        )
+    async def get(self, name: str) -> sandbox_pb2.Snapshot:
+        return to_public(await self.record(parse_name(name, "snapshots")))
 
-    async def ListSnapshots(self, request, context):
+    async def list(self, request: api.ListSnapshotsRequest) -> api.ListSnapshotsResponse:
         query = snapshot_pb2.ListSnapshotRecordsRequest(
             tenant=current_tenant() or "",
             source_sandbox=parse_name(request.source_sandbox) if request.source_sandbox else "",
             parent_snapshot=parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else "",
         )
-        records = list((await self.snapshot_store().ListSnapshotRecords(query, timeout=10)).records)
+        records = list((await self.nodes.snapshot_store().ListSnapshotRecords(query, timeout=deadlines.QUICK)).records)
         page_size = min(request.page_size or 50, 1000)
         try:
             offset = int(request.page_token or 0)
@@ -145,18 +149,24 @@ class SnapshotHandlers:
         token = str(offset + page_size) if offset + page_size < len(records) else ""
         return api.ListSnapshotsResponse(snapshots=[to_public(r) for r in page], next_page_token=token)
 
-    async def DeleteSnapshot(self, request, context):
-        record = await self.snapshot_record(parse_name(request.name, "snapshots"))
-        await self.snapshot_store().DeleteSnapshotRecord(
-            snapshot_pb2.DeleteSnapshotRecordRequest(id=record.id), timeout=10
-        )
-        await self.release_quota(record.tenant, f"snapshot-{record.id}")
-        return api.DeleteSnapshotResponse()
+    async def delete(self, name: str) -> None:
+        record = await self.record(parse_name(name, "snapshots"))
+        await self.forget(record)
 
-    async def verified_snapshot(self, snapshot_id: str) -> snapshot_pb2.SnapshotRecord:
-        store = self.snapshot_store()
-        record = await self.snapshot_record(snapshot_id)
-        check = await store.VerifySnapshot(snapshot_pb2.VerifySnapshotRequest(id=snapshot_id), timeout=120)
+    async def forget(self, record: SnapshotRecord) -> None:
+        await self.nodes.snapshot_store().DeleteSnapshotRecord(
+            snapshot_pb2.DeleteSnapshotRecordRequest(id=record.id), timeout=deadlines.QUICK
+        )
+        if record.tenant:
+            await self.quotas.release(record.tenant, f"snapshot-{record.id}")
+
+    async def verified(self, snapshot_id: str, record: SnapshotRecord | None = None) -> SnapshotRecord:
+        """The record once a node that holds it found every chunk intact."""
+        record = record or await self.record(snapshot_id)
+        store = self.nodes.snapshot_store(list(record.holder_nodes))
+        check = await store.VerifySnapshot(
+            snapshot_pb2.VerifySnapshotRequest(id=snapshot_id), timeout=deadlines.SNAPSHOT
+        )
         if not check.ok:
             raise DataLoss(
                 f"snapshot {snapshot_id} is corrupt ({len(check.bad_chunks)} bad chunks); it will not be restored",
@@ -166,54 +176,49 @@ class SnapshotHandlers:
         return record
 
     async def restore_into_new_sandbox(
-        self, snapshot: snapshot_pb2.SnapshotRecord, labels, timeout_seconds: int, policy: sandbox_pb2.NetworkPolicy
+        self, snapshot: SnapshotRecord, labels, timeout_seconds: int, policy: network_types.NetworkPolicy
     ) -> sandbox_pb2.Sandbox:
         """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`."""
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
-        sandbox = sandbox_pb2.Sandbox(
-            template=snapshot.template,
-            vcpus=snapshot.vcpus,
-            memory_mib=snapshot.memory_mib,
-            labels=labels,
-            source_snapshot=f"snapshots/{snapshot.id}",
-            network_policy=policy,
-        )
-
-        record = await self.start_sandbox(
+        record = self.sandboxes.new_record(
             sandbox_id,
-            sandbox,
+            snapshot.template,
+            snapshot.vcpus,
+            snapshot.memory_mib,
+            labels,
             timeout_seconds,
-            lambda compute: compute.RestoreVm(
-                compute_pb2.RestoreVmRequest(
-                    vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id, network_policy=policy
-                ),
-                timeout=600,
-            ),
+            policy,
+            source_snapshot=snapshot.id,
         )
-        return record.sandbox
 
-    async def RestoreSnapshot(self, request, context):
+        async def restore_vm(node: str):
+            request = compute_pb2.RestoreVmRequest(
+                vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id, network_policy=policy
+            )
+            return (await self.nodes.on_compute(node, lambda c: c.RestoreVm(request, timeout=deadlines.SNAPSHOT))).vm
+
+        return await self.sandboxes.view(await self.sandboxes.start(record, restore_vm))
+
+    async def restore(self, request: api.RestoreSnapshotRequest) -> sandbox_pb2.Sandbox:
         validate_labels(request.sandbox.labels)
-        timeout = self._timeout_seconds(request.sandbox.timeout if request.sandbox.HasField("timeout") else None)
-        policy = self.checked_policy(request.sandbox.network_policy)
-        snapshot = await self.verified_snapshot(parse_name(request.snapshot, "snapshots"))
-        return api.RestoreSnapshotResponse(
-            sandbox=await self.restore_into_new_sandbox(snapshot, request.sandbox.labels, timeout, policy)
+        timeout = self.sandboxes.timeout_seconds(
+            request.sandbox.timeout if request.sandbox.HasField("timeout") else None
         )
+        policy = self.sandboxes.checked_policy(request.sandbox.network_policy)
+        snapshot = await self.verified(parse_name(request.snapshot, "snapshots"))
+        return await self.restore_into_new_sandbox(snapshot, request.sandbox.labels, timeout, policy)
 
-    async def ForkSandbox(self, request, context):
+    async def fork(self, request: api.ForkSandboxRequest) -> api.ForkSandboxResponse:
         count = request.count or 1
         if not 1 <= count <= MAX_FORK:
             raise InvalidArgument(f"count must be between 1 and {MAX_FORK}, got {count}")
         validate_labels(request.labels)
-        source = await self.store.get(parse_name(request.name))
-        snapshot = await self.take_snapshot(request.name, {"forked-from": source.id})
-        snapshot = await self.verified_snapshot(snapshot.id)
+        source = await self.sandboxes.store.get(parse_name(request.name))
+        snapshot = await self.take(request.name, {"forked-from": source.id})
+        snapshot = await self.verified(snapshot.id, snapshot)
         results = await asyncio.gather(
             *(
-                self.restore_into_new_sandbox(
-                    snapshot, request.labels, source.timeout_seconds, source.sandbox.network_policy
-                )
+                self.restore_into_new_sandbox(snapshot, request.labels, source.timeout_seconds, source.network_policy)
                 for _ in range(count)
             ),
             return_exceptions=True,
@@ -224,7 +229,7 @@ class SnapshotHandlers:
             for clone in results:
                 if not isinstance(clone, BaseException):
                     try:
-                        await self.destroy(await self.store.get(clone.name.split("/")[1]))
+                        await self.sandboxes.destroy(await self.sandboxes.store.get(clone.name.split("/")[1]))
                     except Exception as exc:
                         log.warning("fork_cleanup_failed", sandbox=clone.name, error=str(exc))
             raise failures[0]

@@ -1,8 +1,8 @@
 """AddressPool: guest IP addresses allocated in etcd, never twice, reused after release.
 
-`/microvm/network/<node>/addresses/<ip>` -> sandbox id, created with a transaction that requires the key to
-be absent, so concurrent allocations (from any number of network service instances) never collide. The
-lowest free address is tried first; a release deletes the key and the address becomes free at once.
+`/microvm/network/<node>/addresses/<ip>` -> AddressLease (the owning sandbox), created with a transaction
+that requires the key to be absent, so concurrent allocations never collide. The lowest free address is tried
+first; a release deletes the key and the address becomes free at once.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import random
 
+from microvm.types.v1 import network_pb2
 from services.common.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from services.common.records import ADDRESSES, Records
 
-PREFIX = "/microvm/network/"
 ATTEMPTS = 1000
 
 
@@ -24,17 +25,22 @@ class AddressPool:
             raise InvalidArgument(f"network.subnet {subnet!r} is not a network: {exc}") from None
         if self.network.num_addresses < 4:
             raise InvalidArgument(f"network.subnet {subnet} is too small")
-        self.etcd = etcd
-        self.prefix = f"{PREFIX}{node}/addresses/"
+        self.records = Records(etcd)
+        self.node = node
         # The first host address is the bridge's (the guests' gateway).
         self.gateway = next(self.network.hosts())
 
-    def key(self, address) -> bytes:
-        return f"{self.prefix}{address}".encode()
-
     async def allocations(self) -> dict[str, str]:
-        result = await self.etcd.get_prefix(self.prefix.encode())
-        return {kv.key.decode()[len(self.prefix) :]: kv.value.decode() for kv in result}
+        """Address -> owning sandbox id."""
+        return {s.parts[1]: s.message.sandbox_id for s in await self.records.list(ADDRESSES, self.node)}
+
+    async def _take(self, sandbox_id: str, address) -> bool:
+        return await self.records.transaction(
+            compare=[self.records.unchanged(ADDRESSES, 0, self.node, str(address))],
+            success=[
+                self.records.put_op(ADDRESSES, network_pb2.AddressLease(sandbox_id=sandbox_id), self.node, str(address))
+            ],
+        )
 
     async def allocate(self, sandbox_id: str) -> str:
         """The sandbox's address (the same one again if it already has one)."""
@@ -42,33 +48,25 @@ class AddressPool:
         for address, owner in taken.items():
             if owner == sandbox_id:
                 return address
-        tx = self.etcd.transactions
         candidates = [a for a in self.network.hosts() if a != self.gateway and str(a) not in taken]
         for attempt in range(ATTEMPTS):
             if not candidates:
                 break
             # Lowest first; under contention spread out so racing allocators stop colliding.
             address = candidates.pop(0 if attempt < 3 else random.randrange(len(candidates)))
-            ok, _ = await self.etcd.transaction(
-                compare=[tx.version(self.key(address)) == 0],
-                success=[tx.put(self.key(address), sandbox_id.encode())],
-                failure=[],
-            )
-            if ok:
+            if await self._take(sandbox_id, address):
                 return str(address)
         raise ResourceExhausted(f"no free address left in {self.network}", reason="ADDRESSES_EXHAUSTED")
 
     async def release(self, sandbox_id: str) -> None:
         for address, owner in (await self.allocations()).items():
             if owner == sandbox_id:
-                await self.etcd.delete(f"{self.prefix}{address}".encode())
+                await self.forget(address)
+
+    async def forget(self, address: str) -> None:
+        await self.records.delete(ADDRESSES, self.node, address)
 
     async def claim(self, sandbox_id: str, address: str) -> None:
         """Records an address found in use (re-adoption after a restart)."""
-        tx = self.etcd.transactions
-        key = f"{self.prefix}{address}".encode()
-        ok, _ = await self.etcd.transaction(
-            compare=[tx.version(key) == 0], success=[tx.put(key, sandbox_id.encode())], failure=[]
-        )
-        if not ok and (await self.allocations()).get(address) != sandbox_id:
+        if not await self._take(sandbox_id, address) and (await self.allocations()).get(address) != sandbox_id:
             raise AlreadyExists(f"address {address} belongs to another sandbox", reason="ADDRESS_TAKEN")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import time
 
-from microvm.sandbox.v1 import sandbox_pb2
+from microvm.types.v1 import network_pb2
 from services.network.attachments import Attachment
 from services.network.links import TAP_PREFIX, run
 
@@ -43,9 +43,9 @@ def _egress_rules(attachment: Attachment, subnet: str, denied: tuple[str, ...]) 
         if networks:
             # The operator's deny list (cloud metadata by default) wins over any sandbox's policy.
             rules.append(f'{family} daddr {{ {", ".join(networks)} }} drop comment "denied by the operator"')
-    if policy.egress == sandbox_pb2.EGRESS_MODE_FULL:
+    if policy.egress == network_pb2.EGRESS_MODE_FULL:
         return rules + ["accept"]
-    if policy.egress == sandbox_pb2.EGRESS_MODE_ALLOW_LIST:
+    if policy.egress == network_pb2.EGRESS_MODE_ALLOW_LIST:
         for rule in policy.allow:
             family = "ip" if ipaddress.ip_network(rule.cidr).version == 4 else "ip6"
             if rule.ports:

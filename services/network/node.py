@@ -14,9 +14,10 @@ from pathlib import Path
 
 import structlog
 
-from microvm.sandbox.v1 import sandbox_pb2
+from microvm.types.v1 import network_pb2
 from services.common.config import ConfigError
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.records import VMS, Records
 from services.common.settings import NetworkSettings
 from services.network.addresses import AddressPool
 from services.network.attachments import Attachment, AttachmentStore, ExposedPort, mac_for
@@ -26,7 +27,6 @@ from services.network.policy import normalized_policy
 from services.network.ports import PortForwarder
 
 log = structlog.get_logger()
-VMS_PREFIX = "/microvm/vms/"
 
 
 def host_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
@@ -92,7 +92,7 @@ class NodeNetwork:
         return attachment
 
     # --- changes ---------------------------------------------------------------------------------------
-    async def attach(self, sandbox_id: str, policy: sandbox_pb2.NetworkPolicy, from_sandbox_id: str = "") -> Attachment:
+    async def attach(self, sandbox_id: str, policy: network_pb2.NetworkPolicy, from_sandbox_id: str = "") -> Attachment:
         """The sandbox's attachment with `policy`: created (address, TAP, rules), or moved from `from_sandbox_id`
         (a pooled VM handed out keeps its device and address), or the existing one (idempotent)."""
         if not sandbox_id:
@@ -108,7 +108,7 @@ class NodeNetwork:
                 attachment = await self._get(from_sandbox_id)
                 attachment.sandbox_id = sandbox_id
                 attachment.network_policy = policy
-                if not await self.store.move(from_sandbox_id, attachment, self.pool.key(attachment.address)):
+                if not await self.store.move(from_sandbox_id, attachment):
                     raise FailedPrecondition(
                         f"the attachment of {from_sandbox_id} changed meanwhile", reason="ATTACHMENT_CHANGED"
                     )
@@ -159,7 +159,7 @@ class NodeNetwork:
         await self.store.delete(attachment.sandbox_id)
         await self.pool.release(attachment.sandbox_id)
 
-    async def set_policy(self, sandbox_id: str, policy: sandbox_pb2.NetworkPolicy) -> Attachment:
+    async def set_policy(self, sandbox_id: str, policy: network_pb2.NetworkPolicy) -> Attachment:
         policy = normalized_policy(policy)
         async with self.lock:
             attachment = await self._get(sandbox_id)
@@ -212,8 +212,7 @@ class NodeNetwork:
         counts = {"stale_attachments": 0, "stray_taps": 0, "stray_addresses": 0, "listeners_opened": 0}
         async with self.lock:
             attachments = await self.store.all()  # read before the VMs: a newer VM cannot look stale
-            vm_prefix = f"{VMS_PREFIX}{self.node}/"
-            vms = {kv.key.decode()[len(vm_prefix) :] for kv in await self.etcd.get_prefix(vm_prefix.encode())}
+            vms = {s.parts[1] for s in await Records(self.etcd).list(VMS, self.node)}
             for sandbox_id in [s for s in attachments if s not in vms]:
                 log.info("stale_attachment_removed", sandbox=sandbox_id)
                 await self._remove(attachments.pop(sandbox_id))
@@ -228,7 +227,7 @@ class NodeNetwork:
             in_use = {a.address for a in attachments.values()}
             for address in await self.pool.allocations():
                 if address not in in_use:
-                    await self.etcd.delete(self.pool.key(address))
+                    await self.pool.forget(address)
                     counts["stray_addresses"] += 1
             wanted_ports = {
                 (p.host_address, p.host_port): (a.address, p.guest_port)

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import ipaddress
 
-from microvm.sandbox.v1 import sandbox_pb2
+from microvm.types.v1 import network_pb2
 from services.common.errors import InvalidArgument
 
 MAX_RULES = 64
 MAX_PORTS_PER_RULE = 32
 
 
-def normalized_policy(policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.NetworkPolicy:
+def normalized_policy(policy: network_pb2.NetworkPolicy) -> network_pb2.NetworkPolicy:
     """The policy with UNSPECIFIED turned into NONE and every CIDR in canonical form.
 
     Raises InvalidArgument naming the rule when a CIDR, a port or the mode is wrong, and when an allow-list
     is given with a mode that ignores it (a caller who sent one would otherwise believe it applies)."""
-    egress = policy.egress or sandbox_pb2.EGRESS_MODE_NONE
-    if egress not in sandbox_pb2.EgressMode.values():
+    egress = policy.egress or network_pb2.EGRESS_MODE_NONE
+    if egress not in network_pb2.EgressMode.values():
         raise InvalidArgument(f"network_policy.egress {policy.egress} is not an egress mode", reason="INVALID_POLICY")
-    if policy.allow and egress != sandbox_pb2.EGRESS_MODE_ALLOW_LIST:
+    if policy.allow and egress != network_pb2.EGRESS_MODE_ALLOW_LIST:
         raise InvalidArgument(
             "network_policy.allow is only used with egress EGRESS_MODE_ALLOW_LIST", reason="INVALID_POLICY"
         )
@@ -27,7 +27,7 @@ def normalized_policy(policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.NetworkP
         raise InvalidArgument(
             f"network_policy.allow has {len(policy.allow)} rules; at most {MAX_RULES}", reason="INVALID_POLICY"
         )
-    result = sandbox_pb2.NetworkPolicy(egress=egress)
+    result = network_pb2.NetworkPolicy(egress=egress)
     for index, rule in enumerate(policy.allow):
         try:
             network = ipaddress.ip_network(rule.cidr.strip(), strict=False)
@@ -50,6 +50,6 @@ def normalized_policy(policy: sandbox_pb2.NetworkPolicy) -> sandbox_pb2.NetworkP
     return result
 
 
-def describe(policy: sandbox_pb2.NetworkPolicy) -> str:
-    mode = sandbox_pb2.EgressMode.Name(policy.egress or sandbox_pb2.EGRESS_MODE_NONE)
+def describe(policy: network_pb2.NetworkPolicy) -> str:
+    mode = network_pb2.EgressMode.Name(policy.egress or network_pb2.EGRESS_MODE_NONE)
     return mode.removeprefix("EGRESS_MODE_").lower()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from microvm.network.v1 import network_pb2, network_pb2_grpc
 from services.common.errors import FailedPrecondition
+from services.common.records import ADDRESSES, ATTACHMENTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import NetworkSettings
 from services.network.node import NodeNetwork
@@ -48,10 +49,13 @@ async def wire(server, context: ServiceContext[NetworkSettings]) -> list[str]:
     network = None
     node = context.common.node
     if context.common.networking:
+        records = Records(context.etcd)
+        await records.migrate(ATTACHMENTS, node)
+        await records.migrate(ADDRESSES, node)
         network = NodeNetwork(context.settings, context.etcd, node)
         await network.start()
         context.every(context.settings.reconcile_interval_seconds, network.reconcile, "network-reconcile")
         context.on_shutdown.append(network.close)
-    context.registration_metadata.update(node=node, networking=context.common.networking)
+    context.registration_metadata.update(networking=str(context.common.networking).lower())
     network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(network), server)
     return [network_pb2.DESCRIPTOR.services_by_name["NetworkService"].full_name]

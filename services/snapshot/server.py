@@ -1,14 +1,18 @@
-"""Wiring and handlers of the snapshot store (SnapshotStoreService)."""
+"""Wiring and handlers of the snapshot store (SnapshotStoreService): one per node, for that node's chunks."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import grpc
 import structlog
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.common.errors import InvalidArgument
+from services.common import deadlines
+from services.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from services.common.records import PENDING_ARTIFACTS, QUOTA_RELEASES, SNAPSHOTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import SnapshotSettings
 from services.snapshot.store import SnapshotChunkStore
@@ -17,10 +21,14 @@ log = structlog.get_logger()
 
 
 class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
-    def __init__(self, store: SnapshotChunkStore, settings: SnapshotSettings, release_quotas=None) -> None:
+    def __init__(
+        self, store: SnapshotChunkStore, settings: SnapshotSettings, release_quotas=None, read_remote_chunks=None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.release_quotas = release_quotas
+        # (node, digests) -> async iterator of (digest, data) from that node's store.
+        self.read_remote_chunks = read_remote_chunks
 
     async def PutArtifact(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
@@ -39,9 +47,26 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
 
     async def GetArtifact(self, request, context):
         record = await self.store.get(request.snapshot_id)
+        if self.store.missing_chunks(record):
+            if self.read_remote_chunks is None:
+                raise DataLoss(f"snapshot {record.id} is not held on this node", reason="CHUNK_MISSING")
+            await self.store.fetch_missing(record, self.read_remote_chunks)
         async for data in self.store.read_artifact(record, request.name):
             for offset in range(0, len(data), 1 << 20):
                 yield snapshot_pb2.GetArtifactResponse(data=data[offset : offset + (1 << 20)])
+
+    async def ReadChunks(self, request, context):
+        if len(request.sha256) > 1024:
+            raise InvalidArgument("at most 1024 chunks per ReadChunks call")
+        for digest in request.sha256:
+            if not self.store.chunk_path(digest).exists():
+                raise NotFound(
+                    f"chunk {digest} is not on node {self.store.node}",
+                    reason="CHUNK_NOT_HELD",
+                    metadata={"chunk": digest},
+                )
+            data = await asyncio.to_thread(self.store.read_chunk, digest)
+            yield snapshot_pb2.ReadChunksResponse(sha256=digest, data=data)
 
     async def CommitSnapshot(self, request, context):
         return snapshot_pb2.CommitSnapshotResponse(record=await self.store.commit(request.record))
@@ -84,7 +109,34 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
 async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
     settings = context.settings
     root = Path(settings.store_dir) if settings.store_dir else Path(context.common.state_dir) / "snapshot"
-    store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes)
+    node = context.common.node
+    store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes, node)
+    records = Records(context.etcd)
+    for kind in (SNAPSHOTS, PENDING_ARTIFACTS, QUOTA_RELEASES):
+        await records.migrate(kind)
+
+    async def read_remote_chunks(holder: str, digests: list[str]):
+        """Chunks from the snapshot store of node `holder` (mutual TLS, like every internal call)."""
+        try:
+            instance = context.directory.newest("snapshot", holder)
+        except Unavailable:
+            raise Unavailable(
+                f"node {holder} has no snapshot service registered", reason="SNAPSHOT_HOLDER_UNAVAILABLE"
+            ) from None
+        stub = snapshot_pb2_grpc.SnapshotStoreServiceStub(context.channel(instance.address))
+        try:
+            async for chunk in stub.ReadChunks(
+                snapshot_pb2.ReadChunksRequest(sha256=digests), timeout=deadlines.TRANSFER
+            ):
+                yield chunk.sha256, chunk.data
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                raise Unavailable(f"node {holder}: {exc.details()}", reason="SNAPSHOT_HOLDER_UNAVAILABLE") from None
+            raise
 
     async def release_quotas() -> None:
         """Gives retention-deleted snapshots' storage back to their tenants (ReleaseQuota is idempotent)."""
@@ -95,12 +147,13 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
         for snapshot_id, tenant in pending.items():
             if tenant:
                 await auth.ReleaseQuota(
-                    auth_pb2.ReleaseQuotaRequest(tenant=tenant, reservation_id=f"snapshot-{snapshot_id}"), timeout=10
+                    auth_pb2.ReleaseQuotaRequest(tenant=tenant, reservation_id=f"snapshot-{snapshot_id}"),
+                    timeout=deadlines.CONTROL,
                 )
             await store.released(snapshot_id)
             log.info("snapshot_quota_released", snapshot=snapshot_id, tenant=tenant)
 
-    servicer = SnapshotStoreServicer(store, settings, release_quotas)
+    servicer = SnapshotStoreServicer(store, settings, release_quotas, read_remote_chunks)
     snapshot_pb2_grpc.add_SnapshotStoreServiceServicer_to_server(servicer, server)
 
     async def collect() -> None:

@@ -1,12 +1,14 @@
-"""SnapshotChunkStore: content-addressed chunks on local disk, and snapshot records in etcd.
+"""SnapshotChunkStore: this node's content-addressed chunks on local disk, and the cluster's snapshot records.
 
 Chunks live at `<store>/chunks/<sha[:2]>/<sha256>`, written to a temporary name and renamed, so a chunk file
 is either complete or absent; identical chunks across snapshots are stored once. Every read re-hashes the
 chunk: a corrupt or missing chunk is DATA_LOSS and its bytes are never handed out.
 
-etcd: `/microvm/snapshots/<id>` -> SnapshotRecord (proto JSON); `/microvm/snapshot-artifacts/<id>/<name>` ->
-Artifact (proto JSON) between PutArtifact and CommitSnapshot. Garbage collection keeps every chunk that any
-record or pending artifact references.
+etcd (declared records, see docs/etcd-keys.md): `/microvm/snapshots/<id>` -> SnapshotRecord, whose
+`holder_nodes` say which nodes' stores hold its chunks; `/microvm/snapshot-artifacts/<id>/<name>` ->
+PendingArtifact between PutArtifact and CommitSnapshot. A node that needs a snapshot it does not hold fetches
+the missing chunks from a holder (`fetch_missing`), verifies each, keeps them and becomes a holder. Garbage
+collection keeps every chunk that any record or pending artifact references.
 """
 
 from __future__ import annotations
@@ -18,24 +20,24 @@ import time
 from pathlib import Path
 
 import structlog
-from google.protobuf import json_format
 
-from microvm.snapshot.v1 import snapshot_pb2
-from services.common.errors import DataLoss, InvalidArgument, NotFound
+from microvm.snapshot.v1 import snapshot_pb2 as snapshot_api
+from microvm.types.v1 import snapshot_pb2
+from services.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from services.common.records import PENDING_ARTIFACTS, QUOTA_RELEASES, SNAPSHOTS, Records
 
 log = structlog.get_logger()
-RECORDS = "/microvm/snapshots/"
-PENDING = "/microvm/snapshot-artifacts/"
-# Snapshot id -> tenant, for snapshots retention deleted whose quota reservation is not released yet.
-RELEASES = "/microvm/snapshot-quota-releases/"
+FETCH_BATCH = 256
 
 
 class SnapshotChunkStore:
-    def __init__(self, root: Path, etcd, chunk_size: int) -> None:
+    def __init__(self, root: Path, etcd, chunk_size: int, node: str = "") -> None:
         self.root = root
         self.chunks = root / "chunks"
         self.chunks.mkdir(parents=True, exist_ok=True)
         self.etcd = etcd
+        self.records = Records(etcd)
+        self.node = node
         self.chunk_size = chunk_size
         # Chunks of puts still in flight: not referenced by any record yet, but not garbage either.
         self._inflight: dict[int, set[str]] = {}
@@ -56,7 +58,7 @@ class SnapshotChunkStore:
         os.rename(tmp, path)
         return digest, True
 
-    def _read_chunk(self, digest: str) -> bytes:
+    def read_chunk(self, digest: str) -> bytes:
         try:
             data = self.chunk_path(digest).read_bytes()
         except FileNotFoundError:
@@ -94,7 +96,9 @@ class SnapshotChunkStore:
                 await flush(final=False)
             await flush(final=True)
             artifact.sha256 = whole.hexdigest()
-            await self.etcd.put(f"{PENDING}{snapshot_id}/{name}".encode(), json_format.MessageToJson(artifact).encode())
+            await self.records.put(
+                PENDING_ARTIFACTS, snapshot_pb2.PendingArtifact(artifact=artifact, node=self.node), snapshot_id, name
+            )
         finally:
             self._inflight.pop(id(artifact), None)
         return artifact, new_bytes
@@ -106,7 +110,7 @@ class SnapshotChunkStore:
             raise NotFound(f"snapshot {record.id} has no artifact {name!r}", reason="ARTIFACT_NOT_FOUND")
         whole = hashlib.sha256()
         for digest in artifact.chunk_sha256:
-            data = await asyncio.to_thread(self._read_chunk, digest)
+            data = await asyncio.to_thread(self.read_chunk, digest)
             whole.update(data)
             yield data
         if whole.hexdigest() != artifact.sha256:
@@ -119,24 +123,25 @@ class SnapshotChunkStore:
         for artifact in record.artifacts:
             for digest in artifact.chunk_sha256:
                 try:
-                    await asyncio.to_thread(self._read_chunk, digest)
+                    await asyncio.to_thread(self.read_chunk, digest)
                 except DataLoss:
                     bad.append(digest)
         return bad
 
     # --- records ---------------------------------------------------------------------------------
-    async def pending_artifacts(self, snapshot_id: str) -> list[snapshot_pb2.Artifact]:
-        result = await self.etcd.get_prefix(f"{PENDING}{snapshot_id}/".encode())
-        return [json_format.Parse(kv.value, snapshot_pb2.Artifact()) for kv in result]
+    async def pending_artifacts(self, snapshot_id: str) -> list[snapshot_pb2.PendingArtifact]:
+        return [s.message for s in await self.records.list(PENDING_ARTIFACTS, snapshot_id)]
 
     async def commit(self, record: snapshot_pb2.SnapshotRecord) -> snapshot_pb2.SnapshotRecord:
         if not record.id:
             raise InvalidArgument("record.id is required")
-        artifacts = await self.pending_artifacts(record.id)
-        if not artifacts:
+        pending = await self.pending_artifacts(record.id)
+        if not pending:
             raise InvalidArgument(f"no artifacts were put for snapshot {record.id}")
         del record.artifacts[:]
-        record.artifacts.extend(sorted(artifacts, key=lambda a: a.name))
+        record.artifacts.extend(sorted((p.artifact for p in pending), key=lambda a: a.name))
+        del record.holder_nodes[:]
+        record.holder_nodes.extend(sorted({p.node for p in pending if p.node}))
         if record.parent_snapshot:
             parent = await self.get(record.parent_snapshot, missing_ok=True)
             record.root_snapshot = (parent.root_snapshot or parent.id) if parent else record.parent_snapshot
@@ -145,19 +150,19 @@ class SnapshotChunkStore:
         if not record.HasField("create_time"):
             record.create_time.GetCurrentTime()
         tx = self.etcd.transactions
-        await self.etcd.transaction(
+        scope = PENDING_ARTIFACTS.scope(record.id)
+        await self.records.transaction(
             compare=[],
             success=[
-                tx.put(f"{RECORDS}{record.id}".encode(), json_format.MessageToJson(record).encode()),
-                tx.delete(f"{PENDING}{record.id}/".encode(), range_end=f"{PENDING}{record.id}0".encode()),
-            ],
-            failure=[],
+                self.records.put_op(SNAPSHOTS, record, record.id),
+                tx.delete(scope, range_end=scope[:-1] + b"0"),
+            ],  # every pending artifact of it
         )
         return record
 
     async def get(self, snapshot_id: str, missing_ok: bool = False) -> snapshot_pb2.SnapshotRecord | None:
-        result = await self.etcd.get(f"{RECORDS}{snapshot_id}".encode())
-        if result is None:
+        stored = await self.records.get(SNAPSHOTS, snapshot_id) if snapshot_id and "/" not in snapshot_id else None
+        if stored is None:
             if missing_ok:
                 return None
             raise NotFound(
@@ -165,20 +170,76 @@ class SnapshotChunkStore:
                 reason="SNAPSHOT_NOT_FOUND",
                 metadata={"snapshot": f"snapshots/{snapshot_id}"},
             )
-        return json_format.Parse(result.value, snapshot_pb2.SnapshotRecord())
+        return stored.message
 
     async def all(self) -> list[snapshot_pb2.SnapshotRecord]:
-        result = await self.etcd.get_prefix(RECORDS.encode())
-        records = [json_format.Parse(kv.value, snapshot_pb2.SnapshotRecord()) for kv in result]
+        records = [s.message for s in await self.records.list(SNAPSHOTS)]
         return sorted(records, key=lambda r: (r.create_time.ToNanoseconds(), r.id))
 
     async def delete(self, snapshot_id: str) -> None:
         await self.get(snapshot_id)
-        await self.etcd.delete(f"{RECORDS}{snapshot_id}".encode())
+        await self.records.delete(SNAPSHOTS, snapshot_id)
+
+    # --- across nodes ------------------------------------------------------------------------------------
+    def missing_chunks(self, record: snapshot_pb2.SnapshotRecord) -> list[str]:
+        wanted = dict.fromkeys(d for a in record.artifacts for d in a.chunk_sha256)
+        return [d for d in wanted if not self.chunk_path(d).exists()]
+
+    async def fetch_missing(self, record: snapshot_pb2.SnapshotRecord, read_chunks) -> int:
+        """Makes this node hold every chunk of `record`: the missing ones come from a holder node through
+        `read_chunks(node, digests)` (an async iterator of (digest, data)), each verified before it is kept.
+        Returns the bytes fetched. UNAVAILABLE when no holder can be reached, DATA_LOSS when a holder sends a
+        chunk that does not match its hash."""
+        self._inflight[id(record)] = set(d for a in record.artifacts for d in a.chunk_sha256)
+        try:
+            fetched = 0
+            for holder in [n for n in record.holder_nodes if n != self.node]:
+                missing = self.missing_chunks(record)
+                if not missing:
+                    break
+                try:
+                    for offset in range(0, len(missing), FETCH_BATCH):
+                        async for digest, data in read_chunks(holder, missing[offset : offset + FETCH_BATCH]):
+                            if hashlib.sha256(data).hexdigest() != digest:
+                                raise DataLoss(
+                                    f"node {holder} sent a corrupt chunk {digest} of snapshot {record.id}",
+                                    reason="CHUNK_CORRUPT",
+                                    metadata={"node": holder, "chunk": digest},
+                                )
+                            await asyncio.to_thread(self._store_chunk, data)
+                            fetched += len(data)
+                except Unavailable as exc:
+                    log.warning("snapshot_holder_unreachable", snapshot=record.id, node=holder, error=exc.message)
+            missing = self.missing_chunks(record)
+            if missing:
+                raise Unavailable(
+                    f"snapshot {record.id}: {len(missing)} chunks are on no reachable node "
+                    f"(holders: {', '.join(record.holder_nodes) or 'none'})",
+                    reason="SNAPSHOT_HOLDERS_UNAVAILABLE",
+                    metadata={"snapshot": record.id},
+                )
+            await self._add_holder(record.id)
+            if fetched:
+                log.info("snapshot_fetched", snapshot=record.id, bytes=fetched, node=self.node)
+            return fetched
+        finally:
+            self._inflight.pop(id(record), None)
+
+    async def _add_holder(self, snapshot_id: str) -> None:
+        for _ in range(50):
+            stored = await self.records.get(SNAPSHOTS, snapshot_id)
+            if stored is None or self.node in stored.message.holder_nodes or not self.node:
+                return
+            stored.message.holder_nodes.append(self.node)
+            if await self.records.transaction(
+                compare=[self.records.unchanged(SNAPSHOTS, stored.revision, snapshot_id)],
+                success=[self.records.put_op(SNAPSHOTS, stored.message, snapshot_id)],
+            ):
+                return
 
     # --- retention and garbage collection ------------------------------------------------------------
-    async def collect_garbage(self, keep_last_per_sandbox: int) -> snapshot_pb2.CollectGarbageResponse:
-        response = snapshot_pb2.CollectGarbageResponse()
+    async def collect_garbage(self, keep_last_per_sandbox: int) -> snapshot_api.CollectGarbageResponse:
+        response = snapshot_api.CollectGarbageResponse()
         now = time.time()
         records = await self.all()
         expired = {r.id for r in records if r.HasField("expire_time") and r.expire_time.ToSeconds() <= now}
@@ -190,23 +251,27 @@ class SnapshotChunkStore:
             for group in by_sandbox.values():
                 expired.update(r.id for r in group[:-keep_last_per_sandbox])
         tenants = {r.id: r.tenant for r in records}
-        tx = self.etcd.transactions
         for snapshot_id in sorted(expired):
             # The record goes together with a note to release its tenant's quota (see `pending_releases`):
             # retention must give the storage back even if the auth service is away right now.
-            await self.etcd.transaction(
+            await self.records.transaction(
                 compare=[],
                 success=[
-                    tx.delete(f"{RECORDS}{snapshot_id}".encode()),
-                    tx.put(f"{RELEASES}{snapshot_id}".encode(), tenants[snapshot_id].encode()),
+                    self.records.delete_op(SNAPSHOTS, snapshot_id),
+                    self.records.put_op(
+                        QUOTA_RELEASES,
+                        snapshot_pb2.QuotaRelease(
+                            tenant=tenants[snapshot_id], reservation_id=f"snapshot-{snapshot_id}"
+                        ),
+                        snapshot_id,
+                    ),
                 ],
-                failure=[],
             )
             response.expired_snapshots.append(snapshot_id)
         live = [r for r in records if r.id not in expired]
         referenced = {d for r in live for a in r.artifacts for d in a.chunk_sha256}
-        for kv in await self.etcd.get_prefix(PENDING.encode()):
-            referenced.update(json_format.Parse(kv.value, snapshot_pb2.Artifact()).chunk_sha256)
+        for pending in await self.records.list(PENDING_ARTIFACTS):
+            referenced.update(pending.message.artifact.chunk_sha256)
         for digests in self._inflight.values():
             referenced.update(digests)
         freed_chunks, freed_bytes = await asyncio.to_thread(self._sweep, referenced)
@@ -222,12 +287,10 @@ class SnapshotChunkStore:
 
     async def pending_releases(self) -> dict[str, str]:
         """Snapshot id -> tenant of snapshots deleted by retention whose quota is still held."""
-        return {
-            kv.key.decode()[len(RELEASES) :]: kv.value.decode() for kv in await self.etcd.get_prefix(RELEASES.encode())
-        }
+        return {s.parts[0]: s.message.tenant for s in await self.records.list(QUOTA_RELEASES)}
 
     async def released(self, snapshot_id: str) -> None:
-        await self.etcd.delete(f"{RELEASES}{snapshot_id}".encode())
+        await self.records.delete(QUOTA_RELEASES, snapshot_id)
 
     def _sweep(self, referenced: set[str]) -> tuple[int, int]:
         freed_chunks = freed_bytes = 0
@@ -243,7 +306,7 @@ class SnapshotChunkStore:
                 path.unlink(missing_ok=True)
         return freed_chunks, freed_bytes
 
-    async def usage(self, tenant: str = "") -> snapshot_pb2.GetStorageUsageResponse:
+    async def usage(self, tenant: str = "") -> snapshot_api.GetStorageUsageResponse:
         records = [r for r in await self.all() if not tenant or r.tenant == tenant]
         logical = sum(a.size_bytes for r in records for a in r.artifacts)
 
@@ -252,4 +315,4 @@ class SnapshotChunkStore:
             return sum(sizes), len(sizes)
 
         stored, count = await asyncio.to_thread(scan)
-        return snapshot_pb2.GetStorageUsageResponse(stored_bytes=stored, logical_bytes=logical, chunk_count=count)
+        return snapshot_api.GetStorageUsageResponse(stored_bytes=stored, logical_bytes=logical, chunk_count=count)

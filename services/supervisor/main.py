@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError, load_config
 from services.common.settings import SupervisorSettings
-from services.supervisor.stack import SERVICE_KINDS, StackSupervisor, check_stack_health
+from services.supervisor.stack import ROLES, StackSupervisor, check_stack_health
 
 
 def _state_dir(args) -> Path:
@@ -56,9 +56,22 @@ def _read_pid(state_dir: Path) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def _endpoints(args, config) -> list[str]:
+    """Where this supervisor's services find etcd: its own (role all) or the configured one."""
+    run_etcd = args.role == "all" if args.etcd is None else args.etcd
+    if run_etcd:
+        return [f"127.0.0.1:{config.service.etcd_client_port}"]
+    return config.common.etcd_endpoints
+
+
+def _node(args, config) -> str | None:
+    """Node services are checked on this node only (every node runs its own)."""
+    return config.common.node if args.role in ("all", "node") else None
+
+
 def cmd_run(args) -> int:
     state_dir, config = _load(args)
-    supervisor = StackSupervisor(state_dir, config, config_path=args.config)
+    supervisor = StackSupervisor(state_dir, config, config_path=args.config, role=args.role, run_etcd=args.etcd)
     return asyncio.run(supervisor.run())
 
 
@@ -68,7 +81,18 @@ def cmd_start(args) -> int:
         print(f"already running (supervisor pid {pid}, state dir {state_dir})")
         return 0
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "services.supervisor.main", "run", "--state-dir", str(state_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "services.supervisor.main",
+        "run",
+        "--state-dir",
+        str(state_dir),
+        "--role",
+        args.role,
+    ]
+    if args.etcd is not None:
+        command.append("--etcd" if args.etcd else "--no-etcd")
     if args.config:
         command += ["--config", str(Path(args.config).resolve())]
     with open(state_dir / "logs" / "supervisor.log", "ab") as log:
@@ -88,8 +112,13 @@ def cmd_wait(args) -> int:
         if not _read_pid(state_dir):
             print("supervisor is not running; see", state_dir / "logs" / "supervisor.log", file=sys.stderr)
             return 1
-        report = asyncio.run(check_stack_health(config.common.etcd_endpoints, pki_dir=config.common.pki_path))
-        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and (state_dir / "admin.key").exists():
+        report = asyncio.run(
+            check_stack_health(_endpoints(args, config), pki_dir=config.common.pki_path, node=_node(args, config))
+        )
+        kinds = ROLES[args.role]
+        if all(report.get(kind) == "SERVING" for kind in kinds) and (
+            "auth" not in kinds or (state_dir / "admin.key").exists()
+        ):
             print("all services SERVING")
             return 0
         time.sleep(0.3)
@@ -119,18 +148,18 @@ def cmd_status(args) -> int:
     pid = _read_pid(state_dir)
     print(f"supervisor: {'running, pid ' + str(pid) if pid else 'not running'} (state dir {state_dir})")
     report = asyncio.run(
-        check_stack_health(config.common.etcd_endpoints, detailed=True, pki_dir=config.common.pki_path)
+        check_stack_health(
+            _endpoints(args, config), detailed=True, pki_dir=config.common.pki_path, node=_node(args, config)
+        )
     )
-    for kind in SERVICE_KINDS:
+    for kind in ROLES[args.role]:
         print(f"  {kind:9} {report.get(kind, 'NOT REGISTERED')}")
-    return 0 if all(str(report.get(k, "")).startswith("SERVING") for k in SERVICE_KINDS) else 1
+    return 0 if all(str(report.get(k, "")).startswith("SERVING") for k in ROLES[args.role]) else 1
 
 
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
-    report = asyncio.run(
-        check_stack_health(config.common.etcd_endpoints, detailed=True, pki_dir=config.common.pki_path)
-    )
+    report = asyncio.run(check_stack_health(_endpoints(args, config), detailed=True, pki_dir=config.common.pki_path))
     gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}
@@ -151,6 +180,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", help="default: $MVM_STATE_DIR or ~/.microvm")
     parser.add_argument("--config", help="installation config file (YAML)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for start/wait/stop")
+    parser.add_argument(
+        "--role",
+        choices=sorted(ROLES),
+        default="all",
+        help="all: etcd and every service (one host); node: compute, network, relay, snapshot of this "
+        "host; control: gateway and auth",
+    )
+    parser.add_argument(
+        "--etcd",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run a local single-member etcd (default: only with --role all)",
+    )
     args = parser.parse_args(argv)
     commands = {
         "run": cmd_run,

@@ -16,12 +16,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import LoadedConfig, load_config
-from services.common.pki import ensure_pki, load_identity
+from services.common.pki import TLS_CHANNEL_OPTIONS, ensure_pki, load_identity
+from services.common.records import ATTACHMENTS, Records
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.common.settings import ComputeSettings, SupervisorSettings
 from services.network.links import delete_tap
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
+# What each role runs: `node` on every host with VMs, `control` (any number of replicas) anywhere, `all` on one
+# host (with its own etcd).
+ROLES = {
+    "all": SERVICE_KINDS,
+    "node": ("snapshot", "network", "relay", "compute"),
+    "control": ("auth", "gateway"),
+}
 # A child that stayed up this long is healthy again: its next crash restarts without back-off.
 STABLE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -44,7 +52,14 @@ class Child:
 
 
 class StackSupervisor:
-    def __init__(self, state_dir: Path, config: LoadedConfig[SupervisorSettings], config_path: str | None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        config: LoadedConfig[SupervisorSettings],
+        config_path: str | None,
+        role: str = "all",
+        run_etcd: bool | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.config = config
         self.settings = config.service
@@ -52,11 +67,21 @@ class StackSupervisor:
         self.logs = state_dir / "logs"
         self.children: dict[str, Child] = {}
         self._stopping = asyncio.Event()
+        self.kinds = ROLES[role]
+        # etcd comes with the one-host layout; hosts of a cluster use the etcd named by `etcd_endpoints`.
+        self.run_etcd = role == "all" if run_etcd is None else run_etcd
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        if self.run_etcd:
+            return [f"127.0.0.1:{self.settings.etcd_client_port}"]
+        return self.config.common.etcd_endpoints
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["MVM_STATE_DIR"] = str(self.state_dir)
-        env["MVM_ETCD_ENDPOINTS"] = f"127.0.0.1:{self.settings.etcd_client_port}"
+        if self.run_etcd:
+            env["MVM_ETCD_ENDPOINTS"] = f"127.0.0.1:{self.settings.etcd_client_port}"
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -114,7 +139,7 @@ class StackSupervisor:
         (self.state_dir / "supervisor.json").write_text(json.dumps(status, indent=1))
 
     async def _wait_for_etcd(self, timeout: float = 30.0) -> None:
-        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        client = etcd_client(self.etcd_endpoints, timeout=2)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -124,8 +149,9 @@ class StackSupervisor:
                 return
             except Exception:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd did not answer in {timeout}s; see {self.logs / 'etcd.log'}") from None
-                etcd = self.children["etcd"].process
+                    where = self.logs / "etcd.log" if self.run_etcd else ", ".join(self.etcd_endpoints)
+                    raise RuntimeError(f"etcd did not answer in {timeout}s; see {where}") from None
+                etcd = self.children["etcd"].process if "etcd" in self.children else None
                 if etcd and etcd.returncode is not None:
                     raise RuntimeError(f"etcd exited with {etcd.returncode}; see {self.logs / 'etcd.log'}") from None
                 await asyncio.sleep(0.1)
@@ -176,19 +202,21 @@ class StackSupervisor:
             loop.add_signal_handler(signum, self._stopping.set)
         watchers = []
         try:
-            etcd = Child("etcd", self._etcd_command(), self.logs / "etcd.log")
-            self.children["etcd"] = etcd
-            await self._spawn(etcd)
+            if self.run_etcd:
+                etcd = Child("etcd", self._etcd_command(), self.logs / "etcd.log")
+                self.children["etcd"] = etcd
+                await self._spawn(etcd)
             await self._wait_for_etcd()
-            watchers.append(asyncio.create_task(self._watch(etcd)))
-            for kind in SERVICE_KINDS:
+            if self.run_etcd:
+                watchers.append(asyncio.create_task(self._watch(etcd)))
+            for kind in self.kinds:
                 child = Child(kind, self._service_command(kind), self.logs / f"{kind}.log")
                 self.children[kind] = child
                 await self._spawn(child)
                 watchers.append(asyncio.create_task(self._watch(child)))
             print(json.dumps({"event": "stack_started", "children": list(self.children)}), flush=True)
-            bootstrap = asyncio.create_task(self._bootstrap_admin_key())
-            watchers.append(bootstrap)
+            if "auth" in self.kinds:
+                watchers.append(asyncio.create_task(self._bootstrap_admin_key()))
             await self._stopping.wait()
         except Exception as exc:
             print(json.dumps({"event": "stack_failed", "error": str(exc)}), flush=True)
@@ -209,8 +237,9 @@ class StackSupervisor:
         if key_file.exists():
             return
         from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+        from microvm.types.v1 import auth_pb2 as auth_types
 
-        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        client = etcd_client(self.etcd_endpoints, timeout=2)
         await client.connect()
         try:
             while not self._stopping.is_set():
@@ -232,7 +261,7 @@ class StackSupervisor:
             await auth.CreateTenant(
                 auth_pb2.CreateTenantRequest(
                     tenant="default",
-                    quota=auth_pb2.Quota(
+                    quota=auth_types.Quota(
                         max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30
                     ),
                 ),
@@ -240,7 +269,8 @@ class StackSupervisor:
                 wait_for_ready=True,
             )
             key = await auth.CreateApiKey(
-                auth_pb2.CreateApiKeyRequest(tenant="default", principal="admin", role=auth_pb2.ROLE_ADMIN), timeout=10
+                auth_pb2.CreateApiKeyRequest(tenant="default", principal="admin", role=auth_types.ROLE_ADMIN),
+                timeout=10,
             )
         fd = os.open(key_file.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -266,8 +296,9 @@ class StackSupervisor:
         if gateway:
             await self._stop_child(gateway, 15)
         await asyncio.gather(*(self._stop_child(c, 15) for c in services if c is not gateway))
-        stop_leftover_vms(self.state_dir, load_config(self.config_path, "compute", ComputeSettings).service)
-        if self.config.common.networking and "etcd" in self.children:
+        if "compute" in self.kinds:
+            stop_leftover_vms(self.state_dir, load_config(self.config_path, "compute", ComputeSettings).service)
+        if self.config.common.networking and "network" in self.kinds:
             await self._remove_sandbox_taps()
         if "etcd" in self.children:
             await self._stop_child(self.children["etcd"], 10)
@@ -277,11 +308,11 @@ class StackSupervisor:
     async def _remove_sandbox_taps(self) -> None:
         """The VMs are gone: so go their TAP devices. Their records stay, and the next start reconciles them
         (compute fails the VMs, the network service releases their addresses)."""
-        prefix = f"/microvm/network/{self.config.common.node}/attachments/"
-        client = etcd_client([f"127.0.0.1:{self.settings.etcd_client_port}"], timeout=2)
+        client = etcd_client(self.etcd_endpoints, timeout=2)
         try:
             await client.connect()
-            taps = [json.loads(kv.value).get("tap_device", "") for kv in await client.get_prefix(prefix.encode())]
+            attachments = await Records(client).list(ATTACHMENTS, self.config.common.node)
+            taps = [stored.message.tap_device for stored in attachments]
         except Exception as exc:  # stopping must not fail on this; the next start cleans up
             print(json.dumps({"event": "tap_cleanup_skipped", "error": str(exc)}), flush=True)
             return
@@ -318,14 +349,15 @@ def operator_channel(address: str, kind: str, pki_dir: Path | None) -> grpc.aio.
     """A channel to a service as the operator: mutual TLS for internal services when the PKI exists."""
     if pki_dir is not None and (pki_dir / "operator.crt").exists() and kind != "gateway":
         identity = load_identity(pki_dir, "operator")
-        return grpc.aio.secure_channel(address, identity.channel_credentials())
+        return grpc.aio.secure_channel(address, identity.channel_credentials(), options=TLS_CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address)
 
 
 async def check_stack_health(
-    etcd_endpoints: list[str], detailed: bool = False, pki_dir: Path | None = None
+    etcd_endpoints: list[str], detailed: bool = False, pki_dir: Path | None = None, node: str | None = None
 ) -> dict[str, str]:
-    """Health of each registered service kind, read from the registry and the health service."""
+    """Health of each registered service kind (its newest instance; node services of `node` only, when given),
+    read from the registry and the health service."""
     report: dict[str, str] = {}
     client = etcd_client(etcd_endpoints, timeout=2)
     try:
@@ -339,7 +371,9 @@ async def check_stack_health(
             await client.close()
         except Exception:
             pass
-    for instance in instances:
+    if node is not None:
+        instances = [i for i in instances if not i.node or i.node == node]
+    for instance in sorted(instances, key=lambda i: i.started):
         async with operator_channel(instance.address, instance.kind, pki_dir) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -351,6 +385,8 @@ async def check_stack_health(
         extra = ""
         if detailed:
             extra = f" at {instance.address} (pid {instance.pid})"
+            if instance.node:
+                extra += f" node={instance.node}"
             if instance.metadata:
                 extra += " " + " ".join(f"{k}={v}" for k, v in sorted(instance.metadata.items()))
         report[instance.kind] = state + extra

@@ -15,7 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.types.v1 import auth_pb2 as auth_types
 from services.common.errors import error_info
+from services.common.records import AUDIT_EVENTS, SIGNING_KEYS, Records
 from services.common.registry import etcd_client
 from services.gateway.access import TokenBucket
 from tests.guests import Gateway
@@ -28,11 +30,11 @@ def auth_stub(stack) -> auth_pb2_grpc.AuthServiceStub:
     return auth_pb2_grpc.AuthServiceStub(stack.internal_channel(instances(stack, "auth")[-1].address))
 
 
-def tenant_key(stack, tenant: str, role=auth_pb2.ROLE_DEVELOPER, **quota) -> str:
+def tenant_key(stack, tenant: str, role=auth_types.ROLE_DEVELOPER, **quota) -> str:
     auth = auth_stub(stack)
     limits = dict(max_sandboxes=20, max_vcpus=40, max_memory_mib=20480, max_snapshot_bytes=50 << 30)
     limits.update(quota)
-    auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant=tenant, quota=auth_pb2.Quota(**limits)), timeout=10)
+    auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant=tenant, quota=auth_types.Quota(**limits)), timeout=10)
     return auth.CreateApiKey(
         auth_pb2.CreateApiKeyRequest(tenant=tenant, principal=f"{tenant}-user", role=role), timeout=10
     ).secret
@@ -111,12 +113,12 @@ def signing_key(stack):
         client = etcd_client([stack.etcd_endpoint])
         await client.connect()
         try:
-            return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/auth/signing-keys/")]
+            return [stored.message for stored in await Records(client).list(SIGNING_KEYS)]
         finally:
             await client.close()
 
-    newest = max(asyncio.run(read()), key=lambda k: k["created"])
-    return newest["kid"], serialization.load_pem_private_key(newest["private"].encode(), password=None)
+    newest = max(asyncio.run(read()), key=lambda k: k.create_time.ToNanoseconds())
+    return newest.kid, serialization.load_pem_private_key(newest.private_key_pem.encode(), password=None)
 
 
 def call_with(stack, credential: str) -> grpc.StatusCode:
@@ -156,7 +158,7 @@ def test_tokens_work_and_bad_credentials_are_refused(stack):
 
 
 def test_viewer_reads_but_may_not_create(stack):
-    viewer = Gateway(stack.gateway_address, tenant_key(stack, "tenant-viewer", role=auth_pb2.ROLE_VIEWER))
+    viewer = Gateway(stack.gateway_address, tenant_key(stack, "tenant-viewer", role=auth_types.ROLE_VIEWER))
     assert viewer.stub.ListSandboxes(api.ListSandboxesRequest(), timeout=10).sandboxes == []
     with pytest.raises(grpc.RpcError) as failure:
         viewer.create()
@@ -204,10 +206,10 @@ def test_audit_chain_verifies_and_tampering_is_detected(stack):
         client = etcd_client([stack.etcd_endpoint])
         await client.connect()
         try:
-            key = f"/microvm/auth/audit/tenant-audit/{2:020d}".encode()
-            entry = json.loads((await client.get(key)).value)
-            entry["target"] = "sandboxes/somebody-else"
-            await client.put(key, json.dumps(entry).encode())
+            records = Records(client)
+            entry = (await records.get(AUDIT_EVENTS, "tenant-audit", f"{2:020d}")).message
+            entry.target = "sandboxes/somebody-else"
+            await records.put(AUDIT_EVENTS, entry, "tenant-audit", f"{2:020d}")
         finally:
             await client.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import threading
@@ -12,11 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format
 
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.types.v1 import vm_pb2
 from services.common.errors import error_info
+from services.common.records import VMS, Records
 from services.common.registry import etcd_client
 
 pytestmark = pytest.mark.guest
@@ -48,11 +49,17 @@ def vm_records(stack) -> list[dict]:
         client = etcd_client([stack.etcd_endpoint])
         await client.connect()
         try:
-            return [json.loads(kv.value) for kv in await client.get_prefix(b"/microvm/vms/")]
+            return [vm_as_dict(stored.message) for stored in await Records(client).list(VMS)]
         finally:
             await client.close()
 
     return asyncio.run(read())
+
+
+def vm_as_dict(vm) -> dict:
+    """A VM record as a dict (field names as declared; state without its prefix)."""
+    record = json_format.MessageToDict(vm, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return {**record, "state": vm_pb2.VmState.Name(vm.state).removeprefix("VM_STATE_")}
 
 
 def vm_record(stack, sandbox_id: str) -> dict:
@@ -275,9 +282,9 @@ def test_stopped_vm_starts_again_from_its_kept_disk(stack, gateway):
         started_at = time.monotonic()
         stopped = compute.StopVm(compute_pb2.StopVmRequest(vm_id=sandbox_id), timeout=30).vm
         assert time.monotonic() - started_at < 10
-        assert stopped.state == compute_pb2.VM_STATE_STOPPED and stopped.pid == 0
+        assert stopped.state == vm_pb2.VM_STATE_STOPPED and stopped.pid == 0
         started = compute.StartVm(compute_pb2.StartVmRequest(vm_id=sandbox_id), timeout=120).vm
-        assert started.state == compute_pb2.VM_STATE_RUNNING
+        assert started.state == vm_pb2.VM_STATE_RUNNING
         assert gateway.read_file(sandbox.name, "/root/kept.txt") == b"survives a stop"
     finally:
         gateway.delete(sandbox.name)

@@ -177,7 +177,8 @@ def test_network_service_without_host_tools_exits_with_what_is_missing(stack, tm
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PATH": str(tmp_path)},
+        # A node of its own: the stack's network service holds its node's lock.
+        env={**os.environ, "PATH": str(tmp_path), "MVM_NODE_ID": "no-tools"},
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "networking: true needs iproute2, nftables and CAP_NET_ADMIN" in result.stderr

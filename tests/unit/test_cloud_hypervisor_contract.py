@@ -17,11 +17,11 @@ import grpc
 import pytest
 
 from images.builder import BuiltImage
+from microvm.types.v1.vm_pb2 import GuestNic, VmRecord
 from services.common.config import ConfigError
 from services.common.errors import FailedPrecondition
 from services.compute import hypervisor
 from services.compute.cloud_hypervisor import ENDPOINTS, ChApi, CloudHypervisorDriver, CloudHypervisorError
-from services.compute.records import VmRecord
 from tests.fakes.cloud_hypervisor_spec import operation, request_schema, validate
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "fake_cloud_hypervisor.py"
@@ -57,8 +57,9 @@ def record(directory: Path, image: BuiltImage, **fields) -> VmRecord:
         accel="kvm",
         directory=str(directory),
     )
+    nic = {k: fields.pop(k) for k in ("tap_device", "mac_address", "guest_cidr") if k in fields}
     values.update(fields)
-    return VmRecord(**values)
+    return VmRecord(**values, nic=GuestNic(**nic) if nic else None)
 
 
 def test_every_endpoint_the_driver_calls_exists_in_the_spec():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,19 +16,20 @@ import pytest
 
 from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.sandbox.v1 import sandbox_service_pb2_grpc
+from microvm.types.v1 import vm_pb2
 from services.common.errors import ErrorMappingInterceptor
+from services.common.records import VMS, Records
 from services.common.settings import RelaySettings
-from services.relay.server import RelayServicer
+from services.relay.server import DataPlaneServicer, GuestControlServicer, NodeRelay
 from tests.stack import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def relay(tmp_path):
-    socket_path = str(tmp_path / "agent.sock")
+async def start_agent(socket_path: str, *extra: str) -> subprocess.Popen:
     agent = subprocess.Popen(
-        [sys.executable, "-m", "microvm_agent.main", "--unix", socket_path],
+        [sys.executable, "-m", "microvm_agent.main", "--unix", socket_path, *extra],
         cwd=REPO / "guest_agents" / "linux",
         env=dict(os.environ, PYTHONPATH=f"{REPO / 'gen' / 'python'}"),
     )
@@ -35,18 +37,40 @@ async def relay(tmp_path):
         if os.path.exists(socket_path):
             break
         await asyncio.sleep(0.02)
+    return agent
+
+
+async def add_vm(etcd, node: str, vm_id: str, socket_path: str, state=vm_pb2.VM_STATE_RUNNING) -> None:
+    """A VM record as compute would write it, pointing the relay at `socket_path`."""
+    vm = vm_pb2.VmRecord(
+        id=vm_id,
+        node=node,
+        state=state,
+        agent=vm_pb2.AgentEndpoint(transport=vm_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL, socket_path=socket_path),
+    )
+    await Records(etcd).put(VMS, vm, node, vm_id)
+
+
+@pytest.fixture
+async def relay(tmp_path, etcd, node_name):
+    """The relay of node `node_name`, with one "VM" (`sandboxes/host`): the agent engine on this host."""
+    socket_path = str(tmp_path / "agent.sock")
+    agent = await start_agent(socket_path)
+    await add_vm(etcd, node_name, "host", socket_path)
+    node = NodeRelay(etcd, node_name, RelaySettings(connect_timeout_seconds=3))
+    await node.vms.open()
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-    servicer = RelayServicer(RelaySettings(connect_timeout_seconds=3))
-    relay_pb2_grpc.add_RelayServiceServicer_to_server(servicer, server)
+    sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(DataPlaneServicer(node.processes, node.files), server)
+    relay_pb2_grpc.add_GuestControlServiceServicer_to_server(GuestControlServicer(node.control), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = relay_pb2_grpc.RelayServiceStub(channel)
-    stub.target = relay_pb2.AgentTarget(vm_id="host", socket_path=socket_path, transport="virtio-serial")
-    stub.tmp = tmp_path
+    stub = sandbox_service_pb2_grpc.SandboxServiceStub(channel)
+    stub.control = relay_pb2_grpc.GuestControlServiceStub(channel)
+    stub.name, stub.tmp, stub.etcd, stub.node = "sandboxes/host", tmp_path, etcd, node_name
     yield stub
     await channel.close()
-    await servicer.pool.close_all()
+    await node.close()
     await server.stop(0)
     agent.kill()
     agent.wait()
@@ -54,12 +78,13 @@ async def relay(tmp_path):
 
 async def run(stub, argv, **kwargs):
     stdout, stderr, events = b"", b"", []
-    async for response in stub.Exec(
-        relay_pb2.ExecRequest(
-            target=stub.target, process=api.ProcessConfig(argv=argv, **kwargs.pop("process", {})), **kwargs
+    async for event in stub.Exec(
+        api.ExecRequest(
+            sandbox=kwargs.pop("sandbox", stub.name),
+            process=api.ProcessConfig(argv=argv, **kwargs.pop("process", {})),
+            **kwargs,
         )
     ):
-        event = response.event
         events.append(event.WhichOneof("event"))
         stdout += event.stdout
         stderr += event.stderr
@@ -115,15 +140,15 @@ async def test_concurrent_execs_share_one_channel(relay):
 async def test_cancelled_exec_kills_the_guest_process(relay):
     marker = relay.tmp / "alive"
     call = relay.Exec(
-        relay_pb2.ExecRequest(
-            target=relay.target,
+        api.ExecRequest(
+            sandbox=relay.name,
             process=api.ProcessConfig(
                 argv=["sh", "-c", f"touch {marker}; echo started; while true; do touch {marker}; sleep 0.05; done"]
             ),
         )
     )
-    async for response in call:
-        if response.event.stdout:
+    async for event in call:
+        if event.stdout:
             break
     call.cancel()
     await asyncio.sleep(0.5)
@@ -137,59 +162,74 @@ async def test_file_round_trip_keeps_content_and_reports_sha256(relay):
     path = str(relay.tmp / "sub" / "blob.bin")
 
     async def requests():
-        yield relay_pb2.WriteFileRequest(
-            target=relay.target,
-            request=api.WriteFileRequest(header=api.WriteFileHeader(path=path, make_parents=True, mode=0o600)),
+        yield api.WriteFileRequest(
+            header=api.WriteFileHeader(sandbox=relay.name, path=path, make_parents=True, mode=0o600)
         )
         for offset in range(0, len(payload), 1 << 20):
-            yield relay_pb2.WriteFileRequest(request=api.WriteFileRequest(data=payload[offset : offset + (1 << 20)]))
+            yield api.WriteFileRequest(data=payload[offset : offset + (1 << 20)])
 
     written = await relay.WriteFile(requests())
-    assert written.response.sha256 == hashlib.sha256(payload).hexdigest()
-    assert written.response.file.size == len(payload) and written.response.file.mode == 0o600
-    read = b"".join(
-        [
-            r.data
-            async for r in relay.ReadFile(
-                relay_pb2.ReadFileRequest(target=relay.target, request=api.ReadFileRequest(path=path))
-            )
-        ]
-    )
+    assert written.sha256 == hashlib.sha256(payload).hexdigest()
+    assert written.file.size == len(payload) and written.file.mode == 0o600
+    read = b"".join([r.data async for r in relay.ReadFile(api.ReadFileRequest(sandbox=relay.name, path=path))])
     assert read == payload
 
 
 async def test_file_errors_map_to_statuses(relay):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        async for _ in relay.ReadFile(
-            relay_pb2.ReadFileRequest(target=relay.target, request=api.ReadFileRequest(path="/no/such/file"))
-        ):
+        async for _ in relay.ReadFile(api.ReadFileRequest(sandbox=relay.name, path="/no/such/file")):
             pass
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await relay.Stat(relay_pb2.StatRequest(target=relay.target, path="relative"))
+        await relay.Stat(api.StatRequest(sandbox=relay.name, path="relative"))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_directories_can_be_made_listed_and_removed(relay):
     base = str(relay.tmp / "d")
-    await relay.MakeDir(relay_pb2.MakeDirRequest(target=relay.target, path=base + "/a/b", parents=True))
-    listed = await relay.ListDir(relay_pb2.ListDirRequest(target=relay.target, path=base))
+    await relay.MakeDir(api.MakeDirRequest(sandbox=relay.name, path=base + "/a/b", parents=True))
+    listed = await relay.ListDir(api.ListDirRequest(sandbox=relay.name, path=base))
     assert [e.path for e in listed.entries] == [base + "/a"]
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await relay.Remove(relay_pb2.RemoveRequest(target=relay.target, path=base))
+        await relay.Remove(api.RemoveRequest(sandbox=relay.name, path=base))
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    await relay.Remove(relay_pb2.RemoveRequest(target=relay.target, path=base, recursive=True))
+    await relay.Remove(api.RemoveRequest(sandbox=relay.name, path=base, recursive=True))
     assert not os.path.exists(base)
 
 
 async def test_unreachable_agent_is_unavailable(relay):
+    await add_vm(relay.etcd, relay.node, "gone", str(relay.tmp / "missing.sock"))
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await relay.PingAgent(
-            relay_pb2.PingAgentRequest(
-                target=relay_pb2.AgentTarget(vm_id="gone", socket_path=str(relay.tmp / "missing.sock"))
-            )
-        )
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="gone", timeout_ms=500))
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_vm_the_node_does_not_have_is_not_found_and_a_stopped_one_is_refused(relay):
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await run(relay, ["true"], sandbox="sandboxes/elsewhere")
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    await add_vm(relay.etcd, relay.node, "stopped", str(relay.tmp / "agent.sock"), state=vm_pb2.VM_STATE_STOPPED)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await run(relay, ["true"], sandbox="sandboxes/stopped")
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_guest_control_runs_commands_and_sets_a_simulated_identity(relay, tmp_path):
+    socket_path = str(tmp_path / "simulated.sock")
+    (tmp_path / "root").mkdir()
+    agent = await start_agent(socket_path, "--root", str(tmp_path / "root"), "--hostname", "before")
+    try:
+        await add_vm(relay.etcd, relay.node, "sim", socket_path, state=vm_pb2.VM_STATE_CREATING)
+        facts = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=5000))
+        assert facts.hostname == "before"
+        await relay.control.SetGuestIdentity(relay_pb2.SetGuestIdentityRequest(vm_id="sim", hostname="after"))
+        facts = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=5000))
+        assert facts.hostname == "after" and socket.gethostname() != "after"
+        ran = await relay.control.RunCommand(relay_pb2.RunCommandRequest(vm_id="sim", argv=["sh", "-c", "exit 7"]))
+        assert ran.exit_code == 7
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 async def test_slow_client_applies_back_pressure_to_the_process(relay):
@@ -200,10 +240,10 @@ async def test_slow_client_applies_back_pressure_to_the_process(relay):
         f"    open('{progress}','w').write(str(n))\n"
     )
     call = relay.Exec(
-        relay_pb2.ExecRequest(target=relay.target, process=api.ProcessConfig(argv=[sys.executable, "-c", script]))
+        api.ExecRequest(sandbox=relay.name, process=api.ProcessConfig(argv=[sys.executable, "-c", script]))
     )
-    async for response in call:
-        if response.event.stdout:
+    async for event in call:
+        if event.stdout:
             break
     await asyncio.sleep(2)  # the client reads nothing meanwhile
     written = int(progress.read_text())
@@ -233,9 +273,10 @@ async def test_hostile_guest_cannot_crash_the_relay(relay, payload):
     path = str(relay.tmp / "hostile.sock")
     server = await hostile_guest(path, payload)
     try:
+        await add_vm(relay.etcd, relay.node, "hostile", path)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await relay.PingAgent(
-                relay_pb2.PingAgentRequest(target=relay_pb2.AgentTarget(vm_id="hostile", socket_path=path)), timeout=15
+            await relay.control.WaitForAgent(
+                relay_pb2.WaitForAgentRequest(vm_id="hostile", timeout_ms=3000), timeout=15
             )
         assert failure.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
@@ -257,18 +298,16 @@ async def test_interactive_exec_takes_stdin_resize_and_signals(relay):
     queue: asyncio.Queue = asyncio.Queue()
 
     async def requests():
-        yield relay_pb2.ExecInteractiveRequest(
-            target=relay.target,
-            request=api.ExecInteractiveRequest(
-                config=api.ExecInteractiveConfig(
-                    process=api.ProcessConfig(
-                        argv=["sh", "-c", "read line; echo got:$line; stty size; sleep 30"], pty=True
-                    )
-                )
-            ),
+        yield api.ExecInteractiveRequest(
+            config=api.ExecInteractiveConfig(
+                sandbox=relay.name,
+                process=api.ProcessConfig(
+                    argv=["sh", "-c", "read line; echo got:$line; stty size; sleep 30"], pty=True
+                ),
+            )
         )
         while (message := await queue.get()) is not None:
-            yield relay_pb2.ExecInteractiveRequest(request=message)
+            yield message
 
     call = relay.ExecInteractive(requests())
     output = b""

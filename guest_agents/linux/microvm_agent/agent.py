@@ -17,6 +17,7 @@ import pty
 import pwd
 import shutil
 import signal
+import socket
 import stat as stat_module
 import struct
 import subprocess
@@ -142,6 +143,15 @@ async def writev_fd(fd: int, buffers: list[bytes]) -> None:
             loop.remove_writer(fd)
 
 
+# Host simulation (`--root DIR`, the fake VMM of tests): guest paths live under DIR on the host.
+PATH_ROOT = ""
+
+
+def real(path: str) -> str:
+    """The host path of guest path `path` (itself inside a guest)."""
+    return PATH_ROOT + path if PATH_ROOT else path
+
+
 def file_info(path: str) -> agent_pb2.FileInfo:
     st = os.lstat(path)
     kind = agent_pb2.FILE_KIND_UNSPECIFIED
@@ -152,7 +162,7 @@ def file_info(path: str) -> agent_pb2.FileInfo:
     elif stat_module.S_ISLNK(st.st_mode):
         kind = agent_pb2.FILE_KIND_SYMLINK
     info = agent_pb2.FileInfo(
-        path=path,
+        path=path[len(PATH_ROOT) :] or "/" if PATH_ROOT else path,
         kind=kind,
         size=st.st_size,
         mode=stat_module.S_IMODE(st.st_mode),
@@ -170,7 +180,7 @@ def require_absolute(path: str) -> str:
         raise StreamError(INVALID_ARGUMENT, f"path must be absolute, got {path!r}")
     if "\x00" in path:
         raise StreamError(INVALID_ARGUMENT, "path contains a NUL byte")
-    return os.path.normpath(path)
+    return real(os.path.normpath(path))
 
 
 class Process:
@@ -207,11 +217,11 @@ class Process:
         if start.pty:
             env["TERM"] = "xterm-256color"
         env.update(start.env)
-        cwd = start.cwd or home
+        cwd = real(start.cwd or home)
         if not os.path.isdir(cwd):
             if start.cwd:
-                raise StreamError(NOT_FOUND, f"working directory {cwd} does not exist")
-            cwd = "/"
+                raise StreamError(NOT_FOUND, f"working directory {start.cwd} does not exist")
+            cwd = real("/")
         if shutil.which(argv[0], path=env["PATH"]) is None and "/" not in argv[0]:
             raise StreamError(NOT_FOUND, f"{argv[0]}: command not found")
 
@@ -514,7 +524,7 @@ def make_dir(request: agent_pb2.MakeDirRequest) -> agent_pb2.FileResult:
 
 def remove(request: agent_pb2.RemoveRequest) -> agent_pb2.FileResult:
     path = require_absolute(request.path)
-    if path == "/":
+    if path == real("/"):
         raise StreamError(INVALID_ARGUMENT, "refusing to remove /")
     try:
         if os.path.isdir(path) and not os.path.islink(path):
@@ -533,9 +543,14 @@ FILE_OPERATIONS = {"stat": stat_path, "list_dir": list_dir, "make_dir": make_dir
 
 
 class Agent:
-    def __init__(self, initial_window: int = INITIAL_WINDOW, is_init: bool = False) -> None:
+    def __init__(self, initial_window: int = INITIAL_WINDOW, is_init: bool = False, simulated: bool = False) -> None:
         self.initial_window = initial_window
         self.is_init = is_init
+        # On a host standing in for a guest: identity and network changes are recorded, never applied.
+        self.simulated = simulated
+        self.simulated_hostname = "simulated-guest"
+        # Simulated in a UTS namespace of its own (`unshare --uts`): it may set the host name it lives in.
+        self.own_uts = False
         self.boot_id = uuid.uuid4().hex
         self.streams: dict[int, Process | FileTransfer] = {}
         self.tasks: dict[int, asyncio.Task] = {}
@@ -585,7 +600,7 @@ class Agent:
                     mem_total_kib=total,
                     mem_available_kib=available,
                     boot_id=self.boot_id,
-                    hostname=os.uname().nodename,
+                    hostname=self.hostname,
                 ),
             )
         elif kind == "set_identity":
@@ -627,8 +642,12 @@ class Agent:
             elif kind == "configure_network":
                 request = frame.configure_network
                 try:
-                    interface = await system.configure_network(
-                        request.mac_address, request.address_cidr, request.gateway, list(request.dns_servers)
+                    interface = (
+                        "simulated0"
+                        if self.simulated
+                        else await system.configure_network(
+                            request.mac_address, request.address_cidr, request.gateway, list(request.dns_servers)
+                        )
                     )
                 except OSError as exc:
                     raise StreamError(FAILED_PRECONDITION, f"configure network: {exc.strerror or exc}") from None
@@ -667,7 +686,16 @@ class Agent:
             if task:
                 task.cancel()
 
+    @property
+    def hostname(self) -> str:
+        return self.simulated_hostname if self.simulated else os.uname().nodename
+
     def _set_identity(self, identity: agent_pb2.SetIdentity) -> None:
+        if self.simulated:
+            self.simulated_hostname = identity.hostname or self.simulated_hostname
+            if self.own_uts:  # its own UTS namespace: the processes it starts see the name too
+                socket.sethostname(self.simulated_hostname)
+            return
         try:
             if identity.hostname:
                 system.set_hostname(identity.hostname)
@@ -686,7 +714,7 @@ class Agent:
             hello=agent_pb2.Hello(
                 protocol_version=PROTOCOL_VERSION,
                 boot_id=self.boot_id,
-                hostname=os.uname().nodename,
+                hostname=self.hostname,
                 initial_window=self.initial_window,
             ),
         )

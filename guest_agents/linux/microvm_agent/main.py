@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 
+from microvm_agent import agent as agent_module
 from microvm_agent import system
 from microvm_agent.agent import Agent, read_fd, writev_fd
 
@@ -112,7 +113,13 @@ async def serve_vsock(agent: Agent, port: int) -> None:
 async def run(args) -> None:
     loop = asyncio.get_running_loop()
     is_init = os.getpid() == 1
-    agent = Agent(is_init=is_init)
+    agent = Agent(is_init=is_init, simulated=bool(args.root))
+    if args.root:
+        agent_module.PATH_ROOT = os.path.realpath(args.root)
+        agent.simulated_hostname = args.hostname or agent.simulated_hostname
+        agent.own_uts = args.own_uts
+        if args.own_uts:
+            socket.sethostname(agent.simulated_hostname)
     loop.add_signal_handler(signal.SIGCHLD, agent.reap_children)
     if args.unix:
         await serve_unix(agent, args.unix)
@@ -138,6 +145,17 @@ async def run(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="microvm-agent")
     parser.add_argument("--unix", help="serve on this unix socket instead of the virtio port")
+    parser.add_argument(
+        "--root",
+        help="stand in for a guest on a host (tests): guest paths live under ROOT, "
+        "host name and network changes are only recorded",
+    )
+    parser.add_argument("--hostname", help="with --root: the simulated guest's host name")
+    parser.add_argument(
+        "--own-uts",
+        action="store_true",
+        help="with --root: runs in a UTS namespace of its own, so the host name is really set there",
+    )
     args = parser.parse_args()
     if os.getpid() == 1:
         system.setup_filesystems()

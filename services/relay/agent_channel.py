@@ -30,6 +30,11 @@ class AgentTarget:
     transport: str = VIRTIO_SERIAL
     vsock_port: int = 1024
 
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """What identifies the guest's one channel: a pooled VM handed out under a new id keeps it."""
+        return self.socket_path, self.vsock_port
+
 
 class ChannelClosed(Exception):
     pass
@@ -240,42 +245,53 @@ class AgentChannel:
 
 
 class ChannelPool:
-    """One live channel per VM, (re)connected on demand."""
+    """One live channel per guest endpoint, (re)connected on demand: the relay is the only client of a
+    guest's agent (virtio-serial serves one connection at a time)."""
 
     def __init__(self, connect_timeout: float) -> None:
-        self._channels: dict[str, AgentChannel] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._channels: dict[tuple[str, int], AgentChannel] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._connect_timeout = connect_timeout
 
-    async def get(self, target: AgentTarget) -> AgentChannel:
-        channel = self._channels.get(target.vm_id)
-        if channel and not channel.is_closed and channel.target.socket_path == target.socket_path:
+    def live(self, target: AgentTarget) -> AgentChannel | None:
+        channel = self._channels.get(target.endpoint)
+        return channel if channel and not channel.is_closed else None
+
+    async def get(self, target: AgentTarget, timeout: float | None = None) -> AgentChannel:
+        """The guest's channel, answering; a new connection is tried until `timeout` (default: the connect
+        timeout), which covers a guest still booting (its hybrid-vsock listener is not up yet)."""
+        if channel := self.live(target):
             return channel
-        lock = self._locks.setdefault(target.vm_id, asyncio.Lock())
+        lock = self._locks.setdefault(target.endpoint, asyncio.Lock())
         async with lock:
-            channel = self._channels.get(target.vm_id)
-            if channel and not channel.is_closed and channel.target.socket_path == target.socket_path:
+            if channel := self.live(target):
                 return channel
-            if channel:
-                await channel.close()
-            channel = AgentChannel(target)
-            await channel.connect(self._connect_timeout)
-            try:
-                await channel.wait_until_answering(self._connect_timeout)
-            except (TimeoutError, Unavailable) as exc:
-                await channel.close()
-                raise Unavailable(
-                    f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}", reason="AGENT_UNAVAILABLE"
-                ) from None
-            self._channels[target.vm_id] = channel
+            deadline = asyncio.get_running_loop().time() + (timeout or self._connect_timeout)
+            while True:
+                channel = AgentChannel(target)
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    await channel.connect(max(0.1, min(remaining, self._connect_timeout)))
+                    await channel.wait_until_answering(max(0.1, remaining))
+                    break
+                except (TimeoutError, Unavailable) as exc:
+                    await channel.close()
+                    if asyncio.get_running_loop().time() + 0.05 >= deadline:
+                        raise Unavailable(
+                            f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}",
+                            reason="AGENT_UNAVAILABLE",
+                        ) from None
+                    await asyncio.sleep(0.05)
+            self._channels[target.endpoint] = channel
             return channel
 
-    async def close(self, vm_id: str) -> None:
-        channel = self._channels.pop(vm_id, None)
-        self._locks.pop(vm_id, None)
+    async def close(self, target: AgentTarget) -> None:
+        channel = self._channels.pop(target.endpoint, None)
+        self._locks.pop(target.endpoint, None)
         if channel:
             await channel.close()
 
     async def close_all(self) -> None:
-        for vm_id in list(self._channels):
-            await self.close(vm_id)
+        for channel in list(self._channels.values()):
+            await channel.close()
+        self._channels.clear()

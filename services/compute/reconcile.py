@@ -1,0 +1,81 @@
+"""adopt: what a starting compute service finds on its node, made to agree with its records.
+
+VMM processes outlive the compute service. At start every record of this node is checked: a VM whose VMM still
+runs and answers is adopted (watched again; a paused pool VM goes back into the pool); a dead, unresponsive or
+half-created one is marked FAILED, releasing what it held; a pool or template-build VM nobody was given is
+removed. VM directories and RAM files that no record names are deleted. Nothing orphaned, nothing forgotten.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import structlog
+
+from microvm.types.v1 import vm_pb2
+from services.common.errors import ServiceError
+from services.compute.lifecycle import VmLifecycle
+from services.compute.supervision import kill
+from services.compute.warm_pool import WarmStart
+
+log = structlog.get_logger()
+
+
+async def adopt(lifecycle: VmLifecycle, warm: WarmStart) -> dict[str, int]:
+    ledger, driver, processes = lifecycle.ledger, lifecycle.driver, lifecycle.processes
+    lifecycle.root.mkdir(parents=True, exist_ok=True)
+    lifecycle.ram_root.mkdir(parents=True, exist_ok=True)
+    counts = {"adopted": 0, "failed": 0, "orphans_removed": 0}
+    for vm in await ledger.load():
+        if vm.state in (vm_pb2.VM_STATE_STOPPED, vm_pb2.VM_STATE_FAILED):
+            continue  # nothing runs
+        directory = Path(vm.directory)
+        alive = processes.alive(vm)
+        status = None
+        if alive:
+            try:
+                status = await driver.status(directory)
+            except ServiceError:
+                status = None
+        if status and vm.state != vm_pb2.VM_STATE_CREATING:
+            vm.state = vm_pb2.VM_STATE_RUNNING if status == "running" else vm_pb2.VM_STATE_PAUSED
+            await ledger.save(vm)
+            processes.watch(vm)
+            counts["adopted"] += 1
+            if vm.pooled and vm.state == vm_pb2.VM_STATE_PAUSED:
+                warm.adopt(vm)
+        elif vm.pooled:
+            if alive:
+                kill(vm.pid)
+            await processes.destroy(vm)
+            await ledger.forget(vm)
+            counts["failed"] += 1
+        else:
+            # Dead, unresponsive, or caught half-created by our crash: it cannot be trusted.
+            if alive:
+                kill(vm.pid)
+            await processes.mark_failed(
+                vm,
+                "the VM was not running when the compute service restarted"
+                if not alive
+                else "the VM was not ready when the compute service restarted",
+            )
+            counts["failed"] += 1
+    known_directories = {Path(vm.directory) for vm in ledger.vms.values()}
+    for directory in lifecycle.root.iterdir():
+        if directory not in known_directories:
+            try:
+                pid = int(driver.paths(directory)["pid"].read_text())
+                if driver.owns_process(pid, directory):
+                    kill(pid)
+            except (OSError, ValueError):
+                pass
+            shutil.rmtree(directory, ignore_errors=True)
+            counts["orphans_removed"] += 1
+    known_ram = {vm.ram_path for vm in ledger.vms.values()}
+    for ram in lifecycle.ram_root.glob("*.ram"):
+        if str(ram) not in known_ram:
+            ram.unlink(missing_ok=True)
+    log.info("vms_adopted", **counts)
+    return counts

@@ -1,0 +1,248 @@
+"""VmSnapshots: freezing VMs into this node's snapshot store, and VMs restored from snapshots.
+
+A snapshot is frozen into `<state_dir>/compute/snapshots/<id>/` (device state, RAM or its file, the disk frozen
+at the same instant, the VM's configuration), then each file is uploaded as an artifact. A restore on any node
+materializes the snapshot there first: from the local copy when its files still match the record's hashes,
+otherwise fetched from the node's snapshot store, which gets missing chunks from a node that holds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from images.builder import BuiltImage
+from microvm.snapshot.v1 import snapshot_pb2
+from microvm.types.v1 import network_pb2 as network_types
+from microvm.types.v1 import vm_pb2
+from microvm.types.v1.snapshot_pb2 import SnapshotRecord
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.common import deadlines
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from services.compute.ledger import VM_ID, check_names, state_name
+from services.compute.lifecycle import VmLifecycle
+
+# Artifact name in the snapshot store -> file in a materialized snapshot.
+ARTIFACT_FILES = {
+    "memory": "memory.bin",
+    "devices": "devices.bin",
+    "ram": "ram",
+    "disk": "disk.qcow2",
+    "disk-tree": "disk.tar",
+    "vmm-state": "vmm-state.tar",
+    "config": "config.json",
+}
+UPLOAD_CHUNK = 1 << 20
+
+
+def hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
+    result = {}
+    for name, filename in files.items():
+        if not (directory / filename).exists():
+            continue
+        digest = hashlib.sha256()
+        with open(directory / filename, "rb") as f:
+            while block := f.read(UPLOAD_CHUNK * 4):
+                digest.update(block)
+        result[name] = {"sha256": digest.hexdigest(), "size": (directory / filename).stat().st_size}
+    return result
+
+
+async def upload(store, snapshot_id: str, name: str, path: Path) -> int:
+    async def requests():
+        yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id, name=name))
+        with open(path, "rb") as f:
+            while data := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
+                yield snapshot_pb2.PutArtifactRequest(data=data)
+
+    reply = await store.PutArtifact(requests(), timeout=deadlines.TRANSFER)
+    return reply.artifact.size_bytes
+
+
+async def download(store, snapshot_id: str, name: str, path: Path) -> None:
+    with open(path, "wb") as f:
+        request = snapshot_pb2.GetArtifactRequest(snapshot_id=snapshot_id, name=name)
+        async for chunk in store.GetArtifact(request, timeout=deadlines.TRANSFER):
+            await asyncio.to_thread(f.write, chunk.data)
+
+
+class VmSnapshots:
+    def __init__(self, lifecycle: VmLifecycle, snapshot_root: Path) -> None:
+        self.lifecycle = lifecycle
+        self.ledger, self.driver = lifecycle.ledger, lifecycle.driver
+        # Snapshots materialized on this node: frozen disk + memory, shared by every VM restored from them.
+        self.root = snapshot_root
+
+    async def snapshot(self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False) -> int:
+        """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored. With
+        `leave_paused` the VM stays paused afterwards (a migration: nothing may change after it)."""
+        vm = self.ledger.visible(vm_id)
+        if vm.state not in (vm_pb2.VM_STATE_RUNNING, vm_pb2.VM_STATE_PAUSED):
+            raise FailedPrecondition(
+                f"VM {vm_id} is {state_name(vm)}; only a running or paused VM can be snapshotted",
+                reason="VM_NOT_RUNNING",
+            )
+        if not VM_ID.match(snapshot_id):
+            raise InvalidArgument(f"snapshot_id {snapshot_id!r} must match {VM_ID.pattern}")
+        if leave_paused:
+            await self.lifecycle.set_paused(vm_id, True)
+        image = BuiltImage.at(Path(vm.image_dir))
+        target = self.root / snapshot_id
+        work = self.root / f".{snapshot_id}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            hashes = await self.freeze(vm, image, work)
+            total = 0
+            for name in hashes:
+                total += await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name])
+            shutil.rmtree(target, ignore_errors=True)
+            work.rename(target)
+            return total
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def freeze(self, vm: VmRecord, image: BuiltImage, out: Path) -> dict[str, dict]:
+        """The VM's state as files in `out` (with config.json and verified.json); returns their hashes."""
+        async with self.ledger.lock(vm.id):
+            snapshot_format = await self.driver.snapshot(vm, out, image.rootfs)
+        config = {
+            "template": vm.template,
+            "image_dir": vm.image_dir,
+            "vcpus": vm.vcpus,
+            "memory_mib": vm.memory_mib,
+            "boot_hostname": vm.boot_hostname or vm.hostname,
+            "vmm": vm.vmm,
+            "accel": vm.accel,
+            "format": snapshot_format,
+            "network": bool(vm.nic.tap_device),
+        }
+        (out / "config.json").write_text(json.dumps(config))
+        hashes = await asyncio.to_thread(hash_files, out, ARTIFACT_FILES)
+        (out / "verified.json").write_text(json.dumps(hashes))
+        return hashes
+
+    async def materialize(self, record: SnapshotRecord, store) -> Path:
+        """The snapshot's files on this node, fetched (verified) when they are not here yet."""
+        target = self.root / record.id
+        expected = {a.name: a.sha256 for a in record.artifacts}
+        async with self.ledger.lock(f"snapshot:{record.id}"):
+            try:
+                known = json.loads((target / "verified.json").read_text())
+                if all(
+                    known.get(name, {}).get("sha256") == sha
+                    and (target / ARTIFACT_FILES[name]).stat().st_size == known[name]["size"]
+                    for name, sha in expected.items()
+                ):
+                    return target
+            except (OSError, ValueError, KeyError):
+                pass
+            work = self.root / f".{record.id}.fetch"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                for name in expected:
+                    if name not in ARTIFACT_FILES:
+                        raise FailedPrecondition(
+                            f"snapshot {record.id} has an artifact {name!r} this node does not know",
+                            reason="UNKNOWN_ARTIFACT",
+                        )
+                    await download(store, record.id, name, work / ARTIFACT_FILES[name])
+                hashes = await asyncio.to_thread(hash_files, work, ARTIFACT_FILES)
+                for name, sha in expected.items():
+                    if hashes[name]["sha256"] != sha:
+                        raise DataLoss(
+                            f"artifact {name} of snapshot {record.id} arrived corrupt", reason="ARTIFACT_CORRUPT"
+                        )
+                (work / "verified.json").write_text(json.dumps(hashes))
+                shutil.rmtree(target, ignore_errors=True)
+                work.rename(target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return target
+
+    async def restore(
+        self,
+        vm_id: str,
+        record: SnapshotRecord,
+        hostname: str,
+        store,
+        policy: network_types.NetworkPolicy | None = None,
+    ) -> VmRecord:
+        """A new VM from a snapshot: its own disk overlay on the frozen disk, RAM loaded, then running."""
+        hostname = hostname or vm_id
+        check_names(vm_id, hostname)
+        frozen = await self.materialize(record, store)
+        return await self.restore_from(
+            frozen, vm_id, hostname, source_snapshot=record.id, start_method="snapshot-restore", policy=policy
+        )
+
+    async def restore_from(
+        self,
+        frozen: Path,
+        vm_id: str,
+        hostname: str,
+        source_snapshot: str = "",
+        start_method: str = "snapshot-restore",
+        pooled: bool = False,
+        policy: network_types.NetworkPolicy | None = None,
+    ) -> VmRecord:
+        config = json.loads((frozen / "config.json").read_text())
+        networked = self.lifecycle.network is not None
+        if config.get("network", False) != networked:
+            # The NIC is part of the frozen device state: it can only be restored where it exists too.
+            raise FailedPrecondition(
+                f"snapshot {frozen.name} was taken with networking {'on' if config.get('network') else 'off'}; "
+                f"this node has it {'on' if networked else 'off'}",
+                reason="NETWORKING_MISMATCH",
+            )
+        if config["accel"] != self.driver.accel or config["vmm"] != self.driver.name:
+            raise FailedPrecondition(
+                f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
+                f"this node runs {self.driver.name}/{self.driver.accel}",
+                reason="HYPERVISOR_MISMATCH",
+            )
+        image = self.image_of(config, frozen.name)
+        shared_ram = config.get("format") == "shared-ram"
+        vm = await self.lifecycle.admit(
+            vm_id,
+            config["template"],
+            config["vcpus"],
+            config["memory_mib"],
+            hostname,
+            image,
+            boot_hostname=config["boot_hostname"],
+            source_snapshot=source_snapshot,
+            ram_path=str(frozen / "ram") if shared_ram else "",
+            ram_shared=False,
+            start_method=start_method,
+            pooled=pooled,
+        )
+        return await self.lifecycle.boot(
+            vm, lambda directory: self.driver.restore(vm, image, directory, frozen), policy
+        )
+
+    def image_of(self, config: dict, snapshot: str) -> BuiltImage:
+        """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the
+        same name under any node's image cache), or the path the source node had."""
+        build = Path(config["image_dir"])
+        for directory in (self.lifecycle.image_root / config["template"] / build.name, build):
+            try:
+                return BuiltImage.at(directory)
+            except FileNotFoundError:
+                continue
+        raise FailedPrecondition(
+            f"cannot restore snapshot {snapshot}: image build {build.name} of template "
+            f"{config['template']!r} is not on node {self.ledger.node}",
+            reason="IMAGE_GONE",
+        )
+
+    def prune(self, live_snapshots: set[str]) -> None:
+        """Drops local snapshot copies that no record and no VM needs any more."""
+        in_use = {vm.source_snapshot for vm in self.ledger.vms.values()} | live_snapshots
+        for directory in self.root.glob("*") if self.root.exists() else []:
+            if not directory.name.startswith(".") and directory.name not in in_use:
+                shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""VmProcesses: the VMM process of each VM, watched and torn down.
+
+VMM processes are detached from the compute service (VMs outlive a compute restart), so they are watched with
+a pidfd, which works for processes that are not our children. One that exits unexpectedly marks its VM FAILED
+with the end of its console, and everything it held is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import structlog
+
+from microvm.types.v1 import vm_pb2
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.compute.ledger import VmLedger
+from services.compute.network_link import NetworkLink
+from services.compute.vmm import VmmDriver
+
+log = structlog.get_logger()
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class VmProcesses:
+    def __init__(self, ledger: VmLedger, driver: VmmDriver, network: NetworkLink | None) -> None:
+        self.ledger, self.driver, self.network = ledger, driver, network
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._deleting: set[str] = set()
+
+    def alive(self, vm: VmRecord) -> bool:
+        return bool(vm.pid) and self.driver.owns_process(vm.pid, Path(vm.directory))
+
+    def console_tail(self, vm: VmRecord, lines: int = 5) -> str:
+        try:
+            text = (Path(vm.directory) / "console.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no console output"
+        return " | ".join(text[-lines:]) or "no console output"
+
+    def watch(self, vm: VmRecord) -> None:
+        """Notices the VMM process of `vm` exiting."""
+        self.unwatch(vm.id)
+        self._watchers[vm.id] = asyncio.create_task(self._watch(vm.id, vm.pid), name=f"watch-{vm.id}")
+
+    def unwatch(self, vm_id: str) -> None:
+        watcher = self._watchers.pop(vm_id, None)
+        if watcher and watcher is not asyncio.current_task():
+            watcher.cancel()
+
+    async def _watch(self, vm_id: str, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        if fd is not None:
+            exited = loop.create_future()
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        vm = self.ledger.vms.get(vm_id)
+        if (
+            vm is None
+            or vm.pid != pid
+            or vm_id in self._deleting
+            or vm.state in (vm_pb2.VM_STATE_STOPPED, vm_pb2.VM_STATE_FAILED)
+        ):
+            return
+        await self.mark_failed(vm, f"the VMM process exited unexpectedly: {self.console_tail(vm, 3)}")
+
+    async def mark_failed(self, vm: VmRecord, message: str) -> None:
+        log.warning("vm_failed", vm=vm.id, message=message)
+        await self.destroy(vm)
+        vm.state, vm.pid, vm.failure_message = vm_pb2.VM_STATE_FAILED, 0, message
+        await self.ledger.save(vm)
+
+    async def destroy(self, vm: VmRecord, keep_disk: bool = False) -> None:
+        """Stops the VMM process and frees the VM's files (all of them, and its network attachment, unless
+        `keep_disk`)."""
+        self._deleting.add(vm.id)
+        try:
+            self.unwatch(vm.id)
+            directory = Path(vm.directory)
+            if not vm.pid:  # interrupted between starting the VMM and recording its pid
+                try:
+                    vm.pid = int(self.driver.paths(directory)["pid"].read_text())
+                except (OSError, ValueError):
+                    pass
+            if vm.pid and self.driver.owns_process(vm.pid, directory):
+                kill(vm.pid)
+                for _ in range(100):
+                    if not self.driver.owns_process(vm.pid, directory):
+                        break
+                    await asyncio.sleep(0.02)
+            if vm.ram_shared and vm.ram_path:
+                Path(vm.ram_path).unlink(missing_ok=True)  # its own RAM file, never a snapshot's
+            if keep_disk:
+                for name, path in self.driver.paths(directory).items():
+                    if name in ("agent", "qmp", "api", "pid"):
+                        path.unlink(missing_ok=True)
+            else:
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+                if self.network is not None:
+                    await self.network.detach(vm.id)
+        finally:
+            self._deleting.discard(vm.id)
+
+    def close(self) -> None:
+        """Stops watching; the VMs keep running for the next compute instance to adopt."""
+        for task in self._watchers.values():
+            task.cancel()
+        self._watchers.clear()

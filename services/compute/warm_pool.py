@@ -1,0 +1,138 @@
+"""WarmStart: turns a create into a resume (the pool) or a restore (template snapshots) instead of a boot.
+
+The pool keeps `warm_pool_size` restored, paused VMs per template, of the default size; a create of that size
+takes one (resumed and renamed: milliseconds), and the pool is refilled in the background. Other sizes restore
+from their template snapshot when there is one. `maintain` keeps both filled and current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import structlog
+
+from microvm.types.v1 import network_pb2 as network_types
+from microvm.types.v1 import vm_pb2
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.common.errors import ServiceError
+from services.compute.lifecycle import VmLifecycle
+from services.compute.snapshots import VmSnapshots
+from services.compute.templates import TemplateSnapshots
+
+log = structlog.get_logger()
+
+
+class WarmStart:
+    def __init__(self, lifecycle: VmLifecycle, snapshots: VmSnapshots, templates: TemplateSnapshots) -> None:
+        self.lifecycle, self.snapshots, self.templates = lifecycle, snapshots, templates
+        self.settings = lifecycle.settings
+        self.pool: dict[str, list[str]] = {}
+        self._task: asyncio.Task | None = None
+        self._claim_lock = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.template_snapshots and self.lifecycle.driver.supports_template_snapshots
+
+    async def start(
+        self,
+        vm_id: str,
+        template: str,
+        vcpus: int,
+        memory_mib: int,
+        hostname: str,
+        policy: network_types.NetworkPolicy | None,
+    ) -> VmRecord | None:
+        """The VM started warm, or None: the caller boots it cold."""
+        if not self.enabled:
+            return None
+        if (vcpus, memory_mib) == self.templates.default_size:
+            vm = await self.claim(template, vm_id, hostname, policy)
+            if vm is not None:
+                return vm
+        frozen = self.templates.frozen(template, vcpus, memory_mib)
+        if frozen is not None:
+            try:
+                return await self.snapshots.restore_from(
+                    frozen, vm_id, hostname, start_method="template-snapshot", policy=policy
+                )
+            except ServiceError as exc:
+                # A template snapshot that does not restore is not trusted again: boot cold, rebuild it.
+                log.warning("template_snapshot_restore_failed", template=template, error=exc.message)
+                self.templates.invalidate(template, vcpus, memory_mib)
+        self.templates.cold_booted(template, vcpus, memory_mib)
+        return None
+
+    def adopt(self, vm: VmRecord) -> None:
+        """A paused pool VM that survived a compute restart."""
+        self.pool.setdefault(vm.template, []).append(vm.id)
+
+    async def claim(
+        self, template: str, vm_id: str, hostname: str, policy: network_types.NetworkPolicy | None
+    ) -> VmRecord | None:
+        """Hands out a pooled VM as `vm_id`; None if none is ready."""
+        async with self._claim_lock:
+            candidates = self.pool.get(template, [])
+            while candidates:
+                pooled = self.lifecycle.ledger.vms.get(candidates.pop(0))
+                if pooled is None or pooled.state != vm_pb2.VM_STATE_PAUSED:
+                    continue
+                try:
+                    vm = await self.lifecycle.claim(pooled, vm_id, hostname, policy)
+                except ServiceError as exc:
+                    log.warning("warm_pool_claim_failed", vm=pooled.id, error=exc.message)
+                    continue
+                self.templates.changed.set()
+                return vm
+        self.templates.changed.set()
+        return None
+
+    async def _fill(self, template: str, frozen: Path) -> None:
+        while len(self.pool.setdefault(template, [])) < self.settings.warm_pool_size:
+            vm_id = f"pool-{uuid.uuid4().hex[:10]}"
+            await self.snapshots.restore_from(frozen, vm_id, vm_id, start_method="warm-pool", pooled=True)
+            # Under TCG each new VMM process translates guest code afresh: exercise the exec path now, not on the
+            # user's first command.
+            await self.templates.warm_up(vm_id)
+            await self.lifecycle.set_paused(vm_id, True)
+            self.pool[template].append(vm_id)
+
+    def start_upkeep(self, network_ready) -> None:
+        if self.enabled:
+            self._task = asyncio.create_task(self._maintain(network_ready), name="warm-start")
+
+    async def _maintain(self, network_ready) -> None:
+        # Every VM needs its TAP: building a template before the node's network service is up only fails.
+        await network_ready()
+        while True:
+            self.templates.changed.clear()
+            for template in self.lifecycle.templates():
+                try:
+                    frozen = self.templates.frozen(template)
+                    if frozen is None:
+                        await self.templates.build(template, *self.templates.default_size)
+                        frozen = self.templates.frozen(template)
+                    if frozen is not None and self.settings.warm_pool_size:
+                        await self._fill(template, frozen)
+                    for vcpus, memory_mib in self.templates.wanted(template)[1:]:
+                        if self.templates.frozen(template, vcpus, memory_mib) is None:
+                            await self.templates.build(template, vcpus, memory_mib)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("warm_start_upkeep_failed", template=template, error=str(exc))
+                    await asyncio.sleep(5)
+            try:
+                await asyncio.wait_for(self.templates.changed.wait(), timeout=30)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, 3)
+            except (asyncio.CancelledError, TimeoutError, Exception):
+                pass

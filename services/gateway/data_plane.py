@@ -1,0 +1,103 @@
+"""DataPlane: exec and file calls routed to the relay of the sandbox's node, with the caller's own messages.
+
+The gateway checks who may reach which sandbox and that it runs; what the call does is the relay's (it owns the
+guest channel). Nothing is re-declared or translated on the way: the relay serves the same methods of the public
+API. A stream is bound to its node: if the node's lease runs out mid-stream, the call ends UNAVAILABLE instead
+of hanging on a node nobody hears from. Cancellation and deadlines propagate to the relay, which kills the
+guest process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.errors import InvalidArgument, Unavailable
+from services.gateway.nodes import ClusterNodes
+from services.gateway.records import SandboxRecord
+from services.gateway.sandboxes import Sandboxes
+
+NODE_CHECK_SECONDS = 0.5
+
+
+class DataPlane:
+    def __init__(self, sandboxes: Sandboxes, nodes: ClusterNodes) -> None:
+        self.sandboxes, self.nodes = sandboxes, nodes
+
+    async def _guarded(self, record: SandboxRecord, call):
+        """Yields the relay call's responses while the sandbox's node stays alive."""
+        instance_key = self.nodes.compute_instance_key(record.node)
+        node_lost = asyncio.Event()
+
+        async def watch_node():
+            while any(i.key == instance_key for i in self.nodes.context.directory.instances("compute")):
+                await asyncio.sleep(NODE_CHECK_SECONDS)
+            node_lost.set()
+            call.cancel()
+
+        watcher = asyncio.create_task(watch_node())
+        responses = call.__aiter__()
+        try:
+            while True:
+                try:
+                    response = await responses.__anext__()
+                except StopAsyncIteration:
+                    return
+                except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                    if node_lost.is_set():
+                        break
+                    raise
+                yield response
+        finally:
+            watcher.cancel()
+            call.cancel()
+        raise Unavailable(
+            f"node {record.node} went away while the call ran; its process was stopped",
+            reason="NODE_UNAVAILABLE",
+            metadata={"node": record.node},
+        )
+
+    async def exec(self, request: api.ExecRequest, deadline: float | None):
+        record = await self.sandboxes.running(request.sandbox)
+        async for event in self._guarded(record, self.nodes.relay(record.node).Exec(request, timeout=deadline)):
+            yield event
+
+    async def exec_interactive(self, requests, deadline: float | None):
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("request") != "config":
+            raise InvalidArgument("the first ExecInteractive message must carry the config")
+        record = await self.sandboxes.running(first.config.sandbox)
+
+        async def upstream():
+            yield first
+            async for message in requests:
+                yield message
+
+        call = self.nodes.relay(record.node).ExecInteractive(upstream(), timeout=deadline)
+        async for event in self._guarded(record, call):
+            yield event
+
+    async def write_file(self, requests, deadline: float | None) -> api.WriteFileResponse:
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("request") != "header":
+            raise InvalidArgument("the first WriteFile message must carry the header")
+        record = await self.sandboxes.running(first.header.sandbox)
+
+        async def upstream():
+            yield first
+            async for message in requests:
+                yield message
+
+        return await self.nodes.relay(record.node).WriteFile(upstream(), timeout=deadline)
+
+    async def read_file(self, request: api.ReadFileRequest, deadline: float | None):
+        record = await self.sandboxes.running(request.sandbox)
+        async for chunk in self._guarded(record, self.nodes.relay(record.node).ReadFile(request, timeout=deadline)):
+            yield chunk
+
+    async def unary(self, method: str, request, deadline: float | None):
+        """ListDir, Stat, MakeDir, Remove: one request, one answer, from the sandbox's node."""
+        record = await self.sandboxes.running(request.sandbox)
+        return await getattr(self.nodes.relay(record.node), method)(request, timeout=deadline)

@@ -1,0 +1,135 @@
+"""GuestFiles: WriteFile, ReadFile, ListDir, Stat, MakeDir and Remove on a guest's agent channel.
+
+Writes go out only within the agent's credit (its buffer stays bounded by its window); reads grant credit
+back as gRPC takes each chunk. Paths are the guest's: the agent checks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from microvm.agent.v1 import agent_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.errors import InvalidArgument
+from services.relay.guest_io import failure, sandbox_id, to_file_info
+
+MAX_CHUNK = 1 << 20
+
+
+class GuestFiles:
+    def __init__(self, open_stream) -> None:
+        # vm id -> a new stream on that guest's channel.
+        self.open_stream = open_stream
+
+    async def _single(self, sandbox: str, **body) -> agent_pb2.FileResult:
+        stream = await self.open_stream(sandbox_id(sandbox))
+        try:
+            await stream.send(**body)
+            frame = await stream.receive()
+            if frame.WhichOneof("body") == "error":
+                raise failure(frame)
+            return frame.file_result
+        finally:
+            await stream.close(cancel=False)
+
+    async def write(self, requests) -> api.WriteFileResponse:
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("request") != "header":
+            raise InvalidArgument("the first WriteFile message must carry the header")
+        header = first.header
+        stream = await self.open_stream(sandbox_id(header.sandbox))
+        window = stream.channel.hello.initial_window if stream.channel.hello else 1 << 20
+        credit = {"bytes": window}
+        granted = asyncio.Event()
+
+        async def watch_agent() -> agent_pb2.Frame:
+            while True:
+                frame = await stream.receive()
+                if frame.WhichOneof("body") == "window_update":
+                    credit["bytes"] += frame.window_update.increment
+                    granted.set()
+                elif frame.WhichOneof("body") in ("file_write_done", "error"):
+                    return frame
+
+        watcher = asyncio.create_task(watch_agent())
+        finished = False
+        try:
+            await stream.send(
+                file_write_start=agent_pb2.FileWriteStart(
+                    path=header.path, mode=header.mode, make_parents=header.make_parents, append=header.append
+                )
+            )
+            async for message in requests:
+                if message.WhichOneof("request") != "data":
+                    raise InvalidArgument("only data messages may follow the WriteFile header")
+                data = message.data
+                if len(data) > MAX_CHUNK:
+                    raise InvalidArgument(f"a WriteFile chunk is at most {MAX_CHUNK} bytes")
+                # Send only within the agent's credit, so its buffer stays bounded by the window.
+                while credit["bytes"] < min(len(data), window) and not watcher.done():
+                    granted.clear()
+                    await asyncio.wait(
+                        [watcher, asyncio.ensure_future(granted.wait())], return_when=asyncio.FIRST_COMPLETED
+                    )
+                if watcher.done():
+                    break  # the agent failed early (e.g. missing parent): report that
+                credit["bytes"] -= len(data)
+                await stream.send(file_data=agent_pb2.FileData(data=data))
+            if not watcher.done():
+                await stream.send(file_data=agent_pb2.FileData(eof=True))
+            frame = await watcher
+            finished = True
+            if frame.WhichOneof("body") == "error":
+                raise failure(frame)
+            return api.WriteFileResponse(
+                file=to_file_info(frame.file_write_done.file), sha256=frame.file_write_done.sha256
+            )
+        finally:
+            watcher.cancel()
+            await stream.close(cancel=not finished)
+
+    async def read(self, request: api.ReadFileRequest):
+        if request.offset < 0 or request.length < 0:
+            raise InvalidArgument("offset and length must not be negative")
+        stream = await self.open_stream(sandbox_id(request.sandbox))
+        finished = False
+        try:
+            await stream.send(
+                file_read_start=agent_pb2.FileReadStart(path=request.path, offset=request.offset, length=request.length)
+            )
+            while True:
+                frame = await stream.receive()
+                kind = frame.WhichOneof("body")
+                if kind == "error":
+                    finished = True
+                    raise failure(frame)
+                if kind == "file_data":
+                    if frame.file_data.data:
+                        yield api.ReadFileResponse(data=frame.file_data.data)
+                        await stream.grant(len(frame.file_data.data))
+                    if frame.file_data.eof:
+                        finished = True
+                        return
+        finally:
+            await stream.close(cancel=not finished)
+
+    async def list_dir(self, request: api.ListDirRequest) -> api.ListDirResponse:
+        result = await self._single(request.sandbox, list_dir=agent_pb2.ListDirRequest(path=request.path))
+        return api.ListDirResponse(entries=[to_file_info(e) for e in result.entries])
+
+    async def stat(self, request: api.StatRequest) -> api.StatResponse:
+        result = await self._single(request.sandbox, stat=agent_pb2.StatRequest(path=request.path))
+        return api.StatResponse(file=to_file_info(result.entries[0]))
+
+    async def make_dir(self, request: api.MakeDirRequest) -> api.MakeDirResponse:
+        result = await self._single(
+            request.sandbox,
+            make_dir=agent_pb2.MakeDirRequest(path=request.path, parents=request.parents, mode=request.mode),
+        )
+        return api.MakeDirResponse(directory=to_file_info(result.entries[0]))
+
+    async def remove(self, request: api.RemoveRequest) -> api.RemoveResponse:
+        await self._single(
+            request.sandbox, remove=agent_pb2.RemoveRequest(path=request.path, recursive=request.recursive)
+        )
+        return api.RemoveResponse()

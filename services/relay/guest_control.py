@@ -1,0 +1,89 @@
+"""GuestControl: what the node's compute service asks of its guests, through the relay that owns their channels."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from microvm.agent.v1 import agent_pb2
+from microvm.relay.v1 import relay_pb2
+from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
+from services.relay.agent_channel import ChannelPool
+from services.relay.vms import NodeVms
+
+HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
+MAX_TIMEOUT_MS = 600_000
+
+
+def _seconds(timeout_ms: int, default: float) -> float:
+    if timeout_ms > MAX_TIMEOUT_MS:
+        raise InvalidArgument(f"timeout_ms must be at most {MAX_TIMEOUT_MS}")
+    return timeout_ms / 1000 if timeout_ms else default
+
+
+class GuestControl:
+    def __init__(self, vms: NodeVms, pool: ChannelPool, default_timeout: float) -> None:
+        self.vms, self.pool, self.default_timeout = vms, pool, default_timeout
+
+    async def wait_for_agent(self, vm_id: str, timeout_ms: int) -> relay_pb2.WaitForAgentResponse:
+        """Connects (again and again while the guest boots) until the agent answers, or the time is up."""
+        target = await self.vms.target(vm_id, running=False)
+        channel = await self.pool.get(target, timeout=_seconds(timeout_ms, self.default_timeout))
+        pong = await channel.ping(self.default_timeout)
+        return relay_pb2.WaitForAgentResponse(
+            uptime_seconds=pong.uptime_seconds,
+            mem_total_kib=pong.mem_total_kib,
+            mem_available_kib=pong.mem_available_kib,
+            boot_id=pong.boot_id,
+            hostname=pong.hostname,
+        )
+
+    async def configure_network(self, vm_id: str) -> None:
+        vm = await self.vms.get(vm_id)
+        if not vm.HasField("nic"):
+            raise FailedPrecondition(f"VM {vm_id} has no network attachment", reason="NO_ATTACHMENT")
+        channel = await self.pool.get(await self.vms.target(vm_id, running=False))
+        stream = channel.open_stream()
+        try:
+            await stream.send(
+                configure_network=agent_pb2.ConfigureNetwork(
+                    mac_address=vm.nic.mac_address,
+                    address_cidr=vm.nic.guest_cidr,
+                    gateway=vm.nic.gateway,
+                    dns_servers=vm.nic.dns_servers,
+                )
+            )
+            frame = await stream.receive(timeout=self.default_timeout)
+        finally:
+            await stream.close(cancel=False)
+        if frame.WhichOneof("body") == "error":
+            raise error_from_code(frame.error.code, f"VM {vm_id}: {frame.error.message}", reason="GUEST_NETWORK_FAILED")
+        if frame.WhichOneof("body") != "network_configured":
+            raise FailedPrecondition(
+                f"VM {vm_id}: the agent answered {frame.WhichOneof('body')} to configure_network",
+                reason="GUEST_NETWORK_FAILED",
+            )
+
+    async def set_identity(self, vm_id: str, hostname: str) -> None:
+        if not HOSTNAME.match(hostname):
+            raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
+        channel = await self.pool.get(await self.vms.target(vm_id, running=False))
+        await channel.send(
+            agent_pb2.Frame(stream_id=0, set_identity=agent_pb2.SetIdentity(hostname=hostname, entropy=os.urandom(64)))
+        )
+        await channel.ping(self.default_timeout)  # ordered after the identity change
+
+    async def run(self, vm_id: str, argv: list[str], timeout_ms: int) -> int:
+        if not argv:
+            raise InvalidArgument("argv must name a program")
+        channel = await self.pool.get(await self.vms.target(vm_id, running=False))
+        frame = await channel.run_to_exit(list(argv), timeout=_seconds(timeout_ms, self.default_timeout))
+        if frame.WhichOneof("body") == "error":
+            raise error_from_code(frame.error.code, f"VM {vm_id}: {frame.error.message}")
+        exited = frame.exec_exited
+        return -exited.signal if exited.signal else exited.exit_code
+
+    async def close(self, vm_id: str) -> None:
+        vm = self.vms.vms.get(vm_id)
+        if vm is not None:
+            await self.pool.close(await self.vms.target(vm_id, running=False))

@@ -1,0 +1,112 @@
+"""GuestProcesses: Exec and ExecInteractive on a guest's agent channel, as public ExecResponse events.
+
+Flow control end to end: the agent sends output within the credit the relay grants, and credit returns only
+once gRPC took the event, so a slow caller slows the guest process instead of filling memory. A cancelled
+call or a passed deadline kills the guest process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from microvm.agent.v1 import agent_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.errors import InvalidArgument
+from services.relay.agent_channel import AgentStream
+from services.relay.guest_io import exec_start, failure, sandbox_id
+
+KEEPALIVE_SECONDS = 10.0
+MAX_STDIN_CHUNK = 1 << 20
+MAX_EXEC_STDIN = 4 << 20
+OUTPUT_FIELD = {agent_pb2.OUTPUT_CHANNEL_STDOUT: "stdout", agent_pb2.OUTPUT_CHANNEL_STDERR: "stderr"}
+
+
+async def exec_events(stream: AgentStream):
+    """Agent frames of an exec stream as public ExecResponse events; grants credit as output is taken."""
+    while True:
+        try:
+            frame = await stream.receive(timeout=KEEPALIVE_SECONDS)
+        except TimeoutError:
+            yield api.ExecResponse(keepalive=api.Keepalive())
+            continue
+        kind = frame.WhichOneof("body")
+        if kind == "output":
+            yield api.ExecResponse(**{OUTPUT_FIELD.get(frame.output.channel, "stdout"): frame.output.data})
+            # Credit returns only once the event was handed to gRPC (which applies its own flow control).
+            await stream.grant(len(frame.output.data))
+        elif kind == "exec_started":
+            yield api.ExecResponse(started=api.ProcessStarted(pid=frame.exec_started.pid))
+        elif kind == "exec_exited":
+            exited = api.ProcessExited(timed_out=frame.exec_exited.timed_out)
+            if frame.exec_exited.signal:
+                exited.signal = frame.exec_exited.signal
+            else:
+                exited.exit_code = frame.exec_exited.exit_code
+            stream.closed = True
+            yield api.ExecResponse(exited=exited)
+            return
+        elif kind == "error":
+            stream.closed = True
+            raise failure(frame)
+
+
+async def send_stdin(stream: AgentStream, data: bytes) -> None:
+    for offset in range(0, len(data), MAX_STDIN_CHUNK):
+        await stream.send(stdin=agent_pb2.StdinData(data=data[offset : offset + MAX_STDIN_CHUNK]))
+    await stream.send(stdin=agent_pb2.StdinData(eof=True))
+
+
+class GuestProcesses:
+    def __init__(self, open_stream) -> None:
+        # vm id -> a new stream on that guest's channel.
+        self.open_stream = open_stream
+
+    async def exec(self, request: api.ExecRequest):
+        if len(request.stdin) > MAX_EXEC_STDIN:
+            raise InvalidArgument(f"stdin is limited to {MAX_EXEC_STDIN} bytes in Exec; use ExecInteractive")
+        start = exec_start(request.process, has_stdin=bool(request.stdin))
+        stream = await self.open_stream(sandbox_id(request.sandbox))
+        finished = False
+        try:
+            await stream.send(exec_start=start)
+            if request.stdin:
+                await send_stdin(stream, request.stdin)
+            async for event in exec_events(stream):
+                finished = event.HasField("exited")
+                yield event
+        finally:
+            # A cancelled call or a passed deadline lands here too: the guest process is killed.
+            await stream.close(cancel=not finished)
+
+    async def exec_interactive(self, requests):
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("request") != "config":
+            raise InvalidArgument("the first ExecInteractive message must carry the config")
+        start = exec_start(first.config.process, has_stdin=True)
+        stream = await self.open_stream(sandbox_id(first.config.sandbox))
+        finished = False
+
+        async def forward_input():
+            async for message in requests:
+                kind = message.WhichOneof("request")
+                if kind == "stdin":
+                    await stream.send(stdin=agent_pb2.StdinData(data=message.stdin))
+                elif kind == "close_stdin":
+                    await stream.send(stdin=agent_pb2.StdinData(eof=True))
+                elif kind == "resize":
+                    size = message.resize
+                    await stream.send(resize=agent_pb2.ResizeTerminal(cols=size.cols, rows=size.rows))
+                elif kind == "signal":
+                    await stream.send(signal=agent_pb2.SignalProcess(signal=message.signal))
+
+        forwarder = None
+        try:
+            await stream.send(exec_start=start)
+            forwarder = asyncio.create_task(forward_input())
+            async for event in exec_events(stream):
+                finished = event.HasField("exited")
+                yield api.ExecInteractiveResponse(event=event)
+        finally:
+            if forwarder:
+                forwarder.cancel()
+            await stream.close(cancel=not finished)

@@ -1,0 +1,58 @@
+"""A real etcd for tests that need one without a whole stack: its own data dir and free loopback ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalEtcd:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.client_port, peer = free_port(), free_port()
+        self.endpoint = f"127.0.0.1:{self.client_port}"
+        self.process = subprocess.Popen(
+            [
+                shutil.which("etcd") or "etcd",
+                "--name",
+                "test",
+                "--data-dir",
+                str(directory / "etcd"),
+                "--listen-client-urls",
+                f"http://{self.endpoint}",
+                "--advertise-client-urls",
+                f"http://{self.endpoint}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"test=http://127.0.0.1:{peer}",
+                "--log-level",
+                "error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(directory / "etcd.log", "ab"),
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"etcd did not start: {(directory / 'etcd.log').read_text()[-1000:]}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)

@@ -1,0 +1,135 @@
+"""Placement: which node a sandbox goes to, and that two deciders never oversubscribe a node."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from microvm.types.v1 import node_pb2
+from microvm.types.v1 import sandbox_pb2 as sandbox_types
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.records import NODES, Records
+from services.gateway.nodes import ClusterNodes, NodeView
+from services.gateway.placement import SandboxPlacement, choose
+from services.gateway.records import SandboxStore
+
+
+def node(
+    name: str,
+    alive: bool = True,
+    vcpus: int = 8,
+    memory: int = 8192,
+    labels=None,
+    templates=("default",),
+    warm=(),
+    cordoned: bool = False,
+    sandboxes=(),
+) -> NodeView:
+    record = node_pb2.NodeRecord(
+        name=name,
+        labels=labels or {},
+        templates=templates,
+        capacity=node_pb2.NodeCapacity(vcpus=vcpus, memory_mib=memory, max_vcpus_per_vm=8, max_memory_mib_per_vm=8192),
+        template_snapshots=[node_pb2.TemplateSnapshotRef(template=t, vcpus=1, memory_mib=256) for t in warm],
+    )
+    view = NodeView(name, record, node_pb2.NodeControl(cordoned=cordoned), alive)
+    for sandbox in sandboxes:
+        view.sandboxes.append(sandbox)
+        view.vcpus_allocated += sandbox.vcpus
+        view.memory_mib_allocated += sandbox.memory_mib
+    return view
+
+
+def sandbox(tenant: str = "t1", vcpus: int = 1, memory: int = 256, template: str = "default", selector=None):
+    return sandbox_types.SandboxRecord(
+        id=f"sbx-{uuid.uuid4().hex[:8]}",
+        tenant=tenant,
+        vcpus=vcpus,
+        memory_mib=memory,
+        template=template,
+        node_selector=selector or {},
+    )
+
+
+def views(*nodes: NodeView) -> dict[str, NodeView]:
+    return {n.name: n for n in nodes}
+
+
+def test_the_node_with_more_room_wins():
+    assert choose(views(node("a", memory=4096), node("b", memory=8192)), sandbox()) == "b"
+
+
+def test_a_node_holding_the_template_snapshot_is_preferred_at_equal_room():
+    assert choose(views(node("a"), node("b", warm=("default",))), sandbox()) == "b"
+
+
+def test_a_tenants_sandboxes_spread_over_the_nodes():
+    mine = [sandbox("t1") for _ in range(2)]
+    theirs = [sandbox("t2") for _ in range(2)]
+    assert choose(views(node("a", sandboxes=mine), node("b", sandboxes=theirs)), sandbox("t1")) == "b"
+
+
+def test_labels_select_nodes():
+    cluster = views(node("a", labels={"zone": "x"}), node("b", labels={"zone": "y"}, memory=2048))
+    assert choose(cluster, sandbox(selector={"zone": "y"})) == "b"
+    with pytest.raises(FailedPrecondition, match="zone=z"):
+        choose(cluster, sandbox(selector={"zone": "z"}))
+
+
+def test_lost_cordoned_and_full_nodes_are_skipped():
+    full = node("full", vcpus=1, sandboxes=[sandbox()])
+    assert (
+        choose(
+            views(
+                node("lost", alive=False, memory=99999),
+                node("cordoned", cordoned=True, memory=99999),
+                full,
+                node("ok", memory=1024),
+            ),
+            sandbox(),
+        )
+        == "ok"
+    )
+
+
+@pytest.mark.parametrize(
+    "cluster,request_,error",
+    [
+        (views(), sandbox(), Unavailable),
+        (views(node("a", alive=False)), sandbox(), Unavailable),
+        (views(node("a")), sandbox(template="nope"), NotFound),
+        (views(node("a")), sandbox(vcpus=64), InvalidArgument),
+        (views(node("a", cordoned=True)), sandbox(), FailedPrecondition),
+        (views(node("a", vcpus=2, sandboxes=[sandbox(vcpus=2)])), sandbox(), ResourceExhausted),
+    ],
+)
+def test_why_nothing_fits_is_said_with_the_right_status(cluster, request_, error):
+    with pytest.raises(error):
+        choose(cluster, request_)
+
+
+async def test_concurrent_placements_never_oversubscribe_a_node(etcd):
+    """Ten deciders at once on one node that has room for four: exactly four placed, each record naming it."""
+    name = f"solo-{uuid.uuid4().hex[:6]}"
+    records = Records(etcd)
+    await records.put(NODES, node(name, vcpus=4, memory=4096).record, name)
+    nodes = ClusterNodes(
+        SimpleNamespace(etcd=etcd, directory=SimpleNamespace(instances=lambda kind: [SimpleNamespace(node=name)]))
+    )
+    store = SandboxStore(etcd)
+    deciders = [SandboxPlacement(nodes, store) for _ in range(10)]
+
+    async def place(decider):
+        request = sandbox(tenant=f"race-{name}")
+        try:
+            return await decider.place(request)
+        except ResourceExhausted:
+            return None
+
+    placed = await asyncio.gather(*(place(d) for d in deciders))
+    assert placed.count(name) == 4 and placed.count(None) == 6
+    on_node = [r for r in await store.list(every_tenant=True) if r.node == name]
+    assert sum(r.vcpus for r in on_node) == 4
