@@ -76,6 +76,7 @@ integration-test: deps protos images ## tests against whole stacks and real gues
 bench: deps protos images
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.network
+	$(BIN)/python -m bench.cluster
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)

@@ -19,7 +19,7 @@ import yaml
 
 from services.common.pki import TLS_CHANNEL_OPTIONS, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
-from services.supervisor.stack import SERVICE_KINDS, check_stack_health
+from services.supervisor.stack import ROLES, SERVICE_KINDS, check_stack_health
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,7 @@ class LocalStack:
     etcd_endpoint: str
     gateway_address: str
     process: subprocess.Popen
+    kinds: tuple[str, ...] = SERVICE_KINDS
     admin_key: str = ""
 
     @property
@@ -79,7 +80,11 @@ class LocalStack:
 
 
 def start_stack(
-    state_dir: Path, extra_config: dict | None = None, timeout: float = 60, netns: str | None = None
+    state_dir: Path,
+    extra_config: dict | None = None,
+    timeout: float = 60,
+    netns: str | None = None,
+    role: str = "all",
 ) -> LocalStack:
     """The supervisor with a fresh config; inside network namespace `netns` when given (tests/netns.py)."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +121,9 @@ def start_stack(
             str(state_dir),
             "--config",
             str(config_path),
+            "--role",
+            role,
+            *(["--etcd"] if role != "all" else []),
         ],
         stdout=log,
         stderr=log,
@@ -125,7 +133,7 @@ def start_stack(
     # Reached over loopback even when extra_config binds them to every address.
     gateway_address = f"127.0.0.1:{config['gateway']['listen'].rpartition(':')[2]}"
     etcd_endpoint = f"127.0.0.1:{config['supervisor']['etcd_client_port']}"
-    stack = LocalStack(state_dir, config_path, etcd_endpoint, gateway_address, process)
+    stack = LocalStack(state_dir, config_path, etcd_endpoint, gateway_address, process, kinds=ROLES[role])
     if netns:
         from tests.netns import run_in
 
@@ -149,7 +157,7 @@ def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
                 f"supervisor exited {process.returncode}: {(state_dir / 'supervisor-test.log').read_text()[-2000:]}"
             )
         report = stack.health()
-        if all(report.get(kind) == "SERVING" for kind in SERVICE_KINDS) and stack.admin_key_path.exists():
+        if all(report.get(kind) == "SERVING" for kind in stack.kinds) and stack.admin_key_path.exists():
             stack.admin_key = stack.admin_key_path.read_text().strip()
             return stack
         time.sleep(0.2)

@@ -185,16 +185,13 @@ class Sandboxes:
         return await self.view(await self.start(record, create_vm))
 
     async def start(self, record: SandboxRecord, start_vm: StartVm) -> SandboxRecord:
-        """Holds the tenant's quota, places the sandbox (its record is created naming the node), starts its VM with
-        `start_vm(node)`, marks it RUNNING. A failure at any step removes what was made: nothing half-made survives."""
+        """Places the sandbox (its record is created naming the node, the tenant's quota held once a node was found),
+        starts its VM with `start_vm(node)`, marks it RUNNING. A failure at any step removes what was made: nothing
+        half-made survives."""
         reservation = f"sandbox-{record.id}"
-        await self.quotas.reserve(
-            record.tenant,
-            reservation,
-            auth_types.QuotaAmount(sandboxes=1, vcpus=record.vcpus, memory_mib=record.memory_mib),
-        )
+        amount = auth_types.QuotaAmount(sandboxes=1, vcpus=record.vcpus, memory_mib=record.memory_mib)
         try:
-            node = await self.placement.place(record)
+            node = await self.placement.place(record, lambda: self.quotas.reserve(record.tenant, reservation, amount))
         except BaseException:
             await self.quotas.release(record.tenant, reservation)
             raise

@@ -176,9 +176,15 @@ class SnapshotOps:
         return record
 
     async def restore_into_new_sandbox(
-        self, snapshot: SnapshotRecord, labels, timeout_seconds: int, policy: network_types.NetworkPolicy
+        self,
+        snapshot: SnapshotRecord,
+        labels,
+        timeout_seconds: int,
+        policy: network_types.NetworkPolicy,
+        node_selector=None,
     ) -> sandbox_pb2.Sandbox:
-        """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`."""
+        """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`, on whichever
+        node placement picks (that node fetches the snapshot if it does not hold it)."""
         sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
         record = self.sandboxes.new_record(
             sandbox_id,
@@ -188,6 +194,7 @@ class SnapshotOps:
             labels,
             timeout_seconds,
             policy,
+            node_selector,
             source_snapshot=snapshot.id,
         )
 
@@ -201,12 +208,15 @@ class SnapshotOps:
 
     async def restore(self, request: api.RestoreSnapshotRequest) -> sandbox_pb2.Sandbox:
         validate_labels(request.sandbox.labels)
+        validate_labels(request.sandbox.node_selector, "node selector", most=16)
         timeout = self.sandboxes.timeout_seconds(
             request.sandbox.timeout if request.sandbox.HasField("timeout") else None
         )
         policy = self.sandboxes.checked_policy(request.sandbox.network_policy)
         snapshot = await self.verified(parse_name(request.snapshot, "snapshots"))
-        return await self.restore_into_new_sandbox(snapshot, request.sandbox.labels, timeout, policy)
+        return await self.restore_into_new_sandbox(
+            snapshot, request.sandbox.labels, timeout, policy, request.sandbox.node_selector
+        )
 
     async def fork(self, request: api.ForkSandboxRequest) -> api.ForkSandboxResponse:
         count = request.count or 1
@@ -216,9 +226,12 @@ class SnapshotOps:
         source = await self.sandboxes.store.get(parse_name(request.name))
         snapshot = await self.take(request.name, {"forked-from": source.id})
         snapshot = await self.verified(snapshot.id, snapshot)
+        # Clones go where their source may go (its node selector), not necessarily to its node.
         results = await asyncio.gather(
             *(
-                self.restore_into_new_sandbox(snapshot, request.labels, source.timeout_seconds, source.network_policy)
+                self.restore_into_new_sandbox(
+                    snapshot, request.labels, source.timeout_seconds, source.network_policy, source.node_selector
+                )
                 for _ in range(count)
             ),
             return_exceptions=True,

@@ -86,8 +86,17 @@ class StackSupervisor:
         return env
 
     def _etcd_command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.settings.etcd_client_port}"
-        listen = f"http://{self.settings.etcd_listen_host}:{self.settings.etcd_client_port}"
+        port, host = self.settings.etcd_client_port, self.settings.etcd_listen_host
+        client = f"http://127.0.0.1:{port}"
+        # Always on loopback (this host's services); also on `etcd_listen_host` for the other hosts' services.
+        listen = (
+            client
+            if host in ("127.0.0.1", "localhost")
+            else f"http://{host}:{port}"
+            if host in ("0.0.0.0", "::")
+            else f"{client},http://{host}:{port}"
+        )
+        advertise = client if host in ("127.0.0.1", "localhost", "0.0.0.0", "::") else f"http://{host}:{port}"
         peer = f"http://127.0.0.1:{self.settings.etcd_peer_port}"
         return [
             self.settings.etcd_binary,
@@ -98,7 +107,7 @@ class StackSupervisor:
             "--listen-client-urls",
             listen,
             "--advertise-client-urls",
-            client,
+            advertise,
             "--listen-peer-urls",
             peer,
             "--initial-advertise-peer-urls",

@@ -1,6 +1,6 @@
 """`mvm`: the command line for MicroVM Sandbox.
 
-    mvm create [--template T] [--vcpus N] [--memory MiB] [--timeout S] [--label k=v]
+    mvm create [--template T] [--vcpus N] [--memory MiB] [--timeout S] [--label k=v] [--node-selector k=v]
     mvm ls [--filter labels.k=v]
     mvm get ID
     mvm exec ID [--env K=V] [--cwd DIR] [--user U] [--timeout S] [--tty] -- CMD...
@@ -12,6 +12,7 @@
     mvm restore SNAPSHOT                       (a new sandbox from a snapshot)
     mvm fork ID [-n COUNT]                     (snapshot + COUNT independent clones)
     mvm snapshots [--sandbox ID]               (lineage as a tree)
+    mvm nodes [get|cordon|uncordon|drain NODE] (the cluster's hosts; operators, see `mvm nodes -h`)
 
 The gateway address comes from --gateway or $MVM_GATEWAY (default 127.0.0.1:50051). `exec` and `run`
 stream output live and exit with the remote process's status (128+N when killed by signal N).
@@ -33,6 +34,7 @@ from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox import Client, Exited, NotFoundError, Sandbox, SandboxError, Stderr, Stdout
 from microvm_sandbox.aio import default_api_key
+from mvm_cli.nodes import add_node_commands, run_nodes
 
 
 def name_of(sandbox_id: str) -> str:
@@ -130,6 +132,7 @@ class Cli:
             labels=parse_pairs(args.label, "label"),
             egress=args.egress,
             allow=args.allow or (),
+            node_selector=parse_pairs(args.node_selector, "node selector"),
             client=self.client,
         )
 
@@ -294,6 +297,12 @@ def add_create_options(parser) -> None:
     parser.add_argument("--memory", type=int, default=256, help="MiB")
     parser.add_argument("--timeout", type=int, default=0, help="sandbox lifetime in seconds (default 600)")
     parser.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    parser.add_argument(
+        "--node-selector",
+        action="append",
+        metavar="KEY=VALUE",
+        help="place only on a node with this label (repeatable)",
+    )
     add_egress_options(parser)
 
 
@@ -348,12 +357,15 @@ def main(argv: list[str] | None = None) -> None:
     add_egress_options(egress)
     snapshots = sub.add_parser("snapshots", help="list snapshots as a lineage tree")
     snapshots.add_argument("--sandbox", default="", help="only snapshots of this sandbox")
+    add_node_commands(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "command") and args.command and args.command[0] == "--":
         args.command = args.command[1:]
     if args.verb in ("exec", "run") and not args.command:
         parser.error("a command is required after --")
     cli = Cli(args.gateway)
+    if args.verb == "nodes":
+        sys.exit(run_nodes(args, connect(args.gateway, cli.key)))
     try:
         if args.verb == "create":
             print(cli.create(args).id)

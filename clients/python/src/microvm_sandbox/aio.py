@@ -172,11 +172,14 @@ class AsyncClient:
         )
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
-    async def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
+    async def call(
+        self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None, stub: Any = None
+    ) -> Any:
+        """`method(request)` on the SandboxService (or on `stub`, e.g. the admin NodeService)."""
         attempt = 0
         while True:
             try:
-                return await getattr(self.stub, method)(
+                return await getattr(stub or self.stub, method)(
                     request, metadata=self.metadata, timeout=timeout or self.timeout
                 )
             except grpc.aio.AioRpcError as error:
@@ -234,17 +237,24 @@ class AsyncSandbox:
         labels: dict[str, str] | None = None,
         egress: str | None = None,
         allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
         client: AsyncClient | None = None,
         **connect: Any,
     ) -> _Creating:
-        """A new sandbox. `egress`/`allow`: outbound network policy, see `egress_policy` (default: none)."""
+        """A new sandbox. `egress`/`allow`: outbound network policy, see `egress_policy` (default: none).
+        `node_selector`: node labels it must be placed on, e.g. {"zone": "a"} (default: any node)."""
         policy = egress_policy(egress, allow)
 
         async def make() -> AsyncSandbox:
             own = client is None
             active = client or AsyncClient(**connect)
             sandbox = sandbox_pb2.Sandbox(
-                template=template, vcpus=vcpus, memory_mib=memory_mib, labels=labels or {}, network_policy=policy
+                template=template,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                labels=labels or {},
+                network_policy=policy,
+                node_selector=node_selector or {},
             )
             if timeout:
                 sandbox.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))

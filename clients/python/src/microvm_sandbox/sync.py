@@ -94,6 +94,7 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         egress: str | None = None,
         allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
         client: Client | None = None,
         **connect: Any,
     ) -> Sandbox:
@@ -108,6 +109,7 @@ class Sandbox:
                 labels=labels,
                 egress=egress,
                 allow=allow,
+                node_selector=node_selector,
                 client=client.aio if client else None,
                 **connect,
             )
