@@ -45,7 +45,12 @@ class LocalStack:
         return self.state_dir / "admin.key"
 
     def health(self, detailed: bool = False) -> dict[str, str]:
-        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed, pki_dir=self.state_dir / "pki"))
+        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed, pki_dir=self.pki_dir))
+
+    @property
+    def pki_dir(self) -> Path:
+        configured = yaml.safe_load(self.config_path.read_text()).get("pki_dir")
+        return Path(configured) if configured else self.state_dir / "pki"
 
     def registered(self) -> list[ServiceInstance]:
         """Every service instance registered in etcd right now."""
@@ -64,7 +69,7 @@ class LocalStack:
 
     def internal_channel(self, address: str) -> grpc.Channel:
         """A channel to an internal service, presenting the operator's certificate (mutual TLS)."""
-        identity = load_identity(self.state_dir / "pki", "operator")
+        identity = load_identity(self.pki_dir, "operator")
         return grpc.secure_channel(address, identity.channel_credentials(), options=TLS_CHANNEL_OPTIONS)
 
     def log(self, name: str) -> str:
@@ -85,8 +90,10 @@ def start_stack(
     timeout: float = 60,
     netns: str | None = None,
     role: str = "all",
+    etcd_endpoint: str | None = None,
 ) -> LocalStack:
-    """The supervisor with a fresh config; inside network namespace `netns` when given (tests/netns.py)."""
+    """The supervisor with a fresh config; inside network namespace `netns` when given (tests/netns.py). With
+    `etcd_endpoint`, it joins that etcd (another stack's) instead of running its own."""
     state_dir.mkdir(parents=True, exist_ok=True)
     etcd_port = free_port()
     gateway_port = free_port()
@@ -99,6 +106,8 @@ def start_stack(
         # Retention runs only when a test asks (CollectGarbage), so tests see exactly what they caused.
         "snapshot": {"keep_last_per_sandbox": 3, "gc_interval_seconds": 3600},
     }
+    if etcd_endpoint:
+        config["etcd_endpoints"] = [etcd_endpoint]
     for section, values in (extra_config or {}).items():
         if isinstance(values, dict):
             config.setdefault(section, {}).update(values)
@@ -123,7 +132,7 @@ def start_stack(
             str(config_path),
             "--role",
             role,
-            *(["--etcd"] if role != "all" else []),
+            *(["--no-etcd"] if etcd_endpoint else ["--etcd"] if role != "all" else []),
         ],
         stdout=log,
         stderr=log,
@@ -132,7 +141,7 @@ def start_stack(
     )
     # Reached over loopback even when extra_config binds them to every address.
     gateway_address = f"127.0.0.1:{config['gateway']['listen'].rpartition(':')[2]}"
-    etcd_endpoint = f"127.0.0.1:{config['supervisor']['etcd_client_port']}"
+    etcd_endpoint = etcd_endpoint or f"127.0.0.1:{config['supervisor']['etcd_client_port']}"
     stack = LocalStack(state_dir, config_path, etcd_endpoint, gateway_address, process, kinds=ROLES[role])
     if netns:
         from tests.netns import run_in
@@ -157,7 +166,12 @@ def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
                 f"supervisor exited {process.returncode}: {(state_dir / 'supervisor-test.log').read_text()[-2000:]}"
             )
         report = stack.health()
-        if all(report.get(kind) == "SERVING" for kind in stack.kinds) and stack.admin_key_path.exists():
+        serving = all(report.get(kind) == "SERVING" for kind in stack.kinds) and stack.admin_key_path.exists()
+        # Its own gateway, not another stack's on the same etcd.
+        if serving and (
+            "gateway" not in stack.kinds
+            or any(i.kind == "gateway" and i.address == stack.gateway_address for i in stack.registered())
+        ):
             stack.admin_key = stack.admin_key_path.read_text().strip()
             return stack
         time.sleep(0.2)

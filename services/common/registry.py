@@ -272,12 +272,14 @@ class ServiceDirectory:
     def instances(self, kind: str) -> list[ServiceInstance]:
         return sorted((i for i in self._instances.values() if i.kind == kind), key=lambda i: i.instance_id)
 
-    def newest(self, kind: str, node: str | None = None) -> ServiceInstance:
-        """The most recently started instance of `kind` (on `node`, for per-node services); a restarted
-        one may overlap its predecessor's registration until that lease expires."""
+    def newest(self, kind: str, node: str | None = None, avoid: set[str] | frozenset = frozenset()) -> ServiceInstance:
+        """The most recently started instance of `kind` (on `node`, for per-node services), preferring those whose
+        keys are not in `avoid` (instances a caller just failed to reach); a restarted one may overlap its
+        predecessor's registration until that lease expires."""
         from services.common.errors import Unavailable
 
         instances = [i for i in self.instances(kind) if node is None or i.node == node]
+        instances = [i for i in instances if i.key not in avoid] or instances
         if not instances:
             where = "" if node is None else f" on node {node}"
             raise Unavailable(

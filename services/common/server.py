@@ -146,19 +146,24 @@ class ServiceContext(Generic[S]):
         retry_for: float,
         retryable: Callable[[BaseException], bool] = never_reached,
     ) -> T:
-        """`invoke(stub)` on the newest instance of `kind` (on `node`), tried again on whatever instance is newest
-        then, for up to `retry_for` seconds, while the failure is one of a restart (`retryable`): a killed instance
-        stays registered until its lease ends, its successor registers when it is ready."""
+        """`invoke(stub)` on the newest instance of `kind` (on `node`); when it fails as a dead instance does
+        (`retryable`: it never reached a server), on the newest of the others (a replica), and again for up to
+        `retry_for` seconds: a killed instance stays registered until its lease ends, its successor registers when
+        it is ready."""
         from services.common.errors import Unavailable
 
         deadline = asyncio.get_running_loop().time() + retry_for
+        failed: set[str] = set()
         while True:
+            instance = self.directory.newest(kind, node, avoid=failed)
             try:
-                return await invoke(stub_class(self.channel(self.directory.newest(kind, node).address)))
+                return await invoke(stub_class(self.channel(instance.address)))
             except (grpc.aio.AioRpcError, Unavailable) as exc:
                 if not retryable(exc) or asyncio.get_running_loop().time() > deadline:
                     raise
-                await asyncio.sleep(0.2)
+                if instance.key in failed:  # every instance failed once: wait for a successor
+                    await asyncio.sleep(0.2)
+                failed.add(instance.key)
 
     def every(self, seconds: float, work: Callable[[], Awaitable[None]], name: str) -> None:
         """Runs `work` every `seconds` in the background until shutdown; a failure is logged, not fatal."""

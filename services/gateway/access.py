@@ -23,6 +23,7 @@ from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
 from services.auth.permissions import MUTATING
+from services.common import deadlines
 from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated
 
 log = structlog.get_logger()
@@ -89,17 +90,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self.buckets: dict[str, TokenBucket] = {}
         self._pending: set[asyncio.Task] = set()
 
-    def _auth(self) -> auth_pb2_grpc.AuthServiceStub:
-        return auth_pb2_grpc.AuthServiceStub(self.context.channel(self.context.directory.newest("auth").address))
+    async def _on_auth(self, invoke):
+        """`invoke(stub)` on an auth replica; one that is gone is skipped for another (never reached: safe)."""
+        return await self.context.on_newest(
+            "auth", None, auth_pb2_grpc.AuthServiceStub, invoke, retry_for=deadlines.RESTART_WAIT
+        )
 
     async def _admit(self, method: str, metadata) -> auth_pb2.Principal:
         header = dict(metadata or ()).get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthenticated("send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL")
-        principal = (
-            await self._auth().Authenticate(auth_pb2.AuthenticateRequest(credential=credential.strip()), timeout=5)
-        ).principal
+        request = auth_pb2.AuthenticateRequest(credential=credential.strip())
+        principal = (await self._on_auth(lambda auth: auth.Authenticate(request, timeout=deadlines.QUICK))).principal
         # The permission matrix is the auth service's own module: checking it here saves a round trip
         # on every call, and both sides always agree.
         if method in permissions.NODE_ADMIN and principal.tenant not in self.operator_tenants:
@@ -124,14 +127,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
     async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
         try:
-            await self._auth().RecordAuditEvent(
-                auth_pb2.RecordAuditEventRequest(
-                    event=auth_types.AuditEvent(
-                        tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
-                    )
-                ),
-                timeout=5,
+            request = auth_pb2.RecordAuditEventRequest(
+                event=auth_types.AuditEvent(
+                    tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
+                )
             )
+            await self._on_auth(lambda auth: auth.RecordAuditEvent(request, timeout=deadlines.QUICK))
         except Exception as exc:  # the call happened; a lost audit entry is logged loudly
             log.error("audit_record_failed", method=method, target=target, error=str(exc))
 

@@ -302,3 +302,40 @@ def test_three_node_mvm_lists_cordons_and_pins_to_nodes(cluster):
         assert "node=n3" in mvm("get", sandbox_id).stdout
     finally:
         mvm("rm", sandbox_id)
+
+
+def test_three_node_a_killed_gateway_and_auth_replica_leave_the_others_serving(cluster, tmp_path_factory):
+    import os
+    import signal
+
+    from tests.stack import start_stack
+
+    second = start_stack(
+        tmp_path_factory.mktemp("control-2"),
+        {"pki_dir": str(cluster.control.state_dir / "pki"), "auth": {"listen": f"{cluster.gateway_ip}:0"}},
+        role="control",
+        etcd_endpoint=cluster.control.etcd_endpoint,
+    )
+    try:
+        other = Gateway(second.gateway_address, cluster.control.admin_key)  # keys and records are cluster-wide
+        sandbox = cluster.gateway.create()
+        registered = cluster.control.registered()
+        # The first stack's replicas: its gateway (the address the fixture uses) and the older auth.
+        first = {
+            "gateway": next(
+                i for i in registered if i.kind == "gateway" and i.address == cluster.control.gateway_address
+            ),
+            "auth": min((i for i in registered if i.kind == "auth"), key=lambda i: i.started),
+        }
+        for instance in first.values():
+            os.kill(instance.pid, signal.SIGKILL)
+        assert set(first) == {"gateway", "auth"}
+        assert other.exec(sandbox.name, ["echo", "carried on"]).stdout == b"carried on\n"
+        created = other.create()
+        assert created.state == sandbox_pb2.SANDBOX_STATE_RUNNING
+        other.delete(created.name)
+        other.delete(sandbox.name)
+    finally:
+        second.stop()
+        # The first replicas were restarted by their supervisor; later tests use the first gateway.
+        assert wait_for(lambda: cluster.control.health().get("gateway") == "SERVING", timeout=30)
