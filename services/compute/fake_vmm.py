@@ -24,6 +24,7 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition, Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
+MAX_UNIX_PATH = 107
 
 
 class FakeVmmDriver:
@@ -47,6 +48,11 @@ class FakeVmmDriver:
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
         p = self.paths(directory)
+        if len(str(p["agent"])) > MAX_UNIX_PATH:
+            raise FailedPrecondition(
+                f"socket path {p['agent']} is longer than a unix socket allows; use a shorter state_dir",
+                reason="STATE_DIR_TOO_LONG",
+            )
         if not p["disk"].exists():
             for sub in ("root", "tmp", "etc"):
                 (p["disk"] / sub).mkdir(parents=True, exist_ok=True)

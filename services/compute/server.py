@@ -23,6 +23,7 @@ from services.compute.node_record import NodeReporter, parse_labels
 from services.compute.reconcile import adopt
 from services.compute.snapshots import VmSnapshots
 from services.compute.supervision import VmProcesses
+from services.compute.template_exchange import TemplateExchange
 from services.compute.templates import TemplateSnapshots
 from services.compute.vmm import VmmDriver
 from services.compute.warm_pool import WarmStart
@@ -72,7 +73,9 @@ class ComputeNode:
         )
         self.snapshots = VmSnapshots(self.lifecycle, root / "snapshots")
         self.templates = TemplateSnapshots(self.lifecycle, self.snapshots, root / "templates")
-        self.warm = WarmStart(self.lifecycle, self.snapshots, self.templates)
+        self.warm = WarmStart(
+            self.lifecycle, self.snapshots, self.templates, TemplateExchange(self.templates, self.snapshot_store)
+        )
         self.lifecycle.warm = self.warm
         self.reporter = NodeReporter(
             Records(context.etcd),

@@ -128,33 +128,33 @@ class TemplateSnapshots:
             await lifecycle.boot(vm, lambda d: lifecycle.driver.launch(vm, image, d))
             await self.warm_up(vm_id)
             await self.snapshots.freeze(vm, image, work)
-            facts = {}
-            for path in work.iterdir():
-                if path.is_file() and path.name not in ("verified.json", ".complete"):
-                    facts[path.name] = {
-                        "size": path.stat().st_size,
-                        "sha256": "" if path.name in SIZE_ONLY else _digest(path),
-                    }
-            (work / "verified.json").write_text(json.dumps(facts))
-            (work / ".complete").touch()
-            shutil.rmtree(directory, ignore_errors=True)
-            work.rename(directory)
-            build = image.directory.name
-            for stale in directory.parent.iterdir():  # older image builds of this template, any size
-                if not stale.name.startswith((".", build)) and not self._in_use(stale):
-                    shutil.rmtree(stale, ignore_errors=True)
-            log.info(
-                "template_snapshot_built",
-                template=template,
-                vcpus=vcpus,
-                memory_mib=memory_mib,
-                directory=str(directory),
-            )
-            self.changed.set()
+            self.install(work, template, vcpus, memory_mib, image.directory.name)
+            log.info("template_snapshot_built", template=template, vcpus=vcpus, memory_mib=memory_mib)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if vm_id in lifecycle.ledger.vms:
                 await lifecycle.delete(vm_id)
+
+    def install(self, work: Path, template: str, vcpus: int, memory_mib: int, build: str) -> Path:
+        """Makes the frozen files in `work` the template snapshot of that size (checked on every use from now on)
+        and drops those of older image builds that no VM maps."""
+        directory = self.directory(template, vcpus, memory_mib)
+        facts = {}
+        for path in work.iterdir():
+            if path.is_file() and path.name not in ("verified.json", ".complete"):
+                facts[path.name] = {
+                    "size": path.stat().st_size,
+                    "sha256": "" if path.name in SIZE_ONLY else _digest(path),
+                }
+        (work / "verified.json").write_text(json.dumps(facts))
+        (work / ".complete").touch()
+        shutil.rmtree(directory, ignore_errors=True)
+        work.rename(directory)
+        for stale in directory.parent.iterdir():  # older image builds of this template, any size
+            if not stale.name.startswith((".", build)) and not self._in_use(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.changed.set()
+        return directory
 
     def _in_use(self, directory: Path) -> bool:
         return any(vm.ram_path.startswith(str(directory)) for vm in self.lifecycle.ledger.vms.values())

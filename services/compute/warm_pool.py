@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import grpc
 import structlog
 
 from microvm.types.v1 import network_pb2 as network_types
@@ -19,14 +20,21 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import ServiceError
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
+from services.compute.template_exchange import TemplateExchange
 from services.compute.templates import TemplateSnapshots
 
 log = structlog.get_logger()
 
 
 class WarmStart:
-    def __init__(self, lifecycle: VmLifecycle, snapshots: VmSnapshots, templates: TemplateSnapshots) -> None:
-        self.lifecycle, self.snapshots, self.templates = lifecycle, snapshots, templates
+    def __init__(
+        self,
+        lifecycle: VmLifecycle,
+        snapshots: VmSnapshots,
+        templates: TemplateSnapshots,
+        exchange: TemplateExchange | None = None,
+    ) -> None:
+        self.lifecycle, self.snapshots, self.templates, self.exchange = lifecycle, snapshots, templates, exchange
         self.settings = lifecycle.settings
         self.pool: dict[str, list[str]] = {}
         self._task: asyncio.Task | None = None
@@ -99,6 +107,19 @@ class WarmStart:
             await self.lifecycle.set_paused(vm_id, True)
             self.pool[template].append(vm_id)
 
+    async def _obtain(self, template: str, vcpus: int, memory_mib: int) -> None:
+        """A template snapshot of that size: fetched from a node that published one, else built here and
+        published for the others."""
+        if self.exchange is not None:
+            try:
+                if await self.exchange.fetch(template, vcpus, memory_mib):
+                    return
+            except (ServiceError, grpc.aio.AioRpcError) as exc:
+                log.warning("template_snapshot_fetch_failed", template=template, error=str(exc))
+        await self.templates.build(template, vcpus, memory_mib)
+        if self.exchange is not None:
+            await self.exchange.publish(template, vcpus, memory_mib)
+
     def start_upkeep(self, network_ready) -> None:
         if self.enabled:
             self._task = asyncio.create_task(self._maintain(network_ready), name="warm-start")
@@ -112,13 +133,13 @@ class WarmStart:
                 try:
                     frozen = self.templates.frozen(template)
                     if frozen is None:
-                        await self.templates.build(template, *self.templates.default_size)
+                        await self._obtain(template, *self.templates.default_size)
                         frozen = self.templates.frozen(template)
                     if frozen is not None and self.settings.warm_pool_size:
                         await self._fill(template, frozen)
                     for vcpus, memory_mib in self.templates.wanted(template)[1:]:
                         if self.templates.frozen(template, vcpus, memory_mib) is None:
-                            await self.templates.build(template, vcpus, memory_mib)
+                            await self._obtain(template, vcpus, memory_mib)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -84,7 +86,8 @@ class NodeUnderTest:
 
 
 async def start_node(tmp_path, etcd_server, etcd, **compute) -> NodeUnderTest:
-    node = InProcessNode(etcd_server.endpoint, tmp_path / "state")
+    # A short state dir: agent sockets live under it, and a unix socket path has at most 107 bytes.
+    node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvmn-")))
     images = fake_image_root(tmp_path / "images")
     node.settings["compute"] = {
         "vmm": "fake",
@@ -235,3 +238,33 @@ async def test_a_second_compute_for_the_same_node_refuses_to_start(node):
 
     with pytest.raises(NodeTaken, match="already runs a compute service"):
         await node.node.start_duplicate("compute")
+
+
+async def test_a_node_fetches_the_template_snapshot_another_node_published(tmp_path, etcd_server, etcd):
+    from services.common.records import SNAPSHOTS
+
+    first = await start_node(tmp_path / "first", etcd_server, etcd, warm_pool_size=0)
+    second = None
+    try:
+
+        async def published():
+            for stored in await Records(etcd).list(SNAPSHOTS):
+                record = stored.message
+                if record.source_sandbox == "template:default" and first.node.node in record.holder_nodes:
+                    return record
+
+        record = await until(published)
+        second = await start_node(tmp_path / "second", etcd_server, etcd, warm_pool_size=1)
+
+        async def fetched():
+            current = (await Records(etcd).get(SNAPSHOTS, record.id)).message
+            return second.node.node in current.holder_nodes
+
+        await until(fetched)
+        await until(second.pool_ready)
+        vm = (await second.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="from-shared"), timeout=30)).vm
+        assert vm.start_method == "warm-pool"
+    finally:
+        for node in (first, second):
+            if node is not None:
+                await node.node.stop_all()

@@ -16,9 +16,10 @@ import signal
 import socket
 import sys
 
-from microvm_agent import agent as agent_module
+from microvm_agent import files as agent_files
 from microvm_agent import system
-from microvm_agent.agent import Agent, read_fd, writev_fd
+from microvm_agent.agent import Agent
+from microvm_agent.streams import read_fd, writev_fd
 
 PORT_NAME = "microvm.agent"
 VSOCK_PORT = 1024
@@ -115,7 +116,7 @@ async def run(args) -> None:
     is_init = os.getpid() == 1
     agent = Agent(is_init=is_init, simulated=bool(args.root))
     if args.root:
-        agent_module.PATH_ROOT = os.path.realpath(args.root)
+        agent_files.PATH_ROOT = os.path.realpath(args.root)
         agent.simulated_hostname = args.hostname or agent.simulated_hostname
         agent.own_uts = args.own_uts
         if args.own_uts:

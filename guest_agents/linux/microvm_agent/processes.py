@@ -1,0 +1,252 @@
+"""Process: a program started for one exec stream, its output pumped within the host's credit."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import pty
+import pwd
+import shutil
+import signal
+import struct
+import subprocess
+import termios
+from typing import TYPE_CHECKING
+
+from microvm.agent.v1 import agent_pb2
+from microvm_agent.files import real
+from microvm_agent.streams import (
+    DEFAULT_ENV,
+    DRAIN_AFTER_EXIT_SECONDS,
+    F_SETPIPE_SZ,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    OUTPUT_CHUNK,
+    PERMISSION_DENIED,
+    PIPE_BYTES,
+    Credit,
+    StreamError,
+    read_fd,
+    wait_readable,
+    write_fd,
+)
+
+if TYPE_CHECKING:
+    from microvm_agent.agent import Agent
+
+
+class Process:
+    """A process started for one exec stream."""
+
+    def __init__(self, agent: Agent, stream_id: int, start: agent_pb2.ExecStart) -> None:
+        self.agent = agent
+        self.stream_id = stream_id
+        self.start = start
+        self.credit = Credit(agent.initial_window)
+        self.popen: subprocess.Popen | None = None
+        self.exit_status: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.timed_out = False
+        self.stdin_fd: int | None = None
+        self.pty_master: int | None = None
+        self.stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        # Signals that arrived before the process existed: delivered right after it starts.
+        self.early_signals: list[int] = []
+
+    def _spawn(self) -> list[int]:
+        start = self.start
+        if not start.argv:
+            raise StreamError(INVALID_ARGUMENT, "argv is empty")
+        argv = ["/bin/sh", "-c", " ".join(start.argv)] if start.shell else list(start.argv)
+        user = None
+        if start.user and start.user not in ("root", "0"):
+            try:
+                user = pwd.getpwuid(int(start.user)) if start.user.isdigit() else pwd.getpwnam(start.user)
+            except KeyError:
+                raise StreamError(INVALID_ARGUMENT, f"no such user {start.user!r}") from None
+        home = user.pw_dir if user else "/root"
+        env = dict(DEFAULT_ENV, HOME=home, USER=user.pw_name if user else "root")
+        if start.pty:
+            env["TERM"] = "xterm-256color"
+        env.update(start.env)
+        cwd = real(start.cwd or home)
+        if not os.path.isdir(cwd):
+            if start.cwd:
+                raise StreamError(NOT_FOUND, f"working directory {start.cwd} does not exist")
+            cwd = real("/")
+        if shutil.which(argv[0], path=env["PATH"]) is None and "/" not in argv[0]:
+            raise StreamError(NOT_FOUND, f"{argv[0]}: command not found")
+
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        # Without a preexec function subprocess can use vfork, which under emulation is many times
+        # cheaper than forking the agent: only the rare pty case pays for one.
+        identity = {}
+        if user:
+            identity = {
+                "user": user.pw_uid,
+                "group": user.pw_gid,
+                "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
+            }
+
+        parent_fds: list[int] = []
+        if start.pty:
+            master, slave = pty.openpty()
+            self._set_size(master, start.cols or 80, start.rows or 24)
+            self.pty_master = master
+            stdin = stdout = stderr = slave
+        else:
+            stdin = subprocess.PIPE if start.stdin else subprocess.DEVNULL
+            stdout = stderr = subprocess.PIPE
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=take_terminal if start.pty else None,
+                **identity,
+            )
+        except FileNotFoundError:
+            raise StreamError(NOT_FOUND, f"{argv[0]}: no such file") from None
+        except PermissionError:
+            raise StreamError(PERMISSION_DENIED, f"{argv[0]}: permission denied") from None
+        finally:
+            if start.pty:
+                os.close(slave)
+        self.agent.children[self.popen.pid] = self
+        if start.pty:
+            os.set_blocking(self.pty_master, False)
+            self.stdin_fd = self.pty_master
+            parent_fds.append(self.pty_master)
+        else:
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                os.set_blocking(pipe.fileno(), False)
+                try:  # bigger pipes: fewer reads and frames for bulk output
+                    fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+                except OSError:
+                    pass
+                parent_fds.append(pipe.fileno())
+            if self.popen.stdin:
+                os.set_blocking(self.popen.stdin.fileno(), False)
+                self.stdin_fd = self.popen.stdin.fileno()
+        return parent_fds
+
+    @staticmethod
+    def _set_size(fd: int, cols: int, rows: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def run(self) -> None:
+        fds = self._spawn()
+        self.agent.send(self.stream_id, exec_started=agent_pb2.ExecStarted(pid=self.popen.pid))
+        for signum in self.early_signals:
+            self.kill(signum)
+        if self.start.timeout_ms:
+            asyncio.get_running_loop().call_later(self.start.timeout_ms / 1000, self._on_timeout)
+        channels = (
+            [agent_pb2.OUTPUT_CHANNEL_STDOUT]
+            if self.pty_master is not None
+            else [agent_pb2.OUTPUT_CHANNEL_STDOUT, agent_pb2.OUTPUT_CHANNEL_STDERR]
+        )
+        pumps = [asyncio.create_task(self._pump(fd, channel)) for fd, channel in zip(fds, channels, strict=True)]
+        if self.stdin_fd is not None:
+            self.tasks.append(asyncio.create_task(self._feed_stdin()))
+        status = await self.exit_status
+        # Let the pipes drain, but not forever: a background child may keep them open.
+        done, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_SECONDS)
+        if pending and self.credit.available > 0:
+            done, pending = await asyncio.wait(pending, timeout=DRAIN_AFTER_EXIT_SECONDS)
+        for task in pending:
+            task.cancel()
+        for task in self.tasks:
+            task.cancel()
+        self._close_fds()
+        exited = agent_pb2.ExecExited(timed_out=self.timed_out)
+        if os.WIFSIGNALED(status):
+            exited.signal = os.WTERMSIG(status)
+        else:
+            exited.exit_code = os.WEXITSTATUS(status)
+        self.agent.send(self.stream_id, exec_exited=exited)
+
+    async def _pump(self, fd: int, channel: int) -> None:
+        while True:
+            # Credit is taken only once data is waiting: a quiet stdout must not starve a busy stderr.
+            await wait_readable(fd)
+            allowed = await self.credit.take(OUTPUT_CHUNK)
+            data = await read_fd(fd, allowed)
+            if len(data) < allowed:
+                self.credit.grant(allowed - len(data))
+            if not data:
+                return
+            self.agent.send(self.stream_id, output=agent_pb2.Output(channel=channel, data=data))
+
+    async def _feed_stdin(self) -> None:
+        while True:
+            data = await self.stdin_queue.get()
+            if data is None:
+                if self.pty_master is None:
+                    os.close(self.stdin_fd)
+                    self.popen.stdin = None
+                else:
+                    await write_fd(self.stdin_fd, b"\x04")  # ^D: end of input for the terminal
+                self.stdin_fd = None
+                return
+            try:
+                await write_fd(self.stdin_fd, data)
+            except (BrokenPipeError, OSError):
+                return
+
+    def _close_fds(self) -> None:
+        if self.pty_master is not None:
+            try:
+                os.close(self.pty_master)
+            except OSError:
+                pass
+        if self.popen:
+            for pipe in (self.popen.stdout, self.popen.stderr, self.popen.stdin):
+                try:
+                    if pipe:
+                        pipe.close()
+                except OSError:
+                    pass
+
+    def _on_timeout(self) -> None:
+        if not self.exit_status.done():
+            self.timed_out = True
+            self.kill(signal.SIGKILL)
+
+    def kill(self, signum: int) -> None:
+        if self.popen and not self.exit_status.done():
+            try:
+                os.killpg(self.popen.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def handle(self, frame: agent_pb2.Frame) -> None:
+        body = frame.WhichOneof("body")
+        if body == "stdin":
+            if frame.stdin.data:
+                self.stdin_queue.put_nowait(frame.stdin.data)
+            if frame.stdin.eof:
+                self.stdin_queue.put_nowait(None)
+        elif body == "signal":
+            if self.popen is None:
+                self.early_signals.append(frame.signal.signal)
+            elif not self.exit_status.done():
+                try:
+                    os.killpg(self.popen.pid, frame.signal.signal)
+                except (ProcessLookupError, OSError):
+                    pass
+        elif body == "resize":
+            if self.pty_master is not None:
+                self._set_size(self.pty_master, frame.resize.cols or 80, frame.resize.rows or 24)
+            else:  # not started yet: start at this size
+                self.start.cols, self.start.rows = frame.resize.cols, frame.resize.rows
+        elif body == "window_update":
+            self.credit.grant(frame.window_update.increment)
