@@ -21,6 +21,7 @@ import structlog
 from microvm.types.v1 import node_pb2, service_pb2
 from services.common.config import ConfigError, parse_address
 from services.common.records import NODE_LOCKS, SERVICES, Records
+from services.common.tasks import cancel_and_wait, process_alive
 
 SERVICES_PREFIX = SERVICES.prefix
 log = structlog.get_logger()
@@ -68,19 +69,6 @@ class ServiceInstance:
         )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class NodeTaken(ConfigError):
     """Another live instance already serves this kind on this node."""
 
@@ -119,7 +107,7 @@ class ServiceRegistration:
             if holder is None:
                 continue
             lock = holder.message
-            if lock.hostname == socket.gethostname() and not _process_alive(lock.pid):
+            if lock.hostname == socket.gethostname() and not process_alive(lock.pid):
                 log.info("node_lock_taken_over", node=self.instance.node, kind=self.instance.kind, pid=lock.pid)
                 await records.transaction(
                     compare=[records.unchanged(NODE_LOCKS, holder.revision, *parts)],
@@ -208,12 +196,7 @@ class ServiceRegistration:
                 log.warning("registration_refresh_failed", key=self.instance.key, error=str(exc))
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self._lease is not None:
             try:
                 await asyncio.wait_for(self._lease.revoke(), timeout=2)
@@ -296,9 +279,4 @@ class ServiceDirectory:
         return self.instances(kind)
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)

@@ -31,6 +31,7 @@ from services.common.config import CommonSettings, ConfigError, load_config
 from services.common.errors import ErrorMappingInterceptor
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client
+from services.common.tasks import cancel_and_wait
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -179,15 +180,7 @@ class ServiceContext(Generic[S]):
                     log.exception("periodic_work_failed", work=name)
 
         task = asyncio.create_task(loop(), name=name)
-
-        async def stop() -> None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-        self.on_shutdown.append(stop)
+        self.on_shutdown.append(lambda: cancel_and_wait(task))
 
     async def close_channels(self) -> None:
         for channel in self._channels.values():

@@ -16,6 +16,7 @@ import structlog
 from microvm.agent.v1 import agent_pb2
 from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode
 from services.common.errors import Unavailable
+from services.common.tasks import cancel_and_wait
 
 log = structlog.get_logger()
 
@@ -235,12 +236,7 @@ class AgentChannel:
             self._writer.close()
 
     async def close(self) -> None:
-        if self._reader_task:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._reader_task)
         self._fail("channel closed by the relay")
 
 

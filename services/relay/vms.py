@@ -14,6 +14,7 @@ import structlog
 from microvm.types.v1 import vm_pb2
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.records import VMS, RecordCorrupt, Records
+from services.common.tasks import cancel_and_wait
 from services.relay.agent_channel import HYBRID_VSOCK, VIRTIO_SERIAL, AgentTarget
 
 log = structlog.get_logger()
@@ -105,9 +106,4 @@ class NodeVms:
         return target_of(vm)
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError, load_config
 from services.common.settings import SupervisorSettings
+from services.common.tasks import process_alive
 from services.supervisor.stack import ROLES, StackSupervisor, check_stack_health
 
 
@@ -34,26 +35,12 @@ def _load(args):
     return state_dir, config
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def _read_pid(state_dir: Path) -> int | None:
     try:
         pid = int((state_dir / "supervisor.pid").read_text())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 def _endpoints(args, config) -> list[str]:
@@ -134,9 +121,9 @@ def cmd_stop(args) -> int:
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _pid_alive(pid):
+    if process_alive(pid):
         print(f"supervisor {pid} did not stop in {args.timeout}s; killing its process group", file=sys.stderr)
         os.killpg(pid, signal.SIGKILL)
     print("stopped")

@@ -1,0 +1,32 @@
+"""Small process and task helpers every service needs the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancels an owned background task and waits until it has stopped; whatever it raised is its own business
+    (it was being stopped)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie does not: it is gone for every purpose of ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
