@@ -20,6 +20,10 @@ VM_START = 300.0
 SNAPSHOT = 600.0
 # Moving snapshot artifacts or chunks between a node's compute and stores.
 TRANSFER = 600.0
+# An HTTP/JSON request turned into a call on the gateway's own gRPC port: as long as the slowest public call
+# (a restore of a large snapshot); a streamed one (exec output, a file) as long as a long-running process.
+PUBLIC_CALL = 600.0
+PUBLIC_STREAM = 3600.0
 # How long a call that could not reach a restarting instance is retried on its successor.
 RESTART_WAIT = 10.0
 

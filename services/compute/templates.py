@@ -20,6 +20,7 @@ import structlog
 
 from images.builder import BuiltImage
 from microvm.types.v1 import node_pb2
+from services.common import deadlines
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
 
@@ -113,7 +114,7 @@ class TemplateSnapshots:
         """Runs the exec path in the guest, so what it touches is already in the page cache (and under TCG,
         already translated) when a user's first command comes."""
         for argv in WARM_UP_COMMANDS:
-            await self.lifecycle.guests.run(vm_id, argv, timeout=30)
+            await self.lifecycle.guests.run(vm_id, argv, timeout=deadlines.GUEST)
 
     async def build(self, template: str, vcpus: int, memory_mib: int) -> None:
         directory = self.directory(template, vcpus, memory_mib)

@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 
 from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common import deadlines
 
 # Every service the gateway serves over gRPC, served over HTTP too.
 SERVICES = (api.DESCRIPTOR.services_by_name["SandboxService"], nodes_pb2.DESCRIPTOR.services_by_name["NodeService"])
@@ -171,11 +172,11 @@ class HttpGateway:
         call = self._callable(route.method)
         try:
             if not route.method.server_streaming:
-                reply = await call(message, metadata=metadata, timeout=600)
+                reply = await call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL)
                 return web.json_response(json_format.MessageToDict(reply))
             if route.method.name == "ReadFile":
-                return await self._read_file(request, call(message, metadata=metadata, timeout=600))
-            return await self._stream_events(request, call(message, metadata=metadata, timeout=3600))
+                return await self._read_file(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL))
+            return await self._stream_events(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_STREAM))
         except grpc.aio.AioRpcError as error:
             return error_response(error)
 
@@ -239,7 +240,7 @@ class HttpGateway:
                 yield api.WriteFileRequest(data=chunk)
 
         try:
-            reply = await self._callable(route.method)(messages(), metadata=metadata, timeout=600)
+            reply = await self._callable(route.method)(messages(), metadata=metadata, timeout=deadlines.PUBLIC_CALL)
         except grpc.aio.AioRpcError as error:
             return error_response(error)
         return web.json_response(json_format.MessageToDict(reply))
