@@ -74,6 +74,9 @@ class ComputeSettings(ServiceSettings):
     # for at most this many sizes per template.
     size_demand_threshold: int = 2
     extra_template_sizes: int = 3
+    # A VM whose sandbox has named no longer this node for this many seconds (deleted while the node was away,
+    # or moved off by a migration that could not remove it) is deleted; 0 keeps such VMs.
+    orphan_grace_seconds: float = 300.0
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 

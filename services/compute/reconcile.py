@@ -9,12 +9,14 @@ removed. VM directories and RAM files that no record names are deleted. Nothing 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import structlog
 
 from microvm.types.v1 import vm_pb2
 from services.common.errors import ServiceError
+from services.common.records import SANDBOXES
 from services.compute.lifecycle import VmLifecycle
 from services.compute.supervision import kill
 from services.compute.warm_pool import WarmStart
@@ -79,3 +81,35 @@ async def adopt(lifecycle: VmLifecycle, warm: WarmStart) -> dict[str, int]:
             ram.unlink(missing_ok=True)
     log.info("vms_adopted", **counts)
     return counts
+
+
+class OrphanReaper:
+    """Deletes VMs whose sandbox no longer names this node: deleted while the node was away (the gateway could not
+    reach it), or left behind by a migration that switched the sandbox to another node and could not remove the
+    old VM. A VM counts as an orphan only after `grace` seconds without a sandbox record naming this node, so a
+    VM being created or migrated here (its record still names its source) is never touched."""
+
+    def __init__(self, lifecycle: VmLifecycle, grace: float) -> None:
+        self.lifecycle, self.grace = lifecycle, grace
+        self.records = lifecycle.ledger.records
+        self._since: dict[str, float] = {}
+
+    async def sweep(self) -> list[str]:
+        if self.grace <= 0:
+            return []
+        sandboxes = {s.message.id: s.message.node for s in await self.records.list(SANDBOXES)}
+        now, reaped = time.monotonic(), []
+        owned = {vm.id for vm in self.lifecycle.ledger.owned()}
+        for vm_id in owned:
+            if sandboxes.get(vm_id) == self.lifecycle.node:
+                self._since.pop(vm_id, None)
+                continue
+            first_seen = self._since.setdefault(vm_id, now)
+            if now - first_seen >= self.grace:
+                log.warning("orphan_vm_deleted", vm=vm_id, sandbox_node=sandboxes.get(vm_id, ""))
+                await self.lifecycle.delete(vm_id)
+                self._since.pop(vm_id, None)
+                reaped.append(vm_id)
+        for vm_id in set(self._since) - owned:
+            self._since.pop(vm_id)
+        return reaped

@@ -20,7 +20,7 @@ from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
 from services.compute.network_link import NetworkLink
 from services.compute.node_record import NodeReporter, parse_labels
-from services.compute.reconcile import adopt
+from services.compute.reconcile import OrphanReaper, adopt
 from services.compute.snapshots import VmSnapshots
 from services.compute.supervision import VmProcesses
 from services.compute.template_exchange import TemplateExchange
@@ -179,6 +179,8 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
             pass
 
     context.every(5.0, report, "node-record")
+    reaper = OrphanReaper(node.lifecycle, context.settings.orphan_grace_seconds)
+    context.every(max(1.0, min(30.0, context.settings.orphan_grace_seconds / 4)), reaper.sweep, "orphan-vms")
     context.registration_metadata.update(vmm=driver.name, accel=driver.accel, hypervisor_reason=reason)
     context.on_shutdown.append(node.close)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(node), server)

@@ -315,10 +315,14 @@ class Sandboxes:
         await self.destroy(await self.store.get(parse_name(name)))
 
     async def destroy(self, record: SandboxRecord) -> None:
-        """Frees everything a sandbox holds; the record goes last so a failure can be retried."""
+        """Frees everything a sandbox holds; the record goes last so a failure can be retried. A sandbox whose node
+        is lost goes all the same: that node's compute deletes the VM when it returns and finds no sandbox naming
+        it (compute.orphan_grace_seconds)."""
         record.state = sandbox_types.SANDBOX_RECORD_STATE_DELETING
         await self.store.put(record)
-        if record.node:
+        if record.node and not self.nodes.alive(record.node):
+            log.warning("sandbox_deleted_while_its_node_is_away", sandbox=record.id, node=record.node)
+        elif record.node:
             try:
                 delete = compute_pb2.DeleteVmRequest(vm_id=record.id)
                 await self.nodes.on_compute(record.node, lambda c: c.DeleteVm(delete, timeout=deadlines.VM_CHANGE))
@@ -330,8 +334,7 @@ class Sandboxes:
         log.info("sandbox_deleted", sandbox=record.id)
 
     async def reap_expired(self) -> None:
-        """Deletes sandboxes whose timeout passed (and retries deletions that failed). A sandbox on a lost node
-        waits: its VM may still run there, and deleting the record would orphan it."""
+        """Deletes sandboxes whose timeout passed (and retries deletions that failed)."""
         now = time.time()
         for record in await self.store.list(every_tenant=True):
             stuck = (
@@ -339,8 +342,6 @@ class Sandboxes:
                 and record.update_time.ToSeconds() < now - 30
             )
             if record.expire_time.ToSeconds() > now and not stuck:
-                continue
-            if record.node and not self.nodes.alive(record.node):
                 continue
             if record.state == sandbox_types.SANDBOX_RECORD_STATE_MIGRATING:
                 continue  # the drain that moves it owns it until it lands

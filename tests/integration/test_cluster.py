@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.records import SNAPSHOTS, Records
+from services.common.records import SNAPSHOTS, VMS, Records
 from services.common.registry import etcd_client
 from tests.cluster import Cluster
 from tests.guests import Gateway
@@ -26,7 +27,7 @@ LABELS = {"n1": ["zone=a"], "n2": ["zone=b"], "n3": ["zone=c"]}
 def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        cluster.start(compute={"vmm": "fake", "warm_pool_size": 1}, node_labels=LABELS)
+        cluster.start(compute={"vmm": "fake", "warm_pool_size": 1, "orphan_grace_seconds": 2}, node_labels=LABELS)
         cluster.gateway = Gateway(cluster.control.gateway_address, cluster.control.admin_key)
         cluster.admin = nodes_pb2_grpc.NodeServiceStub(cluster.gateway.channel)
         yield cluster
@@ -131,6 +132,20 @@ def test_three_node_snapshot_on_one_node_restores_and_forks_on_the_others(cluste
     finally:
         for sandbox in [*clones, source]:
             gateway.delete(sandbox.name)
+
+
+def vm_record(cluster, node: str, vm_id: str):
+    import asyncio
+
+    async def read():
+        client = etcd_client([cluster.control.etcd_endpoint])
+        await client.connect()
+        try:
+            return (await Records(client).get(VMS, node, vm_id)).message
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
 
 
 def snapshot_holders(cluster, snapshot_id: str) -> list[str]:
@@ -242,6 +257,24 @@ def test_node_loss_makes_its_sandboxes_unavailable_and_they_return_with_the_node
         assert gateway.read_file(sandbox.name, "/root/survivor.txt") == b"still here"
     finally:
         gateway.delete(sandbox.name)
+
+
+def test_node_loss_a_sandbox_deleted_while_its_node_is_away_is_gone_from_it_when_it_returns(cluster):
+    gateway = cluster.gateway
+    sandbox = gateway.create(**on("c"))
+    vm_directory = Path(vm_record(cluster, "n3", sandbox.name.split("/")[1]).directory)
+    cluster.kill_node("n3")
+    assert wait_for(
+        lambda: not cluster.control.health() or "n3" not in {i.node for i in cluster.control.registered()}, timeout=10
+    )
+    gateway.delete(sandbox.name)  # the record and the quota go now; the node cannot be asked
+    with pytest.raises(grpc.RpcError) as failure:
+        gateway.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    assert vm_directory.exists()  # its VM still runs on the lost node
+    cluster.start_node("n3")
+    cluster.wait_for_node("n3")
+    assert wait_for(lambda: not vm_directory.exists(), timeout=30), "the returned node kept the deleted sandbox's VM"
 
 
 def test_node_loss_a_second_node_with_a_live_id_refuses_to_start(cluster):

@@ -268,3 +268,26 @@ async def test_a_node_fetches_the_template_snapshot_another_node_published(tmp_p
         for node in (first, second):
             if node is not None:
                 await node.node.stop_all()
+
+
+async def test_a_vm_whose_sandbox_no_longer_names_its_node_is_deleted_after_the_grace(tmp_path, etcd_server, etcd):
+    from microvm.types.v1 import sandbox_pb2 as sandbox_types
+    from services.common.records import SANDBOXES
+
+    node = await start_node(tmp_path, etcd_server, etcd, warm_pool_size=0, orphan_grace_seconds=1)
+    try:
+        name = node.node.node
+        # Sandbox records first, as placement writes them: one names this node, the other another one.
+        await Records(etcd).put(SANDBOXES, sandbox_types.SandboxRecord(id="kept-vm", node=name), "kept-vm")
+        await Records(etcd).put(SANDBOXES, sandbox_types.SandboxRecord(id="moved-vm", node=name), "moved-vm")
+        for vm_id in ("kept-vm", "moved-vm"):
+            await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id=vm_id, memory_mib=320), timeout=30)
+        await Records(etcd).put(SANDBOXES, sandbox_types.SandboxRecord(id="moved-vm", node="elsewhere"), "moved-vm")
+
+        async def reaped():
+            return await Records(etcd).get(VMS, name, "moved-vm") is None
+
+        await until(reaped, timeout=10)
+        assert (await node.vm("kept-vm")).state == vm_pb2.VM_STATE_RUNNING
+    finally:
+        await node.node.stop_all()
