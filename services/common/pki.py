@@ -136,3 +136,12 @@ def load_identity(directory: Path, kind: str) -> Identity:
             f"no service certificate for {kind} in {directory} (the supervisor creates them; "
             f"or set internal_tls: false): {exc.filename}"
         ) from None
+
+
+if __name__ == "__main__":  # `python -m services.common.pki DIR`: the installation's CA and certificates, once
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m services.common.pki DIR  (creates what is missing; keeps what exists)")
+    ensure_pki(Path(sys.argv[1]))
+    print(f"PKI in {sys.argv[1]}: ca.crt and a key + certificate per service kind and for the operator")

@@ -9,6 +9,7 @@ import structlog
 from images.builder import cache_root
 from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
+from microvm.types.v1.vm_pb2 import VmRecord
 from services.common import deadlines
 from services.common.errors import Unavailable
 from services.common.records import Records
@@ -114,10 +115,24 @@ class ComputeNode:
         self.processes.close()
 
 
+def shown(vm: VmRecord) -> VmRecord:
+    """A VM as callers off this node see it: without the node's paths (directory, image, RAM file, agent socket),
+    which mean nothing elsewhere; the relay of this node reads them from the record itself."""
+    view = VmRecord()
+    view.CopyFrom(vm)
+    view.directory = view.image_dir = view.ram_path = ""
+    view.agent.socket_path = ""
+    return view
+
+
 class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     def __init__(self, node: ComputeNode) -> None:
         self.node = node
         self.lifecycle, self.ledger = node.lifecycle, node.ledger
+
+    def _owned(self, vm_id: str) -> str:
+        """The id of a VM someone owns; pool and template-build VMs are NOT_FOUND to callers."""
+        return self.ledger.visible(vm_id).id
 
     async def CreateVm(self, request, context):
         vm = await self.lifecycle.create(
@@ -128,33 +143,30 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             request.hostname,
             request.network_policy,
         )
-        return compute_pb2.CreateVmResponse(vm=vm)
+        return compute_pb2.CreateVmResponse(vm=shown(vm))
 
     async def GetVm(self, request, context):
-        return compute_pb2.GetVmResponse(vm=self.ledger.visible(request.vm_id))
+        return compute_pb2.GetVmResponse(vm=shown(self.ledger.visible(request.vm_id)))
 
     async def ListVms(self, request, context):
-        return compute_pb2.ListVmsResponse(vms=self.ledger.owned())
+        return compute_pb2.ListVmsResponse(vms=[shown(vm) for vm in self.ledger.owned()])
 
     async def StopVm(self, request, context):
-        return compute_pb2.StopVmResponse(vm=await self.lifecycle.stop(self.ledger.visible(request.vm_id).id))
+        return compute_pb2.StopVmResponse(vm=shown(await self.lifecycle.stop(self._owned(request.vm_id))))
 
     async def StartVm(self, request, context):
-        return compute_pb2.StartVmResponse(vm=await self.lifecycle.start(self.ledger.visible(request.vm_id).id))
+        return compute_pb2.StartVmResponse(vm=shown(await self.lifecycle.start(self._owned(request.vm_id))))
 
     async def DeleteVm(self, request, context):
-        await self.lifecycle.delete(self.ledger.visible(request.vm_id).id)
+        await self.lifecycle.delete(self._owned(request.vm_id))
         return compute_pb2.DeleteVmResponse()
 
     async def PauseVm(self, request, context):
-        return compute_pb2.PauseVmResponse(
-            vm=await self.lifecycle.set_paused(self.ledger.visible(request.vm_id).id, True)
-        )
+        return compute_pb2.PauseVmResponse(vm=shown(await self.lifecycle.set_paused(self._owned(request.vm_id), True)))
 
     async def ResumeVm(self, request, context):
-        return compute_pb2.ResumeVmResponse(
-            vm=await self.lifecycle.set_paused(self.ledger.visible(request.vm_id).id, False)
-        )
+        vm = await self.lifecycle.set_paused(self._owned(request.vm_id), False)
+        return compute_pb2.ResumeVmResponse(vm=shown(vm))
 
     async def SnapshotVm(self, request, context):
         size = await self.node.snapshots.snapshot(
@@ -164,7 +176,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def RestoreVm(self, request, context):
         vm = await self.node.restore(request.vm_id, request.snapshot_id, request.hostname, request.network_policy)
-        return compute_pb2.RestoreVmResponse(vm=vm)
+        return compute_pb2.RestoreVmResponse(vm=shown(vm))
 
 
 async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from services.common.config import ConfigError, load_config
 from services.common.settings import SupervisorSettings
 from services.common.tasks import process_alive
+from services.supervisor.bootstrap import bootstrap_admin_key
 from services.supervisor.stack import ROLES, StackSupervisor, check_stack_health
 
 
@@ -144,6 +145,19 @@ def cmd_status(args) -> int:
     return 0 if all(str(report.get(k, "")).startswith("SERVING") for k in ROLES[args.role]) else 1
 
 
+def cmd_admin_key(args) -> int:
+    """The first admin API key of an installation run without `make up` (systemd units, Kubernetes): needs etcd
+    and an auth service up, and the operator certificate in the PKI directory."""
+    state_dir, config = _load(args)
+    key_file = state_dir / "admin.key"
+    pki = config.common.pki_path if config.common.internal_tls else None
+    if not asyncio.run(bootstrap_admin_key(config.common.etcd_endpoints, pki, key_file)):
+        print(f"{key_file} exists already: the installation has its first admin key", file=sys.stderr)
+        return 1
+    print(f"admin API key written to {key_file} (mode 0600)")
+    return 0
+
+
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
     report = asyncio.run(check_stack_health(_endpoints(args, config), detailed=True, pki_dir=config.common.pki_path))
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mvm-supervisor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["run", "start", "stop", "status", "wait", "banner"])
+    parser.add_argument("command", choices=["run", "start", "stop", "status", "wait", "banner", "admin-key"])
     parser.add_argument("--state-dir", help="default: $MVM_STATE_DIR or ~/.microvm")
     parser.add_argument("--config", help="installation config file (YAML)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for start/wait/stop")
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": cmd_status,
         "wait": cmd_wait,
         "banner": cmd_banner,
+        "admin-key": cmd_admin_key,
     }
     try:
         sys.exit(commands[args.command](args))

@@ -16,11 +16,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import LoadedConfig, load_config
-from services.common.pki import TLS_CHANNEL_OPTIONS, ensure_pki, load_identity
+from services.common.pki import ensure_pki
 from services.common.records import ATTACHMENTS, Records
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.common.settings import ComputeSettings, SupervisorSettings
 from services.network.links import delete_tap
+from services.supervisor.bootstrap import bootstrap_admin_key, operator_channel
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
 # What each role runs: `node` on every host with VMs, `control` (any number of replicas) anywhere, `all` on one
@@ -242,50 +243,8 @@ class StackSupervisor:
 
     async def _bootstrap_admin_key(self) -> None:
         """On the first start: a `default` tenant and an admin API key, written to <state>/admin.key (0600)."""
-        key_file = self.state_dir / "admin.key"
-        if key_file.exists():
-            return
-        from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
-        from microvm.types.v1 import auth_pb2 as auth_types
-
-        client = etcd_client(self.etcd_endpoints, timeout=2)
-        await client.connect()
-        try:
-            while not self._stopping.is_set():
-                instances = [
-                    ServiceInstance.decode(kv.key, kv.value)
-                    for kv in await client.get_prefix(f"{SERVICES_PREFIX}auth/".encode())
-                ]
-                if instances:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                return
-        finally:
-            await client.close()
-        async with operator_channel(
-            instances[0].address, "auth", self.config.common.pki_path if self.config.common.internal_tls else None
-        ) as channel:
-            auth = auth_pb2_grpc.AuthServiceStub(channel)
-            await auth.CreateTenant(
-                auth_pb2.CreateTenantRequest(
-                    tenant="default",
-                    quota=auth_types.Quota(
-                        max_sandboxes=200, max_vcpus=400, max_memory_mib=200 * 1024, max_snapshot_bytes=200 << 30
-                    ),
-                ),
-                timeout=10,
-                wait_for_ready=True,
-            )
-            key = await auth.CreateApiKey(
-                auth_pb2.CreateApiKeyRequest(tenant="default", principal="admin", role=auth_types.ROLE_ADMIN),
-                timeout=10,
-            )
-        fd = os.open(key_file.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key.secret + "\n")
-        os.rename(key_file.with_suffix(".tmp"), key_file)
-        print(json.dumps({"event": "admin_key_created", "path": str(key_file)}), flush=True)
+        pki = self.config.common.pki_path if self.config.common.internal_tls else None
+        await bootstrap_admin_key(self.etcd_endpoints, pki, self.state_dir / "admin.key", self._stopping)
 
     async def _stop_child(self, child: Child, grace: float) -> None:
         process = child.process
@@ -352,14 +311,6 @@ def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -
     except OSError:
         pass
     return killed
-
-
-def operator_channel(address: str, kind: str, pki_dir: Path | None) -> grpc.aio.Channel:
-    """A channel to a service as the operator: mutual TLS for internal services when the PKI exists."""
-    if pki_dir is not None and (pki_dir / "operator.crt").exists() and kind != "gateway":
-        identity = load_identity(pki_dir, "operator")
-        return grpc.aio.secure_channel(address, identity.channel_credentials(), options=TLS_CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address)
 
 
 async def check_stack_health(

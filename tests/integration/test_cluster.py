@@ -372,3 +372,39 @@ def test_three_node_a_killed_gateway_and_auth_replica_leave_the_others_serving(c
         second.stop()
         # The first replicas were restarted by their supervisor; later tests use the first gateway.
         assert wait_for(lambda: cluster.control.health().get("gateway") == "SERVING", timeout=30)
+
+
+def test_three_node_mvm_supervisor_makes_the_first_admin_key_where_it_does_not_run_auth(cluster, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.stack import REPO
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"etcd_endpoints": [cluster.control.etcd_endpoint], "pki_dir": str(cluster.control.state_dir / "pki")}
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "services.supervisor.main",
+        "admin-key",
+        "--config",
+        str(config),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    key_file = tmp_path / "state" / "admin.key"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    admin = nodes_pb2_grpc.NodeServiceStub(
+        Gateway(cluster.control.gateway_address, key_file.read_text().strip()).channel
+    )
+    assert len(admin.ListNodes(nodes_pb2.ListNodesRequest(), timeout=10).nodes) == 3
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert again.returncode == 1 and "exists already" in again.stderr

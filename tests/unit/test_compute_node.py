@@ -122,11 +122,14 @@ async def node(tmp_path, etcd_server, etcd):
 async def test_cold_create_exec_files_and_delete(node):
     vm = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="cold-1", memory_mib=320), timeout=30)).vm
     assert (vm.state, vm.start_method, vm.vmm) == (vm_pb2.VM_STATE_RUNNING, "cold-boot", "fake")
+    assert not vm.directory and not vm.agent.socket_path, "a node's paths stay on the node"
+    directory = (await Records(node.etcd).get(VMS, node.node.node, "cold-1")).message.directory
+    assert os.path.isdir(directory)
     assert await node.exec("cold-1", ["sh", "-c", "echo hi; exit 3"]) == (b"hi\n", 3)
     await node.write("cold-1", "/root/a.txt", b"data")
     assert await node.read("cold-1", "/root/a.txt") == b"data"
     await node.compute.DeleteVm(compute_pb2.DeleteVmRequest(vm_id="cold-1"), timeout=30)
-    assert not os.path.exists(vm.directory)
+    assert not os.path.exists(directory)
     assert await Records(node.etcd).get(VMS, node.node.node, "cold-1") is None
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await node.exec("cold-1", ["true"])
