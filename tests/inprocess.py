@@ -17,6 +17,7 @@ from services.common.records import SERVICES, Records
 from services.common.registry import etcd_client
 from services.common.server import serve
 from services.common.settings import SECTIONS
+from services.supervisor.stack import stop_leftover_vms
 
 _clients: dict[str, object] = {}
 
@@ -117,5 +118,7 @@ class InProcessNode:
         return grpc.aio.insecure_channel(address)
 
     async def stop_all(self) -> None:
+        """Stops the services, then the VMs they leave running (as `make down` does: VMs outlive compute)."""
         for kind in list(self.running)[::-1]:
             await self.stop(kind)
+        stop_leftover_vms(self.state_dir)

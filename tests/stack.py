@@ -157,6 +157,16 @@ def start_stack(
 
 
 def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
+    """The stack once every service of its role serves; on any failure the stack is stopped, never leaked."""
+    try:
+        return _wait_until_serving(stack, timeout)
+    except BaseException:
+        if stack.process is not None:
+            stack.stop()
+        raise
+
+
+def _wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
     process, state_dir = stack.process, stack.state_dir
     deadline = time.monotonic() + timeout
     report: dict[str, str] = {}
@@ -175,5 +185,4 @@ def wait_until_serving(stack: LocalStack, timeout: float) -> LocalStack:
             stack.admin_key = stack.admin_key_path.read_text().strip()
             return stack
         time.sleep(0.2)
-    stack.stop()
     raise RuntimeError(f"stack not SERVING after {timeout}s: {report}")

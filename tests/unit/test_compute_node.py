@@ -111,12 +111,6 @@ async def node(tmp_path, etcd_server, etcd):
     under_test = await start_node(tmp_path, etcd_server, etcd)
     yield under_test
     await under_test.node.stop_all()
-    for stored in await Records(etcd).list(VMS, under_test.node.node):
-        if stored.message.pid:
-            try:
-                os.kill(stored.message.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 async def test_cold_create_exec_files_and_delete(node):
