@@ -122,3 +122,37 @@ class InProcessNode:
         for kind in list(self.running)[::-1]:
             await self.stop(kind)
         stop_leftover_vms(self.state_dir)
+
+
+class Caller:
+    """The public API as a tenant sees it: SandboxService over gRPC with the tenant's API key."""
+
+    def __init__(self, address: str, key: str) -> None:
+        from microvm.sandbox.v1 import sandbox_service_pb2_grpc
+
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {key}"),)
+        self.key = key
+
+
+async def start_installation(node: InProcessNode, http_port: int) -> None:
+    """Every service of a one-node installation in this loop: auth and gateway too (auth required)."""
+    for kind in ("auth", "snapshot", "network", "relay", "compute"):
+        await node.start(kind)
+    await node.start("gateway", listen="127.0.0.1:0", http_listen=f"127.0.0.1:{http_port}")
+
+
+async def tenant_caller(node: InProcessNode, tenant: str, role: int | None = None, **quota) -> Caller:
+    """A tenant with `quota` (generous by default) and a key of `role` (developer by default)."""
+    from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
+    from microvm.types.v1 import auth_pb2 as auth_types
+
+    auth = auth_pb2_grpc.AuthServiceStub(node.channel(await node.address("auth")))
+    limits = {"max_sandboxes": 50, "max_vcpus": 100, "max_memory_mib": 51200, "max_snapshot_bytes": 50 << 30, **quota}
+    await auth.CreateTenant(auth_pb2.CreateTenantRequest(tenant=tenant, quota=auth_types.Quota(**limits)), timeout=10)
+    key = await auth.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(tenant=tenant, principal=f"{tenant}-user", role=role or auth_types.ROLE_DEVELOPER),
+        timeout=10,
+    )
+    return Caller(await node.address("gateway"), key.secret)

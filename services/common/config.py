@@ -95,11 +95,11 @@ class CommonSettings:
             raise ConfigError("log_level must be one of debug, info, warning, error")
         if self.trace_exporter not in ("none", "console"):
             raise ConfigError("trace_exporter must be `none` or `console`")
-        if self.node_id and not NODE_ID.match(self.node_id):
+        if self.node_id and not NODE_ID.fullmatch(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID.pattern}")
         for label in self.node_labels:
             key, sep, value = label.partition("=")
-            if not sep or not LABEL_KEY.match(key) or len(value) > 63:
+            if not sep or not LABEL_KEY.fullmatch(key) or len(value) > 63:
                 raise ConfigError(
                     f"node_labels: {label!r} is not key=value (key {LABEL_KEY.pattern}, value up to 63 characters)"
                 )

@@ -30,9 +30,9 @@ def state_name(vm: VmRecord) -> str:
 
 
 def check_names(vm_id: str, hostname: str) -> None:
-    if not VM_ID.match(vm_id):
+    if not VM_ID.fullmatch(vm_id):
         raise InvalidArgument(f"vm_id {vm_id!r} must match {VM_ID.pattern}")
-    if not HOSTNAME.match(hostname):
+    if not HOSTNAME.fullmatch(hostname):
         raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
 
 

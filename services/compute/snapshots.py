@@ -90,7 +90,7 @@ class VmSnapshots:
                 f"VM {vm_id} is {state_name(vm)}; only a running or paused VM can be snapshotted",
                 reason="VM_NOT_RUNNING",
             )
-        if not VM_ID.match(snapshot_id):
+        if not VM_ID.fullmatch(snapshot_id):
             raise InvalidArgument(f"snapshot_id {snapshot_id!r} must match {VM_ID.pattern}")
         if leave_paused:
             await self.lifecycle.set_paused(vm_id, True)

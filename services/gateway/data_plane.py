@@ -15,6 +15,7 @@ import grpc
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.validation import check_mode, check_path, check_process, check_range, check_removable
 from services.gateway.nodes import ClusterNodes
 from services.gateway.records import SandboxRecord
 from services.gateway.sandboxes import Sandboxes
@@ -60,6 +61,7 @@ class DataPlane:
         )
 
     async def exec(self, request: api.ExecRequest, deadline: float | None):
+        check_process(request.process)
         record = await self.sandboxes.running(request.sandbox)
         async for event in self._guarded(record, self.nodes.relay(record.node).Exec(request, timeout=deadline)):
             yield event
@@ -68,6 +70,7 @@ class DataPlane:
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "config":
             raise InvalidArgument("the first ExecInteractive message must carry the config")
+        check_process(first.config.process)
         record = await self.sandboxes.running(first.config.sandbox)
 
         async def upstream():
@@ -83,6 +86,8 @@ class DataPlane:
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "header":
             raise InvalidArgument("the first WriteFile message must carry the header")
+        check_path(first.header.path)
+        check_mode(first.header.mode)
         record = await self.sandboxes.running(first.header.sandbox)
 
         async def upstream():
@@ -93,11 +98,18 @@ class DataPlane:
         return await self.nodes.relay(record.node).WriteFile(upstream(), timeout=deadline)
 
     async def read_file(self, request: api.ReadFileRequest, deadline: float | None):
+        check_path(request.path)
+        check_range(request.offset, request.length)
         record = await self.sandboxes.running(request.sandbox)
         async for chunk in self._guarded(record, self.nodes.relay(record.node).ReadFile(request, timeout=deadline)):
             yield chunk
 
     async def unary(self, method: str, request, deadline: float | None):
         """ListDir, Stat, MakeDir, Remove: one request, one answer, from the sandbox's node."""
+        check_path(request.path)
+        if method == "Remove":
+            check_removable(request.path)
+        if method == "MakeDir":
+            check_mode(request.mode)
         record = await self.sandboxes.running(request.sandbox)
         return await getattr(self.nodes.relay(record.node), method)(request, timeout=deadline)

@@ -143,7 +143,7 @@ class HttpGateway:
 
     def _match(self, verb: str, path: str):
         for route in self.routes:
-            if route.verb == verb and (match := route.pattern.match(path)):
+            if route.verb == verb and (match := route.pattern.fullmatch(path)):
                 return route, match
         return None, None
 

@@ -121,7 +121,7 @@ class SandboxStore:
 
     async def get_stored(self, sandbox_id: str) -> Stored[SandboxRecord]:
         """The record and its revision (for a compare-and-swap)."""
-        stored = await self.records.get(SANDBOXES, sandbox_id) if SANDBOX_ID.match(sandbox_id) else None
+        stored = await self.records.get(SANDBOXES, sandbox_id) if SANDBOX_ID.fullmatch(sandbox_id) else None
         tenant = current_tenant()
         if stored is None or (tenant is not None and stored.message.tenant != tenant):
             raise not_found(sandbox_id)  # another tenant's sandbox looks exactly like one that does not exist

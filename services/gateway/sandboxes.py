@@ -23,6 +23,7 @@ from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common import deadlines
 from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
@@ -40,7 +41,7 @@ StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
 
 def parse_name(name: str, collection: str = "sandboxes") -> str:
     prefix = f"{collection}/"
-    if not name.startswith(prefix) or not SANDBOX_ID.match(name[len(prefix) :]):
+    if not name.startswith(prefix) or not SANDBOX_ID.fullmatch(name[len(prefix) :]):
         raise InvalidArgument(
             f"{name!r} is not a valid resource name; expected {collection}/{{id}}", reason="INVALID_NAME"
         )
@@ -51,7 +52,7 @@ def validate_labels(labels, what: str = "label", most: int = 64) -> None:
     if len(labels) > most:
         raise InvalidArgument(f"at most {most} {what}s are allowed")
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):
             raise InvalidArgument(f"{what} key {key!r} must match {LABEL_KEY.pattern}")
         if len(value) > 63:
             raise InvalidArgument(f"{what} {key!r}: value longer than 63 characters")
@@ -99,6 +100,8 @@ class Sandboxes:
     def timeout_seconds(self, duration) -> int:
         if duration is None or (duration.seconds == 0 and duration.nanos == 0):
             return self.settings.default_timeout_seconds
+        if duration.seconds < 0 or duration.nanos < 0:
+            raise InvalidArgument("timeout must not be negative", reason="TIMEOUT_OUT_OF_RANGE")
         seconds = duration.seconds + (1 if duration.nanos else 0)
         if not 1 <= seconds <= self.settings.max_timeout_seconds:
             raise InvalidArgument(
@@ -151,7 +154,7 @@ class Sandboxes:
     async def create(self, request: api.CreateSandboxRequest) -> sandbox_pb2.Sandbox:
         wanted = request.sandbox
         sandbox_id = request.sandbox_id or f"sbx-{uuid.uuid4().hex[:12]}"
-        if not SANDBOX_ID.match(sandbox_id):
+        if not SANDBOX_ID.fullmatch(sandbox_id):
             raise InvalidArgument(f"sandbox_id {sandbox_id!r} must match {SANDBOX_ID.pattern}")
         validate_labels(wanted.labels)
         validate_labels(wanted.node_selector, "node selector", most=16)
@@ -218,9 +221,7 @@ class Sandboxes:
         return await self.view(await self.store.get(parse_name(name)))
 
     async def list(self, request: api.ListSandboxesRequest) -> api.ListSandboxesResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        page_size = min(request.page_size or 50, 1000)
+        page_size = check_page_size(request.page_size)
         wanted = parse_filter(request.filter)
         records = sorted(await self.store.list(), key=lambda r: (-r.create_time.ToNanoseconds(), r.id))
         records = [r for r in records if all(r.labels.get(k) == v for k, v in wanted.items())]

@@ -24,6 +24,7 @@ from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.records import MIGRATING, PAUSED, RUNNING
 from services.gateway.sandboxes import Sandboxes, parse_name, validate_labels
@@ -140,7 +141,7 @@ class SnapshotOps:
             parent_snapshot=parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else "",
         )
         records = list((await self.nodes.snapshot_store().ListSnapshotRecords(query, timeout=deadlines.QUICK)).records)
-        page_size = min(request.page_size or 50, 1000)
+        page_size = check_page_size(request.page_size)
         try:
             offset = int(request.page_token or 0)
         except ValueError:

@@ -15,7 +15,7 @@ import structlog
 
 from microvm.agent.v1 import agent_pb2
 from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode
-from services.common.errors import Unavailable
+from services.common.errors import ServiceError, Unavailable
 from services.common.tasks import cancel_and_wait
 
 log = structlog.get_logger()
@@ -58,7 +58,13 @@ class AgentStream:
         item = await asyncio.wait_for(self.frames.get(), timeout) if timeout else await self.frames.get()
         if isinstance(item, ChannelClosed):
             raise Unavailable(f"agent of VM {self.channel.target.vm_id} went away: {item}", reason="AGENT_UNAVAILABLE")
+        if isinstance(item, ServiceError):  # the caller's side of the stream failed (see `abort`)
+            raise item
         return item
+
+    def abort(self, error: ServiceError) -> None:
+        """Ends the stream with `error` for whoever is receiving (a bad message from the caller mid-stream)."""
+        self.frames.put_nowait(error)
 
     async def grant(self, increment: int) -> None:
         if increment > 0 and not self.closed:

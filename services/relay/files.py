@@ -11,6 +11,7 @@ import asyncio
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
+from services.common.validation import check_mode, check_path, check_range, check_removable
 from services.relay.guest_io import failure, sandbox_id, to_file_info
 
 MAX_CHUNK = 1 << 20
@@ -37,6 +38,8 @@ class GuestFiles:
         if first is None or first.WhichOneof("request") != "header":
             raise InvalidArgument("the first WriteFile message must carry the header")
         header = first.header
+        check_path(header.path)
+        check_mode(header.mode)
         stream = await self.open_stream(sandbox_id(header.sandbox))
         window = stream.channel.hello.initial_window if stream.channel.hello else 1 << 20
         credit = {"bytes": window}
@@ -89,8 +92,8 @@ class GuestFiles:
             await stream.close(cancel=not finished)
 
     async def read(self, request: api.ReadFileRequest):
-        if request.offset < 0 or request.length < 0:
-            raise InvalidArgument("offset and length must not be negative")
+        check_path(request.path)
+        check_range(request.offset, request.length)
         stream = await self.open_stream(sandbox_id(request.sandbox))
         finished = False
         try:
@@ -122,6 +125,8 @@ class GuestFiles:
         return api.StatResponse(file=to_file_info(result.entries[0]))
 
     async def make_dir(self, request: api.MakeDirRequest) -> api.MakeDirResponse:
+        check_path(request.path)
+        check_mode(request.mode)
         result = await self._single(
             request.sandbox,
             make_dir=agent_pb2.MakeDirRequest(path=request.path, parents=request.parents, mode=request.mode),
@@ -129,6 +134,7 @@ class GuestFiles:
         return api.MakeDirResponse(directory=to_file_info(result.entries[0]))
 
     async def remove(self, request: api.RemoveRequest) -> api.RemoveResponse:
+        check_removable(request.path)
         await self._single(
             request.sandbox, remove=agent_pb2.RemoveRequest(path=request.path, recursive=request.recursive)
         )

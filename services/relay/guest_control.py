@@ -65,7 +65,7 @@ class GuestControl:
             )
 
     async def set_identity(self, vm_id: str, hostname: str) -> None:
-        if not HOSTNAME.match(hostname):
+        if not HOSTNAME.fullmatch(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         channel = await self.pool.get(await self.vms.target(vm_id, running=False))
         await channel.send(

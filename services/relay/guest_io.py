@@ -8,6 +8,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument, error_from_code
+from services.common.validation import check_process
 
 FILE_TYPE = {
     agent_pb2.FILE_KIND_FILE: sandbox_pb2.FILE_TYPE_FILE,
@@ -40,10 +41,7 @@ def to_file_info(info: agent_pb2.FileInfo) -> sandbox_pb2.FileInfo:
 
 
 def exec_start(process: api.ProcessConfig, has_stdin: bool) -> agent_pb2.ExecStart:
-    if not process.argv:
-        raise InvalidArgument("process.argv must name a program")
-    if len(process.argv) > 4096:
-        raise InvalidArgument("process.argv has more than 4096 entries")
+    check_process(process)
     timeout_ms = process.timeout.seconds * 1000 + process.timeout.nanos // 1_000_000
     return agent_pb2.ExecStart(
         argv=process.argv,

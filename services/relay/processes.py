@@ -11,7 +11,8 @@ import asyncio
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ServiceError
+from services.common.validation import check_terminal
 from services.relay.agent_channel import AgentStream
 from services.relay.guest_io import exec_start, failure, sandbox_id
 
@@ -87,6 +88,12 @@ class GuestProcesses:
         finished = False
 
         async def forward_input():
+            try:
+                await forward(stream, requests)
+            except ServiceError as error:
+                stream.abort(error)
+
+        async def forward(stream, requests):
             async for message in requests:
                 kind = message.WhichOneof("request")
                 if kind == "stdin":
@@ -95,6 +102,7 @@ class GuestProcesses:
                     await stream.send(stdin=agent_pb2.StdinData(eof=True))
                 elif kind == "resize":
                     size = message.resize
+                    check_terminal(size.cols, size.rows)
                     await stream.send(resize=agent_pb2.ResizeTerminal(cols=size.cols, rows=size.rows))
                 elif kind == "signal":
                     await stream.send(signal=agent_pb2.SignalProcess(signal=message.signal))

@@ -157,3 +157,23 @@ def test_unknown_sandbox_is_not_found_with_a_reason(gateway):
         gateway.exec("sandboxes/sbx-doesnotexist", ["true"])
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     assert error_info(failure.value).reason == "SANDBOX_NOT_FOUND"
+
+
+def test_signals_to_pid_1_and_impossible_terminal_sizes_leave_the_guest_running(gateway, sandbox):
+    # The agent is the guest's PID 1: a process in the guest signalling it must not take the VM down.
+    result = gateway.exec(sandbox.name, ["sh", "-c", "kill -INT 1; kill -TERM 1; kill -HUP 1; kill -USR1 1; echo sent"])
+    assert result.stdout == b"sent\n"
+
+    def interactive():
+        yield api.ExecInteractiveRequest(
+            config=api.ExecInteractiveConfig(
+                sandbox=sandbox.name, process=api.ProcessConfig(argv=["sleep", "5"], pty=True)
+            )
+        )
+        yield api.ExecInteractiveRequest(resize=api.TerminalSize(cols=70000, rows=70000))
+
+    with pytest.raises(grpc.RpcError) as failure:
+        for _ in gateway.stub.ExecInteractive(interactive(), timeout=30):
+            pass
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert gateway.exec(sandbox.name, ["echo", "still here"]).stdout == b"still here\n"

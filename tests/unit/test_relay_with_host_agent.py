@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -322,3 +323,35 @@ async def test_interactive_exec_takes_stdin_resize_and_signals(relay):
             break
     await queue.put(None)
     assert b"got:hello" in output and b"43 132" in output
+
+
+async def test_the_agent_refuses_bad_process_requests_and_outlives_signals(relay, tmp_path):
+    # The agent in simulation mode stands in for PID 1: the relay's checks are bypassed by talking to it directly.
+    from microvm.agent.v1 import agent_pb2
+    from services.relay.agent_channel import AgentChannel, AgentTarget
+
+    socket_path = str(tmp_path / "pid1.sock")
+    (tmp_path / "root").mkdir()
+    agent = await start_agent(socket_path, "--root", str(tmp_path / "root"))
+    try:
+        channel = AgentChannel(AgentTarget("pid1", socket_path))
+        await channel.connect(5)
+        await channel.wait_until_answering(5)
+        for start in (
+            agent_pb2.ExecStart(argv=["echo", "a\x00b"]),
+            agent_pb2.ExecStart(argv=["true"], env={"A=B": "1"}),
+            agent_pb2.ExecStart(argv=["true"], pty=True, cols=70000, rows=10),
+        ):
+            stream = channel.open_stream()
+            await stream.send(exec_start=start)
+            frame = await stream.receive(timeout=5)
+            assert frame.WhichOneof("body") == "error" and frame.error.code == 3, frame
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(agent.pid, signum)
+        await asyncio.sleep(0.3)
+        assert agent.poll() is None, "a signal killed the agent"
+        assert (await channel.run_to_exit(["true"], timeout=5)).exec_exited.exit_code == 0
+        await channel.close()
+    finally:
+        agent.kill()
+        agent.wait()

@@ -14,7 +14,15 @@ import uuid
 from typing import TYPE_CHECKING
 
 from microvm.agent.v1 import agent_pb2
-from microvm_agent.streams import FAILED_PRECONDITION, FILE_CHUNK, INVALID_ARGUMENT, Credit, StreamError, os_error
+from microvm_agent.streams import (
+    ALREADY_EXISTS,
+    FAILED_PRECONDITION,
+    FILE_CHUNK,
+    INVALID_ARGUMENT,
+    Credit,
+    StreamError,
+    os_error,
+)
 
 if TYPE_CHECKING:
     from microvm_agent.agent import Agent
@@ -121,7 +129,10 @@ class FileTransfer:
             if stat_module.S_ISDIR(os.fstat(fd).st_mode):
                 raise StreamError(FAILED_PRECONDITION, f"{path} is a directory")
             if start.offset:
-                os.lseek(fd, start.offset, os.SEEK_SET)
+                try:
+                    os.lseek(fd, start.offset, os.SEEK_SET)
+                except (OverflowError, ValueError):
+                    raise StreamError(INVALID_ARGUMENT, f"offset {start.offset} is out of range") from None
             remaining = start.length or -1
             while remaining != 0:
                 allowed = await self.credit.take(FILE_CHUNK if remaining < 0 else min(FILE_CHUNK, remaining))
@@ -172,12 +183,20 @@ def list_dir(request: agent_pb2.ListDirRequest) -> agent_pb2.FileResult:
 
 def make_dir(request: agent_pb2.MakeDirRequest) -> agent_pb2.FileResult:
     path = require_absolute(request.path)
+    if not 0 <= request.mode <= 0o7777:
+        raise StreamError(INVALID_ARGUMENT, f"mode {oct(request.mode)} is not a permission mask")
     try:
         if request.parents:
             os.makedirs(path, mode=request.mode or 0o755, exist_ok=True)
         else:
             os.mkdir(path, request.mode or 0o755)
         return agent_pb2.FileResult(entries=[file_info(path)])
+    except FileExistsError:
+        # makedirs says "exists" when a component is a file: that is a path that cannot be a directory.
+        raise StreamError(
+            FAILED_PRECONDITION if request.parents else ALREADY_EXISTS,
+            f"{path} (or a parent of it) exists and is not a directory",
+        ) from None
     except OSError as exc:
         raise os_error(exc, path) from None
 

@@ -122,6 +122,12 @@ async def run(args) -> None:
         if args.own_uts:
             socket.sethostname(agent.simulated_hostname)
     loop.add_signal_handler(signal.SIGCHLD, agent.reap_children)
+    if is_init or args.root:
+        # The guest's PID 1 (or its stand-in) survives whatever a process in the guest sends it (`kill -INT 1`):
+        # handled signals reach PID 1, and these handlers do nothing. Handlers, not SIG_IGN, so the processes it
+        # starts get the default dispositions back at exec.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(signum, lambda: None)
     if args.unix:
         await serve_unix(agent, args.unix)
         return

@@ -21,6 +21,7 @@ from microvm_agent.streams import (
     DRAIN_AFTER_EXIT_SECONDS,
     F_SETPIPE_SZ,
     INVALID_ARGUMENT,
+    MAX_TERMINAL,
     NOT_FOUND,
     OUTPUT_CHUNK,
     PERMISSION_DENIED,
@@ -34,6 +35,20 @@ from microvm_agent.streams import (
 
 if TYPE_CHECKING:
     from microvm_agent.agent import Agent
+
+
+def validate_start(start: agent_pb2.ExecStart) -> None:
+    """What the host asks to run, checked before anything is spawned: the host checks it too, but the agent is
+    the guest's PID 1 and must not die of a request."""
+    if not start.argv:
+        raise StreamError(INVALID_ARGUMENT, "argv is empty")
+    texts = [*start.argv, *start.env.keys(), *start.env.values(), start.cwd, start.user]
+    if any("\x00" in text for text in texts):
+        raise StreamError(INVALID_ARGUMENT, "argv, env, cwd and user must not contain NUL bytes")
+    if any(not name or "=" in name for name in start.env):
+        raise StreamError(INVALID_ARGUMENT, "environment names must be non-empty and without '='")
+    if not (0 <= start.cols <= MAX_TERMINAL and 0 <= start.rows <= MAX_TERMINAL):
+        raise StreamError(INVALID_ARGUMENT, f"terminal size {start.cols}x{start.rows} is out of range")
 
 
 class Process:
@@ -56,8 +71,7 @@ class Process:
 
     def _spawn(self) -> list[int]:
         start = self.start
-        if not start.argv:
-            raise StreamError(INVALID_ARGUMENT, "argv is empty")
+        validate_start(start)
         argv = ["/bin/sh", "-c", " ".join(start.argv)] if start.shell else list(start.argv)
         user = None
         if start.user and start.user not in ("root", "0"):
@@ -244,6 +258,8 @@ class Process:
                 except (ProcessLookupError, OSError):
                     pass
         elif body == "resize":
+            if not (0 <= frame.resize.cols <= MAX_TERMINAL and 0 <= frame.resize.rows <= MAX_TERMINAL):
+                return  # a size no terminal has: ignored, the process runs on
             if self.pty_master is not None:
                 self._set_size(self.pty_master, frame.resize.cols or 80, frame.resize.rows or 24)
             else:  # not started yet: start at this size

@@ -20,6 +20,8 @@ DRAIN_AFTER_EXIT_SECONDS = 0.5
 # google.rpc.Code numbers.
 INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED = 3, 5, 6, 7
 FAILED_PRECONDITION, INTERNAL, CANCELLED = 9, 13, 1
+RESOURCE_EXHAUSTED, OUT_OF_RANGE = 8, 11
+MAX_TERMINAL = 65535
 
 
 class StreamError(Exception):
@@ -38,7 +40,17 @@ def os_error(exc: OSError, path: str) -> StreamError:
         errno.ENOTDIR: FAILED_PRECONDITION,
         errno.ENOTEMPTY: FAILED_PRECONDITION,
         errno.ENAMETOOLONG: INVALID_ARGUMENT,
-        errno.ENOSPC: 8,
+        errno.EINVAL: INVALID_ARGUMENT,
+        errno.ELOOP: FAILED_PRECONDITION,
+        errno.EROFS: FAILED_PRECONDITION,
+        errno.EBUSY: FAILED_PRECONDITION,
+        errno.EXDEV: FAILED_PRECONDITION,
+        errno.ETXTBSY: FAILED_PRECONDITION,
+        errno.ENOSPC: RESOURCE_EXHAUSTED,
+        errno.EDQUOT: RESOURCE_EXHAUSTED,
+        errno.EMFILE: RESOURCE_EXHAUSTED,
+        errno.ENFILE: RESOURCE_EXHAUSTED,
+        errno.EFBIG: OUT_OF_RANGE,
     }.get(exc.errno, INTERNAL)
     return StreamError(code, f"{path}: {exc.strerror or exc}")
 

@@ -1,0 +1,194 @@
+"""Bad input at the public door gets a clear status, never INTERNAL/UNKNOWN or a hang, and leaks nothing of
+another tenant. A whole installation (fake VMM) in this event loop."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from tests.etcd import free_port
+from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+async def installation(etcd_server):
+    node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvmapi-")))
+    images = fake_image_root(node.state_dir / "images")
+    node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
+    await start_installation(node, free_port())
+    node.tenant = await tenant_caller(node, f"edge-{node.node}")
+    node.other = await tenant_caller(node, f"other-{node.node}")
+    node.sandbox = (
+        await node.tenant.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=node.tenant.metadata, timeout=60)
+    ).sandbox
+    yield node
+    await node.stop_all()
+
+
+async def status_of(call) -> grpc.StatusCode:
+    try:
+        result = call()
+        if hasattr(result, "__aiter__"):
+            async for _ in result:
+                pass
+        else:
+            await result
+    except grpc.aio.AioRpcError as error:
+        assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), error.details()
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def exec_request(installation, **process):
+    return api.ExecRequest(sandbox=installation.sandbox.name, process=api.ProcessConfig(**process))
+
+
+@pytest.mark.parametrize(
+    "process",
+    [
+        {"argv": ["echo", "a\x00b"]},
+        {"argv": ["true"], "env": {"A=B": "1"}},
+        {"argv": ["true"], "env": {"": "1"}},
+        {"argv": ["true"], "env": {"A": "x\x00y"}},
+        {"argv": ["true"], "cwd": "/tmp\x00"},
+        {"argv": ["true"], "timeout": {"seconds": -5}},
+        {"argv": ["true"], "terminal_size": {"cols": 70000, "rows": 10}, "pty": True},
+    ],
+)
+async def test_bad_exec_requests_are_invalid_argument(installation, process):
+    caller = installation.tenant
+    code = await status_of(
+        lambda: caller.stub.Exec(exec_request(installation, **process), metadata=caller.metadata, timeout=30)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "path,code",
+    [
+        ("/tmp/a\x00b", grpc.StatusCode.INVALID_ARGUMENT),
+        ("relative", grpc.StatusCode.INVALID_ARGUMENT),
+        ("/tmp/afile/below", grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+async def test_bad_paths_get_clear_statuses(installation, path, code):
+    caller = installation.tenant
+
+    async def requests():
+        yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=installation.sandbox.name, path="/tmp/afile"))
+        yield api.WriteFileRequest(data=b"a file, not a directory")
+
+    await caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=10)
+    got = await status_of(
+        lambda: caller.stub.Stat(
+            api.StatRequest(sandbox=installation.sandbox.name, path=path), metadata=caller.metadata, timeout=30
+        )
+    )
+    assert got == code
+
+
+@pytest.mark.parametrize("path", ["/", "//", "/.", "/tmp/..", "/../"])
+async def test_removing_the_root_is_refused(installation, path):
+    caller = installation.tenant
+    got = await status_of(
+        lambda: caller.stub.Remove(
+            api.RemoveRequest(sandbox=installation.sandbox.name, path=path, recursive=True),
+            metadata=caller.metadata,
+            timeout=30,
+        )
+    )
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_write_file_with_a_second_header_or_an_oversize_chunk_fails_at_once(installation):
+    caller = installation.tenant
+
+    def twice():
+        async def requests():
+            header = api.WriteFileHeader(sandbox=installation.sandbox.name, path="/tmp/x")
+            yield api.WriteFileRequest(header=header)
+            yield api.WriteFileRequest(header=header)
+
+        return caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=10)
+
+    def oversize():
+        async def requests():
+            yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=installation.sandbox.name, path="/tmp/y"))
+            yield api.WriteFileRequest(data=b"x" * ((1 << 20) + 1))
+
+        return caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=10)
+
+    assert await status_of(twice) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await status_of(oversize) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("offset,length,mode", [(-1, 0, 0), (0, -1, 0), (1 << 62, 0, 0)])
+async def test_bad_file_ranges_are_invalid_argument(installation, offset, length, mode):
+    caller = installation.tenant
+    got = await status_of(
+        lambda: caller.stub.ReadFile(
+            api.ReadFileRequest(sandbox=installation.sandbox.name, path="/etc/hostname", offset=offset, length=length),
+            metadata=caller.metadata,
+            timeout=30,
+        )
+    )
+    assert got in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.OK)
+
+
+async def test_a_huge_file_mode_is_invalid_argument(installation):
+    caller = installation.tenant
+
+    def write():
+        async def requests():
+            yield api.WriteFileRequest(
+                header=api.WriteFileHeader(sandbox=installation.sandbox.name, path="/tmp/m", mode=0o7777777)
+            )
+
+        return caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=10)
+
+    assert await status_of(write) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("name", ["sandboxes/abc\n", "sandboxes/ABC", "sandboxes/", "snapshots/x"])
+async def test_names_are_matched_whole(installation, name):
+    caller = installation.tenant
+    got = await status_of(
+        lambda: caller.stub.GetSandbox(api.GetSandboxRequest(name=name), metadata=caller.metadata, timeout=10)
+    )
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_negative_page_sizes_and_timeouts_are_refused(installation):
+    caller = installation.tenant
+    assert (
+        await status_of(
+            lambda: caller.stub.ListSandboxes(
+                api.ListSandboxesRequest(page_size=-5), metadata=caller.metadata, timeout=10
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await status_of(
+            lambda: caller.stub.ListSnapshots(
+                api.ListSnapshotsRequest(page_size=-5), metadata=caller.metadata, timeout=10
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    sandbox = sandbox_pb2.Sandbox(timeout={"seconds": -3})
+    assert (
+        await status_of(
+            lambda: caller.stub.CreateSandbox(
+                api.CreateSandboxRequest(sandbox=sandbox), metadata=caller.metadata, timeout=30
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
