@@ -166,6 +166,8 @@ class CredentialStore:
             signature = unb64(signature_b64)
         except (ValueError, json.JSONDecodeError):
             raise Unauthenticated("malformed token", reason="BAD_CREDENTIAL") from None
+        if not isinstance(header, dict) or not isinstance(header.get("kid", ""), str):
+            raise Unauthenticated("malformed token", reason="BAD_CREDENTIAL")
         if header.get("alg") != "EdDSA":  # never trust the token to pick its own algorithm
             raise Unauthenticated("token algorithm must be EdDSA", reason="BAD_CREDENTIAL")
         key = self._signing.get(header.get("kid", ""))
@@ -178,7 +180,15 @@ class CredentialStore:
             key.public.verify(signature, f"{header_b64}.{payload_b64}".encode())
         except InvalidSignature:
             raise Unauthenticated("token signature does not verify", reason="BAD_CREDENTIAL") from None
-        if payload.get("exp", 0) < time.time():
+        # Signed by us, so well-formed unless a key leaked: checked all the same, a token is input.
+        if (
+            not isinstance(payload, dict)
+            or not isinstance(payload.get("exp"), int | float)
+            or not all(isinstance(payload.get(k), str) for k in ("sub", "tenant", "key"))
+            or not isinstance(payload.get("role"), int)
+        ):
+            raise Unauthenticated("malformed token", reason="BAD_CREDENTIAL")
+        if payload["exp"] < time.time():
             raise Unauthenticated("token expired", reason="CREDENTIAL_EXPIRED")
         # A token dies with the API key it was bought with.
         record = await self._key(str(payload.get("key", "")))

@@ -7,7 +7,9 @@ downstream service pass through unchanged, details included, so the caller sees 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,8 +120,41 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         await context.abort(exc.code(), exc.details() or "")
 
 
+class Malformed:
+    """Stands for a request message that did not parse (bad wire format, invalid UTF-8 in a string)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def status(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a valid message: {self.error}", reason="MALFORMED_REQUEST")
+
+
+def _tolerant(deserialize):
+    """grpc answers a request it cannot parse with INTERNAL: parse here instead, and let the handler say why."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return Malformed(exc)
+
+    return parse
+
+
+async def _checked(messages):
+    async for message in messages:
+        if isinstance(message, Malformed):
+            raise message.status()
+        yield message
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError (and downstream AioRpcError) raised by any handler into a proper status."""
+    """Turns ServiceError (and downstream AioRpcError) raised by any handler into a proper status; a request that
+    does not parse is INVALID_ARGUMENT; any other exception is a bug: logged with its traceback, answered INTERNAL
+    without Python's text."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -127,45 +162,63 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
 
+        def inputs(request_or_iterator):
+            if isinstance(request_or_iterator, Malformed):
+                raise request_or_iterator.status()
+            if hasattr(request_or_iterator, "__aiter__"):
+                return _checked(request_or_iterator)
+            return request_or_iterator
+
+        async def fail(context, exc: BaseException) -> None:
+            if isinstance(exc, ServiceError | grpc.aio.AioRpcError):
+                _log(method, exc)
+                await _abort(context, exc)
+            incident = uuid.uuid4().hex[:12]
+            log.exception("call_crashed", method=method, incident=incident)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, in the service log)")
+
         def wrap_unary(behavior):
             async def wrapped(request_or_iterator: Any, context):
                 try:
-                    return await behavior(request_or_iterator, context)
-                except (ServiceError, grpc.aio.AioRpcError) as exc:
-                    _log(method, exc)
-                    await _abort(context, exc)
+                    return await behavior(inputs(request_or_iterator), context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
 
             return wrapped
 
         def wrap_stream(behavior):
             async def wrapped(request_or_iterator: Any, context):
                 try:
-                    result = behavior(request_or_iterator, context)
+                    result = behavior(inputs(request_or_iterator), context)
                     if inspect.isasyncgen(result):
                         async for item in result:
                             yield item
                     else:
                         await result
-                except (ServiceError, grpc.aio.AioRpcError) as exc:
-                    _log(method, exc)
-                    await _abort(context, exc)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
 
             return wrapped
 
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                wrap_unary(handler.unary_unary), deserialize, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+                wrap_unary(handler.stream_unary), deserialize, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                wrap_stream(handler.unary_stream), deserialize, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            wrap_stream(handler.stream_stream), deserialize, handler.response_serializer
         )
 
 

@@ -192,3 +192,30 @@ async def test_negative_page_sizes_and_timeouts_are_refused(installation):
         )
         == grpc.StatusCode.INVALID_ARGUMENT
     )
+
+
+async def test_a_token_whose_header_is_a_list_is_unauthenticated(installation):
+    import base64
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    token = f"{b64(b'[1, 2]')}.{b64(b'{}')}.{b64(b'sig')}"
+    stub = installation.tenant.stub
+    got = await status_of(
+        lambda: stub.ListSandboxes(
+            api.ListSandboxesRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+        )
+    )
+    assert got == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument(installation):
+    # A string field (GetSandboxRequest.name = 1) holding bytes that are not UTF-8.
+    call = installation.tenant.channel.unary_unary(
+        "/microvm.sandbox.v1.SandboxService/GetSandbox",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    got = await status_of(lambda: call(b"\x0a\x02\xff\xfe", metadata=installation.tenant.metadata, timeout=10))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
