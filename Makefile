@@ -77,6 +77,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.network
 	$(BIN)/python -m bench.cluster
+	$(BIN)/python -m bench.hostile
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)

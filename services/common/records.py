@@ -125,6 +125,7 @@ NODE_CONTROLS = RecordKind("/microvm/node-controls/{node}", node_pb2.NodeControl
 PLACEMENTS = RecordKind("/microvm/placements/{node}", sandbox_pb2.PlacementGuard, "gateway")
 SANDBOXES = RecordKind("/microvm/sandboxes/{sandbox}", sandbox_pb2.SandboxRecord, "gateway", legacy.sandbox)
 VMS = RecordKind("/microvm/vms/{node}/{vm}", vm_pb2.VmRecord, "compute of the node", legacy.vm)
+CHANNEL_INCIDENTS = RecordKind("/microvm/channel-incidents/{node}/{vm}", vm_pb2.ChannelIncident, "relay of the node")
 SNAPSHOTS = RecordKind("/microvm/snapshots/{snapshot}", snapshot_pb2.SnapshotRecord, "snapshot", legacy.snapshot)
 PENDING_ARTIFACTS = RecordKind(
     "/microvm/snapshot-artifacts/{snapshot}/{artifact}",
@@ -167,6 +168,7 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     PLACEMENTS,
     SANDBOXES,
     VMS,
+    CHANNEL_INCIDENTS,
     SNAPSHOTS,
     PENDING_ARTIFACTS,
     QUOTA_RELEASES,

@@ -114,11 +114,42 @@ class ComputeSettings(ServiceSettings):
 class RelaySettings(ServiceSettings):
     # Seconds to wait for an agent channel to open (a guest's window is the agent's own, see agent.proto).
     connect_timeout_seconds: float = 10.0
+    # What a guest may cost (services/relay/channel_guard.py): frames serving no stream per 10 s before its
+    # channel is closed as a protocol violation; seconds a begun frame may stay incomplete; a quiet channel is
+    # pinged every heartbeat and closed without an answer within the heartbeat timeout; data queued for a
+    # stream's caller (and for all of a channel's) beyond the credit granted is a violation.
+    junk_frames_per_10s: int = 1000
+    frame_timeout_seconds: float = 10.0
+    heartbeat_seconds: float = 20.0
+    heartbeat_timeout_seconds: float = 30.0
+    stream_buffer_mib: int = 8
+    channel_buffer_mib: int = 64
 
     def validate(self) -> None:
         super().validate()
         if not 0 < self.connect_timeout_seconds <= 600:
             raise ConfigError("relay.connect_timeout_seconds must be between 0 and 600")
+        if (
+            self.junk_frames_per_10s < 1
+            or self.frame_timeout_seconds <= 0
+            or self.heartbeat_seconds <= 0
+            or self.heartbeat_timeout_seconds <= 0
+        ):
+            raise ConfigError("relay limits (junk_frames_per_10s, frame_timeout_seconds, heartbeat_*) must be positive")
+        if not 1 <= self.stream_buffer_mib <= self.channel_buffer_mib <= 4096:
+            raise ConfigError("relay.stream_buffer_mib must be at least 1 and at most relay.channel_buffer_mib")
+
+    def limits(self):
+        from services.relay.channel_guard import ChannelLimits
+
+        return ChannelLimits(
+            junk_frames=self.junk_frames_per_10s,
+            frame_seconds=self.frame_timeout_seconds,
+            heartbeat_seconds=self.heartbeat_seconds,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
+            stream_buffer_bytes=self.stream_buffer_mib << 20,
+            channel_buffer_bytes=self.channel_buffer_mib << 20,
+        )
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common.errors import AlreadyExists, NotFound
-from services.common.records import SANDBOXES, VMS, Records, Stored
+from services.common.records import CHANNEL_INCIDENTS, SANDBOXES, VMS, Records, Stored
 from services.gateway.access import current_tenant
 
 SandboxRecord = sandbox_types.SandboxRecord
@@ -50,8 +50,11 @@ def state_name(state: int) -> str:
     return sandbox_pb2.SandboxState.Name(state).removeprefix("SANDBOX_STATE_")
 
 
-def to_public(record: SandboxRecord, vm: vm_pb2.VmRecord | None, node_alive: bool) -> sandbox_pb2.Sandbox:
-    """What the caller sees: the record, refined by its VM's state and its node's liveness."""
+def to_public(
+    record: SandboxRecord, vm: vm_pb2.VmRecord | None, node_alive: bool, incident: vm_pb2.ChannelIncident | None = None
+) -> sandbox_pb2.Sandbox:
+    """What the caller sees: the record, refined by its VM's state, its node's liveness and whether its guest lost
+    its agent channel for breaking the protocol."""
     sandbox = sandbox_pb2.Sandbox(
         name=f"sandboxes/{record.id}",
         template=record.template,
@@ -85,6 +88,9 @@ def to_public(record: SandboxRecord, vm: vm_pb2.VmRecord | None, node_alive: boo
         sandbox.state = VM_TO_SANDBOX[vm.state]
         if vm.state in (vm_pb2.VM_STATE_FAILED, vm_pb2.VM_STATE_STOPPED):
             sandbox.failure_message = vm.failure_message or f"the VM is {vm_pb2.VmState.Name(vm.state)}"
+        elif incident is not None and incident.vmm_pid in (0, vm.pid):
+            sandbox.state = sandbox_pb2.SANDBOX_STATE_FAILED
+            sandbox.failure_message = f"the guest broke the agent protocol and lost its channel: {incident.reason}"
     return sandbox
 
 
@@ -141,6 +147,15 @@ class SandboxStore:
             return None
         stored = await self.records.get(VMS, record.node, record.id)
         return stored.message if stored else None
+
+    async def incident(self, record: SandboxRecord) -> vm_pb2.ChannelIncident | None:
+        if not record.node:
+            return None
+        stored = await self.records.get(CHANNEL_INCIDENTS, record.node, record.id)
+        return stored.message if stored else None
+
+    async def incidents(self) -> dict[tuple[str, str], vm_pb2.ChannelIncident]:
+        return {s.parts: s.message for s in await self.records.list(CHANNEL_INCIDENTS)}
 
     async def vms(self) -> dict[tuple[str, str], vm_pb2.VmRecord]:
         """Every VM record of the cluster by (node, id)."""

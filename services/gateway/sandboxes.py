@@ -3,6 +3,7 @@ ports, and the expiry reaper. The control plane: each call is translated into ca
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -76,7 +77,8 @@ class Sandboxes:
         self.store, self.nodes, self.placement, self.quotas = store, nodes, placement, quotas
 
     async def view(self, record: SandboxRecord) -> sandbox_pb2.Sandbox:
-        return to_public(record, await self.store.vm(record), self.nodes.alive(record.node))
+        vm, incident = await asyncio.gather(self.store.vm(record), self.store.incident(record))
+        return to_public(record, vm, self.nodes.alive(record.node), incident)
 
     async def running(self, name: str) -> SandboxRecord:
         """The caller's sandbox, FAILED_PRECONDITION unless it runs (UNAVAILABLE when its node is lost)."""
@@ -237,9 +239,12 @@ class Sandboxes:
         if len(records) > page_size:
             last = page[-1]
             token = base64.urlsafe_b64encode(json.dumps([last.create_time.ToNanoseconds(), last.id]).encode()).decode()
-        vms = await self.store.vms() if page else {}
+        vms, incidents = await asyncio.gather(self.store.vms(), self.store.incidents()) if page else ({}, {})
         return api.ListSandboxesResponse(
-            sandboxes=[to_public(r, vms.get((r.node, r.id)), self.nodes.alive(r.node)) for r in page],
+            sandboxes=[
+                to_public(r, vms.get((r.node, r.id)), self.nodes.alive(r.node), incidents.get((r.node, r.id)))
+                for r in page
+            ],
             next_page_token=token,
         )
 

@@ -2,21 +2,25 @@
 
 Transports: a QEMU virtio-serial port exposed as a unix socket, or Cloud Hypervisor's hybrid vsock (connect
 to the unix socket, write `CONNECT <port>\\n`, read `OK <port>\\n`). Whatever the guest sends is untrusted:
-a malformed frame is logged and dropped, an impossible length closes the channel, and the relay lives on.
+its cost is bounded (channel_guard.py), and a guest that breaks the protocol loses its channel (`violation`
+says why) while the relay and every other channel go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
 
 from microvm.agent.v1 import agent_pb2
 from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import Aborted, ServiceError, Unavailable
 from services.common.tasks import cancel_and_wait
+from services.relay.channel_guard import ChannelLimits, JunkMeter, ProtocolViolation, data_size
 
 log = structlog.get_logger()
 
@@ -30,6 +34,8 @@ class AgentTarget:
     socket_path: str
     transport: str = VIRTIO_SERIAL
     vsock_port: int = 1024
+    # The VMM process behind the endpoint (its pid): a VM started again is a new guest, with a clean slate.
+    generation: int = 0
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -49,6 +55,8 @@ class AgentStream:
     stream_id: int
     frames: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False
+    # Payload bytes queued for the caller and not taken yet.
+    buffered: int = 0
 
     async def send(self, **body) -> None:
         await self.channel.send(agent_pb2.Frame(stream_id=self.stream_id, **body))
@@ -58,8 +66,11 @@ class AgentStream:
         item = await asyncio.wait_for(self.frames.get(), timeout) if timeout else await self.frames.get()
         if isinstance(item, ChannelClosed):
             raise Unavailable(f"agent of VM {self.channel.target.vm_id} went away: {item}", reason="AGENT_UNAVAILABLE")
-        if isinstance(item, ServiceError):  # the caller's side of the stream failed (see `abort`)
+        if isinstance(item, ServiceError):  # the caller's side failed (`abort`), or the agent restarted
             raise item
+        size = data_size(item)
+        self.buffered -= size
+        self.channel.buffered -= size
         return item
 
     def abort(self, error: ServiceError) -> None:
@@ -84,8 +95,19 @@ class AgentStream:
 
 
 class AgentChannel:
-    def __init__(self, target: AgentTarget) -> None:
+    def __init__(self, target: AgentTarget, limits: ChannelLimits | None = None, on_closed=None) -> None:
         self.target = target
+        # Awaited with this channel once its reader ended (the pool quarantines a guest that broke the protocol).
+        self._on_closed = on_closed
+        self.limits = limits or ChannelLimits()
+        self.junk = JunkMeter(self.limits)
+        # Why the channel was closed for breaking the protocol; None while the guest behaves.
+        self.violation: str | None = None
+        self.buffered = 0
+        self._stale: dict[int, None] = {}  # stream ids to cancel (ordered, bounded)
+        self._stale_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._last_frame = time.monotonic()
         self.streams: dict[int, AgentStream] = {}
         # Stream ids start at a random base per connection so frames left over from an earlier
         # connection (or from before a snapshot) never match a live stream.
@@ -118,6 +140,10 @@ class AgentChannel:
                 )
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"agent-read-{self.target.vm_id}")
+        self._tasks = [
+            asyncio.create_task(self._cancel_stale_streams(), name=f"agent-stale-{self.target.vm_id}"),
+            asyncio.create_task(self._heartbeat(), name=f"agent-heartbeat-{self.target.vm_id}"),
+        ]
 
     async def ping(self, timeout: float) -> agent_pb2.Pong:
         nonce = random.getrandbits(63)
@@ -181,27 +207,43 @@ class AgentChannel:
         reason = "the VM closed the channel"
         try:
             while True:
-                data = await reader.read(1 << 20)
+                # A frame the guest began must be finished soon: a half-written one would wedge the channel.
+                started = decoder.pending
+                try:
+                    data = await asyncio.wait_for(reader.read(1 << 20), self.limits.frame_seconds if started else None)
+                except TimeoutError:
+                    raise ProtocolViolation(
+                        f"a frame stayed half-written for {self.limits.frame_seconds:.0f} s"
+                    ) from None
                 if not data:
                     break
-                for body in decoder.feed(data):
+                self._last_frame = time.monotonic()
+                try:
+                    bodies = decoder.feed(data)
+                except FrameTooLarge as exc:
+                    raise ProtocolViolation(str(exc)) from None
+                for body in bodies:
                     self._route(body)
-        except FrameTooLarge as exc:
+        except ProtocolViolation as exc:
             reason = f"protocol violation: {exc}"
+            self.violation = str(exc)
             log.warning("agent_channel_protocol_violation", vm=self.target.vm_id, error=str(exc))
         except asyncio.CancelledError:
             reason = "channel closed by the relay"
         except Exception as exc:
             reason = f"read failed: {exc}"
         self._fail(reason)
+        if self._on_closed is not None:
+            try:
+                await self._on_closed(self)
+            except Exception:
+                log.exception("agent_channel_close_hook_failed", vm=self.target.vm_id)
 
     def _route(self, body: bytes) -> None:
         try:
             frame = agent_pb2.Frame.FromString(body)
         except Exception:
-            self.malformed_frames += 1
-            if self.malformed_frames <= 3 or self.malformed_frames % 1000 == 0:
-                log.warning("agent_sent_malformed_frame", vm=self.target.vm_id, count=self.malformed_frames)
+            self.junk.count("a malformed frame")
             return
         kind = frame.WhichOneof("body")
         if frame.stream_id == 0:
@@ -209,23 +251,82 @@ class AgentChannel:
                 future = self._pongs.get(frame.pong.nonce)
                 if future and not future.done():
                     future.set_result(frame.pong)
+                else:
+                    self.junk.count("an unasked-for pong")
             elif kind == "hello":
+                if self.hello is not None:
+                    self._agent_restarted()
                 self.hello = frame.hello
             elif kind == "error":
-                log.warning("agent_channel_error", vm=self.target.vm_id, message=frame.error.message)
+                self.junk.count("an error on the control stream")
+                log.warning("agent_channel_error", vm=self.target.vm_id, message=frame.error.message[:200])
+            else:
+                self.junk.count(f"{kind} on the control stream")
             return
         stream = self.streams.get(frame.stream_id)
-        if stream is not None:
-            stream.frames.put_nowait(frame)
-        elif kind not in ("error", "exec_exited", "file_write_done", "file_result") and frame.stream_id > 0:
-            # Output of a stream nobody listens to any more (stale after reconnect/restore): stop it.
-            asyncio.get_running_loop().create_task(self._cancel_stale(frame.stream_id))
+        if stream is None:
+            self.junk.count(f"{kind} for stream {frame.stream_id}, which is not open")
+            if (
+                kind not in ("error", "exec_exited", "file_write_done", "file_result")
+                and len(self._stale) < self.limits.stale_cancels
+            ):
+                # Output of a stream nobody listens to any more (stale after reconnect/restore): stop it.
+                self._stale[frame.stream_id] = None
+                self._stale_wake.set()
+            return
+        size = data_size(frame)
+        stream.buffered += size
+        self.buffered += size
+        if stream.buffered > self.limits.stream_buffer_bytes or self.buffered > self.limits.channel_buffer_bytes:
+            raise ProtocolViolation(
+                f"sent {stream.buffered} bytes to stream {stream.stream_id} beyond the credit it was granted"
+            )
+        stream.frames.put_nowait(frame)
 
-    async def _cancel_stale(self, stream_id: int) -> None:
-        try:
-            await self.send(agent_pb2.Frame(stream_id=stream_id, cancel=agent_pb2.Cancel()))
-        except Exception:
-            pass
+    def _agent_restarted(self) -> None:
+        """A second Hello: the agent started again and lost every stream of the old one. Their callers are told
+        so: ABORTED, never an exit status the process did not report."""
+        log.warning("agent_restarted", vm=self.target.vm_id, streams=len(self.streams))
+        for stream in list(self.streams.values()):
+            stream.frames.put_nowait(
+                Aborted(
+                    f"the agent of VM {self.target.vm_id} restarted; the process and its output are lost",
+                    reason="AGENT_RESTARTED",
+                )
+            )
+        self.streams.clear()
+
+    async def _cancel_stale_streams(self) -> None:
+        """One task per channel sends the cancels for stale streams, each id once."""
+        cancelled: deque[int] = deque(maxlen=4 * self.limits.stale_cancels)
+        while True:
+            await self._stale_wake.wait()
+            self._stale_wake.clear()
+            while self._stale:
+                stream_id = next(iter(self._stale))
+                del self._stale[stream_id]
+                if stream_id in cancelled:
+                    continue
+                cancelled.append(stream_id)
+                try:
+                    await self.send(agent_pb2.Frame(stream_id=stream_id, cancel=agent_pb2.Cancel()))
+                except Unavailable:
+                    return
+
+    async def _heartbeat(self) -> None:
+        """A channel the guest has been quiet on is pinged; one that does not answer is closed."""
+        while not self.is_closed:
+            await asyncio.sleep(self.limits.heartbeat_seconds / 2)
+            if time.monotonic() - self._last_frame < self.limits.heartbeat_seconds:
+                continue
+            try:
+                await self.ping(self.limits.heartbeat_timeout_seconds)
+            except TimeoutError:
+                self._fail(
+                    f"the agent stopped answering: no reply to a ping in {self.limits.heartbeat_timeout_seconds:.0f} s"
+                )
+            except Unavailable:
+                return
 
     def _fail(self, reason: str) -> None:
         if self.is_closed:
@@ -240,60 +341,12 @@ class AgentChannel:
                 )
         if self._writer is not None:
             self._writer.close()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
 
     async def close(self) -> None:
         await cancel_and_wait(self._reader_task)
+        for task in self._tasks:
+            await cancel_and_wait(task)
         self._fail("channel closed by the relay")
-
-
-class ChannelPool:
-    """One live channel per guest endpoint, (re)connected on demand: the relay is the only client of a
-    guest's agent (virtio-serial serves one connection at a time)."""
-
-    def __init__(self, connect_timeout: float) -> None:
-        self._channels: dict[tuple[str, int], AgentChannel] = {}
-        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
-        self._connect_timeout = connect_timeout
-
-    def live(self, target: AgentTarget) -> AgentChannel | None:
-        channel = self._channels.get(target.endpoint)
-        return channel if channel and not channel.is_closed else None
-
-    async def get(self, target: AgentTarget, timeout: float | None = None) -> AgentChannel:
-        """The guest's channel, answering; a new connection is tried until `timeout` (default: the connect
-        timeout), which covers a guest still booting (its hybrid-vsock listener is not up yet)."""
-        if channel := self.live(target):
-            return channel
-        lock = self._locks.setdefault(target.endpoint, asyncio.Lock())
-        async with lock:
-            if channel := self.live(target):
-                return channel
-            deadline = asyncio.get_running_loop().time() + (timeout or self._connect_timeout)
-            while True:
-                channel = AgentChannel(target)
-                remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    await channel.connect(max(0.1, min(remaining, self._connect_timeout)))
-                    await channel.wait_until_answering(max(0.1, remaining))
-                    break
-                except (TimeoutError, Unavailable) as exc:
-                    await channel.close()
-                    if asyncio.get_running_loop().time() + 0.05 >= deadline:
-                        raise Unavailable(
-                            f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}",
-                            reason="AGENT_UNAVAILABLE",
-                        ) from None
-                    await asyncio.sleep(0.05)
-            self._channels[target.endpoint] = channel
-            return channel
-
-    async def close(self, target: AgentTarget) -> None:
-        channel = self._channels.pop(target.endpoint, None)
-        self._locks.pop(target.endpoint, None)
-        if channel:
-            await channel.close()
-
-    async def close_all(self) -> None:
-        for channel in list(self._channels.values()):
-            await channel.close()
-        self._channels.clear()

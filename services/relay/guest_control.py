@@ -8,7 +8,7 @@ import re
 from microvm.agent.v1 import agent_pb2
 from microvm.relay.v1 import relay_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
-from services.relay.agent_channel import ChannelPool
+from services.relay.channel_pool import ChannelPool
 from services.relay.vms import NodeVms
 
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")

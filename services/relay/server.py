@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
+from microvm.types.v1 import vm_pb2
+from services.common.records import CHANNEL_INCIDENTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import RelaySettings
-from services.relay.agent_channel import AgentStream, ChannelPool
+from services.relay.agent_channel import AgentStream, AgentTarget
+from services.relay.channel_pool import ChannelPool
 from services.relay.files import GuestFiles
 from services.relay.guest_control import GuestControl
 from services.relay.processes import GuestProcesses
@@ -82,11 +85,25 @@ class NodeRelay:
     """The node's channels and VM records, and the stream opener both servicers use."""
 
     def __init__(self, etcd, node: str, settings: RelaySettings) -> None:
-        self.pool = ChannelPool(settings.connect_timeout_seconds)
-        self.vms = NodeVms(etcd, node, on_removed=lambda vm: self.pool.close(target_of(vm)))
+        self.records, self.node = Records(etcd), node
+        self.pool = ChannelPool(settings.connect_timeout_seconds, settings.limits(), on_violation=self.record_incident)
+        self.vms = NodeVms(etcd, node, on_removed=self.forget)
         self.control = GuestControl(self.vms, self.pool, settings.connect_timeout_seconds)
         self.processes = GuestProcesses(self.open_stream)
         self.files = GuestFiles(self.open_stream)
+
+    async def record_incident(self, target: AgentTarget, reason: str) -> None:
+        """The sandbox reads FAILED with `reason` (the gateway merges the record into what callers see)."""
+        incident = vm_pb2.ChannelIncident(reason=reason, vmm_pid=target.generation)
+        incident.time.GetCurrentTime()
+        await self.records.put(CHANNEL_INCIDENTS, incident, self.node, target.vm_id)
+
+    async def forget(self, vm: vm_pb2.VmRecord) -> None:
+        """The VM is gone: its channel, quarantine and incident go too."""
+        target = target_of(vm)
+        await self.pool.close(target)
+        self.pool.quarantined = {k: v for k, v in self.pool.quarantined.items() if k[0] != target.endpoint}
+        await self.records.delete(CHANNEL_INCIDENTS, self.node, vm.id)
 
     async def open_stream(self, vm_id: str) -> AgentStream:
         channel = await self.pool.get(await self.vms.target(vm_id))

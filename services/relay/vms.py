@@ -27,6 +27,7 @@ def target_of(vm: vm_pb2.VmRecord) -> AgentTarget:
         socket_path=vm.agent.socket_path,
         transport=TRANSPORTS.get(vm.agent.transport, VIRTIO_SERIAL),
         vsock_port=vm.agent.vsock_port or 1024,
+        generation=vm.pid,
     )
 
 

@@ -219,3 +219,39 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(installation):
     )
     got = await status_of(lambda: call(b"\x0a\x02\xff\xfe", metadata=installation.tenant.metadata, timeout=10))
     assert got == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_sandbox_whose_guest_lost_its_channel_reads_failed_with_the_reason(installation):
+    from microvm.types.v1 import vm_pb2
+    from services.common.records import CHANNEL_INCIDENTS, Records
+    from tests.inprocess import etcd_client_for
+
+    caller = installation.tenant
+    sandbox = (
+        await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    ).sandbox
+    try:
+        # What the node's relay writes when it closes a channel for a protocol violation.
+        records = Records(etcd_client_for(installation.etcd_endpoint))
+        await records.put(
+            CHANNEL_INCIDENTS,
+            vm_pb2.ChannelIncident(reason="a flood of frames"),
+            sandbox.node,
+            sandbox.name.split("/")[1],
+        )
+        got = (
+            await caller.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), metadata=caller.metadata, timeout=10)
+        ).sandbox
+        assert got.state == sandbox_pb2.SANDBOX_STATE_FAILED and "a flood of frames" in got.failure_message
+        code = await status_of(
+            lambda: caller.stub.Exec(
+                api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(argv=["true"])),
+                metadata=caller.metadata,
+                timeout=10,
+            )
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await caller.stub.DeleteSandbox(
+            api.DeleteSandboxRequest(name=sandbox.name), metadata=caller.metadata, timeout=30
+        )

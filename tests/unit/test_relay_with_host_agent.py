@@ -4,6 +4,7 @@ multiplexing, flow control and error mapping, fast."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -52,13 +53,10 @@ async def add_vm(etcd, node: str, vm_id: str, socket_path: str, state=vm_pb2.VM_
     await Records(etcd).put(VMS, vm, node, vm_id)
 
 
-@pytest.fixture
-async def relay(tmp_path, etcd, node_name):
-    """The relay of node `node_name`, with one "VM" (`sandboxes/host`): the agent engine on this host."""
-    socket_path = str(tmp_path / "agent.sock")
-    agent = await start_agent(socket_path)
-    await add_vm(etcd, node_name, "host", socket_path)
-    node = NodeRelay(etcd, node_name, RelaySettings(connect_timeout_seconds=3))
+@contextlib.asynccontextmanager
+async def serve_relay(etcd, node_name: str, settings: RelaySettings, tmp_path):
+    """The relay of node `node_name` on a real gRPC server: a SandboxService stub (data plane) with `.control`."""
+    node = NodeRelay(etcd, node_name, settings)
     await node.vms.open()
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(DataPlaneServicer(node.processes, node.files), server)
@@ -68,11 +66,23 @@ async def relay(tmp_path, etcd, node_name):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = sandbox_service_pb2_grpc.SandboxServiceStub(channel)
     stub.control = relay_pb2_grpc.GuestControlServiceStub(channel)
-    stub.name, stub.tmp, stub.etcd, stub.node = "sandboxes/host", tmp_path, etcd, node_name
-    yield stub
-    await channel.close()
-    await node.close()
-    await server.stop(0)
+    stub.name, stub.tmp, stub.etcd, stub.node, stub.relay = "sandboxes/host", tmp_path, etcd, node_name, node
+    try:
+        yield stub
+    finally:
+        await channel.close()
+        await node.close()
+        await server.stop(0)
+
+
+@pytest.fixture
+async def relay(tmp_path, etcd, node_name):
+    """The relay of node `node_name`, with one "VM" (`sandboxes/host`): the agent engine on this host."""
+    socket_path = str(tmp_path / "agent.sock")
+    agent = await start_agent(socket_path)
+    await add_vm(etcd, node_name, "host", socket_path)
+    async with serve_relay(etcd, node_name, RelaySettings(connect_timeout_seconds=3), tmp_path) as stub:
+        yield stub
     agent.kill()
     agent.wait()
 

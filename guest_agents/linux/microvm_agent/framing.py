@@ -49,5 +49,10 @@ class FrameDecoder:
             del self._buffer[: HEADER.size + length]
         return bodies
 
+    @property
+    def pending(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return bool(self._buffer)
+
     def reset(self) -> None:
         self._buffer.clear()

@@ -1,0 +1,175 @@
+"""A hostile guest harms only itself: its channel's cost to the relay is bounded, a channel that breaks the protocol
+is closed and the sandbox marked with the reason, and a neighbour sandbox on the same relay never notices."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from microvm.relay.v1 import relay_pb2
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.records import CHANNEL_INCIDENTS, Records
+from services.common.settings import RelaySettings
+from tests.fakes.hostile_guest import HostileGuest
+from tests.unit.test_relay_with_host_agent import add_vm, run, serve_relay, start_agent
+
+pytestmark = pytest.mark.timeout(90)
+LIMITS = RelaySettings(
+    connect_timeout_seconds=3,
+    junk_frames_per_10s=500,
+    frame_timeout_seconds=1.0,
+    heartbeat_seconds=1.0,
+    heartbeat_timeout_seconds=1.0,
+    stream_buffer_mib=4,
+)
+
+
+@pytest.fixture
+async def relay(tmp_path, etcd, node_name):
+    """A relay with a well-behaved neighbour (`sandboxes/host`, the real agent engine) and tight limits."""
+    agent = await start_agent(str(tmp_path / "agent.sock"))
+    await add_vm(etcd, node_name, "host", str(tmp_path / "agent.sock"))
+    async with serve_relay(etcd, node_name, LIMITS, tmp_path) as stub:
+        yield stub
+    agent.kill()
+    agent.wait()
+
+
+async def hostile(relay, mode: str) -> HostileGuest:
+    path = str(relay.tmp / f"{mode}.sock")
+    guest = await HostileGuest(path, mode).start()
+    await add_vm(relay.etcd, relay.node, mode, path)
+    return guest
+
+
+async def incident(relay, vm_id: str):
+    stored = await Records(relay.etcd).get(CHANNEL_INCIDENTS, relay.node, vm_id)
+    return stored.message if stored else None
+
+
+async def neighbour_execs(relay, count: int) -> list[float]:
+    took = []
+    for _ in range(count):
+        started = time.perf_counter()
+        stdout, _, exited, _ = await run(relay, ["echo", "fine"])
+        assert stdout == b"fine\n" and exited.exit_code == 0
+        took.append(time.perf_counter() - started)
+    return took
+
+
+async def call_status(call) -> grpc.StatusCode:
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("mode", ["unknown-ids", "malformed"])
+async def test_hostile_flood_closes_only_its_own_channel_and_the_neighbour_never_notices(relay, mode):
+    guest = await hostile(relay, mode)
+    try:
+        tasks_before = len(asyncio.all_tasks())
+        waiting = asyncio.ensure_future(
+            relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id=mode, timeout_ms=2000))
+        )
+        took = await neighbour_execs(relay, 10)
+        await asyncio.gather(waiting, return_exceptions=True)
+        found = None
+        for _ in range(50):
+            if found := await incident(relay, mode):
+                break
+            await asyncio.sleep(0.1)
+        assert found and "served no stream" in found.reason
+        assert len(asyncio.all_tasks()) < tasks_before + 10, "the flood made the relay start tasks"
+        assert max(took) < 5.0
+        code = await call_status(
+            relay.Exec(api.ExecRequest(sandbox=f"sandboxes/{mode}", process=api.ProcessConfig(argv=["true"])))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION  # quarantined: not connected to again
+    finally:
+        await guest.close()
+
+
+async def test_hostile_oversize_frame_is_a_violation(relay):
+    guest = await hostile(relay, "oversize")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="oversize", timeout_ms=2000))
+        for _ in range(30):
+            if await incident(relay, "oversize"):
+                break
+            await asyncio.sleep(0.1)
+        assert "exceeds" in (await incident(relay, "oversize")).reason
+        await neighbour_execs(relay, 2)
+    finally:
+        await guest.close()
+
+
+async def test_hostile_half_written_frame_ends_the_channel_within_the_frame_deadline(relay):
+    guest = await hostile(relay, "half-frame")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="half-frame", timeout_ms=3000))
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        for _ in range(40):
+            if await incident(relay, "half-frame"):
+                break
+            await asyncio.sleep(0.1)
+        assert "half-written" in (await incident(relay, "half-frame")).reason
+        assert time.monotonic() - started < 10
+        await neighbour_execs(relay, 2)
+    finally:
+        await guest.close()
+
+
+async def test_hostile_agent_restart_ends_a_running_exec_aborted_not_with_an_exit_code(relay):
+    guest = await hostile(relay, "restart")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="restart", timeout_ms=3000))
+        code = await call_status(
+            relay.Exec(
+                api.ExecRequest(sandbox="sandboxes/restart", process=api.ProcessConfig(argv=["sleep", "9"])), timeout=10
+            )
+        )
+        assert code == grpc.StatusCode.ABORTED
+    finally:
+        await guest.close()
+
+
+async def test_hostile_output_beyond_its_credit_is_a_violation(relay):
+    guest = await hostile(relay, "overflow")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="overflow", timeout_ms=3000))
+        call = relay.Exec(api.ExecRequest(sandbox="sandboxes/overflow", process=api.ProcessConfig(argv=["x"])))
+        await call.read()  # started; then the caller reads nothing while the guest sends 64 MiB
+        for _ in range(50):
+            if await incident(relay, "overflow"):
+                break
+            await asyncio.sleep(0.1)
+        call.cancel()
+        assert "beyond the credit" in (await incident(relay, "overflow")).reason
+        await neighbour_execs(relay, 2)
+    finally:
+        await guest.close()
+
+
+async def test_hostile_silent_agent_is_dropped_by_the_heartbeat(relay):
+    guest = await hostile(relay, "silent")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="silent", timeout_ms=3000))
+        started = time.monotonic()
+        code = await call_status(
+            relay.Exec(
+                api.ExecRequest(sandbox="sandboxes/silent", process=api.ProcessConfig(argv=["sleep", "60"])), timeout=20
+            )
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 10
+        assert await incident(relay, "silent") is None  # silence is not a violation: the next call reconnects
+    finally:
+        await guest.close()
