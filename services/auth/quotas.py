@@ -43,7 +43,8 @@ class TenantQuotas:
             after = _combine(usage, amount, +1)
             for field in FIELDS:
                 limit = getattr(quota, LIMITS[field])
-                if limit and getattr(after, field) > limit:
+                # Only what this reservation asks for is checked: totals of other kinds may predate a limit.
+                if limit and getattr(amount, field) and getattr(after, field) > limit:
                     raise ResourceExhausted(
                         f"tenant {tenant} quota exceeded: {field} would be {getattr(after, field)} of {limit}",
                         reason="QUOTA_EXCEEDED",

@@ -123,6 +123,7 @@ NODE_LOCKS = RecordKind(
 NODES = RecordKind("/microvm/nodes/{node}", node_pb2.NodeRecord, "compute of the node")
 NODE_CONTROLS = RecordKind("/microvm/node-controls/{node}", node_pb2.NodeControl, "gateway")
 PLACEMENTS = RecordKind("/microvm/placements/{node}", sandbox_pb2.PlacementGuard, "gateway")
+TENANT_GUARDS = RecordKind("/microvm/tenant-placements/{tenant}", sandbox_pb2.PlacementGuard, "gateway")
 SANDBOXES = RecordKind("/microvm/sandboxes/{sandbox}", sandbox_pb2.SandboxRecord, "gateway", legacy.sandbox)
 VMS = RecordKind("/microvm/vms/{node}/{vm}", vm_pb2.VmRecord, "compute of the node", legacy.vm)
 CHANNEL_INCIDENTS = RecordKind("/microvm/channel-incidents/{node}/{vm}", vm_pb2.ChannelIncident, "relay of the node")
@@ -166,6 +167,7 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     NODES,
     NODE_CONTROLS,
     PLACEMENTS,
+    TENANT_GUARDS,
     SANDBOXES,
     VMS,
     CHANNEL_INCIDENTS,

@@ -8,7 +8,9 @@ capacity check and the record that holds it) happens under one lock, so concurre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
@@ -68,6 +70,13 @@ class VmLedger:
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def holding(self, vm_id: str) -> AsyncIterator[VmRecord]:
+        """The VM under its lock, read after the lock is held: a change that waited behind a delete finds the VM
+        gone (NOT_FOUND), never acts on a record read before."""
+        async with self.lock(vm_id):
+            yield self.get(vm_id)
 
     def get(self, vm_id: str) -> VmRecord:
         vm = self.vms.get(vm_id)

@@ -233,8 +233,7 @@ class VmLifecycle:
         return pooled
 
     async def delete(self, vm_id: str) -> None:
-        vm = self.ledger.get(vm_id)
-        async with self.ledger.lock(vm_id):
+        async with self.ledger.holding(vm_id) as vm:
             await self.processes.destroy(vm)
             await self.ledger.forget(vm)
         log.info("vm_deleted", vm=vm_id)
@@ -242,8 +241,7 @@ class VmLifecycle:
     async def stop(self, vm_id: str) -> VmRecord:
         """Stops the VM keeping its disk. A running guest first writes back what it holds in its page cache
         (within `stop_timeout_seconds`), so files written before the stop are on the kept disk."""
-        vm = self.ledger.get(vm_id)
-        async with self.ledger.lock(vm_id):
+        async with self.ledger.holding(vm_id) as vm:
             if vm.state == vm_pb2.VM_STATE_RUNNING:
                 try:
                     await self.guests.run(vm.id, ["sync"], self.settings.stop_timeout_seconds)
@@ -256,8 +254,7 @@ class VmLifecycle:
             return vm
 
     async def start(self, vm_id: str) -> VmRecord:
-        vm = self.ledger.get(vm_id)
-        async with self.ledger.lock(vm_id):
+        async with self.ledger.holding(vm_id) as vm:
             if vm.state == vm_pb2.VM_STATE_RUNNING:
                 return vm
             if vm.state != vm_pb2.VM_STATE_STOPPED:
@@ -291,13 +288,12 @@ class VmLifecycle:
             return vm
 
     async def set_paused(self, vm_id: str, paused: bool) -> VmRecord:
-        vm = self.ledger.get(vm_id)
         wanted, needed = (
             (vm_pb2.VM_STATE_PAUSED, vm_pb2.VM_STATE_RUNNING)
             if paused
             else (vm_pb2.VM_STATE_RUNNING, vm_pb2.VM_STATE_PAUSED)
         )
-        async with self.ledger.lock(vm_id):
+        async with self.ledger.holding(vm_id) as vm:
             if vm.state == wanted:
                 return vm
             if vm.state != needed:

@@ -112,7 +112,11 @@ class VmSnapshots:
 
     async def freeze(self, vm: VmRecord, image: BuiltImage, out: Path) -> dict[str, dict]:
         """The VM's state as files in `out` (with config.json and verified.json); returns their hashes."""
-        async with self.ledger.lock(vm.id):
+        async with self.ledger.holding(vm.id) as vm:
+            if vm.state not in (vm_pb2.VM_STATE_RUNNING, vm_pb2.VM_STATE_PAUSED):
+                raise FailedPrecondition(
+                    f"VM {vm.id} became {state_name(vm)} while its snapshot began", reason="VM_NOT_RUNNING"
+                )
             snapshot_format = await self.driver.snapshot(vm, out, image.rootfs)
         config = {
             "template": vm.template,

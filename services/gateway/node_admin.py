@@ -161,10 +161,12 @@ class NodeAdmin:
             if not was_paused:
                 resume = compute_pb2.ResumeVmRequest(vm_id=record.id)
                 await self.nodes.on_compute(source, lambda c: c.ResumeVm(resume, timeout=deadlines.VM_CHANGE))
-            current = await self.store.get(record.id)
-            if current.state == MIGRATING and current.node == source:
-                current.state = PAUSED if was_paused else RUNNING
-                await self.store.put(current)
+
+            def back(current: SandboxRecord) -> None:
+                if current.node == source:
+                    current.state = PAUSED if was_paused else RUNNING
+
+            await self.store.change(record.id, back, expect_states={MIGRATING})
         except (ServiceError, grpc.aio.AioRpcError) as exc:
             log.error("sandbox_migration_rollback_failed", sandbox=record.id, error=str(exc))
 

@@ -11,10 +11,10 @@ the same view; the loser decides again on a fresh view.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 import structlog
 
+from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from services.common.errors import (
     Aborted,
@@ -25,8 +25,8 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.records import PLACEMENTS, SANDBOXES, Records
-from services.gateway.nodes import ClusterNodes, NodeView
+from services.common.records import PLACEMENTS, SANDBOXES, TENANT_GUARDS, TENANTS, Records
+from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
 from services.gateway.records import SandboxRecord, SandboxStore
 
 log = structlog.get_logger()
@@ -98,6 +98,24 @@ def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
     return max(fitting, key=lambda v: (score(v, record), v.name)).name
 
 
+def check_quota(record: SandboxRecord, tenants_sandboxes: list[SandboxRecord], quota: auth_types.Quota) -> None:
+    """RESOURCE_EXHAUSTED when one more sandbox like `record` would exceed the tenant's limits (0: unlimited).
+    Every record counts as a sandbox; all but FAILED ones count their vCPUs and memory."""
+    holding = [s for s in tenants_sandboxes if holds_capacity(s)]
+    wanted = {
+        "sandboxes": (len(tenants_sandboxes) + 1, quota.max_sandboxes),
+        "vcpus": (sum(s.vcpus for s in holding) + record.vcpus, quota.max_vcpus),
+        "memory_mib": (sum(s.memory_mib for s in holding) + record.memory_mib, quota.max_memory_mib),
+    }
+    for field, (after, limit) in wanted.items():
+        if limit and after > limit:
+            raise ResourceExhausted(
+                f"tenant {record.tenant} quota exceeded: {field} would be {after} of {limit}",
+                reason="QUOTA_EXCEEDED",
+                metadata={"tenant": record.tenant, "resource": field, "limit": str(limit)},
+            )
+
+
 class SandboxPlacement:
     def __init__(self, nodes: ClusterNodes, store: SandboxStore) -> None:
         self.nodes, self.store = nodes, store
@@ -105,34 +123,48 @@ class SandboxPlacement:
         # Seconds each decision took (view, choice and transaction), for the benchmark.
         self.timings: list[float] = []
 
-    async def place(self, record: SandboxRecord, admit: Callable[[], Awaitable[None]] | None = None) -> str:
-        """Chooses a node for a new sandbox and creates its record naming that node, atomically. `admit` runs once
-        a node was found and before the record is written (the tenant's quota: a request that cannot be placed
-        is refused for that, not for a quota it would never have used); it must be idempotent."""
+    async def quota(self, tenant: str) -> auth_types.Quota:
+        stored = await self.records.get(TENANTS, tenant) if tenant else None
+        return stored.message.quota if stored else auth_types.Quota()  # no tenant record: no limits
+
+    async def place(self, record: SandboxRecord) -> int:
+        """Chooses a node for a new sandbox and creates its record naming that node, in one transaction with the
+        node's and the tenant's guards: neither a node's capacity nor the tenant's quota can be exceeded by any
+        number of concurrent creates. Returns the record's revision."""
+        quota = await self.quota(record.tenant)
         for _ in range(ATTEMPTS):
             started = time.perf_counter()
+            # The guards first: a placement made after this read changes one, and our transaction then fails.
             guards = {s.parts[0]: s.revision for s in await self.records.list(PLACEMENTS)}
-            views = await self.nodes.views(await self.store.list(tenant=None, every_tenant=True))
-            node = choose(views, record)
-            if admit is not None:
-                await admit()
+            tenant_guard = await self.records.get(TENANT_GUARDS, record.tenant)
+            sandboxes = await self.store.list(tenant=None, every_tenant=True)
+            tenants = [s for s in sandboxes if s.tenant == record.tenant]
+            try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
+                node = choose(await self.nodes.views(sandboxes), record)
+            except ResourceExhausted:
+                check_quota(record, tenants, quota)  # the tenant's own limit is the clearer answer
+                raise
+            check_quota(record, tenants, quota)
             record.node = node
             guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
             guard.time.GetCurrentTime()
             record.update_time.GetCurrentTime()
-            placed = await self.records.transaction(
+            placed, responses = await self.records.etcd.transaction(
                 compare=[
                     self.records.unchanged(SANDBOXES, 0, record.id),
                     self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
+                    self.records.unchanged(TENANT_GUARDS, tenant_guard.revision if tenant_guard else 0, record.tenant),
                 ],
                 success=[
                     self.records.put_op(SANDBOXES, record, record.id),
                     self.records.put_op(PLACEMENTS, guard, node),
+                    self.records.put_op(TENANT_GUARDS, guard, record.tenant),
                 ],
+                failure=[],
             )
             self.timings.append(time.perf_counter() - started)
             if placed:
-                return node
+                return responses[0].response_put.header.revision
             if await self.records.get(SANDBOXES, record.id) is not None:
                 raise AlreadyExists(
                     f"sandbox {record.id} already exists",

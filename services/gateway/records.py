@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
-from services.common.errors import AlreadyExists, NotFound
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from services.common.records import CHANNEL_INCIDENTS, SANDBOXES, VMS, Records, Stored
 from services.gateway.access import current_tenant
 
@@ -48,6 +48,10 @@ def not_found(sandbox_id: str) -> NotFound:
 
 def state_name(state: int) -> str:
     return sandbox_pb2.SandboxState.Name(state).removeprefix("SANDBOX_STATE_")
+
+
+def record_state_name(state: int) -> str:
+    return sandbox_types.SandboxRecordState.Name(state).removeprefix("SANDBOX_RECORD_STATE_")
 
 
 def to_public(
@@ -141,6 +145,37 @@ class SandboxStore:
 
     async def delete(self, record: SandboxRecord) -> None:
         await self.records.delete(SANDBOXES, record.id)
+
+    async def change(self, sandbox_id: str, mutate, expect_states=None) -> SandboxRecord:
+        """Reads the record, applies `mutate(record)` and writes it back only if nobody changed it meanwhile
+        (retried on a conflict): a change never resurrects a sandbox deleted concurrently, nor undoes another
+        change. NOT_FOUND when it is gone; FAILED_PRECONDITION when its state is not in `expect_states`."""
+        for _ in range(50):
+            stored = await self.records.get(SANDBOXES, sandbox_id)
+            if stored is None:
+                raise not_found(sandbox_id)
+            record = stored.message
+            if expect_states is not None and record.state not in expect_states:
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} is {record_state_name(record.state)}, not in a state that allows this",
+                    reason="SANDBOX_STATE_CHANGED",
+                    metadata={"sandbox": f"sandboxes/{sandbox_id}"},
+                )
+            mutate(record)
+            record.update_time.GetCurrentTime()
+            if await self.records.transaction(
+                compare=[self.records.unchanged(SANDBOXES, stored.revision, sandbox_id)],
+                success=[self.records.put_op(SANDBOXES, record, sandbox_id)],
+            ):
+                return record
+        raise Aborted(f"sandbox {sandbox_id} is changing too fast; retry", reason="SANDBOX_CONTENDED")
+
+    async def remove(self, record: SandboxRecord, revision: int) -> bool:
+        """Deletes the record if it is still as read."""
+        return await self.records.transaction(
+            compare=[self.records.unchanged(SANDBOXES, revision, record.id)],
+            success=[self.records.delete_op(SANDBOXES, record.id)],
+        )
 
     async def vm(self, record: SandboxRecord) -> vm_pb2.VmRecord | None:
         if not record.node:

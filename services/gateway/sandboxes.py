@@ -18,12 +18,11 @@ from microvm.compute.v1 import compute_pb2
 from microvm.network.v1 import network_pb2
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common import deadlines
-from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.nodes import ClusterNodes
@@ -38,6 +37,9 @@ LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
 UPDATABLE = ("labels", "timeout", "network_policy")
 StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
+CREATING = sandbox_types.SANDBOX_RECORD_STATE_CREATING
+DELETING = sandbox_types.SANDBOX_RECORD_STATE_DELETING
+LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
 
 
 def parse_name(name: str, collection: str = "sandboxes") -> str:
@@ -190,34 +192,43 @@ class Sandboxes:
         return await self.view(await self.start(record, create_vm))
 
     async def start(self, record: SandboxRecord, start_vm: StartVm) -> SandboxRecord:
-        """Places the sandbox (its record is created naming the node, the tenant's quota held once a node was found),
-        starts its VM with `start_vm(node)`, marks it RUNNING. A failure at any step removes what was made: nothing
-        half-made survives."""
-        reservation = f"sandbox-{record.id}"
-        amount = auth_types.QuotaAmount(sandboxes=1, vcpus=record.vcpus, memory_mib=record.memory_mib)
-        try:
-            node = await self.placement.place(record, lambda: self.quotas.reserve(record.tenant, reservation, amount))
-        except BaseException:
-            await self.quotas.release(record.tenant, reservation)
-            raise
+        """Places the sandbox (its record is created naming the node, in one transaction with the tenant's quota and
+        the node's capacity), starts its VM with `start_vm(node)`, marks it RUNNING if it still exists. A failure
+        at any step removes what was made, and a sandbox deleted while it was being created stays deleted: its new
+        VM goes too."""
+        revision = await self.placement.place(record)
+        node = record.node
         try:
             vm = await start_vm(node)
-            record.hypervisor, record.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
         except BaseException:
-            try:
-                await self.nodes.on_compute(
-                    node,
-                    lambda c: c.DeleteVm(compute_pb2.DeleteVmRequest(vm_id=record.id), timeout=deadlines.VM_CHANGE),
-                )
-            except (grpc.aio.AioRpcError, ServiceError):
-                pass  # compute already cleaned up its side of a failed start
-            await self.store.delete(record)
-            await self.quotas.release(record.tenant, reservation)
+            await self._delete_vm(node, record.id)
+            await self.store.remove(record, revision)
             raise
-        record.state = RUNNING
-        await self.store.put(record)
+
+        def running(current: SandboxRecord) -> None:
+            current.state = RUNNING
+            current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
+
+        try:
+            record = await self.store.change(record.id, running, expect_states={CREATING})
+        except ServiceError:
+            await self._delete_vm(node, record.id)
+            raise Aborted(
+                f"sandbox {record.id} was deleted while it was being created", reason="SANDBOX_DELETED_DURING_CREATE"
+            ) from None
         log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
         return record
+
+    async def _delete_vm(self, node: str, vm_id: str) -> None:
+        """Best effort: a VM nobody could delete is deleted by its node's orphan sweep."""
+        try:
+            delete = compute_pb2.DeleteVmRequest(vm_id=vm_id)
+            await self.nodes.on_compute(node, lambda c: c.DeleteVm(delete, timeout=deadlines.VM_CHANGE))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("vm_delete_deferred", node=node, vm=vm_id, error=exc.details())
+        except ServiceError as exc:
+            log.warning("vm_delete_deferred", node=node, vm=vm_id, error=exc.message)
 
     async def get(self, name: str) -> sandbox_pb2.Sandbox:
         return await self.view(await self.store.get(parse_name(name)))
@@ -254,22 +265,31 @@ class Sandboxes:
         for path in paths:
             if path not in UPDATABLE:
                 raise InvalidArgument(f"field {path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")
-        if "network_policy" in paths:
-            policy = self.checked_policy(request.sandbox.network_policy)
+        policy = self.checked_policy(request.sandbox.network_policy) if "network_policy" in paths else None
+        if "labels" in paths:
+            validate_labels(request.sandbox.labels)
+        timeout = (
+            self.timeout_seconds(request.sandbox.timeout)
+            if "timeout" in paths and request.sandbox.HasField("timeout")
+            else None
+        )
+        if policy is not None:
             await self._require_running_or_paused(record)
             if self.context.common.networking:
                 change = network_pb2.SetEgressPolicyRequest(sandbox_id=record.id, policy=policy)
                 await self.nodes.on_network(record.node, lambda n: n.SetEgressPolicy(change, timeout=deadlines.CONTROL))
-            record.network_policy.CopyFrom(policy)
-        if "labels" in paths:
-            validate_labels(request.sandbox.labels)
-            record.labels.clear()
-            record.labels.update(request.sandbox.labels)
-        if "timeout" in paths and request.sandbox.HasField("timeout"):
-            record.timeout_seconds = self.timeout_seconds(request.sandbox.timeout)
-            record.expire_time.FromNanoseconds(int((time.time() + record.timeout_seconds) * 1e9))
-        await self.store.put(record)
-        return await self.view(record)
+
+        def apply(current: SandboxRecord) -> None:
+            if policy is not None:
+                current.network_policy.CopyFrom(policy)
+            if "labels" in paths:
+                current.labels.clear()
+                current.labels.update(request.sandbox.labels)
+            if timeout is not None:
+                current.timeout_seconds = timeout
+                current.expire_time.FromNanoseconds(int((time.time() + timeout) * 1e9))
+
+        return await self.view(await self.store.change(record.id, apply, expect_states=LIVE))
 
     async def _require_running_or_paused(self, record: SandboxRecord) -> None:
         sandbox = await self.view(record)
@@ -294,9 +314,12 @@ class Sandboxes:
             host_port=request.host_port,
         )
         reply = await self.nodes.on_network(record.node, lambda n: n.ExposePort(expose, timeout=deadlines.CONTROL))
-        if reply.port not in record.exposed_ports:
-            record.exposed_ports.append(reply.port)
-            await self.store.put(record)
+
+        def remember(current: SandboxRecord) -> None:
+            if reply.port not in current.exposed_ports:
+                current.exposed_ports.append(reply.port)
+
+        await self.store.change(record.id, remember)
         return api.ExposePortResponse(port=convert(reply.port, sandbox_pb2.ExposedPort))
 
     async def set_paused(self, name: str, paused: bool) -> sandbox_pb2.Sandbox:
@@ -313,19 +336,22 @@ class Sandboxes:
         else:
             change = compute_pb2.ResumeVmRequest(vm_id=record.id)
             await self.nodes.on_compute(record.node, lambda c: c.ResumeVm(change, timeout=deadlines.VM_CHANGE))
-        record.state = sandbox_types.SANDBOX_RECORD_STATE_PAUSED if paused else RUNNING
-        await self.store.put(record)
+        wanted = sandbox_types.SANDBOX_RECORD_STATE_PAUSED if paused else RUNNING
+        record = await self.store.change(
+            record.id,
+            lambda current: setattr(current, "state", wanted),
+            expect_states={RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED},
+        )
         return await self.view(record)
 
     async def delete(self, name: str) -> None:
         await self.destroy(await self.store.get(parse_name(name)))
 
     async def destroy(self, record: SandboxRecord) -> None:
-        """Frees everything a sandbox holds; the record goes last so a failure can be retried. A sandbox whose node
-        is lost goes all the same: that node's compute deletes the VM when it returns and finds no sandbox naming
-        it (compute.orphan_grace_seconds)."""
-        record.state = sandbox_types.SANDBOX_RECORD_STATE_DELETING
-        await self.store.put(record)
+        """Frees everything a sandbox holds; the record goes last (deleting it releases the tenant's quota), so a
+        failure can be retried. A sandbox whose node is lost goes all the same: that node's compute deletes the VM
+        when it returns and finds no sandbox naming it (compute.orphan_grace_seconds)."""
+        record = await self.store.change(record.id, lambda current: setattr(current, "state", DELETING))
         if record.node and not self.nodes.alive(record.node):
             log.warning("sandbox_deleted_while_its_node_is_away", sandbox=record.id, node=record.node)
         elif record.node:
@@ -336,7 +362,6 @@ class Sandboxes:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         await self.store.delete(record)
-        await self.quotas.release(record.tenant, f"sandbox-{record.id}")
         log.info("sandbox_deleted", sandbox=record.id)
 
     async def reap_expired(self) -> None:

@@ -26,7 +26,7 @@ from services.common import deadlines
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
-from services.gateway.records import MIGRATING, PAUSED, RUNNING
+from services.gateway.records import MIGRATING, PAUSED, RUNNING, state_name
 from services.gateway.sandboxes import Sandboxes, parse_name, validate_labels
 
 log = structlog.get_logger()
@@ -65,7 +65,7 @@ class SnapshotOps:
         if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
             sandbox = await self.sandboxes.view(record)
             raise FailedPrecondition(
-                f"sandbox {record.id} is {sandbox_pb2.SandboxState.Name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
+                f"sandbox {record.id} is {state_name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
             )
         validate_labels(labels)
         snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"

@@ -103,6 +103,7 @@ class AgentChannel:
         self.junk = JunkMeter(self.limits)
         # Why the channel was closed for breaking the protocol; None while the guest behaves.
         self.violation: str | None = None
+        self._closing: asyncio.Future | None = None
         self.buffered = 0
         self._stale: dict[int, None] = {}  # stream ids to cancel (ordered, bounded)
         self._stale_wake = asyncio.Event()
@@ -234,10 +235,14 @@ class AgentChannel:
             reason = f"read failed: {exc}"
         self._fail(reason)
         if self._on_closed is not None:
-            try:
-                await self._on_closed(self)
-            except Exception:
-                log.exception("agent_channel_close_hook_failed", vm=self.target.vm_id)
+            # Shielded: whoever closes this channel because it failed must not cancel the record of why.
+            self._closing = asyncio.ensure_future(self._on_closed(self))
+            self._closing.add_done_callback(self._closing_done)
+            await asyncio.shield(self._closing)
+
+    def _closing_done(self, hook: asyncio.Future) -> None:
+        if not hook.cancelled() and hook.exception() is not None:
+            log.error("agent_channel_close_hook_failed", vm=self.target.vm_id, error=repr(hook.exception()))
 
     def _route(self, body: bytes) -> None:
         try:

@@ -33,12 +33,7 @@ class ChannelPool:
     def _check_quarantine(self, target: AgentTarget) -> None:
         reason = self.quarantined.get((target.endpoint, target.generation))
         if reason is not None:
-            raise FailedPrecondition(
-                f"the agent channel of VM {target.vm_id} was closed because the guest broke the "
-                f"protocol ({reason}); the VM must be started again",
-                reason="AGENT_QUARANTINED",
-                metadata={"vm": target.vm_id},
-            )
+            raise quarantine_error(target, reason)
 
     async def _closed(self, channel: AgentChannel) -> None:
         """Called when a channel's reader ends: a violation quarantines the guest."""
@@ -71,6 +66,8 @@ class ChannelPool:
                     break
                 except (TimeoutError, Unavailable) as exc:
                     await channel.close()
+                    if channel.violation:  # no second chance within this VM's life
+                        raise quarantine_error(target, channel.violation) from None
                     if asyncio.get_running_loop().time() + 0.05 >= deadline:
                         raise Unavailable(
                             f"agent of VM {target.vm_id} does not answer: {exc or 'timeout'}",
@@ -90,3 +87,12 @@ class ChannelPool:
         for channel in list(self._channels.values()):
             await channel.close()
         self._channels.clear()
+
+
+def quarantine_error(target: AgentTarget, reason: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the agent channel of VM {target.vm_id} was closed because the guest broke the protocol ({reason}); "
+        "the VM must be started again",
+        reason="AGENT_QUARANTINED",
+        metadata={"vm": target.vm_id},
+    )

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
 from services.common.registry import etcd_client
-from tests.etcd import LocalEtcd
+from tests.etcd import LocalEtcd, free_port
+from tests.inprocess import InProcessNode, fake_image_root, start_installation
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +32,17 @@ async def etcd(etcd_server):
 def node_name() -> str:
     """A node id of its own per test, so records of different tests never meet."""
     return f"node-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+async def installation(etcd_server):
+    """A whole one-node installation (auth required, fake VMM) in the session's event loop for the tests of one
+    module (its gateway reaps sandbox records it finds expired: it must not outlive the module that made it);
+    the module makes tenants of its own (`tests.inprocess.tenant_caller`)."""
+    node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvm-installation-")))
+    images = fake_image_root(node.state_dir / "images")
+    node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
+    await start_installation(node, free_port())
+    yield node
+    await node.stop_all()
+    shutil.rmtree(node.state_dir, ignore_errors=True)

@@ -3,33 +3,27 @@ another tenant. A whole installation (fake VMM) in this event loop."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import grpc
 import pytest
 
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from tests.etcd import free_port
-from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
+from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-async def installation(etcd_server):
-    node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvmapi-")))
-    images = fake_image_root(node.state_dir / "images")
-    node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
-    await start_installation(node, free_port())
-    node.tenant = await tenant_caller(node, f"edge-{node.node}")
-    node.other = await tenant_caller(node, f"other-{node.node}")
-    node.sandbox = (
-        await node.tenant.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=node.tenant.metadata, timeout=60)
+async def installation(installation):
+    """The shared installation with two tenants of this module and one sandbox of the first."""
+    installation.tenant = await tenant_caller(installation, f"edge-{installation.node}")
+    installation.other = await tenant_caller(installation, f"other-{installation.node}")
+    installation.sandbox = (
+        await installation.tenant.stub.CreateSandbox(
+            api.CreateSandboxRequest(), metadata=installation.tenant.metadata, timeout=60
+        )
     ).sandbox
-    yield node
-    await node.stop_all()
+    return installation
 
 
 async def status_of(call) -> grpc.StatusCode:

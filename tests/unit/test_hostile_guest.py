@@ -116,7 +116,8 @@ async def test_hostile_half_written_frame_ends_the_channel_within_the_frame_dead
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="half-frame", timeout_ms=3000))
-        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION, failure.value.details()
+        assert "half-written" in failure.value.details()
         for _ in range(40):
             if await incident(relay, "half-frame"):
                 break
