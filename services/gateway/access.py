@@ -4,7 +4,9 @@ Every SandboxService call must carry `authorization: Bearer <API key or token>`;
 credential and the permission matrix. The caller's principal is then available to handlers
 (`current_principal()`), which scope every resource to its tenant: another tenant's sandbox or snapshot is
 NOT_FOUND, never PERMISSION_DENIED, so nothing leaks about its existence. Each API key has a token bucket;
-every mutating call is recorded in the tenant's audit log with its result.
+every mutating call is recorded in the tenant's audit log with its result, and its result is returned only once auth
+has stored that entry (`AccessInterceptor.audit`). A call refused at the door (no or bad credential, forbidden,
+rate limited) never ran and is not recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
 from services.auth.permissions import MUTATING
 from services.common import deadlines
-from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated
+from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
@@ -117,24 +119,76 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             )
         return principal
 
-    def audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
-        """Records in the background: a caller that hangs up must not cancel its own audit entry."""
+    # Auditing a call, and what a failure to record means for a call whose effect already happened.
+    #
+    # The entry is written after the call ran, with its result, and the result is returned only once auth has
+    # stored the entry (auth answers when the entry's etcd transaction committed). When it cannot be stored, a call
+    # that succeeded fails UNAVAILABLE (AUDIT_UNAVAILABLE): its caller is never told "done" about something the
+    # tenant's log does not show. Its effect may stand all the same (the sandbox was changed, the file written):
+    # the status says so, and the caller treats it as any call whose answer was lost, checking before retrying;
+    # the gateway's log has the unrecorded call (`audit_record_failed`: principal, method, target, result). We chose
+    # this over an "attempt" entry before the effect and a result entry after it: one entry per call keeps the log
+    # what it claims to be (what was done, by whom, with what result), and a pre-recorded attempt whose result entry
+    # failed would leave the same question open. A call that failed still gets its entry before its status is
+    # returned; when that entry cannot be stored the caller gets the call's own error (it failed either way).
+    # A caller that hangs up never cancels its own entry: it is written by a task of its own (shielded, owned here,
+    # waited for at shutdown). A stream follows the same rule at its end: its final status waits for its entry.
+
+    async def audit(
+        self, principal, method: str, target: str, code: grpc.StatusCode, *, caller_gone: bool = False
+    ) -> None:
+        """Records a mutating call in its tenant's audit log; returns once auth has stored the entry, raises
+        Unavailable (AUDIT_UNAVAILABLE) when it could not. `caller_gone`: nobody waits; written in the background."""
         if method not in MUTATING:
             return
-        task = asyncio.get_running_loop().create_task(self._audit(principal, method, target, code))
+        task = asyncio.get_running_loop().create_task(self._record(principal, method, target, code))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._recorded)
+        if not caller_gone:
+            await asyncio.shield(task)
 
-    async def _audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
-        try:
-            request = auth_pb2.RecordAuditEventRequest(
-                event=auth_types.AuditEvent(
-                    tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
-                )
+    def _recorded(self, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, for an entry nobody waited for: `_record` logged its failure
+
+    async def _record(self, principal, method: str, target: str, code: grpc.StatusCode) -> None:
+        request = auth_pb2.RecordAuditEventRequest(
+            event=auth_types.AuditEvent(
+                tenant=principal.tenant, principal=principal.id, method=method, target=target, result=code.name
             )
+        )
+        try:
             await self._on_auth(lambda auth: auth.RecordAuditEvent(request, timeout=deadlines.QUICK))
-        except Exception as exc:  # the call happened; a lost audit entry is logged loudly
-            log.error("audit_record_failed", method=method, target=target, error=str(exc))
+        except Exception as exc:
+            cause = (
+                f"{exc.code().name}: {exc.details()}"
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else exc.message
+                if isinstance(exc, ServiceError)
+                else repr(exc)
+            )
+            log.error(
+                "audit_record_failed",
+                tenant=principal.tenant,
+                principal=principal.id,
+                method=method,
+                target=target,
+                result=code.name,
+                error=cause,
+            )
+            raise Unavailable(
+                f"the call's audit entry could not be recorded ({cause}); the call may have taken effect: "
+                "check before retrying",
+                reason="AUDIT_UNAVAILABLE",
+                metadata={"method": method.rsplit("/", 1)[1], "result": code.name},
+            ) from None
+
+    async def drain(self) -> None:
+        """At shutdown: lets the entries still being written for callers that hung up finish (bounded by the
+        shutdown step, which cancels them)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -182,23 +236,33 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         self.target = target_of(inner) if inner is not None else ""
                     yield message
 
+        def target_of_call(request, response=None) -> str:
+            # A create's target is what it created: the name is in the response.
+            target = request.target if isinstance(request, FirstMessage) else target_of(request)
+            return target or (target_of(response) if response is not None else "")
+
+        async def audit_failure(principal, target: str, code: grpc.StatusCode, exc: BaseException) -> None:
+            """A failed (or hung-up) call's entry; the caller gets the call's own error even if this fails."""
+            gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            try:
+                await interceptor.audit(principal, method, target, code, caller_gone=gone)
+            except ServiceError:
+                pass  # logged by `_record`
+
         def unary(behavior, streaming_request: bool):
             async def wrapped(request, context):
                 principal = await admit(context)
                 request = FirstMessage(request) if streaming_request else request
-                failure = response = None
                 try:
                     response = await behavior(request, context)
-                    return response
                 except BaseException as exc:
-                    failure = exc
+                    await audit_failure(principal, target_of_call(request), result_code(context, exc), exc)
                     raise
-                finally:
-                    # A create's target is what it created: the name is in the response.
-                    target = (request.target if streaming_request else target_of(request)) or (
-                        target_of(response) if response is not None else ""
-                    )
-                    interceptor.audit(principal, method, target, result_code(context, failure))
+                # Returned only once its entry is stored; else the call fails AUDIT_UNAVAILABLE.
+                await interceptor.audit(
+                    principal, method, target_of_call(request, response), result_code(context, None)
+                )
+                return response
 
             return wrapped
 
@@ -206,7 +270,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request, context):
                 principal = await admit(context)
                 request = FirstMessage(request) if streaming_request else request
-                failure, finished = None, False
+                finished = False
                 try:
                     async for item in behavior(request, context):
                         # A process stream is complete once its exit was delivered, even if the caller
@@ -218,11 +282,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         )
                         yield item
                 except BaseException as exc:
-                    failure = None if finished else exc
+                    code = result_code(context, None if finished else exc)
+                    await audit_failure(principal, target_of_call(request), code, exc)
                     raise
-                finally:
-                    target = request.target if streaming_request else target_of(request)
-                    interceptor.audit(principal, method, target, result_code(context, failure))
+                # The stream's final status waits for its entry, as a unary call's answer does.
+                await interceptor.audit(principal, method, target_of_call(request), result_code(context, None))
 
             return wrapped
 

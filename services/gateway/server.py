@@ -14,6 +14,7 @@ from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
 from services.gateway.access import AccessInterceptor
 from services.gateway.data_plane import DataPlane
+from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.nodes import ClusterNodes
@@ -27,15 +28,14 @@ from services.gateway.snapshots import SnapshotOps
 
 def interceptors(context: ServiceContext[GatewaySettings]) -> list:
     settings = context.settings
-    return (
-        [
-            AccessInterceptor(
-                context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants
-            )
-        ]
-        if settings.require_auth
-        else []
+    if not settings.require_auth:
+        return []
+    access = AccessInterceptor(
+        context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants
     )
+    # Audit entries of callers that hung up are still being written: finished before the channels close.
+    context.on_shutdown.append(access.drain)
+    return [access]
 
 
 class Gateway:
@@ -48,6 +48,7 @@ class Gateway:
         self.sandboxes = Sandboxes(context, self.store, self.nodes, self.placement, QuotaClient(context))
         self.snapshots = SnapshotOps(self.sandboxes)
         self.data = DataPlane(self.sandboxes, self.nodes)
+        self.ports = ExposedPorts(self.sandboxes)
         self.admin = NodeAdmin(self.store, self.nodes, self.placement, self.snapshots)
 
 
@@ -55,7 +56,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     await Records(context.etcd).migrate(SANDBOXES)
     gateway = Gateway(context)
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data), server
+        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports), server
     )
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
