@@ -26,7 +26,6 @@ from bench.run import emit, percentile
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from services.common.records import SANDBOXES, Records
-from services.common.registry import etcd_client
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
 from services.gateway.records import SandboxStore
@@ -62,8 +61,8 @@ def exec_p50(gateway: Gateway, name: str, rounds: int = 60) -> float:
     return statistics.median(samples[5:])
 
 
-async def placement_timings(etcd_endpoint: str, rounds: int = 200) -> tuple[list[float], list[float]]:
-    client = etcd_client([etcd_endpoint])
+async def placement_timings(control, rounds: int = 200) -> tuple[list[float], list[float]]:
+    client = control.etcd_client()
     await client.connect()
     try:
         nodes = ClusterNodes(
@@ -124,7 +123,7 @@ def main() -> None:
             "all answering exec within 2 s",
         )
 
-        decisions, reads = asyncio.run(placement_timings(cluster.etcd_endpoint))
+        decisions, reads = asyncio.run(placement_timings(cluster.control))
         emit(
             "placement_decision_p50",
             statistics.median(decisions) * 1000,

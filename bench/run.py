@@ -128,9 +128,8 @@ async def raw_stream(channel: AgentChannel) -> float:
 
 def vm_directory(stack, sandbox_id: str) -> Path:
     async def read():
-        from services.common.registry import etcd_client
 
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             for stored in await Records(client).list(VMS):
@@ -250,10 +249,9 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
 
 
 def wait_for_warm_pool(stack, timeout: float = 120) -> None:
-    from services.common.registry import etcd_client
 
     async def pooled() -> int:
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             return sum(1 for kv in await client.get_prefix(b"/microvm/vms/") if b"/pool-" in kv.key)

@@ -16,10 +16,23 @@ def free_port() -> int:
 
 
 class LocalEtcd:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pki: Path | None = None) -> None:
+        """With `pki` (services.common.pki.ensure_pki), etcd serves TLS and admits only clients with a certificate
+        of that CA, as the supervisor runs it."""
         self.directory = directory
         self.client_port, peer = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{self.client_port}"
+        scheme = "https" if pki else "http"
+        tls = (
+            [
+                f"--cert-file={pki / 'etcd.crt'}",
+                f"--key-file={pki / 'etcd.key'}",
+                f"--trusted-ca-file={pki / 'ca.crt'}",
+                "--client-cert-auth",
+            ]
+            if pki
+            else []
+        )
         self.process = subprocess.Popen(
             [
                 shutil.which("etcd") or "etcd",
@@ -27,10 +40,11 @@ class LocalEtcd:
                 "test",
                 "--data-dir",
                 str(directory / "etcd"),
+                *tls,
                 "--listen-client-urls",
-                f"http://{self.endpoint}",
+                f"{scheme}://{self.endpoint}",
                 "--advertise-client-urls",
-                f"http://{self.endpoint}",
+                f"{scheme}://{self.endpoint}",
                 "--listen-peer-urls",
                 f"http://127.0.0.1:{peer}",
                 "--initial-advertise-peer-urls",

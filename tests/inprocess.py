@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from services.common.config import CommonSettings
+from services.common.pki import create_kek
 from services.common.records import SERVICES, Records
 from services.common.registry import etcd_client
 from services.common.server import serve
@@ -64,6 +66,7 @@ class InProcessNode:
             etcd_endpoints=[self.etcd_endpoint],
             lease_ttl_seconds=2,
             internal_tls=False,
+            etcd_tls=False,
             node_id=self.node,
             networking=False,
         )
@@ -71,6 +74,10 @@ class InProcessNode:
     async def start(self, kind: str, key: str = "", **settings) -> None:
         # Nothing to drain in a test: a stop takes no longer than its steps.
         values = {"shutdown_grace_seconds": 0.2, **self.settings.get(kind, {}), **settings}
+        if kind == "auth" and not values.get("token_kek_file"):
+            # Installations of one test session share an etcd, so their auths share the key that seals the
+            # signing keys there, as the auth replicas of one installation do.
+            values["token_kek_file"] = str(shared_token_kek(self.etcd_endpoint))
         self.settings[kind] = values
         service_settings = SECTIONS[kind](**values)
         server = importlib.import_module(f"services.{kind}.server")
@@ -122,6 +129,12 @@ class InProcessNode:
         for kind in list(self.running)[::-1]:
             await self.stop(kind)
         stop_leftover_vms(self.state_dir)
+
+
+def shared_token_kek(etcd_endpoint: str) -> Path:
+    path = Path(tempfile.gettempdir()) / f"mvm-test-token-kek-{etcd_endpoint.replace(':', '-')}.key"
+    create_kek(path)
+    return path
 
 
 class Caller:

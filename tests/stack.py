@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import yaml
 
-from services.common.pki import TLS_CHANNEL_OPTIONS, load_identity
+from services.common.config import ConfigError
+from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.supervisor.stack import ROLES, SERVICE_KINDS, check_stack_health
 
@@ -45,7 +46,24 @@ class LocalStack:
         return self.state_dir / "admin.key"
 
     def health(self, detailed: bool = False) -> dict[str, str]:
-        return asyncio.run(check_stack_health([self.etcd_endpoint], detailed=detailed, pki_dir=self.pki_dir))
+        try:
+            identity = self.etcd_identity
+        except ConfigError:
+            return {"etcd": "NO PKI YET"}  # the supervisor makes it as it starts
+        return asyncio.run(
+            check_stack_health([self.etcd_endpoint], detailed=detailed, pki_dir=self.pki_dir, etcd_identity=identity)
+        )
+
+    @property
+    def etcd_identity(self) -> Identity | None:
+        """The operator's certificate, which the stack's etcd requires (unless the test turned etcd_tls off)."""
+        if yaml.safe_load(self.config_path.read_text()).get("etcd_tls", True) is False:
+            return None
+        return load_identity(self.pki_dir, "operator")
+
+    def etcd_client(self, timeout: float = 5.0):
+        """A client of the stack's etcd (connect it in the event loop that uses it)."""
+        return etcd_client([self.etcd_endpoint], timeout=timeout, identity=self.etcd_identity)
 
     @property
     def pki_dir(self) -> Path:
@@ -56,7 +74,7 @@ class LocalStack:
         """Every service instance registered in etcd right now."""
 
         async def read():
-            client = etcd_client([self.etcd_endpoint])
+            client = self.etcd_client()
             await client.connect()
             try:
                 return [

@@ -3,8 +3,9 @@
 An API key is `mvm_<key id>_<secret>`: 32 random bytes, shown once, stored in etcd only as sha256 (the
 secret has 256 bits of entropy, so a fast hash is enough; comparison is constant-time). A token is a JWS
 compact serialization signed with Ed25519 (`alg: EdDSA`, `kid` of the signing key in the header), valid for
-`token_ttl_seconds`. Signing keys live in etcd; rotation adds a new active key while older ones keep
-verifying until every token they signed has expired, so no caller sees a failure.
+`token_ttl_seconds`. Signing keys live in etcd sealed (sealing.py: nobody who reads etcd can mint a token);
+rotation adds a new active key while older ones keep verifying until every token they signed has expired, so no
+caller sees a failure.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from microvm.auth.v1 import auth_pb2
 from microvm.types.v1 import auth_pb2 as auth_types
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.auth.sealing import Sealer
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from services.common.records import API_KEYS, SIGNING_KEYS, TENANTS, Records
 
 PREFIX = "mvm_"
+log = structlog.get_logger()
 
 
 def b64(data: bytes) -> str:
@@ -50,9 +54,10 @@ class SigningKey:
 
 
 class CredentialStore:
-    def __init__(self, etcd, token_ttl: int) -> None:
+    def __init__(self, etcd, token_ttl: int, sealer: Sealer) -> None:
         self.records = Records(etcd)
         self.token_ttl = token_ttl
+        self.sealer = sealer
         self._signing: dict[str, SigningKey] = {}
 
     # --- tenants and API keys --------------------------------------------------------------------
@@ -105,24 +110,64 @@ class CredentialStore:
         return auth_pb2.Principal(id=record.principal, tenant=record.tenant, role=record.role, key_id=key_id)
 
     # --- signing keys and tokens -------------------------------------------------------------------
+    async def open_signing_keys(self) -> int:
+        """Opens every stored signing key (at start: a replica with the wrong key-encryption key fails at once,
+        FAILED_PRECONDITION TOKEN_KEK_MISMATCH) and seals any legacy key stored in clear. Returns how many."""
+        for stored in await self.records.list(SIGNING_KEYS):
+            if stored.message.private_key_pem:
+                await self._seal_legacy(stored)
+        await self._load_signing_keys()
+        return len(self._signing)
+
     async def _load_signing_keys(self) -> None:
         for stored in await self.records.list(SIGNING_KEYS):
             record = stored.message
             if record.kid in self._signing:
                 continue
-            private = serialization.load_pem_private_key(record.private_key_pem.encode(), password=None)
+            if record.sealed_private_key:
+                try:
+                    raw = self.sealer.open(record.kid, record.sealed_private_key, record.sealed_with)
+                except FailedPrecondition as exc:
+                    if exc.reason != "SIGNING_KEY_CORRUPT":
+                        raise
+                    log.error("signing_key_unusable", kid=record.kid, error=exc.message)
+                    continue
+                private = Ed25519PrivateKey.from_private_bytes(raw)
+            else:  # legacy, in clear: usable until open_signing_keys seals it
+                private = serialization.load_pem_private_key(record.private_key_pem.encode(), password=None)
             self._signing[record.kid] = SigningKey(
                 record.kid, private, private.public_key(), record.create_time.ToNanoseconds() / 1e9
             )
+
+    def _sealed_record(self, kid: str, private: Ed25519PrivateKey) -> auth_types.SigningKeyRecord:
+        raw = private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return auth_types.SigningKeyRecord(
+            kid=kid,
+            sealed_private_key=self.sealer.seal(kid, raw),
+            sealed_with=self.sealer.key_id,
+            public_key=public,
+        )
+
+    async def _seal_legacy(self, stored) -> None:
+        """Rewrites a key stored in clear as a sealed one, unless another replica changed it meanwhile."""
+        legacy = stored.message
+        private = serialization.load_pem_private_key(legacy.private_key_pem.encode(), password=None)
+        record = self._sealed_record(legacy.kid, private)
+        record.create_time.CopyFrom(legacy.create_time)
+        if await self.records.transaction(
+            compare=[self.records.unchanged(SIGNING_KEYS, stored.revision, legacy.kid)],
+            success=[self.records.put_op(SIGNING_KEYS, record, legacy.kid)],
+        ):
+            log.info("signing_key_sealed", kid=legacy.kid)
 
     async def rotate(self) -> str:
         """Adds a new active signing key; older ones keep verifying the tokens they signed."""
         private = Ed25519PrivateKey.generate()
         kid = secrets.token_hex(6)
-        pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-        record = auth_types.SigningKeyRecord(kid=kid, private_key_pem=pem)
+        record = self._sealed_record(kid, private)
         record.create_time.GetCurrentTime()
         created = record.create_time.ToNanoseconds() / 1e9
         await self.records.put(SIGNING_KEYS, record, kid)

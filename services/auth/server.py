@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import structlog
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -9,7 +11,9 @@ from services.auth import permissions
 from services.auth.audit import AuditLog
 from services.auth.credentials import CredentialStore
 from services.auth.quotas import TenantQuotas
+from services.auth.sealing import Sealer
 from services.common.errors import InvalidArgument
+from services.common.pki import KEK_FILE, create_kek
 from services.common.records import (
     API_KEYS,
     AUDIT_EVENTS,
@@ -28,8 +32,8 @@ AUTH_KINDS = (TENANTS, API_KEYS, SIGNING_KEYS, QUOTA_USAGE, QUOTA_RESERVATIONS, 
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, etcd, settings: AuthSettings) -> None:
-        self.credentials = CredentialStore(etcd, settings.token_ttl_seconds)
+    def __init__(self, etcd, settings: AuthSettings, sealer: Sealer) -> None:
+        self.credentials = CredentialStore(etcd, settings.token_ttl_seconds, sealer)
         self.quotas = TenantQuotas(etcd, self.credentials)
         self.audit = AuditLog(etcd)
 
@@ -76,11 +80,23 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.ListAuditEventsResponse(events=events, chain_valid=valid)
 
 
+async def token_sealer(context: ServiceContext[AuthSettings], records: Records) -> Sealer:
+    """The key-encryption key of the signing keys; made here only for an installation that has no signing key yet
+    (a second replica of a running one must be given the first one's file)."""
+    path = (
+        Path(context.settings.token_kek_file) if context.settings.token_kek_file else context.common.pki_path / KEK_FILE
+    )
+    if not path.exists() and not await records.list(SIGNING_KEYS) and create_kek(path):
+        log.info("token_kek_created", path=str(path))
+    return Sealer.load(path)
+
+
 async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
     records = Records(context.etcd)
     for kind in AUTH_KINDS:
         await records.migrate(kind)
-    servicer = AuthServicer(context.etcd, context.settings)
+    servicer = AuthServicer(context.etcd, context.settings, await token_sealer(context, records))
+    log.info("signing_keys_opened", count=await servicer.credentials.open_signing_keys())
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
 
     async def rotate() -> None:

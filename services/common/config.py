@@ -69,6 +69,9 @@ class CommonSettings:
     # Mutual TLS between services with the installation's CA (<state_dir>/pki unless pki_dir is set).
     internal_tls: bool = True
     pki_dir: str = ""
+    # etcd is reached over TLS, each service presenting its certificate of the same CA (etcd runs with client
+    # certificate auth): nobody without one reads or writes the cluster's records.
+    etcd_tls: bool = True
     # This host's name in the cluster (compute and network of one host share it); default: the host name.
     node_id: str = ""
     # Sandboxes get a NIC on the node's bridge, egress policy and exposed ports (needs CAP_NET_ADMIN).

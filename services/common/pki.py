@@ -1,7 +1,8 @@
 """The installation's own certificate authority: mutual TLS between services.
 
 The supervisor creates, once, under `<state_dir>/pki/`: a CA, and a key + certificate per service kind plus
-`operator` (for the supervisor and tools). Internal services (compute, relay, network, snapshot, auth) accept
+`operator` (for the supervisor and tools), etcd's server certificate, and `token-kek.key` (auth's key-encryption
+key, services/auth/sealing.py). etcd and the internal services (compute, relay, network, snapshot, auth) accept
 only clients presenting a certificate from this CA; a call without one fails the TLS handshake. The public
 gateway port stays plain on loopback and authenticates callers with bearer credentials instead.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +22,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-IDENTITIES = ("gateway", "compute", "relay", "network", "snapshot", "auth", "operator")
+# "etcd" is etcd's own server certificate: etcd accepts only clients with a certificate of this CA.
+IDENTITIES = ("gateway", "compute", "relay", "network", "snapshot", "auth", "operator", "etcd")
 # Every service certificate names this host: callers check it instead of the address they dialled, so a
 # service on any host and address is verified as "issued by this installation's CA".
 SERVICE_NAME = "microvm.internal"
 # Client channel options that go with it.
 TLS_CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", SERVICE_NAME)]
 VALID_DAYS = 3650
+# Seals the token-signing keys auth keeps in etcd (services/auth/sealing.py); copied to auth's hosts only.
+KEK_FILE = "token-kek.key"
+KEK_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,19 @@ def ensure_pki(directory: Path) -> None:
         )
         _write_private(directory / f"{kind}.key", _pem_key(key))
         (directory / f"{kind}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    create_kek(directory / KEK_FILE)
+
+
+def create_kek(path: Path) -> bool:
+    """Writes a new key-encryption key (mode 0600) unless one exists; True when it made one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(KEK_BYTES))
+    return True
 
 
 def _names_service(path: Path) -> bool:
@@ -144,4 +163,7 @@ if __name__ == "__main__":  # `python -m services.common.pki DIR`: the installat
     if len(sys.argv) != 2:
         sys.exit("usage: python -m services.common.pki DIR  (creates what is missing; keeps what exists)")
     ensure_pki(Path(sys.argv[1]))
-    print(f"PKI in {sys.argv[1]}: ca.crt and a key + certificate per service kind and for the operator")
+    print(
+        f"PKI in {sys.argv[1]}: ca.crt, a key + certificate per service kind, for etcd and for the operator, and "
+        "token-kek.key (auth's hosts only)"
+    )

@@ -19,7 +19,9 @@ import aetcd
 import structlog
 
 from microvm.types.v1 import node_pb2, service_pb2
-from services.common.config import ConfigError, parse_address
+from services.common.config import CommonSettings, ConfigError, parse_address
+from services.common.etcd_tls import TlsEtcdClient
+from services.common.pki import Identity, load_identity
 from services.common.records import NODE_LOCKS, SERVICES, Records
 from services.common.tasks import cancel_and_wait, process_alive
 
@@ -27,10 +29,18 @@ SERVICES_PREFIX = SERVICES.prefix
 log = structlog.get_logger()
 
 
-def etcd_client(endpoints: list[str], timeout: float = 5.0) -> aetcd.Client:
+def etcd_client(endpoints: list[str], timeout: float = 5.0, identity: Identity | None = None) -> aetcd.Client:
+    """A client of the installation's etcd; with `identity` over mutual TLS (what etcd requires when `etcd_tls`)."""
     # aetcd speaks to one endpoint: give it a load-balanced name (a Kubernetes Service) for an etcd cluster.
     host, port = parse_address(endpoints[0], key="etcd_endpoints", allow_zero=False)
+    if identity is not None:
+        return TlsEtcdClient(host, port, identity, timeout=timeout)
     return aetcd.Client(host=host, port=port, timeout=timeout)
+
+
+def etcd_identity(common: CommonSettings, kind: str) -> Identity | None:
+    """The certificate `kind` presents to etcd, or None where etcd is plain (`etcd_tls: false`)."""
+    return load_identity(common.pki_path, kind) if common.etcd_tls else None
 
 
 @dataclass

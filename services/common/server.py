@@ -30,7 +30,7 @@ from services.common import observability
 from services.common.config import CommonSettings, ConfigError, load_config
 from services.common.errors import ErrorMappingInterceptor
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
-from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client
+from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client, etcd_identity
 from services.common.tasks import cancel_and_wait
 
 S = TypeVar("S")
@@ -214,7 +214,7 @@ async def serve(
             pass
 
     identity = load_identity(common.pki_path, kind) if common.internal_tls else None
-    etcd = etcd_client(common.etcd_endpoints)
+    etcd = etcd_client(common.etcd_endpoints, identity=etcd_identity(common, kind))
     await etcd.connect()
     directory = ServiceDirectory(etcd)
     await directory.open()

@@ -216,6 +216,9 @@ class AuthSettings(ServiceSettings):
     token_ttl_seconds: int = 900
     # A new signing key this often; older keys keep verifying until their tokens expired.
     signing_key_rotation_seconds: float = 86400.0
+    # The key that seals signing keys in etcd (32 bytes, mode 0600, never in etcd); empty: <pki>/token-kek.key.
+    # Every auth replica needs the same file.
+    token_kek_file: str = ""
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import grpc
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.types.v1 import auth_pb2 as auth_types
 from services.common import deadlines
-from services.common.pki import TLS_CHANNEL_OPTIONS, load_identity
+from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 
 DEFAULT_QUOTA = auth_types.Quota(
@@ -53,14 +53,18 @@ def operator_channel(address: str, kind: str, pki_dir: Path | None) -> grpc.aio.
 
 
 async def bootstrap_admin_key(
-    etcd_endpoints: list[str], pki_dir: Path | None, key_file: Path, stopping: asyncio.Event | None = None
+    etcd_endpoints: list[str],
+    pki_dir: Path | None,
+    key_file: Path,
+    stopping: asyncio.Event | None = None,
+    etcd_identity: Identity | None = None,
 ) -> bool:
     """Once per installation: a `default` tenant and an admin API key, written to `key_file` (mode 0600). Waits for
     an auth instance to register; False if `stopping` was set first or the key file exists already."""
     if key_file.exists():
         return False
     stopping = stopping or asyncio.Event()
-    client = etcd_client(etcd_endpoints, timeout=2)
+    client = etcd_client(etcd_endpoints, timeout=2, identity=etcd_identity)
     await client.connect()
     try:
         while not stopping.is_set():

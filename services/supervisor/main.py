@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from services.common.config import ConfigError, load_config
+from services.common.registry import etcd_identity
 from services.common.settings import SupervisorSettings
 from services.common.tasks import process_alive
 from services.supervisor.bootstrap import bootstrap_admin_key
@@ -101,7 +102,12 @@ def cmd_wait(args) -> int:
             print("supervisor is not running; see", state_dir / "logs" / "supervisor.log", file=sys.stderr)
             return 1
         report = asyncio.run(
-            check_stack_health(_endpoints(args, config), pki_dir=config.common.pki_path, node=_node(args, config))
+            check_stack_health(
+                _endpoints(args, config),
+                pki_dir=config.common.pki_path,
+                node=_node(args, config),
+                etcd_identity=etcd_identity(config.common, "operator"),
+            )
         )
         kinds = ROLES[args.role]
         if all(report.get(kind) == "SERVING" for kind in kinds) and (
@@ -137,7 +143,11 @@ def cmd_status(args) -> int:
     print(f"supervisor: {'running, pid ' + str(pid) if pid else 'not running'} (state dir {state_dir})")
     report = asyncio.run(
         check_stack_health(
-            _endpoints(args, config), detailed=True, pki_dir=config.common.pki_path, node=_node(args, config)
+            _endpoints(args, config),
+            detailed=True,
+            pki_dir=config.common.pki_path,
+            node=_node(args, config),
+            etcd_identity=etcd_identity(config.common, "operator"),
         )
     )
     for kind in ROLES[args.role]:
@@ -151,7 +161,10 @@ def cmd_admin_key(args) -> int:
     state_dir, config = _load(args)
     key_file = state_dir / "admin.key"
     pki = config.common.pki_path if config.common.internal_tls else None
-    if not asyncio.run(bootstrap_admin_key(config.common.etcd_endpoints, pki, key_file)):
+    created = bootstrap_admin_key(
+        config.common.etcd_endpoints, pki, key_file, etcd_identity=etcd_identity(config.common, "operator")
+    )
+    if not asyncio.run(created):
         print(f"{key_file} exists already: the installation has its first admin key", file=sys.stderr)
         return 1
     print(f"admin API key written to {key_file} (mode 0600)")
@@ -160,7 +173,14 @@ def cmd_admin_key(args) -> int:
 
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
-    report = asyncio.run(check_stack_health(_endpoints(args, config), detailed=True, pki_dir=config.common.pki_path))
+    report = asyncio.run(
+        check_stack_health(
+            _endpoints(args, config),
+            detailed=True,
+            pki_dir=config.common.pki_path,
+            etcd_identity=etcd_identity(config.common, "operator"),
+        )
+    )
     gateway = str(report.get("gateway", "")).partition(" at ")[2].split(" ")[0] or "127.0.0.1:50051"
     print(f"""
 MicroVM Sandbox is up. Gateway (gRPC): {gateway}   state dir: {state_dir}

@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import LoadedConfig, load_config
-from services.common.pki import ensure_pki
+from services.common.pki import Identity, ensure_pki
 from services.common.records import ATTACHMENTS, Records
-from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
+from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client, etcd_identity
 from services.common.settings import ComputeSettings, SupervisorSettings
 from services.network.links import delete_tap
 from services.supervisor.bootstrap import bootstrap_admin_key, operator_channel
@@ -73,6 +73,11 @@ class StackSupervisor:
         self.run_etcd = role == "all" if run_etcd is None else run_etcd
 
     @property
+    def etcd_identity(self) -> Identity | None:
+        """The supervisor talks to etcd as the operator."""
+        return etcd_identity(self.config.common, "operator")
+
+    @property
     def etcd_endpoints(self) -> list[str]:
         if self.run_etcd:
             return [f"127.0.0.1:{self.settings.etcd_client_port}"]
@@ -88,19 +93,35 @@ class StackSupervisor:
 
     def _etcd_command(self) -> list[str]:
         port, host = self.settings.etcd_client_port, self.settings.etcd_listen_host
-        client = f"http://127.0.0.1:{port}"
+        tls = self.config.common.etcd_tls
+        scheme = "https" if tls else "http"
+        client = f"{scheme}://127.0.0.1:{port}"
         # Always on loopback (this host's services); also on `etcd_listen_host` for the other hosts' services.
         listen = (
             client
             if host in ("127.0.0.1", "localhost")
-            else f"http://{host}:{port}"
+            else f"{scheme}://{host}:{port}"
             if host in ("0.0.0.0", "::")
-            else f"{client},http://{host}:{port}"
+            else f"{client},{scheme}://{host}:{port}"
         )
-        advertise = client if host in ("127.0.0.1", "localhost", "0.0.0.0", "::") else f"http://{host}:{port}"
+        advertise = client if host in ("127.0.0.1", "localhost", "0.0.0.0", "::") else f"{scheme}://{host}:{port}"
+        # The one member's peer port stays on loopback: no peer ever connects from elsewhere.
         peer = f"http://127.0.0.1:{self.settings.etcd_peer_port}"
+        pki = self.config.common.pki_path
+        # Only clients with a certificate of the installation's CA get in.
+        certificates = (
+            [
+                f"--cert-file={pki / 'etcd.crt'}",
+                f"--key-file={pki / 'etcd.key'}",
+                f"--trusted-ca-file={pki / 'ca.crt'}",
+                "--client-cert-auth",
+            ]
+            if tls
+            else []
+        )
         return [
             self.settings.etcd_binary,
+            *certificates,
             "--name",
             "microvm",
             "--data-dir",
@@ -149,7 +170,7 @@ class StackSupervisor:
         (self.state_dir / "supervisor.json").write_text(json.dumps(status, indent=1))
 
     async def _wait_for_etcd(self, timeout: float = 30.0) -> None:
-        client = etcd_client(self.etcd_endpoints, timeout=2)
+        client = etcd_client(self.etcd_endpoints, timeout=2, identity=self.etcd_identity)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -204,7 +225,7 @@ class StackSupervisor:
     async def run(self) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        if self.config.common.internal_tls:
+        if self.config.common.internal_tls or self.config.common.etcd_tls:
             ensure_pki(self.config.common.pki_path)
         (self.state_dir / "supervisor.pid").write_text(str(os.getpid()))
         loop = asyncio.get_running_loop()
@@ -244,7 +265,9 @@ class StackSupervisor:
     async def _bootstrap_admin_key(self) -> None:
         """On the first start: a `default` tenant and an admin API key, written to <state>/admin.key (0600)."""
         pki = self.config.common.pki_path if self.config.common.internal_tls else None
-        await bootstrap_admin_key(self.etcd_endpoints, pki, self.state_dir / "admin.key", self._stopping)
+        await bootstrap_admin_key(
+            self.etcd_endpoints, pki, self.state_dir / "admin.key", self._stopping, etcd_identity=self.etcd_identity
+        )
 
     async def _stop_child(self, child: Child, grace: float) -> None:
         process = child.process
@@ -276,7 +299,7 @@ class StackSupervisor:
     async def _remove_sandbox_taps(self) -> None:
         """The VMs are gone: so go their TAP devices. Their records stay, and the next start reconciles them
         (compute fails the VMs, the network service releases their addresses)."""
-        client = etcd_client(self.etcd_endpoints, timeout=2)
+        client = etcd_client(self.etcd_endpoints, timeout=2, identity=self.etcd_identity)
         try:
             await client.connect()
             attachments = await Records(client).list(ATTACHMENTS, self.config.common.node)
@@ -314,12 +337,16 @@ def stop_leftover_vms(state_dir: Path, compute: ComputeSettings | None = None) -
 
 
 async def check_stack_health(
-    etcd_endpoints: list[str], detailed: bool = False, pki_dir: Path | None = None, node: str | None = None
+    etcd_endpoints: list[str],
+    detailed: bool = False,
+    pki_dir: Path | None = None,
+    node: str | None = None,
+    etcd_identity: Identity | None = None,
 ) -> dict[str, str]:
     """Health of each registered service kind (its newest instance; node services of `node` only, when given),
     read from the registry and the health service."""
     report: dict[str, str] = {}
-    client = etcd_client(etcd_endpoints, timeout=2)
+    client = etcd_client(etcd_endpoints, timeout=2, identity=etcd_identity)
     try:
         await client.connect()
         result = await client.get_prefix(SERVICES_PREFIX.encode())

@@ -10,15 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import auth_pb2 as auth_types
+from services.auth.sealing import Sealer
 from services.common.errors import error_info
+from services.common.pki import KEK_FILE
 from services.common.records import AUDIT_EVENTS, SIGNING_KEYS, Records
-from services.common.registry import etcd_client
 from services.gateway.access import TokenBucket
 from tests.guests import Gateway
 from tests.integration.test_sandbox_lifecycle import instances
@@ -110,7 +111,7 @@ def token_for(stack, key: str) -> str:
 
 def signing_key(stack):
     async def read():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             return [stored.message for stored in await Records(client).list(SIGNING_KEYS)]
@@ -118,7 +119,11 @@ def signing_key(stack):
             await client.close()
 
     newest = max(asyncio.run(read()), key=lambda k: k.create_time.ToNanoseconds())
-    return newest.kid, serialization.load_pem_private_key(newest.private_key_pem.encode(), password=None)
+    # etcd holds it sealed: opening it takes the key-encryption key, which only auth's hosts have.
+    assert not newest.private_key_pem
+    sealer = Sealer.load(stack.pki_dir / KEK_FILE)
+    raw = sealer.open(newest.kid, newest.sealed_private_key, newest.sealed_with)
+    return newest.kid, Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def call_with(stack, credential: str) -> grpc.StatusCode:
@@ -203,7 +208,7 @@ def test_audit_chain_verifies_and_tampering_is_detected(stack):
     assert all(e.result == "OK" and e.target == sandbox.name for e in log.events)
 
     async def tamper():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             records = Records(client)
@@ -231,10 +236,10 @@ def test_signing_key_rotation_keeps_earlier_tokens_valid(stack):
     before = token_for(stack, key)
 
     async def rotate():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
-            return await CredentialStore(client, token_ttl=900).rotate()
+            return await CredentialStore(client, 900, Sealer.load(stack.pki_dir / KEK_FILE)).rotate()
         finally:
             await client.close()
 

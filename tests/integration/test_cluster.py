@@ -16,7 +16,6 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.records import SNAPSHOTS, VMS, Records
-from services.common.registry import etcd_client
 from tests.cluster import Cluster
 from tests.guests import Gateway
 
@@ -138,7 +137,7 @@ def vm_record(cluster, node: str, vm_id: str):
     import asyncio
 
     async def read():
-        client = etcd_client([cluster.control.etcd_endpoint])
+        client = cluster.control.etcd_client()
         await client.connect()
         try:
             return (await Records(client).get(VMS, node, vm_id)).message
@@ -152,7 +151,7 @@ def snapshot_holders(cluster, snapshot_id: str) -> list[str]:
     import asyncio
 
     async def read():
-        client = etcd_client([cluster.control.etcd_endpoint])
+        client = cluster.control.etcd_client()
         await client.connect()
         try:
             return list((await Records(client).get(SNAPSHOTS, snapshot_id)).message.holder_nodes)

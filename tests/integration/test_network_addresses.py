@@ -8,13 +8,12 @@ import uuid
 import pytest
 
 from services.common.errors import ResourceExhausted
-from services.common.registry import etcd_client
 from services.network.addresses import AddressPool
 
 
 def run(stack, scenario):
     async def wrapper():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             return await scenario(client)

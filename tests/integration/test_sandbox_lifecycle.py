@@ -18,7 +18,6 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import vm_pb2
 from services.common.errors import error_info
 from services.common.records import VMS, Records
-from services.common.registry import etcd_client
 
 pytestmark = pytest.mark.guest
 
@@ -34,7 +33,7 @@ def live_instance(stack, kind):
 
 def etcd_keys(stack, prefix: str) -> list[str]:
     async def read():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             return [kv.key.decode() for kv in await client.get_prefix(prefix.encode())]
@@ -46,7 +45,7 @@ def etcd_keys(stack, prefix: str) -> list[str]:
 
 def vm_records(stack) -> list[dict]:
     async def read():
-        client = etcd_client([stack.etcd_endpoint])
+        client = stack.etcd_client()
         await client.connect()
         try:
             return [vm_as_dict(stored.message) for stored in await Records(client).list(VMS)]

@@ -158,6 +158,33 @@ def test_internal_service_refuses_callers_without_a_service_certificate(stack, t
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_etcd_admits_only_this_installations_certificates(stack, tmp_path):
+    """Whoever reaches etcd's port without a certificate of the installation reads and writes nothing (before:
+    anyone could write an admin API key record, or read the signing keys)."""
+    import asyncio
+
+    import aetcd
+
+    from services.common.pki import ensure_pki, load_identity
+    from services.common.registry import etcd_client
+
+    async def reads(identity) -> bool:
+        client = etcd_client([stack.etcd_endpoint], timeout=3, identity=identity)
+        try:
+            await client.connect()
+            await client.get(b"/microvm/auth/signing-keys/")
+            return True
+        except aetcd.exceptions.ConnectionFailedError:
+            return False
+        finally:
+            await client.close()
+
+    ensure_pki(tmp_path / "other")
+    assert not asyncio.run(reads(None))
+    assert not asyncio.run(reads(load_identity(tmp_path / "other", "operator")))
+    assert asyncio.run(reads(stack.etcd_identity))
+
+
 def test_network_service_without_host_tools_exits_with_what_is_missing(stack, tmp_path):
     # iproute2 and nftables out of reach (as on a host without them): a clear refusal, nothing half set up.
     config = tmp_path / "config.yaml"
