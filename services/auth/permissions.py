@@ -38,6 +38,7 @@ WRITE = {
         "RestoreSnapshot",
         "ForkSandbox",
         "ExposePort",
+        "UnexposePort",
     )
 }
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}

@@ -166,6 +166,17 @@ class NetworkSettings(ServiceSettings):
     # Seconds between sweeps that make devices, rules and listeners match the records in etcd.
     reconcile_interval_seconds: float = 5.0
     max_exposed_ports_per_sandbox: int = 16
+    # Host addresses an exposed port may be bound on (IPv4 or IPv6); a request without one gets the first. A
+    # wildcard (0.0.0.0, ::) or a public address exposes sandboxes to the network: list one only on purpose.
+    expose_host_addresses: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1"])
+    # Host ports an exposed port may use, `LOW-HIGH` inclusive; a request for port 0 gets a free one of them.
+    # The default stays below Linux's ephemeral ports (32768-60999) and clear of the well-known ones.
+    expose_port_range: str = "30000-32767"
+
+    @property
+    def expose_ports(self) -> range:
+        low, _, high = self.expose_port_range.partition("-")
+        return range(int(low), int(high) + 1)
 
     def validate(self) -> None:
         super().validate()
@@ -189,6 +200,18 @@ class NetworkSettings(ServiceSettings):
             raise ConfigError("network.bridge must be an interface name (1-15 letters, digits, - or _)")
         if self.reconcile_interval_seconds <= 0:
             raise ConfigError("network.reconcile_interval_seconds must be positive")
+        if not self.expose_host_addresses:
+            raise ConfigError("network.expose_host_addresses must name at least one address (e.g. 127.0.0.1)")
+        for address in self.expose_host_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"network.expose_host_addresses: {address!r} is not an IP address") from None
+        low, sep, high = self.expose_port_range.partition("-")
+        if not (sep and low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) <= int(high) <= 65535):
+            raise ConfigError(
+                f"network.expose_port_range: {self.expose_port_range!r} is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535"
+            )
 
 
 @dataclasses.dataclass

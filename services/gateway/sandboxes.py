@@ -1,5 +1,6 @@
-"""Sandboxes: the standard methods on sandboxes (create, get, list, update, delete), pause and resume, exposed
-ports, and the expiry reaper. The control plane: each call is translated into calls on the sandbox's node."""
+"""Sandboxes: the standard methods on sandboxes (create, get, list, update, delete), pause and resume, and the
+expiry reaper (exposed ports are in exposed_ports.py). The control plane: each call is translated into calls on
+the sandbox's node."""
 
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ class Sandboxes:
             else None
         )
         if policy is not None:
-            await self._require_running_or_paused(record)
+            await self.require_running_or_paused(record)
             if self.context.common.networking:
                 change = network_pb2.SetEgressPolicyRequest(sandbox_id=record.id, policy=policy)
                 await self.nodes.on_network(record.node, lambda n: n.SetEgressPolicy(change, timeout=deadlines.CONTROL))
@@ -291,7 +292,7 @@ class Sandboxes:
 
         return await self.view(await self.store.change(record.id, apply, expect_states=LIVE))
 
-    async def _require_running_or_paused(self, record: SandboxRecord) -> None:
+    async def require_running_or_paused(self, record: SandboxRecord) -> None:
         sandbox = await self.view(record)
         if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
             raise FailedPrecondition(
@@ -299,28 +300,6 @@ class Sandboxes:
                 reason="SANDBOX_NOT_RUNNING",
                 metadata={"sandbox": sandbox.name},
             )
-
-    async def expose_port(self, request: api.ExposePortRequest) -> api.ExposePortResponse:
-        record = await self.store.get(parse_name(request.sandbox))
-        if not self.context.common.networking:
-            raise FailedPrecondition(
-                "this installation runs without networking (networking: false)", reason="NETWORKING_DISABLED"
-            )
-        await self._require_running_or_paused(record)
-        expose = network_pb2.ExposePortRequest(
-            sandbox_id=record.id,
-            guest_port=request.guest_port,
-            host_address=request.host_address,
-            host_port=request.host_port,
-        )
-        reply = await self.nodes.on_network(record.node, lambda n: n.ExposePort(expose, timeout=deadlines.CONTROL))
-
-        def remember(current: SandboxRecord) -> None:
-            if reply.port not in current.exposed_ports:
-                current.exposed_ports.append(reply.port)
-
-        await self.store.change(record.id, remember)
-        return api.ExposePortResponse(port=convert(reply.port, sandbox_pb2.ExposedPort))
 
     async def set_paused(self, name: str, paused: bool) -> sandbox_pb2.Sandbox:
         record = await self.store.get(parse_name(name))

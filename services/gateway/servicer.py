@@ -6,14 +6,15 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import sandbox_service_pb2_grpc
 from services.gateway.data_plane import DataPlane
+from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.snapshots import SnapshotOps
 
 
 class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, sandboxes: Sandboxes, snapshots: SnapshotOps, data: DataPlane) -> None:
-        self.sandboxes, self.snapshots, self.data = sandboxes, snapshots, data
+    def __init__(self, sandboxes: Sandboxes, snapshots: SnapshotOps, data: DataPlane, ports: ExposedPorts) -> None:
+        self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
 
     async def CreateSandbox(self, request, context):
         return api.CreateSandboxResponse(sandbox=await self.sandboxes.create(request))
@@ -38,7 +39,10 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
         return api.ResumeSandboxResponse(sandbox=await self.sandboxes.set_paused(request.name, False))
 
     async def ExposePort(self, request, context):
-        return await self.sandboxes.expose_port(request)
+        return await self.ports.expose(request)
+
+    async def UnexposePort(self, request, context):
+        return await self.ports.unexpose(request)
 
     async def Exec(self, request, context):
         async for event in self.data.exec(request, context.time_remaining()):

@@ -21,6 +21,7 @@ from services.common.records import VMS, Records
 from services.common.settings import NetworkSettings
 from services.network.addresses import AddressPool
 from services.network.attachments import Attachment, AttachmentStore, ExposedPort, mac_for
+from services.network.exposure import ExposureRules, check_ports, parse_host_address
 from services.network.firewall import SandboxFirewall
 from services.network.links import HostLinks, new_tap_name
 from services.network.policy import normalized_policy
@@ -65,6 +66,8 @@ class NodeNetwork:
             tuple(str(ipaddress.ip_network(n, strict=False)) for n in settings.denied_destinations),
         )
         self.ports = PortForwarder()
+        self.rules = ExposureRules.from_settings(settings)
+        self.refused: set[tuple[str, int]] = set()  # recorded mappings the rules refuse (warned about once)
         self.dns_servers = list(settings.dns_servers) or host_resolvers()
         self.lock = asyncio.Lock()
 
@@ -169,11 +172,12 @@ class NodeNetwork:
             return attachment
 
     async def expose(self, sandbox_id: str, guest_port: int, host_address: str, host_port: int) -> ExposedPort:
-        if not 1 <= guest_port <= 65535:
-            raise InvalidArgument(f"guest_port must be between 1 and 65535, got {guest_port}", reason="INVALID_PORT")
-        if not 0 <= host_port <= 65535:
-            raise InvalidArgument(f"host_port must be between 0 and 65535, got {host_port}", reason="INVALID_PORT")
-        host_address = self.ports.check_host_address(host_address)
+        """Listens on `host_address:host_port` (an allowed address, a port of the range; the first address and a
+        free port when not given) and relays to the guest's `guest_port`. Exposing a guest port again on the same
+        address returns the existing mapping."""
+        check_ports(guest_port, host_port)
+        host_address = self.rules.host_address(host_address)
+        self.rules.check_host_port(host_port)
         async with self.lock:
             attachment = await self._get(sandbox_id)
             for port in attachment.exposed_ports:
@@ -188,9 +192,11 @@ class NodeNetwork:
                     f"sandbox {sandbox_id} already exposes {len(attachment.exposed_ports)} ports (the most allowed)",
                     reason="TOO_MANY_EXPOSED_PORTS",
                 )
-            port = ExposedPort(
-                guest_port, host_address, await self.ports.open(host_address, host_port, attachment.address, guest_port)
-            )
+            if host_port:
+                host_port = await self.ports.open(host_address, host_port, attachment.address, guest_port)
+            else:
+                host_port = await self.ports.open_any(host_address, self.rules.ports, attachment.address, guest_port)
+            port = ExposedPort(guest_port, host_address, host_port)
             attachment.exposed_ports.append(port)
             try:
                 await self.store.put(attachment)
@@ -202,6 +208,37 @@ class NodeNetwork:
                 "port_exposed", sandbox=sandbox_id, guest_port=guest_port, host=f"{port.host_address}:{port.host_port}"
             )
             return port
+
+    async def unexpose(self, sandbox_id: str, guest_port: int, host_address: str, host_port: int) -> list[ExposedPort]:
+        """Removes the sandbox's mappings of `guest_port` (only those on `host_address` and `host_port` when given):
+        the record first, then the listeners (their open connections end) and the rules. Returns what it removed;
+        nothing when nothing matched or the sandbox has no attachment here (so a retry is harmless)."""
+        check_ports(guest_port, host_port)
+        host_address = parse_host_address(host_address)
+        async with self.lock:
+            attachment = await self.store.get(sandbox_id)
+            if attachment is None:
+                return []
+            removed = [
+                p
+                for p in attachment.exposed_ports
+                if p.guest_port == guest_port and host_address in ("", p.host_address) and host_port in (0, p.host_port)
+            ]
+            if not removed:
+                return []
+            attachment.exposed_ports = [p for p in attachment.exposed_ports if p not in removed]
+            await self.store.put(attachment)
+            for port in removed:
+                await self.ports.close(port.host_address, port.host_port)
+            await self._converge_rules()
+        for port in removed:
+            log.info(
+                "port_unexposed",
+                sandbox=sandbox_id,
+                guest_port=guest_port,
+                host=f"{port.host_address}:{port.host_port}",
+            )
+        return removed
 
     async def attachments(self) -> list[Attachment]:
         return sorted((await self.store.all()).values(), key=lambda a: a.sandbox_id)
@@ -229,11 +266,21 @@ class NodeNetwork:
                 if address not in in_use:
                     await self.pool.forget(address)
                     counts["stray_addresses"] += 1
-            wanted_ports = {
-                (p.host_address, p.host_port): (a.address, p.guest_port)
-                for a in attachments.values()
-                for p in a.exposed_ports
-            }
+            wanted_ports = {}
+            for attachment in attachments.values():
+                for port in attachment.exposed_ports:
+                    if self.rules.allows(port.host_address, port.host_port):
+                        wanted_ports[(port.host_address, port.host_port)] = (attachment.address, port.guest_port)
+                    elif (port.host_address, port.host_port) not in self.refused:
+                        # Recorded before the settings were narrowed: nothing listens outside them.
+                        self.refused.add((port.host_address, port.host_port))
+                        log.warning(
+                            "exposed_port_not_allowed",
+                            sandbox=attachment.sandbox_id,
+                            host=f"{port.host_address}:{port.host_port}",
+                            allowed=",".join(self.rules.addresses),
+                            range=self.rules.port_bounds,
+                        )
             for key in set(self.ports.listeners) - set(wanted_ports):
                 await self.ports.close(*key)
             for (host_address, host_port), (guest, guest_port) in wanted_ports.items():

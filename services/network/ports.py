@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
+import random
 
 import structlog
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, ResourceExhausted
 
 log = structlog.get_logger()
 WRITE_HIGH_WATER = 1 << 20
@@ -74,15 +74,6 @@ class PortForwarder:
         # (host_address, host_port) -> listener
         self.listeners: dict[tuple[str, int], _Listener] = {}
 
-    @staticmethod
-    def check_host_address(host_address: str) -> str:
-        try:
-            return str(ipaddress.ip_address(host_address or "127.0.0.1"))
-        except ValueError:
-            raise InvalidArgument(
-                f"host_address {host_address!r} is not an IP address", reason="INVALID_HOST_ADDRESS"
-            ) from None
-
     async def open(self, host_address: str, host_port: int, guest_address: str, guest_port: int) -> int:
         """Starts relaying; returns the host port (chosen by the kernel when `host_port` is 0)."""
         listener: _Listener | None = None
@@ -131,6 +122,22 @@ class PortForwarder:
         listener = _Listener(server, (guest_address, guest_port))
         self.listeners[(host_address, port)] = listener
         return port
+
+    async def open_any(self, host_address: str, ports: range, guest_address: str, guest_port: int) -> int:
+        """Starts relaying from a free port of `ports` (tried from a random one on); returns it."""
+        start = random.randrange(len(ports))
+        for index in range(len(ports)):
+            port = ports[(start + index) % len(ports)]
+            if (host_address, port) in self.listeners:
+                continue
+            try:
+                return await self.open(host_address, port, guest_address, guest_port)
+            except FailedPrecondition as exc:
+                if exc.reason != "HOST_PORT_IN_USE":
+                    raise
+        raise ResourceExhausted(
+            f"no free host port on {host_address} in {ports.start}-{ports.stop - 1}", reason="HOST_PORTS_EXHAUSTED"
+        )
 
     async def close(self, host_address: str, host_port: int) -> None:
         listener = self.listeners.pop((host_address, host_port), None)

@@ -41,6 +41,12 @@ class NetworkServicer(network_pb2_grpc.NetworkServiceServicer):
         )
         return network_pb2.ExposePortResponse(port=port.to_proto())
 
+    async def UnexposePort(self, request, context):
+        removed = await self.network.unexpose(
+            request.sandbox_id, request.guest_port, request.host_address, request.host_port
+        )
+        return network_pb2.UnexposePortResponse(ports=[p.to_proto() for p in removed])
+
     async def ListAttachments(self, request, context):
         return network_pb2.ListAttachmentsResponse(attachments=[a.to_proto() for a in await self.network.attachments()])
 

@@ -25,6 +25,7 @@ TOOLS = {
     "destroy_sandbox",
     "list_sandboxes",
     "expose_port",
+    "unexpose_port",
 }
 
 

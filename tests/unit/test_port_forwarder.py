@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.network.exposure import parse_host_address
 from services.network.ports import PortForwarder
 
 
@@ -74,6 +76,25 @@ async def test_a_guest_that_does_not_answer_closes_the_client():
     await forwarder.close_all()
 
 
+async def test_a_free_port_of_a_range_is_chosen_and_a_full_range_is_resource_exhausted():
+    forwarder = PortForwarder()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        free = await forwarder.open("127.0.0.1", 0, "127.0.0.1", 9)
+        await forwarder.close("127.0.0.1", free)
+        try:
+            assert await forwarder.open_any("127.0.0.1", range(free, free + 1), "127.0.0.1", 9) == free
+            with pytest.raises(ResourceExhausted) as error:  # its only port is taken (by us)
+                await forwarder.open_any("127.0.0.1", range(free, free + 1), "127.0.0.1", 9)
+            assert error.value.reason == "HOST_PORTS_EXHAUSTED"
+            with pytest.raises(ResourceExhausted):
+                await forwarder.open_any("127.0.0.1", range(busy, busy + 1), "127.0.0.1", 9)
+        finally:
+            await forwarder.close_all()
+
+
 async def test_host_port_in_use_and_bad_address_are_clear_errors():
     forwarder = PortForwarder()
     port = await forwarder.open("127.0.0.1", 0, "127.0.0.1", 9)
@@ -82,7 +103,7 @@ async def test_host_port_in_use_and_bad_address_are_clear_errors():
             await forwarder.open("127.0.0.1", port, "127.0.0.1", 9)
         assert error.value.reason == "HOST_PORT_IN_USE"
         with pytest.raises(InvalidArgument):
-            forwarder.check_host_address("localhost:80")
+            parse_host_address("localhost:80")
         with pytest.raises(FailedPrecondition) as error:
             await forwarder.open("192.0.2.1", 0, "127.0.0.1", 9)  # not an address of this host
         assert error.value.reason == "HOST_ADDRESS_UNUSABLE"

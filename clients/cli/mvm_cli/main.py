@@ -350,8 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     expose = sub.add_parser("expose", help="make a guest port reachable on the sandbox's host")
     expose.add_argument("id")
     expose.add_argument("guest_port", type=int)
-    expose.add_argument("--host-port", type=int, default=0, help="default: a free port")
+    expose.add_argument("--host-port", type=int, default=0, help="default: a free port of the node's range")
     expose.add_argument("--host-address", default="", help="default: 127.0.0.1")
+    unexpose = sub.add_parser("unexpose", help="stop exposing a guest port on the sandbox's host")
+    unexpose.add_argument("id")
+    unexpose.add_argument("guest_port", type=int)
+    unexpose.add_argument("--host-port", type=int, default=0, help="only this host port (default: any)")
+    unexpose.add_argument("--host-address", default="", help="only this host address (default: any)")
     egress = sub.add_parser("egress", help="replace a sandbox's outbound network policy")
     egress.add_argument("id")
     add_egress_options(egress)
@@ -409,6 +414,11 @@ def main(argv: list[str] | None = None) -> None:
                 args.guest_port, args.host_port, args.host_address
             )
             print(f"{port.host_address}:{port.host_port} -> {short(name_of(args.id))}:{port.guest_port}")
+        elif args.verb == "unexpose":
+            for port in Sandbox.connect(args.id, client=cli.client).unexpose_port(
+                args.guest_port, args.host_port, args.host_address
+            ):
+                print(f"closed {port.host_address}:{port.host_port} -> {short(name_of(args.id))}:{port.guest_port}")
         elif args.verb == "egress":
             sandbox = Sandbox.connect(args.id, client=cli.client)
             sandbox.set_egress(args.egress, args.allow or ())

@@ -203,6 +203,19 @@ async def expose_port(
     }
 
 
+@server.tool(description="Stop making a TCP port of a sandbox reachable on the host (undoes expose_port).")
+async def unexpose_port(
+    sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+    guest_port: Annotated[int, Field(description="the port given to expose_port", ge=1, le=65535)],
+) -> dict[str, Any]:
+    sb = await sandbox(sandbox_id)
+    try:
+        removed = await sb.unexpose_port(guest_port)
+    except SandboxError as error:
+        raise ToolError(f"{error.code}: {error.message}") from None
+    return {"closed": [f"{p.host_address}:{p.host_port}" for p in removed], "guest_port": guest_port}
+
+
 @server.tool(description="Destroy a sandbox and everything in it.")
 async def destroy_sandbox(
     sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],

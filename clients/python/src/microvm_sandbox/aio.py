@@ -404,7 +404,8 @@ class AsyncSandbox:
 
     async def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
         """Makes `guest_port` reachable at host_address:host_port on the sandbox's node (loopback and a free
-        port by default); returns the mapping. It lasts as long as the sandbox."""
+        port of the node's range, 30000-32767 by default); returns the mapping. Addresses and ports the node does
+        not allow raise InvalidArgumentError. It lasts until `unexpose_port` or the sandbox's end."""
         reply = await self.client.call(
             "ExposePort",
             api.ExposePortRequest(
@@ -413,6 +414,19 @@ class AsyncSandbox:
         )
         port: sandbox_pb2.ExposedPort = reply.port
         return port
+
+    async def unexpose_port(
+        self, guest_port: int, host_port: int = 0, host_address: str = ""
+    ) -> list[sandbox_pb2.ExposedPort]:
+        """Stops exposing `guest_port` (only the mapping on host_address:host_port when given); returns the
+        mappings removed. NotFoundError when nothing matches."""
+        reply = await self.client.call(
+            "UnexposePort",
+            api.UnexposePortRequest(
+                sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address
+            ),
+        )
+        return list(reply.ports)
 
     async def pause(self) -> None:
         self.message = (await self.client.call("PauseSandbox", api.PauseSandboxRequest(name=self.name))).sandbox

@@ -169,6 +169,11 @@ class Sandbox:
     def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
         return self._loop.run(self.aio.expose_port(guest_port, host_port, host_address))
 
+    def unexpose_port(
+        self, guest_port: int, host_port: int = 0, host_address: str = ""
+    ) -> list[sandbox_pb2.ExposedPort]:
+        return self._loop.run(self.aio.unexpose_port(guest_port, host_port, host_address))
+
     def pause(self) -> None:
         self._loop.run(self.aio.pause())
 
