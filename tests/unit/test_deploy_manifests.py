@@ -3,6 +3,7 @@ the config schema, the ports in the ConfigMap and the exec probe."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import functools
@@ -12,13 +13,16 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import aetcd
 import kubernetes_validate
 import pytest
 import yaml
 
 from services.common.config import CommonSettings, load_config, parse_address
-from services.common.pki import ensure_pki
+from services.common.pki import ensure_pki, load_identity
+from services.common.registry import etcd_client
 from services.common.settings import SECTIONS
+from tests.etcd import free_port
 
 # The Kubernetes release the manifests are written for (kubernetes-validate ships its schemas).
 KUBERNETES_VERSION = "1.33"
@@ -162,7 +166,8 @@ def test_each_container_mounts_its_own_kinds_certificate_from_a_generated_secret
             ["ca.crt=pki/ca.crt", f"tls.crt=pki/{kind}.crt", f"tls.key=pki/{kind}.key"]
         )
         mounted.add(secret["secretName"])
-    assert mounted == set(generated) == {f"microvm-pki-{kind}" for kind in KINDS}
+    assert mounted == {f"microvm-pki-{kind}" for kind in KINDS}
+    assert set(generated) == mounted | {"microvm-pki-etcd", "microvm-token-kek"}
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
@@ -176,7 +181,7 @@ def test_kustomize_renders_valid_manifests_once_the_pki_is_there(tmp_path):
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    assert set(secrets) == {f"microvm-pki-{kind}" for kind in KINDS}
+    assert set(secrets) == {f"microvm-pki-{kind}" for kind in (*KINDS, "etcd")} | {"microvm-token-kek"}
     assert all(s["metadata"]["namespace"] == "microvm" for s in secrets.values())
 
 
@@ -320,3 +325,150 @@ def test_network_policies_open_the_configured_ports_and_deny_the_rest():
     node_cidrs = {s["ipBlock"]["cidr"] for name in ("etcd", "auth") for rule in policies[name]["ingress"]
                   for s in rule["from"] if "ipBlock" in s}  # fmt: skip
     assert len(node_cidrs) == 1, f"the node CIDR differs between policies: {node_cidrs}"
+
+
+def generated_secrets() -> dict[str, dict]:
+    return {g["name"]: g for g in yaml.safe_load((KUBE_DIR / "kustomization.yaml").read_text())["secretGenerator"]}
+
+
+def etcd_member() -> tuple[dict, dict]:
+    """(pod spec, container) of the etcd StatefulSet."""
+    spec = named("StatefulSet", "etcd")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return spec, container
+
+
+def flag_values(command: list[str]) -> dict[str, str]:
+    """--flag=value (or a bare --flag: "true") of a command line."""
+    return {a.partition("=")[0]: a.partition("=")[2] or "true" for a in command if a.startswith("--")}
+
+
+def mounted_etcd_pki(tmp_path: Path) -> tuple[Path, Path, str]:
+    """The PKI made as pki/README.md says, and the directory the etcd member sees it in: each file the way the
+    kustomization puts it in the Secret and the StatefulSet's volume maps the Secret's keys to file names.
+    Returns (pki, the mount's stand-in, the mount path in the pod)."""
+    pki = tmp_path / "pki"
+    ensure_pki(pki)
+    spec, container = etcd_member()
+    sources = dict(f.split("=", 1) for f in generated_secrets()["microvm-pki-etcd"]["files"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if volumes.get(m["name"], {}).get("secret")]
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "microvm-pki-etcd"
+    seen = tmp_path / "mounted"
+    seen.mkdir()
+    for item in secret["items"]:
+        (seen / item["path"]).write_bytes((pki / Path(sources[item["key"]]).name).read_bytes())
+    return pki, seen, mount["mountPath"]
+
+
+def test_etcd_serves_clients_only_over_tls_to_certificates_of_the_installations_ca():
+    spec, container = etcd_member()
+    flags = flag_values(container["command"])
+    assert flags["--client-cert-auth"] == "true"
+    assert flags["--listen-client-urls"].startswith("https://")
+    assert flags["--advertise-client-urls"].startswith("https://")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "pki"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "pki"]
+    paths = {i["key"]: f"{mount['mountPath']}/{i['path']}" for i in volume["secret"]["items"]}
+    assert (flags["--trusted-ca-file"], flags["--cert-file"], flags["--key-file"]) == (
+        paths["ca.crt"], paths["tls.crt"], paths["tls.key"]
+    )  # fmt: skip
+    assert sorted(generated_secrets()["microvm-pki-etcd"]["files"]) == sorted(
+        ["ca.crt=pki/ca.crt", "tls.crt=pki/etcd.crt", "tls.key=pki/etcd.key"]
+    )
+    # The client port answers only TLS with a client certificate: no kubelet HTTP(S) probe can pass.
+    assert all(
+        "httpGet" not in container.get(probe, {}) for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+    )
+    # Services verify etcd as they verify each other, with the CA their own Secret holds.
+    assert config()["etcd_tls"] is True
+
+
+def test_only_the_auth_deployment_mounts_the_token_key_encryption_key_and_auth_reads_a_private_copy():
+    mounting = []
+    for workload in workloads():
+        spec = workload["spec"]["template"]["spec"]
+        for volume in spec.get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == "microvm-token-kek":
+                mounting.append((workload["metadata"]["name"], spec, volume))
+    ((name, spec, secret_volume),) = mounting
+    assert name == "microvm-auth"
+    (init,) = spec["initContainers"]
+    (auth,) = spec["containers"]
+    assert secret_volume["name"] in {m["name"] for m in init["volumeMounts"]}
+    assert secret_volume["name"] not in {m["name"] for m in auth["volumeMounts"]}
+    # A secret volume is group-readable under fsGroup, which auth refuses (TOKEN_KEK_EXPOSED): the init container
+    # copies the key, 0600, into memory, where auth reads it through auth.token_kek_file.
+    assert init["command"][:3] == ["install", "-m", "0600"]
+    copy = Path(init["command"][-1])
+    (memory,) = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    (init_mount,) = [m for m in init["volumeMounts"] if m["name"] == memory["name"]]
+    (auth_mount,) = [m for m in auth["volumeMounts"] if m["name"] == memory["name"]]
+    assert copy.parent == Path(init_mount["mountPath"]) == Path(auth_mount["mountPath"])
+    assert auth_mount["readOnly"] is True
+    assert container_env(auth)["MVM_AUTH_TOKEN_KEK_FILE"] == str(copy)
+    assert generated_secrets()["microvm-token-kek"]["files"] == ["token-kek.key=pki/token-kek.key"]
+
+
+@pytest.mark.timeout(60)
+async def test_the_etcd_members_flags_admit_only_certificates_of_the_ca_and_the_readiness_probe_passes(tmp_path):
+    """The StatefulSet's own client and TLS flags (cluster flags aside), run by a real etcd on free loopback ports
+    with the PKI mounted as the pod sees it: the operator's certificate gets in, clients without one do not, and the
+    readiness probe's etcdctl command (when etcdctl is installed) says healthy."""
+    pki, mounted, mount_path = mounted_etcd_pki(tmp_path)
+    _, container = etcd_member()
+    tls = [
+        a.replace(mount_path, str(mounted))
+        for a in container["command"]
+        if a.partition("=")[0] in ("--cert-file", "--key-file", "--trusted-ca-file", "--client-cert-auth")
+    ]
+    scheme = flag_values(container["command"])["--listen-client-urls"].partition("://")[0]
+    port, peer = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            shutil.which("etcd") or "etcd", "--name", "m", "--data-dir", str(tmp_path / "data"), *tls,
+            "--listen-client-urls", f"{scheme}://127.0.0.1:{port}",
+            "--advertise-client-urls", f"{scheme}://127.0.0.1:{port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"m=http://127.0.0.1:{peer}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "etcd.log", "wb"),
+    )  # fmt: skip
+    try:
+        endpoint = f"127.0.0.1:{port}"
+        assert await writes_and_reads(etcd_client([endpoint], timeout=3, identity=load_identity(pki, "operator")))
+        # TLS without a client certificate is refused as well as a plain client.
+        anonymous = dataclasses.replace(load_identity(pki, "operator"), key=None, certificate=None)
+        assert not await writes_and_reads(etcd_client([endpoint], timeout=3, identity=anonymous), attempts=1)
+        assert not await writes_and_reads(etcd_client([endpoint], timeout=3), attempts=1)
+        if shutil.which("etcdctl"):
+            probe = [
+                a.replace(mount_path, str(mounted)).replace("127.0.0.1:2379", endpoint)
+                for a in container["readinessProbe"]["exec"]["command"]
+            ]
+            probe[0] = shutil.which("etcdctl")
+            result = subprocess.run(probe, capture_output=True, text=True, timeout=20)
+            assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def writes_and_reads(client, attempts: int = 40) -> bool:
+    """True when the client wrote and read a key; False when etcd refused it (the TLS handshake) every time while
+    starting (a fresh etcd takes a moment to elect itself)."""
+    try:
+        for _ in range(attempts):
+            try:
+                await client.connect()
+                await client.put(b"/microvm/manifest-probe", b"x")
+                return (await client.get(b"/microvm/manifest-probe")).value == b"x"
+            except aetcd.exceptions.ConnectionFailedError:
+                await client.close()
+                await asyncio.sleep(0.1)
+        return False
+    finally:
+        await client.close()
