@@ -1,6 +1,6 @@
 """Who may call what: the permission matrix per public RPC, by role.
 
-viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile.
+viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, ReadConsoleLog.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
@@ -18,7 +18,16 @@ NODES = "/microvm.admin.v1.NodeService/"
 
 READ = {
     f"{SANDBOX}{m}"
-    for m in ("GetSandbox", "ListSandboxes", "Stat", "ListDir", "ReadFile", "GetSnapshot", "ListSnapshots")
+    for m in (
+        "GetSandbox",
+        "ListSandboxes",
+        "Stat",
+        "ListDir",
+        "ReadFile",
+        "ReadConsoleLog",
+        "GetSnapshot",
+        "ListSnapshots",
+    )
 }
 WRITE = {
     f"{SANDBOX}{m}"

@@ -77,6 +77,12 @@ class ComputeSettings(ServiceSettings):
     # A VM whose sandbox has named no longer this node for this many seconds (deleted while the node was away,
     # or moved off by a migration that could not remove it) is deleted; 0 keeps such VMs.
     orphan_grace_seconds: float = 300.0
+    # Each VM's serial console is kept in `console.log`, moved to `console.log.1` (and so on) when it reaches
+    # console_log_max_bytes; console_log_keep older files are kept. A VM's console never takes more than
+    # max_bytes * (keep + 1) bytes on disk, whatever its guest writes and whether or not compute runs (while
+    # compute is down the VMM drops the output; services/compute/console.py).
+    console_log_max_bytes: int = 1 << 20
+    console_log_keep: int = 1
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 
@@ -108,6 +114,11 @@ class ComputeSettings(ServiceSettings):
             )
         if self.stop_timeout_seconds <= 0:
             raise ConfigError("compute.stop_timeout_seconds must be positive")
+        if not 4 << 10 <= self.console_log_max_bytes <= 1 << 30 or not 0 <= self.console_log_keep <= 16:
+            raise ConfigError(
+                "compute.console_log_max_bytes must be between 4 KiB and 1 GiB and compute.console_log_keep "
+                "between 0 and 16"
+            )
 
 
 @dataclasses.dataclass

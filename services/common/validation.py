@@ -80,6 +80,15 @@ def check_range(offset: int, length: int) -> None:
         raise InvalidArgument(f"offset and length must be between 0 and {MAX_FILE_OFFSET}", reason="INVALID_RANGE")
 
 
+def check_console_read(tail_bytes: int, offset: int, length: int) -> None:
+    """ReadConsoleLog: either the newest `tail_bytes`, or `offset` and `length`, each 0..2^50."""
+    if not 0 <= tail_bytes <= MAX_FILE_OFFSET:
+        raise InvalidArgument(f"tail_bytes must be between 0 and {MAX_FILE_OFFSET}", reason="INVALID_RANGE")
+    check_range(offset, length)
+    if tail_bytes and (offset or length):
+        raise InvalidArgument("tail_bytes excludes offset and length: ask for one or the other", reason="INVALID_RANGE")
+
+
 def check_mode(mode: int) -> None:
     if not 0 <= mode <= MAX_MODE:
         raise InvalidArgument(f"mode must be a permission mask 0..0o7777, got {oct(mode)}", reason="INVALID_REQUEST")

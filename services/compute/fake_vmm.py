@@ -2,7 +2,8 @@
 
 Each "VM" is the guest agent running as a plain host process in simulation mode (`--root`): its disk is a
 directory (guest paths live under it), its host name and network changes are only recorded, pause is SIGSTOP
-and a snapshot is a copy of that directory. It speaks the real agent protocol on the real channel, so
+and a snapshot is a copy of that directory. Its serial console is the agent's stdout and stderr, served on a
+socket as QEMU serves its serial port (fake_serial.py). It speaks the real agent protocol on the real channel, so
 everything above the VMM (relay, compute, gateway, placement, snapshots across nodes) runs for real, in
 seconds. There is NO isolation: processes run on the host as the compute service's user. Never offer it to
 users; tests/unit/test_vmm_driver_conformance.py holds it to the same contract as the real drivers.
@@ -24,6 +25,7 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition, Unavailable
 
 REPO = Path(__file__).resolve().parents[2]
+SERIAL = Path(__file__).with_name("fake_serial.py")
 MAX_UNIX_PATH = 107
 
 
@@ -42,17 +44,18 @@ class FakeVmmDriver:
         return {
             "disk": directory / "rootfs",
             "agent": directory / "agent.sock",
-            "console": directory / "console.log",
+            "console": directory / "console.sock",
             "pid": directory / "vmm.pid",
         }
 
     async def launch(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> int:
         p = self.paths(directory)
-        if len(str(p["agent"])) > MAX_UNIX_PATH:
-            raise FailedPrecondition(
-                f"socket path {p['agent']} is longer than a unix socket allows; use a shorter state_dir",
-                reason="STATE_DIR_TOO_LONG",
-            )
+        for key in ("agent", "console"):
+            if len(str(p[key])) > MAX_UNIX_PATH:
+                raise FailedPrecondition(
+                    f"socket path {p[key]} is longer than a unix socket allows; use a shorter state_dir",
+                    reason="STATE_DIR_TOO_LONG",
+                )
         if not p["disk"].exists():
             for sub in ("root", "tmp", "etc"):
                 (p["disk"] / sub).mkdir(parents=True, exist_ok=True)
@@ -74,8 +77,25 @@ class FakeVmmDriver:
         if self.own_uts:
             # A UTS namespace of its own: the guest's host name is real for the processes it runs (`hostname`).
             command = ["unshare", "--uts", *command, "--own-uts"]
-        with open(p["console"], "ab") as console:
-            # Like a daemonized VMM, in a session of its own: it outlives the compute service.
+        serial_in, console = os.pipe()
+        try:
+            # Like a daemonized VMM, in sessions of their own: they outlive the compute service. The serial port
+            # ends when the agent does (no one else holds the pipe's writing end).
+            p["console"].unlink(missing_ok=True)
+            await asyncio.create_subprocess_exec(
+                self.python,
+                str(SERIAL),
+                str(p["console"]),
+                stdin=serial_in,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=str(directory),
+                start_new_session=True,
+            )
+            for _ in range(500):  # as with a real VMM, the serial port is there before the guest runs
+                if p["console"].exists():
+                    break
+                await asyncio.sleep(0.01)
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -85,6 +105,9 @@ class FakeVmmDriver:
                 env=env,
                 start_new_session=True,
             )
+        finally:
+            os.close(serial_in)
+            os.close(console)
         p["pid"].write_text(str(process.pid))
         return process.pid
 

@@ -1,7 +1,9 @@
 """The QEMU `microvm` driver: one daemonized qemu per VM, driven over QMP.
 
 Devices: virtio-blk on a per-VM qcow2 overlay over the template's ext4 image, virtio-serial port
-`microvm.agent` exposed as a unix socket for the relay, QMP on a unix socket, the serial console to a file.
+`microvm.agent` exposed as a unix socket for the relay, QMP on a unix socket, the serial console on a unix socket
+that compute drains into a bounded log (services/compute/console.py; QEMU drops console output while nobody is
+connected, so the guest never waits on compute).
 Under TCG the translation cache is bounded (`tb-size`): QEMU's default of 1 GiB would otherwise dominate
 each guest's memory.
 """
@@ -47,13 +49,13 @@ class QemuDriver:
             "disk": directory / "disk.qcow2",
             "agent": directory / "agent.sock",
             "qmp": directory / "qmp.sock",
-            "console": directory / "console.log",
+            "console": directory / "console.sock",
             "pid": directory / "vmm.pid",
         }
 
     def command(self, vm: VmRecord, image: BuiltImage, directory: Path, incoming: bool = False) -> list[str]:
         p = self.paths(directory)
-        for key in ("agent", "qmp"):
+        for key in ("agent", "qmp", "console"):
             if len(str(p[key])) > MAX_UNIX_PATH:
                 raise FailedPrecondition(
                     f"socket path {p[key]} is longer than a unix socket allows; use a shorter state_dir",
@@ -99,8 +101,10 @@ class QemuDriver:
             str(image.initramfs),
             "-append",
             append,
+            "-chardev",
+            f"socket,id=serial,path={p['console']},server=on,wait=off",
             "-serial",
-            f"file:{p['console']}",
+            "chardev:serial",
             "-drive",
             f"id=root,file={p['disk']},format=qcow2,if=none,cache=unsafe,discard=unmap",
             "-device",

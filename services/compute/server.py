@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from pathlib import Path
 
 import structlog
@@ -16,6 +17,7 @@ from services.common.records import Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
+from services.compute.console import select
 from services.compute.guests import GuestLink
 from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
@@ -59,7 +61,9 @@ class ComputeNode:
         root = state_dir / "compute"
         self.network = NetworkLink(context, self.node) if common.networking else None
         self.ledger = VmLedger(context.etcd, self.node, settings)
-        self.processes = VmProcesses(self.ledger, driver, self.network)
+        self.processes = VmProcesses(
+            self.ledger, driver, self.network, settings.console_log_max_bytes, settings.console_log_keep
+        )
         image_root = Path(settings.image_cache_dir) if settings.image_cache_dir else cache_root()
         self.lifecycle = VmLifecycle(
             self.ledger,
@@ -177,6 +181,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def RestoreVm(self, request, context):
         vm = await self.node.restore(request.vm_id, request.snapshot_id, request.hostname, request.network_policy)
         return compute_pb2.RestoreVmResponse(vm=shown(vm))
+
+    async def ReadConsole(self, request, context):
+        selection = select(request.tail_bytes, request.offset, request.length)
+        console = self.node.processes.console(self.ledger.visible(request.vm_id))
+        async with aclosing(console.stream(selection)) as chunks:
+            async for offset, data in chunks:
+                yield compute_pb2.ReadConsoleResponse(offset=offset, data=data)
 
 
 async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:

@@ -5,7 +5,8 @@ HTTP request becomes a call on the gateway's own gRPC server over loopback, with
 `Authorization` header, so authentication, tenancy, quotas and errors are exactly those of gRPC.
 - JSON both ways via protobuf's json_format (bytes fields are base64, as proto3 JSON says).
 - Exec streams newline-delimited JSON events, or server-sent events with `Accept: text/event-stream`.
-- ReadFile answers the raw file; WriteFile takes the raw body (`?path=...&mode=...&makeParents=true`).
+- ReadFile answers the raw file, ReadConsoleLog the raw console bytes; WriteFile takes the raw body
+  (`?path=...&mode=...&makeParents=true`).
 - Errors are a JSON google.rpc.Status with the standard gRPC-to-HTTP code mapping.
 - `/openapi.json` is an OpenAPI 3 document generated from the same descriptors.
 """
@@ -49,6 +50,7 @@ HTTP_STATUS = {
     "UNAUTHENTICATED": 401,
 }
 UPLOAD_CHUNK = 1 << 20
+RAW_STREAMS = ("ReadFile", "ReadConsoleLog")  # server streams of `data` chunks, answered as the bytes themselves
 
 
 @dataclass
@@ -174,7 +176,7 @@ class HttpGateway:
             if not route.method.server_streaming:
                 reply = await call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL)
                 return web.json_response(json_format.MessageToDict(reply))
-            if route.method.name == "ReadFile":
+            if route.method.name in RAW_STREAMS:
                 return await self._read_file(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL))
             return await self._stream_events(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_STREAM))
         except grpc.aio.AioRpcError as error:
@@ -367,7 +369,7 @@ def openapi_document(route_list: list[Route]) -> dict:
                     "description": "OK",
                     "content": {
                         "application/x-ndjson"
-                        if route.method.server_streaming and route.method.name != "ReadFile"
+                        if route.method.server_streaming and route.method.name not in RAW_STREAMS
                         else "application/json": {"schema": schema_of(route.method.output_type, schemas)}
                     },
                 },

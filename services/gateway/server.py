@@ -13,6 +13,7 @@ from services.common.records import SANDBOXES, Records
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
 from services.gateway.access import AccessInterceptor
+from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
@@ -49,6 +50,7 @@ class Gateway:
         self.snapshots = SnapshotOps(self.sandboxes)
         self.data = DataPlane(self.sandboxes, self.nodes)
         self.ports = ExposedPorts(self.sandboxes)
+        self.console = ConsoleLogs(self.sandboxes, self.nodes)
         self.admin = NodeAdmin(self.store, self.nodes, self.placement, self.snapshots)
 
 
@@ -56,7 +58,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     await Records(context.etcd).migrate(SANDBOXES)
     gateway = Gateway(context)
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports), server
+        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports, gateway.console), server
     )
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")

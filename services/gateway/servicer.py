@@ -5,6 +5,7 @@ from __future__ import annotations
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import sandbox_service_pb2_grpc
+from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.node_admin import NodeAdmin
@@ -13,8 +14,11 @@ from services.gateway.snapshots import SnapshotOps
 
 
 class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
-    def __init__(self, sandboxes: Sandboxes, snapshots: SnapshotOps, data: DataPlane, ports: ExposedPorts) -> None:
+    def __init__(
+        self, sandboxes: Sandboxes, snapshots: SnapshotOps, data: DataPlane, ports: ExposedPorts, console: ConsoleLogs
+    ) -> None:
         self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
+        self.console = console
 
     async def CreateSandbox(self, request, context):
         return api.CreateSandboxResponse(sandbox=await self.sandboxes.create(request))
@@ -57,6 +61,10 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
 
     async def ReadFile(self, request, context):
         async for chunk in self.data.read_file(request, context.time_remaining()):
+            yield chunk
+
+    async def ReadConsoleLog(self, request, context):
+        async for chunk in self.console.read(request, context.time_remaining()):
             yield chunk
 
     async def ListDir(self, request, context):

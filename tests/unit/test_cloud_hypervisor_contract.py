@@ -82,6 +82,8 @@ def test_vm_config_validates_against_the_vm_config_schema(tmp_path, image, field
     assert validate(request_schema("PUT", "vm.create"), config) == []
     assert config["payload"]["kernel"].endswith("vmlinux")  # ELF through PVH: no firmware needed
     assert config["vsock"]["cid"] >= 3
+    # the console on a socket compute drains into a bounded log, never a file the VMM grows
+    assert config["serial"] == {"mode": "Socket", "socket": str(tmp_path / "console.sock")}
     if fields.get("tap_device"):
         assert config["net"] == [{"tap": "mvt0123456789a", "mac": "0a:58:0a:d5:00:02", "num_queues": 2}]
 
@@ -150,6 +152,7 @@ async def test_driver_lifecycle_snapshot_and_restore_speak_only_the_spec(tmp_pat
     restored = json.loads((clone_dir / "restore" / "config.json").read_text())
     assert restored["disks"][0]["path"] == str(driver.paths(clone_dir)["disk"])  # its own disk, not the source's
     assert restored["vsock"]["socket"] == str(driver.paths(clone_dir)["agent"])
+    assert restored["serial"] == {"mode": "Socket", "socket": str(driver.paths(clone_dir)["console"])}
     assert [(n["tap"], n["mac"]) for n in restored["net"]] == [("mvt00000000002", "0a:58:0a:d5:00:03")]  # its own NIC
     api = driver.api(source)
     await api.counters()

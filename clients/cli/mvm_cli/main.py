@@ -8,6 +8,7 @@
     mvm cp SRC DST                             (one side is ID:/path)
     mvm rm ID...
     mvm pause ID / mvm resume ID
+    mvm console ID [--tail BYTES | --offset N [--length BYTES]]   (the serial console log, raw)
     mvm snapshot ID [--label k=v] [--ttl S]    (prints the snapshot id)
     mvm restore SNAPSHOT                       (a new sandbox from a snapshot)
     mvm fork ID [-n COUNT]                     (snapshot + COUNT independent clones)
@@ -339,6 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("rm", help="delete sandboxes").add_argument("ids", nargs="+")
     sub.add_parser("pause", help="stop a sandbox's vCPUs, keeping its memory").add_argument("id")
     sub.add_parser("resume", help="resume a paused sandbox").add_argument("id")
+    console = sub.add_parser("console", help="print a sandbox's serial console log (default: all its node keeps)")
+    console.add_argument("id")
+    console.add_argument("--tail", type=int, default=0, metavar="BYTES", help="only the newest BYTES")
+    console.add_argument("--offset", type=int, default=0, help="from this console offset")
+    console.add_argument("--length", type=int, default=0, metavar="BYTES", help="at most BYTES from --offset")
     snapshot = sub.add_parser("snapshot", help="snapshot a sandbox (memory, devices, disk)")
     snapshot.add_argument("id")
     snapshot.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
@@ -391,6 +397,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)
         elif args.verb == "cp":
             cli.copy(args.source, args.target)
+        elif args.verb == "console":
+            output = Sandbox.connect(args.id, client=cli.client).read_console_log(
+                tail_bytes=args.tail, offset=args.offset, length=args.length
+            )
+            sys.stdout.buffer.write(output.data)
+            sys.stdout.flush()
         elif args.verb in ("pause", "resume"):
             sandbox = Sandbox.connect(args.id, client=cli.client)
             sandbox.pause() if args.verb == "pause" else sandbox.resume()

@@ -3,6 +3,7 @@
 from microvm_sandbox.aio import (
     AsyncClient,
     AsyncSandbox,
+    ConsoleOutput,
     ExecResult,
     Exited,
     FileEntry,
@@ -35,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "Client",
     "ConflictError",
+    "ConsoleOutput",
     "DataLossError",
     "DeadlineExceededError",
     "ExecResult",

@@ -82,6 +82,19 @@ class ExecResult:
 
 
 @dataclass
+class ConsoleOutput:
+    """Bytes of a sandbox's serial console and the console offset of the first of them; a later read continues
+    from `end`. With no bytes, `offset` is the one asked for."""
+
+    offset: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass
 class FileEntry:
     path: str
     is_dir: bool
@@ -372,6 +385,23 @@ class AsyncSandbox:
     async def ls(self, path: str = "/") -> list[FileEntry]:
         reply = await self.client.call("ListDir", api.ListDirRequest(sandbox=self.name, path=path), idempotent=True)
         return [FileEntry(e.path, e.type == sandbox_pb2.FILE_TYPE_DIRECTORY, e.size, e.mode) for e in reply.entries]
+
+    # --- console ------------------------------------------------------------------------------------
+    async def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:
+        """The sandbox's serial console (kernel messages, whatever the guest writes to /dev/console): the newest
+        `tail_bytes`, or `length` bytes (0: all) from console `offset`. Its node keeps only the newest output (2 MiB
+        by default): a read from before that starts at the oldest byte kept, as the result's `offset` says."""
+        request = api.ReadConsoleLogRequest(sandbox=self.name, tail_bytes=tail_bytes, offset=offset, length=length)
+        first, chunks = None, []
+        try:
+            async for chunk in self.client.stub.ReadConsoleLog(
+                request, metadata=self.client.metadata, timeout=self.client.timeout
+            ):
+                first = chunk.offset if first is None else first
+                chunks.append(chunk.data)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return ConsoleOutput(offset if first is None else first, b"".join(chunks))
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:

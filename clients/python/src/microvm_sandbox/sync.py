@@ -16,6 +16,7 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm_sandbox.aio import (
     AsyncClient,
     AsyncSandbox,
+    ConsoleOutput,
     ExecEvent,
     ExecResult,
     FileEntry,
@@ -152,6 +153,9 @@ class Sandbox:
 
     def ls(self, path: str = "/") -> list[FileEntry]:
         return self._loop.run(self.aio.ls(path))
+
+    def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:
+        return self._loop.run(self.aio.read_console_log(tail_bytes=tail_bytes, offset=offset, length=length))
 
     def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
         return self._loop.run(self.aio.snapshot(labels, ttl))
