@@ -24,6 +24,7 @@ from microvm.network.v1 import network_pb2, network_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import error_info
 from services.common.records import ATTACHMENTS, Records
+from services.gateway.records import sandbox_key
 from tests.etcd import LocalEtcd, free_port
 from tests.inprocess import InProcessNode, etcd_client_for, fake_image_root, start_installation, tenant_caller
 
@@ -101,6 +102,7 @@ async def _scenario(node: InProcessNode, http_port: int) -> dict:
 
     sandbox = (await call("CreateSandbox", api.CreateSandboxRequest())).sandbox
     sandbox_id = sandbox.name.split("/")[1]
+    cluster_id = sandbox_key("ports", sandbox_id)  # the id the node's records use
 
     async def listed() -> list[tuple[int, str, int]]:
         return mappings((await call("GetSandbox", api.GetSandboxRequest(name=sandbox.name))).sandbox.exposed_ports)
@@ -164,7 +166,7 @@ async def _scenario(node: InProcessNode, http_port: int) -> dict:
     seen["through_asked_after"] = await through(ASKED)
     seen["listed_after"] = await listed()
     attachments = (await network.ListAttachments(network_pb2.ListAttachmentsRequest(), timeout=30)).attachments
-    seen["attached_after"] = [mappings(a.exposed_ports) for a in attachments if a.sandbox_id == sandbox_id]
+    seen["attached_after"] = [mappings(a.exposed_ports) for a in attachments if a.sandbox_id == cluster_id]
     try:
         seen["unexposed_again"] = await outcome(unexpose(guest_port=GUEST_PORT))
     except Exception as exc:  # noqa: BLE001
@@ -205,9 +207,9 @@ async def _scenario(node: InProcessNode, http_port: int) -> dict:
     # A mapping recorded before the settings were narrowed (written here straight into the attachment record):
     # the network service's reconcile does not listen on it, and UnexposePort still removes it.
     records = Records(etcd_client_for(node.etcd_endpoint))
-    attachment = (await records.get(ATTACHMENTS, node.node, sandbox_id)).message
+    attachment = (await records.get(ATTACHMENTS, node.node, cluster_id)).message
     attachment.exposed_ports.add(guest_port=GUEST_PORT, host_address="0.0.0.0", host_port=80)
-    await records.put(ATTACHMENTS, attachment, node.node, sandbox_id)
+    await records.put(ATTACHMENTS, attachment, node.node, cluster_id)
     await asyncio.sleep(3 * RECONCILE_SECONDS)
     seen["legacy_wildcard_80"] = await through(80)
     seen["legacy_unexposed"] = mappings((await unexpose(guest_port=GUEST_PORT, host_address="0.0.0.0")).ports)

@@ -65,9 +65,13 @@ def _pem_key(key) -> bytes:
 
 
 def ensure_pki(directory: Path) -> None:
-    """Creates the CA and every identity that is missing; existing ones are kept."""
+    """Creates the CA and every identity that is missing; existing ones are kept. A host given a copy of the PKI
+    without the CA's key (every host but the one that made it, docs/deploy.md) issues nothing: it has what it
+    needs, and the token key-encryption key is made only where the CA was."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.datetime.now(datetime.UTC)
+    if (directory / "ca.crt").exists() and not (directory / "ca.key").exists():
+        return
     if not (directory / "ca.crt").exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "microvm-sandbox local CA")])

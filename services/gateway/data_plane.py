@@ -10,8 +10,10 @@ guest process.
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument, Unavailable
@@ -20,7 +22,18 @@ from services.gateway.nodes import ClusterNodes
 from services.gateway.records import SandboxRecord
 from services.gateway.sandboxes import Sandboxes
 
+M = TypeVar("M", bound=Message)
+
 NODE_CHECK_SECONDS = 0.5
+
+
+def on_node(message: M, record: SandboxRecord, part: str = "") -> M:
+    """A copy of `message` naming the sandbox as its node knows it: by cluster id (the caller's name is per tenant).
+    The caller's own message stays as it came (the audit records what was asked)."""
+    forwarded = type(message)()
+    forwarded.CopyFrom(message)
+    (getattr(forwarded, part) if part else forwarded).sandbox = f"sandboxes/{record.id}"
+    return forwarded
 
 
 class DataPlane:
@@ -63,7 +76,8 @@ class DataPlane:
     async def exec(self, request: api.ExecRequest, deadline: float | None):
         check_process(request.process)
         record = await self.sandboxes.running(request.sandbox)
-        async for event in self._guarded(record, self.nodes.relay(record.node).Exec(request, timeout=deadline)):
+        forwarded = on_node(request, record)
+        async for event in self._guarded(record, self.nodes.relay(record.node).Exec(forwarded, timeout=deadline)):
             yield event
 
     async def exec_interactive(self, requests, deadline: float | None):
@@ -72,9 +86,10 @@ class DataPlane:
             raise InvalidArgument("the first ExecInteractive message must carry the config")
         check_process(first.config.process)
         record = await self.sandboxes.running(first.config.sandbox)
+        forwarded = on_node(first, record, "config")
 
         async def upstream():
-            yield first
+            yield forwarded
             async for message in requests:
                 yield message
 
@@ -89,9 +104,10 @@ class DataPlane:
         check_path(first.header.path)
         check_mode(first.header.mode)
         record = await self.sandboxes.running(first.header.sandbox)
+        forwarded = on_node(first, record, "header")
 
         async def upstream():
-            yield first
+            yield forwarded
             async for message in requests:
                 yield message
 
@@ -101,7 +117,8 @@ class DataPlane:
         check_path(request.path)
         check_range(request.offset, request.length)
         record = await self.sandboxes.running(request.sandbox)
-        async for chunk in self._guarded(record, self.nodes.relay(record.node).ReadFile(request, timeout=deadline)):
+        forwarded = on_node(request, record)
+        async for chunk in self._guarded(record, self.nodes.relay(record.node).ReadFile(forwarded, timeout=deadline)):
             yield chunk
 
     async def unary(self, method: str, request, deadline: float | None):
@@ -112,4 +129,4 @@ class DataPlane:
         if method == "MakeDir":
             check_mode(request.mode)
         record = await self.sandboxes.running(request.sandbox)
-        return await getattr(self.nodes.relay(record.node), method)(request, timeout=deadline)
+        return await getattr(self.nodes.relay(record.node), method)(on_node(request, record), timeout=deadline)

@@ -10,7 +10,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import network_pb2 as network_types
 from services.common import deadlines
 from services.common.errors import FailedPrecondition, NotFound
-from services.gateway.records import SandboxRecord, convert
+from services.gateway.records import SandboxRecord, convert, name_of
 from services.gateway.sandboxes import Sandboxes, parse_name
 from services.network.exposure import check_ports, parse_host_address
 
@@ -44,7 +44,7 @@ class ExposedPorts:
             if reply.port not in current.exposed_ports:
                 current.exposed_ports.append(reply.port)
 
-        await self.store.change(record.id, remember)
+        await self.store.change(record, remember)
         return api.ExposePortResponse(port=convert(reply.port, sandbox_pb2.ExposedPort))
 
     async def unexpose(self, request: api.UnexposePortRequest) -> api.UnexposePortResponse:
@@ -85,12 +85,12 @@ class ExposedPorts:
             del current.exposed_ports[:]
             current.exposed_ports.extend(kept)
 
-        await self.store.change(record.id, forget)
+        await self.store.change(record, forget)
         if not removed:
             raise NotFound(
-                f"sandbox {record.id} has no exposed guest port {request.guest_port} on host "
+                f"sandbox {name_of(record)} has no exposed guest port {request.guest_port} on host "
                 f"{host_address or '*'}:{request.host_port or '*'}",
                 reason="EXPOSED_PORT_NOT_FOUND",
-                metadata={"sandbox": f"sandboxes/{record.id}"},
+                metadata={"sandbox": f"sandboxes/{name_of(record)}"},
             )
         return api.UnexposePortResponse(ports=[convert(p, sandbox_pb2.ExposedPort) for p in removed])

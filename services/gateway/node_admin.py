@@ -20,7 +20,7 @@ from services.common.errors import Aborted, FailedPrecondition, InvalidArgument,
 from services.common.records import SANDBOXES
 from services.gateway.nodes import ClusterNodes, NodeView
 from services.gateway.placement import SandboxPlacement, choose
-from services.gateway.records import PAUSED, RUNNING, SandboxRecord, SandboxStore
+from services.gateway.records import PAUSED, RUNNING, SandboxRecord, SandboxStore, name_of
 from services.gateway.sandboxes import parse_name
 from services.gateway.snapshots import SnapshotOps
 
@@ -102,14 +102,14 @@ class NodeAdmin:
         if migrate:
             for record in [s for s in view.sandboxes if s.state in (RUNNING, PAUSED)]:
                 await self.migrate(record.id, view.name)
-                migrated.append(f"sandboxes/{record.id}")
+                migrated.append(f"sandboxes/{name_of(record)}")
             await self.nodes.set_control(view.name, draining=False)
         log.info("node_drained", node=view.name, migrate=migrate, migrated=len(migrated))
         return nodes_pb2.DrainNodeResponse(node=to_public(await self._view(name)), migrated=migrated)
 
     async def migrate(self, sandbox_id: str, source: str) -> str:
         """Moves one sandbox off `source`; returns the node it runs on now."""
-        stored = await self.store.get_stored(sandbox_id)
+        stored = await self.store.get_by_id(sandbox_id)
         record = stored.message
         was_paused = record.state == PAUSED
         record.state = MIGRATING
@@ -121,19 +121,20 @@ class NodeAdmin:
         snapshot = None
         target = ""
         try:
-            snapshot = await self.snapshots.take(
-                f"sandboxes/{sandbox_id}", {"migration": sandbox_id}, tenant="", leave_paused=True
-            )
+            snapshot = await self.snapshots.take(record, {"migration": sandbox_id}, tenant="", leave_paused=True)
             views = await self.nodes.views(await self.store.list(every_tenant=True))
             target = choose({n: v for n, v in views.items() if n != source}, record)
             restore = compute_pb2.RestoreVmRequest(
-                vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id, network_policy=record.network_policy
+                vm_id=sandbox_id,
+                snapshot_id=snapshot.id,
+                hostname=name_of(record),
+                network_policy=record.network_policy,
             )
             vm = (await self.nodes.on_compute(target, lambda c: c.RestoreVm(restore, timeout=deadlines.SNAPSHOT))).vm
             if was_paused:
                 pause = compute_pb2.PauseVmRequest(vm_id=sandbox_id)
                 await self.nodes.on_compute(target, lambda c: c.PauseVm(pause, timeout=deadlines.VM_CHANGE))
-            current = await self.store.get_stored(sandbox_id)
+            current = await self.store.get_by_id(sandbox_id)
             current.message.state = PAUSED if was_paused else RUNNING
             current.message.hypervisor = f"{vm.vmm}/{vm.accel}"
             current.message.ip_address = vm.nic.guest_cidr.partition("/")[0]
@@ -166,7 +167,7 @@ class NodeAdmin:
                 if current.node == source:
                     current.state = PAUSED if was_paused else RUNNING
 
-            await self.store.change(record.id, back, expect_states={MIGRATING})
+            await self.store.change(record, back, expect_states={MIGRATING})
         except (ServiceError, grpc.aio.AioRpcError) as exc:
             log.error("sandbox_migration_rollback_failed", sandbox=record.id, error=str(exc))
 

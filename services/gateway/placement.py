@@ -27,7 +27,7 @@ from services.common.errors import (
 )
 from services.common.records import PLACEMENTS, SANDBOXES, TENANT_GUARDS, TENANTS, Records
 from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
-from services.gateway.records import SandboxRecord, SandboxStore
+from services.gateway.records import SandboxRecord, SandboxStore, name_of
 
 log = structlog.get_logger()
 ATTEMPTS = 20
@@ -167,9 +167,9 @@ class SandboxPlacement:
                 return responses[0].response_put.header.revision
             if await self.records.get(SANDBOXES, record.id) is not None:
                 raise AlreadyExists(
-                    f"sandbox {record.id} already exists",
+                    f"sandbox {name_of(record)} already exists",
                     reason="SANDBOX_EXISTS",
-                    metadata={"sandbox": f"sandboxes/{record.id}"},
+                    metadata={"sandbox": f"sandboxes/{name_of(record)}"},
                 )
             log.info("placement_contended", sandbox=record.id, node=node)
         raise Aborted("placement is too contended right now; retry", reason="PLACEMENT_CONTENDED")

@@ -7,6 +7,7 @@ alive (a node whose lease ran out makes its sandboxes UNAVAILABLE).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from google.protobuf.message import Message
@@ -38,6 +39,18 @@ def convert(message: Message, into: type[Message]):
     return into.FromString(message.SerializeToString())
 
 
+def sandbox_key(tenant: str, name: str) -> str:
+    """The cluster-wide id of tenant `tenant`'s sandbox `name`. Ids are per tenant: a name one tenant chose can never
+    collide with another tenant's sandbox, so ALREADY_EXISTS on a chosen name reveals nothing about anyone else."""
+    digest = hashlib.sha256(f"{tenant}\0{name}".encode()).hexdigest()[:16]
+    return f"{name[:46]}-{digest}"
+
+
+def name_of(record: SandboxRecord) -> str:
+    """The id the tenant knows the sandbox by (records from before per-tenant ids: their id)."""
+    return record.name or record.id
+
+
 def not_found(sandbox_id: str) -> NotFound:
     return NotFound(
         f"sandbox {sandbox_id} does not exist",
@@ -60,7 +73,7 @@ def to_public(
     """What the caller sees: the record, refined by its VM's state, its node's liveness and whether its guest lost
     its agent channel for breaking the protocol."""
     sandbox = sandbox_pb2.Sandbox(
-        name=f"sandboxes/{record.id}",
+        name=f"sandboxes/{name_of(record)}",
         template=record.template,
         state=record.state,
         vcpus=record.vcpus,
@@ -113,9 +126,9 @@ class SandboxStore:
             success=[self.records.put_op(SANDBOXES, record, record.id), *also],
         ):
             raise AlreadyExists(
-                f"sandbox {record.id} already exists",
+                f"sandbox {name_of(record)} already exists",
                 reason="SANDBOX_EXISTS",
-                metadata={"sandbox": f"sandboxes/{record.id}"},
+                metadata={"sandbox": f"sandboxes/{name_of(record)}"},
             )
 
     async def put(self, record: SandboxRecord) -> None:
@@ -129,12 +142,28 @@ class SandboxStore:
     async def get(self, sandbox_id: str) -> SandboxRecord:
         return (await self.get_stored(sandbox_id)).message
 
-    async def get_stored(self, sandbox_id: str) -> Stored[SandboxRecord]:
-        """The record and its revision (for a compare-and-swap)."""
-        stored = await self.records.get(SANDBOXES, sandbox_id) if SANDBOX_ID.fullmatch(sandbox_id) else None
+    async def get_stored(self, name: str) -> Stored[SandboxRecord]:
+        """The caller's sandbox `name` and its revision (for a compare-and-swap); without a caller (the gateway's
+        own work), the sandbox with id `name`."""
+        if not SANDBOX_ID.fullmatch(name):
+            raise not_found(name)
         tenant = current_tenant()
-        if stored is None or (tenant is not None and stored.message.tenant != tenant):
-            raise not_found(sandbox_id)  # another tenant's sandbox looks exactly like one that does not exist
+        stored = await self.records.get(SANDBOXES, sandbox_key(tenant, name)) if tenant is not None else None
+        if stored is None:
+            stored = await self.records.get(SANDBOXES, name)
+            # By id: a record from before per-tenant ids (id == name), or the gateway's own lookup. A cluster id is
+            # not a name its tenant may use, and another tenant's sandbox looks exactly like one that does not exist.
+            if stored is not None and tenant is not None and (stored.message.tenant != tenant or stored.message.name):
+                stored = None
+        if stored is None:
+            raise not_found(name)
+        return stored
+
+    async def get_by_id(self, sandbox_id: str) -> Stored[SandboxRecord]:
+        """Any tenant's sandbox by its cluster id (node administration, the reaper); NOT_FOUND when gone."""
+        stored = await self.records.get(SANDBOXES, sandbox_id)
+        if stored is None:
+            raise not_found(sandbox_id)
         return stored
 
     async def list(self, tenant: str | None = None, every_tenant: bool = False) -> list[SandboxRecord]:
@@ -146,20 +175,21 @@ class SandboxStore:
     async def delete(self, record: SandboxRecord) -> None:
         await self.records.delete(SANDBOXES, record.id)
 
-    async def change(self, sandbox_id: str, mutate, expect_states=None) -> SandboxRecord:
-        """Reads the record, applies `mutate(record)` and writes it back only if nobody changed it meanwhile
+    async def change(self, record: SandboxRecord, mutate, expect_states=None) -> SandboxRecord:
+        """Reads `record` again, applies `mutate(record)` and writes it back only if nobody changed it meanwhile
         (retried on a conflict): a change never resurrects a sandbox deleted concurrently, nor undoes another
         change. NOT_FOUND when it is gone; FAILED_PRECONDITION when its state is not in `expect_states`."""
+        sandbox_id, name = record.id, name_of(record)
         for _ in range(50):
             stored = await self.records.get(SANDBOXES, sandbox_id)
             if stored is None:
-                raise not_found(sandbox_id)
+                raise not_found(name)
             record = stored.message
             if expect_states is not None and record.state not in expect_states:
                 raise FailedPrecondition(
-                    f"sandbox {sandbox_id} is {record_state_name(record.state)}, not in a state that allows this",
+                    f"sandbox {name} is {record_state_name(record.state)}, not in a state that allows this",
                     reason="SANDBOX_STATE_CHANGED",
-                    metadata={"sandbox": f"sandboxes/{sandbox_id}"},
+                    metadata={"sandbox": f"sandboxes/{name}"},
                 )
             mutate(record)
             record.update_time.GetCurrentTime()
@@ -168,7 +198,7 @@ class SandboxStore:
                 success=[self.records.put_op(SANDBOXES, record, sandbox_id)],
             ):
                 return record
-        raise Aborted(f"sandbox {sandbox_id} is changing too fast; retry", reason="SANDBOX_CONTENDED")
+        raise Aborted(f"sandbox {name} is changing too fast; retry", reason="SANDBOX_CONTENDED")
 
     async def remove(self, record: SandboxRecord, revision: int) -> bool:
         """Deletes the record if it is still as read."""

@@ -29,7 +29,16 @@ from services.gateway.access import current_tenant
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
 from services.gateway.quotas import QuotaClient
-from services.gateway.records import RUNNING, SandboxRecord, SandboxStore, convert, state_name, to_public
+from services.gateway.records import (
+    RUNNING,
+    SandboxRecord,
+    SandboxStore,
+    convert,
+    name_of,
+    sandbox_key,
+    state_name,
+    to_public,
+)
 from services.network.policy import normalized_policy
 
 log = structlog.get_logger()
@@ -89,13 +98,13 @@ class Sandboxes:
         sandbox = await self.view(record)
         if sandbox.state == sandbox_pb2.SANDBOX_STATE_UNAVAILABLE:
             raise Unavailable(
-                f"sandbox {record.id}: {sandbox.failure_message}",
+                f"sandbox {name_of(record)}: {sandbox.failure_message}",
                 reason="NODE_UNAVAILABLE",
                 metadata={"sandbox": sandbox.name, "node": record.node},
             )
         if sandbox.state != sandbox_pb2.SANDBOX_STATE_RUNNING:
             raise FailedPrecondition(
-                f"sandbox {record.id} is {state_name(sandbox.state)}"
+                f"sandbox {name_of(record)} is {state_name(sandbox.state)}"
                 + (f": {sandbox.failure_message}" if sandbox.failure_message else ""),
                 reason="SANDBOX_NOT_RUNNING",
                 metadata={"sandbox": sandbox.name},
@@ -128,7 +137,7 @@ class Sandboxes:
 
     def new_record(
         self,
-        sandbox_id: str,
+        name: str,
         template: str,
         vcpus: int,
         memory_mib: int,
@@ -139,9 +148,11 @@ class Sandboxes:
         source_snapshot: str = "",
     ) -> SandboxRecord:
         now = time.time()
+        tenant = current_tenant() or "default"
         record = SandboxRecord(
-            id=sandbox_id,
-            tenant=current_tenant() or "default",
+            id=sandbox_key(tenant, name),
+            name=name,
+            tenant=tenant,
             template=template,
             vcpus=vcpus,
             memory_mib=memory_mib,
@@ -181,7 +192,7 @@ class Sandboxes:
 
         async def create_vm(node: str) -> vm_pb2.VmRecord:
             request = compute_pb2.CreateVmRequest(
-                vm_id=sandbox_id,
+                vm_id=record.id,
                 template=record.template,
                 vcpus=vcpus,
                 memory_mib=memory,
@@ -211,11 +222,12 @@ class Sandboxes:
             current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
 
         try:
-            record = await self.store.change(record.id, running, expect_states={CREATING})
+            record = await self.store.change(record, running, expect_states={CREATING})
         except ServiceError:
             await self._delete_vm(node, record.id)
             raise Aborted(
-                f"sandbox {record.id} was deleted while it was being created", reason="SANDBOX_DELETED_DURING_CREATE"
+                f"sandbox {name_of(record)} was deleted while it was being created",
+                reason="SANDBOX_DELETED_DURING_CREATE",
             ) from None
         log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
         return record
@@ -290,13 +302,13 @@ class Sandboxes:
                 current.timeout_seconds = timeout
                 current.expire_time.FromNanoseconds(int((time.time() + timeout) * 1e9))
 
-        return await self.view(await self.store.change(record.id, apply, expect_states=LIVE))
+        return await self.view(await self.store.change(record, apply, expect_states=LIVE))
 
     async def require_running_or_paused(self, record: SandboxRecord) -> None:
         sandbox = await self.view(record)
         if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
             raise FailedPrecondition(
-                f"sandbox {record.id} is {state_name(sandbox.state)}",
+                f"sandbox {name_of(record)} is {state_name(sandbox.state)}",
                 reason="SANDBOX_NOT_RUNNING",
                 metadata={"sandbox": sandbox.name},
             )
@@ -306,7 +318,7 @@ class Sandboxes:
         sandbox = await self.view(record)
         if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
             raise FailedPrecondition(
-                f"sandbox {record.id} is {state_name(sandbox.state)}",
+                f"sandbox {name_of(record)} is {state_name(sandbox.state)}",
                 reason="SANDBOX_NOT_RUNNING" if paused else "SANDBOX_NOT_PAUSED",
             )
         if paused:
@@ -317,7 +329,7 @@ class Sandboxes:
             await self.nodes.on_compute(record.node, lambda c: c.ResumeVm(change, timeout=deadlines.VM_CHANGE))
         wanted = sandbox_types.SANDBOX_RECORD_STATE_PAUSED if paused else RUNNING
         record = await self.store.change(
-            record.id,
+            record,
             lambda current: setattr(current, "state", wanted),
             expect_states={RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED},
         )
@@ -330,7 +342,7 @@ class Sandboxes:
         """Frees everything a sandbox holds; the record goes last (deleting it releases the tenant's quota), so a
         failure can be retried. A sandbox whose node is lost goes all the same: that node's compute deletes the VM
         when it returns and finds no sandbox naming it (compute.orphan_grace_seconds)."""
-        record = await self.store.change(record.id, lambda current: setattr(current, "state", DELETING))
+        record = await self.store.change(record, lambda current: setattr(current, "state", DELETING))
         if record.node and not self.nodes.alive(record.node):
             log.warning("sandbox_deleted_while_its_node_is_away", sandbox=record.id, node=record.node)
         elif record.node:

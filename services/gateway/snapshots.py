@@ -26,7 +26,7 @@ from services.common import deadlines
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
-from services.gateway.records import MIGRATING, PAUSED, RUNNING, state_name
+from services.gateway.records import MIGRATING, PAUSED, RUNNING, SandboxRecord, name_of, sandbox_key, state_name
 from services.gateway.sandboxes import Sandboxes, parse_name, validate_labels
 
 log = structlog.get_logger()
@@ -37,7 +37,7 @@ SNAPSHOT_DISK_ALLOWANCE_MIB = 1024
 def to_public(record: SnapshotRecord) -> sandbox_pb2.Snapshot:
     snapshot = sandbox_pb2.Snapshot(
         name=f"snapshots/{record.id}",
-        source_sandbox=f"sandboxes/{record.source_sandbox}",
+        source_sandbox=f"sandboxes/{record.source_sandbox_name or record.source_sandbox}",
         parent_snapshot=f"snapshots/{record.parent_snapshot}" if record.parent_snapshot else "",
         template=record.template,
         state=sandbox_pb2.SNAPSHOT_STATE_READY,
@@ -57,15 +57,14 @@ class SnapshotOps:
         self.sandboxes, self.nodes, self.quotas = sandboxes, sandboxes.nodes, sandboxes.quotas
 
     async def take(
-        self, sandbox_name: str, labels, ttl_seconds: int = 0, tenant: str | None = None, leave_paused: bool = False
+        self, record: SandboxRecord, labels, ttl_seconds: int = 0, tenant: str | None = None, leave_paused: bool = False
     ) -> SnapshotRecord:
         """Freezes the sandbox on its node and commits the record. `tenant` "" makes a node-internal snapshot (a
         migration's), charged to no quota."""
-        record = await self.sandboxes.store.get(parse_name(sandbox_name))
         if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
             sandbox = await self.sandboxes.view(record)
             raise FailedPrecondition(
-                f"sandbox {record.id} is {state_name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
+                f"sandbox {name_of(record)} is {state_name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
             )
         validate_labels(labels)
         snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
@@ -84,6 +83,7 @@ class SnapshotOps:
                 id=snapshot_id,
                 tenant=owner,
                 source_sandbox=record.id,
+                source_sandbox_name=name_of(record),
                 parent_snapshot=record.source_snapshot,
                 template=record.template,
                 labels=labels,
@@ -108,7 +108,8 @@ class SnapshotOps:
         ttl = request.ttl.seconds if request.HasField("ttl") else 0
         if ttl < 0:
             raise InvalidArgument("ttl must not be negative")
-        return to_public(await self.take(request.sandbox, request.labels, ttl))
+        record = await self.sandboxes.store.get(parse_name(request.sandbox))
+        return to_public(await self.take(record, request.labels, ttl))
 
     async def record(self, snapshot_id: str) -> SnapshotRecord:
         """The record, if it is the caller's tenant's; another tenant's snapshot is NOT_FOUND."""
@@ -135,12 +136,20 @@ class SnapshotOps:
         return to_public(await self.record(parse_name(name, "snapshots")))
 
     async def list(self, request: api.ListSnapshotsRequest) -> api.ListSnapshotsResponse:
-        query = snapshot_pb2.ListSnapshotRecordsRequest(
-            tenant=current_tenant() or "",
-            source_sandbox=parse_name(request.source_sandbox) if request.source_sandbox else "",
-            parent_snapshot=parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else "",
-        )
-        records = list((await self.nodes.snapshot_store().ListSnapshotRecords(query, timeout=deadlines.QUICK)).records)
+        tenant = current_tenant() or ""
+        parent = parse_name(request.parent_snapshot, "snapshots") if request.parent_snapshot else ""
+        # A sandbox's snapshots are stored under its cluster id (and, before per-tenant ids, under its name).
+        sources = [""]
+        if request.source_sandbox:
+            name = parse_name(request.source_sandbox)
+            sources = [sandbox_key(tenant, name), name]
+        records, seen = [], set()
+        for source in sources:
+            query = snapshot_pb2.ListSnapshotRecordsRequest(
+                tenant=tenant, source_sandbox=source, parent_snapshot=parent
+            )
+            reply = await self.nodes.snapshot_store().ListSnapshotRecords(query, timeout=deadlines.QUICK)
+            records += [r for r in reply.records if r.id not in seen and not seen.add(r.id)]
         page_size = check_page_size(request.page_size)
         try:
             offset = int(request.page_token or 0)
@@ -186,9 +195,9 @@ class SnapshotOps:
     ) -> sandbox_pb2.Sandbox:
         """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`, on whichever
         node placement picks (that node fetches the snapshot if it does not hold it)."""
-        sandbox_id = f"sbx-{uuid.uuid4().hex[:12]}"
+        name = f"sbx-{uuid.uuid4().hex[:12]}"
         record = self.sandboxes.new_record(
-            sandbox_id,
+            name,
             snapshot.template,
             snapshot.vcpus,
             snapshot.memory_mib,
@@ -201,7 +210,7 @@ class SnapshotOps:
 
         async def restore_vm(node: str):
             request = compute_pb2.RestoreVmRequest(
-                vm_id=sandbox_id, snapshot_id=snapshot.id, hostname=sandbox_id, network_policy=policy
+                vm_id=record.id, snapshot_id=snapshot.id, hostname=name, network_policy=policy
             )
             return (await self.nodes.on_compute(node, lambda c: c.RestoreVm(request, timeout=deadlines.SNAPSHOT))).vm
 
@@ -225,7 +234,7 @@ class SnapshotOps:
             raise InvalidArgument(f"count must be between 1 and {MAX_FORK}, got {count}")
         validate_labels(request.labels)
         source = await self.sandboxes.store.get(parse_name(request.name))
-        snapshot = await self.take(request.name, {"forked-from": source.id})
+        snapshot = await self.take(source, {"forked-from": name_of(source)})
         snapshot = await self.verified(snapshot.id, snapshot)
         # Clones go where their source may go (its node selector), not necessarily to its node.
         results = await asyncio.gather(

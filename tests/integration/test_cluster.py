@@ -16,6 +16,7 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.records import SNAPSHOTS, VMS, Records
+from services.gateway.records import sandbox_key
 from tests.cluster import Cluster
 from tests.guests import Gateway
 
@@ -261,7 +262,7 @@ def test_node_loss_makes_its_sandboxes_unavailable_and_they_return_with_the_node
 def test_node_loss_a_sandbox_deleted_while_its_node_is_away_is_gone_from_it_when_it_returns(cluster):
     gateway = cluster.gateway
     sandbox = gateway.create(**on("c"))
-    vm_directory = Path(vm_record(cluster, "n3", sandbox.name.split("/")[1]).directory)
+    vm_directory = Path(vm_record(cluster, "n3", sandbox_key("default", sandbox.name.split("/")[1])).directory)
     cluster.kill_node("n3")
     assert wait_for(
         lambda: not cluster.control.health() or "n3" not in {i.node for i in cluster.control.registered()}, timeout=10

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from microvm.sandbox.v1 import sandbox_pb2
+from services.gateway.records import sandbox_key
 from tests import netns_checks as checks
 from tests.netns import (
     HTTP_ENDPOINTS,
@@ -222,7 +223,7 @@ def test_fork_gets_its_own_address_and_keeps_the_policy(node, sandboxes):
 
 def test_network_service_killed_during_delete_leaves_no_device_or_rule(node, sandboxes):
     sandbox = node(checks.create, FULL)
-    sandbox_id = sandbox.name.split("/")[1]
+    sandbox_id = sandbox_key("default", sandbox.name.split("/")[1])  # the node's records use the cluster id
     before = node.on_node(checks.host_network_state, node.portable_stack)
     tap = next(
         a.tap_device for a in node.on_node(checks.attachments, node.portable_stack) if a.sandbox_id == sandbox_id

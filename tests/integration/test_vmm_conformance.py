@@ -21,7 +21,7 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.compute.hypervisor import kvm_usable
 from tests.guests import Gateway
-from tests.integration.test_sandbox_lifecycle import alive, vm_record, wait_for
+from tests.integration.test_sandbox_lifecycle import alive, released, vm_record, wait_for
 from tests.stack import start_stack
 
 pytestmark = pytest.mark.guest
@@ -121,7 +121,7 @@ def test_killed_vmm_marks_the_vm_failed_and_releases_it(driver_stack):
 
     got = wait_for(failed, timeout=20)
     assert got and "exited unexpectedly" in got.failure_message
-    assert wait_for(lambda: not directory.exists(), timeout=10)
+    assert wait_for(lambda: released(directory), timeout=10)
     assert not alive(record["pid"])
     gateway.delete(sandbox.name)
 

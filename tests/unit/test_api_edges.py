@@ -218,6 +218,7 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(installation):
 async def test_a_sandbox_whose_guest_lost_its_channel_reads_failed_with_the_reason(installation):
     from microvm.types.v1 import vm_pb2
     from services.common.records import CHANNEL_INCIDENTS, Records
+    from services.gateway.records import sandbox_key
     from tests.inprocess import etcd_client_for
 
     caller = installation.tenant
@@ -231,7 +232,7 @@ async def test_a_sandbox_whose_guest_lost_its_channel_reads_failed_with_the_reas
             CHANNEL_INCIDENTS,
             vm_pb2.ChannelIncident(reason="a flood of frames"),
             sandbox.node,
-            sandbox.name.split("/")[1],
+            sandbox_key(f"edge-{installation.node}", sandbox.name.split("/")[1]),
         )
         got = (
             await caller.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), metadata=caller.metadata, timeout=10)
@@ -249,3 +250,29 @@ async def test_a_sandbox_whose_guest_lost_its_channel_reads_failed_with_the_reas
         await caller.stub.DeleteSandbox(
             api.DeleteSandboxRequest(name=sandbox.name), metadata=caller.metadata, timeout=30
         )
+
+
+async def test_sandbox_ids_are_per_tenant_and_a_chosen_id_reveals_nobody_else(installation):
+    """Two tenants may choose the same id; ALREADY_EXISTS only ever means the caller's own sandbox."""
+    mine, theirs = installation.tenant, installation.other
+    chosen = "shared-name"
+
+    async def create(caller):
+        request = api.CreateSandboxRequest(sandbox_id=chosen)
+        return (await caller.stub.CreateSandbox(request, metadata=caller.metadata, timeout=60)).sandbox
+
+    first = await create(theirs)
+    try:
+        second = await create(mine)  # before: ALREADY_EXISTS, telling `mine` that someone has "shared-name"
+        assert first.name == second.name == f"sandboxes/{chosen}"
+        assert await status_of(lambda: create(mine)) == grpc.StatusCode.ALREADY_EXISTS
+        labels = {"owner": "mine"}
+        update = api.UpdateSandboxRequest(sandbox=sandbox_pb2.Sandbox(name=second.name, labels=labels))
+        await mine.stub.UpdateSandbox(update, metadata=mine.metadata, timeout=10)
+        seen = await theirs.stub.GetSandbox(api.GetSandboxRequest(name=first.name), metadata=theirs.metadata)
+        assert dict(seen.sandbox.labels) == {}  # each name reaches its own tenant's sandbox
+        await mine.stub.DeleteSandbox(api.DeleteSandboxRequest(name=second.name), metadata=mine.metadata, timeout=30)
+        still = await theirs.stub.GetSandbox(api.GetSandboxRequest(name=first.name), metadata=theirs.metadata)
+        assert still.sandbox.name == first.name
+    finally:
+        await theirs.stub.DeleteSandbox(api.DeleteSandboxRequest(name=first.name), metadata=theirs.metadata)

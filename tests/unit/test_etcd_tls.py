@@ -54,3 +54,18 @@ async def test_tls_without_a_client_certificate_is_refused(tls_etcd):
 
     anonymous = replace(load_identity(tls_etcd.pki, "operator"), key=None, certificate=None)
     assert not await reads(etcd_client([tls_etcd.endpoint], timeout=3, identity=anonymous))
+
+
+def test_a_host_given_the_pki_without_the_ca_key_starts_without_issuing_anything(tmp_path):
+    """Every host but the one that made the PKI gets it without ca.key (docs/deploy.md): its supervisor must start."""
+    import shutil
+
+    ensure_pki(tmp_path / "made")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "made", copy)
+    (copy / "ca.key").unlink()
+    (copy / "token-kek.key").unlink()  # it goes to auth's hosts only
+    before = sorted(p.name for p in copy.iterdir())
+    ensure_pki(copy)
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert load_identity(copy, "compute").certificate == (tmp_path / "made" / "compute.crt").read_bytes()

@@ -25,6 +25,7 @@ from services.common.records import (
     VMS,
     Records,
 )
+from services.gateway.records import sandbox_key
 from tests.inprocess import Caller, etcd_client_for, tenant_caller
 
 pytestmark = pytest.mark.timeout(240)
@@ -110,11 +111,12 @@ async def leftovers(installation, tenant: Tenant) -> dict[str, list[str]]:
     await client.connect()
     records = Records(client)
     node = installation.node
+    ids = {sandbox_key(tenant.name, name) for name in tenant.seen}  # the ids the nodes' records use
     found = {
         "sandboxes": [r.id for r in await tenant_records(records, tenant.name)],
-        "vms": [s.parts[-1] for s in await records.list(VMS, node) if s.parts[-1] in tenant.seen],
-        "attachments": [s.parts[-1] for s in await records.list(ATTACHMENTS, node) if s.parts[-1] in tenant.seen],
-        "addresses": [s.parts[-1] for s in await records.list(ADDRESSES, node) if s.message.sandbox_id in tenant.seen],
+        "vms": [s.parts[-1] for s in await records.list(VMS, node) if s.parts[-1] in ids],
+        "attachments": [s.parts[-1] for s in await records.list(ATTACHMENTS, node) if s.parts[-1] in ids],
+        "addresses": [s.parts[-1] for s in await records.list(ADDRESSES, node) if s.message.sandbox_id in ids],
         "snapshots": [s.message.id for s in await records.list(SNAPSHOTS) if s.message.tenant == tenant.name],
         "reservations": [s.parts[-1] for s in await records.list(QUOTA_RESERVATIONS, tenant.name)],
     }
