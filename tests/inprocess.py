@@ -36,7 +36,8 @@ def fake_image_root(directory: Path, templates=("default",)) -> Path:
     for template in templates:
         build = directory / template / "fakebuild0001"
         build.mkdir(parents=True, exist_ok=True)
-        (build / "manifest.json").write_text(json.dumps({"template": template}))
+        # 1 GiB root filesystems, as the real recipes build: what a sandbox's disk counts against its tenant.
+        (build / "manifest.json").write_text(json.dumps({"template": template, "rootfs_size_mib": 1024}))
         (build / ".complete").touch()
         (directory / template / "current").write_text(build.name)
     return directory

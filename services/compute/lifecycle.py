@@ -69,6 +69,21 @@ class VmLifecycle:
     def templates(self) -> list[str]:
         return available_templates(self.image_root)
 
+    def template_disk_bytes(self) -> dict[str, int]:
+        """Each template's root filesystem size: a VM's copy-on-write disk never grows past it."""
+        sizes = {}
+        for name in self.templates():
+            try:
+                image = BuiltImage.load(name, self.image_root)
+                sizes[name] = (
+                    image.rootfs.stat().st_size
+                    if image.rootfs.exists()
+                    else int(image.manifest.get("rootfs_size_mib", 0)) << 20
+                )
+            except (OSError, ValueError):
+                continue  # a build being replaced: the next publish has it
+        return sizes
+
     def validate(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> None:
         check_names(vm_id, hostname)
         if not 1 <= vcpus <= self.settings.max_vcpus_per_vm:

@@ -57,6 +57,7 @@ class NodeReporter:
             hypervisor_reason=self.hypervisor_reason,
             labels=self.labels,
             templates=self.lifecycle.templates(),
+            template_disk_bytes=self.lifecycle.template_disk_bytes(),
             template_snapshots=self.templates.held(),
             networking=self.lifecycle.network is not None,
         )

@@ -25,7 +25,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.records import PLACEMENTS, SANDBOXES, TENANT_GUARDS, TENANTS, Records
+from services.common.records import PLACEMENTS, QUOTA_USAGE, SANDBOXES, TENANT_GUARDS, TENANTS, Records
 from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
 from services.gateway.records import SandboxRecord, SandboxStore, name_of
 
@@ -98,14 +98,18 @@ def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
     return max(fitting, key=lambda v: (score(v, record), v.name)).name
 
 
-def check_quota(record: SandboxRecord, tenants_sandboxes: list[SandboxRecord], quota: auth_types.Quota) -> None:
+def check_quota(
+    record: SandboxRecord, tenants_sandboxes: list[SandboxRecord], quota: auth_types.Quota, snapshot_bytes: int = 0
+) -> None:
     """RESOURCE_EXHAUSTED when one more sandbox like `record` would exceed the tenant's limits (0: unlimited).
-    Every record counts as a sandbox; all but FAILED ones count their vCPUs and memory."""
+    Every record counts as a sandbox; all but FAILED ones count their vCPUs, memory and disk; the disk quota also
+    counts the tenant's `snapshot_bytes`."""
     holding = [s for s in tenants_sandboxes if holds_capacity(s)]
     wanted = {
         "sandboxes": (len(tenants_sandboxes) + 1, quota.max_sandboxes),
         "vcpus": (sum(s.vcpus for s in holding) + record.vcpus, quota.max_vcpus),
         "memory_mib": (sum(s.memory_mib for s in holding) + record.memory_mib, quota.max_memory_mib),
+        "disk_bytes": (sum(s.disk_bytes for s in holding) + snapshot_bytes + record.disk_bytes, quota.max_disk_bytes),
     }
     for field, (after, limit) in wanted.items():
         if limit and after > limit:
@@ -137,14 +141,19 @@ class SandboxPlacement:
             # The guards first: a placement made after this read changes one, and our transaction then fails.
             guards = {s.parts[0]: s.revision for s in await self.records.list(PLACEMENTS)}
             tenant_guard = await self.records.get(TENANT_GUARDS, record.tenant)
+            # Snapshots share the disk quota; their usage is auth's record, compared below like our own guards.
+            usage = await self.records.get(QUOTA_USAGE, record.tenant)
+            snapshot_bytes = usage.message.used.snapshot_bytes if usage else 0
             sandboxes = await self.store.list(tenant=None, every_tenant=True)
             tenants = [s for s in sandboxes if s.tenant == record.tenant]
+            views = await self.nodes.views(sandboxes)
             try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
-                node = choose(await self.nodes.views(sandboxes), record)
+                node = choose(views, record)
             except ResourceExhausted:
-                check_quota(record, tenants, quota)  # the tenant's own limit is the clearer answer
+                check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
                 raise
-            check_quota(record, tenants, quota)
+            record.disk_bytes = views[node].record.template_disk_bytes.get(record.template, 0)
+            check_quota(record, tenants, quota, snapshot_bytes)
             record.node = node
             guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
             guard.time.GetCurrentTime()
@@ -154,6 +163,7 @@ class SandboxPlacement:
                     self.records.unchanged(SANDBOXES, 0, record.id),
                     self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
                     self.records.unchanged(TENANT_GUARDS, tenant_guard.revision if tenant_guard else 0, record.tenant),
+                    self.records.unchanged(QUOTA_USAGE, usage.revision if usage else 0, record.tenant),
                 ],
                 success=[
                     self.records.put_op(SANDBOXES, record, record.id),
