@@ -38,6 +38,7 @@ from services.common.records import VMS, Records
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.qemu import QemuDriver
+from services.gateway.records import sandbox_key
 from services.relay.agent_channel import AgentChannel, AgentTarget
 from tests.guests import Gateway
 from tests.stack import start_stack
@@ -149,7 +150,7 @@ def pss_kib(pid: int) -> int:
 
 
 def sandbox_pss_kib(stack, sandbox) -> int:
-    directory = vm_directory(stack, sandbox.name.split("/")[1])
+    directory = vm_directory(stack, sandbox_key("default", sandbox.name.split("/")[1]))  # the admin key's tenant
     return pss_kib(int((directory / "vmm.pid").read_text()))
 
 

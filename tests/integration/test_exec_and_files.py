@@ -177,3 +177,23 @@ def test_signals_to_pid_1_and_impossible_terminal_sizes_leave_the_guest_running(
             pass
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert gateway.exec(sandbox.name, ["echo", "still here"]).stdout == b"still here\n"
+
+
+def test_a_fork_bomb_fills_only_the_capped_workload_and_exec_still_reports(gateway):
+    """The guest's processes are capped (the workload cgroup's pids.max, about one per MiB of guest memory): a
+    bomb stops at the cap, its exec reports an exit, the agent still answers, and a further exec is refused with a
+    clear status instead of hanging."""
+    bombed = gateway.create()
+    try:
+        bomb = "i=0; while [ $i -lt 5000 ]; do sleep 600 & i=$((i+1)); done; echo survived $i"
+        result = gateway.exec(bombed.name, ["sh", "-c", bomb], timeout=300)
+        assert result.exit_code != 0 or b"survived 5000" not in result.stdout  # it hit the cap
+        cap = int(gateway.read_file(bombed.name, "/sys/fs/cgroup/workload/pids.max"))
+        held = int(gateway.read_file(bombed.name, "/sys/fs/cgroup/workload/pids.current"))
+        assert 256 <= cap < 5000 and held >= cap - 1
+        with pytest.raises(grpc.RpcError) as refused:
+            gateway.exec(bombed.name, ["true"], timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "maximum" in refused.value.details()
+    finally:
+        gateway.delete(bombed.name)

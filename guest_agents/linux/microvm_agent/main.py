@@ -17,7 +17,7 @@ import socket
 import sys
 
 from microvm_agent import files as agent_files
-from microvm_agent import system
+from microvm_agent import system, workload
 from microvm_agent.agent import Agent
 from microvm_agent.streams import read_fd, writev_fd
 
@@ -168,6 +168,8 @@ def main() -> None:
         system.setup_filesystems()
         args_by_name = system.kernel_args()
         system.set_hostname(args_by_name.get("mvm.hostname", "sandbox"))
+        max_pids = args_by_name.get("mvm.max_pids", "")
+        workload.current.setup(int(max_pids) if max_pids.isdigit() else workload.default_max_pids())
         system.bring_up_loopback()
         os.chdir("/root" if os.path.isdir("/root") else "/")
         print("microvm-agent: ready", flush=True)

@@ -15,6 +15,7 @@ import termios
 from typing import TYPE_CHECKING
 
 from microvm.agent.v1 import agent_pb2
+from microvm_agent import workload
 from microvm_agent.files import real
 from microvm_agent.streams import (
     DEFAULT_ENV,
@@ -26,6 +27,7 @@ from microvm_agent.streams import (
     OUTPUT_CHUNK,
     PERMISSION_DENIED,
     PIPE_BYTES,
+    RESOURCE_EXHAUSTED,
     Credit,
     StreamError,
     read_fd,
@@ -115,18 +117,24 @@ class Process:
             stdin = subprocess.PIPE if start.stdin else subprocess.DEVNULL
             stdout = stderr = subprocess.PIPE
         try:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=take_terminal if start.pty else None,
-                **identity,
-            )
+            with workload.current.joined():  # born in the capped cgroup
+                self.popen = subprocess.Popen(
+                    argv,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    preexec_fn=take_terminal if start.pty else None,
+                    **identity,
+                )
+        except BlockingIOError:  # EAGAIN from fork: the workload is at its process cap (a fork bomb, say)
+            raise StreamError(
+                RESOURCE_EXHAUSTED,
+                f"the sandbox already runs its maximum of {workload.current.max_pids} processes and threads",
+            ) from None
         except FileNotFoundError:
             raise StreamError(NOT_FOUND, f"{argv[0]}: no such file") from None
         except PermissionError:
