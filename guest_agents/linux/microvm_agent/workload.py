@@ -48,7 +48,7 @@ class Workload:
             (root / "cgroup.subtree_control").write_text("+pids")
             group = root / "workload"
             group.mkdir(exist_ok=True)
-            (group / "pids.max").write_text(str(max_pids))
+            (group / "pids.max").write_text(str(max_pids) if max_pids > 0 else "max")  # mvm.max_pids=0: uncapped
         except OSError as exc:
             print(f"microvm-agent: no process cap ({exc})", file=sys.stderr, flush=True)
             return False
