@@ -82,6 +82,12 @@ class AuditLog:
         # how long the caller waited.
         return await asyncio.shield(done)
 
+    async def drain(self, timeout: float = 10.0) -> None:
+        """At shutdown (no new call arrives): what is queued is written before the process goes."""
+        writers = list(self._writers.values())
+        if writers:
+            await asyncio.wait(writers, timeout=timeout)
+
     async def _write(self, tenant: str) -> None:
         """The tenant's one writer in this process: commits what waits, batch after batch, until nothing does."""
         waiting = self._waiting[tenant]

@@ -98,6 +98,7 @@ async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
     servicer = AuthServicer(context.etcd, context.settings, await token_sealer(context, records))
     log.info("signing_keys_opened", count=await servicer.credentials.open_signing_keys())
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+    context.on_shutdown.append(servicer.audit.drain)
 
     async def rotate() -> None:
         log.info("signing_key_rotated", kid=await servicer.credentials.rotate())
