@@ -21,6 +21,20 @@ from grpc_status import rpc_status
 
 DOMAIN = "microvm.dev"
 log = structlog.get_logger()
+# A status travels in the call's trailers twice (grpc-message percent-encoded, grpc-status-details-bin in base64),
+# and clients refuse trailers beyond 8 KiB by default (the call then fails RESOURCE_EXHAUSTED, its status lost): what
+# an error echoes of a request (a name, a path, a label) is cut to these bounds, in UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1024
+MAX_METADATA_VALUE_BYTES = 256
+
+
+def bounded(text: str, most: int) -> str:
+    """`text`, or its first `most` bytes (whole characters) and how many more there were."""
+    data = text.encode()
+    if len(data) <= most:
+        return text
+    kept = data[:most].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"
 
 
 class ServiceError(Exception):
@@ -28,10 +42,11 @@ class ServiceError(Exception):
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        message = bounded(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.metadata = dict(metadata or {})
+        self.metadata = {k: bounded(str(v), MAX_METADATA_VALUE_BYTES) for k, v in (metadata or {}).items()}
 
     def to_status(self) -> grpc.Status:
         info = error_details_pb2.ErrorInfo(

@@ -12,7 +12,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable
-from services.relay.guest_io import failure, sandbox_id, to_file_info
+from services.relay.guest_io import drain, failure, sandbox_id, to_file_info
 
 MAX_CHUNK = 1 << 20
 
@@ -34,6 +34,13 @@ class GuestFiles:
             await stream.close(cancel=False)
 
     async def write(self, requests) -> api.WriteFileResponse:
+        try:
+            return await self._write(requests)
+        except Exception:
+            await drain(requests)  # the caller learns why, not INTERNAL (see `drain`)
+            raise
+
+    async def _write(self, requests) -> api.WriteFileResponse:
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "header":
             raise InvalidArgument("the first WriteFile message must carry the header")

@@ -14,7 +14,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.validation import check_terminal
 from services.relay.agent_channel import AgentStream
-from services.relay.guest_io import exec_start, failure, sandbox_id
+from services.relay.guest_io import DRAIN_SECONDS, drain, exec_start, failure, sandbox_id
 
 KEEPALIVE_SECONDS = 10.0
 MAX_STDIN_CHUNK = 1 << 20
@@ -80,21 +80,30 @@ class GuestProcesses:
             await stream.close(cancel=not finished)
 
     async def exec_interactive(self, requests):
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("request") != "config":
-            raise InvalidArgument("the first ExecInteractive message must carry the config")
-        start = exec_start(first.config.process, has_stdin=True)
-        stream = await self.open_stream(sandbox_id(first.config.sandbox))
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None or first.WhichOneof("request") != "config":
+                raise InvalidArgument("the first ExecInteractive message must carry the config")
+            start = exec_start(first.config.process, has_stdin=True)
+            stream = await self.open_stream(sandbox_id(first.config.sandbox))
+        except Exception:
+            await drain(requests)  # the caller learns why, not INTERNAL (see `drain`)
+            raise
         finished = False
+        # Once the process ended (or failed), what the caller still sends is read and dropped (see `drain`).
+        ended = asyncio.Event()
 
         async def forward_input():
             try:
                 await forward(stream, requests)
-            except ServiceError as error:
+            except ServiceError as error:  # a bad message, or the agent went away: the call ends with it
                 stream.abort(error)
+                await drain(requests)
 
         async def forward(stream, requests):
             async for message in requests:
+                if ended.is_set():
+                    continue
                 kind = message.WhichOneof("request")
                 if kind == "stdin":
                     await stream.send(stdin=agent_pb2.StdinData(data=message.stdin))
@@ -108,13 +117,21 @@ class GuestProcesses:
                     await stream.send(signal=agent_pb2.SignalProcess(signal=message.signal))
 
         forwarder = None
+        over = False  # ended by the process or a failure, not by the caller going away
         try:
             await stream.send(exec_start=start)
             forwarder = asyncio.create_task(forward_input())
             async for event in exec_events(stream):
                 finished = event.HasField("exited")
                 yield api.ExecInteractiveResponse(event=event)
+            over = True
+        except Exception:
+            over = True
+            raise
         finally:
+            ended.set()
             if forwarder:
+                if over:
+                    await asyncio.wait([forwarder], timeout=DRAIN_SECONDS)
                 forwarder.cancel()
             await stream.close(cancel=not finished)
