@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.message import Message
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.client_streams import drain
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.validation import check_mode, check_path, check_process, check_range, check_removable
 from services.gateway.nodes import ClusterNodes
 from services.gateway.records import SandboxRecord
@@ -80,12 +81,22 @@ class DataPlane:
         async for event in self._guarded(record, self.nodes.relay(record.node).Exec(forwarded, timeout=deadline)):
             yield event
 
-    async def exec_interactive(self, requests, deadline: float | None):
+    async def _opening(self, requests, part: str, check) -> tuple:
+        """The first message of a client stream (it must carry `part`, which `check` validates) and the running
+        sandbox it names. Refused, the stream is read to its end first (a bounded while): the caller then gets this
+        status, not the INTERNAL its grpc reports for a call that ends under a write in flight (grpc/grpc#36066)."""
         first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("request") != "config":
-            raise InvalidArgument("the first ExecInteractive message must carry the config")
-        check_process(first.config.process)
-        record = await self.sandboxes.running(first.config.sandbox)
+        try:
+            if first is None or first.WhichOneof("request") != part:
+                raise InvalidArgument(f"the first message must carry the {part}")
+            check(getattr(first, part))
+            return first, await self.sandboxes.running(getattr(first, part).sandbox)
+        except ServiceError:
+            await drain(requests)
+            raise
+
+    async def exec_interactive(self, requests, deadline: float | None):
+        first, record = await self._opening(requests, "config", lambda c: check_process(c.process))
         forwarded = on_node(first, record, "config")
 
         async def upstream():
@@ -98,12 +109,7 @@ class DataPlane:
             yield event
 
     async def write_file(self, requests, deadline: float | None) -> api.WriteFileResponse:
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("request") != "header":
-            raise InvalidArgument("the first WriteFile message must carry the header")
-        check_path(first.header.path)
-        check_mode(first.header.mode)
-        record = await self.sandboxes.running(first.header.sandbox)
+        first, record = await self._opening(requests, "header", lambda h: (check_path(h.path), check_mode(h.mode)))
         forwarded = on_node(first, record, "header")
 
         async def upstream():

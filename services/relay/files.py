@@ -10,9 +10,10 @@ import asyncio
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable
-from services.relay.guest_io import drain, failure, sandbox_id, to_file_info
+from services.relay.guest_io import failure, sandbox_id, to_file_info
 
 MAX_CHUNK = 1 << 20
 

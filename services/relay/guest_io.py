@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import timestamp_pb2
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.errors import InvalidArgument, ServiceError, error_from_code
+from services.common.errors import InvalidArgument, error_from_code
 from services.common.validation import check_process
 
 FILE_TYPE = {
@@ -17,26 +15,6 @@ FILE_TYPE = {
     agent_pb2.FILE_KIND_DIRECTORY: sandbox_pb2.FILE_TYPE_DIRECTORY,
     agent_pb2.FILE_KIND_SYMLINK: sandbox_pb2.FILE_TYPE_SYMLINK,
 }
-
-
-# How long a client stream that ends is still read, so that what its caller already sent is taken first.
-DRAIN_SECONDS = 2.0
-
-
-async def drain(requests, seconds: float = DRAIN_SECONDS) -> None:
-    """Reads and drops what the caller still sends on a client stream about to end, until it half-closes or for
-    `seconds`. A call that ends while its caller's write is in flight is reported by grpc's asyncio client as
-    INTERNAL ("Internal error from Core") instead of with the status it ended with (grpc/grpc#36066): the gateway,
-    forwarding a WriteFile or ExecInteractive here, is such a caller, and would pass that INTERNAL on."""
-
-    async def read_all() -> None:
-        async for _ in requests:
-            pass
-
-    try:
-        await asyncio.wait_for(read_all(), seconds)
-    except (TimeoutError, ServiceError):
-        pass
 
 
 def sandbox_id(name: str) -> str:

@@ -11,10 +11,11 @@ import asyncio
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common.client_streams import DRAIN_SECONDS, drain
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.validation import check_terminal
 from services.relay.agent_channel import AgentStream
-from services.relay.guest_io import DRAIN_SECONDS, drain, exec_start, failure, sandbox_id
+from services.relay.guest_io import exec_start, failure, sandbox_id
 
 KEEPALIVE_SECONDS = 10.0
 MAX_STDIN_CHUNK = 1 << 20
