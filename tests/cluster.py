@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,14 @@ class Cluster:
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     nodes: dict[str, ClusterNode] = field(default_factory=dict)
     control = None
+
+    owns_root: bool = False
+
+    @classmethod
+    def in_short_temporary_dir(cls) -> Cluster:
+        """A cluster rooted in /tmp/mvmc-XXXX: pytest's tmp paths plus a VM's socket path pass the 107 bytes a unix
+        socket path may have (compute refuses such a state dir), so the root stays short; stop() removes it."""
+        return cls(Path(tempfile.mkdtemp(prefix="mvmc-")), owns_root=True)
 
     @property
     def bridge(self) -> str:
@@ -194,3 +204,5 @@ class Cluster:
             if node.namespace:
                 sh("ip", "netns", "del", node.namespace, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
+        if self.owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)

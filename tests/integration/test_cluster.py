@@ -24,8 +24,8 @@ LABELS = {"n1": ["zone=a"], "n2": ["zone=b"], "n3": ["zone=c"]}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+def cluster():
+    cluster = Cluster.in_short_temporary_dir()
     try:
         cluster.start(compute={"vmm": "fake", "warm_pool_size": 1, "orphan_grace_seconds": 2}, node_labels=LABELS)
         cluster.gateway = Gateway(cluster.control.gateway_address, cluster.control.admin_key)

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("cluster-guests"))
+def cluster():
+    cluster = Cluster.in_short_temporary_dir()
     try:
         # Cold boots only: no template snapshots or pools to build on three nodes of a 2-core machine.
         cluster.start(
