@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test deps apt venv protos lint images bench clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images bench clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
@@ -72,6 +72,18 @@ unit-test: deps protos ## fast tests: fakes at the edge, real etcd and gRPC serv
 
 integration-test: deps protos images ## tests against whole stacks and real guests
 	$(BIN)/python -m pytest -q -ra tests/integration
+
+# The standing suites, not part of `make test` (pytest deselects their markers unless asked): docs/testing.md.
+MVM_CHAOS_SECONDS ?= 180
+MVM_SOAK_SECONDS ?= 600
+CHAOS ?= $(MVM_CHAOS_SECONDS)
+SOAK ?= $(MVM_SOAK_SECONDS)
+
+chaos: deps protos ## kill each process of a real stack in turn under load: nothing may be lost (CHAOS=seconds, default 180)
+	MVM_CHAOS_SECONDS=$(CHAOS) $(BIN)/python -m pytest -q -ra -s -m chaos --timeout=$$(( $(CHAOS) + 600 )) tests/standing
+
+soak: deps protos ## load a real stack for SOAK seconds (default 600), sample RSS/fds/etcd keys/VM dirs/TAPs: slopes flat
+	MVM_SOAK_SECONDS=$(SOAK) $(BIN)/python -m pytest -q -ra -s -m soak --timeout=$$(( $(SOAK) + 600 )) tests/standing
 
 bench: deps protos images
 	$(BIN)/python -m bench.run

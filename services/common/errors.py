@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import structlog
+from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -185,6 +186,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return request_or_iterator
 
         async def fail(context, exc: BaseException) -> None:
+            if isinstance(exc, ConnectionFailedError | ConnectionTimeoutError):
+                # etcd is down or restarting: the call may be retried, as when any other service is unreachable.
+                exc = Unavailable(f"etcd is unreachable: {exc}", reason="ETCD_UNAVAILABLE")
             if isinstance(exc, ServiceError | grpc.aio.AioRpcError):
                 _log(method, exc)
                 await _abort(context, exc)

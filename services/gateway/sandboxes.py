@@ -49,6 +49,9 @@ UPDATABLE = ("labels", "timeout", "network_policy")
 StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
 CREATING = sandbox_types.SANDBOX_RECORD_STATE_CREATING
 DELETING = sandbox_types.SANDBOX_RECORD_STATE_DELETING
+# The longest a gateway works on a create (a restore from a snapshot) and a margin: a record CREATING for longer
+# than this was left by a gateway that died.
+ABANDONED_CREATE_SECONDS = max(deadlines.VM_START, deadlines.SNAPSHOT) + 60
 LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
 
 
@@ -356,12 +359,15 @@ class Sandboxes:
         log.info("sandbox_deleted", sandbox=record.id)
 
     async def reap_expired(self) -> None:
-        """Deletes sandboxes whose timeout passed (and retries deletions that failed)."""
+        """Deletes sandboxes whose timeout passed, retries deletions that failed, and takes creates whose gateway
+        died between placing the record and starting its VM: only `start` moves a record out of CREATING, and the
+        gateway that ran it has given up on it (its VM call's deadline passed) once `ABANDONED_CREATE_SECONDS` have
+        gone by, so nobody else ever would; the record would hold quota and capacity until it expired."""
         now = time.time()
         for record in await self.store.list(every_tenant=True):
-            stuck = (
-                record.state == sandbox_types.SANDBOX_RECORD_STATE_DELETING
-                and record.update_time.ToSeconds() < now - 30
+            age = now - record.update_time.ToSeconds()
+            stuck = (record.state == sandbox_types.SANDBOX_RECORD_STATE_DELETING and age > 30) or (
+                record.state == CREATING and age > ABANDONED_CREATE_SECONDS
             )
             if record.expire_time.ToSeconds() > now and not stuck:
                 continue

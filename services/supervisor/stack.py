@@ -136,6 +136,10 @@ class StackSupervisor:
             peer,
             "--initial-cluster",
             f"microvm={peer}",
+            # Old revisions go after an hour, as in deploy/: without it etcd's database grows with every write
+            # until its backend quota is hit and it refuses all writes (the soak suite showed +6.6 MiB/min).
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1h",
             "--log-level",
             "warn",
         ]

@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from microvm_agent.agent import Agent
 
 
+async def stop_tasks(tasks: list[asyncio.Task]) -> None:
+    """Cancels `tasks` and waits until each has ended (its `finally` blocks ran)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def validate_start(start: agent_pb2.ExecStart) -> None:
     """What the host asks to run, checked before anything is spawned: the host checks it too, but the agent is
     the guest's PID 1 and must not die of a request."""
@@ -179,15 +186,17 @@ class Process:
         pumps = [asyncio.create_task(self._pump(fd, channel)) for fd, channel in zip(fds, channels, strict=True)]
         if self.stdin_fd is not None:
             self.tasks.append(asyncio.create_task(self._feed_stdin()))
-        status = await self.exit_status
-        # Let the pipes drain, but not forever: a background child may keep them open.
-        done, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_SECONDS)
-        if pending and self.credit.available > 0:
-            done, pending = await asyncio.wait(pending, timeout=DRAIN_AFTER_EXIT_SECONDS)
-        for task in pending:
-            task.cancel()
-        for task in self.tasks:
-            task.cancel()
+        try:
+            status = await self.exit_status
+            # Let the pipes drain, but not forever: a background child may keep them open.
+            _, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_SECONDS)
+            if pending and self.credit.available > 0:
+                await asyncio.wait(pending, timeout=DRAIN_AFTER_EXIT_SECONDS)
+        finally:
+            # Also when the stream is cancelled (its host connection closed): every task waiting on this process's
+            # fds ends before they are closed. One still waiting keeps its fd registered with the event loop after
+            # the close, and the next process given that fd number never has its output read.
+            await stop_tasks([*pumps, *self.tasks])
         self._close_fds()
         exited = agent_pb2.ExecExited(timed_out=self.timed_out)
         if os.WIFSIGNALED(status):
