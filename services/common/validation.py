@@ -58,21 +58,24 @@ def check_process(process) -> None:
         raise InvalidArgument(f"process.argv has more than {MAX_ARGS} entries", reason="INVALID_REQUEST")
     for index, argument in enumerate(process.argv):
         _text(argument, f"process.argv[{index}]", MAX_ARG_BYTES)
-    if len(process.env) > MAX_ENV:
-        raise InvalidArgument(f"process.env has more than {MAX_ENV} entries", reason="INVALID_REQUEST")
-    for name, value in process.env.items():
-        if not name or "=" in name:
-            raise InvalidArgument(
-                f"process.env name {name!r} must be non-empty and without '='", reason="INVALID_REQUEST"
-            )
-        _text(name, "process.env name", MAX_ENV_BYTES)
-        _text(value, f"process.env[{name!r}]", MAX_ENV_BYTES)
+    check_env(process.env, "process.env")
     if process.cwd:
         check_path(process.cwd, "process.cwd")
     _text(process.user, "process.user", MAX_USER)
     if process.timeout.seconds < 0 or process.timeout.nanos < 0:
         raise InvalidArgument("process.timeout must not be negative", reason="INVALID_REQUEST")
     check_terminal(process.terminal_size.cols, process.terminal_size.rows)
+
+
+def check_env(env, what: str) -> None:
+    """Environment variables: at most MAX_ENV, names non-empty without '=', no NUL byte, each part bounded."""
+    if len(env) > MAX_ENV:
+        raise InvalidArgument(f"{what} has more than {MAX_ENV} entries", reason="INVALID_REQUEST")
+    for name, value in env.items():
+        if not name or "=" in name:
+            raise InvalidArgument(f"{what} name {name!r} must be non-empty and without '='", reason="INVALID_REQUEST")
+        _text(name, f"{what} name", MAX_ENV_BYTES)
+        _text(value, f"{what}[{name!r}]", MAX_ENV_BYTES)
 
 
 def check_range(offset: int, length: int) -> None:

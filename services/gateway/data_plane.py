@@ -37,6 +37,13 @@ def on_node(message: M, record: SandboxRecord, part: str = "") -> M:
     return forwarded
 
 
+def with_sandbox_env(process, record: SandboxRecord) -> None:
+    """The sandbox's environment under the command's own (a name the command sets keeps its value)."""
+    for name, value in record.env.items():
+        if name not in process.env:
+            process.env[name] = value
+
+
 class DataPlane:
     def __init__(self, sandboxes: Sandboxes, nodes: ClusterNodes) -> None:
         self.sandboxes, self.nodes = sandboxes, nodes
@@ -78,6 +85,7 @@ class DataPlane:
         check_process(request.process)
         record = await self.sandboxes.running(request.sandbox)
         forwarded = on_node(request, record)
+        with_sandbox_env(forwarded.process, record)
         async for event in self._guarded(record, self.nodes.relay(record.node).Exec(forwarded, timeout=deadline)):
             yield event
 
@@ -98,6 +106,7 @@ class DataPlane:
     async def exec_interactive(self, requests, deadline: float | None):
         first, record = await self._opening(requests, "config", lambda c: check_process(c.process))
         forwarded = on_node(first, record, "config")
+        with_sandbox_env(forwarded.config.process, record)
 
         async def upstream():
             yield forwarded

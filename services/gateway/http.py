@@ -105,8 +105,12 @@ def set_field(message, path: str, value: str) -> None:
         and field.type == field.TYPE_MESSAGE
         and field.message_type.full_name in URL_WELL_KNOWN_TYPES
     ):
-        # FieldMask, Duration, Timestamp: their JSON form is a string (`updateMask=labels,networkPolicy`).
-        json_format.Parse(json.dumps(value), getattr(message, leaf))
+        # FieldMask, Duration, Timestamp: their JSON form is a string (`updateMask=labels,networkPolicy`). A mask
+        # written with proto names (`network_policy`), which JSON's FieldMask form refuses, is taken as paths.
+        if field.message_type.full_name == "google.protobuf.FieldMask" and "_" in value:
+            getattr(message, leaf).paths.extend(path.strip() for path in value.split(","))
+        else:
+            json_format.Parse(json.dumps(value), getattr(message, leaf))
         return
     if field.is_repeated or field.type == field.TYPE_MESSAGE:
         raise ValueError(f"field {path!r} cannot be set from the URL")

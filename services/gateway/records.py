@@ -90,6 +90,7 @@ def to_public(
         failure_message=record.failure_message,
         hypervisor=record.hypervisor,
         node_selector=record.node_selector,
+        env=record.env,
     )
     if record.state not in (RUNNING, PAUSED) or not record.node:
         return sandbox

@@ -24,7 +24,7 @@ from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common import deadlines
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, ServiceError, Unavailable
-from services.common.validation import check_page_size
+from services.common.validation import check_env, check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
@@ -53,6 +53,10 @@ DELETING = sandbox_types.SANDBOX_RECORD_STATE_DELETING
 # than this was left by a gateway that died.
 ABANDONED_CREATE_SECONDS = max(deadlines.VM_START, deadlines.SNAPSHOT) + 60
 LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", lambda m: "_" + m.group(1).lower(), name)
 
 
 def parse_name(name: str, collection: str = "sandboxes") -> str:
@@ -149,6 +153,7 @@ class Sandboxes:
         policy: network_types.NetworkPolicy,
         node_selector=None,
         source_snapshot: str = "",
+        env=None,
     ) -> SandboxRecord:
         now = time.time()
         tenant = current_tenant() or "default"
@@ -164,6 +169,7 @@ class Sandboxes:
             network_policy=policy,
             node_selector=node_selector or {},
             source_snapshot=source_snapshot,
+            env=env or {},
             state=sandbox_types.SANDBOX_RECORD_STATE_CREATING,
         )
         record.create_time.FromNanoseconds(int(now * 1e9))
@@ -177,6 +183,7 @@ class Sandboxes:
             raise InvalidArgument(f"sandbox_id {sandbox_id!r} must match {SANDBOX_ID.pattern}")
         validate_labels(wanted.labels)
         validate_labels(wanted.node_selector, "node selector", most=16)
+        check_env(wanted.env, "sandbox.env")
         timeout = self.timeout_seconds(wanted.timeout if wanted.HasField("timeout") else None)
         vcpus, memory = wanted.vcpus or DEFAULT_VCPUS, wanted.memory_mib or DEFAULT_MEMORY_MIB
         if vcpus < 1 or memory < 128:
@@ -191,6 +198,7 @@ class Sandboxes:
             timeout,
             policy,
             wanted.node_selector,
+            env=wanted.env,
         )
 
         async def create_vm(node: str) -> vm_pb2.VmRecord:
@@ -277,7 +285,9 @@ class Sandboxes:
 
     async def update(self, request: api.UpdateSandboxRequest) -> sandbox_pb2.Sandbox:
         record = await self.store.get(parse_name(request.sandbox.name))
-        paths = list(request.update_mask.paths) or ["labels", "timeout"]
+        # Paths as proto names (`network_policy`) or as their JSON names (`networkPolicy`): a FieldMask written
+        # as an object in JSON (`{"paths": [...]}`) keeps what the caller typed.
+        paths = [snake_case(path) for path in request.update_mask.paths] or ["labels", "timeout"]
         for path in paths:
             if path not in UPDATABLE:
                 raise InvalidArgument(f"field {path!r} cannot be updated; updatable: {', '.join(UPDATABLE)}")

@@ -23,7 +23,7 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.records import MIGRATING, PAUSED, RUNNING, SandboxRecord, name_of, sandbox_key, state_name
@@ -89,6 +89,8 @@ class SnapshotOps:
                 labels=labels,
                 vcpus=record.vcpus,
                 memory_mib=record.memory_mib,
+                sandbox_labels=record.labels,
+                sandbox_env=record.env,
             )
             snapshot.create_time.GetCurrentTime()
             if ttl_seconds:
@@ -194,18 +196,22 @@ class SnapshotOps:
         node_selector=None,
     ) -> sandbox_pb2.Sandbox:
         """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`, on whichever
-        node placement picks (that node fetches the snapshot if it does not hold it)."""
+        node placement picks (that node fetches the snapshot if it does not hold it). It has its source's labels
+        with `labels` on top, and its source's environment (its processes were started with it)."""
         name = f"sbx-{uuid.uuid4().hex[:12]}"
+        merged = {**snapshot.sandbox_labels, **labels}
+        validate_labels(merged)
         record = self.sandboxes.new_record(
             name,
             snapshot.template,
             snapshot.vcpus,
             snapshot.memory_mib,
-            labels,
+            merged,
             timeout_seconds,
             policy,
             node_selector,
             source_snapshot=snapshot.id,
+            env=snapshot.sandbox_env,
         )
 
         async def restore_vm(node: str):
@@ -247,6 +253,13 @@ class SnapshotOps:
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
+        if not request.keep_snapshot:
+            # The clones run on their nodes' materialized copies, kept while a VM uses them: the record and its
+            # stored chunks are not needed, and a fork should leave nothing the caller did not ask for.
+            try:
+                await self.forget(snapshot)
+            except (ServiceError, grpc.aio.AioRpcError) as exc:
+                log.warning("fork_snapshot_not_deleted", snapshot=snapshot.id, error=str(exc))
         if failures:
             # All or nothing: a partial fork would leave the caller with clones it did not ask for.
             for clone in results:
