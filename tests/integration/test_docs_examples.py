@@ -1,4 +1,25 @@
-"""Every example in docs/quickstart-agents.md runs, as written, against the real stack."""
+"""Every example in README.md and docs/*.md runs, as written, against a real stack.
+
+A fenced block is run by its language tag: `sh`/`bash`/`shell` with `bash -euo pipefail` and `python` with
+the venv's interpreter, from the checkout, each with a fresh shell; `json` is parsed. Any other tag (`text`,
+`yaml`, `toml`, ...) marks output or configuration, which is not run; a block without a tag is refused, so
+nothing executable goes untested by accident. A comment right before a block changes that:
+
+- `<!-- not run: REASON -->`: the block needs what the test stack does not have (systemd, KVM, networking,
+  a second host...). The reason is required.
+- `<!-- setup -->`: the document's setup block, which a reader runs once in their shell before the others.
+  It runs once per document here (its own test), and the variables it assigns are handed to every later block
+  of that document. A sandbox it names in `ID` is deleted at the end.
+
+What the test provides, as `make up` and an activated venv (`. .venv/bin/activate`) would:
+- `HOME` with `~/.microvm` being the test stack's state dir (so `~/.microvm/admin.key` is its admin key) and
+  `MVM_STATE_DIR` pointing there too; no `MVM_API_KEY` (blocks set it or the SDK reads the key file);
+- `MVM_GATEWAY` (gRPC) and `MVM_HTTP` (HTTP/JSON base URL): the test stack listens on free ports, not on
+  `make up`'s 127.0.0.1:50051 and :8080, so blocks write `${MVM_GATEWAY:-127.0.0.1:50051}` and
+  `${MVM_HTTP:-http://127.0.0.1:8080}`;
+- the venv's `bin` first on PATH (`mvm`, `grpcurl`, `python`).
+A block must exit 0 and print something.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +29,184 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "quickstart-agents.md"
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(), re.S)
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SHELLS = {"sh", "bash", "shell"}
+RUN = SHELLS | {"python", "json"}
+FENCE = re.compile(
+    r"(?:<!--\s*(?P<note>[^>]*?)\s*-->[ \t]*\n(?:[ \t]*\n)?)?^(?P<indent>[ \t]*)```(?P<kind>[\w+-]*)[^\n]*\n"
+    r"(?P<code>.*?)^(?P=indent)```[ \t]*$",
+    re.S | re.M,
+)
+ASSIGNED = re.compile(r"(?:^|[\s;&|(])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=", re.M)
+
 pytestmark = pytest.mark.guest
 
 
-def environment(stack) -> dict[str, str]:
+@dataclass(frozen=True)
+class Snippet:
+    doc: Path
+    line: int
+    kind: str
+    code: str
+    note: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc.relative_to(REPO)}:{self.line}-{self.kind or 'untagged'}"
+
+    @property
+    def setup(self) -> bool:
+        return self.note == "setup"
+
+    @property
+    def not_run(self) -> bool:
+        return self.note.startswith("not run")
+
+    @property
+    def runs(self) -> bool:
+        return self.kind in RUN and not self.not_run
+
+
+def snippets(doc: Path) -> list[Snippet]:
+    text = doc.read_text()
+    return [
+        Snippet(
+            doc,
+            text.count("\n", 0, m.start("kind")) + 1,
+            m.group("kind"),
+            re.sub(rf"^{m.group('indent')}", "", m.group("code"), flags=re.M),
+            m.group("note") or "",
+        )
+        for m in FENCE.finditer(text)
+    ]
+
+
+ALL = [snippet for doc in DOCS for snippet in snippets(doc)]
+RUNNABLE = [snippet for snippet in ALL if snippet.runs]
+
+
+def test_every_block_says_whether_it_runs():
+    problems = []
+    for snippet in ALL:
+        if not snippet.kind:
+            problems.append(f"{snippet.id}: no language tag (```sh to run it, ```text for output)")
+        elif snippet.not_run and not re.match(r"not run:\s*\S", snippet.note):
+            problems.append(f"{snippet.id}: `<!-- not run: REASON -->` needs its reason")
+        elif snippet.setup and snippet.kind not in SHELLS:
+            problems.append(f"{snippet.id}: a setup block is a shell block")
+    for doc in DOCS:
+        if sum(s.setup for s in snippets(doc)) > 1:
+            problems.append(f"{doc.relative_to(REPO)}: more than one setup block")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def docs_home(stack, tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("docs-home")
+    (home / ".microvm").symlink_to(stack.state_dir)
+    return home
+
+
+def environment(stack, home: Path) -> dict[str, str]:
     config = yaml.safe_load(stack.config_path.read_text())
     venv_bin = str(Path(sys.executable).parent)
-    return dict(
+    env = dict(
         os.environ,
+        HOME=str(home),
+        MVM_STATE_DIR=str(stack.state_dir),
         MVM_GATEWAY=stack.gateway_address,
-        MVM_API_KEY=stack.admin_key,
         MVM_HTTP="http://" + config["gateway"]["http_listen"],
         PATH=f"{venv_bin}:{os.environ['PATH']}",
+        VIRTUAL_ENV=str(Path(venv_bin).parent),
+        # npm keeps its cache under HOME: keep the real one, so `npm ci` needs no network.
+        npm_config_cache=os.environ.get("npm_config_cache", str(Path.home() / ".npm")),
     )
+    env.pop("MVM_API_KEY", None)
+    return env
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{i}-{kind}" for i, (kind, _) in enumerate(BLOCKS)])
-def test_quickstart_example_runs(stack, index):
-    kind, code = BLOCKS[index]
-    if kind == "json":
-        json.loads(code)
+def run(snippet: Snippet, env: dict[str, str]) -> subprocess.CompletedProcess:
+    if snippet.kind == "python":
+        command = ["python", "-c", snippet.code]
+    else:
+        command = ["bash", "-euo", "pipefail", "-c", snippet.code]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+class SetupVariables:
+    """Each document's setup block, run once; the variables it assigned, by document."""
+
+    def __init__(self, stack, home: Path) -> None:
+        self.stack, self.home = stack, home
+        self.done: dict[Path, dict[str, str] | BaseException] = {}
+
+    def of(self, doc: Path) -> dict[str, str]:
+        setup = next((s for s in snippets(doc) if s.setup), None)
+        if setup is None:
+            return {}
+        if doc not in self.done:
+            self.done[doc] = self._run(setup)
+        outcome = self.done[doc]
+        if isinstance(outcome, BaseException):
+            pytest.fail(f"the setup block of {doc.relative_to(REPO)} failed: {outcome}")
+        return outcome
+
+    def _run(self, setup: Snippet) -> dict[str, str] | BaseException:
+        names = sorted(set(ASSIGNED.findall(setup.code)))
+        dump = self.home / f"setup-{setup.doc.stem}.vars"
+        printf = "".join(f'\nprintf "%s\\0%s\\0" {name} "${{{name}-}}" >>"{dump}"' for name in names)
+        dump.write_bytes(b"")
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", setup.code + printf],
+            cwd=REPO,
+            env=environment(self.stack, self.home),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            return RuntimeError(f"exit {result.returncode}\n{setup.code}\n{result.stdout}\n{result.stderr}")
+        fields = dump.read_text().split("\0")[:-1]
+        return dict(zip(fields[::2], fields[1::2], strict=True))
+
+    def clean_up(self) -> None:
+        for outcome in self.done.values():
+            if isinstance(outcome, dict) and outcome.get("ID"):
+                subprocess.run(
+                    ["mvm", "rm", outcome["ID"]],
+                    env={**environment(self.stack, self.home), **outcome},
+                    capture_output=True,
+                    timeout=120,
+                )
+
+
+@pytest.fixture(scope="session")
+def setups(stack, docs_home):
+    setups = SetupVariables(stack, docs_home)
+    yield setups
+    setups.clean_up()
+
+
+@pytest.mark.parametrize("snippet", RUNNABLE, ids=[s.id for s in RUNNABLE])
+def test_doc_example_runs(stack, docs_home, setups, snippet):
+    if snippet.kind == "json":
+        json.loads(snippet.code)
         return
-    if "node example.js" in code and shutil.which("node") is None:
+    if "node example.js" in snippet.code and shutil.which("node") is None:
         pytest.skip("node is not installed")
-    command = [sys.executable, "-c", code] if kind == "python" else ["bash", "-euo", "pipefail", "-c", code]
-    result = subprocess.run(command, cwd=REPO, env=environment(stack), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{kind} example failed:\n{code}\n{result.stdout}\n{result.stderr}"
-    assert result.stdout.strip(), "the example printed nothing"
+    variables = setups.of(snippet.doc)
+    if snippet.setup:
+        assert variables or snippet.code.strip(), "the setup block assigned nothing"
+        return
+    result = run(snippet, {**environment(stack, docs_home), **variables})
+    assert result.returncode == 0, (
+        f"{snippet.id} failed (exit {result.returncode}):\n{snippet.code}\n{result.stdout}\n{result.stderr}"
+    )
+    assert result.stdout.strip(), f"{snippet.id} printed nothing"
