@@ -1,20 +1,22 @@
-"""MicroVM Sandbox SDK: disposable microVMs for AI agents, async (`AsyncSandbox`) and sync (`Sandbox`)."""
+"""MicroVM Sandbox SDK: disposable microVMs for AI agents, async (`AsyncSandbox`) and sync (`Sandbox`).
+
+    from microvm_sandbox import Sandbox
+
+    with Sandbox.create(envs={"MODE": "test"}) as sb:
+        print(sb.run_code("python", "print(6*7)").text)
+
+Errors are `SandboxError` subclasses (`microvm_sandbox.errors`); types are checked (`py.typed`).
+"""
 
 from microvm_sandbox.aio import (
     AsyncClient,
+    AsyncExecStream,
     AsyncSandbox,
-    ConsoleOutput,
-    ExecResult,
-    Exited,
-    FileEntry,
-    Snapshot,
-    Started,
-    Stderr,
-    Stdout,
-    egress_policy,
+    AsyncSnapshot,
 )
 from microvm_sandbox.errors import (
     AuthenticationError,
+    CommandNotFound,
     ConflictError,
     DataLossError,
     DeadlineExceededError,
@@ -25,21 +27,42 @@ from microvm_sandbox.errors import (
     QuotaExceededError,
     RateLimitedError,
     SandboxError,
+    SandboxNotFound,
+    SnapshotNotFound,
+    TimeoutError,
     UnavailableError,
     UnimplementedError,
 )
-from microvm_sandbox.sync import Client, Sandbox
+from microvm_sandbox.models import (
+    ConsoleOutput,
+    ExecEvent,
+    ExecResult,
+    Exited,
+    FileEntry,
+    SandboxInfo,
+    SnapshotInfo,
+    Started,
+    Stderr,
+    Stdout,
+    egress_policy,
+)
+from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
 
 __all__ = [
     "AsyncClient",
+    "AsyncExecStream",
     "AsyncSandbox",
+    "AsyncSnapshot",
     "AuthenticationError",
     "Client",
+    "CommandNotFound",
     "ConflictError",
     "ConsoleOutput",
     "DataLossError",
     "DeadlineExceededError",
+    "ExecEvent",
     "ExecResult",
+    "ExecStream",
     "Exited",
     "FailedPreconditionError",
     "FileEntry",
@@ -50,10 +73,15 @@ __all__ = [
     "RateLimitedError",
     "Sandbox",
     "SandboxError",
+    "SandboxInfo",
+    "SandboxNotFound",
     "Snapshot",
+    "SnapshotInfo",
+    "SnapshotNotFound",
     "Started",
     "Stderr",
     "Stdout",
+    "TimeoutError",
     "UnavailableError",
     "UnimplementedError",
     "egress_policy",

@@ -1,16 +1,19 @@
 """The asynchronous SDK: `AsyncSandbox` over the gateway's gRPC API.
 
-async with AsyncSandbox.create(template="default", timeout=600) as sb:
-    result = await sb.exec(["python3", "-c", "print(6*7)"])
-    print(result.stdout)
+    async with AsyncSandbox.create(template="default", timeout=600, envs={"MODE": "test"}) as sb:
+        result = await sb.exec(["python3", "-c", "print(6*7)"])
+        print(result.stdout)
+
+Every method that calls the server raises a `SandboxError` subclass on failure (see `microvm_sandbox.errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,15 +22,57 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm_sandbox import languages
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, UnavailableError, from_rpc_error
+from microvm_sandbox.models import (
+    ConsoleOutput,
+    ExecEvent,
+    ExecResult,
+    Exited,
+    FileEntry,
+    SandboxInfo,
+    SnapshotInfo,
+    Started,
+    Stderr,
+    Stdout,
+    egress_policy,
+    exec_event,
+    state_name,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AsyncExecStream",
+    "AsyncSandbox",
+    "AsyncSnapshot",
+    "ConsoleOutput",
+    "ExecEvent",
+    "ExecResult",
+    "Exited",
+    "FileEntry",
+    "Sandbox",
+    "SandboxInfo",
+    "Snapshot",
+    "SnapshotInfo",
+    "Started",
+    "Stderr",
+    "Stdout",
+    "default_api_key",
+    "egress_policy",
+    "list_sandboxes",
+    "list_snapshots",
+]
 
 T = TypeVar("T")
 CHUNK = 1 << 20
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 RETRIES = 3
+OutputCallback = Callable[[bytes], object]
+STATES = {state_name(number): number for number in sandbox_pb2.SandboxState.values()}
 
 
 def default_api_key() -> str:
+    """$MVM_API_KEY, else the admin key `make up` wrote into the state dir ($MVM_STATE_DIR or ~/.microvm)."""
     if key := os.environ.get("MVM_API_KEY"):
         return key.strip()
     path = Path(os.environ.get("MVM_STATE_DIR") or Path.home() / ".microvm") / "admin.key"
@@ -39,141 +84,33 @@ def default_api_key() -> str:
         ) from None
 
 
-@dataclass
-class Started:
-    pid: int
+def sandbox_name(sandbox_id: str) -> str:
+    """`sandboxes/ID` for an id or a name."""
+    return sandbox_id if sandbox_id.startswith("sandboxes/") else f"sandboxes/{sandbox_id}"
 
 
-@dataclass
-class Stdout:
-    data: bytes
+def snapshot_name(snapshot: SnapshotInfo | str) -> str:
+    """`snapshots/ID` for a snapshot, an id or a name."""
+    if isinstance(snapshot, SnapshotInfo):
+        return snapshot.name
+    return snapshot if snapshot.startswith("snapshots/") else f"snapshots/{snapshot}"
 
 
-@dataclass
-class Stderr:
-    data: bytes
-
-
-@dataclass
-class Exited:
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool
-
-
-ExecEvent = Started | Stdout | Stderr | Exited
-
-
-@dataclass
-class ExecResult:
-    stdout: bytes
-    stderr: bytes
-    exit_code: int | None
-    signal: int | None = None
-    timed_out: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode(errors="replace")
-
-
-@dataclass
-class ConsoleOutput:
-    """Bytes of a sandbox's serial console and the console offset of the first of them; a later read continues
-    from `end`. With no bytes, `offset` is the one asked for."""
-
-    offset: int
-    data: bytes
-
-    @property
-    def end(self) -> int:
-        return self.offset + len(self.data)
-
-
-@dataclass
-class FileEntry:
-    path: str
-    is_dir: bool
-    size: int
-    mode: int
-
-
-@dataclass
-class Snapshot:
-    name: str
-    source_sandbox: str
-    parent: str
-    size_bytes: int
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def id(self) -> str:
-        return self.name.removeprefix("snapshots/")
-
-
-EGRESS_MODES = {
-    "none": sandbox_pb2.EGRESS_MODE_NONE,
-    "full": sandbox_pb2.EGRESS_MODE_FULL,
-    "allow-list": sandbox_pb2.EGRESS_MODE_ALLOW_LIST,
-}
-
-
-def egress_policy(egress: str | None = None, allow: Sequence[str] = ()) -> sandbox_pb2.NetworkPolicy:
-    """A NetworkPolicy from `egress` (`none`, `full` or `allow-list`) and allow rules written `CIDR` or
-    `CIDR:PORT,PORT` (e.g. `203.0.113.0/24:80,443`); rules alone mean `allow-list`."""
-    mode = egress or ("allow-list" if allow else "none")
-    if mode not in EGRESS_MODES:
-        raise InvalidArgumentError(f"egress must be one of {', '.join(EGRESS_MODES)}, got {mode!r}")
-    policy = sandbox_pb2.NetworkPolicy(egress=EGRESS_MODES[mode])
-    for rule in allow:
-        cidr, ports = rule, ""
-        network, _, suffix = rule.partition("/")
-        if ":" in suffix:  # the prefix length is followed by ports (IPv6 colons come before the slash)
-            length, _, ports = suffix.partition(":")
-            cidr = f"{network}/{length}"
-        try:
-            numbers = [int(p) for p in ports.split(",") if p]
-        except ValueError:
-            raise InvalidArgumentError(f"allow rule {rule!r}: ports must be numbers, e.g. 10.0.0.0/8:80,443") from None
-        policy.allow.add(cidr=cidr, ports=numbers)
-    return policy
-
-
-def _snapshot(message: sandbox_pb2.Snapshot) -> Snapshot:
-    return Snapshot(
-        name=message.name,
-        source_sandbox=message.source_sandbox,
-        parent=message.parent_snapshot,
-        size_bytes=message.size_bytes,
-        labels=dict(message.labels),
-    )
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
 
 
 def _argv(command: str | Sequence[str]) -> tuple[list[str], bool]:
     return ([command], True) if isinstance(command, str) else (list(command), False)
 
 
-def _event(message: api.ExecResponse) -> ExecEvent | None:
-    kind = message.WhichOneof("event")
-    if kind == "started":
-        return Started(message.started.pid)
-    if kind == "stdout":
-        return Stdout(message.stdout)
-    if kind == "stderr":
-        return Stderr(message.stderr)
-    if kind == "exited":
-        exited = message.exited
-        is_signal = exited.WhichOneof("status") == "signal"
-        return Exited(None if is_signal else exited.exit_code, exited.signal if is_signal else None, exited.timed_out)
-    return None  # keepalive
-
-
 class AsyncClient:
-    """A connection to the gateway: credentials, deadlines, and retries for idempotent calls."""
+    """A connection to the gateway: address, credentials, a default deadline per call, and retries for
+    idempotent calls. One client serves any number of sandboxes; close it (or use `async with`) when done.
+
+    `address` defaults to $MVM_GATEWAY or 127.0.0.1:50051, `api_key` to $MVM_API_KEY or the state dir's
+    admin key; `timeout` is the deadline of each unary call in seconds."""
 
     def __init__(self, address: str | None = None, api_key: str | None = None, timeout: float = 120.0) -> None:
         self.address = address or os.environ.get("MVM_GATEWAY", DEFAULT_ADDRESS)
@@ -188,7 +125,8 @@ class AsyncClient:
     async def call(
         self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None, stub: Any = None
     ) -> Any:
-        """`method(request)` on the SandboxService (or on `stub`, e.g. the admin NodeService)."""
+        """`method(request)` on the SandboxService (or on `stub`, e.g. the admin NodeService); an idempotent
+        call is retried on UNAVAILABLE (3 attempts, backing off)."""
         attempt = 0
         while True:
             try:
@@ -202,8 +140,137 @@ class AsyncClient:
                     raise failure from None
                 await asyncio.sleep(0.2 * 2**attempt)
 
+    async def list_sandboxes(self, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
+        """Every sandbox of the caller's tenant (all pages), newest first, with all `label_filter` labels."""
+        return await list_sandboxes(self, label_filter)
+
+    async def list_snapshots(self, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
+        """Every snapshot of the caller's tenant (all pages), oldest first; only `source_sandbox`'s if given."""
+        return await list_snapshots(self, source_sandbox)
+
+    async def get_snapshot(self, snapshot: SnapshotInfo | str) -> AsyncSnapshot:
+        """One snapshot by id or name. SnapshotNotFound when it does not exist."""
+        reply = await self.call("GetSnapshot", api.GetSnapshotRequest(name=snapshot_name(snapshot)), idempotent=True)
+        return AsyncSnapshot.bound_to(reply.snapshot, self)
+
+    async def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
+        """Deletes a snapshot (sandboxes restored from it keep running). SnapshotNotFound when it is gone."""
+        await self.call("DeleteSnapshot", api.DeleteSnapshotRequest(name=snapshot_name(snapshot)))
+
     async def close(self) -> None:
+        """Closes the connection; calls in flight are cancelled."""
         await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSnapshot(SnapshotInfo):
+    """A snapshot you can `restore()` into new sandboxes or `delete()`."""
+
+    _client: AsyncClient | None = None
+
+    @classmethod
+    def bound_to(cls, message: sandbox_pb2.Snapshot, client: AsyncClient | None) -> AsyncSnapshot:
+        """The snapshot of a Snapshot message, bound to `client`."""
+        snapshot = cls.from_message(message)
+        snapshot._client = client
+        return snapshot
+
+    def _bound(self, client: AsyncClient | None) -> AsyncClient:
+        active = client or self._client
+        if active is None:
+            raise SandboxError("this snapshot is bound to no client: pass client=", code="FAILED_PRECONDITION")
+        return active
+
+    async def delete(self, client: AsyncClient | None = None) -> None:
+        """Deletes the snapshot; sandboxes restored from it keep running. SnapshotNotFound when it is gone."""
+        await self._bound(client).delete_snapshot(self.name)
+
+    async def restore(
+        self,
+        client: AsyncClient | None = None,
+        *,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
+    ) -> AsyncSandbox:
+        """A new sandbox from this snapshot, as `AsyncSandbox.restore(snapshot, ...)` makes it."""
+        return await AsyncSandbox.restore(
+            self,
+            self._bound(client),
+            timeout=timeout,
+            labels=labels,
+            egress=egress,
+            allow=allow,
+            node_selector=node_selector,
+        )
+
+
+# The name the async module has always used.
+Snapshot = AsyncSnapshot
+
+
+class AsyncExecStream:
+    """The events of one running process: `Started`, `Stdout`/`Stderr` chunks as they are written, then
+    `Exited`. Iterate it with `async for`. Stopping early (break, `aclose()`, leaving `async with`, or the
+    stream being garbage-collected) cancels the call, and the server then kills the process in the guest."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start
+        self._call: Any = None
+        self._responses: Any = None
+        self._finished = False
+
+    def __aiter__(self) -> AsyncExecStream:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._call is None:
+            self._call = self._start()
+            self._responses = self._call.__aiter__()
+        try:
+            while True:
+                event = exec_event(await self._responses.__anext__())
+                if event is not None:
+                    if isinstance(event, Exited):
+                        self._finished = True
+                    return event
+        except StopAsyncIteration:
+            self._finished = True
+            raise
+        except grpc.aio.AioRpcError as error:
+            self._finished = True
+            raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        """Stops the stream now; the server kills the process if it still runs. Safe to call twice."""
+        self._finished = True
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        """Same as `cancel()` (the name async generators use)."""
+        self.cancel()
+
+    async def __aenter__(self) -> AsyncExecStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:  # the loop may already be gone at interpreter exit
+            pass
 
 
 class _Creating:
@@ -225,7 +292,17 @@ class _Creating:
             await self._sandbox.kill()
 
 
+async def _deliver(callback: OutputCallback | None, data: bytes) -> None:
+    if callback is not None:
+        result = callback(data)
+        if inspect.isawaitable(result):
+            await result
+
+
 class AsyncSandbox:
+    """A running sandbox: a disposable Linux microVM. Make one with `create()`, `connect()` or `restore()`;
+    `kill()` (or leaving `async with`) deletes it. `message` is the server's last description of it."""
+
     def __init__(self, client: AsyncClient, message: sandbox_pb2.Sandbox, owns_client: bool = False) -> None:
         self.client = client
         self.message = message
@@ -233,12 +310,30 @@ class AsyncSandbox:
 
     @property
     def name(self) -> str:
+        """The resource name, `sandboxes/{id}`."""
         return self.message.name
 
     @property
     def id(self) -> str:
+        """The sandbox id (what `mvm` and `connect()` take)."""
         return self.message.name.removeprefix("sandboxes/")
 
+    @property
+    def state(self) -> str:
+        """The state when last seen (`RUNNING`, `PAUSED`, ...): `refresh()` or `get_info()` to ask again."""
+        return state_name(self.message.state)
+
+    @property
+    def ip_address(self) -> str:
+        """The guest's address on its node's bridge (empty where networking is off)."""
+        return self.message.ip_address
+
+    @property
+    def source_snapshot(self) -> str:
+        """The snapshot id this sandbox was restored or forked from; empty for a fresh one."""
+        return self.message.source_snapshot.removeprefix("snapshots/")
+
+    # --- making and finding sandboxes -----------------------------------------------------------------
     @classmethod
     def create(
         cls,
@@ -248,19 +343,29 @@ class AsyncSandbox:
         vcpus: int = 1,
         memory_mib: int = 256,
         labels: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
         egress: str | None = None,
         allow: Sequence[str] = (),
         node_selector: dict[str, str] | None = None,
+        sandbox_id: str = "",
         client: AsyncClient | None = None,
-        **connect: Any,
+        address: str | None = None,
+        api_key: str | None = None,
     ) -> _Creating:
-        """A new sandbox. `egress`/`allow`: outbound network policy, see `egress_policy` (default: none).
-        `node_selector`: node labels it must be placed on, e.g. {"zone": "a"} (default: any node)."""
+        """A new sandbox, RUNNING when this returns. Await it, or `async with` it to kill it at the end.
+
+        template: image to boot (`default`: Debian with python3). timeout: lifetime in seconds (server
+        default 600; `set_timeout` moves it). vcpus, memory_mib: its size. labels: your key/values, also
+        what `list(labels=...)` filters on (E2B calls them metadata). envs: environment of every command run
+        in it (an exec's own `env` wins). egress/allow: outbound network policy, see `egress_policy`
+        (default: none). node_selector: node labels it must be placed on, e.g. {"zone": "a"}. sandbox_id: your
+        own id, for idempotent retries (ConflictError if it exists). client, or address/api_key: where to
+        connect (default: $MVM_GATEWAY, $MVM_API_KEY)."""
         policy = egress_policy(egress, allow)
 
         async def make() -> AsyncSandbox:
             own = client is None
-            active = client or AsyncClient(**connect)
+            active = client or AsyncClient(address, api_key)
             sandbox = sandbox_pb2.Sandbox(
                 template=template,
                 vcpus=vcpus,
@@ -269,33 +374,82 @@ class AsyncSandbox:
                 network_policy=policy,
                 node_selector=node_selector or {},
             )
+            if envs:
+                sandbox.env.update(envs)
             if timeout:
-                sandbox.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))
-            reply = await active.call("CreateSandbox", api.CreateSandboxRequest(sandbox=sandbox), timeout=300)
+                sandbox.timeout.CopyFrom(_duration(timeout))
+            request = api.CreateSandboxRequest(sandbox=sandbox, sandbox_id=sandbox_id)
+            try:
+                reply = await active.call("CreateSandbox", request, timeout=300)
+            except BaseException:
+                if own:
+                    await active.close()
+                raise
             return cls(active, reply.sandbox, owns_client=own)
 
         return _Creating(make)
 
     @classmethod
-    async def connect(cls, sandbox_id: str, client: AsyncClient | None = None, **connect: Any) -> AsyncSandbox:
-        active = client or AsyncClient(**connect)
-        name = sandbox_id if sandbox_id.startswith("sandboxes/") else f"sandboxes/{sandbox_id}"
-        reply = await active.call("GetSandbox", api.GetSandboxRequest(name=name), idempotent=True)
-        return cls(active, reply.sandbox, owns_client=client is None)
+    async def connect(
+        cls,
+        sandbox_id: str,
+        client: AsyncClient | None = None,
+        *,
+        resume: bool = True,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> AsyncSandbox:
+        """An existing sandbox by id (or `sandboxes/ID`). A PAUSED one is resumed first (resume=False leaves it
+        paused). SandboxNotFound when it does not exist."""
+        own = client is None
+        active = client or AsyncClient(address, api_key)
+        try:
+            request = api.GetSandboxRequest(name=sandbox_name(sandbox_id))
+            reply = await active.call("GetSandbox", request, idempotent=True)
+            sandbox = cls(active, reply.sandbox, owns_client=own)
+            if resume and reply.sandbox.state == sandbox_pb2.SANDBOX_STATE_PAUSED:
+                await sandbox.resume()
+        except BaseException:
+            if own:
+                await active.close()
+            raise
+        return sandbox
 
     @classmethod
-    async def restore(cls, snapshot: Snapshot | str, client: AsyncClient | None = None, **connect: Any) -> AsyncSandbox:
-        active = client or AsyncClient(**connect)
-        name = (
-            snapshot.name
-            if isinstance(snapshot, Snapshot)
-            else (snapshot if snapshot.startswith("snapshots/") else f"snapshots/{snapshot}")
-        )
-        reply = await active.call("RestoreSnapshot", api.RestoreSnapshotRequest(snapshot=name), timeout=600)
-        return cls(active, reply.sandbox, owns_client=client is None)
+    async def restore(
+        cls,
+        snapshot: SnapshotInfo | str,
+        client: AsyncClient | None = None,
+        *,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> AsyncSandbox:
+        """A new sandbox from a snapshot (object, id or name): memory, processes and files as they were.
+        timeout, labels, egress/allow, node_selector: as in `create` (size and template come from the snapshot).
+        DataLossError when the snapshot is corrupt; nothing is booted then."""
+        own = client is None
+        active = client or AsyncClient(address, api_key)
+        wanted = sandbox_pb2.Sandbox(labels=labels or {}, node_selector=node_selector or {})
+        if egress or allow:
+            wanted.network_policy.CopyFrom(egress_policy(egress, allow))
+        if timeout:
+            wanted.timeout.CopyFrom(_duration(timeout))
+        request = api.RestoreSnapshotRequest(snapshot=snapshot_name(snapshot), sandbox=wanted)
+        try:
+            reply = await active.call("RestoreSnapshot", request, timeout=600)
+        except BaseException:
+            if own:
+                await active.close()
+            raise
+        return cls(active, reply.sandbox, owns_client=own)
 
-    # --- processes ----------------------------------------------------------------------------------
-    async def exec_stream(
+    # --- processes ------------------------------------------------------------------------------------
+    def exec_stream(
         self,
         command: str | Sequence[str],
         *,
@@ -304,52 +458,84 @@ class AsyncSandbox:
         user: str = "",
         timeout: float | None = None,
         stdin: bytes = b"",
-    ) -> AsyncIterator[ExecEvent]:
-        """Events as they happen: Started, Stdout/Stderr chunks, then Exited."""
+    ) -> AsyncExecStream:
+        """Runs `command` and yields its events as they happen: Started, Stdout/Stderr chunks, then Exited.
+
+        command: a string runs through /bin/sh -c; a list is argv (argv[0] looked up in PATH). env: added to
+        the sandbox's environment. cwd, user: working directory and user (default /root, root). timeout:
+        seconds before the process is killed (Exited.timed_out). stdin: bytes fed to it, then closed.
+        Stopping the iteration early cancels the call and the server kills the process."""
         argv, shell = _argv(command)
         process = api.ProcessConfig(argv=argv, shell=shell, env=env or {}, cwd=cwd, user=user)
         if timeout:
-            process.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout)))
-        call = self.client.stub.Exec(
-            api.ExecRequest(sandbox=self.name, process=process, stdin=stdin),
-            metadata=self.client.metadata,
-            timeout=(timeout or 3600) + 30,
-        )
-        try:
-            async for message in call:
-                event = _event(message)
-                if event is not None:
-                    yield event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+            process.timeout.CopyFrom(_duration(timeout))
+        request = api.ExecRequest(sandbox=self.name, process=process, stdin=stdin)
 
-    async def exec(self, command: str | Sequence[str], **options: Any) -> ExecResult:
+        def start() -> Any:
+            return self.client.stub.Exec(request, metadata=self.client.metadata, timeout=(timeout or 3600) + 30)
+
+        return AsyncExecStream(start)
+
+    async def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bytes = b"",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Runs `command` to its end and returns its output and exit status (see `exec_stream` for the
+        arguments). on_stdout/on_stderr: called with each chunk as it arrives (plain or async functions).
+        A missing program raises CommandNotFound; a non-zero exit is a result, not an error."""
         stdout, stderr = bytearray(), bytearray()
-        async for event in self.exec_stream(command, **options):
-            if isinstance(event, Stdout):
-                stdout += event.data
-            elif isinstance(event, Stderr):
-                stderr += event.data
-            elif isinstance(event, Exited):
-                return ExecResult(bytes(stdout), bytes(stderr), event.exit_code, event.signal, event.timed_out)
+        async with self.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin) as stream:
+            async for event in stream:
+                if isinstance(event, Stdout):
+                    stdout += event.data
+                    await _deliver(on_stdout, event.data)
+                elif isinstance(event, Stderr):
+                    stderr += event.data
+                    await _deliver(on_stderr, event.data)
+                elif isinstance(event, Exited):
+                    return ExecResult(bytes(stdout), bytes(stderr), event.exit_code, event.signal, event.timed_out)
         raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
 
-    async def run_code(self, language: str, code: str, **options: Any) -> ExecResult:
-        runners = {
-            "python": ["python3", "-c", code],
-            "python3": ["python3", "-c", code],
-            "sh": ["sh", "-c", code],
-            "bash": ["sh", "-c", code],
-            "shell": ["sh", "-c", code],
-        }
-        if language.lower() not in runners:
-            raise InvalidArgumentError(
-                f"unsupported language {language!r}; supported: {', '.join(sorted(runners))}", code="INVALID_ARGUMENT"
-            )
-        return await self.exec(runners[language.lower()], **options)
+    async def run_code(
+        self,
+        language: str,
+        code: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Runs `code` with the language's interpreter: python (python3, py), bash, sh (shell), javascript
+        (js, node, nodejs), ruby (rb), perl (pl). InvalidArgumentError for another language; CommandNotFound
+        (naming language and interpreter) when the interpreter is not installed in the sandbox. Other
+        arguments as in `exec`."""
+        lang = languages.language(language)
+        result = await self.exec(
+            languages.argv(lang, code),
+            env=env,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        return languages.checked(lang, result)
 
-    # --- files --------------------------------------------------------------------------------------
+    # --- files ----------------------------------------------------------------------------------------
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> None:
+        """Writes `data` (str is UTF-8 encoded) to the absolute `path`, replacing the file; parent directories
+        are created unless make_parents=False."""
         payload = data.encode() if isinstance(data, str) else data
 
         async def requests() -> AsyncIterator[api.WriteFileRequest]:
@@ -365,6 +551,7 @@ class AsyncSandbox:
             raise from_rpc_error(error) from None
 
     async def read(self, path: str) -> bytes:
+        """The whole file at the absolute `path`. NotFoundError when it does not exist."""
         chunks = []
         try:
             async for chunk in self.client.stub.ReadFile(
@@ -376,17 +563,20 @@ class AsyncSandbox:
         return b"".join(chunks)
 
     async def upload(self, local: str | Path, remote: str) -> None:
+        """Copies the local file `local` to `remote` in the sandbox."""
         await self.write(remote, await asyncio.to_thread(Path(local).read_bytes))
 
     async def download(self, remote: str, local: str | Path) -> None:
+        """Copies `remote` in the sandbox to the local file `local`."""
         data = await self.read(remote)
         await asyncio.to_thread(Path(local).write_bytes, data)
 
-    async def ls(self, path: str = "/") -> list[FileEntry]:
+    async def ls(self, path: str = "/") -> builtins.list[FileEntry]:
+        """The entries of the directory `path`."""
         reply = await self.client.call("ListDir", api.ListDirRequest(sandbox=self.name, path=path), idempotent=True)
         return [FileEntry(e.path, e.type == sandbox_pb2.FILE_TYPE_DIRECTORY, e.size, e.mode) for e in reply.entries]
 
-    # --- console ------------------------------------------------------------------------------------
+    # --- console --------------------------------------------------------------------------------------
     async def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:
         """The sandbox's serial console (kernel messages, whatever the guest writes to /dev/console): the newest
         `tail_bytes`, or `length` bytes (0: all) from console `offset`. Its node keeps only the newest output (2 MiB
@@ -403,34 +593,41 @@ class AsyncSandbox:
             raise from_rpc_error(error) from None
         return ConsoleOutput(offset if first is None else first, b"".join(chunks))
 
-    # --- lifecycle ----------------------------------------------------------------------------------
-    async def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
+    # --- snapshots and forks --------------------------------------------------------------------------
+    async def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> AsyncSnapshot:
+        """Freezes memory, processes and disk into a snapshot (the sandbox keeps running). It is kept until
+        deleted (`snapshot.delete()`), or `ttl` seconds when given; it counts against the snapshot quota."""
         request = api.CreateSnapshotRequest(sandbox=self.name, labels=labels or {})
         if ttl:
-            request.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl)))
+            request.ttl.CopyFrom(_duration(ttl))
         reply = await self.client.call("CreateSnapshot", request, timeout=600)
-        return _snapshot(reply.snapshot)
+        return AsyncSnapshot.bound_to(reply.snapshot, self.client)
 
-    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
-        reply = await self.client.call("ForkSandbox", api.ForkSandboxRequest(name=self.name, count=count), timeout=900)
+    async def list_snapshots(self) -> builtins.list[AsyncSnapshot]:
+        """This sandbox's snapshots, oldest first."""
+        return [AsyncSnapshot.bound_to(s, self.client) for s in await list_snapshots(self.client, self.name)]
+
+    async def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
+        """Deletes a snapshot (object, id or name) with this sandbox's connection."""
+        await self.client.delete_snapshot(snapshot)
+
+    async def fork(
+        self, count: int = 1, *, labels: dict[str, str] | None = None, keep_snapshot: bool = False
+    ) -> builtins.list[AsyncSandbox]:
+        """`count` (1..64) independent running copies of this sandbox, each with its own identity, address and
+        randomness, the source's labels (plus `labels`) and environment. The snapshot they are made from is
+        deleted once they run unless keep_snapshot=True (then `clone.source_snapshot` names it). All or
+        nothing: on failure no clone is left."""
+        request = api.ForkSandboxRequest(name=self.name, count=count, labels=labels or {})
+        if "keep_snapshot" in api.ForkSandboxRequest.DESCRIPTOR.fields_by_name:
+            request.keep_snapshot = keep_snapshot
+        reply = await self.client.call("ForkSandbox", request, timeout=900)
         return [AsyncSandbox(self.client, message) for message in reply.sandboxes]
 
-    @property
-    def ip_address(self) -> str:
-        """The guest's address on its node's bridge (empty where networking is off)."""
-        return self.message.ip_address
-
+    # --- network --------------------------------------------------------------------------------------
     async def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
         """Replaces the outbound policy at once (connections it no longer allows stop)."""
-        sandbox = sandbox_pb2.Sandbox(name=self.name, network_policy=egress_policy(egress, allow))
-        self.message = (
-            await self.client.call(
-                "UpdateSandbox",
-                api.UpdateSandboxRequest(
-                    sandbox=sandbox, update_mask=field_mask_pb2.FieldMask(paths=["network_policy"])
-                ),
-            )
-        ).sandbox
+        await self._update(sandbox_pb2.Sandbox(network_policy=egress_policy(egress, allow)), "network_policy")
 
     async def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
         """Makes `guest_port` reachable at host_address:host_port on the sandbox's node (loopback and a free
@@ -447,7 +644,7 @@ class AsyncSandbox:
 
     async def unexpose_port(
         self, guest_port: int, host_port: int = 0, host_address: str = ""
-    ) -> list[sandbox_pb2.ExposedPort]:
+    ) -> builtins.list[sandbox_pb2.ExposedPort]:
         """Stops exposing `guest_port` (only the mapping on host_address:host_port when given); returns the
         mappings removed. NotFoundError when nothing matches."""
         reply = await self.client.call(
@@ -458,17 +655,47 @@ class AsyncSandbox:
         )
         return list(reply.ports)
 
+    # --- lifecycle ------------------------------------------------------------------------------------
+    async def _update(self, change: sandbox_pb2.Sandbox, *paths: str) -> None:
+        change.name = self.name
+        request = api.UpdateSandboxRequest(sandbox=change, update_mask=field_mask_pb2.FieldMask(paths=paths))
+        self.message = (await self.client.call("UpdateSandbox", request)).sandbox
+
+    async def set_timeout(self, seconds: float) -> None:
+        """The sandbox is now deleted `seconds` from now (1 s up to the server's maximum, 24 h by default)."""
+        await self._update(sandbox_pb2.Sandbox(timeout=_duration(seconds)), "timeout")
+
+    async def set_labels(self, labels: dict[str, str]) -> None:
+        """Replaces the sandbox's labels."""
+        await self._update(sandbox_pb2.Sandbox(labels=labels), "labels")
+
     async def pause(self) -> None:
+        """Stops the guest's vCPUs, keeping its memory (the timeout keeps running). `resume()` continues."""
         self.message = (await self.client.call("PauseSandbox", api.PauseSandboxRequest(name=self.name))).sandbox
 
     async def resume(self) -> None:
+        """Continues a paused sandbox where it stopped."""
         self.message = (await self.client.call("ResumeSandbox", api.ResumeSandboxRequest(name=self.name))).sandbox
 
     async def refresh(self) -> sandbox_pb2.Sandbox:
+        """Asks the server for the sandbox again and returns its message (also kept in `message`)."""
         self.message = (
             await self.client.call("GetSandbox", api.GetSandboxRequest(name=self.name), idempotent=True)
         ).sandbox
         return self.message
+
+    async def get_info(self) -> SandboxInfo:
+        """The sandbox as the server sees it now: state, labels, env, times, size, node, address."""
+        return SandboxInfo.from_message(await self.refresh())
+
+    async def is_running(self) -> bool:
+        """True when the sandbox exists and is RUNNING."""
+        try:
+            return (await self.refresh()).state == sandbox_pb2.SANDBOX_STATE_RUNNING
+        except SandboxError as error:
+            if error.code == "NOT_FOUND":
+                return False
+            raise
 
     async def kill(self) -> None:
         """Deletes the sandbox and everything it holds. A second kill is a no-op."""
@@ -487,23 +714,64 @@ class AsyncSandbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
 
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} {self.state}>"
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        state: str | None = None,
+        labels: dict[str, str] | None = None,
+        client: AsyncClient | None = None,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> builtins.list[SandboxInfo]:
+        """The caller's sandboxes, newest first: only those in `state` (`running`, `paused`, ...) and with all
+        of `labels` when given."""
+        wanted = None
+        if state is not None:
+            wanted = STATES.get(state.upper())
+            if wanted is None:
+                raise InvalidArgumentError(
+                    f"unknown state {state!r}; one of {', '.join(s.lower() for s in STATES if s != 'UNSPECIFIED')}",
+                    code="INVALID_ARGUMENT",
+                )
+        active = client or AsyncClient(address, api_key)
+        try:
+            found = await list_sandboxes(active, labels)
+        finally:
+            if client is None:
+                await active.close()
+        return [SandboxInfo.from_message(s) for s in found if wanted is None or s.state == wanted]
+
 
 async def list_sandboxes(client: AsyncClient, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
+    """Every sandbox of the caller's tenant (all pages), newest first, with all labels of `label_filter`."""
     query = " ".join(f"labels.{k}={v}" for k, v in (label_filter or {}).items())
-    reply = await client.call("ListSandboxes", api.ListSandboxesRequest(filter=query, page_size=1000), idempotent=True)
-    return list(reply.sandboxes)
+    found: list[sandbox_pb2.Sandbox] = []
+    token = ""
+    while True:
+        request = api.ListSandboxesRequest(filter=query, page_size=1000, page_token=token)
+        reply = await client.call("ListSandboxes", request, idempotent=True)
+        found += reply.sandboxes
+        token = reply.next_page_token
+        if not token:
+            return found
 
 
 async def list_snapshots(client: AsyncClient, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
-    name = (
-        source_sandbox
-        if not source_sandbox or source_sandbox.startswith("sandboxes/")
-        else f"sandboxes/{source_sandbox}"
-    )
-    reply = await client.call(
-        "ListSnapshots", api.ListSnapshotsRequest(source_sandbox=name, page_size=1000), idempotent=True
-    )
-    return list(reply.snapshots)
+    """Every snapshot of the caller's tenant (all pages), oldest first; only `source_sandbox`'s when given."""
+    name = sandbox_name(source_sandbox) if source_sandbox else ""
+    found: list[sandbox_pb2.Snapshot] = []
+    token = ""
+    while True:
+        request = api.ListSnapshotsRequest(source_sandbox=name, page_size=1000, page_token=token)
+        reply = await client.call("ListSnapshots", request, idempotent=True)
+        found += reply.snapshots
+        token = reply.next_page_token
+        if not token:
+            return found
 
 
 # `from microvm_sandbox.aio import Sandbox` reads naturally in async code: `async with Sandbox.create() as sb`.

@@ -1,7 +1,29 @@
-"""A small exception hierarchy, mapped from the gRPC status and the ErrorInfo reason the server sends."""
+"""A small exception hierarchy, mapped from the gRPC status and the ErrorInfo reason the server sends.
+
+    SandboxError                      anything the service (or the SDK on its behalf) refused
+    ├── NotFoundError                 NOT_FOUND: a path, a port mapping, ...
+    │   ├── SandboxNotFound           reason SANDBOX_NOT_FOUND (`.sandbox_id` says which)
+    │   ├── SnapshotNotFound          reason SNAPSHOT_NOT_FOUND (`.snapshot_id`)
+    │   └── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_code's interpreter) is missing
+    ├── TimeoutError                  DEADLINE_EXCEEDED (also a builtin TimeoutError; alias DeadlineExceededError)
+    ├── InvalidArgumentError          INVALID_ARGUMENT, OUT_OF_RANGE
+    ├── PermissionDeniedError         PERMISSION_DENIED
+    ├── AuthenticationError           UNAUTHENTICATED
+    ├── QuotaExceededError            RESOURCE_EXHAUSTED
+    │   └── RateLimitedError          reason RATE_LIMITED (`.retry_after` seconds)
+    ├── UnavailableError              UNAVAILABLE (retried by the SDK for idempotent calls)
+    ├── ConflictError                 ALREADY_EXISTS, ABORTED
+    ├── FailedPreconditionError       FAILED_PRECONDITION (e.g. the sandbox is not running)
+    ├── DataLossError                 DATA_LOSS (a corrupt snapshot)
+    └── UnimplementedError            UNIMPLEMENTED
+
+Every error carries `code` (the gRPC status name), `reason` (the stable ErrorInfo reason, e.g.
+`SANDBOX_NOT_FOUND`: switch on it) and `metadata` (the ErrorInfo's key/values).
+"""
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import grpc
@@ -10,7 +32,9 @@ from grpc_status import rpc_status
 
 
 class SandboxError(Exception):
-    """Anything the service refused. `reason` is the stable ErrorInfo reason (e.g. `SANDBOX_NOT_FOUND`)."""
+    """Anything the service refused. `code` is the gRPC status name (e.g. `NOT_FOUND`), `reason` the stable
+    ErrorInfo reason (e.g. `SANDBOX_NOT_FOUND`), `metadata` its details, `retry_after` the seconds the server
+    asked to wait (RetryInfo), if any."""
 
     def __init__(
         self,
@@ -26,41 +50,84 @@ class SandboxError(Exception):
         self.metadata = metadata or {}
         self.retry_after = retry_after
 
-
-class InvalidArgumentError(SandboxError): ...
-
-
-class NotFoundError(SandboxError): ...
+    def __str__(self) -> str:
+        return self.message
 
 
-class ConflictError(SandboxError): ...
+class InvalidArgumentError(SandboxError):
+    """The request was refused as malformed or out of bounds (INVALID_ARGUMENT, OUT_OF_RANGE)."""
 
 
-class FailedPreconditionError(SandboxError): ...
+class NotFoundError(SandboxError):
+    """Something named by the request does not exist (NOT_FOUND): the generic one; see its subclasses."""
 
 
-class AuthenticationError(SandboxError): ...
+class SandboxNotFound(NotFoundError):
+    """The sandbox does not exist (any more), or belongs to another tenant."""
+
+    @property
+    def sandbox_id(self) -> str:
+        """Which sandbox, as the server named it (without `sandboxes/`); empty when it did not say."""
+        return self.metadata.get("sandbox", "").removeprefix("sandboxes/")
 
 
-class PermissionDeniedError(SandboxError): ...
+class SnapshotNotFound(NotFoundError):
+    """The snapshot does not exist (any more), or belongs to another tenant."""
+
+    @property
+    def snapshot_id(self) -> str:
+        """Which snapshot (without `snapshots/`); empty when the server did not say."""
+        return self.metadata.get("snapshot", "").removeprefix("snapshots/")
 
 
-class QuotaExceededError(SandboxError): ...
+class CommandNotFound(NotFoundError):
+    """The program to run is not installed in the sandbox (for `run_code`: the language's interpreter;
+    `metadata` then has `language` and `interpreter`)."""
 
 
-class RateLimitedError(QuotaExceededError): ...
+class ConflictError(SandboxError):
+    """ALREADY_EXISTS, or ABORTED (a concurrent change won; retrying may succeed)."""
 
 
-class UnavailableError(SandboxError): ...
+class FailedPreconditionError(SandboxError):
+    """The call does not fit the current state, e.g. a sandbox that is not running."""
 
 
-class DeadlineExceededError(SandboxError): ...
+class AuthenticationError(SandboxError):
+    """No valid API key or token (UNAUTHENTICATED)."""
 
 
-class DataLossError(SandboxError): ...
+class PermissionDeniedError(SandboxError):
+    """The caller's role does not allow this call (PERMISSION_DENIED)."""
 
 
-class UnimplementedError(SandboxError): ...
+class QuotaExceededError(SandboxError):
+    """A tenant quota or a guest limit was reached (RESOURCE_EXHAUSTED)."""
+
+
+class RateLimitedError(QuotaExceededError):
+    """Too many calls; wait `retry_after` seconds (reason RATE_LIMITED)."""
+
+
+class UnavailableError(SandboxError):
+    """The gateway, the sandbox's node or its guest did not answer (UNAVAILABLE); often transient."""
+
+
+class TimeoutError(SandboxError, builtins.TimeoutError):
+    """A call ran past its deadline (DEADLINE_EXCEEDED). Also a builtin `TimeoutError`, so `except
+    TimeoutError` catches it either way. (A process killed by its own exec timeout is not an error: its
+    `ExecResult.timed_out` is true.)"""
+
+
+DeadlineExceededError = TimeoutError  # the earlier name
+
+
+class DataLossError(SandboxError):
+    """Stored state is corrupt (a snapshot failed its integrity check: DATA_LOSS)."""
+
+
+class UnimplementedError(SandboxError):
+    """The server does not implement this call (UNIMPLEMENTED): an older server."""
 
 
 BY_CODE: dict[grpc.StatusCode, type[SandboxError]] = {
@@ -74,10 +141,26 @@ BY_CODE: dict[grpc.StatusCode, type[SandboxError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
     grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }
+BY_REASON: dict[str, type[SandboxError]] = {
+    "SANDBOX_NOT_FOUND": SandboxNotFound,
+    "SNAPSHOT_NOT_FOUND": SnapshotNotFound,
+    "COMMAND_NOT_FOUND": CommandNotFound,
+    "RATE_LIMITED": RateLimitedError,
+}
+
+
+def error_class(code: str, reason: str = "", message: str = "") -> type[SandboxError]:
+    """The exception class for a status `code` (name, e.g. `NOT_FOUND`) and ErrorInfo `reason`."""
+    if reason in BY_REASON:
+        return BY_REASON[reason]
+    if code == "NOT_FOUND" and reason in ("", "NOT_FOUND") and message.endswith(": command not found"):
+        return CommandNotFound  # a server from before COMMAND_NOT_FOUND: the guest agent's own words
+    status = getattr(grpc.StatusCode, code, None)
+    return BY_CODE.get(status, SandboxError) if status is not None else SandboxError
 
 
 def from_rpc_error(error: Any) -> SandboxError:
@@ -94,5 +177,6 @@ def from_rpc_error(error: Any) -> SandboxError:
             reason, metadata = info.reason, dict(info.metadata)
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
-    cls = RateLimitedError if reason == "RATE_LIMITED" else BY_CODE.get(code, SandboxError)
-    return cls(error.details() or code.name, code=code.name, reason=reason, metadata=metadata, retry_after=retry_after)
+    message = error.details() or code.name
+    cls = error_class(code.name, reason, message)
+    return cls(message, code=code.name, reason=reason, metadata=metadata, retry_after=retry_after)

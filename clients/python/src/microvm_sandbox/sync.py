@@ -1,28 +1,42 @@
 """The synchronous SDK: the async one run on a private event loop, so both behave the same.
 
-with Sandbox.create(template="default") as sb:
-    print(sb.exec(["echo", "hi"]).stdout)
+    with Sandbox.create(template="default", envs={"MODE": "test"}) as sb:
+        print(sb.exec(["echo", "hi"]).stdout)
+
+`Sandbox` mirrors `AsyncSandbox` method for method (same arguments, same errors), without `await`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from microvm.sandbox.v1 import sandbox_pb2
+from microvm_sandbox import languages
 from microvm_sandbox.aio import (
     AsyncClient,
+    AsyncExecStream,
     AsyncSandbox,
+    AsyncSnapshot,
+    OutputCallback,
+    list_sandboxes,
+    list_snapshots,
+)
+from microvm_sandbox.errors import SandboxError
+from microvm_sandbox.models import (
     ConsoleOutput,
     ExecEvent,
     ExecResult,
+    Exited,
     FileEntry,
-    Snapshot,
-    list_sandboxes,
-    list_snapshots,
+    SandboxInfo,
+    SnapshotInfo,
+    Stderr,
+    Stdout,
 )
 
 T = TypeVar("T")
@@ -36,7 +50,8 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="microvm-sandbox-sdk", daemon=True).start()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="microvm-sandbox-sdk", daemon=True)
+        self.thread.start()
 
     @classmethod
     def shared(cls) -> _Loop:
@@ -51,8 +66,19 @@ class _Loop:
 
         return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
 
+    def soon(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Runs `coroutine` without waiting for it (from any thread, the loop's own included)."""
+        if threading.current_thread() is self.thread:
+            self.loop.create_task(coroutine)
+        else:
+            asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
 
 class Client:
+    """A connection to the gateway (see `AsyncClient`): pass it as `client=` to share one connection between
+    sandboxes. `address` defaults to $MVM_GATEWAY or 127.0.0.1:50051, `api_key` to $MVM_API_KEY or the state
+    dir's admin key, `timeout` is each call's deadline in seconds."""
+
     def __init__(self, address: str | None = None, api_key: str | None = None, timeout: float = 120.0) -> None:
         self._loop = _Loop.shared()
 
@@ -62,28 +88,152 @@ class Client:
         self.aio = self._loop.run(make())
 
     def list_sandboxes(self, label_filter: dict[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
+        """Every sandbox of the caller's tenant, newest first, with all labels of `label_filter` (messages)."""
         return self._loop.run(list_sandboxes(self.aio, label_filter))
 
     def list_snapshots(self, source_sandbox: str = "") -> list[sandbox_pb2.Snapshot]:
+        """Every snapshot of the caller's tenant, oldest first; only `source_sandbox`'s when given (messages)."""
         return self._loop.run(list_snapshots(self.aio, source_sandbox))
 
+    def get_snapshot(self, snapshot: SnapshotInfo | str) -> Snapshot:
+        """One snapshot by id or name. SnapshotNotFound when it does not exist."""
+        return Snapshot.wrap(self._loop.run(self.aio.get_snapshot(snapshot)))
+
+    def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
+        """Deletes a snapshot (sandboxes restored from it keep running). SnapshotNotFound when it is gone."""
+        self._loop.run(self.aio.delete_snapshot(snapshot))
+
     def close(self) -> None:
+        """Closes the connection."""
         self._loop.run(self.aio.close())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Snapshot(SnapshotInfo):
+    """A snapshot you can `restore()` into new sandboxes or `delete()`."""
+
+    _inner: AsyncSnapshot | None = None
+
+    @classmethod
+    def wrap(cls, inner: AsyncSnapshot) -> Snapshot:
+        """The sync view of an AsyncSnapshot."""
+        snapshot = cls(**{name: getattr(inner, name) for name in SnapshotInfo.__dataclass_fields__})
+        snapshot._inner = inner
+        return snapshot
+
+    def _async(self) -> AsyncSnapshot:
+        if self._inner is None:
+            raise SandboxError("this snapshot is bound to no client", code="FAILED_PRECONDITION")
+        return self._inner
+
+    def delete(self) -> None:
+        """Deletes the snapshot; sandboxes restored from it keep running. SnapshotNotFound when it is gone."""
+        _Loop.shared().run(self._async().delete())
+
+    def restore(
+        self,
+        *,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
+    ) -> Sandbox:
+        """A new sandbox from this snapshot, as `Sandbox.restore(snapshot, ...)` makes it."""
+        inner = self._async().restore(
+            timeout=timeout, labels=labels, egress=egress, allow=allow, node_selector=node_selector
+        )
+        return Sandbox(_Loop.shared().run(inner))
+
+
+class ExecStream:
+    """The events of one running process (see `AsyncExecStream`), for a plain `for` loop. Stopping early
+    (break, `close()`, leaving `with`, or garbage collection) cancels the call and the server kills the process."""
+
+    def __init__(self, inner: AsyncExecStream) -> None:
+        self._inner = inner
+        self._loop = _Loop.shared()
+        self._closed = False
+
+    def __iter__(self) -> ExecStream:
+        return self
+
+    def __next__(self) -> ExecEvent:
+        if self._closed:
+            raise StopIteration
+        try:
+            return self._loop.run(self._inner.__anext__())
+        except StopAsyncIteration:
+            self._closed = True
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stops the stream; the server kills the process if it still runs. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._loop.soon(self._inner.aclose())
+
+    def __enter__(self) -> ExecStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _client(client: Client | None) -> AsyncClient | None:
+    return client.aio if client else None
 
 
 class Sandbox:
+    """A running sandbox: a disposable Linux microVM (the sync twin of `AsyncSandbox`). Make one with
+    `create()`, `connect()` or `restore()`; `kill()` (or leaving `with`) deletes it."""
+
     def __init__(self, inner: AsyncSandbox) -> None:
         self.aio = inner
         self._loop = _Loop.shared()
 
     @property
     def name(self) -> str:
+        """The resource name, `sandboxes/{id}`."""
         return self.aio.name
 
     @property
     def id(self) -> str:
+        """The sandbox id (what `mvm` and `connect()` take)."""
         return self.aio.id
 
+    @property
+    def state(self) -> str:
+        """The state when last seen (`RUNNING`, `PAUSED`, ...)."""
+        return self.aio.state
+
+    @property
+    def ip_address(self) -> str:
+        """The guest's address on its node's bridge (empty where networking is off)."""
+        return self.aio.ip_address
+
+    @property
+    def source_snapshot(self) -> str:
+        """The snapshot id this sandbox was restored or forked from; empty for a fresh one."""
+        return self.aio.source_snapshot
+
+    @property
+    def message(self) -> sandbox_pb2.Sandbox:
+        """The server's last description of the sandbox."""
+        return self.aio.message
+
+    # --- making and finding sandboxes -----------------------------------------------------------------
     @classmethod
     def create(
         cls,
@@ -93,13 +243,18 @@ class Sandbox:
         vcpus: int = 1,
         memory_mib: int = 256,
         labels: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
         egress: str | None = None,
         allow: Sequence[str] = (),
         node_selector: dict[str, str] | None = None,
+        sandbox_id: str = "",
         client: Client | None = None,
-        **connect: Any,
+        address: str | None = None,
+        api_key: str | None = None,
     ) -> Sandbox:
-        loop = _Loop.shared()
+        """A new sandbox, RUNNING when this returns; `with` it to kill it at the end. Arguments as in
+        `AsyncSandbox.create`: template, timeout (seconds), vcpus, memory_mib, labels, envs (environment of
+        every command), egress/allow, node_selector, sandbox_id, and client or address/api_key."""
 
         async def make() -> AsyncSandbox:
             return await AsyncSandbox.create(
@@ -108,83 +263,229 @@ class Sandbox:
                 vcpus=vcpus,
                 memory_mib=memory_mib,
                 labels=labels,
+                envs=envs,
                 egress=egress,
                 allow=allow,
                 node_selector=node_selector,
-                client=client.aio if client else None,
-                **connect,
+                sandbox_id=sandbox_id,
+                client=_client(client),
+                address=address,
+                api_key=api_key,
             )
 
-        return cls(loop.run(make()))
+        return cls(_Loop.shared().run(make()))
 
     @classmethod
-    def connect(cls, sandbox_id: str, client: Client | None = None, **connect: Any) -> Sandbox:
-        return cls(_Loop.shared().run(AsyncSandbox.connect(sandbox_id, client.aio if client else None, **connect)))
+    def connect(
+        cls,
+        sandbox_id: str,
+        client: Client | None = None,
+        *,
+        resume: bool = True,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> Sandbox:
+        """An existing sandbox by id; a PAUSED one is resumed first (resume=False leaves it paused).
+        SandboxNotFound when it does not exist."""
+        inner = AsyncSandbox.connect(sandbox_id, _client(client), resume=resume, address=address, api_key=api_key)
+        return cls(_Loop.shared().run(inner))
 
     @classmethod
-    def restore(cls, snapshot: Snapshot | str, client: Client | None = None, **connect: Any) -> Sandbox:
-        return cls(_Loop.shared().run(AsyncSandbox.restore(snapshot, client.aio if client else None, **connect)))
+    def restore(
+        cls,
+        snapshot: SnapshotInfo | str,
+        client: Client | None = None,
+        *,
+        timeout: float | None = None,
+        labels: dict[str, str] | None = None,
+        egress: str | None = None,
+        allow: Sequence[str] = (),
+        node_selector: dict[str, str] | None = None,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> Sandbox:
+        """A new sandbox from a snapshot (object, id or name), as `AsyncSandbox.restore` makes it."""
+        if isinstance(snapshot, Snapshot) and snapshot._inner is not None and client is None and address is None:
+            return snapshot.restore(
+                timeout=timeout, labels=labels, egress=egress, allow=allow, node_selector=node_selector
+            )
+        inner = AsyncSandbox.restore(
+            snapshot,
+            _client(client),
+            timeout=timeout,
+            labels=labels,
+            egress=egress,
+            allow=allow,
+            node_selector=node_selector,
+            address=address,
+            api_key=api_key,
+        )
+        return cls(_Loop.shared().run(inner))
 
-    def exec(self, command: str | Sequence[str], **options: Any) -> ExecResult:
-        return self._loop.run(self.aio.exec(command, **options))
+    # --- processes ------------------------------------------------------------------------------------
+    def exec_stream(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bytes = b"",
+    ) -> ExecStream:
+        """Runs `command` and yields its events as they happen (see `AsyncSandbox.exec_stream`). Stopping the
+        loop early cancels the call and the server kills the process."""
+        return ExecStream(self.aio.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin))
 
-    def exec_stream(self, command: str | Sequence[str], **options: Any) -> Iterator[ExecEvent]:
-        stream = self.aio.exec_stream(command, **options)
-        while True:
-            try:
-                yield self._loop.run(stream.__anext__())
-            except StopAsyncIteration:
-                return
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bytes = b"",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Runs `command` to its end (see `AsyncSandbox.exec`). on_stdout/on_stderr are called in this thread
+        with each chunk as it arrives."""
+        if on_stdout is None and on_stderr is None:
+            return self._loop.run(self.aio.exec(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin))
+        stdout, stderr = bytearray(), bytearray()
+        with self.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin) as stream:
+            for event in stream:
+                if isinstance(event, Stdout):
+                    stdout += event.data
+                    if on_stdout is not None:
+                        on_stdout(event.data)
+                elif isinstance(event, Stderr):
+                    stderr += event.data
+                    if on_stderr is not None:
+                        on_stderr(event.data)
+                elif isinstance(event, Exited):
+                    return ExecResult(bytes(stdout), bytes(stderr), event.exit_code, event.signal, event.timed_out)
+        raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
 
-    def run_code(self, language: str, code: str, **options: Any) -> ExecResult:
-        return self._loop.run(self.aio.run_code(language, code, **options))
+    def run_code(
+        self,
+        language: str,
+        code: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Runs `code` with the language's interpreter (see `AsyncSandbox.run_code` for the languages).
+        CommandNotFound, naming language and interpreter, when the interpreter is not installed."""
+        lang = languages.language(language)
+        result = self.exec(
+            languages.argv(lang, code),
+            env=env,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+        return languages.checked(lang, result)
 
-    def write(self, path: str, data: bytes | str, **options: Any) -> None:
-        self._loop.run(self.aio.write(path, data, **options))
+    # --- files ----------------------------------------------------------------------------------------
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> None:
+        """Writes `data` (str is UTF-8 encoded) to the absolute `path`, replacing the file."""
+        self._loop.run(self.aio.write(path, data, mode=mode, make_parents=make_parents))
 
     def read(self, path: str) -> bytes:
+        """The whole file at the absolute `path`. NotFoundError when it does not exist."""
         return self._loop.run(self.aio.read(path))
 
     def upload(self, local: str | Path, remote: str) -> None:
+        """Copies the local file `local` to `remote` in the sandbox."""
         self._loop.run(self.aio.upload(local, remote))
 
     def download(self, remote: str, local: str | Path) -> None:
+        """Copies `remote` in the sandbox to the local file `local`."""
         self._loop.run(self.aio.download(remote, local))
 
-    def ls(self, path: str = "/") -> list[FileEntry]:
+    def ls(self, path: str = "/") -> builtins.list[FileEntry]:
+        """The entries of the directory `path`."""
         return self._loop.run(self.aio.ls(path))
 
     def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:
+        """The sandbox's serial console: the newest `tail_bytes`, or `length` bytes from `offset`."""
         return self._loop.run(self.aio.read_console_log(tail_bytes=tail_bytes, offset=offset, length=length))
 
+    # --- snapshots and forks --------------------------------------------------------------------------
     def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
-        return self._loop.run(self.aio.snapshot(labels, ttl))
+        """Freezes memory, processes and disk into a snapshot, kept until deleted or `ttl` seconds."""
+        return Snapshot.wrap(self._loop.run(self.aio.snapshot(labels, ttl)))
 
-    def fork(self, count: int = 1) -> list[Sandbox]:
-        return [Sandbox(clone) for clone in self._loop.run(self.aio.fork(count))]
+    def list_snapshots(self) -> builtins.list[Snapshot]:
+        """This sandbox's snapshots, oldest first."""
+        return [Snapshot.wrap(s) for s in self._loop.run(self.aio.list_snapshots())]
 
-    @property
-    def ip_address(self) -> str:
-        return self.aio.ip_address
+    def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
+        """Deletes a snapshot (object, id or name) with this sandbox's connection."""
+        self._loop.run(self.aio.delete_snapshot(snapshot))
 
+    def fork(
+        self, count: int = 1, *, labels: dict[str, str] | None = None, keep_snapshot: bool = False
+    ) -> builtins.list[Sandbox]:
+        """`count` independent running copies (see `AsyncSandbox.fork`); the snapshot they come from is
+        deleted unless keep_snapshot=True."""
+        clones = self._loop.run(self.aio.fork(count, labels=labels, keep_snapshot=keep_snapshot))
+        return [Sandbox(clone) for clone in clones]
+
+    # --- network --------------------------------------------------------------------------------------
     def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
+        """Replaces the outbound policy at once."""
         self._loop.run(self.aio.set_egress(egress, allow))
 
     def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
+        """Makes `guest_port` reachable on the sandbox's node; returns the mapping."""
         return self._loop.run(self.aio.expose_port(guest_port, host_port, host_address))
 
     def unexpose_port(
         self, guest_port: int, host_port: int = 0, host_address: str = ""
-    ) -> list[sandbox_pb2.ExposedPort]:
+    ) -> builtins.list[sandbox_pb2.ExposedPort]:
+        """Stops exposing `guest_port`; returns the mappings removed. NotFoundError when nothing matches."""
         return self._loop.run(self.aio.unexpose_port(guest_port, host_port, host_address))
 
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def set_timeout(self, seconds: float) -> None:
+        """The sandbox is now deleted `seconds` from now."""
+        self._loop.run(self.aio.set_timeout(seconds))
+
+    def set_labels(self, labels: dict[str, str]) -> None:
+        """Replaces the sandbox's labels."""
+        self._loop.run(self.aio.set_labels(labels))
+
     def pause(self) -> None:
+        """Stops the guest's vCPUs, keeping its memory. `resume()` continues."""
         self._loop.run(self.aio.pause())
 
     def resume(self) -> None:
+        """Continues a paused sandbox where it stopped."""
         self._loop.run(self.aio.resume())
 
+    def refresh(self) -> sandbox_pb2.Sandbox:
+        """Asks the server for the sandbox again and returns its message."""
+        return self._loop.run(self.aio.refresh())
+
+    def get_info(self) -> SandboxInfo:
+        """The sandbox as the server sees it now: state, labels, env, times, size, node, address."""
+        return self._loop.run(self.aio.get_info())
+
+    def is_running(self) -> bool:
+        """True when the sandbox exists and is RUNNING."""
+        return self._loop.run(self.aio.is_running())
+
     def kill(self) -> None:
+        """Deletes the sandbox and everything it holds. A second kill is a no-op."""
         self._loop.run(self.aio.kill())
 
     def __enter__(self) -> Sandbox:
@@ -192,3 +493,21 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self.state}>"
+
+    @classmethod
+    def list(
+        cls,
+        *,
+        state: str | None = None,
+        labels: dict[str, str] | None = None,
+        client: Client | None = None,
+        address: str | None = None,
+        api_key: str | None = None,
+    ) -> builtins.list[SandboxInfo]:
+        """The caller's sandboxes, newest first: only those in `state` (`running`, `paused`, ...) and with all
+        of `labels` when given."""
+        inner = AsyncSandbox.list(state=state, labels=labels, client=_client(client), address=address, api_key=api_key)
+        return _Loop.shared().run(inner)
