@@ -16,7 +16,7 @@ What the test provides, as `make up` and an activated venv (`. .venv/bin/activat
   `MVM_STATE_DIR` pointing there too; no `MVM_API_KEY` (blocks set it or the SDK reads the key file);
 - `MVM_GATEWAY` (gRPC) and `MVM_HTTP` (HTTP/JSON base URL): the test stack listens on free ports, not on
   `make up`'s 127.0.0.1:50051 and :8080, so blocks write `${MVM_GATEWAY:-127.0.0.1:50051}` and
-  `${MVM_HTTP:-http://127.0.0.1:8080}`;
+  `${MVM_HTTP:-http://127.0.0.1:8080}`; likewise `MVM_ETCD_ENDPOINTS` (etcd, not on 127.0.0.1:2379);
 - the venv's `bin` first on PATH (`mvm`, `grpcurl`, `python`).
 A block must exit 0 and print something.
 """
@@ -123,6 +123,7 @@ def environment(stack, home: Path) -> dict[str, str]:
         MVM_STATE_DIR=str(stack.state_dir),
         MVM_GATEWAY=stack.gateway_address,
         MVM_HTTP="http://" + config["gateway"]["http_listen"],
+        MVM_ETCD_ENDPOINTS=stack.etcd_endpoint,
         PATH=f"{venv_bin}:{os.environ['PATH']}",
         VIRTUAL_ENV=str(Path(venv_bin).parent),
         # npm keeps its cache under HOME: keep the real one, so `npm ci` needs no network.
