@@ -135,11 +135,16 @@ class RelaySettings(ServiceSettings):
     heartbeat_timeout_seconds: float = 30.0
     stream_buffer_mib: int = 8
     channel_buffer_mib: int = 64
+    # Seconds between syncs of every guest's wall clock with the host's (also done on connect, restore and
+    # resume); 0: only those.
+    clock_sync_seconds: float = 60.0
 
     def validate(self) -> None:
         super().validate()
         if not 0 < self.connect_timeout_seconds <= 600:
             raise ConfigError("relay.connect_timeout_seconds must be between 0 and 600")
+        if not 0 <= self.clock_sync_seconds <= 86400:
+            raise ConfigError("relay.clock_sync_seconds must be between 0 (off) and 86400")
         if (
             self.junk_frames_per_10s < 1
             or self.frame_timeout_seconds <= 0

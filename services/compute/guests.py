@@ -84,6 +84,9 @@ class GuestLink:
             "SetGuestIdentity", relay_pb2.SetGuestIdentityRequest(vm_id=vm_id, hostname=hostname), deadlines.GUEST
         )
 
+    async def sync_clock(self, vm_id: str) -> relay_pb2.SyncGuestClockResponse:
+        return await self._call("SyncGuestClock", relay_pb2.SyncGuestClockRequest(vm_id=vm_id), deadlines.GUEST)
+
     async def run(self, vm_id: str, argv: list[str], timeout: float) -> int:
         reply = await self._call(
             "RunCommand",

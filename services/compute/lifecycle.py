@@ -317,4 +317,10 @@ class VmLifecycle:
             await (self.driver.pause if paused else self.driver.resume)(Path(vm.directory))
             vm.state = wanted
             await self.ledger.save(vm)
-            return vm
+        if not paused:
+            # Its clock stood still while it was paused. Resumed all the same if the guest does not answer yet.
+            try:
+                await self.guests.sync_clock(vm_id)
+            except (grpc.aio.AioRpcError, ServiceError) as exc:
+                log.warning("guest_clock_not_synced_after_resume", vm=vm_id, error=str(exc))
+        return vm

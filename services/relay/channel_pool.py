@@ -21,12 +21,15 @@ class ChannelPool:
         connect_timeout: float,
         limits: ChannelLimits | None = None,
         on_violation: Callable[[AgentTarget, str], Awaitable[None]] | None = None,
+        on_connected: Callable[[AgentChannel], Awaitable[None]] | None = None,
     ) -> None:
         self._channels: dict[tuple[str, int], AgentChannel] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._connect_timeout = connect_timeout
         self.limits = limits or ChannelLimits()
         self._on_violation = on_violation
+        # Run on every new connection before any call uses it (the guest's clock is set there).
+        self._on_connected = on_connected
         # (endpoint, generation) -> why the guest lost its channel.
         self.quarantined: dict[tuple[tuple[str, int], int], str] = {}
 
@@ -74,8 +77,13 @@ class ChannelPool:
                             reason="AGENT_UNAVAILABLE",
                         ) from None
                     await asyncio.sleep(0.05)
+            if self._on_connected is not None:
+                await self._on_connected(channel)
             self._channels[target.endpoint] = channel
             return channel
+
+    def open_channels(self) -> list[AgentChannel]:
+        return [channel for channel in self._channels.values() if not channel.is_closed]
 
     async def close(self, target: AgentTarget) -> None:
         channel = self._channels.pop(target.endpoint, None)

@@ -9,6 +9,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.relay.v1 import relay_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
 from services.relay.channel_pool import ChannelPool
+from services.relay.guest_clock import sync_clock, sync_quietly
 from services.relay.vms import NodeVms
 
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
@@ -72,6 +73,15 @@ class GuestControl:
             agent_pb2.Frame(stream_id=0, set_identity=agent_pb2.SetIdentity(hostname=hostname, entropy=os.urandom(64)))
         )
         await channel.ping(self.default_timeout)  # ordered after the identity change
+        # A restored guest (a pooled create, a restore, a fork) has the time of its snapshot.
+        await sync_quietly(channel, self.default_timeout)
+
+    async def sync_clock(self, vm_id: str) -> relay_pb2.SyncGuestClockResponse:
+        channel = await self.pool.get(await self.vms.target(vm_id, running=False))
+        before, after = await sync_clock(channel, self.default_timeout)
+        return relay_pb2.SyncGuestClockResponse(
+            offset_before_ns=before.offset_ns, offset_after_ns=after.offset_ns, round_trip_ns=after.round_trip_ns
+        )
 
     async def run(self, vm_id: str, argv: list[str], timeout_ms: int) -> int:
         if not argv:

@@ -17,6 +17,7 @@ from services.common.settings import RelaySettings
 from services.relay.agent_channel import AgentStream, AgentTarget
 from services.relay.channel_pool import ChannelPool
 from services.relay.files import GuestFiles
+from services.relay.guest_clock import sync_all, sync_quietly
 from services.relay.guest_control import GuestControl
 from services.relay.processes import GuestProcesses
 from services.relay.vms import NodeVms, target_of
@@ -80,13 +81,22 @@ class GuestControlServicer(relay_pb2_grpc.GuestControlServiceServicer):
         await self.control.close(request.vm_id)
         return relay_pb2.CloseChannelResponse()
 
+    async def SyncGuestClock(self, request, context):
+        return await self.control.sync_clock(request.vm_id)
+
 
 class NodeRelay:
     """The node's channels and VM records, and the stream opener both servicers use."""
 
     def __init__(self, etcd, node: str, settings: RelaySettings) -> None:
         self.records, self.node = Records(etcd), node
-        self.pool = ChannelPool(settings.connect_timeout_seconds, settings.limits(), on_violation=self.record_incident)
+        self.settings = settings
+        self.pool = ChannelPool(
+            settings.connect_timeout_seconds,
+            settings.limits(),
+            on_violation=self.record_incident,
+            on_connected=lambda channel: sync_quietly(channel, settings.connect_timeout_seconds),
+        )
         self.vms = NodeVms(etcd, node, on_removed=self.forget)
         self.control = GuestControl(self.vms, self.pool, settings.connect_timeout_seconds)
         self.processes = GuestProcesses(self.open_stream)
@@ -105,6 +115,9 @@ class NodeRelay:
         self.pool.quarantined = {k: v for k, v in self.pool.quarantined.items() if k[0] != target.endpoint}
         await self.records.delete(CHANNEL_INCIDENTS, self.node, vm.id)
 
+    async def sync_clocks(self) -> None:
+        await sync_all(self.pool.open_channels(), self.settings.connect_timeout_seconds)
+
     async def open_stream(self, vm_id: str) -> AgentStream:
         channel = await self.pool.get(await self.vms.target(vm_id))
         return channel.open_stream()
@@ -118,6 +131,8 @@ async def wire(server, context: ServiceContext[RelaySettings]) -> list[str]:
     relay = NodeRelay(context.etcd, context.common.node, context.settings)
     await relay.vms.open()
     context.on_shutdown.append(relay.close)
+    if context.settings.clock_sync_seconds:
+        context.every(context.settings.clock_sync_seconds, relay.sync_clocks, "guest-clocks")
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
         DataPlaneServicer(relay.processes, relay.files), server
     )

@@ -7,7 +7,7 @@ It says Hello and answers pings like the real agent, then does what `mode` says:
 - `half-frame`: sends the first half of a 2 MiB frame and then nothing at all (pings unanswered too);
 - `restart`: answers an exec with `exec_started`, then says Hello again (an agent that restarted);
 - `overflow`: answers an exec with output far beyond the credit it was granted;
-- `silent`: stops answering pings after the first one.
+- `silent`: answers pings (with the right time) until a call starts, then never again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 
 from microvm.agent.v1 import agent_pb2
 from microvm_agent.framing import HEADER, FrameDecoder, encode
@@ -52,6 +53,7 @@ class HostileGuest:
         if self.mode == "half-frame":  # begins a frame at once and never finishes it, nor answers anything
             self._misbehave(writer)
         pongs = 0
+        silenced = False
         decoder = FrameDecoder()
         while data := await reader.read(1 << 16):
             for body in decoder.feed(data):
@@ -59,13 +61,16 @@ class HostileGuest:
                 kind = frame.WhichOneof("body")
                 if kind == "ping":
                     pongs += 1
-                    if self.mode in ("half-frame",) or (self.mode == "silent" and pongs > 2):
+                    if self.mode == "half-frame" or silenced:
                         continue
-                    writer.write(encode(agent_pb2.Frame(stream_id=0, pong=agent_pb2.Pong(nonce=frame.ping.nonce))))
+                    pong = agent_pb2.Pong(nonce=frame.ping.nonce, unix_time_ns=time.time_ns())
+                    writer.write(encode(agent_pb2.Frame(stream_id=0, pong=pong)))
                     await writer.drain()
                     if pongs == 1:
                         self._misbehave(writer)
                 elif kind == "exec_start":
+                    if self.mode == "silent":
+                        silenced = True
                     await self._answer_exec(frame.stream_id, writer)
 
     def _misbehave(self, writer: asyncio.StreamWriter) -> None:

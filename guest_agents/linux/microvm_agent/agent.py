@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 
 from microvm.agent.v1 import agent_pb2
@@ -36,6 +37,9 @@ class Agent:
         # On a host standing in for a guest: identity and network changes are recorded, never applied.
         self.simulated = simulated
         self.simulated_hostname = "simulated-guest"
+        # Not the guest's init (simulated, or an agent run on a host in tests): the clock the host set is kept as
+        # an offset from this machine's own, which is never changed.
+        self.simulated_clock_offset_ns = 0
         # Simulated in a UTS namespace of its own (`unshare --uts`): it may set the host name it lives in.
         self.own_uts = False
         self.boot_id = uuid.uuid4().hex
@@ -88,10 +92,13 @@ class Agent:
                     mem_available_kib=available,
                     boot_id=self.boot_id,
                     hostname=self.hostname,
+                    unix_time_ns=time.time_ns() + self.simulated_clock_offset_ns,
                 ),
             )
         elif kind == "set_identity":
             self._set_identity(frame.set_identity)
+        elif kind == "set_clock":
+            self._set_clock(frame.set_clock.unix_time_ns)
         elif kind == "shutdown":
             if self.is_init:
                 system.power_off()
@@ -190,6 +197,15 @@ class Agent:
                 system.add_entropy(identity.entropy)
         except OSError as exc:
             self.send_error(0, INTERNAL, f"set identity: {exc}")
+
+    def _set_clock(self, unix_time_ns: int) -> None:
+        if not self.is_init:
+            self.simulated_clock_offset_ns = unix_time_ns - time.time_ns()
+            return
+        try:
+            time.clock_settime_ns(time.CLOCK_REALTIME, unix_time_ns)
+        except (OSError, OverflowError) as exc:
+            self.send_error(0, INVALID_ARGUMENT, f"set clock: {exc}")
 
     # --- the channel -----------------------------------------------------------------------------
     async def serve(self, transport) -> None:
