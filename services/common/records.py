@@ -125,6 +125,7 @@ NODE_CONTROLS = RecordKind("/microvm/node-controls/{node}", node_pb2.NodeControl
 PLACEMENTS = RecordKind("/microvm/placements/{node}", sandbox_pb2.PlacementGuard, "gateway")
 TENANT_GUARDS = RecordKind("/microvm/tenant-placements/{tenant}", sandbox_pb2.PlacementGuard, "gateway")
 SANDBOXES = RecordKind("/microvm/sandboxes/{sandbox}", sandbox_pb2.SandboxRecord, "gateway", legacy.sandbox)
+SANDBOX_TOMBSTONES = RecordKind("/microvm/sandbox-tombstones/{sandbox}", sandbox_pb2.SandboxTombstone, "gateway")
 VMS = RecordKind("/microvm/vms/{node}/{vm}", vm_pb2.VmRecord, "compute of the node", legacy.vm)
 CHANNEL_INCIDENTS = RecordKind("/microvm/channel-incidents/{node}/{vm}", vm_pb2.ChannelIncident, "relay of the node")
 SNAPSHOTS = RecordKind("/microvm/snapshots/{snapshot}", snapshot_pb2.SnapshotRecord, "snapshot", legacy.snapshot)
@@ -169,6 +170,7 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     PLACEMENTS,
     TENANT_GUARDS,
     SANDBOXES,
+    SANDBOX_TOMBSTONES,
     VMS,
     CHANNEL_INCIDENTS,
     SNAPSHOTS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 
 from google.protobuf.message import Message
 
@@ -16,10 +17,11 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from services.common.records import CHANNEL_INCIDENTS, SANDBOXES, VMS, Records, Stored
+from services.common.records import CHANNEL_INCIDENTS, SANDBOX_TOMBSTONES, SANDBOXES, VMS, Records, Stored
 from services.gateway.access import current_tenant
 
 SandboxRecord = sandbox_types.SandboxRecord
+SandboxTombstone = sandbox_types.SandboxTombstone
 SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RUNNING = sandbox_types.SANDBOX_RECORD_STATE_RUNNING
 PAUSED = sandbox_types.SANDBOX_RECORD_STATE_PAUSED
@@ -157,8 +159,21 @@ class SandboxStore:
             if stored is not None and tenant is not None and (stored.message.tenant != tenant or stored.message.name):
                 stored = None
         if stored is None:
-            raise not_found(name)
+            raise await self.gone(tenant, name)
         return stored
+
+    async def gone(self, tenant: str | None, name: str) -> NotFound:
+        """NOT_FOUND for `name`, saying what became of it if it was the caller's and ended within a day."""
+        tombstone = await self.records.get(SANDBOX_TOMBSTONES, sandbox_key(tenant, name)) if tenant else None
+        if tombstone is None or tombstone.message.tenant != tenant:
+            return not_found(name)
+        ended, at = tombstone.message.ended, tombstone.message.end_time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+        what = "its timeout ran out and it was deleted" if ended == "expired" else "it was deleted"
+        return NotFound(
+            f"sandbox {name} no longer exists: {what} at {at}",
+            reason="SANDBOX_NOT_FOUND",
+            metadata={"sandbox": f"sandboxes/{name}", "ended": ended, "end_time": at},
+        )
 
     async def get_by_id(self, sandbox_id: str) -> Stored[SandboxRecord]:
         """Any tenant's sandbox by its cluster id (node administration, the reaper); NOT_FOUND when gone."""
@@ -173,8 +188,26 @@ class SandboxStore:
         tenant = None if every_tenant else (tenant or current_tenant())
         return [s.message for s in await self.records.list(SANDBOXES) if tenant is None or s.message.tenant == tenant]
 
-    async def delete(self, record: SandboxRecord) -> None:
-        await self.records.delete(SANDBOXES, record.id)
+    async def delete(self, record: SandboxRecord, ended: str = "deleted") -> None:
+        """Deletes the record and leaves its tombstone (`ended`: deleted or expired), in one transaction."""
+        tombstone = SandboxTombstone(tenant=record.tenant, name=name_of(record), ended=ended)
+        tombstone.end_time.GetCurrentTime()
+        await self.records.transaction(
+            compare=[],
+            success=[
+                self.records.delete_op(SANDBOXES, record.id),
+                self.records.put_op(SANDBOX_TOMBSTONES, tombstone, record.id),
+            ],
+        )
+
+    async def sweep_tombstones(self, older_than_seconds: float) -> int:
+        cutoff = time.time() - older_than_seconds
+        swept = 0
+        for stored in await self.records.list(SANDBOX_TOMBSTONES):
+            if stored.message.end_time.ToSeconds() < cutoff:
+                await self.records.delete(SANDBOX_TOMBSTONES, *stored.parts)
+                swept += 1
+        return swept
 
     async def change(self, record: SandboxRecord, mutate, expect_states=None) -> SandboxRecord:
         """Reads `record` again, applies `mutate(record)` and writes it back only if nobody changed it meanwhile

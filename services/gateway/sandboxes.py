@@ -52,6 +52,8 @@ DELETING = sandbox_types.SANDBOX_RECORD_STATE_DELETING
 # The longest a gateway works on a create (a restore from a snapshot) and a margin: a record CREATING for longer
 # than this was left by a gateway that died.
 ABANDONED_CREATE_SECONDS = max(deadlines.VM_START, deadlines.SNAPSHOT) + 60
+# How long a call naming a deleted sandbox is told what became of it.
+TOMBSTONE_SECONDS = 86400.0
 LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
 
 
@@ -351,7 +353,7 @@ class Sandboxes:
     async def delete(self, name: str) -> None:
         await self.destroy(await self.store.get(parse_name(name)))
 
-    async def destroy(self, record: SandboxRecord) -> None:
+    async def destroy(self, record: SandboxRecord, ended: str = "deleted") -> None:
         """Frees everything a sandbox holds; the record goes last (deleting it releases the tenant's quota), so a
         failure can be retried. A sandbox whose node is lost goes all the same: that node's compute deletes the VM
         when it returns and finds no sandbox naming it (compute.orphan_grace_seconds)."""
@@ -365,8 +367,13 @@ class Sandboxes:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-        await self.store.delete(record)
-        log.info("sandbox_deleted", sandbox=record.id)
+        await self.store.delete(record, ended)
+        log.info("sandbox_deleted", sandbox=record.id, ended=ended)
+
+    async def sweep_tombstones(self) -> None:
+        """Forgets what became of sandboxes gone for more than TOMBSTONE_SECONDS."""
+        if swept := await self.store.sweep_tombstones(TOMBSTONE_SECONDS):
+            log.info("sandbox_tombstones_swept", count=swept)
 
     async def reap_expired(self) -> None:
         """Deletes sandboxes whose timeout passed, retries deletions that failed, and takes creates whose gateway
@@ -384,7 +391,7 @@ class Sandboxes:
             if record.state == sandbox_types.SANDBOX_RECORD_STATE_MIGRATING:
                 continue  # the drain that moves it owns it until it lands
             try:
-                await self.destroy(record)
+                await self.destroy(record, "expired" if record.expire_time.ToSeconds() <= now else "deleted")
                 log.info("sandbox_expired", sandbox=record.id)
             except (ServiceError, grpc.aio.AioRpcError) as exc:
                 log.warning("sandbox_reap_failed", sandbox=record.id, error=str(exc))

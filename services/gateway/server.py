@@ -62,6 +62,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     )
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
+    context.every(300, gateway.sandboxes.sweep_tombstones, "tombstone-sweeper")
 
     # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:
