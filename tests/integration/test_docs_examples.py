@@ -107,6 +107,22 @@ def test_every_block_says_whether_it_runs():
     assert not problems, "\n".join(problems)
 
 
+def test_http_api_doc_lists_every_route():
+    """docs/http-api.md's route table has a row for every HTTP route the gateway serves, and no other."""
+    from services.gateway.http import routes
+
+    def readable(template: str) -> str:  # /v1/{name=sandboxes/*}:pause -> /v1/sandboxes/{id}:pause
+        return re.sub(
+            r"\{[a-z_.]+=([a-z]+)/\*\}", lambda m: f"{m[1]}/{{{'node' if m[1] == 'nodes' else 'id'}}}", template
+        )
+
+    served = {(route.verb, readable(route.template), route.method.name) for route in routes()}
+    rows = re.findall(
+        r"^\| (GET|POST|PATCH|DELETE) \| `([^`]+)` \| (\w+)", (REPO / "docs/http-api.md").read_text(), re.M
+    )
+    assert set(rows) == served, f"missing: {sorted(served - set(rows))}; not served: {sorted(set(rows) - served)}"
+
+
 @pytest.fixture(scope="session")
 def docs_home(stack, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("docs-home")
