@@ -42,6 +42,13 @@ def check_removable(path: str) -> None:
         raise InvalidArgument(f"refusing to remove the guest's root ({path!r})", reason="INVALID_PATH")
 
 
+def check_rename(source: str, destination: str) -> None:
+    """Rename: two absolute paths, neither the root."""
+    for path, field in ((source, "source"), (destination, "destination")):
+        if check_path(path, field) == "/":
+            raise InvalidArgument(f"{field} must not be the guest's root", reason="INVALID_PATH")
+
+
 def check_terminal(cols: int, rows: int) -> None:
     if not (0 <= cols <= MAX_TERMINAL and 0 <= rows <= MAX_TERMINAL):
         raise InvalidArgument(

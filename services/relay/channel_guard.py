@@ -62,4 +62,6 @@ def data_size(frame) -> int:
         return len(frame.output.data)
     if kind == "file_data":
         return len(frame.file_data.data)
+    if kind == "watch_events":  # sent within credit like file data, counted by size
+        return frame.watch_events.ByteSize()
     return 0

@@ -1,4 +1,4 @@
-"""GuestFiles: WriteFile, ReadFile, ListDir, Stat, MakeDir and Remove on a guest's agent channel.
+"""GuestFiles: WriteFile, ReadFile, ListDir, Stat, MakeDir, Remove and Rename on a guest's agent channel.
 
 Writes go out only within the agent's credit (its buffer stays bounded by its window); reads grant credit
 back as gRPC takes each chunk. Paths are the guest's: the agent checks them.
@@ -12,7 +12,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
-from services.common.validation import check_mode, check_path, check_range, check_removable
+from services.common.validation import check_mode, check_path, check_range, check_removable, check_rename
 from services.relay.guest_io import failure, sandbox_id, to_file_info
 
 MAX_CHUNK = 1 << 20
@@ -147,3 +147,13 @@ class GuestFiles:
             request.sandbox, remove=agent_pb2.RemoveRequest(path=request.path, recursive=request.recursive)
         )
         return api.RemoveResponse()
+
+    async def rename(self, request: api.RenameRequest) -> api.RenameResponse:
+        check_rename(request.source, request.destination)
+        result = await self._single(
+            request.sandbox,
+            rename=agent_pb2.RenameRequest(
+                source=request.source, destination=request.destination, overwrite=request.overwrite
+            ),
+        )
+        return api.RenameResponse(file=to_file_info(result.entries[0]))

@@ -58,4 +58,4 @@ def exec_start(process: api.ProcessConfig, has_stdin: bool) -> agent_pb2.ExecSta
 
 
 def failure(frame: agent_pb2.Frame) -> Exception:
-    return error_from_code(frame.error.code, frame.error.message)
+    return error_from_code(frame.error.code, frame.error.message, frame.error.reason or None)

@@ -15,19 +15,29 @@ from services.common.records import CHANNEL_INCIDENTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import RelaySettings
 from services.relay.agent_channel import AgentStream, AgentTarget
+from services.relay.archives import GuestArchives
 from services.relay.channel_pool import ChannelPool
 from services.relay.files import GuestFiles
 from services.relay.guest_clock import sync_all, sync_quietly
 from services.relay.guest_control import GuestControl
 from services.relay.processes import GuestProcesses
 from services.relay.vms import NodeVms, target_of
+from services.relay.watch import GuestWatches
 
 
 class DataPlaneServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     """The exec and file methods of the public API (the others are the gateway's: UNIMPLEMENTED here)."""
 
-    def __init__(self, processes: GuestProcesses, files: GuestFiles) -> None:
+    def __init__(
+        self,
+        processes: GuestProcesses,
+        files: GuestFiles,
+        archives: GuestArchives | None = None,
+        watches: GuestWatches | None = None,
+    ) -> None:
         self.processes, self.files = processes, files
+        self.archives = archives or GuestArchives(files.open_stream)
+        self.watches = watches or GuestWatches(files.open_stream)
 
     async def Exec(self, request, context):
         async for event in self.processes.exec(request):
@@ -55,6 +65,20 @@ class DataPlaneServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
 
     async def Remove(self, request, context):
         return await self.files.remove(request)
+
+    async def Rename(self, request, context):
+        return await self.files.rename(request)
+
+    async def UploadArchive(self, request_iterator, context):
+        return await self.archives.upload(request_iterator)
+
+    async def DownloadArchive(self, request, context):
+        async for chunk in self.archives.download(request):
+            yield chunk
+
+    async def WatchDir(self, request, context):
+        async for event in self.watches.watch(request):
+            yield event
 
 
 class GuestControlServicer(relay_pb2_grpc.GuestControlServiceServicer):

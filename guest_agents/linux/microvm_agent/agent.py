@@ -16,7 +16,7 @@ import time
 import uuid
 
 from microvm.agent.v1 import agent_pb2
-from microvm_agent import system
+from microvm_agent import archives, system, watch
 from microvm_agent.files import FILE_OPERATIONS, FileTransfer
 from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode_parts
 from microvm_agent.processes import Process
@@ -28,6 +28,9 @@ from microvm_agent.streams import (
     PROTOCOL_VERSION,
     StreamError,
 )
+
+# Streams of file transfers beyond read and write: kind of start frame -> the class that serves it.
+FILE_STREAMS = {**archives.FILE_STREAMS, **watch.FILE_STREAMS}
 
 
 class Agent:
@@ -54,8 +57,8 @@ class Agent:
         self._outgoing.put_nowait(header)
         self._outgoing.put_nowait(payload)
 
-    def send_error(self, stream_id: int, code: int, message: str) -> None:
-        self.send(stream_id, error=agent_pb2.Error(code=code, message=message[:4096]))
+    def send_error(self, stream_id: int, code: int, message: str, reason: str = "") -> None:
+        self.send(stream_id, error=agent_pb2.Error(code=code, message=message[:4096], reason=reason))
 
     # --- child processes (the agent may be PID 1: it reaps everything) ----------------------------
     def reap_children(self) -> None:
@@ -105,6 +108,7 @@ class Agent:
         elif (
             kind in ("exec_start", "file_write_start", "file_read_start", "configure_network")
             or kind in FILE_OPERATIONS
+            or kind in FILE_STREAMS
         ):
             if stream_id == 0 or stream_id in self.streams or stream_id in self.tasks:
                 self.send_error(stream_id, INVALID_ARGUMENT, f"stream {stream_id} is already in use")
@@ -114,6 +118,8 @@ class Agent:
                 self.streams[stream_id] = Process(self, stream_id, frame.exec_start)
             elif kind in ("file_write_start", "file_read_start"):
                 self.streams[stream_id] = FileTransfer(self, stream_id)
+            elif kind in FILE_STREAMS:
+                self.streams[stream_id] = FILE_STREAMS[kind](self, stream_id)
             self.tasks[stream_id] = asyncio.create_task(self._run_stream(stream_id, kind, frame))
         elif kind == "cancel":
             self.cancel_stream(stream_id)
@@ -133,6 +139,8 @@ class Agent:
                 await self.streams[stream_id].write(frame.file_write_start)
             elif kind == "file_read_start":
                 await self.streams[stream_id].read(frame.file_read_start)
+            elif kind in FILE_STREAMS:
+                await self.streams[stream_id].run(getattr(frame, kind))
             elif kind == "configure_network":
                 request = frame.configure_network
                 try:
@@ -150,7 +158,7 @@ class Agent:
                 result = FILE_OPERATIONS[kind](getattr(frame, kind))
                 self.send(stream_id, file_result=result)
         except StreamError as exc:
-            self.send_error(stream_id, exc.code, str(exc))
+            self.send_error(stream_id, exc.code, str(exc), exc.reason)
         except asyncio.CancelledError:
             pass
         except Exception as exc:

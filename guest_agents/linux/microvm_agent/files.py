@@ -6,6 +6,7 @@ Paths are the guest's. In host simulation (`--root`, the fake VMM of tests) they
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import shutil
@@ -219,3 +220,49 @@ def remove(request: agent_pb2.RemoveRequest) -> agent_pb2.FileResult:
 
 
 FILE_OPERATIONS = {"stat": stat_path, "list_dir": list_dir, "make_dir": make_dir, "remove": remove}
+
+
+def rename(request: agent_pb2.RenameRequest) -> agent_pb2.FileResult:
+    """rename(2) within one filesystem; without `overwrite` an existing destination is ALREADY_EXISTS (checked, then
+    renamed with RENAME_NOREPLACE where the kernel has it, so a racing creator is not overwritten either)."""
+    source, destination = require_absolute(request.source), require_absolute(request.destination)
+    if real("/") in (source, destination):
+        raise StreamError(INVALID_ARGUMENT, "refusing to rename / or onto /")
+    if destination == source or destination.startswith(source.rstrip("/") + "/"):
+        if os.path.isdir(source) and not os.path.islink(source):
+            raise StreamError(INVALID_ARGUMENT, f"cannot move directory {request.source} into itself")
+    try:
+        os.lstat(source)
+        if not request.overwrite and os.path.lexists(destination):
+            raise StreamError(ALREADY_EXISTS, f"{request.destination} exists (set overwrite to replace it)")
+        if request.overwrite or not _rename_noreplace(source, destination):
+            os.rename(source, destination)
+        return agent_pb2.FileResult(entries=[file_info(destination)])
+    except OSError as exc:
+        raise os_error(exc, request.source if not os.path.lexists(source) else request.destination) from None
+
+
+_RENAME_NOREPLACE = 1
+_libc = None
+
+
+def _rename_noreplace(source: str, destination: str) -> bool:
+    """renameat2(RENAME_NOREPLACE): True when done, False where the kernel or libc lacks it (the caller renames)."""
+    global _libc
+    import ctypes
+
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(_libc, "renameat2", None)
+    if function is None:
+        return False
+    at_fdcwd = -100
+    if function(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(destination), _RENAME_NOREPLACE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(number, os.strerror(number))
+
+
+FILE_OPERATIONS["rename"] = rename

@@ -25,11 +25,11 @@ from microvm_agent.streams import (
     MAX_TERMINAL,
     NOT_FOUND,
     OUTPUT_CHUNK,
-    PERMISSION_DENIED,
     PIPE_BYTES,
     RESOURCE_EXHAUSTED,
     Credit,
     StreamError,
+    os_error,
     read_fd,
     wait_readable,
     write_fd,
@@ -142,10 +142,8 @@ class Process:
                 RESOURCE_EXHAUSTED,
                 f"the sandbox already runs its maximum of {workload.current.max_pids} processes and threads",
             ) from None
-        except FileNotFoundError:
-            raise StreamError(NOT_FOUND, f"{argv[0]}: no such file") from None
-        except PermissionError:
-            raise StreamError(PERMISSION_DENIED, f"{argv[0]}: permission denied") from None
+        except OSError as exc:  # the errno table: ENOENT NOT_FOUND, EACCES PERMISSION_DENIED, ENOEXEC INTERNAL...
+            raise os_error(exc, argv[0]) from None
         finally:
             if start.pty:
                 os.close(slave)

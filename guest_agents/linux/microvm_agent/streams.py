@@ -6,6 +6,21 @@ import asyncio
 import errno
 import os
 
+# Statuses and the errno table live in errnos.py; re-exported here for the streams that import them from here.
+from microvm_agent.errnos import (
+    ALREADY_EXISTS,
+    CANCELLED,
+    FAILED_PRECONDITION,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    OUT_OF_RANGE,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    StreamError,
+    os_error,
+)
+
 PROTOCOL_VERSION = 1
 INITIAL_WINDOW = 1 << 20
 OUTPUT_CHUNK = 1 << 20
@@ -17,42 +32,21 @@ DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 # must not hold the exit event hostage).
 DRAIN_AFTER_EXIT_SECONDS = 0.5
 
-# google.rpc.Code numbers.
-INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED = 3, 5, 6, 7
-FAILED_PRECONDITION, INTERNAL, CANCELLED = 9, 13, 1
-RESOURCE_EXHAUSTED, OUT_OF_RANGE = 8, 11
 MAX_TERMINAL = 65535
 
-
-class StreamError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def os_error(exc: OSError, path: str) -> StreamError:
-    code = {
-        errno.ENOENT: NOT_FOUND,
-        errno.EEXIST: ALREADY_EXISTS,
-        errno.EACCES: PERMISSION_DENIED,
-        errno.EPERM: PERMISSION_DENIED,
-        errno.EISDIR: FAILED_PRECONDITION,
-        errno.ENOTDIR: FAILED_PRECONDITION,
-        errno.ENOTEMPTY: FAILED_PRECONDITION,
-        errno.ENAMETOOLONG: INVALID_ARGUMENT,
-        errno.EINVAL: INVALID_ARGUMENT,
-        errno.ELOOP: FAILED_PRECONDITION,
-        errno.EROFS: FAILED_PRECONDITION,
-        errno.EBUSY: FAILED_PRECONDITION,
-        errno.EXDEV: FAILED_PRECONDITION,
-        errno.ETXTBSY: FAILED_PRECONDITION,
-        errno.ENOSPC: RESOURCE_EXHAUSTED,
-        errno.EDQUOT: RESOURCE_EXHAUSTED,
-        errno.EMFILE: RESOURCE_EXHAUSTED,
-        errno.ENFILE: RESOURCE_EXHAUSTED,
-        errno.EFBIG: OUT_OF_RANGE,
-    }.get(exc.errno, INTERNAL)
-    return StreamError(code, f"{path}: {exc.strerror or exc}")
+__all__ = [
+    "ALREADY_EXISTS",
+    "CANCELLED",
+    "FAILED_PRECONDITION",
+    "INTERNAL",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "OUT_OF_RANGE",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "StreamError",
+    "os_error",
+]
 
 
 class Credit:
