@@ -11,6 +11,7 @@ from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.snapshots import SnapshotOps
+from services.gateway.templates import TemplateCatalog
 
 
 class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
@@ -19,6 +20,7 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     ) -> None:
         self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
         self.console = console
+        self.templates = TemplateCatalog(sandboxes.nodes.context.etcd)
 
     async def CreateSandbox(self, request, context):
         return api.CreateSandboxResponse(sandbox=await self.sandboxes.create(request))
@@ -79,6 +81,20 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     async def Remove(self, request, context):
         return await self.data.unary("Remove", request, context.time_remaining())
 
+    async def Rename(self, request, context):
+        return await self.data.unary("Rename", request, context.time_remaining())
+
+    async def UploadArchive(self, request_iterator, context):
+        return await self.data.upload_archive(request_iterator, context.time_remaining())
+
+    async def DownloadArchive(self, request, context):
+        async for chunk in self.data.download_archive(request, context.time_remaining()):
+            yield chunk
+
+    async def WatchDir(self, request, context):
+        async for event in self.data.watch_dir(request, context.time_remaining()):
+            yield event
+
     async def CreateSnapshot(self, request, context):
         return api.CreateSnapshotResponse(snapshot=await self.snapshots.create(request))
 
@@ -97,6 +113,9 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
 
     async def ForkSandbox(self, request, context):
         return await self.snapshots.fork(request)
+
+    async def ListTemplates(self, request, context):
+        return await self.templates.list(request)
 
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):

@@ -1,0 +1,52 @@
+"""TemplateCatalog: the templates sandboxes can be created from, as the cluster's nodes report them.
+
+A node's compute records in its node record which template images it has built, their disk sizes, and which
+template snapshots it holds (a warm create restores one of those). A template is listed when some node has it;
+a node that is away still counts (its sandboxes come back with it)."""
+
+from __future__ import annotations
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.sandbox.v1 import template_pb2
+from services.common.errors import InvalidArgument
+from services.common.records import NODES, Records
+from services.common.validation import check_page_size
+
+
+class TemplateCatalog:
+    def __init__(self, etcd) -> None:
+        self.records = Records(etcd)
+
+    async def all(self) -> list[template_pb2.Template]:
+        templates: dict[str, template_pb2.Template] = {}
+        for stored in await self.records.list(NODES):
+            node, record = stored.parts[0], stored.message
+            for name in record.templates:
+                template = templates.setdefault(name, template_pb2.Template(name=f"templates/{name}"))
+                template.nodes.append(node)
+                template.disk_bytes = max(template.disk_bytes, record.template_disk_bytes.get(name, 0))
+            for snapshot in record.template_snapshots:
+                template = templates.get(snapshot.template)
+                if template is None:
+                    continue
+                template.warm = True
+                size = f"{snapshot.vcpus}c{snapshot.memory_mib}m"
+                if size not in template.warm_sizes:
+                    template.warm_sizes.append(size)
+        for template in templates.values():
+            template.nodes.sort()
+            template.warm_sizes.sort()
+        return [templates[name] for name in sorted(templates)]
+
+    async def list(self, request: api.ListTemplatesRequest) -> api.ListTemplatesResponse:
+        page_size = check_page_size(request.page_size)
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgument("page_token is not one this server issued", reason="INVALID_PAGE_TOKEN") from None
+        if offset < 0:
+            raise InvalidArgument("page_token is not one this server issued", reason="INVALID_PAGE_TOKEN")
+        templates = await self.all()
+        page = templates[offset : offset + page_size]
+        token = str(offset + page_size) if offset + page_size < len(templates) else ""
+        return api.ListTemplatesResponse(templates=page, next_page_token=token)
