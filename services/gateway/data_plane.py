@@ -18,7 +18,14 @@ from google.protobuf.message import Message
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.client_streams import drain
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
-from services.common.validation import check_mode, check_path, check_process, check_range, check_removable
+from services.common.validation import (
+    check_mode,
+    check_path,
+    check_process,
+    check_range,
+    check_removable,
+    check_rename,
+)
 from services.gateway.nodes import ClusterNodes
 from services.gateway.records import SandboxRecord
 from services.gateway.sandboxes import Sandboxes
@@ -136,9 +143,37 @@ class DataPlane:
         async for chunk in self._guarded(record, self.nodes.relay(record.node).ReadFile(forwarded, timeout=deadline)):
             yield chunk
 
-    async def unary(self, method: str, request, deadline: float | None):
-        """ListDir, Stat, MakeDir, Remove: one request, one answer, from the sandbox's node."""
+    async def upload_archive(self, requests, deadline: float | None) -> api.UploadArchiveResponse:
+        first, record = await self._opening(requests, "header", lambda h: check_path(h.path))
+        forwarded = on_node(first, record, "header")
+
+        async def upstream():
+            yield forwarded
+            async for message in requests:
+                yield message
+
+        return await self.nodes.relay(record.node).UploadArchive(upstream(), timeout=deadline)
+
+    async def download_archive(self, request: api.DownloadArchiveRequest, deadline: float | None):
         check_path(request.path)
+        record = await self.sandboxes.running(request.sandbox)
+        call = self.nodes.relay(record.node).DownloadArchive(on_node(request, record), timeout=deadline)
+        async for chunk in self._guarded(record, call):
+            yield chunk
+
+    async def watch_dir(self, request: api.WatchDirRequest, deadline: float | None):
+        check_path(request.path)
+        record = await self.sandboxes.running(request.sandbox)
+        call = self.nodes.relay(record.node).WatchDir(on_node(request, record), timeout=deadline)
+        async for event in self._guarded(record, call):
+            yield event
+
+    async def unary(self, method: str, request, deadline: float | None):
+        """ListDir, Stat, MakeDir, Remove, Rename: one request, one answer, from the sandbox's node."""
+        if method == "Rename":
+            check_rename(request.source, request.destination)
+        else:
+            check_path(request.path)
         if method == "Remove":
             check_removable(request.path)
         if method == "MakeDir":

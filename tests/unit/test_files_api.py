@@ -1,0 +1,124 @@
+"""The file API at the public door (gateway -> relay -> agent, fake VMM): what a caller sees of writes into
+directories, renames, archives and watches, and the status each failure gets."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from tests.inprocess import tenant_caller
+
+pytestmark = pytest.mark.timeout(120)
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+async def installation(installation):
+    installation.tenant = await tenant_caller(installation, f"files-{installation.node}")
+    installation.sandbox = (
+        await installation.tenant.stub.CreateSandbox(
+            api.CreateSandboxRequest(), metadata=installation.tenant.metadata, timeout=60
+        )
+    ).sandbox
+    return installation
+
+
+def write_requests(sandbox: str, path: str, size: int):
+    async def requests():
+        yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=sandbox, path=path, make_parents=True))
+        for offset in range(0, size, MIB):
+            yield api.WriteFileRequest(data=b"x" * min(MIB, size - offset))
+
+    return requests()
+
+
+@pytest.mark.parametrize("size", [1000, 8 * MIB, 24 * MIB])
+async def test_writing_a_file_onto_a_directory_is_failed_precondition_whatever_its_size(installation, size):
+    """`mvm cp big.bin ID:/tmp` answered INTERNAL from 8 MB up: the agent refused at once, the relay ended the call,
+    and the gateway, still forwarding the caller's chunks, reported grpc's INTERNAL instead of the relay's status."""
+    caller, name = installation.tenant, installation.sandbox.name
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await caller.stub.WriteFile(write_requests(name, "/tmp", size), metadata=caller.metadata, timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+
+
+@pytest.mark.parametrize("size", [8 * MIB, 24 * MIB])
+async def test_sdk_write_onto_a_directory_is_failed_precondition(installation, size):
+    import asyncio
+
+    from microvm_sandbox import Client, FailedPreconditionError, Sandbox
+
+    caller, name = installation.tenant, installation.sandbox.name
+    address = await installation.address("gateway")
+
+    def copy():
+        client = Client(address, caller.key)
+        sandbox = Sandbox.connect(name, client=client)
+        for _ in range(3):
+            with pytest.raises(FailedPreconditionError):
+                sandbox.write("/tmp/", b"y" * size)
+
+    await asyncio.to_thread(copy)
+
+
+async def test_slow_write_onto_a_directory_is_failed_precondition(installation):
+    import asyncio
+
+    caller, name = installation.tenant, installation.sandbox.name
+
+    async def requests():
+        yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=name, path="/tmp", make_parents=True))
+        for _ in range(10):
+            await asyncio.sleep(0.4)
+            yield api.WriteFileRequest(data=b"x" * MIB)
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=60)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+
+
+async def test_rename_archives_and_watch_through_the_door(installation):
+    import asyncio
+    import io
+    import tarfile
+
+    caller, name = installation.tenant, installation.sandbox.name
+    md = caller.metadata
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("pkg/mod.py")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"x=1"))
+
+    async def requests():
+        yield api.UploadArchiveRequest(header=api.UploadArchiveHeader(sandbox=name, path="/tmp/door"))
+        yield api.UploadArchiveRequest(data=buffer.getvalue())
+
+    call = caller.stub.WatchDir(api.WatchDirRequest(sandbox=name, path="/tmp", recursive=True), metadata=md)
+    events = call.__aiter__()
+    assert (await asyncio.wait_for(events.__anext__(), 10)).WhichOneof("event") == "started"
+    done = await caller.stub.UploadArchive(requests(), metadata=md, timeout=30)
+    assert done.entries == 1 and done.bytes == 3
+    moved = await caller.stub.Rename(
+        api.RenameRequest(sandbox=name, source="/tmp/door/pkg", destination="/tmp/door/pkg2"), metadata=md, timeout=30
+    )
+    assert moved.file.path == "/tmp/door/pkg2"
+    seen = set()
+    while ("FILE_EVENT_TYPE_RENAME", "/tmp/door/pkg2") not in seen:
+        event = await asyncio.wait_for(events.__anext__(), 10)
+        if event.WhichOneof("event") == "change":
+            seen.add((api.FileEventType.Name(event.change.type), event.change.path))
+    assert ("FILE_EVENT_TYPE_CREATE", "/tmp/door") in seen
+    call.cancel()
+    data = b"".join(
+        [
+            chunk.data
+            async for chunk in caller.stub.DownloadArchive(
+                api.DownloadArchiveRequest(sandbox=name, path="/tmp/door"), metadata=md, timeout=30
+            )
+        ]
+    )
+    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    assert names == ["door", "door/pkg2", "door/pkg2/mod.py"]
