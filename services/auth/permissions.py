@@ -1,7 +1,7 @@
 """Who may call what: the permission matrix per public RPC, by role.
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
-          ReadConsoleLog.
+          ReadConsoleLog, ListTemplates.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
@@ -30,6 +30,7 @@ READ = {
         "ListSnapshots",
         "DownloadArchive",
         "WatchDir",
+        "ListTemplates",
     )
 }
 WRITE = {

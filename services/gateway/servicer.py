@@ -11,6 +11,7 @@ from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.snapshots import SnapshotOps
+from services.gateway.templates import TemplateCatalog
 
 
 class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
@@ -19,6 +20,7 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     ) -> None:
         self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
         self.console = console
+        self.templates = TemplateCatalog(sandboxes.nodes.context.etcd)
 
     async def CreateSandbox(self, request, context):
         return api.CreateSandboxResponse(sandbox=await self.sandboxes.create(request))
@@ -111,6 +113,9 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
 
     async def ForkSandbox(self, request, context):
         return await self.snapshots.fork(request)
+
+    async def ListTemplates(self, request, context):
+        return await self.templates.list(request)
 
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
