@@ -96,10 +96,16 @@ class Process:
         cwd = real(start.cwd or home)
         if not os.path.isdir(cwd):
             if start.cwd:
-                raise StreamError(NOT_FOUND, f"working directory {start.cwd} does not exist")
+                raise StreamError(
+                    NOT_FOUND, f"working directory {start.cwd} does not exist", reason="WORKING_DIRECTORY_NOT_FOUND"
+                )
             cwd = real("/")
-        if shutil.which(argv[0], path=env["PATH"]) is None and "/" not in argv[0]:
-            raise StreamError(NOT_FOUND, f"{argv[0]}: command not found")
+        # Its own reason: the caller can tell a missing command from a missing sandbox (both NOT_FOUND).
+        if "/" in argv[0]:
+            if not os.path.exists(os.path.join(cwd, argv[0])):
+                raise StreamError(NOT_FOUND, f"{argv[0]}: no such file", reason="COMMAND_NOT_FOUND")
+        elif shutil.which(argv[0], path=env["PATH"]) is None:
+            raise StreamError(NOT_FOUND, f"{argv[0]}: command not found", reason="COMMAND_NOT_FOUND")
 
         def take_terminal() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
