@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 
-from microvm_sandbox import AsyncSandbox, Exited, InvalidArgumentError, NotFoundError, Sandbox, Stdout
+from microvm_sandbox import (
+    AsyncSandbox,
+    Client,
+    CommandNotFound,
+    Exited,
+    InvalidArgumentError,
+    NotFoundError,
+    Sandbox,
+    SandboxNotFound,
+    SnapshotNotFound,
+    Stdout,
+)
 from microvm_sandbox.aio import AsyncClient
 
 pytestmark = pytest.mark.guest
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    client = Client(stack.gateway_address, stack.admin_key)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def shared(stack, client):
+    """One sandbox for the tests that only run things in it, made with an environment and labels."""
+    sandbox = Sandbox.create(
+        envs={"GREETING": "hello from env", "MODE": "sdk"},
+        labels={"suite": "sdk", "run": uuid.uuid4().hex[:8]},
+        timeout=900,
+        client=client,
+    )
+    yield sandbox
+    sandbox.kill()
+
+
+def gone_from_guest(sandbox: Sandbox, marker: str, seconds: float = 30) -> bool:
+    """True once no process in the guest has `marker` in its command line (pgrep -f), polling until `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sandbox.exec(["pgrep", "-f", marker]).exit_code == 1:
+            return True
+        time.sleep(0.3)
+    return False
 
 
 def test_async_sandbox_in_one_line(stack):
@@ -35,8 +79,9 @@ def test_async_sandbox_in_one_line(stack):
                 assert await restored.read("/root/data/notes.txt") == b"hello sdk"  # back in time
             finally:
                 await restored.kill()
+            await snapshot.delete()
             name = sb.name
-        with pytest.raises(NotFoundError):
+        with pytest.raises(SandboxNotFound):
             await AsyncSandbox.connect(name, client=client)
         await client.close()
 
@@ -61,3 +106,120 @@ def test_sync_sandbox_mirrors_the_async_one(stack, tmp_path):
                 clone.kill()
         with pytest.raises(InvalidArgumentError):
             sb.run_code("cobol", "DISPLAY 'HI'.")
+
+
+def test_every_command_of_a_sandbox_gets_its_env_and_get_info_describes_it(shared):
+    assert shared.exec("echo $GREETING").text == "hello from env\n"
+    assert shared.exec(["sh", "-c", "echo $MODE"], env={"MODE": "own"}).text == "own\n"  # the exec's own wins
+    info = shared.get_info()
+    assert (info.id, info.template, info.state) == (shared.id, "default", "RUNNING")
+    assert info.env == {"GREETING": "hello from env", "MODE": "sdk"}
+    assert info.labels["suite"] == "sdk"
+    assert (info.vcpus, info.memory_mib) == (1, 256) and info.node
+    assert info.started_at < datetime.now(UTC) < info.expires_at
+
+
+def test_set_timeout_moves_the_expiry(shared):
+    shared.set_timeout(3600)
+    later = shared.get_info().expires_at
+    assert (later - datetime.now(UTC)).total_seconds() > 1800
+    shared.set_timeout(600)
+    assert shared.get_info().expires_at < later
+
+
+def test_list_filters_by_state_and_labels_and_connect_resumes_a_paused_sandbox(shared, client):
+    mine = {"suite": "sdk", "run": shared.get_info().labels["run"]}
+    assert [s.id for s in Sandbox.list(labels=mine, client=client)] == [shared.id]
+    assert [s.id for s in Sandbox.list(state="running", labels=mine, client=client)] == [shared.id]
+    assert Sandbox.list(state="paused", labels=mine, client=client) == []
+    assert shared.id not in [s.id for s in Sandbox.list(labels={"suite": "nobody"}, client=client)]
+    with pytest.raises(InvalidArgumentError):
+        Sandbox.list(state="sleeping", client=client)
+    shared.pause()
+    assert [s.id for s in Sandbox.list(state="paused", labels=mine, client=client)] == [shared.id]
+    again = Sandbox.connect(shared.id, client=client)
+    assert again.state == "RUNNING" and again.exec("echo back").text == "back\n"
+    assert shared.is_running()
+
+
+def test_run_code_runs_each_language_with_its_own_interpreter(shared):
+    assert shared.run_code("bash", "echo ${BASH_VERSION:+bash}").text == "bash\n"
+    assert shared.run_code("sh", "echo ${BASH_VERSION:-not bash}").text == "not bash\n"
+    assert shared.run_code("python", "print(6*7)").text == "42\n"
+    assert shared.run_code("py", "import sys; sys.exit(3)").exit_code == 3
+    chunks: list[bytes] = []
+    shared.run_code("bash", "echo a; echo b >&2", on_stdout=chunks.append, on_stderr=chunks.append)
+    assert sorted(chunks) == [b"a\n", b"b\n"]
+
+
+def test_run_code_says_which_interpreter_is_missing(shared):
+    with pytest.raises(CommandNotFound) as failure:
+        shared.run_code("javascript", "console.log(1)")  # the default template has no node
+    assert failure.value.metadata == {"language": "javascript", "interpreter": "node"}
+    assert "javascript" in str(failure.value) and "node" in str(failure.value)
+    assert isinstance(failure.value, NotFoundError)
+
+
+def test_errors_name_what_is_missing(shared, client):
+    with pytest.raises(SandboxNotFound) as missing:
+        Sandbox.connect("no-such-sandbox", client=client)
+    assert missing.value.sandbox_id == "no-such-sandbox" and missing.value.code == "NOT_FOUND"
+    with pytest.raises(CommandNotFound):
+        shared.exec(["no-such-program"])
+    with pytest.raises(SnapshotNotFound):
+        client.get_snapshot("snap-000000000000")
+    with pytest.raises(InvalidArgumentError):
+        shared.set_timeout(10**9)
+
+
+def test_stopping_an_exec_stream_early_ends_the_guest_process(shared):
+    marker = f"sdk-stream-{uuid.uuid4().hex[:10]}"
+    program = f"import time\nprint('ready', flush=True)\ntime.sleep(1000)  # {marker}"
+    for event in shared.exec_stream(["python3", "-c", program]):
+        if isinstance(event, Stdout):
+            break  # the stream is dropped here: the sync SDK cancels the call
+    assert gone_from_guest(shared, marker)
+
+
+def test_stopping_an_async_exec_stream_early_ends_the_guest_process(stack, shared):
+    marker = f"sdk-astream-{uuid.uuid4().hex[:10]}"
+    program = f"import time\nprint('ready', flush=True)\ntime.sleep(1000)  # {marker}"
+
+    async def scenario():
+        client = AsyncClient(stack.gateway_address, stack.admin_key)
+        try:
+            sandbox = await AsyncSandbox.connect(shared.id, client=client)
+            async for event in sandbox.exec_stream(["python3", "-c", program]):
+                if isinstance(event, Stdout):
+                    break
+            # Still connected: only the stream ended, not the client.
+            return (await sandbox.exec(["echo", "still here"])).text
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) == "still here\n"
+    assert gone_from_guest(shared, marker)
+
+
+def test_snapshots_are_listed_and_deleted_and_fork_keeps_none_unless_asked(shared, client):
+    snapshot = shared.snapshot(labels={"step": "one"})
+    assert snapshot.id in [s.id for s in shared.list_snapshots()]
+    assert client.get_snapshot(snapshot.id).labels == {"step": "one"}
+    snapshot.delete()
+    assert snapshot.id not in [s.id for s in shared.list_snapshots()]
+    with pytest.raises(SnapshotNotFound):
+        snapshot.delete()
+
+    before = {s.name for s in client.list_snapshots()}
+    (clone,) = shared.fork(1)
+    try:
+        assert clone.exec("echo $GREETING").text == "hello from env\n"  # a clone keeps the environment
+        assert {s.name for s in client.list_snapshots()} == before  # nothing left behind
+    finally:
+        clone.kill()
+    (kept,) = shared.fork(1, keep_snapshot=True)
+    try:
+        assert kept.source_snapshot and f"snapshots/{kept.source_snapshot}" in {s.name for s in client.list_snapshots()}
+    finally:
+        kept.kill()
+        shared.delete_snapshot(kept.source_snapshot)

@@ -11,85 +11,114 @@ mvm nodes drain NODE [--migrate] [--reason TEXT] [--no-wait]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-import grpc
-
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
+from mvm_cli.channel import connect
+from mvm_cli.context import Context
+from mvm_cli.output import emit, fields, labels_text, table, to_json
+from mvm_cli.parsing import add_json, command_parser
 
 STATE = {nodes_pb2.NODE_STATE_READY: "Ready", nodes_pb2.NODE_STATE_UNAVAILABLE: "Unavailable"}
+COLUMNS = ("NODE", "STATE", "SANDBOXES", "VCPUS", "MEMORY", "HYPERVISOR", "LABELS")
 
 
 def node_name(node: str) -> str:
     return node if node.startswith("nodes/") else f"nodes/{node}"
 
 
+def state(node: nodes_pb2.Node) -> str:
+    return STATE.get(node.state, "?") + (",Draining" if node.draining else ",Cordoned" if node.cordoned else "")
+
+
+def row(node: nodes_pb2.Node) -> list[object]:
+    return [
+        node.name.removeprefix("nodes/"),
+        state(node),
+        node.sandbox_count,
+        f"{node.vcpus_allocated}/{node.vcpus_total}",
+        f"{node.memory_mib_allocated}/{node.memory_mib_total}MiB",
+        node.hypervisor or "-",
+        labels_text(node.labels) + (f"  ({node.reason})" if node.reason else ""),
+    ]
+
+
 def describe(node: nodes_pb2.Node) -> str:
-    state = STATE.get(node.state, "?") + (",Draining" if node.draining else ",Cordoned" if node.cordoned else "")
-    labels = ",".join(f"{k}={v}" for k, v in sorted(node.labels.items()))
-    return (
-        f"{node.name.removeprefix('nodes/'):14} {state:22} {node.sandbox_count:>3} sandboxes  "
-        f"{node.vcpus_allocated:>3}/{node.vcpus_total:<3} vCPU  {node.memory_mib_allocated:>6}/"
-        f"{node.memory_mib_total:<6} MiB  {node.hypervisor:16} {labels}" + (f"  ({node.reason})" if node.reason else "")
-    ).rstrip()
-
-
-def add_node_commands(sub) -> None:
-    nodes = sub.add_parser(
-        "nodes",
-        help="list and manage the cluster's nodes (operators)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    """One node, one field a line."""
+    return fields(
+        [
+            ("node", node.name.removeprefix("nodes/")),
+            ("state", state(node)),
+            ("reason", node.reason or "-"),
+            ("sandboxes", node.sandbox_count),
+            ("vcpus", f"{node.vcpus_allocated} of {node.vcpus_total} allocated"),
+            ("memory", f"{node.memory_mib_allocated} of {node.memory_mib_total} MiB allocated"),
+            ("hypervisor", node.hypervisor or "-"),
+            ("labels", labels_text(node.labels)),
+        ]
     )
-    actions = nodes.add_subparsers(dest="action")
-    actions.add_parser("get", help="show one node").add_argument("node")
-    cordon = actions.add_parser("cordon", help="place no new sandbox on a node")
-    cordon.add_argument("node")
-    cordon.add_argument("--reason", default="")
-    actions.add_parser("uncordon", help="make a node schedulable again").add_argument("node")
-    drain = actions.add_parser("drain", help="empty a node (cordons it)")
-    drain.add_argument("node")
+
+
+def register(sub) -> None:
+    nodes = command_parser(
+        sub,
+        "nodes",
+        "list and manage the cluster's nodes (operators)",
+        "mvm nodes drain n2 --migrate --reason 'kernel update'",
+        description=__doc__,
+    )
+    add_json(nodes)
+    nodes.set_defaults(handler=nodes_command)
+    actions = nodes.add_subparsers(dest="action", metavar="{get,cordon,uncordon,drain}")
+    get = command_parser(actions, "get", "show one node", "mvm nodes get n1 --json")
+    get.add_argument("node", metavar="NODE")
+    add_json(get)
+    cordon = command_parser(actions, "cordon", "place no new sandbox on a node", "mvm nodes cordon n1 --reason 'disk'")
+    cordon.add_argument("node", metavar="NODE")
+    cordon.add_argument("--reason", default="", help="why, shown in `mvm nodes`")
+    add_json(cordon)
+    uncordon = command_parser(actions, "uncordon", "make a node schedulable again", "mvm nodes uncordon n1")
+    uncordon.add_argument("node", metavar="NODE")
+    add_json(uncordon)
+    drain = command_parser(actions, "drain", "empty a node (cordons it)", "mvm nodes drain n2 --migrate")
+    drain.add_argument("node", metavar="NODE")
     drain.add_argument("--migrate", action="store_true", help="move its sandboxes to other nodes")
-    drain.add_argument("--reason", default="")
+    drain.add_argument("--reason", default="", help="why, shown in `mvm nodes`")
     drain.add_argument("--no-wait", action="store_true", help="without --migrate: do not wait for it to empty")
+    add_json(drain)
+    for parser in (get, cordon, uncordon, drain):
+        parser.set_defaults(handler=nodes_command)
 
 
-def run_nodes(args, channel: grpc.Channel) -> int:
-    stub = nodes_pb2_grpc.NodeServiceStub(channel)
-    try:
-        if not args.action:
-            for node in stub.ListNodes(nodes_pb2.ListNodesRequest(), timeout=30).nodes:
-                print(describe(node))
-        elif args.action == "get":
-            print(describe(stub.GetNode(nodes_pb2.GetNodeRequest(name=node_name(args.node)), timeout=30).node))
-        elif args.action == "cordon":
-            print(
-                describe(
-                    stub.CordonNode(
-                        nodes_pb2.CordonNodeRequest(name=node_name(args.node), reason=args.reason), timeout=30
-                    ).node
-                )
-            )
-        elif args.action == "uncordon":
-            print(
-                describe(stub.UncordonNode(nodes_pb2.UncordonNodeRequest(name=node_name(args.node)), timeout=30).node)
-            )
-        elif args.action == "drain":
-            drained = stub.DrainNode(
-                nodes_pb2.DrainNodeRequest(name=node_name(args.node), migrate=args.migrate, reason=args.reason),
-                timeout=3600,
-            )
-            for name in drained.migrated:
-                print(f"migrated {name.removeprefix('sandboxes/')}")
-            node = drained.node
-            while not args.migrate and not args.no_wait and node.sandbox_count:
-                print(f"waiting for {node.sandbox_count} sandboxes to end on {args.node}", file=sys.stderr)
-                time.sleep(5)
-                node = stub.GetNode(nodes_pb2.GetNodeRequest(name=node_name(args.node)), timeout=30).node
-            print(describe(node))
-    except grpc.RpcError as error:
-        print(f"mvm: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 2 if error.code() == grpc.StatusCode.NOT_FOUND else 1
+def show(node: nodes_pb2.Node, args) -> None:
+    emit(to_json(node) if getattr(args, "json", False) else describe(node))
+
+
+def nodes_command(ctx: Context, args) -> int:
+    stub = nodes_pb2_grpc.NodeServiceStub(connect(ctx.gateway, ctx.key))
+    action = getattr(args, "action", None)
+    if not action:
+        found = stub.ListNodes(nodes_pb2.ListNodesRequest(), timeout=30).nodes
+        emit(to_json(list(found)) if args.json else table(COLUMNS, [row(n) for n in found]))
+    elif action == "get":
+        show(stub.GetNode(nodes_pb2.GetNodeRequest(name=node_name(args.node)), timeout=30).node, args)
+    elif action == "cordon":
+        request = nodes_pb2.CordonNodeRequest(name=node_name(args.node), reason=args.reason)
+        show(stub.CordonNode(request, timeout=30).node, args)
+    elif action == "uncordon":
+        show(stub.UncordonNode(nodes_pb2.UncordonNodeRequest(name=node_name(args.node)), timeout=30).node, args)
+    elif action == "drain":
+        drained = stub.DrainNode(
+            nodes_pb2.DrainNodeRequest(name=node_name(args.node), migrate=args.migrate, reason=args.reason),
+            timeout=3600,
+        )
+        for name in drained.migrated:
+            print(f"migrated {name.removeprefix('sandboxes/')}", file=sys.stderr if args.json else sys.stdout)
+        node = drained.node
+        while not args.migrate and not args.no_wait and node.sandbox_count:
+            print(f"waiting for {node.sandbox_count} sandboxes to end on {args.node}", file=sys.stderr)
+            time.sleep(5)
+            node = stub.GetNode(nodes_pb2.GetNodeRequest(name=node_name(args.node)), timeout=30).node
+        show(node, args)
     return 0

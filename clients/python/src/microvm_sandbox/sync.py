@@ -103,6 +103,11 @@ class Client:
         """Deletes a snapshot (sandboxes restored from it keep running). SnapshotNotFound when it is gone."""
         self._loop.run(self.aio.delete_snapshot(snapshot))
 
+    def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
+        """The low-level call: `method(request)` on the SandboxService, its response message (errors mapped
+        and idempotent calls retried as everywhere in the SDK)."""
+        return self._loop.run(self.aio.call(method, request, idempotent=idempotent, timeout=timeout))
+
     def close(self) -> None:
         """Closes the connection."""
         self._loop.run(self.aio.close())
