@@ -5,8 +5,8 @@ HTTP request becomes a call on the gateway's own gRPC server over loopback, with
 `Authorization` header, so authentication, tenancy, quotas and errors are exactly those of gRPC.
 - JSON both ways via protobuf's json_format (bytes fields are base64, as proto3 JSON says).
 - Exec streams newline-delimited JSON events, or server-sent events with `Accept: text/event-stream`.
-- ReadFile answers the raw file, ReadConsoleLog the raw console bytes; WriteFile takes the raw body
-  (`?path=...&mode=...&makeParents=true`).
+- ReadFile answers the raw file, ReadConsoleLog the raw console bytes, DownloadArchive the raw tar; WriteFile and
+  UploadArchive take the raw body (`?path=...&mode=...&makeParents=true`): http_files.py. WatchDir streams NDJSON.
 - Errors are a JSON google.rpc.Status with the standard gRPC-to-HTTP code mapping.
 - `/openapi.json` is an OpenAPI 3 document generated from the same descriptors.
 """
@@ -27,30 +27,14 @@ from grpc_status import rpc_status
 from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
+from services.gateway.http_files import DOWNLOADS, HTTP_STATUS, UPLOADS, download, error_response, upload
+
+__all__ = ["HTTP_STATUS", "HttpGateway", "error_response", "routes"]
 
 # Every service the gateway serves over gRPC, served over HTTP too.
 SERVICES = (api.DESCRIPTOR.services_by_name["SandboxService"], nodes_pb2.DESCRIPTOR.services_by_name["NodeService"])
-HTTP_STATUS = {
-    "OK": 200,
-    "CANCELLED": 499,
-    "UNKNOWN": 500,
-    "INVALID_ARGUMENT": 400,
-    "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "PERMISSION_DENIED": 403,
-    "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400,
-    "ABORTED": 409,
-    "OUT_OF_RANGE": 400,
-    "UNIMPLEMENTED": 501,
-    "INTERNAL": 500,
-    "UNAVAILABLE": 503,
-    "DATA_LOSS": 500,
-    "UNAUTHENTICATED": 401,
-}
-UPLOAD_CHUNK = 1 << 20
-RAW_STREAMS = ("ReadFile", "ReadConsoleLog")  # server streams of `data` chunks, answered as the bytes themselves
+# Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
+RAW_STREAMS = tuple(DOWNLOADS)
 
 
 @dataclass
@@ -124,11 +108,6 @@ def set_field(message, path: str, value: str) -> None:
     setattr(message, leaf, converters.get(field.type, int)(value))
 
 
-def error_response(error: grpc.aio.AioRpcError) -> web.Response:
-    status = rpc_status.from_call(error) or status_pb2.Status(code=error.code().value[0], message=error.details())
-    return web.json_response(json_format.MessageToDict(status), status=HTTP_STATUS.get(error.code().name, 500))
-
-
 def bad_request(message: str) -> web.Response:
     return web.json_response({"code": 3, "message": message}, status=400)
 
@@ -162,8 +141,9 @@ class HttpGateway:
         metadata = [("authorization", request.headers["Authorization"])] if "Authorization" in request.headers else []
         message = route.method.input_type._concrete_class()
         try:
-            if route.method.name == "WriteFile":
-                return await self._write_file(request, match, route, metadata)
+            if route.method.name in UPLOADS:
+                call = self._callable(route.method)
+                return await upload(request, call, route.method.name, match.group("f0"), metadata)
             raw = await request.read()
             if raw and route.body:
                 target = message if route.body == "*" else getattr(message, route.body)
@@ -180,8 +160,9 @@ class HttpGateway:
             if not route.method.server_streaming:
                 reply = await call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL)
                 return web.json_response(json_format.MessageToDict(reply))
-            if route.method.name in RAW_STREAMS:
-                return await self._read_file(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL))
+            if route.method.name in DOWNLOADS:
+                stream = call(message, metadata=metadata, timeout=deadlines.PUBLIC_CALL)
+                return await download(request, stream, DOWNLOADS[route.method.name])
             return await self._stream_events(request, call(message, metadata=metadata, timeout=deadlines.PUBLIC_STREAM))
         except grpc.aio.AioRpcError as error:
             return error_response(error)
@@ -212,44 +193,6 @@ class HttpGateway:
             await response.prepare(request)
         await response.write_eof()
         return response
-
-    async def _read_file(self, request: web.Request, call) -> web.StreamResponse:
-        response = None
-        try:
-            async for chunk in call:
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-                    await response.prepare(request)
-                await response.write(chunk.data)
-        except grpc.aio.AioRpcError as error:
-            if response is None:
-                return error_response(error)
-            raise
-        if response is None:
-            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-            await response.prepare(request)
-        await response.write_eof()
-        return response
-
-    async def _write_file(self, request: web.Request, match, route: Route, metadata) -> web.Response:
-        header = api.WriteFileHeader(
-            sandbox=match.group("f0"),
-            path=request.query.get("path", ""),
-            mode=int(request.query.get("mode", "0"), 8),
-            make_parents=request.query.get("makeParents", "") in ("true", "1"),
-            append=request.query.get("append", "") in ("true", "1"),
-        )
-
-        async def messages():
-            yield api.WriteFileRequest(header=header)
-            while chunk := await request.content.read(UPLOAD_CHUNK):
-                yield api.WriteFileRequest(data=chunk)
-
-        try:
-            reply = await self._callable(route.method)(messages(), metadata=metadata, timeout=deadlines.PUBLIC_CALL)
-        except grpc.aio.AioRpcError as error:
-            return error_response(error)
-        return web.json_response(json_format.MessageToDict(reply))
 
     def _callable(self, method: descriptor.MethodDescriptor):
         """The gRPC call of `method` on this gateway, whichever service it belongs to."""
@@ -380,14 +323,14 @@ def openapi_document(route_list: list[Route]) -> dict:
                 "default": error,
             },
         }
-        if route.method.name == "WriteFile":
+        if route.method.name in UPLOADS:
             operation["parameters"] += [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"}}]
             operation["requestBody"] = {
                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
             }
         else:
             operation["parameters"] += query_parameters(route)
-        if route.body and route.method.name != "WriteFile":
+        if route.body and route.method.name not in UPLOADS:
             target = (
                 route.method.input_type
                 if route.body == "*"

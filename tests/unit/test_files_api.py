@@ -122,3 +122,38 @@ async def test_rename_archives_and_watch_through_the_door(installation):
     )
     names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
     assert names == ["door", "door/pkg2", "door/pkg2/mod.py"]
+
+
+async def test_the_http_door_uploads_and_downloads_archives_renames_and_watches(installation):
+    import io
+    import json
+    import tarfile
+
+    import aiohttp
+
+    caller, name = installation.tenant, installation.sandbox.name
+    base = f"http://{installation.settings['gateway']['http_listen']}/v1/{name}/files"
+    headers = {"Authorization": f"Bearer {caller.key}"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("web/index.html")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{base}:watch", params={"path": "/tmp", "recursive": "true"}) as watch:
+            assert "started" in json.loads(await watch.content.readline())
+            async with http.post(f"{base}:uploadArchive", params={"path": "/tmp/http"}, data=buffer.getvalue()) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["entries"] == "1"
+            change = json.loads(await watch.content.readline())
+            assert change["change"]["type"] == "FILE_EVENT_TYPE_CREATE"
+        async with http.post(f"{base}:rename", json={"source": "/tmp/http/web", "destination": "/tmp/http/site"}) as r:
+            assert r.status == 200 and (await r.json())["file"]["path"] == "/tmp/http/site"
+        async with http.get(f"{base}:downloadArchive", params={"path": "/tmp/http/site"}) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/x-tar"
+            back = tarfile.open(fileobj=io.BytesIO(await r.read()))
+            assert back.extractfile("site/index.html").read() == b"hello"
+        async with http.get(f"{base}:downloadArchive", params={"path": "/tmp/none"}) as r:
+            assert r.status == 404 and (await r.json())["code"] == 5
+        async with http.post(f"{base}:uploadArchive", params={"path": "/tmp/bad"}, data=b"junk" * 300) as r:
+            assert r.status == 400 and (await r.json())["code"] == 3
