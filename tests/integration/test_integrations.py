@@ -31,3 +31,7 @@ def test_langchain_tool_and_code_executor(stack):
         executor = SandboxCodeExecutor(sandbox)
         result = executor.execute_code_blocks([Block("python", "x = 2\nprint(x * 21)"), Block("sh", "echo done")])
         assert result.exit_code == 0 and result.output == "42\ndone\n"
+        assert "bash" in tool.invoke({"language": "bash", "code": "echo ${BASH_VERSION:+bash}"})
+        # A language the sandbox cannot run is a failed block with the reason, as AutoGen's executors report it.
+        missing = executor.execute_code_blocks([Block("sh", "echo first"), Block("javascript", "1"), Block("sh", "x")])
+        assert missing.exit_code == 1 and missing.output.startswith("first\n") and "`node`" in missing.output

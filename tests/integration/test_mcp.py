@@ -20,6 +20,8 @@ TOOLS = {
     "read_file",
     "list_files",
     "snapshot_sandbox",
+    "list_snapshots",
+    "delete_snapshot",
     "restore_snapshot",
     "fork_sandbox",
     "destroy_sandbox",
@@ -83,6 +85,24 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
                 )
                 == "hi"
             )
+            bash = await client.call_tool(
+                "execute_code", {"sandbox_id": sandbox_id, "language": "bash", "code": "echo ${BASH_VERSION:+bash}"}
+            )
+            assert result_data(bash)["stdout"] == "bash\n"
+            no_node = await client.call_tool(
+                "execute_code", {"sandbox_id": sandbox_id, "language": "javascript", "code": "console.log(1)"}
+            )
+            assert no_node.is_error and "`node` is not installed" in no_node.content[0].text
+            # A fork leaves no snapshot behind; the one asked for is listed until deleted.
+            forked = result_data(await client.call_tool("fork_sandbox", {"sandbox_id": sandbox_id}))
+            assert "snapshot_id" not in forked
+            listed = result_data(await client.call_tool("list_snapshots", {"sandbox_id": sandbox_id}))
+            assert [s["snapshot_id"] for s in listed] == [snapshot["snapshot_id"]]
+            await client.call_tool("destroy_sandbox", {"sandbox_id": forked["sandbox_ids"][0]})
+            await client.call_tool("delete_snapshot", snapshot)
+            assert result_data(await client.call_tool("list_snapshots", {"sandbox_id": sandbox_id})) == []
+            again = await client.call_tool("delete_snapshot", snapshot)
+            assert again.is_error and "NOT_FOUND" in again.content[0].text
             failed = await client.call_tool("read_file", {"sandbox_id": sandbox_id, "path": "/missing"})
             assert failed.is_error and "NOT_FOUND" in failed.content[0].text
             # This stack runs without networking: the agent is told why, not handed a dead URL.

@@ -15,8 +15,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from microvm_sandbox import AsyncClient, AsyncSandbox, SandboxError, Stderr, Stdout
-from microvm_sandbox.aio import list_sandboxes
+from microvm_sandbox import AsyncClient, AsyncSandbox, SandboxError, languages
+from microvm_sandbox.aio import list_sandboxes, list_snapshots
+from microvm_sandbox.languages import Language
 
 MAX_OUTPUT = 64 << 10
 server = MCPServer(
@@ -48,26 +49,31 @@ def clip(data: bytes) -> str:
     return text if len(text) <= MAX_OUTPUT else text[:MAX_OUTPUT] + f"\n... [{len(text) - MAX_OUTPUT} more characters]"
 
 
-async def _run(sb: AsyncSandbox, command: list[str] | str, ctx: Context | None, timeout: int) -> dict[str, Any]:
-    stdout, stderr, chunks = bytearray(), bytearray(), 0
+async def _run(
+    sb: AsyncSandbox, command: list[str] | str, ctx: Context | None, timeout: int, lang: Language | None = None
+) -> dict[str, Any]:
+    """Runs `command` with its output reported as progress (where the client asked for it) as it arrives."""
+    chunks = 0
+
+    async def progress(data: bytes) -> None:
+        nonlocal chunks
+        chunks += 1
+        if ctx is not None:
+            await ctx.report_progress(chunks, message=data.decode(errors="replace")[:4096])
+
     try:
-        async for event in sb.exec_stream(command, timeout=timeout):
-            if isinstance(event, (Stdout, Stderr)):
-                (stdout if isinstance(event, Stdout) else stderr).extend(event.data)
-                chunks += 1
-                if ctx is not None:  # live output, where the client asked for progress
-                    await ctx.report_progress(chunks, message=event.data.decode(errors="replace")[:4096])
-            elif hasattr(event, "exit_code"):
-                return {
-                    "exit_code": event.exit_code,
-                    "signal": event.signal,
-                    "timed_out": event.timed_out,
-                    "stdout": clip(bytes(stdout)),
-                    "stderr": clip(bytes(stderr)),
-                }
+        result = await sb.exec(command, timeout=timeout, on_stdout=progress, on_stderr=progress)
+        if lang is not None:
+            result = languages.checked(lang, result)
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
-    raise ToolError("the process stream ended without an exit status")
+    return {
+        "exit_code": result.exit_code,
+        "signal": result.signal,
+        "timed_out": result.timed_out,
+        "stdout": clip(result.stdout),
+        "stderr": clip(result.stderr),
+    }
 
 
 @server.tool(description="Create a sandbox (a fresh Linux microVM). Returns its id for the other tools.")
@@ -78,27 +84,34 @@ async def create_sandbox(
     allow: Annotated[
         list[str], Field(description="with allow-list: destinations as CIDR or CIDR:PORT,PORT, e.g. 203.0.113.0/24:443")
     ] = [],  # noqa: B006 (pydantic copies a default per call)
+    env: Annotated[dict[str, str], Field(description="environment variables of every command run in the sandbox")] = {},  # noqa: B006
 ) -> dict[str, str]:
     """template: image to boot ("default": Debian with python3). timeout_seconds: lifetime, 1..86400."""
     try:
-        sb = await AsyncSandbox.create(template, timeout=timeout_seconds, egress=egress, allow=allow, client=client())
+        sb = await AsyncSandbox.create(
+            template, timeout=timeout_seconds, egress=egress, allow=allow, envs=env, client=client()
+        )
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
     return {"sandbox_id": sb.id, "state": "RUNNING", "ip_address": sb.ip_address}
 
 
-@server.tool(description="Run code in a sandbox and return its output. language: python or sh.")
+@server.tool(
+    description="Run code in a sandbox and return its output. language: python, bash, sh, javascript (node), ruby, "
+    "perl (the default template has python3, bash and sh)."
+)
 async def execute_code(
     sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
-    language: Annotated[str, Field(description="`python` or `sh`")],
+    language: Annotated[str, Field(description="`python`, `bash`, `sh`, `javascript`, `ruby` or `perl`")],
     code: Annotated[str, Field(description="the program; stdout/stderr are returned")],
     ctx: Context,
     timeout_seconds: Annotated[int, Field(description="kill it after this long", ge=1)] = 120,
 ) -> dict:
-    runners = {"python": ["python3", "-c", code], "sh": ["sh", "-c", code], "bash": ["sh", "-c", code]}
-    if language.lower() not in runners:
-        raise ToolError(f"unsupported language {language!r}: use python or sh")
-    return await _run(await sandbox(sandbox_id), runners[language.lower()], ctx, timeout_seconds)
+    try:
+        lang = languages.language(language)
+    except SandboxError as error:
+        raise ToolError(error.message) from None
+    return await _run(await sandbox(sandbox_id), languages.argv(lang, code), ctx, timeout_seconds, lang)
 
 
 @server.tool(description="Run a shell command line in a sandbox and return exit code, stdout and stderr.")
@@ -149,15 +162,49 @@ async def list_files(
         raise ToolError(f"{error.code}: {error.message}") from None
 
 
-@server.tool(description="Snapshot a sandbox (memory, processes and disk) to come back to it later.")
+@server.tool(
+    description="Snapshot a sandbox (memory, processes and disk) to come back to it later with restore_snapshot. "
+    "The snapshot is kept (and counts against your storage quota) until delete_snapshot, or ttl_seconds."
+)
 async def snapshot_sandbox(
     sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
+    ttl_seconds: Annotated[int, Field(description="delete it after this long; 0: keep until deleted", ge=0)] = 0,
 ) -> dict[str, str]:
     sb = await sandbox(sandbox_id)
     try:
-        return {"snapshot_id": (await sb.snapshot()).id}
+        return {"snapshot_id": (await sb.snapshot(ttl=ttl_seconds or None)).id}
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
+
+
+@server.tool(description="Delete a snapshot (sandboxes restored from it keep running).")
+async def delete_snapshot(
+    snapshot_id: Annotated[str, Field(description="id returned by snapshot_sandbox or list_snapshots")],
+) -> dict[str, str]:
+    try:
+        await client().delete_snapshot(snapshot_id)
+    except SandboxError as error:
+        raise ToolError(f"{error.code}: {error.message}") from None
+    return {"snapshot_id": snapshot_id, "state": "DELETED"}
+
+
+@server.tool(name="list_snapshots", description="List your snapshots (oldest first), or only those of one sandbox.")
+async def list_snapshots_tool(
+    sandbox_id: Annotated[str, Field(description="only snapshots of this sandbox; empty: all")] = "",
+) -> list[dict[str, Any]]:
+    try:
+        found = await list_snapshots(client(), sandbox_id)
+    except SandboxError as error:
+        raise ToolError(f"{error.code}: {error.message}") from None
+    return [
+        {
+            "snapshot_id": s.name.removeprefix("snapshots/"),
+            "sandbox_id": s.source_sandbox.removeprefix("sandboxes/"),
+            "created": s.create_time.ToJsonString(),
+            "size_bytes": s.size_bytes,
+        }
+        for s in found
+    ]
 
 
 @server.tool(description="Start a new sandbox from a snapshot; running processes continue where they were.")
@@ -170,16 +217,24 @@ async def restore_snapshot(
         raise ToolError(f"{error.code}: {error.message}") from None
 
 
-@server.tool(description="Clone a sandbox into N independent copies (to try alternatives in parallel).")
+@server.tool(
+    description="Clone a sandbox into N independent copies (to try alternatives in parallel). The snapshot the "
+    "clones are made from is deleted unless keep_snapshot."
+)
 async def fork_sandbox(
     sandbox_id: Annotated[str, Field(description="id returned by create_sandbox")],
     count: Annotated[int, Field(description="number of clones, 1..64", ge=1, le=64)] = 1,
-) -> dict[str, list[str]]:
+    keep_snapshot: Annotated[bool, Field(description="keep the snapshot, to restore it again later")] = False,
+) -> dict[str, Any]:
     sb = await sandbox(sandbox_id)
     try:
-        return {"sandbox_ids": [clone.id for clone in await sb.fork(count)]}
+        clones = await sb.fork(count, keep_snapshot=keep_snapshot)
     except SandboxError as error:
         raise ToolError(f"{error.code}: {error.message}") from None
+    result: dict[str, Any] = {"sandbox_ids": [clone.id for clone in clones]}
+    if keep_snapshot and clones:
+        result["snapshot_id"] = clones[0].source_snapshot
+    return result
 
 
 @server.tool(
