@@ -2,7 +2,7 @@
 
   sandboxes   create, ls, get, exec, run, cp, rm, pause, resume, timeout, console, expose, unexpose, egress
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
-  cluster     nodes [get|cordon|uncordon|drain] (operators)
+  cluster     templates, nodes [get|cordon|uncordon|drain] (operators)
   shell       completion bash|zsh
 
 Options go anywhere before `--`; `mvm COMMAND -h` shows a command's options, defaults and an example. The
@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 
-from mvm_cli import completion, nodes, sandboxes, snapshots
+from mvm_cli import completion, nodes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         sandboxes.register_copy_fallback(sub)
     snapshots.register(sub)
+    templates.register(sub)
     nodes.register(sub)
     completion.register(sub)
     return parser

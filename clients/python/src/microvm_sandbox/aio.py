@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc, template_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox import languages
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, UnavailableError, from_rpc_error
@@ -156,6 +156,19 @@ class AsyncClient:
     async def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
         """Deletes a snapshot (sandboxes restored from it keep running). SnapshotNotFound when it is gone."""
         await self.call("DeleteSnapshot", api.DeleteSnapshotRequest(name=snapshot_name(snapshot)))
+
+    async def list_templates(self) -> list[template_pb2.Template]:
+        """The templates sandboxes can be created from (all pages), as the nodes report them: which nodes have the
+        image built, whether a create restores a booted guest (`warm`), the root filesystem's size."""
+        found: list[template_pb2.Template] = []
+        token = ""
+        while True:
+            request = api.ListTemplatesRequest(page_size=1000, page_token=token)
+            reply = await self.call("ListTemplates", request, idempotent=True)
+            found += reply.templates
+            token = reply.next_page_token
+            if not token:
+                return found
 
     async def close(self) -> None:
         """Closes the connection; calls in flight are cancelled."""

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from microvm.sandbox.v1 import sandbox_pb2
+from microvm.sandbox.v1 import sandbox_pb2, template_pb2
 from microvm_sandbox import languages
 from microvm_sandbox.aio import (
     AsyncClient,
@@ -102,6 +102,10 @@ class Client:
     def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
         """Deletes a snapshot (sandboxes restored from it keep running). SnapshotNotFound when it is gone."""
         self._loop.run(self.aio.delete_snapshot(snapshot))
+
+    def list_templates(self) -> list[template_pb2.Template]:
+        """The templates sandboxes can be created from, as the nodes report them (messages)."""
+        return self._loop.run(self.aio.list_templates())
 
     def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
         """The low-level call: `method(request)` on the SandboxService, its response message (errors mapped
