@@ -31,6 +31,8 @@ READ = {
         "DownloadArchive",
         "WatchDir",
         "ListTemplates",
+        "ListProcesses",
+        "ConnectProcess",
     )
 }
 WRITE = {
@@ -41,6 +43,9 @@ WRITE = {
         "DeleteSandbox",
         "Exec",
         "ExecInteractive",
+        "StartProcess",
+        "SendProcessInput",
+        "SignalProcess",
         "WriteFile",
         "MakeDir",
         "Remove",

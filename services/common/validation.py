@@ -85,6 +85,34 @@ def check_env(env, what: str) -> None:
         _text(value, f"{what}[{name!r}]", MAX_ENV_BYTES)
 
 
+MAX_PID = 1 << 22
+MAX_TAIL_BYTES = 1 << 20
+MAX_PROCESS_INPUT = 1 << 20
+MAX_TAG_BYTES = 256
+
+
+def check_process_ref(pid: int, tail_bytes: int = 0) -> None:
+    """A background process named by pid (1..2^22, the kernel's limit), and how much of its output to replay."""
+    if not 1 <= pid <= MAX_PID:
+        raise InvalidArgument(f"pid must be between 1 and {MAX_PID}", reason="INVALID_REQUEST")
+    if not 0 <= tail_bytes <= MAX_TAIL_BYTES:
+        raise InvalidArgument(f"tail_bytes must be between 0 and {MAX_TAIL_BYTES}", reason="INVALID_REQUEST")
+
+
+def check_process_input(data: bytes) -> None:
+    if len(data) > MAX_PROCESS_INPUT:
+        raise InvalidArgument(f"stdin is limited to {MAX_PROCESS_INPUT} bytes per call", reason="INVALID_REQUEST")
+
+
+def check_signal(number: int) -> None:
+    if not 1 <= number <= 64:
+        raise InvalidArgument("signal must be between 1 and 64", reason="INVALID_REQUEST")
+
+
+def check_tag(tag: str) -> None:
+    _text(tag, "tag", MAX_TAG_BYTES)
+
+
 def check_range(offset: int, length: int) -> None:
     if not (0 <= offset <= MAX_FILE_OFFSET and 0 <= length <= MAX_FILE_OFFSET):
         raise InvalidArgument(f"offset and length must be between 0 and {MAX_FILE_OFFSET}", reason="INVALID_RANGE")

@@ -88,6 +88,10 @@ class DataPlane:
             metadata={"node": record.node},
         )
 
+    def follow(self, record: SandboxRecord, call):
+        """The responses of a server-streaming relay `call` while the sandbox's node stays alive."""
+        return self._guarded(record, call)
+
     async def exec(self, request: api.ExecRequest, deadline: float | None):
         check_process(request.process)
         record = await self.sandboxes.running(request.sandbox)

@@ -9,6 +9,7 @@ from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.node_admin import NodeAdmin
+from services.gateway.processes import BackgroundProcesses
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.snapshots import SnapshotOps
 from services.gateway.templates import TemplateCatalog
@@ -21,6 +22,7 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
         self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
         self.console = console
         self.templates = TemplateCatalog(sandboxes.nodes.context.etcd)
+        self.processes = BackgroundProcesses(data)
 
     async def CreateSandbox(self, request, context):
         return api.CreateSandboxResponse(sandbox=await self.sandboxes.create(request))
@@ -53,6 +55,22 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     async def Exec(self, request, context):
         async for event in self.data.exec(request, context.time_remaining()):
             yield event
+
+    async def StartProcess(self, request, context):
+        return await self.processes.start(request, context.time_remaining())
+
+    async def ListProcesses(self, request, context):
+        return await self.processes.list(request, context.time_remaining())
+
+    async def ConnectProcess(self, request, context):
+        async for event in self.processes.connect(request, context.time_remaining()):
+            yield event
+
+    async def SendProcessInput(self, request, context):
+        return await self.processes.send_input(request, context.time_remaining())
+
+    async def SignalProcess(self, request, context):
+        return await self.processes.signal(request, context.time_remaining())
 
     async def ExecInteractive(self, request_iterator, context):
         async for event in self.data.exec_interactive(request_iterator, context.time_remaining()):

@@ -16,6 +16,7 @@ from services.common.server import ServiceContext
 from services.common.settings import RelaySettings
 from services.relay.agent_channel import AgentStream, AgentTarget
 from services.relay.archives import GuestArchives
+from services.relay.background import GuestBackground
 from services.relay.channel_pool import ChannelPool
 from services.relay.files import GuestFiles
 from services.relay.guest_clock import sync_all, sync_quietly
@@ -38,10 +39,27 @@ class DataPlaneServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
         self.processes, self.files = processes, files
         self.archives = archives or GuestArchives(files.open_stream)
         self.watches = watches or GuestWatches(files.open_stream)
+        self.background = GuestBackground(files.open_stream)
 
     async def Exec(self, request, context):
         async for event in self.processes.exec(request):
             yield event
+
+    async def StartProcess(self, request, context):
+        return await self.background.start(request)
+
+    async def ListProcesses(self, request, context):
+        return await self.background.list(request)
+
+    async def ConnectProcess(self, request, context):
+        async for event in self.background.connect(request):
+            yield event
+
+    async def SendProcessInput(self, request, context):
+        return await self.background.send_input(request)
+
+    async def SignalProcess(self, request, context):
+        return await self.background.signal(request)
 
     async def ExecInteractive(self, request_iterator, context):
         async for event in self.processes.exec_interactive(request_iterator):
