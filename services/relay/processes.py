@@ -23,8 +23,10 @@ MAX_EXEC_STDIN = 4 << 20
 OUTPUT_FIELD = {agent_pb2.OUTPUT_CHANNEL_STDOUT: "stdout", agent_pb2.OUTPUT_CHANNEL_STDERR: "stderr"}
 
 
-async def exec_events(stream: AgentStream):
-    """Agent frames of an exec stream as public ExecResponse events; grants credit as output is taken."""
+async def exec_events(stream: AgentStream, max_output_bytes: int = 0):
+    """Agent frames of an exec stream as public ExecResponse events; grants credit as output is taken. Output
+    beyond `max_output_bytes` (0: no limit) is dropped, its credit granted at once."""
+    produced = 0
     while True:
         try:
             frame = await stream.receive(timeout=KEEPALIVE_SECONDS)
@@ -33,13 +35,21 @@ async def exec_events(stream: AgentStream):
             continue
         kind = frame.WhichOneof("body")
         if kind == "output":
-            yield api.ExecResponse(**{OUTPUT_FIELD.get(frame.output.channel, "stdout"): frame.output.data})
+            data = frame.output.data
+            room = max_output_bytes - produced if max_output_bytes else len(data)
+            produced += len(data)
+            if room > 0:
+                yield api.ExecResponse(**{OUTPUT_FIELD.get(frame.output.channel, "stdout"): data[:room]})
             # Credit returns only once the event was handed to gRPC (which applies its own flow control).
-            await stream.grant(len(frame.output.data))
+            await stream.grant(len(data))
         elif kind == "exec_started":
             yield api.ExecResponse(started=api.ProcessStarted(pid=frame.exec_started.pid))
         elif kind == "exec_exited":
-            exited = api.ProcessExited(timed_out=frame.exec_exited.timed_out)
+            exited = api.ProcessExited(
+                timed_out=frame.exec_exited.timed_out,
+                output_bytes=produced,
+                output_truncated=bool(max_output_bytes) and produced > max_output_bytes,
+            )
             if frame.exec_exited.signal:
                 exited.signal = frame.exec_exited.signal
             else:
@@ -73,7 +83,7 @@ class GuestProcesses:
             await stream.send(exec_start=start)
             if request.stdin:
                 await send_stdin(stream, request.stdin)
-            async for event in exec_events(stream):
+            async for event in exec_events(stream, request.max_output_bytes):
                 finished = event.HasField("exited")
                 yield event
         finally:
