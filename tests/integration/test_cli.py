@@ -151,3 +151,9 @@ def test_run_creates_runs_and_deletes(mvm, sandbox_id, run_label):
     result = mvm("run", "--label", run_label, "--env", "A=1", "--", "sh", "-c", "echo $A; exit 4")
     assert (result.returncode, result.stdout) == (4, "1\n")
     assert mvm.ok("ls", "--label", run_label, "-q").split() == [sandbox_id]  # its own sandbox is gone
+
+
+def test_templates_lists_what_create_takes(mvm):
+    assert [row.split()[0] for row in mvm.ok("templates").splitlines()] == ["default"]
+    (default,) = json.loads(mvm.ok("templates", "--json"))
+    assert default["name"] == "templates/default" and default["nodes"] and int(default["diskBytes"]) > 0
