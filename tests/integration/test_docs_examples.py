@@ -10,13 +10,16 @@ nothing executable goes untested by accident. A comment right before a block cha
 - `<!-- setup -->`: the document's setup block, which a reader runs once in their shell before the others.
   It runs once per document here (its own test), and the variables it assigns are handed to every later block
   of that document. A sandbox it names in `ID` is deleted at the end.
+- `<!-- needs networking -->`: the block runs against a second stack with sandbox networking on, inside a
+  network namespace of its own (tests/netns.py; root only), after the document's setup block ran there too.
 
 What the test provides, as `make up` and an activated venv (`. .venv/bin/activate`) would:
 - `HOME` with `~/.microvm` being the test stack's state dir (so `~/.microvm/admin.key` is its admin key) and
   `MVM_STATE_DIR` pointing there too; no `MVM_API_KEY` (blocks set it or the SDK reads the key file);
 - `MVM_GATEWAY` (gRPC) and `MVM_HTTP` (HTTP/JSON base URL): the test stack listens on free ports, not on
   `make up`'s 127.0.0.1:50051 and :8080, so blocks write `${MVM_GATEWAY:-127.0.0.1:50051}` and
-  `${MVM_HTTP:-http://127.0.0.1:8080}`; likewise `MVM_ETCD_ENDPOINTS` (etcd, not on 127.0.0.1:2379);
+  `${MVM_HTTP:-http://127.0.0.1:8080}`; likewise `MVM_ETCD_ENDPOINTS` (etcd, not on 127.0.0.1:2379) and
+  `MVM_SUPERVISOR_ETCD_CLIENT_PORT` (so `mvm-supervisor status` finds it);
 - the venv's `bin` first on PATH (`mvm`, `grpcurl`, `python`).
 A block must exit 0 and print something.
 """
@@ -70,6 +73,10 @@ class Snippet:
         return self.note.startswith("not run")
 
     @property
+    def networked(self) -> bool:
+        return self.note == "needs networking"
+
+    @property
     def runs(self) -> bool:
         return self.kind in RUN and not self.not_run
 
@@ -101,6 +108,8 @@ def test_every_block_says_whether_it_runs():
             problems.append(f"{snippet.id}: `<!-- not run: REASON -->` needs its reason")
         elif snippet.setup and snippet.kind not in SHELLS:
             problems.append(f"{snippet.id}: a setup block is a shell block")
+        elif snippet.note and not (snippet.setup or snippet.not_run or snippet.networked):
+            problems.append(f"{snippet.id}: unknown note {snippet.note!r} (setup, needs networking, not run: REASON)")
     for doc in DOCS:
         if sum(s.setup for s in snippets(doc)) > 1:
             problems.append(f"{doc.relative_to(REPO)}: more than one setup block")
@@ -123,106 +132,117 @@ def test_http_api_doc_lists_every_route():
     assert set(rows) == served, f"missing: {sorted(served - set(rows))}; not served: {sorted(set(rows) - served)}"
 
 
-@pytest.fixture(scope="session")
-def docs_home(stack, tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("docs-home")
-    (home / ".microvm").symlink_to(stack.state_dir)
-    return home
+class DocsStack:
+    """A stack as the examples see it: a HOME whose ~/.microvm is its state dir, its addresses in the environment,
+    and for a stack inside a network namespace, every command run in there. Each document's setup block runs
+    once per stack; later blocks get the variables it assigned."""
 
+    def __init__(self, stack, home: Path, namespace: str | None = None) -> None:
+        self.stack, self.home, self.namespace = stack, home, namespace
+        (home / ".microvm").symlink_to(stack.state_dir)
+        self.setups: dict[Path, dict[str, str] | BaseException] = {}
 
-def environment(stack, home: Path) -> dict[str, str]:
-    config = yaml.safe_load(stack.config_path.read_text())
-    venv_bin = str(Path(sys.executable).parent)
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        MVM_STATE_DIR=str(stack.state_dir),
-        MVM_GATEWAY=stack.gateway_address,
-        MVM_HTTP="http://" + config["gateway"]["http_listen"],
-        MVM_ETCD_ENDPOINTS=stack.etcd_endpoint,
-        PATH=f"{venv_bin}:{os.environ['PATH']}",
-        VIRTUAL_ENV=str(Path(venv_bin).parent),
-        # npm keeps its cache under HOME: keep the real one, so `npm ci` needs no network.
-        npm_config_cache=os.environ.get("npm_config_cache", str(Path.home() / ".npm")),
-    )
-    env.pop("MVM_API_KEY", None)
-    return env
+    def environment(self) -> dict[str, str]:
+        config = yaml.safe_load(self.stack.config_path.read_text())
+        venv_bin = str(Path(sys.executable).parent)
+        env = dict(
+            os.environ,
+            HOME=str(self.home),
+            MVM_STATE_DIR=str(self.stack.state_dir),
+            MVM_GATEWAY=self.stack.gateway_address,
+            MVM_HTTP="http://127.0.0.1:" + config["gateway"]["http_listen"].rpartition(":")[2],
+            MVM_ETCD_ENDPOINTS=self.stack.etcd_endpoint,
+            # `mvm-supervisor status` finds its etcd by the supervisor's port (make up's: 2379).
+            MVM_SUPERVISOR_ETCD_CLIENT_PORT=self.stack.etcd_endpoint.rpartition(":")[2],
+            PATH=f"{venv_bin}:{os.environ['PATH']}",
+            VIRTUAL_ENV=str(Path(venv_bin).parent),
+            # npm keeps its cache under HOME: keep the real one, so `npm ci` needs no network.
+            npm_config_cache=os.environ.get("npm_config_cache", str(Path.home() / ".npm")),
+        )
+        env.pop("MVM_API_KEY", None)
+        return env
 
+    def run(self, code: str, kind: str = "sh", variables: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        command = ["python", "-c", code] if kind == "python" else ["bash", "-euo", "pipefail", "-c", code]
+        if self.namespace:
+            command = ["ip", "netns", "exec", self.namespace, *command]
+        env = {**self.environment(), **(variables or {})}
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
-def run(snippet: Snippet, env: dict[str, str]) -> subprocess.CompletedProcess:
-    if snippet.kind == "python":
-        command = ["python", "-c", snippet.code]
-    else:
-        command = ["bash", "-euo", "pipefail", "-c", snippet.code]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
-class SetupVariables:
-    """Each document's setup block, run once; the variables it assigned, by document."""
-
-    def __init__(self, stack, home: Path) -> None:
-        self.stack, self.home = stack, home
-        self.done: dict[Path, dict[str, str] | BaseException] = {}
-
-    def of(self, doc: Path) -> dict[str, str]:
+    def variables(self, doc: Path) -> dict[str, str]:
+        """What `doc`'s setup block assigned (run now, the first time it is asked)."""
         setup = next((s for s in snippets(doc) if s.setup), None)
         if setup is None:
             return {}
-        if doc not in self.done:
-            self.done[doc] = self._run(setup)
-        outcome = self.done[doc]
+        if doc not in self.setups:
+            self.setups[doc] = self._run_setup(setup)
+        outcome = self.setups[doc]
         if isinstance(outcome, BaseException):
             pytest.fail(f"the setup block of {doc.relative_to(REPO)} failed: {outcome}")
         return outcome
 
-    def _run(self, setup: Snippet) -> dict[str, str] | BaseException:
+    def _run_setup(self, setup: Snippet) -> dict[str, str] | BaseException:
         names = sorted(set(ASSIGNED.findall(setup.code)))
         dump = self.home / f"setup-{setup.doc.stem}.vars"
-        printf = "".join(f'\nprintf "%s\\0%s\\0" {name} "${{{name}-}}" >>"{dump}"' for name in names)
         dump.write_bytes(b"")
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", setup.code + printf],
-            cwd=REPO,
-            env=environment(self.stack, self.home),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        printf = "".join(f'\nprintf "%s\\0%s\\0" {name} "${{{name}-}}" >>"{dump}"' for name in names)
+        result = self.run(setup.code + printf)
         if result.returncode != 0:
             return RuntimeError(f"exit {result.returncode}\n{setup.code}\n{result.stdout}\n{result.stderr}")
         fields = dump.read_text().split("\0")[:-1]
         return dict(zip(fields[::2], fields[1::2], strict=True))
 
     def clean_up(self) -> None:
-        for outcome in self.done.values():
+        """Deletes the sandboxes the setup blocks made (`ID`)."""
+        for outcome in self.setups.values():
             if isinstance(outcome, dict) and outcome.get("ID"):
-                subprocess.run(
-                    ["mvm", "rm", outcome["ID"]],
-                    env={**environment(self.stack, self.home), **outcome},
-                    capture_output=True,
-                    timeout=120,
-                )
+                self.run(f"mvm rm {outcome['ID']}", variables=outcome)
 
 
 @pytest.fixture(scope="session")
-def setups(stack, docs_home):
-    setups = SetupVariables(stack, docs_home)
-    yield setups
-    setups.clean_up()
+def docs_stack(stack, tmp_path_factory):
+    docs = DocsStack(stack, tmp_path_factory.mktemp("docs-home"))
+    yield docs
+    docs.clean_up()
+
+
+@pytest.fixture(scope="session")
+def networked_docs_stack(tmp_path_factory):
+    """A stack with sandbox networking, in a network namespace of its own (tests/netns.py), for the blocks
+    marked `<!-- needs networking -->`; made only when one of them runs."""
+    if os.geteuid() != 0:
+        pytest.skip("sandbox networking runs in a network namespace, which needs root")
+    from tests.netns import NetnsLab
+    from tests.stack import start_stack
+
+    lab = NetnsLab.create()
+    stack = None
+    try:
+        stack = start_stack(
+            tmp_path_factory.mktemp("docs-netns-stack"), {"networking": True}, timeout=120, netns=lab.node
+        )
+        docs = DocsStack(stack, tmp_path_factory.mktemp("docs-netns-home"), namespace=lab.node)
+        yield docs
+        docs.clean_up()
+    finally:
+        if stack is not None:
+            stack.stop()
+        lab.destroy()
 
 
 @pytest.mark.parametrize("snippet", RUNNABLE, ids=[s.id for s in RUNNABLE])
-def test_doc_example_runs(stack, docs_home, setups, snippet):
+def test_doc_example_runs(request, snippet):
     if snippet.kind == "json":
         json.loads(snippet.code)
         return
     if "node example.js" in snippet.code and shutil.which("node") is None:
         pytest.skip("node is not installed")
-    variables = setups.of(snippet.doc)
+    docs = request.getfixturevalue("networked_docs_stack" if snippet.networked else "docs_stack")
+    variables = docs.variables(snippet.doc)
     if snippet.setup:
         assert variables or snippet.code.strip(), "the setup block assigned nothing"
         return
-    result = run(snippet, {**environment(stack, docs_home), **variables})
+    result = docs.run(snippet.code, snippet.kind, variables)
     assert result.returncode == 0, (
         f"{snippet.id} failed (exit {result.returncode}):\n{snippet.code}\n{result.stdout}\n{result.stderr}"
     )
