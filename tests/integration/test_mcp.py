@@ -109,6 +109,10 @@ def test_mcp_tools_run_code_files_and_snapshots(stack):
             refused = await client.call_tool("expose_port", {"sandbox_id": sandbox_id, "guest_port": 8000})
             assert refused.is_error and "networking: false" in refused.content[0].text
             assert set(tools["create_sandbox"].input_schema["properties"]) >= {"egress", "allow"}
+            mine = [
+                s for s in result_data(await client.call_tool("list_sandboxes", {})) if s["sandbox_id"] == sandbox_id
+            ]
+            assert [s["state"] for s in mine] == ["RUNNING"]
             for target in (sandbox_id, restored["sandbox_id"]):
                 await client.call_tool("destroy_sandbox", {"sandbox_id": target})
             gone = await client.call_tool("run_command", {"sandbox_id": sandbox_id, "command": "true"})

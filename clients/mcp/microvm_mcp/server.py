@@ -15,6 +15,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from microvm.sandbox.v1 import sandbox_pb2
 from microvm_sandbox import AsyncClient, AsyncSandbox, SandboxError, languages
 from microvm_sandbox.aio import list_sandboxes, list_snapshots
 from microvm_sandbox.languages import Language
@@ -279,15 +280,20 @@ async def destroy_sandbox(
     return {"sandbox_id": sandbox_id, "state": "DELETED"}
 
 
-@server.tool(name="list_sandboxes", description="List your sandboxes.")
+@server.tool(name="list_sandboxes", description="List your sandboxes with their state and when they expire.")
 async def list_sandboxes_tool() -> list[dict[str, str]]:
+    try:
+        found = await list_sandboxes(client())
+    except SandboxError as error:
+        raise ToolError(f"{error.code}: {error.message}") from None
     return [
         {
             "sandbox_id": s.name.removeprefix("sandboxes/"),
+            "state": sandbox_pb2.SandboxState.Name(s.state).removeprefix("SANDBOX_STATE_"),
             "template": s.template,
             "expires": s.expire_time.ToJsonString(),
         }
-        for s in await list_sandboxes(client())
+        for s in found
     ]
 
 
