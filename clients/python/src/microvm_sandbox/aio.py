@@ -477,7 +477,8 @@ class AsyncSandbox:
         command: a string runs through /bin/sh -c; a list is argv (argv[0] looked up in PATH). env: added to
         the sandbox's environment. cwd, user: working directory and user (default /root, root). timeout:
         seconds before the process is killed (Exited.timed_out). stdin: bytes fed to it, then closed.
-        Stopping the iteration early cancels the call and the server kills the process."""
+        Stopping the iteration early cancels the call and the server kills the process. Without `timeout` the
+        call itself gives up after an hour (TimeoutError, the process killed): pass one for longer runs."""
         argv, shell = _argv(command)
         process = api.ProcessConfig(argv=argv, shell=shell, env=env or {}, cwd=cwd, user=user)
         if timeout:
