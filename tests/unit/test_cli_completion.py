@@ -62,3 +62,24 @@ def test_the_scripts_are_valid_and_printed_by_the_command(capsys):
     zsh = capsys.readouterr().out
     assert zsh == zsh_script(build_parser())
     assert "bashcompinit" in zsh and "complete -F _mvm mvm" in zsh
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh")
+def test_zsh_runs_the_same_completion_through_bashcompinit():
+    """zsh counts words from 1 and does its own prefix matching: the function must still find the command path."""
+    program = (
+        "autoload -U compinit && compinit -u\n"
+        + zsh_script(build_parser())
+        + "mvm() { echo sbx-one sbx-two; }\n"
+        + 't() { COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=(); '
+        + '_mvm mvm "${COMP_WORDS[-1]}" "${COMP_WORDS[-2]}"; print -r -- "${COMPREPLY[*]}"; }\n'
+        + 't mvm nodes ""\nt mvm ls --state ""\nt mvm exec ""\nt mvm exec sbx-one ""\n'
+    )
+    result = subprocess.run(["zsh", "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "get cordon uncordon drain",
+        "creating running paused deleting failed unavailable migrating",
+        "sbx-one sbx-two",
+        "",
+    ]

@@ -6,7 +6,7 @@ drifts from the commands.
 
 It completes command names, options, option choices (`--state`, `--egress`), and sandbox and snapshot ids (asking
 the gateway through `mvm ls -q` / `mvm snapshots ls -q`). zsh runs the same function through its bash
-completion compatibility (bashcompinit).
+completion compatibility (bashcompinit), which hands every candidate to zsh's own matching.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _words(values: list[str]) -> str:
 
 BASH_FUNCTION = r"""
 _mvm() {
-    local cur=$2 prev=$3 cmdpath=mvm base=0 npos=0 i word before kind
+    local cur=$2 prev=$3 cmdpath=mvm base=0 npos=0 i word before kind key
     [[ -n ${ZSH_VERSION-} ]] && base=1
     for ((i = base + 1; i < base + COMP_CWORD; i++)); do
         word=${COMP_WORDS[i]}
@@ -91,7 +91,8 @@ _mvm() {
         fi
     done
     if [[ " ${_mvm_valued[$cmdpath]} " == *" $prev "* ]]; then
-        COMPREPLY=($(compgen -W "${_mvm_choices["$cmdpath $prev"]}" -- "$cur"))
+        key="$cmdpath $prev"
+        COMPREPLY=($(compgen -W "${_mvm_choices[$key]}" -- "$cur"))
         return 0
     fi
     if [[ $cur == -* ]]; then
