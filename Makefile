@@ -90,6 +90,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.network
 	$(BIN)/python -m bench.cluster
 	$(BIN)/python -m bench.hostile
+	$(BIN)/python -m bench.clock
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)
