@@ -76,7 +76,8 @@ def test_exec_timeout_kills_the_process_and_the_old_flag_still_works(mvm, sandbo
 
 def test_ls_and_get_as_table_and_json(mvm, sandbox_id, run_label):
     rows = mvm.ok("ls", "--label", run_label).splitlines()
-    assert [row.split()[:2] for row in rows] == [[sandbox_id, "RUNNING"]]  # piped: no header row
+    assert [row.split()[:2] for row in rows] == [["ID", "STATE"], [sandbox_id, "RUNNING"]]
+    assert mvm.ok("ls", "--label", run_label, "--no-headers").split()[:2] == [sandbox_id, "RUNNING"]
     assert mvm.ok("ls", "--label", run_label, "-q").split() == [sandbox_id]
     listed = json.loads(mvm.ok("ls", "--json", "--label", run_label))
     assert [s["name"] for s in listed] == [f"sandboxes/{sandbox_id}"]
@@ -85,7 +86,7 @@ def test_ls_and_get_as_table_and_json(mvm, sandbox_id, run_label):
     assert shown["labels"] == dict([run_label.split("=")])
     view = mvm.ok("get", sandbox_id)
     assert "id:" in view and sandbox_id in view and "GREETING=hi there" in view
-    assert mvm.ok("ls", "--state", "paused", "--label", run_label) == ""
+    assert mvm.ok("ls", "--state", "paused", "--label", run_label, "-q") == ""
 
 
 def test_timeout_moves_the_expiry(mvm, sandbox_id):
@@ -154,6 +155,6 @@ def test_run_creates_runs_and_deletes(mvm, sandbox_id, run_label):
 
 
 def test_templates_lists_what_create_takes(mvm):
-    assert [row.split()[0] for row in mvm.ok("templates").splitlines()] == ["default"]
+    assert [row.split()[0] for row in mvm.ok("templates").splitlines()] == ["TEMPLATE", "default"]
     (default,) = json.loads(mvm.ok("templates", "--json"))
     assert default["name"] == "templates/default" and default["nodes"] and int(default["diskBytes"]) > 0

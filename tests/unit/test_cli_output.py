@@ -52,6 +52,7 @@ def test_a_table_aligns_its_columns_and_shows_its_header_only_when_asked():
     ]
     assert table(("ID", "STATE", "LABELS"), rows, header=False).splitlines()[0] == "sbx-1          RUNNING  a=1"
     assert table(("ID",), [], header=True) == "ID" and table(("ID",), [], header=False) == ""
+    assert table(("ID",), [["x"]]) == "ID\nx"  # a header unless --no-headers
 
 
 def test_the_sandbox_table_has_a_row_per_sandbox(monkeypatch):

@@ -18,7 +18,7 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from mvm_cli.channel import connect
 from mvm_cli.context import Context
 from mvm_cli.output import emit, fields, labels_text, table, to_json
-from mvm_cli.parsing import add_json, command_parser
+from mvm_cli.parsing import add_json, add_listing, command_parser
 
 STATE = {nodes_pb2.NODE_STATE_READY: "Ready", nodes_pb2.NODE_STATE_UNAVAILABLE: "Unavailable"}
 COLUMNS = ("NODE", "STATE", "SANDBOXES", "VCPUS", "MEMORY", "HYPERVISOR", "LABELS")
@@ -68,7 +68,7 @@ def register(sub) -> None:
         "mvm nodes drain n2 --migrate --reason 'kernel update'",
         description=__doc__,
     )
-    add_json(nodes)
+    add_listing(nodes, "names")
     nodes.set_defaults(handler=nodes_command)
     actions = nodes.add_subparsers(dest="action", metavar="{get,cordon,uncordon,drain}")
     get = command_parser(actions, "get", "show one node", "mvm nodes get n1 --json")
@@ -100,7 +100,12 @@ def nodes_command(ctx: Context, args) -> int:
     action = getattr(args, "action", None)
     if not action:
         found = stub.ListNodes(nodes_pb2.ListNodesRequest(), timeout=30).nodes
-        emit(to_json(list(found)) if args.json else table(COLUMNS, [row(n) for n in found]))
+        if args.json:
+            emit(to_json(list(found)))
+        elif args.quiet:
+            emit("\n".join(n.name.removeprefix("nodes/") for n in found))
+        else:
+            emit(table(COLUMNS, [row(n) for n in found], header=not args.no_headers))
     elif action == "get":
         show(stub.GetNode(nodes_pb2.GetNodeRequest(name=node_name(args.node)), timeout=30).node, args)
     elif action == "cordon":

@@ -1,8 +1,8 @@
 """How `mvm` prints: tables, key/value views, JSON, and one-line errors.
 
-Tables have a header row on a terminal; piped, they print only their rows (columns stay the same, for `awk` and
-`cut`). `--json` prints protobuf's JSON mapping of the messages (the HTTP API's field names), the stable format
-for scripts: every field, defaults included.
+Tables have a header row (`--no-headers` leaves it out, for `awk` and `cut`; `-q` prints only ids). `--json` prints
+protobuf's JSON mapping of the messages (the HTTP API's field names), the stable format for scripts: every field,
+defaults included.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ def short(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], header: bool | None = None) -> str:
-    """Rows in aligned columns (two spaces apart), with `headers` on top when `header` (default: stdout is a
-    terminal). The last column is not padded."""
-    show = sys.stdout.isatty() if header is None else header
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], header: bool = True) -> str:
+    """Rows in aligned columns (two spaces apart), with `headers` on top unless header=False. The last column is
+    not padded."""
     lines = [[str(cell) for cell in row] for row in rows]
-    if show:
+    if header:
         lines.insert(0, list(headers))
     if not lines:
         return ""
@@ -123,7 +122,7 @@ def sandbox_row(sandbox: sandbox_pb2.Sandbox, now: float | None = None) -> list[
     ]
 
 
-def sandbox_table(sandboxes: Sequence[sandbox_pb2.Sandbox], header: bool | None = None) -> str:
+def sandbox_table(sandboxes: Sequence[sandbox_pb2.Sandbox], header: bool = True) -> str:
     return table(SANDBOX_COLUMNS, [sandbox_row(s) for s in sandboxes], header)
 
 
@@ -158,9 +157,7 @@ def size_text(size_bytes: int) -> str:
     return f"{size_bytes / 1e6:.1f}MB"
 
 
-def snapshot_table(
-    snapshots: Sequence[sandbox_pb2.Snapshot], header: bool | None = None, now: float | None = None
-) -> str:
+def snapshot_table(snapshots: Sequence[sandbox_pb2.Snapshot], header: bool = True, now: float | None = None) -> str:
     """Snapshots as a table whose ID column is the lineage tree: children under the snapshot their source was
     restored from."""
     by_name = {s.name: s for s in snapshots}

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Sequence
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
+JSON_HELP = "print JSON (protobuf's JSON mapping) instead of text"
 GLOBAL_HELP = {
     "--gateway": "gateway address (env MVM_GATEWAY)",
     "--debug": "print the Python traceback of an error",
@@ -66,7 +67,16 @@ def _wrapped(text: str) -> str:
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (protobuf's JSON mapping) instead of text")
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def add_listing(parser: argparse.ArgumentParser, what: str = "ids", keep: bool = False) -> None:
+    """--json, --quiet/-q and --no-headers of a listing command. `keep`: on a sub-command of a parser that has
+    them too (`snapshots ls`), do not overwrite what the parent read."""
+    defaults = {"default": argparse.SUPPRESS} if keep else {}
+    parser.add_argument("--json", action="store_true", help=JSON_HELP, **defaults)
+    parser.add_argument("--quiet", "-q", action="store_true", help=f"print only {what}", **defaults)
+    parser.add_argument("--no-headers", action="store_true", help="leave out the table's header row", **defaults)
 
 
 def parse_pairs(pairs: Sequence[str] | None, what: str) -> dict[str, str]:

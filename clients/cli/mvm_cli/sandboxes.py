@@ -18,7 +18,7 @@ from microvm_sandbox.aio import STATES, sandbox_name
 from mvm_cli.channel import connect
 from mvm_cli.context import Context, for_each
 from mvm_cli.output import emit, sandbox_table, sandbox_view, short, to_json, until
-from mvm_cli.parsing import CliError, add_json, command_parser, parse_duration, parse_pairs
+from mvm_cli.parsing import CliError, add_json, add_listing, command_parser, parse_duration, parse_pairs
 
 # The commands whose trailing words are the remote command, and how many positionals come before it.
 REMOTE_COMMAND = {"exec": 1, "run": 0}
@@ -95,8 +95,7 @@ def register(sub) -> None:
     ls.add_argument("--label", action="append", metavar="KEY=VALUE", help="only with this label (repeatable)")
     ls.add_argument("--filter", default="", metavar="labels.K=V ...", help="the API's label filter")
     ls.add_argument("--state", choices=[s.lower() for s in STATES if s != "UNSPECIFIED"], help="only in this state")
-    ls.add_argument("--quiet", "-q", action="store_true", help="print only ids")
-    add_json(ls)
+    add_listing(ls)
     ls.set_defaults(handler=ls_command)
 
     get = command_parser(sub, "get", "show one sandbox", "mvm get sbx-1a2b3c --json")
@@ -236,7 +235,7 @@ def ls_command(ctx: Context, args) -> int:
     elif args.quiet:
         emit("\n".join(short(s.name) for s in sandboxes))
     else:
-        emit(sandbox_table(sandboxes))
+        emit(sandbox_table(sandboxes, header=not args.no_headers))
     return 0
 
 

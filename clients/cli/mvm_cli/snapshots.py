@@ -9,15 +9,14 @@ from microvm_sandbox import Sandbox
 from microvm_sandbox.aio import snapshot_name
 from mvm_cli.context import Context, for_each
 from mvm_cli.output import emit, short, snapshot_table, snapshot_view, to_json
-from mvm_cli.parsing import add_json, command_parser, parse_duration, parse_pairs
+from mvm_cli.parsing import add_json, add_listing, command_parser, parse_duration, parse_pairs
 
 
 def _add_list_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     # Given to both `snapshots` and `snapshots ls`; on `snapshots ls` SUPPRESS keeps what `snapshots` read.
-    keep = {} if defaults else {"default": argparse.SUPPRESS}
-    parser.add_argument("--sandbox", metavar="ID", help="only snapshots of this sandbox", **{"default": "", **keep})
-    parser.add_argument("--quiet", "-q", action="store_true", help="print only ids", **keep)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text", **keep)
+    default = "" if defaults else argparse.SUPPRESS
+    parser.add_argument("--sandbox", metavar="ID", default=default, help="only snapshots of this sandbox")
+    add_listing(parser, keep=not defaults)
 
 
 def register(sub) -> None:
@@ -102,7 +101,7 @@ def list_command(ctx: Context, args) -> int:
     elif args.quiet:
         emit("\n".join(short(s.name) for s in snapshots))
     else:
-        emit(snapshot_table(snapshots))
+        emit(snapshot_table(snapshots, header=not args.no_headers))
     return 0
 
 

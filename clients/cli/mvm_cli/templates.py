@@ -5,7 +5,7 @@ from __future__ import annotations
 from microvm.sandbox.v1 import template_pb2
 from mvm_cli.context import Context
 from mvm_cli.output import emit, short, size_text, table, to_json
-from mvm_cli.parsing import add_json, command_parser
+from mvm_cli.parsing import add_listing, command_parser
 
 COLUMNS = ("TEMPLATE", "WARM", "DISK", "NODES", "WARM SIZES")
 
@@ -30,8 +30,7 @@ def register(sub) -> None:
         "that have each one's image built, whether a create there restores a booted guest (warm), and the root "
         "filesystem's size (the most a sandbox's disk can grow to).",
     )
-    templates.add_argument("--quiet", "-q", action="store_true", help="print only names")
-    add_json(templates)
+    add_listing(templates, "names")
     templates.set_defaults(handler=templates_command)
 
 
@@ -42,5 +41,5 @@ def templates_command(ctx: Context, args) -> int:
     elif args.quiet:
         emit("\n".join(short(t.name) for t in found))
     else:
-        emit(table(COLUMNS, [row(t) for t in found]))
+        emit(table(COLUMNS, [row(t) for t in found], header=not args.no_headers))
     return 0
