@@ -140,7 +140,9 @@ def test_snapshots_list_show_and_rm_and_fork_leaves_none(mvm, sandbox_id):
     assert "snap-000000000000" in removed.stderr and "1 of 2 snapshots failed" in removed.stderr
     assert mvm.ok("snapshots", "--sandbox", sandbox_id, "-q") == ""
 
-    clone = mvm.ok("fork", sandbox_id).strip()
+    (forked,) = json.loads(mvm.ok("fork", sandbox_id, "--json"))
+    clone = forked["name"].removeprefix("sandboxes/")
+    assert forked["state"] == "SANDBOX_STATE_RUNNING" and forked["env"] == {"GREETING": "hi there"}
     try:
         assert mvm.ok("exec", clone, "--", "sh", "-c", "echo $GREETING") == "hi there\n"
         assert mvm.ok("snapshots", "--sandbox", sandbox_id, "-q") == ""  # the fork's snapshot is gone
@@ -158,3 +160,25 @@ def test_templates_lists_what_create_takes(mvm):
     assert [row.split()[0] for row in mvm.ok("templates").splitlines()] == ["TEMPLATE", "default"]
     (default,) = json.loads(mvm.ok("templates", "--json"))
     assert default["name"] == "templates/default" and default["nodes"] and int(default["diskBytes"]) > 0
+
+
+def test_exec_with_a_terminal_runs_interactively(mvm, sandbox_id):
+    """`mvm exec -t` on a terminal: the remote process gets a pty of its own and its output comes back."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: mvm on the terminal pty.fork made
+        os.execve(sys.executable, [sys.executable, "-m", "mvm_cli.main", "exec", "-t", sandbox_id, "--",
+                                   "sh", "-c", "tty; echo interactive; exit 5"], mvm.env)  # fmt: skip
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 5, output
+    assert b"/dev/pts/" in output and b"interactive" in output
