@@ -57,10 +57,34 @@ def test_a_table_aligns_its_columns_and_shows_its_header_only_when_asked():
 
 def test_the_sandbox_table_has_a_row_per_sandbox(monkeypatch):
     monkeypatch.setattr("time.time", lambda: NOW)
-    text = sandbox_table([sandbox("sbx-1", labels={"b": "2", "a": "1"}), sandbox("sbx-2", node="")], header=True)
+    first_one = sandbox("sbx-1", labels={"b": "2", "a": "1"}, hypervisor="qemu/tcg")
+    text = sandbox_table([first_one, sandbox("sbx-2", node="")], header=True)
     header, first, second = text.splitlines()
-    assert header.split() == ["ID", "STATE", "TEMPLATE", "CPU", "MEMORY", "NODE", "IP", "EXPIRES", "LABELS"]
-    assert first.split() == ["sbx-1", "RUNNING", "default", "1", "256MiB", "n1", "-", "in", "10m", "a=1,b=2"]
+    assert header.split() == [
+        "ID",
+        "STATE",
+        "TEMPLATE",
+        "CPU",
+        "MEMORY",
+        "NODE",
+        "HYPERVISOR",
+        "IP",
+        "EXPIRES",
+        "LABELS",
+    ]
+    assert first.split() == [
+        "sbx-1",
+        "RUNNING",
+        "default",
+        "1",
+        "256MiB",
+        "n1",
+        "qemu/tcg",
+        "-",
+        "in",
+        "10m",
+        "a=1,b=2",
+    ]
     assert second.split()[5] == "-"
 
 

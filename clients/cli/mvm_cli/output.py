@@ -105,7 +105,7 @@ def ports_text(sandbox: sandbox_pb2.Sandbox) -> str:
     return ",".join(f"{p.host_address}:{p.host_port}->{p.guest_port}" for p in sandbox.exposed_ports) or "-"
 
 
-SANDBOX_COLUMNS = ("ID", "STATE", "TEMPLATE", "CPU", "MEMORY", "NODE", "IP", "EXPIRES", "LABELS")
+SANDBOX_COLUMNS = ("ID", "STATE", "TEMPLATE", "CPU", "MEMORY", "NODE", "HYPERVISOR", "IP", "EXPIRES", "LABELS")
 
 
 def sandbox_row(sandbox: sandbox_pb2.Sandbox, now: float | None = None) -> list[object]:
@@ -116,6 +116,7 @@ def sandbox_row(sandbox: sandbox_pb2.Sandbox, now: float | None = None) -> list[
         sandbox.vcpus,
         f"{sandbox.memory_mib}MiB",
         sandbox.node or "-",
+        sandbox.hypervisor or "-",
         sandbox.ip_address or "-",
         until(sandbox.expire_time, now),
         labels_text(sandbox.labels),
