@@ -14,6 +14,7 @@ from microvm_sandbox.aio import (
     AsyncSandbox,
     AsyncSnapshot,
 )
+from microvm_sandbox.commands import AsyncCommandHandle, CommandHandle, ProcessInfo
 from microvm_sandbox.errors import (
     AuthenticationError,
     CommandNotFound,
@@ -24,6 +25,7 @@ from microvm_sandbox.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ProcessNotFound,
     QuotaExceededError,
     RateLimitedError,
     SandboxError,
@@ -47,14 +49,18 @@ from microvm_sandbox.models import (
     egress_policy,
 )
 from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
+from microvm_sandbox.terminal import AsyncPtyHandle, PtyHandle
 
 __all__ = [
     "AsyncClient",
+    "AsyncCommandHandle",
     "AsyncExecStream",
+    "AsyncPtyHandle",
     "AsyncSandbox",
     "AsyncSnapshot",
     "AuthenticationError",
     "Client",
+    "CommandHandle",
     "CommandNotFound",
     "ConflictError",
     "ConsoleOutput",
@@ -69,6 +75,9 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ProcessInfo",
+    "ProcessNotFound",
+    "PtyHandle",
     "QuotaExceededError",
     "RateLimitedError",
     "Sandbox",

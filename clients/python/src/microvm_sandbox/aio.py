@@ -30,8 +30,10 @@ from microvm_sandbox.client import (
     sandbox_name,
     snapshot_name,
 )
+from microvm_sandbox.commands import AsyncCommands
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, from_rpc_error
 from microvm_sandbox.models import (
+    MAX_OUTPUT_BYTES,
     ConsoleOutput,
     ExecEvent,
     ExecResult,
@@ -47,6 +49,7 @@ from microvm_sandbox.models import (
     state_name,
 )
 from microvm_sandbox.snapshots import AsyncSnapshot
+from microvm_sandbox.terminal import AsyncPty
 
 __all__ = [
     "AsyncClient",
@@ -332,19 +335,22 @@ class AsyncSandbox:
         user: str = "",
         timeout: float | None = None,
         stdin: bytes = b"",
+        max_output_bytes: int = 0,
     ) -> AsyncExecStream:
         """Runs `command` and yields its events as they happen: Started, Stdout/Stderr chunks, then Exited.
 
         command: a string runs through /bin/sh -c; a list is argv (argv[0] looked up in PATH). env: added to
         the sandbox's environment. cwd, user: working directory and user (default /root, root). timeout:
         seconds before the process is killed (Exited.timed_out). stdin: bytes fed to it, then closed.
+        max_output_bytes: forward at most this much output (0, the default: all); the rest is dropped without
+        slowing the process, and Exited.truncated says so.
         Stopping the iteration early cancels the call and the server kills the process. Without `timeout` the
         call itself gives up after an hour (TimeoutError, the process killed): pass one for longer runs."""
         argv, shell = _argv(command)
         process = api.ProcessConfig(argv=argv, shell=shell, env=env or {}, cwd=cwd, user=user)
         if timeout:
             process.timeout.CopyFrom(_duration(timeout))
-        request = api.ExecRequest(sandbox=self.name, process=process, stdin=stdin)
+        request = api.ExecRequest(sandbox=self.name, process=process, stdin=stdin, max_output_bytes=max_output_bytes)
 
         def start() -> Any:
             return self.client.stub.Exec(request, metadata=self.client.metadata, timeout=(timeout or 3600) + 30)
@@ -362,12 +368,18 @@ class AsyncSandbox:
         stdin: bytes = b"",
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
     ) -> ExecResult:
         """Runs `command` to its end and returns its output and exit status (see `exec_stream` for the
         arguments). on_stdout/on_stderr: called with each chunk as it arrives (plain or async functions).
+        max_output_bytes: output kept, stdout and stderr together (default 16 MiB; 0: all); beyond it the rest is
+        dropped (the process is not slowed) and the result says `truncated`, with `output_bytes` written in all.
         A missing program raises CommandNotFound; a non-zero exit is a result, not an error."""
         stdout, stderr = bytearray(), bytearray()
-        async with self.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin) as stream:
+        stream = self.exec_stream(
+            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
+        )
+        async with stream:
             async for event in stream:
                 if isinstance(event, Stdout):
                     stdout += event.data
@@ -376,8 +388,19 @@ class AsyncSandbox:
                     stderr += event.data
                     await _deliver(on_stderr, event.data)
                 elif isinstance(event, Exited):
-                    return ExecResult(bytes(stdout), bytes(stderr), event.exit_code, event.signal, event.timed_out)
+                    return ExecResult.of(stdout, stderr, event)
         raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
+
+    @property
+    def commands(self) -> AsyncCommands:
+        """The sandbox's processes, E2B-style: `run` (foreground, or background=True for a handle), `list`,
+        `connect` (follow a background process again), `kill`, `signal`, `send_stdin` (microvm_sandbox.commands)."""
+        return AsyncCommands(self)
+
+    @property
+    def pty(self) -> AsyncPty:
+        """Terminals in the sandbox: `pty.create(cols=, rows=, cmd=, on_data=)` (microvm_sandbox.terminal)."""
+        return AsyncPty(self)
 
     async def run_code(
         self,

@@ -4,7 +4,8 @@
     ├── NotFoundError                 NOT_FOUND: a path, a port mapping, ...
     │   ├── SandboxNotFound           reason SANDBOX_NOT_FOUND (`.sandbox_id` says which)
     │   ├── SnapshotNotFound          reason SNAPSHOT_NOT_FOUND (`.snapshot_id`)
-    │   └── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_code's interpreter) is missing
+    │   ├── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_code's interpreter) is missing
+    │   └── ProcessNotFound           reason PROCESS_NOT_FOUND: no background process with that pid (`.pid`)
     ├── TimeoutError                  DEADLINE_EXCEEDED (also a builtin TimeoutError; alias DeadlineExceededError)
     ├── InvalidArgumentError          INVALID_ARGUMENT, OUT_OF_RANGE
     ├── PermissionDeniedError         PERMISSION_DENIED
@@ -85,6 +86,17 @@ class CommandNotFound(NotFoundError):
     `metadata` then has `language` and `interpreter`)."""
 
 
+class ProcessNotFound(NotFoundError):
+    """The sandbox has no background process with that pid: never started there, or ended too long ago (the
+    guest keeps the last 32 that ended)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Which pid, when the server said (else None)."""
+        text = self.metadata.get("pid") or self.message.rsplit(" ", 1)[-1]
+        return int(text) if text.isdigit() else None
+
+
 class ConflictError(SandboxError):
     """ALREADY_EXISTS, or ABORTED (a concurrent change won; retrying may succeed)."""
 
@@ -149,6 +161,7 @@ BY_REASON: dict[str, type[SandboxError]] = {
     "SANDBOX_NOT_FOUND": SandboxNotFound,
     "SNAPSHOT_NOT_FOUND": SnapshotNotFound,
     "COMMAND_NOT_FOUND": CommandNotFound,
+    "PROCESS_NOT_FOUND": ProcessNotFound,
     "RATE_LIMITED": RateLimitedError,
 }
 

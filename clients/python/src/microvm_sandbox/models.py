@@ -16,6 +16,9 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import InvalidArgumentError
 
+# Output a collecting call (`exec`, `commands.run`, a handle's `wait`) keeps by default: stdout and stderr together.
+MAX_OUTPUT_BYTES = 16 << 20
+
 
 @dataclass
 class Started:
@@ -41,11 +44,14 @@ class Stderr:
 @dataclass
 class Exited:
     """The process ended: `exit_code`, or `signal` when a signal killed it (then `exit_code` is None);
-    `timed_out` when its exec `timeout` killed it."""
+    `timed_out` when its exec `timeout` killed it. `truncated`: output beyond the call's `max_output_bytes` was
+    dropped; `output_bytes`: what the process wrote in all, stdout and stderr (0 where the server did not count)."""
 
     exit_code: int | None
     signal: int | None
     timed_out: bool
+    truncated: bool = False
+    output_bytes: int = 0
 
 
 ExecEvent = Started | Stdout | Stderr | Exited
@@ -53,13 +59,30 @@ ExecEvent = Started | Stdout | Stderr | Exited
 
 @dataclass
 class ExecResult:
-    """What a process printed and how it ended. `ok`: it exited 0."""
+    """What a process printed and how it ended. `ok`: it exited 0. `truncated`: stdout and stderr do not hold all
+    the process wrote (a call collects at most its `max_output_bytes`); `output_bytes`: what it wrote in all."""
 
     stdout: bytes
     stderr: bytes
     exit_code: int | None
     signal: int | None = None
     timed_out: bool = False
+    truncated: bool = False
+    output_bytes: int = 0
+
+    @classmethod
+    def of(cls, stdout: bytes | bytearray, stderr: bytes | bytearray, exited: Exited) -> ExecResult:
+        """The result of the output collected and the process's `Exited` event."""
+        output_bytes = exited.output_bytes or len(stdout) + len(stderr)
+        return cls(
+            bytes(stdout),
+            bytes(stderr),
+            exited.exit_code,
+            exited.signal,
+            exited.timed_out,
+            exited.truncated,
+            output_bytes,
+        )
 
     @property
     def ok(self) -> bool:
@@ -236,5 +259,11 @@ def exec_event(message: api.ExecResponse) -> ExecEvent | None:
     if kind == "exited":
         exited = message.exited
         is_signal = exited.WhichOneof("status") == "signal"
-        return Exited(None if is_signal else exited.exit_code, exited.signal if is_signal else None, exited.timed_out)
+        return Exited(
+            None if is_signal else exited.exit_code,
+            exited.signal if is_signal else None,
+            exited.timed_out,
+            exited.output_truncated,
+            exited.output_bytes,
+        )
     return None  # keepalive

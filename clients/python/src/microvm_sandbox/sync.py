@@ -26,18 +26,18 @@ from microvm_sandbox.aio import (
     list_sandboxes,
     list_snapshots,
 )
+from microvm_sandbox.commands import Commands, collect
 from microvm_sandbox.errors import SandboxError
 from microvm_sandbox.models import (
+    MAX_OUTPUT_BYTES,
     ConsoleOutput,
     ExecEvent,
     ExecResult,
-    Exited,
     FileEntry,
     SandboxInfo,
     SnapshotInfo,
-    Stderr,
-    Stdout,
 )
+from microvm_sandbox.terminal import Pty
 
 T = TypeVar("T")
 
@@ -341,10 +341,14 @@ class Sandbox:
         user: str = "",
         timeout: float | None = None,
         stdin: bytes = b"",
+        max_output_bytes: int = 0,
     ) -> ExecStream:
         """Runs `command` and yields its events as they happen (see `AsyncSandbox.exec_stream`). Stopping the
         loop early cancels the call and the server kills the process."""
-        return ExecStream(self.aio.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin))
+        inner = self.aio.exec_stream(
+            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
+        )
+        return ExecStream(inner)
 
     def exec(
         self,
@@ -357,25 +361,31 @@ class Sandbox:
         stdin: bytes = b"",
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
     ) -> ExecResult:
-        """Runs `command` to its end (see `AsyncSandbox.exec`). on_stdout/on_stderr are called in this thread
+        """Runs `command` to its end (see `AsyncSandbox.exec`), keeping at most `max_output_bytes` of output
+        (default 16 MiB, 0: all; the result says `truncated`). on_stdout/on_stderr are called in this thread
         with each chunk as it arrives."""
         if on_stdout is None and on_stderr is None:
-            return self._loop.run(self.aio.exec(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin))
-        stdout, stderr = bytearray(), bytearray()
-        with self.exec_stream(command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin) as stream:
-            for event in stream:
-                if isinstance(event, Stdout):
-                    stdout += event.data
-                    if on_stdout is not None:
-                        on_stdout(event.data)
-                elif isinstance(event, Stderr):
-                    stderr += event.data
-                    if on_stderr is not None:
-                        on_stderr(event.data)
-                elif isinstance(event, Exited):
-                    return ExecResult(bytes(stdout), bytes(stderr), event.exit_code, event.signal, event.timed_out)
-        raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
+            inner = self.aio.exec(
+                command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
+            )
+            return self._loop.run(inner)
+        stream = self.aio.exec_stream(
+            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
+        )
+        return collect(stream, self._loop.run, on_stdout, on_stderr, max_output_bytes)
+
+    @property
+    def commands(self) -> Commands:
+        """The sandbox's processes (see `microvm_sandbox.commands`): run (foreground or background), list, connect,
+        kill, signal, send_stdin."""
+        return Commands(self.aio.commands, self._loop.run)
+
+    @property
+    def pty(self) -> Pty:
+        """Terminals in the sandbox: `pty.create(cols=, rows=, cmd=, on_data=)` (see `microvm_sandbox.terminal`)."""
+        return Pty(self.aio.pty, self._loop.run)
 
     def run_code(
         self,

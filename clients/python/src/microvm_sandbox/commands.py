@@ -1,0 +1,815 @@
+"""A sandbox's processes, E2B-style: `sandbox.commands.run/list/connect/kill/send_stdin` (async: `AsyncCommands`,
+sync: `Commands`).
+
+    async with AsyncSandbox.create() as sb:
+        result = await sb.commands.run("ls -l /")                # to its end: an ExecResult
+        web = await sb.commands.run("python3 -m http.server 8000", background=True, tag="web",
+                                    on_stdout=lambda data: print(data.decode(), end=""))
+        print(web.pid, [(p.pid, p.tag, p.running) for p in await sb.commands.list()])
+        await web.kill()
+        print((await web.wait()).signal)                          # 9
+
+A background process belongs to the sandbox, not to the call that started it: it runs on when its handle is
+dropped or the program ends, and `commands.connect(pid)` follows it again (from up to the newest 1 MiB of its
+output, which the guest keeps). A foreground run is killed when its call is cancelled. Collecting calls keep at most
+`max_output_bytes` of output (16 MiB by default, 0: no limit); `ExecResult.truncated` says when they dropped some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import grpc
+
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm_sandbox.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ProcessNotFound,
+    SandboxError,
+    TimeoutError,
+    from_rpc_error,
+)
+from microvm_sandbox.models import (
+    MAX_OUTPUT_BYTES,
+    ExecEvent,
+    ExecResult,
+    Exited,
+    Started,
+    Stderr,
+    Stdout,
+    exec_event,
+)
+
+if TYPE_CHECKING:
+    from microvm_sandbox.aio import AsyncSandbox
+
+OutputCallback = Callable[[bytes], object]
+GUEST_BUFFER = 1 << 20  # the newest output the guest keeps of each background process
+MAX_INPUT = 1 << 20  # bytes of stdin per SendProcessInput call
+KILL = 9
+
+
+@dataclass
+class ProcessInfo:
+    """A background process as the guest describes it (`commands.list()`): running, or how it ended. `output_bytes`
+    counts all it wrote (stdout and stderr); the guest keeps the newest 1 MiB of it."""
+
+    pid: int
+    tag: str
+    argv: list[str]
+    cwd: str
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    started_at: datetime | None = None
+    output_bytes: int = 0
+    envs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cmd(self) -> str:
+        """The command line, its words joined by spaces."""
+        return " ".join(self.argv)
+
+    @classmethod
+    def of(cls, message: api.ProcessInfo) -> ProcessInfo:
+        """The description of a ProcessInfo message."""
+        ended = not message.running
+        by_signal = ended and message.exited.WhichOneof("status") == "signal"
+        started = message.start_time
+        return cls(
+            pid=message.pid,
+            tag=message.tag,
+            argv=list(message.argv),
+            cwd=message.cwd,
+            running=message.running,
+            exit_code=message.exited.exit_code if ended and not by_signal else None,
+            signal=message.exited.signal if by_signal else None,
+            timed_out=ended and message.exited.timed_out,
+            started_at=started.ToDatetime(UTC) if started.seconds or started.nanos else None,
+            output_bytes=message.output_bytes,
+        )
+
+
+def process_config(
+    cmd: str | Sequence[str], envs: dict[str, str] | None, cwd: str, user: str, timeout: float | None
+) -> api.ProcessConfig:
+    """The ProcessConfig of a command: a string runs through /bin/sh -c, a sequence is argv."""
+    argv, shell = ([cmd], True) if isinstance(cmd, str) else (list(cmd), False)
+    config = api.ProcessConfig(argv=argv, shell=shell, env=envs or {}, cwd=cwd, user=user)
+    if timeout:
+        config.timeout.FromNanoseconds(int(timeout * 1e9))
+    return config
+
+
+class OutputCollector:
+    """What a collecting call keeps of a process's output: stdout and stderr up to `max_output_bytes` together
+    (0: all), and how much came."""
+
+    def __init__(self, max_output_bytes: int = MAX_OUTPUT_BYTES) -> None:
+        self.limit = max_output_bytes
+        self.stdout, self.stderr = bytearray(), bytearray()
+        self.received = 0
+        self.dropped = False
+
+    def add(self, event: Stdout | Stderr) -> None:
+        """Keeps what fits of one chunk."""
+        self.received += len(event.data)
+        kept = len(self.stdout) + len(self.stderr)
+        room = len(event.data) if not self.limit else max(0, self.limit - kept)
+        if room < len(event.data):
+            self.dropped = True
+        (self.stdout if isinstance(event, Stdout) else self.stderr).extend(event.data[:room])
+
+    def result(self, exited: Exited, output_bytes: int = 0) -> ExecResult:
+        """The result once the process ended; `output_bytes`: what it wrote in all, when known."""
+        total = max(output_bytes, exited.output_bytes, self.received)
+        return ExecResult(
+            bytes(self.stdout),
+            bytes(self.stderr),
+            exited.exit_code,
+            exited.signal,
+            exited.timed_out,
+            truncated=self.dropped or exited.truncated or total > self.received,
+            output_bytes=total,
+        )
+
+
+async def deliver(callback: OutputCallback | None, data: bytes) -> None:
+    """Calls an output callback, a plain or an async function."""
+    if callback is not None:
+        result = callback(data)
+        if inspect.isawaitable(result):
+            await result
+
+
+class EventBuffer:
+    """Events waiting for an iterator, at most `limit` bytes of output (0: no limit): beyond that the oldest output
+    goes. `None` ends the iteration; an exception is raised to the iterator."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: asyncio.Queue[ExecEvent | BaseException | None] = asyncio.Queue()
+        self.size = 0
+
+    def put(self, item: ExecEvent | BaseException | None) -> None:
+        if isinstance(item, (Stdout, Stderr)):
+            self.size += len(item.data)
+            while self.limit and self.size > self.limit and not self.items.empty():
+                oldest = self.items.get_nowait()
+                if isinstance(oldest, (Stdout, Stderr)):
+                    self.size -= len(oldest.data)
+                elif oldest is not None:  # an end stays
+                    self.items.put_nowait(oldest)
+                    break
+        self.items.put_nowait(item)
+
+    async def get(self) -> ExecEvent:
+        item = await self.items.get()
+        if item is None or isinstance(item, BaseException):
+            self.items.put_nowait(item)  # every later call ends the same way
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        if isinstance(item, (Stdout, Stderr)):
+            self.size -= len(item.data)
+        return item
+
+
+class AsyncCommandHandle:
+    """A background process being followed: `pid`, `tag`; `wait()` for its result; `kill()`, `signal()`,
+    `send_stdin()`, `close_stdin()`; `async for event in handle` yields its `Stdout`/`Stderr` chunks and its
+    `Exited` as they come (at most `max_output_bytes` of output waits for the iterator: beyond that the oldest
+    goes). on_stdout/on_stderr are called with each chunk as it arrives, whether or not anyone waits.
+    `disconnect()` stops following; the process runs on (`commands.connect(pid)` follows it again)."""
+
+    def __init__(
+        self,
+        commands: AsyncCommands,
+        pid: int,
+        tag: str = "",
+        *,
+        tail_bytes: int = 0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> None:
+        self.pid, self.tag = pid, tag
+        self._commands = commands
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+        self._output = OutputCollector(max_output_bytes)
+        self._events = EventBuffer(max_output_bytes)
+        self._result: ExecResult | None = None
+        self._error: BaseException | None = None
+        self._disconnected = False
+        request = api.ConnectProcessRequest(sandbox=commands.sandbox_name, pid=pid, tail_bytes=tail_bytes)
+        client = commands.client
+        self._call = client.stub.ConnectProcess(request, metadata=client.metadata)
+        self._task = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        try:
+            exited = None
+            async for response in self._call:
+                event = exec_event(response.event)
+                if event is None or isinstance(event, Started):
+                    continue
+                if isinstance(event, Exited):
+                    exited = event
+                    break
+                self._output.add(event)
+                await deliver(self._on_stdout if isinstance(event, Stdout) else self._on_stderr, event.data)
+                self._events.put(event)
+            if exited is None:
+                raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
+            self._result = self._output.result(exited, await self._commands._written(self.pid))
+            self._events.put(exited)
+            self._events.put(None)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
+            if not self._disconnected:
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                self._error = from_rpc_error(error)
+                self._events.put(self._error)
+                return
+            self._error = FailedPreconditionError(
+                f"stopped following process {self.pid} (it runs on): commands.connect({self.pid}) follows it again",
+                code="FAILED_PRECONDITION",
+            )
+            self._events.put(None)
+        except BaseException as error:  # a callback failed, or the SDK was cancelled
+            self._error = error
+            self._call.cancel()
+            self._events.put(error if isinstance(error, Exception) else None)
+            if not isinstance(error, Exception):
+                raise
+
+    @property
+    def stdout(self) -> str:
+        """Standard output so far (what `wait()` keeps), decoded as UTF-8."""
+        return self._output.stdout.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """Standard error so far (what `wait()` keeps), decoded as UTF-8."""
+        return self._output.stderr.decode(errors="replace")
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once the process has ended and its end arrived here; None before (or when a signal
+        ended it)."""
+        return self._result.exit_code if self._result is not None else None
+
+    @property
+    def finished(self) -> bool:
+        """The process's end arrived here (or following failed)."""
+        return self._task.done()
+
+    async def wait(self, timeout: float | None = None) -> ExecResult:
+        """The result once the process ends: output (at most `max_output_bytes`: `truncated` says when more
+        came, or when output was written before following began), exit status. A non-zero exit is a result, not an
+        error. timeout: seconds to wait at most (TimeoutError; the process runs on)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except builtins.TimeoutError:
+            raise TimeoutError(f"process {self.pid} still runs after {timeout:g} s", code="DEADLINE_EXCEEDED") from None
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    async def kill(self) -> bool:
+        """Kills the process (SIGKILL). True when it was running, False when it had already ended."""
+        return await self._commands.kill(self.pid)
+
+    async def signal(self, signal: int) -> ProcessInfo:
+        """Sends `signal` (1..64, e.g. 15 asks it to end, 2 is Ctrl-C) to the process; returns it as it is then."""
+        return await self._commands.signal(self.pid, signal)
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        """Writes `data` (str: UTF-8) to its stdin (it must have been started with stdin=True)."""
+        await self._commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        """Closes its stdin (end of input)."""
+        await self._commands.close_stdin(self.pid)
+
+    async def disconnect(self) -> None:
+        """Stops following; the process runs on. `wait()` then raises FailedPreconditionError."""
+        self._disconnected = True
+        self._call.cancel()
+        await asyncio.wait([self._task])
+
+    def __aiter__(self) -> AsyncCommandHandle:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        return await self._events.get()
+
+    def __repr__(self) -> str:
+        return f"<AsyncCommandHandle pid={self.pid} tag={self.tag!r}>"
+
+
+class AsyncCommands:
+    """The processes of one sandbox (`sandbox.commands`): run in the foreground or the background, list, follow
+    again, signal, feed stdin."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def sandbox_name(self) -> str:
+        """`sandboxes/{id}` of the sandbox these processes run in."""
+        return self._sandbox.name
+
+    @property
+    def client(self) -> Any:
+        """The sandbox's AsyncClient."""
+        return self._sandbox.client
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> ExecResult: ...
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> ExecResult | AsyncCommandHandle:
+        """Runs `cmd` (a string through /bin/sh -c, a sequence as argv). Foreground (the default): to its end,
+        returning its ExecResult (cancelling the call kills it). background=True: returns at once with an
+        AsyncCommandHandle (pid, wait, kill, send_stdin...); the process runs on whatever happens to the handle.
+
+        envs: added to the sandbox's environment. cwd, user: working directory and user (default /root, root).
+        timeout: seconds before the process is killed (`timed_out`). stdin: bytes are fed to it, then its stdin is
+        closed; True (background only) keeps its stdin open for `send_stdin`. tag: a name for a background process,
+        shown by `list()`. on_stdout/on_stderr: called with each chunk as it arrives (plain or async functions).
+        max_output_bytes: output kept for the result (default 16 MiB, 0: all); beyond it `truncated` is set.
+        CommandNotFound when the program is missing; a non-zero exit is a result, not an error."""
+        if not background:
+            if stdin is True:
+                raise InvalidArgumentError("stdin=True keeps stdin open for send_stdin: run it with background=True")
+            if tag:
+                raise InvalidArgumentError("a tag names a background process: run it with background=True")
+            result: ExecResult = await self._sandbox.exec(
+                cmd,
+                env=envs,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin or b"",
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                max_output_bytes=max_output_bytes,
+            )
+            return result
+        info = await self.start(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=bool(stdin), tag=tag)
+        handle = AsyncCommandHandle(
+            self,
+            info.pid,
+            info.tag,
+            tail_bytes=GUEST_BUFFER,  # from its first byte (the guest keeps the newest 1 MiB)
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            max_output_bytes=max_output_bytes,
+        )
+        if isinstance(stdin, bytes):
+            await self.send_stdin(info.pid, stdin)
+            await self.close_stdin(info.pid)
+        return handle
+
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool = False,
+        tag: str = "",
+    ) -> ProcessInfo:
+        """Starts `cmd` in the background without following it; returns it at once (`connect(pid)` follows it).
+        Arguments as in `run`. QuotaExceededError (reason TOO_MANY_PROCESSES) when 64 already run."""
+        request = api.StartProcessRequest(
+            sandbox=self.sandbox_name, process=process_config(cmd, envs, cwd, user, timeout), tag=tag, stdin=stdin
+        )
+        return ProcessInfo.of((await self.client.call("StartProcess", request)).process)
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """The background processes of the sandbox, running and the last 32 that ended, oldest first."""
+        request = api.ListProcessesRequest(sandbox=self.sandbox_name)
+        reply = await self.client.call("ListProcesses", request, idempotent=True)
+        return [ProcessInfo.of(p) for p in reply.processes]
+
+    async def get(self, pid: int) -> ProcessInfo:
+        """One background process. ProcessNotFound when the sandbox has none with that pid."""
+        for process in await self.list():
+            if process.pid == pid:
+                return process
+        raise ProcessNotFound(
+            f"no background process {pid}", code="NOT_FOUND", reason="PROCESS_NOT_FOUND", metadata={"pid": str(pid)}
+        )
+
+    async def _written(self, pid: int) -> int:
+        """What the process wrote in all, when the guest still knows (0 otherwise)."""
+        try:
+            return (await self.get(pid)).output_bytes
+        except SandboxError:
+            return 0
+
+    async def connect(
+        self,
+        pid: int,
+        *,
+        tail_bytes: int = 0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> AsyncCommandHandle:
+        """Follows a background process (running or ended) again: from up to `tail_bytes` of its newest output
+        (0..1048576; 0: only what comes next), then live to its end. Any number of handles may follow one process.
+        ProcessNotFound when the sandbox has none with that pid."""
+        info = await self.get(pid)
+        return AsyncCommandHandle(
+            self,
+            pid,
+            info.tag,
+            tail_bytes=tail_bytes,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            max_output_bytes=max_output_bytes,
+        )
+
+    async def signal(self, pid: int, signal: int) -> ProcessInfo:
+        """Sends `signal` (1..64) to a background process; returns it as it is then (a signal can be caught: it
+        may still run). ProcessNotFound when there is no such process."""
+        request = api.SignalProcessRequest(sandbox=self.sandbox_name, pid=pid, signal=signal)
+        return ProcessInfo.of((await self.client.call("SignalProcess", request)).process)
+
+    async def kill(self, pid: int) -> bool:
+        """Kills a background process (SIGKILL). True when it was running, False when it had already ended.
+        ProcessNotFound when there is no such process."""
+        return (await self.signal(pid, KILL)).running
+
+    async def send_stdin(self, pid: int, data: bytes | str) -> None:
+        """Writes `data` (str: UTF-8) to the stdin of a background process started with stdin=True
+        (FailedPreconditionError, reason PROCESS_STDIN_CLOSED, otherwise or once it was closed)."""
+        payload = data.encode() if isinstance(data, str) else data
+        for offset in range(0, len(payload), MAX_INPUT):
+            request = api.SendProcessInputRequest(
+                sandbox=self.sandbox_name, pid=pid, stdin=payload[offset : offset + MAX_INPUT]
+            )
+            await self.client.call("SendProcessInput", request)
+
+    async def close_stdin(self, pid: int) -> None:
+        """Closes the stdin of a background process (end of input: `cat` ends, for one)."""
+        request = api.SendProcessInputRequest(sandbox=self.sandbox_name, pid=pid, close_stdin=True)
+        await self.client.call("SendProcessInput", request)
+
+
+# --- synchronous ------------------------------------------------------------------------------------------
+Runner = Callable[[Awaitable[Any]], Any]
+
+
+class CommandHandle:
+    """A background process being followed, for synchronous code (see `AsyncCommandHandle`). on_stdout/on_stderr
+    given to `run` or `connect` are called by `wait()`, in the calling thread, with each chunk (those that came
+    before it first); iterating the handle instead yields the chunks and the exit."""
+
+    def __init__(
+        self,
+        inner: AsyncCommandHandle,
+        run: Runner,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> None:
+        self.aio, self._run = inner, run
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+
+    @property
+    def pid(self) -> int:
+        """The process's id in the guest."""
+        return self.aio.pid
+
+    @property
+    def tag(self) -> str:
+        """The tag it was started with."""
+        return self.aio.tag
+
+    @property
+    def stdout(self) -> str:
+        """Standard output so far, decoded as UTF-8."""
+        return self.aio.stdout
+
+    @property
+    def stderr(self) -> str:
+        """Standard error so far, decoded as UTF-8."""
+        return self.aio.stderr
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once its end arrived; None before."""
+        return self.aio.exit_code
+
+    @property
+    def finished(self) -> bool:
+        """The process's end arrived here (or following failed)."""
+        return self.aio.finished
+
+    def __iter__(self) -> Iterator[ExecEvent]:
+        while True:
+            try:
+                yield self._run(self.aio.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """The result once the process ends (see `AsyncCommandHandle.wait`), calling on_stdout/on_stderr here with
+        each chunk as it arrives. timeout: seconds to wait at most (TimeoutError; the process runs on)."""
+        if self._on_stdout is not None or self._on_stderr is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    event = self._run(asyncio.wait_for(self.aio.__anext__(), left))
+                except StopAsyncIteration:
+                    break
+                except builtins.TimeoutError:
+                    raise TimeoutError(
+                        f"process {self.pid} still runs after {timeout:g} s", code="DEADLINE_EXCEEDED"
+                    ) from None
+                callback = self._on_stdout if isinstance(event, Stdout) else self._on_stderr
+                if isinstance(event, (Stdout, Stderr)) and callback is not None:
+                    callback(event.data)
+        result: ExecResult = self._run(self.aio.wait(timeout))
+        return result
+
+    def kill(self) -> bool:
+        """Kills the process (SIGKILL). True when it was running, False when it had already ended."""
+        return bool(self._run(self.aio.kill()))
+
+    def signal(self, signal: int) -> ProcessInfo:
+        """Sends `signal` (1..64) to the process; returns it as it is then."""
+        info: ProcessInfo = self._run(self.aio.signal(signal))
+        return info
+
+    def send_stdin(self, data: bytes | str) -> None:
+        """Writes `data` (str: UTF-8) to its stdin (started with stdin=True)."""
+        self._run(self.aio.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        """Closes its stdin (end of input)."""
+        self._run(self.aio.close_stdin())
+
+    def disconnect(self) -> None:
+        """Stops following; the process runs on."""
+        self._run(self.aio.disconnect())
+
+    def __repr__(self) -> str:
+        return f"<CommandHandle pid={self.pid} tag={self.tag!r}>"
+
+
+class Commands:
+    """The processes of one sandbox, for synchronous code (`Sandbox.commands`): the methods of `AsyncCommands`.
+    Output callbacks run in the calling thread."""
+
+    def __init__(self, inner: AsyncCommands, run: Runner) -> None:
+        self.aio, self._run = inner, run
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = False,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> ExecResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool | bytes = False,
+        tag: str = "",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> ExecResult | CommandHandle:
+        """Runs `cmd` to its end (an ExecResult), or with background=True returns at once with a CommandHandle
+        (see `AsyncCommands.run`). on_stdout/on_stderr are called in this thread: as output arrives in the
+        foreground, by the handle's `wait()` in the background."""
+        if background:
+            inner = self._run(
+                self.aio.run(
+                    cmd,
+                    background=True,
+                    envs=envs,
+                    cwd=cwd,
+                    user=user,
+                    timeout=timeout,
+                    stdin=stdin,
+                    tag=tag,
+                    max_output_bytes=max_output_bytes,
+                )
+            )
+            return CommandHandle(inner, self._run, on_stdout, on_stderr)
+        if on_stdout is None and on_stderr is None:
+            result: ExecResult = self._run(
+                self.aio.run(
+                    cmd,
+                    envs=envs,
+                    cwd=cwd,
+                    user=user,
+                    timeout=timeout,
+                    stdin=stdin,
+                    tag=tag,
+                    max_output_bytes=max_output_bytes,
+                )
+            )
+            return result
+        if stdin is True or tag:
+            raise InvalidArgumentError("stdin=True and tag are for background processes: run with background=True")
+        stream = self.aio._sandbox.exec_stream(
+            cmd,
+            env=envs,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            stdin=stdin or b"",
+            max_output_bytes=max_output_bytes,
+        )
+        return collect(stream, self._run, on_stdout, on_stderr, max_output_bytes)
+
+    def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        envs: dict[str, str] | None = None,
+        cwd: str = "",
+        user: str = "",
+        timeout: float | None = None,
+        stdin: bool = False,
+        tag: str = "",
+    ) -> ProcessInfo:
+        """Starts `cmd` in the background without following it; returns it at once."""
+        info: ProcessInfo = self._run(
+            self.aio.start(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, stdin=stdin, tag=tag)
+        )
+        return info
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        """The background processes, running and the last 32 that ended, oldest first."""
+        found: builtins.list[ProcessInfo] = self._run(self.aio.list())
+        return found
+
+    def get(self, pid: int) -> ProcessInfo:
+        """One background process. ProcessNotFound when there is none with that pid."""
+        info: ProcessInfo = self._run(self.aio.get(pid))
+        return info
+
+    def connect(
+        self,
+        pid: int,
+        *,
+        tail_bytes: int = 0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> CommandHandle:
+        """Follows a background process again, from up to `tail_bytes` of its newest output (see
+        `AsyncCommands.connect`); the callbacks are called by the handle's `wait()`."""
+        inner = self._run(self.aio.connect(pid, tail_bytes=tail_bytes, max_output_bytes=max_output_bytes))
+        return CommandHandle(inner, self._run, on_stdout, on_stderr)
+
+    def signal(self, pid: int, signal: int) -> ProcessInfo:
+        """Sends `signal` (1..64) to a background process; returns it as it is then."""
+        info: ProcessInfo = self._run(self.aio.signal(pid, signal))
+        return info
+
+    def kill(self, pid: int) -> bool:
+        """Kills a background process (SIGKILL). True when it was running, False when it had already ended."""
+        return bool(self._run(self.aio.kill(pid)))
+
+    def send_stdin(self, pid: int, data: bytes | str) -> None:
+        """Writes `data` to the stdin of a background process started with stdin=True."""
+        self._run(self.aio.send_stdin(pid, data))
+
+    def close_stdin(self, pid: int) -> None:
+        """Closes the stdin of a background process."""
+        self._run(self.aio.close_stdin(pid))
+
+
+def collect(
+    events: Any,
+    run: Runner,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    max_output_bytes: int = MAX_OUTPUT_BYTES,
+) -> ExecResult:
+    """Reads an AsyncExecStream from synchronous code to its end, calling the callbacks in this thread."""
+    output = OutputCollector(max_output_bytes)
+    try:
+        while True:
+            try:
+                event = run(events.__anext__())
+            except StopAsyncIteration:
+                break
+            if isinstance(event, (Stdout, Stderr)):
+                output.add(event)
+                callback = on_stdout if isinstance(event, Stdout) else on_stderr
+                if callback is not None:
+                    callback(event.data)
+            elif isinstance(event, Exited):
+                return output.result(event)
+    finally:
+        events.cancel()
+    raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
+
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncCommands",
+    "CommandHandle",
+    "Commands",
+    "OutputCollector",
+    "ProcessInfo",
+]
