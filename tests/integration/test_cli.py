@@ -64,6 +64,11 @@ def test_exec_options_after_the_id_and_the_sandbox_env(mvm, sandbox_id):
     assert out == "V hi there\n"
     assert mvm.ok("exec", "-e", "K=first", sandbox_id, "printenv", "K") == "first\n"  # no `--` needed
     assert mvm("exec", sandbox_id, "--", "sh", "-c", "exit 3").returncode == 3
+    missing = mvm("exec", sandbox_id, "--", "no-such-program")  # as a shell says it, and docker run
+    assert missing.returncode == 127 and "no-such-program" in one_line_error(missing)
+    gone = mvm("exec", "no-such-sandbox", "--", "true")
+    assert gone.returncode == 125
+    assert one_line_error(gone) == "mvm: NOT_FOUND: sandbox no-such-sandbox does not exist"
     assert mvm.ok("exec", sandbox_id, "--no-stdin", "--", "echo", "--env", "-n") == "--env -n\n"  # after --: theirs
 
 

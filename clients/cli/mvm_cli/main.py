@@ -8,8 +8,9 @@
 Options go anywhere before `--`; `mvm COMMAND -h` shows a command's options, defaults and an example. The
 gateway is --gateway, else $MVM_GATEWAY, else 127.0.0.1:50051; the API key $MVM_API_KEY, else the one `make up`
 wrote ($MVM_STATE_DIR/admin.key). `exec` and `run` stream output live and exit with the remote process's status
-(128+N when killed by signal N). Listing and show commands take --json. Errors are one line `mvm: ...`
-(--debug adds the traceback); exit status 2 when something is missing or misused, 1 for other failures.
+(128+N when killed by signal N; 127: the command does not exist; 125: mvm itself failed). Listing and show
+commands take --json. Errors are one line `mvm: ...` (--debug adds the traceback); exit status 2 when something
+is missing or misused, 1 for other failures.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import traceback
 
+from microvm_sandbox import CommandNotFound
 from mvm_cli import completion, nodes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
@@ -103,6 +105,9 @@ def run(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"mvm: {error_line(error, ctx.gateway)}", file=sys.stderr)
+        if args.verb in sandboxes.REMOTE_COMMAND:
+            # As `docker run` does: the remote command's own status stays distinguishable from mvm's failures.
+            return 127 if isinstance(error, CommandNotFound) else 125
         return exit_status(error)
     finally:
         try:

@@ -109,7 +109,8 @@ def register(sub) -> None:
         "run a command in a sandbox",
         "mvm exec sbx-1a2b3c --env K=V --timeout 5m -- python3 -c 'print(6*7)'",
         description="Run a command in a sandbox, streaming its output; exit with its status (128+N when killed by "
-        "signal N). Options go anywhere before the command; `--` ends them.",
+        "signal N; 127 when the command does not exist; 125 when mvm itself failed, e.g. no such sandbox). Options "
+        "go anywhere before the command; `--` ends them.",
         usage="mvm exec [options] ID [--] COMMAND [ARG...]",
     )
     exec_parser.add_argument("id", metavar="ID", help="the sandbox's id")
