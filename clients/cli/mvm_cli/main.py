@@ -1,6 +1,7 @@
 """mvm: the command line for MicroVM Sandbox.
 
   sandboxes   create, ls, get, exec, run, cp, rm, pause, resume, timeout, console, expose, unexpose, egress
+  processes   exec ID --background, ps ID, attach ID PID, kill ID PID
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   cluster     templates, nodes [get|cordon|uncordon|drain] (operators)
   shell       completion bash|zsh
@@ -21,7 +22,7 @@ import sys
 import traceback
 
 from microvm_sandbox import CommandNotFound
-from mvm_cli import completion, nodes, sandboxes, snapshots, templates
+from mvm_cli import completion, nodes, processes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=GLOBAL_HELP["--debug"])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     sandboxes.register(sub)
+    processes.register(sub)  # after sandboxes: it adds --background to their `exec`
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
     else:
