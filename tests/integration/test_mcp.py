@@ -28,6 +28,9 @@ TOOLS = {
     "list_sandboxes",
     "expose_port",
     "unexpose_port",
+    "start_process",
+    "read_process_output",
+    "kill_process",
 }
 
 
