@@ -223,3 +223,30 @@ def test_snapshots_are_listed_and_deleted_and_fork_keeps_none_unless_asked(share
     finally:
         kept.kill()
         shared.delete_snapshot(kept.source_snapshot)
+
+
+def test_background_commands_and_a_terminal_in_a_real_guest(shared):
+    commands = shared.commands
+    seen: list[bytes] = []
+    ticker = commands.run(
+        "for i in 1 2 3; do echo tick$i; sleep 0.2; done; read line; echo got:$line",
+        background=True,
+        stdin=True,
+        tag="ticker",
+        on_stdout=seen.append,
+    )
+    assert {p.pid: p.tag for p in commands.list()}[ticker.pid] == "ticker"
+    ticker.send_stdin("hi\n")
+    result = ticker.wait(timeout=60)
+    assert result.stdout == b"tick1\ntick2\ntick3\ngot:hi\n" and result.ok and b"".join(seen) == result.stdout
+    sleeper = commands.run("exec sleep 301", background=True)
+    again = commands.connect(sleeper.pid)
+    assert commands.kill(sleeper.pid) is True
+    assert again.wait(timeout=30).signal == 9 and sleeper.wait(timeout=30).signal == 9
+    assert gone_from_guest(shared, "sleep 301")
+    bounded = shared.exec("head -c 3000000 /dev/zero", max_output_bytes=1000)
+    assert len(bounded.stdout) == 1000 and bounded.truncated and bounded.output_bytes == 3_000_000
+    terminal = shared.pty.create(cols=120, rows=40)  # an interactive bash
+    terminal.send_input("stty size; exit 7\n")
+    ended = terminal.wait(timeout=60)
+    assert b"40 120" in ended.stdout and ended.exit_code == 7
