@@ -18,8 +18,8 @@ from microvm_sandbox import (
     Stdout,
 )
 from microvm_sandbox.aio import AsyncClient
-from microvm_sandbox.commands import OutputCollector
 from microvm_sandbox.models import Exited, Stderr
+from microvm_sandbox.output import OutputCollector
 from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(120)

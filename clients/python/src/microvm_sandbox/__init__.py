@@ -14,7 +14,8 @@ from microvm_sandbox.aio import (
     AsyncSandbox,
     AsyncSnapshot,
 )
-from microvm_sandbox.commands import AsyncCommandHandle, CommandHandle, ProcessInfo
+from microvm_sandbox.commands import AsyncCommandHandle, ProcessInfo
+from microvm_sandbox.commands_sync import CommandHandle
 from microvm_sandbox.errors import (
     AuthenticationError,
     CommandNotFound,

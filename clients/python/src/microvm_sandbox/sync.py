@@ -26,7 +26,7 @@ from microvm_sandbox.aio import (
     list_sandboxes,
     list_snapshots,
 )
-from microvm_sandbox.commands import Commands, collect
+from microvm_sandbox.commands_sync import Commands
 from microvm_sandbox.errors import SandboxError
 from microvm_sandbox.models import (
     MAX_OUTPUT_BYTES,
@@ -37,6 +37,7 @@ from microvm_sandbox.models import (
     SandboxInfo,
     SnapshotInfo,
 )
+from microvm_sandbox.output import collect
 from microvm_sandbox.terminal import Pty
 
 T = TypeVar("T")

@@ -16,20 +16,20 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm_sandbox.commands import EventBuffer, OutputCallback, OutputCollector, deliver, process_config
+from microvm_sandbox.commands import process_config
 from microvm_sandbox.errors import SandboxError, TimeoutError, from_rpc_error
 from microvm_sandbox.models import MAX_OUTPUT_BYTES, ExecEvent, ExecResult, Exited, Started, Stdout, exec_event
+from microvm_sandbox.output import EventBuffer, OutputCallback, OutputCollector, Runner, deliver
 
 if TYPE_CHECKING:
     from microvm_sandbox.aio import AsyncSandbox
 
-Runner = Callable[[Awaitable[Any]], Any]
 DEFAULT_TERM = "xterm-256color"
 
 
