@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -155,3 +156,29 @@ async def test_an_unknown_pid_is_one_line_and_status_2(sandbox):
     assert len(err.splitlines()) == 1
     status, _, err = await mvm(sandbox, "kill", sandbox.id, "999999")
     assert status == 2 and "999999" in err
+
+
+async def test_ctrl_c_detaches_attach_and_the_process_runs_on(sandbox):
+    _, out, _ = await mvm(sandbox, "exec", sandbox.id, "-d", "--", "sh", "-c", "echo started; exec sleep 60")
+    pid = out.strip()
+    attach = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mvm_cli.main",
+        "--gateway",
+        sandbox.gateway,
+        "attach",
+        sandbox.id,
+        pid,
+        "--tail",
+        "100",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MVM_API_KEY": sandbox.key},
+    )
+    assert await asyncio.wait_for(attach.stdout.readline(), 30) == b"started\n"
+    attach.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(attach.communicate(), 30)
+    assert attach.returncode == 130 and f"detached; process {pid} runs on" in err.decode()
+    assert (await sandbox.commands.get(int(pid))).running
+    await sandbox.commands.kill(int(pid))

@@ -18,9 +18,13 @@ from microvm_sandbox import (
     Stdout,
 )
 from microvm_sandbox.aio import AsyncClient
+from microvm_sandbox.commands import AsyncCommandHandle, AsyncCommands
+from microvm_sandbox.commands_sync import CommandHandle, Commands
 from microvm_sandbox.models import Exited, Stderr
 from microvm_sandbox.output import OutputCollector
+from microvm_sandbox.terminal import AsyncPty, AsyncPtyHandle, Pty, PtyHandle
 from tests.inprocess import tenant_caller
+from tests.unit.test_sdk_surface import parameters, public
 
 pytestmark = pytest.mark.timeout(120)
 MIB = 1 << 20
@@ -215,3 +219,21 @@ async def test_the_sync_sdk_has_the_same_commands_and_terminals(installation, sa
         client.close()
 
     await asyncio.to_thread(use)
+
+
+# --- surface ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "async_cls, sync_cls",
+    [(AsyncCommands, Commands), (AsyncCommandHandle, CommandHandle), (AsyncPty, Pty), (AsyncPtyHandle, PtyHandle)],
+)
+def test_the_sync_classes_mirror_the_async_ones_and_everything_is_documented(async_cls, sync_cls):
+    asynchronous, synchronous = public(async_cls), public(sync_cls)
+    one_sided = {"aio", "sandbox_name", "client", "finished"}
+    assert set(asynchronous) - one_sided <= set(synchronous), async_cls
+    for name in set(asynchronous) & set(synchronous) - one_sided:
+        assert parameters(asynchronous[name]) == parameters(synchronous[name]), name
+    for cls in (async_cls, sync_cls):
+        assert cls.__doc__
+        for name, member in public(cls).items():
+            function = member.fget if isinstance(member, property) else member
+            assert not callable(function) or function.__doc__, f"{cls.__name__}.{name}"
