@@ -40,11 +40,20 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
+from services.common.records import SANDBOX_TOMBSTONES, Records
 from services.gateway.http import SERVICES
+from services.gateway.records import sandbox_key
 from tests.etcd import free_port
 from tests.fuzz_requests import RequestStrategies, build, http_rule, mentions, printable_ascii, token
 from tests.fuzz_transport import CALL_TIMEOUT, Doors, Outcome
-from tests.inprocess import Caller, InProcessNode, fake_image_root, start_installation, tenant_caller
+from tests.inprocess import (
+    Caller,
+    InProcessNode,
+    etcd_client_for,
+    fake_image_root,
+    start_installation,
+    tenant_caller,
+)
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -101,6 +110,7 @@ class World:
         self.doors = Doors(address, f"http://{installation.settings['gateway']['http_listen']}")
         self.own_id = f"fz-own-{secrets.token_hex(3)}"
         self.names: dict[str, str] = {}
+        self._records: Records | None = None
 
     @classmethod
     async def make(cls, installation: InProcessNode) -> World:
@@ -185,6 +195,10 @@ class World:
                 own = sandbox
             else:
                 await self._quietly(stub.DeleteSandbox(api.DeleteSandboxRequest(name=sandbox.name), metadata=md))
+                # Ids are per tenant: the tenant may have made one under another tenant's id or the look-alike. Its
+                # tombstone would tell the tenant about its own past under that name; the fuzz compares answers
+                # about names the tenant never used, so the past goes.
+                await self.forget_tombstone(sandbox.name)
         if own is None:
             own = (
                 await stub.CreateSandbox(
@@ -217,6 +231,12 @@ class World:
             )
             self.names[token("own", "snapshots")] = made.snapshot.name
             self.names[token("own", "snapshot-id")] = made.snapshot.name.split("/", 1)[1]
+
+    async def forget_tombstone(self, name: str) -> None:
+        if self._records is None:
+            self._records = Records(etcd_client_for(self.installation.etcd_endpoint))
+        tenant = f"fz-{self.installation.node}"
+        await self._records.delete(SANDBOX_TOMBSTONES, sandbox_key(tenant, name.split("/", 1)[1]))
 
     @staticmethod
     async def _quietly(call) -> None:
