@@ -144,10 +144,11 @@ async def test_attach_follows_live_output_with_stderr_apart_and_the_exit_status(
         "-d",
         "--shell",
         "--",
-        "sleep 0.5; echo out; echo err >&2; exit 4",
+        "echo out; sleep 1; echo err >&2; sleep 1; echo more; exit 4",
     )
-    status, out, err = await mvm(sandbox, "attach", sandbox.id, out.strip())
-    assert (status, out, err) == (4, "out\n", "err\n")
+    # With the whole buffer asked for, what came before attach connected is replayed, the rest followed live.
+    status, out, err = await mvm(sandbox, "attach", sandbox.id, out.strip(), "--tail", "1048576")
+    assert (status, out, err) == (4, "out\nmore\n", "err\n")
 
 
 async def test_an_unknown_pid_is_one_line_and_status_2(sandbox):

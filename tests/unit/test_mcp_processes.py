@@ -46,7 +46,7 @@ async def test_a_process_is_started_its_output_tail_read_and_it_is_killed(tools)
     )
     pid = started["pid"]
     assert pid > 0 and started["tag"] == "loop" and started["running"]
-    for _ in range(200):
+    for _ in range(500):
         read = await tools("read_process_output", pid=pid)
         if read["output_bytes"] >= 23:
             break
@@ -58,7 +58,7 @@ async def test_a_process_is_started_its_output_tail_read_and_it_is_killed(tools)
     assert len(tail["stdout"]) + len(tail["stderr"]) == 6
     assert "line1\nline2\nline3\n".endswith(tail["stdout"]) and "oops\n".endswith(tail["stderr"])
     assert (await tools("kill_process", pid=pid)) == {"pid": pid, "signal": 9, "was_running": True}
-    for _ in range(200):
+    for _ in range(500):
         ended = await tools("read_process_output", pid=pid)
         if not ended["running"]:
             break
@@ -69,7 +69,7 @@ async def test_a_process_is_started_its_output_tail_read_and_it_is_killed(tools)
 
 async def test_a_command_that_ends_quickly_reports_its_exit_and_unknown_pids_are_tool_errors(tools):
     pid = (await tools("start_process", command="echo done; exit 3"))["pid"]
-    for _ in range(200):
+    for _ in range(500):
         read = await tools("read_process_output", pid=pid)
         if not read["running"]:
             break

@@ -87,7 +87,7 @@ async def test_a_background_process_is_listed_fed_and_waited_for_with_callbacks_
         ["sh", "-c", "echo ready; exec cat"], background=True, stdin=True, tag="echo", on_stdout=chunks.append
     )
     assert handle.pid > 0 and handle.tag == "echo"
-    for _ in range(200):  # the callback runs as output arrives, before anyone waits
+    for _ in range(500):  # the callback runs as output arrives, before anyone waits
         if chunks:
             break
         await asyncio.sleep(0.02)
@@ -132,7 +132,7 @@ async def test_a_process_runs_on_after_its_follower_disconnects_and_connect_repl
     assert (await sandbox.commands.get(handle.pid)).running
     again = await sandbox.commands.connect(handle.pid, tail_bytes=MIB)
     assert again.tag == "loop"
-    for _ in range(200):
+    for _ in range(500):
         if again.stdout == "line1\nline2\nline3\n":
             break
         await asyncio.sleep(0.02)
@@ -166,7 +166,7 @@ async def test_a_terminal_takes_input_and_resizes_and_its_output_arrives_merged(
         on_data=printed.append,
     )
     assert term.pid > 0
-    for _ in range(200):
+    for _ in range(500):
         if b"30 100" in b"".join(printed):
             break
         await asyncio.sleep(0.02)
