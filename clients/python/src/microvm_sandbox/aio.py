@@ -9,10 +9,9 @@ Every method that calls the server raises a `SandboxError` subclass on failure (
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from microvm_sandbox.client import (
 )
 from microvm_sandbox.commands import AsyncCommands
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, from_rpc_error
+from microvm_sandbox.files import AsyncFiles
 from microvm_sandbox.models import (
     MAX_OUTPUT_BYTES,
     ConsoleOutput,
@@ -430,49 +430,34 @@ class AsyncSandbox:
         )
         return languages.checked(lang, result)
 
-    # --- files ----------------------------------------------------------------------------------------
+    # --- files (thin delegates to `files`, the sandbox's filesystem: microvm_sandbox.files) ------------
+    @property
+    def files(self) -> AsyncFiles:
+        """The sandbox's filesystem, E2B-style: read/write (streaming), write_many, list, exists, stat, make_dir,
+        remove, rename, watch_dir, upload/download of files and directories."""
+        return AsyncFiles(self)
+
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> None:
         """Writes `data` (str is UTF-8 encoded) to the absolute `path`, replacing the file; parent directories
-        are created unless make_parents=False."""
-        payload = data.encode() if isinstance(data, str) else data
-
-        async def requests() -> AsyncIterator[api.WriteFileRequest]:
-            yield api.WriteFileRequest(
-                header=api.WriteFileHeader(sandbox=self.name, path=path, mode=mode, make_parents=make_parents)
-            )
-            for offset in range(0, len(payload), CHUNK):
-                yield api.WriteFileRequest(data=payload[offset : offset + CHUNK])
-
-        try:
-            await self.client.stub.WriteFile(requests(), metadata=self.client.metadata, timeout=600)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+        are created unless make_parents=False. (`files.write` also takes file objects and chunk iterables.)"""
+        await self.files.write(path, data, mode=mode, make_parents=make_parents)
 
     async def read(self, path: str) -> bytes:
         """The whole file at the absolute `path`. NotFoundError when it does not exist."""
-        chunks = []
-        try:
-            async for chunk in self.client.stub.ReadFile(
-                api.ReadFileRequest(sandbox=self.name, path=path), metadata=self.client.metadata, timeout=600
-            ):
-                chunks.append(chunk.data)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
-        return b"".join(chunks)
+        data: bytes = await self.files.read(path)
+        return data
 
     async def upload(self, local: str | Path, remote: str) -> None:
-        """Copies the local file `local` to `remote` in the sandbox."""
-        await self.write(remote, await asyncio.to_thread(Path(local).read_bytes))
+        """Copies the local file or directory `local` to `remote` in the sandbox, streaming."""
+        await self.files.upload(local, remote)
 
     async def download(self, remote: str, local: str | Path) -> None:
-        """Copies `remote` in the sandbox to the local file `local`."""
-        data = await self.read(remote)
-        await asyncio.to_thread(Path(local).write_bytes, data)
+        """Copies the file or directory `remote` in the sandbox to `local`, streaming."""
+        await self.files.download(remote, local)
 
     async def ls(self, path: str = "/") -> builtins.list[FileEntry]:
         """The entries of the directory `path`."""
-        reply = await self.client.call("ListDir", api.ListDirRequest(sandbox=self.name, path=path), idempotent=True)
-        return [FileEntry(e.path, e.type == sandbox_pb2.FILE_TYPE_DIRECTORY, e.size, e.mode) for e in reply.entries]
+        return [FileEntry(e.path, e.is_dir, e.size, e.mode) for e in await self.files.list(path)]
 
     # --- console --------------------------------------------------------------------------------------
     async def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:

@@ -15,6 +15,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import SandboxError, UnavailableError, from_rpc_error
 from microvm_sandbox.models import SnapshotInfo
 from microvm_sandbox.snapshots import AsyncSnapshot
+from microvm_sandbox.transfer import CHANNEL_OPTIONS
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 RETRIES = 3
@@ -58,7 +59,8 @@ class AsyncClient:
         self.timeout = timeout
         self.channel = grpc.aio.insecure_channel(
             self.address,
-            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
+            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+            + CHANNEL_OPTIONS,  # a download holds at most 2 MiB in flight (microvm_sandbox.transfer)
         )
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
 

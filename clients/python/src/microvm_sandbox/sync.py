@@ -28,6 +28,7 @@ from microvm_sandbox.aio import (
 )
 from microvm_sandbox.commands_sync import Commands
 from microvm_sandbox.errors import SandboxError
+from microvm_sandbox.files import Files
 from microvm_sandbox.models import (
     MAX_OUTPUT_BYTES,
     ConsoleOutput,
@@ -415,6 +416,11 @@ class Sandbox:
         return languages.checked(lang, result)
 
     # --- files ----------------------------------------------------------------------------------------
+    @property
+    def files(self) -> Files:
+        """The sandbox's filesystem (see `microvm_sandbox.files`): read, write, list, watch_dir, upload..."""
+        return Files(self.aio.files, self._loop.run)
+
     def write(self, path: str, data: bytes | str, *, mode: int = 0o644, make_parents: bool = True) -> None:
         """Writes `data` (str is UTF-8 encoded) to the absolute `path`, replacing the file."""
         self._loop.run(self.aio.write(path, data, mode=mode, make_parents=make_parents))
@@ -424,11 +430,11 @@ class Sandbox:
         return self._loop.run(self.aio.read(path))
 
     def upload(self, local: str | Path, remote: str) -> None:
-        """Copies the local file `local` to `remote` in the sandbox."""
+        """Copies the local file or directory `local` to `remote` in the sandbox, streaming."""
         self._loop.run(self.aio.upload(local, remote))
 
     def download(self, remote: str, local: str | Path) -> None:
-        """Copies `remote` in the sandbox to the local file `local`."""
+        """Copies the file or directory `remote` in the sandbox to `local`, streaming."""
         self._loop.run(self.aio.download(remote, local))
 
     def ls(self, path: str = "/") -> builtins.list[FileEntry]:
