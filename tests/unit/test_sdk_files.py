@@ -13,7 +13,7 @@ import pytest
 
 from microvm_sandbox import AsyncSandbox, ConflictError, FailedPreconditionError, NotFoundError, Sandbox
 from microvm_sandbox.aio import AsyncClient
-from microvm_sandbox.files import FilesystemEventType
+from microvm_sandbox.file_types import FilesystemEventType
 from tests.inprocess import tenant_caller
 from tests.stack import REPO
 

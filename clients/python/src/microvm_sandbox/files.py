@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import enum
 import os
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 
-from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import ConflictError, InvalidArgumentError, NotFoundError, from_rpc_error
+from microvm_sandbox.file_types import EVENT_TYPES, EntryInfo, FilesystemEvent, FilesystemEventType, WriteInfo
 from microvm_sandbox.transfer import (
     CHUNK,
     Data,
@@ -50,88 +47,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 TRANSFER_TIMEOUT = 3600.0
-FILE_TYPES = {sandbox_pb2.FILE_TYPE_FILE: "file", sandbox_pb2.FILE_TYPE_DIRECTORY: "dir"}
-FILE_TYPES[sandbox_pb2.FILE_TYPE_SYMLINK] = "symlink"
-
-
-@dataclass
-class EntryInfo:
-    """One file, directory or link: `type` is "file", "dir", "symlink" or "other"."""
-
-    name: str
-    path: str
-    type: str
-    size: int
-    mode: int
-    uid: int
-    gid: int
-    modified_time: datetime
-    symlink_target: str = ""
-
-    @property
-    def is_dir(self) -> bool:
-        return self.type == "dir"
-
-    @property
-    def permissions(self) -> str:
-        """`-rw-r--r--`-style."""
-        kind = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(self.type, stat.S_IFREG)
-        return stat.filemode(kind | self.mode)
-
-    @classmethod
-    def of(cls, info: sandbox_pb2.FileInfo) -> EntryInfo:
-        return cls(
-            name=posixpath.basename(info.path) or "/",
-            path=info.path,
-            type=FILE_TYPES.get(info.type, "other"),
-            size=info.size,
-            mode=info.mode,
-            uid=info.uid,
-            gid=info.gid,
-            modified_time=info.modify_time.ToDatetime(UTC),
-            symlink_target=info.symlink_target,
-        )
-
-
-@dataclass
-class WriteInfo:
-    """What `write_many` (or `upload` of a directory) wrote: the archive's entries, bytes and sha256."""
-
-    entries: int
-    bytes: int
-    sha256: str
-
-
-class FilesystemEventType(enum.Enum):
-    CREATE = "create"
-    WRITE = "write"
-    REMOVE = "remove"
-    RENAME = "rename"
-    CHMOD = "chmod"
-
-
-EVENT_TYPES = {
-    api.FILE_EVENT_TYPE_CREATE: FilesystemEventType.CREATE,
-    api.FILE_EVENT_TYPE_WRITE: FilesystemEventType.WRITE,
-    api.FILE_EVENT_TYPE_REMOVE: FilesystemEventType.REMOVE,
-    api.FILE_EVENT_TYPE_RENAME: FilesystemEventType.RENAME,
-    api.FILE_EVENT_TYPE_CHMOD: FilesystemEventType.CHMOD,
-}
-
-
-@dataclass
-class FilesystemEvent:
-    """A change in a watched directory. `overflow` events (type None) say changes were dropped: list again."""
-
-    type: FilesystemEventType | None
-    path: str
-    previous_path: str = ""
-    is_dir: bool = False
-    overflow: bool = False
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.path)
 
 
 class AsyncWatchHandle:
@@ -413,100 +328,20 @@ class AsyncFiles:
                 partial.unlink()
 
 
-class WatchHandle:
-    """A running watch for synchronous code: iterate it, or `get_new_events()`; `stop()` ends it."""
-
-    def __init__(self, inner: AsyncWatchHandle, run: Callable[[Awaitable[Any]], Any]) -> None:
-        self.aio, self._run = inner, run
-
-    def __iter__(self) -> Iterator[FilesystemEvent]:
-        while True:
-            try:
-                yield self._run(self.aio.__anext__())
-            except StopAsyncIteration:
-                return
-
-    def get_new_events(self) -> builtins.list[FilesystemEvent]:
-        return self._run(_now(self.aio.get_new_events))
-
-    def stop(self) -> None:
-        self._run(self.aio.stop())
-
-    def __enter__(self) -> WatchHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-async def _now(function: Callable[[], T]) -> T:
-    return function()
-
-
-class Files:
-    """The filesystem of one sandbox, for synchronous code (`Sandbox.files`): the methods of `AsyncFiles`."""
-
-    def __init__(self, inner: AsyncFiles, run: Callable[[Awaitable[Any]], Any]) -> None:
-        self.aio, self._run = inner, run
-
-    def read(self, path: str, *, format: Literal["bytes", "text"] = "bytes", offset: int = 0, length: int = 0):
-        return self._run(self.aio.read(path, format=format, offset=offset, length=length))
-
-    def read_stream(self, path: str, *, offset: int = 0, length: int = 0) -> Iterator[bytes]:
-        stream = self.aio.read_stream(path, offset=offset, length=length)
-        while True:
-            try:
-                yield self._run(stream.__anext__())
-            except StopAsyncIteration:
-                return
-
-    def write(self, path: str, data: Data, *, mode: int = 0o644, make_parents: bool = True, append: bool = False):
-        return self._run(self.aio.write(path, data, mode=mode, make_parents=make_parents, append=append))
-
-    def write_many(self, files: Mapping[str, bytes | str], *, mode: int = 0o644) -> WriteInfo:
-        return self._run(self.aio.write_many(files, mode=mode))
-
-    def list(self, path: str, *, depth: int = 1) -> builtins.list[EntryInfo]:
-        return self._run(self.aio.list(path, depth=depth))
-
-    def exists(self, path: str) -> bool:
-        return self._run(self.aio.exists(path))
-
-    def stat(self, path: str) -> EntryInfo:
-        return self._run(self.aio.stat(path))
-
-    get_info = stat
-
-    def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
-        return self._run(self.aio.make_dir(path, mode=mode))
-
-    def remove(self, path: str, *, recursive: bool = True) -> None:
-        self._run(self.aio.remove(path, recursive=recursive))
-
-    def rename(self, old_path: str, new_path: str, *, overwrite: bool = False) -> EntryInfo:
-        return self._run(self.aio.rename(old_path, new_path, overwrite=overwrite))
-
-    def watch_dir(self, path: str, *, recursive: bool = False) -> WatchHandle:
-        async def start() -> AsyncWatchHandle:
-            return await self.aio.watch_dir(path, recursive=recursive)
-
-        return WatchHandle(self._run(start()), self._run)
-
-    def upload(self, local: str | os.PathLike[str], remote: str) -> WriteInfo | EntryInfo:
-        return self._run(self.aio.upload(local, remote))
-
-    def download(self, remote: str, local: str | os.PathLike[str]) -> None:
-        self._run(self.aio.download(remote, local))
-
-
 __all__ = [
     "CHUNK",
     "AsyncFiles",
     "AsyncWatchHandle",
     "EntryInfo",
-    "Files",
     "FilesystemEvent",
     "FilesystemEventType",
-    "WatchHandle",
     "WriteInfo",
 ]
+
+
+def __getattr__(name: str) -> Any:  # the sync twins live in files_sync.py (it imports this module)
+    if name in ("Files", "WatchHandle"):
+        from microvm_sandbox import files_sync
+
+        return getattr(files_sync, name)
+    raise AttributeError(name)

@@ -28,7 +28,7 @@ from microvm_sandbox.aio import (
 )
 from microvm_sandbox.commands_sync import Commands
 from microvm_sandbox.errors import SandboxError
-from microvm_sandbox.files import Files
+from microvm_sandbox.files_sync import Files
 from microvm_sandbox.models import (
     MAX_OUTPUT_BYTES,
     ConsoleOutput,
