@@ -201,9 +201,12 @@ class AsyncFiles:
             for path, data in zip(paths, files.values(), strict=True):
                 add_bytes(tar, posixpath.relpath(path, root), data.encode() if isinstance(data, str) else data, mode)
 
-        return await self._upload_archive(root, tar_chunks(fill))
+        return await self.upload_archive(root, tar_chunks(fill))
 
-    async def _upload_archive(self, directory: str, chunks: AsyncIterator[bytes]) -> WriteInfo:
+    async def upload_archive(self, directory: str, chunks: AsyncIterator[bytes]) -> WriteInfo:
+        """Extracts the tar archive `chunks` (an async iterator of bytes, streamed as it comes) under `directory`
+        in the sandbox (made as needed). Hostile members are refused (docs/files.md)."""
+
         async def requests() -> AsyncIterator[api.UploadArchiveRequest]:
             yield api.UploadArchiveRequest(header=api.UploadArchiveHeader(sandbox=self._sandbox.name, path=directory))
             async for chunk in chunks:
@@ -303,7 +306,7 @@ class AsyncFiles:
             for entry in sorted(os.listdir(source)):
                 add_path(tar, source / entry, entry)
 
-        return await self._upload_archive(remote, tar_chunks(fill))
+        return await self.upload_archive(remote, tar_chunks(fill))
 
     async def download(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copies `remote` to the local `local`, streaming: a file becomes the file `local` (written whole or not at

@@ -50,6 +50,12 @@ class Files:
     def __init__(self, inner: AsyncFiles, run: Callable[[Awaitable[Any]], Any]) -> None:
         self.aio, self._run = inner, run
 
+    def run(self, awaitable: Awaitable[T]) -> T:
+        """Runs a coroutine of `aio` (the AsyncFiles) on the SDK's loop: for composing the streaming pieces
+        (`upload_archive`, `download_archive`, microvm_sandbox.transfer) from synchronous code."""
+        result: T = self._run(awaitable)
+        return result
+
     def read(self, path: str, *, format: Literal["bytes", "text"] = "bytes", offset: int = 0, length: int = 0):
         return self._run(self.aio.read(path, format=format, offset=offset, length=length))
 
