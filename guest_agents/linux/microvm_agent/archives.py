@@ -134,7 +134,8 @@ class Extractor:
             else:
                 self.write(tar, member, path, mode)
             if not member.isdir():
-                os.utime(path, ns=(member.mtime * 10**9, member.mtime * 10**9), follow_symlinks=False)
+                mtime_ns = int(member.mtime * 10**9)  # pax times may be fractional
+                os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
         except OSError as exc:
             raise os_error(exc, path) from None
         self.entries += 1

@@ -196,7 +196,7 @@ def make_dir(request: agent_pb2.MakeDirRequest) -> agent_pb2.FileResult:
         # makedirs says "exists" when a component is a file: that is a path that cannot be a directory.
         raise StreamError(
             FAILED_PRECONDITION if request.parents else ALREADY_EXISTS,
-            f"{path} (or a parent of it) exists and is not a directory",
+            f"{request.path} (or a parent of it) exists and is not a directory",
         ) from None
     except OSError as exc:
         raise os_error(exc, path) from None

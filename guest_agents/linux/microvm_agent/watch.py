@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import re
 import struct
 from collections import deque
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | I
 EVENT = struct.Struct("iIII")
 MAX_PENDING = 4096
 MAX_BATCH = 256
+# WriteFile's temporary name (files.py: `.NAME.mvm-XXXXXXXX`, renamed over NAME when complete): a watcher sees the
+# file NAME created and written, never the temporary.
+TEMPORARY = re.compile(r"^\..+\.mvm-[0-9a-f]{8}$")
 Type = agent_pb2.WatchEventType
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -99,6 +103,8 @@ class DirectoryWatch:
             except OSError:
                 return wd  # gone again already: its parent reports that
             for entry in entries:
+                if TEMPORARY.match(entry.name):
+                    continue
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if report:
                     self.queue(Type.WATCH_EVENT_TYPE_CREATE, entry.path, is_dir)
@@ -137,6 +143,8 @@ class DirectoryWatch:
                 offset += EVENT.size + length
                 self.event(wd, mask, cookie, os.fsdecode(name), moved)
         for path, directory in moved.values():  # moved out of the tree
+            if TEMPORARY.match(os.path.basename(path)):
+                continue
             self.forget(path)
             self.queue(Type.WATCH_EVENT_TYPE_REMOVE, path, directory)
         self.wake.set()
@@ -160,6 +168,8 @@ class DirectoryWatch:
             return  # a directory below: its parent reports it
         path = os.path.join(base, name) if name else base
         directory = bool(mask & IN_ISDIR)
+        if name and TEMPORARY.match(name) and not mask & IN_MOVED_FROM:
+            return
         if mask & IN_CREATE:
             self.queue(Type.WATCH_EVENT_TYPE_CREATE, path, directory)
             if directory and self.recursive:
@@ -169,6 +179,10 @@ class DirectoryWatch:
         elif mask & IN_MOVED_TO:
             if cookie in moved:
                 previous, _ = moved.pop(cookie)
+                if TEMPORARY.match(os.path.basename(previous)):  # a WriteFile completed: NAME replaced
+                    self.queue(Type.WATCH_EVENT_TYPE_CREATE, path, directory)
+                    self.queue(Type.WATCH_EVENT_TYPE_WRITE, path, directory)
+                    return
                 self.queue(Type.WATCH_EVENT_TYPE_RENAME, path, directory, previous)
                 if directory:
                     self.renamed(previous, path)
