@@ -5,6 +5,7 @@ that survives a migration)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -320,7 +321,7 @@ def test_three_node_mvm_lists_cordons_and_pins_to_nodes(cluster):
             env=dict(os.environ, MVM_API_KEY=cluster.control.admin_key),
         )
 
-    listed = mvm("nodes")
+    listed = mvm("nodes", "--no-headers")
     assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == ["n1", "n2", "n3"]
     assert "zone=b" in listed.stdout and "Ready" in listed.stdout
     cordon = mvm("nodes", "cordon", "n1", "--reason", "disk swap")
@@ -332,7 +333,7 @@ def test_three_node_mvm_lists_cordons_and_pins_to_nodes(cluster):
     assert created.returncode == 0, created.stderr
     sandbox_id = created.stdout.strip()
     try:
-        assert "node=n3" in mvm("get", sandbox_id).stdout
+        assert json.loads(mvm("get", sandbox_id, "--json").stdout)["node"] == "n3"
     finally:
         mvm("rm", sandbox_id)
 
