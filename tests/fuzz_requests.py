@@ -344,7 +344,7 @@ class RequestStrategies:
                 return st.sampled_from([own, own, *others])
             if name == "cwd":
                 return st.sampled_from(("", "/", "/tmp", "/root"))
-            if name == "path" or name.endswith("_path"):
+            if name in ("path", "source", "destination") or name.endswith("_path"):
                 return st.sampled_from(TAME_PATHS)
             tame = {
                 "template": ("default", "", "no-such-template"),

@@ -197,3 +197,49 @@ def test_a_fork_bomb_fills_only_the_capped_workload_and_exec_still_reports(gatew
         assert "maximum" in refused.value.details()
     finally:
         gateway.delete(bombed.name)
+
+
+@pytest.mark.parametrize("size_mib", [1, 8, 32])
+def test_sdk_write_of_a_file_onto_a_directory_is_failed_precondition_at_any_size(stack, sandbox, size_mib):
+    """`mvm cp` of 8 MB or more onto a directory answered INTERNAL (grpc's asyncio client, in the SDK and in the
+    gateway forwarding to the relay, reports INTERNAL when a call ends while it still writes: grpc/grpc#36066)."""
+    from microvm_sandbox import Client, FailedPreconditionError, Sandbox
+
+    client = Client(stack.gateway_address, stack.admin_key)
+    try:
+        target = Sandbox.connect(sandbox.name, client=client)
+        for _ in range(3):
+            with pytest.raises(FailedPreconditionError):
+                target.write("/tmp", os.urandom(size_mib << 20))
+    finally:
+        client.close()
+
+
+def test_a_directory_goes_in_and_out_as_tar_while_a_watch_sees_it(stack, sandbox, tmp_path):
+    from microvm_sandbox import Client, Sandbox
+    from microvm_sandbox.file_types import FilesystemEventType
+
+    local = tmp_path / "tree"
+    (local / "deep" / "er").mkdir(parents=True)
+    (local / "deep" / "er" / "data.bin").write_bytes(os.urandom(5 << 20))
+    (local / "top.txt").write_text("top")
+    client = Client(stack.gateway_address, stack.admin_key)
+    try:
+        target = Sandbox.connect(sandbox.name, client=client)
+        target.files.make_dir("/root/w")
+        with target.files.watch_dir("/root/w", recursive=True) as watch:
+            target.upload(local, "/root/w/tree")
+            target.files.rename("/root/w/tree/top.txt", "/root/w/tree/deep/top.txt")
+            seen = set()
+            for event in watch:
+                seen.add((event.type, event.path))
+                if (FilesystemEventType.RENAME, "/root/w/tree/deep/top.txt") in seen:
+                    break
+        assert (FilesystemEventType.CREATE, "/root/w/tree") in seen
+        target.download("/root/w/tree", tmp_path / "back")
+        assert (tmp_path / "back" / "deep" / "er" / "data.bin").read_bytes() == (
+            local / "deep" / "er" / "data.bin"
+        ).read_bytes()
+        assert (tmp_path / "back" / "deep" / "top.txt").read_text() == "top"
+    finally:
+        client.close()
