@@ -7,58 +7,12 @@ archive (and checks every member): the relay only moves bytes.
 
 from __future__ import annotations
 
-import asyncio
-
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
 from services.common.validation import check_path
-from services.relay.guest_io import failure, sandbox_id
-
-MAX_CHUNK = 1 << 20
-
-
-async def send_within_credit(stream, requests, final_kinds: tuple[str, ...]) -> agent_pb2.Frame:
-    """Forwards the `data` of each request (after the header, already taken) as FileData frames, never beyond the
-    credit the agent granted; returns the agent's last frame (one of `final_kinds`, or error). Stops early when the
-    agent answers before the data ends (it failed: its answer says why)."""
-    window = stream.channel.hello.initial_window if stream.channel.hello else 1 << 20
-    credit = {"bytes": window}
-    granted = asyncio.Event()
-
-    async def watch_agent() -> agent_pb2.Frame:
-        while True:
-            frame = await stream.receive()
-            kind = frame.WhichOneof("body")
-            if kind == "window_update":
-                credit["bytes"] += frame.window_update.increment
-                granted.set()
-            elif kind in final_kinds or kind == "error":
-                return frame
-
-    watcher = asyncio.create_task(watch_agent())
-    try:
-        async for message in requests:
-            if message.WhichOneof("request") != "data":
-                raise InvalidArgument("only data messages may follow the header")
-            data = message.data
-            if len(data) > MAX_CHUNK:
-                raise InvalidArgument(f"a chunk is at most {MAX_CHUNK} bytes")
-            while credit["bytes"] < min(len(data), window) and not watcher.done():
-                granted.clear()
-                waiting = asyncio.ensure_future(granted.wait())
-                await asyncio.wait([watcher, waiting], return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
-            if watcher.done():
-                break
-            credit["bytes"] -= len(data)
-            await stream.send(file_data=agent_pb2.FileData(data=data))
-        if not watcher.done():
-            await stream.send(file_data=agent_pb2.FileData(eof=True))
-        return await watcher
-    finally:
-        watcher.cancel()
+from services.relay.guest_io import failure, sandbox_id, send_within_credit
 
 
 class GuestArchives:

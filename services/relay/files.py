@@ -6,16 +6,12 @@ back as gRPC takes each chunk. Paths are the guest's: the agent checks them.
 
 from __future__ import annotations
 
-import asyncio
-
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable, check_rename
-from services.relay.guest_io import failure, sandbox_id, to_file_info
-
-MAX_CHUNK = 1 << 20
+from services.relay.guest_io import failure, sandbox_id, send_within_credit, to_file_info
 
 
 class GuestFiles:
@@ -49,20 +45,6 @@ class GuestFiles:
         check_path(header.path)
         check_mode(header.mode)
         stream = await self.open_stream(sandbox_id(header.sandbox))
-        window = stream.channel.hello.initial_window if stream.channel.hello else 1 << 20
-        credit = {"bytes": window}
-        granted = asyncio.Event()
-
-        async def watch_agent() -> agent_pb2.Frame:
-            while True:
-                frame = await stream.receive()
-                if frame.WhichOneof("body") == "window_update":
-                    credit["bytes"] += frame.window_update.increment
-                    granted.set()
-                elif frame.WhichOneof("body") in ("file_write_done", "error"):
-                    return frame
-
-        watcher = asyncio.create_task(watch_agent())
         finished = False
         try:
             await stream.send(
@@ -70,33 +52,13 @@ class GuestFiles:
                     path=header.path, mode=header.mode, make_parents=header.make_parents, append=header.append
                 )
             )
-            async for message in requests:
-                if message.WhichOneof("request") != "data":
-                    raise InvalidArgument("only data messages may follow the WriteFile header")
-                data = message.data
-                if len(data) > MAX_CHUNK:
-                    raise InvalidArgument(f"a WriteFile chunk is at most {MAX_CHUNK} bytes")
-                # Send only within the agent's credit, so its buffer stays bounded by the window.
-                while credit["bytes"] < min(len(data), window) and not watcher.done():
-                    granted.clear()
-                    await asyncio.wait(
-                        [watcher, asyncio.ensure_future(granted.wait())], return_when=asyncio.FIRST_COMPLETED
-                    )
-                if watcher.done():
-                    break  # the agent failed early (e.g. missing parent): report that
-                credit["bytes"] -= len(data)
-                await stream.send(file_data=agent_pb2.FileData(data=data))
-            if not watcher.done():
-                await stream.send(file_data=agent_pb2.FileData(eof=True))
-            frame = await watcher
+            frame = await send_within_credit(stream, requests, ("file_write_done",))
             finished = True
             if frame.WhichOneof("body") == "error":
                 raise failure(frame)
-            return api.WriteFileResponse(
-                file=to_file_info(frame.file_write_done.file), sha256=frame.file_write_done.sha256
-            )
+            done = frame.file_write_done
+            return api.WriteFileResponse(file=to_file_info(done.file), sha256=done.sha256)
         finally:
-            watcher.cancel()
             await stream.close(cancel=not finished)
 
     async def read(self, request: api.ReadFileRequest):
