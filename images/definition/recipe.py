@@ -119,7 +119,11 @@ class _Document:
         self.root = self._plain(node, "", 0)
 
     def where(self, key: str, instruction: str | None = None) -> Where:
-        return Where(line=self.lines.get(key), key=key or None, instruction=instruction)
+        """Where `key` is, or (a key that is missing) its nearest enclosing key."""
+        path = key
+        while path and path not in self.lines:
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if re.search(r"[.\[]", path) else ""
+        return Where(line=self.lines.get(path) if path else None, key=key or None, instruction=instruction)
 
     def error(self, key: str, message: str) -> DefinitionError:
         return self.where(key).error(INVALID_RECIPE, message)
@@ -139,9 +143,9 @@ class _Document:
                     raise self.error(path, f"keys must be strings, not {str(shown)[:40]!r}")
                 key = key_node.value
                 child = f"{path}.{key}" if path else key
+                self.lines[child] = key_node.start_mark.line + 1
                 if key in result:
                     raise self.error(child, "this key appears twice")
-                self.lines[child] = key_node.start_mark.line + 1
                 result[key] = self._plain(value_node, child, depth + 1)
             return result
         if isinstance(node, yaml.SequenceNode):

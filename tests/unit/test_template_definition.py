@@ -3,6 +3,7 @@ substitution, and every refusal with its reason and line. Pure: no guests, no ne
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def test_from_an_image_archive_in_the_context_hashes_its_content(tmp_path, kind)
     (tmp_path / "image.tar").write_bytes(b"layer bytes")
     first = plan_dockerfile(f"FROM {kind}:image.tar", tmp_path)
     assert (first.base.kind, first.base.path, first.base.text) == (kind, "image.tar", f"{kind}:image.tar")
-    assert first.base.digest == "ae7e8b9f9cbb9d0ae5c0fe4a5c3cc8e2a4d8fe5a26cc0c6a3dc5d31e1b76e1b4" or first.base.digest
+    assert first.base.digest == hashlib.sha256(b"layer bytes").hexdigest()
     (tmp_path / "image.tar").write_bytes(b"other layer bytes")
     assert plan_dockerfile(f"FROM {kind}:image.tar", tmp_path).base_key != first.base_key
 
