@@ -71,16 +71,20 @@ class BuildContext:
             raise where.error(COPY_OUTSIDE_CONTEXT, f"source {source!r} leaves the build context")
         if "\0" in clean:
             raise where.error(UNSUPPORTED_FILE, f"source {source!r} contains a NUL byte")
+        try:
+            clean.encode("utf-8")
+        except UnicodeEncodeError:
+            raise where.error(UNSUPPORTED_FILE, f"source {source!r} is not valid UTF-8") from None
         return clean
 
     def inside(self, path: Path | str) -> bool:
         real = os.path.realpath(path)
         return real == str(self.root) or real.startswith(str(self.root) + os.sep)
 
-    def resolve(self, source: str, where: Where) -> list[Match]:
+    def resolve(self, source: str, where: Where, *, wildcards: bool = True) -> list[Match]:
         """What a source names, in sorted order for wildcards; COPY_SOURCE_NOT_FOUND when nothing."""
         clean = self.normalise(source, where)
-        candidates = self._glob(clean) if any(char in clean for char in WILDCARDS) else [clean]
+        candidates = self._glob(clean) if wildcards and any(char in clean for char in WILDCARDS) else [clean]
         matches = []
         for relative in candidates:
             path = self.root / relative if relative != "." else self.root
@@ -128,17 +132,28 @@ class BuildContext:
         return out
 
     def _walk(self, directory: Path, relative: str, dest: str, where: Where, out: list[CopyEntry]) -> None:
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError as error:
-            raise where.error(UNSUPPORTED_FILE, f"cannot read directory {relative!r}: {error.strerror}") from None
-        for name in names:
+        """Everything under `directory` in pre-order, each directory's names sorted (iterative: any depth)."""
+        stack = [(directory, relative, dest, iter(self._names(directory, relative, where)))]
+        while stack:
+            directory, relative, dest, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
             child_relative = name if relative == "." else f"{relative}/{name}"
             child_dest = posixpath.join(dest, name)
             entry = self._entry(directory / name, child_relative, child_dest, where, follow=False)
             out.append(entry)
             if entry.kind == "dir":
-                self._walk(directory / name, child_relative, child_dest, where, out)
+                child = directory / name
+                stack.append((child, child_relative, child_dest, iter(self._names(child, child_relative, where))))
+
+    @staticmethod
+    def _names(directory: Path, relative: str, where: Where) -> list[str]:
+        try:
+            return sorted(os.listdir(directory))
+        except OSError as error:
+            raise where.error(UNSUPPORTED_FILE, f"cannot read directory {relative!r}: {error.strerror}") from None
 
     def _count(self, size: int, relative: str, where: Where) -> None:
         self.entries_read += 1

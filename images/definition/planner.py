@@ -127,7 +127,7 @@ class Planner:
                 raise where.error(INVALID_BASE, f"{kind}: needs a path in the build context")
             context = self.context_for(where, f"a {kind} base")
             relative = context.normalise(path, where)
-            matches = context.resolve(relative.replace("[", "[[]") if "[" in relative else relative, where)
+            matches = context.resolve(relative, where, wildcards=False)
             match = matches[0]
             if match.is_dir != (kind == "oci"):
                 wanted = "an OCI layout directory" if kind == "oci" else "an archive file"

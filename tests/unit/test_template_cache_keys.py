@@ -265,3 +265,28 @@ def test_any_recipe_raises_only_definition_errors(context, data, text):
             plan_recipe(candidate, context)
         except DefinitionError as error:
             assert error.reason in REASONS
+
+
+def test_a_deep_context_is_walked_without_recursion(context):
+    deep = context / "app"
+    for _ in range(1200):  # deeper than Python's recursion limit, made a level at a time (mkdir -p recurses)
+        deep = deep / "d"
+        os.mkdir(deep)
+    (deep / "leaf").write_text("leaf")
+    entries = plan_dockerfile(DOCKERFILE, context).steps[1].entries
+    assert len(entries) == 1200 + 1 + 2 and any(entry.source.endswith("/d/leaf") for entry in entries)
+
+
+def test_a_definition_error_becomes_invalid_argument_with_error_info():
+    """What a service will do with one (services/common/errors.py): INVALID_ARGUMENT, the reason, line or key."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from services.common.errors import InvalidArgument
+
+    error = refused("FROM default\nHEALTHCHECK CMD true")
+    status = InvalidArgument(str(error), reason=error.reason, metadata=error.metadata()).to_status()
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"]).details[0].Unpack(info)
+    assert status.code.name == "INVALID_ARGUMENT" and "line 2" in status.details
+    assert info.reason == "UNSUPPORTED_INSTRUCTION"
+    assert dict(info.metadata) == {"line": "2", "instruction": "HEALTHCHECK"}
