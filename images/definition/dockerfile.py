@@ -89,6 +89,8 @@ def _flags(keyword: str, rest: str, where: Where, allowed: tuple[str, ...]) -> t
             raise where.error(UNSUPPORTED_FLAG, f"{keyword} --{name} is not supported")
         if value is None or value == "":
             raise where.error(INVALID_DOCKERFILE, f"{keyword} --{name} needs a value (--{name}=VALUE)")
+        if name in flags:
+            raise where.error(INVALID_DOCKERFILE, f"{keyword} --{name} is given twice")
         flags[name] = value
         rest = rest[match.end() :]
     return flags, rest
@@ -233,6 +235,7 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     directives = True
     current: list[str] | None = None
     start = 0
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as Docker skips it
     for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         stripped = line.strip()
         if directives:

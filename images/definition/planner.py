@@ -219,8 +219,9 @@ class Planner:
             self.declare(instructions[index].cook(self.variables()), {})
             index += 1
         if index == len(instructions) or instructions[index].keyword != "FROM":
-            where = instructions[index].where if index < len(instructions) else Where(line=None)
-            raise where.error(self.invalid, "a Dockerfile starts with FROM (only ARG may come before it)")
+            where = instructions[index].where if index < len(instructions) else Where()
+            found = f"{instructions[index].keyword} before FROM" if index < len(instructions) else "no FROM"
+            raise where.error(self.invalid, f"{found}: a Dockerfile starts with FROM (only ARG may come before it)")
         global_args = dict(self.args)
         from_instruction = instructions[index]
         base, base_key = self.base(str(from_instruction.cook(self.variables())), from_instruction.where)

@@ -96,6 +96,7 @@ def test_from_must_come_first_and_only_once():
     assert (refused("RUN true").reason, refused("RUN true").line) == ("INVALID_DOCKERFILE", 1)
     assert refused("").reason == "INVALID_DOCKERFILE"
     assert refused("# only a comment\n").reason == "INVALID_DOCKERFILE"
+    assert "no FROM" in refused("ARG A=1").message
     error = refused("FROM default\nRUN true\nFROM python")
     assert (error.reason, error.line, error.instruction) == ("UNSUPPORTED_INSTRUCTION", 3, "FROM")
 
@@ -167,8 +168,8 @@ def test_a_hash_after_an_instruction_is_not_a_comment():
     assert plan.steps[0].command.shell == "echo hi # not a comment"
 
 
-def test_instructions_are_case_insensitive_and_crlf_is_accepted():
-    plan = plan_dockerfile("from default\r\nrun true\r\nWorkDir /x\r\n")
+def test_instructions_are_case_insensitive_and_crlf_and_a_byte_order_mark_are_accepted():
+    plan = plan_dockerfile("\ufefffrom default\r\nrun true\r\nWorkDir /x\r\n")
     assert [step.text for step in plan.steps] == ["RUN true", "WORKDIR /x"]
 
 
@@ -356,6 +357,7 @@ def test_several_sources_need_a_destination_ending_in_a_slash(context):
         ("COPY --chmod=755 a.txt /y", "UNSUPPORTED_FLAG"),
         ("COPY --link a.txt /y", "UNSUPPORTED_FLAG"),
         ("COPY --chown= a.txt /y", "INVALID_DOCKERFILE"),
+        ("COPY --chown=a --chown=b a.txt /y", "INVALID_DOCKERFILE"),
         ("COPY --chown='a b' a.txt /y", "INVALID_DOCKERFILE"),
         ("COPY missing.txt /y", "COPY_SOURCE_NOT_FOUND"),
         ("COPY *.md /y/", "COPY_SOURCE_NOT_FOUND"),
