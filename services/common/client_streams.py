@@ -1,10 +1,25 @@
-"""Ending a client stream without making its caller's grpc report INTERNAL."""
+"""Ending a client stream without making its caller's grpc report INTERNAL.
+
+grpc's asyncio client reports INTERNAL ("Internal error from Core") instead of the server's status when the server
+ends a client stream while one of the client's writes is still in flight (grpc/grpc#36066): a write blocked by flow
+control is in flight as long as the server does not read. So a server that refuses a client stream (`refuse`, run
+by the error interceptor for every client-streaming call that fails) says so at once in its initial metadata
+(`mvm-refused`) and reads what the caller still sends until the caller half-closes; a caller that watches for it
+(the gateway forwarding to a relay, the HTTP door, the SDK: `send_until_refused`) stops sending and half-closes at
+once, and any other caller gets the status after its last message. Bounding that read by a total time (2 s, as
+before) cut off every caller whose upload took longer: `mvm cp` of 8 MB or more onto a directory answered INTERNAL.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from services.common.errors import ServiceError
+# Initial metadata a server sends when it refused a client stream it has not finished reading.
+REFUSED_KEY = "mvm-refused"
+# A refused caller that sends nothing for this long is not waited for any more.
+IDLE_SECONDS = 10.0
 
 # How long a client stream that ends is still read, so that what its caller already sent is taken first.
 DRAIN_SECONDS = 2.0
@@ -22,5 +37,56 @@ async def drain(requests, seconds: float = DRAIN_SECONDS) -> None:
 
     try:
         await asyncio.wait_for(read_all(), seconds)
-    except (TimeoutError, ServiceError):
+    except Exception:
         pass
+
+
+async def drain_until_closed(requests, idle_seconds: float = IDLE_SECONDS) -> None:
+    """Reads and drops what the caller still sends until it half-closes (or sends nothing for `idle_seconds`)."""
+    iterator = aiter(requests)
+    while True:
+        try:
+            await asyncio.wait_for(anext(iterator), idle_seconds)
+        except Exception:  # StopAsyncIteration (half-closed), TimeoutError (idle), a bad message: the end
+            return
+
+
+async def refuse(context, requests) -> None:
+    """The call failed while its caller may still be sending: tell it (initial metadata `mvm-refused`; refused
+    before any answer, so the metadata is not sent yet), then take what it sends until it half-closes."""
+    try:
+        await context.send_initial_metadata(((REFUSED_KEY, "1"),))
+    except Exception:
+        pass  # a stream that already answered: its caller learns at the end
+    await drain_until_closed(requests)
+
+
+def refused(metadata) -> bool:
+    return any(key == REFUSED_KEY for key, _ in (metadata or ()))
+
+
+async def send_until_refused(start: Callable[[AsyncIterator[Any]], Any], messages: AsyncIterator[Any]) -> Any:
+    """The reply of the client-streaming call `start(requests)`, sending `messages` until they end or the server says
+    it refused the call (then half-closing at once, so its status arrives with no write in flight)."""
+    stop = asyncio.Event()
+
+    async def requests() -> AsyncIterator[Any]:
+        async for message in messages:
+            if stop.is_set():
+                return
+            yield message
+
+    call = start(requests())
+
+    async def watch() -> None:
+        try:
+            if refused(await call.initial_metadata()):
+                stop.set()
+        except Exception:
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await call
+    finally:
+        watcher.cancel()

@@ -20,6 +20,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.common.client_streams import refuse
+
 DOMAIN = "microvm.dev"
 log = structlog.get_logger()
 # A status travels in the call's trailers twice (grpc-message percent-encoded, grpc-status-details-bin in base64),
@@ -198,11 +200,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap_unary(behavior):
             async def wrapped(request_or_iterator: Any, context):
+                requests = None
                 try:
-                    return await behavior(inputs(request_or_iterator), context)
+                    requests = inputs(request_or_iterator)
+                    return await behavior(requests, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:
+                    if hasattr(requests, "__aiter__"):  # a client stream refused while its caller may still send
+                        await refuse(context, requests)
                     await fail(context, exc)
 
             return wrapped

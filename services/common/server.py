@@ -78,6 +78,17 @@ def never_reached(error: BaseException) -> bool:
     )
 
 
+# Client streams forwarded to another service are not traced: the tracing interceptor awaits a call's end before
+# handing the call over, which would hide the callee's early initial metadata (`mvm-refused`, a refusal the caller
+# must see at once to stop sending: services/common/client_streams.py).
+UNTRACED_METHODS = ("/WriteFile", "/UploadArchive")
+
+
+def traced(details) -> bool:
+    method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    return not method.endswith(UNTRACED_METHODS)
+
+
 @dataclass
 class ServiceContext(Generic[S]):
     """What a service's wiring gets: its config, etcd, and a way to reach other services."""
@@ -106,11 +117,11 @@ class ServiceContext(Generic[S]):
                     address,
                     self.identity.channel_credentials(),
                     options=CHANNEL_OPTIONS + TLS_CHANNEL_OPTIONS,
-                    interceptors=aio_client_interceptors(),
+                    interceptors=aio_client_interceptors(filter_=traced),
                 )
             else:
                 channel = grpc.aio.insecure_channel(
-                    address, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors()
+                    address, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors(filter_=traced)
                 )
             self._channels[address] = channel
         return channel

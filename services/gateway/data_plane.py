@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import Message
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.client_streams import drain
+from services.common.client_streams import drain, send_until_refused
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.validation import (
     check_mode,
@@ -111,7 +111,8 @@ class DataPlane:
             check(getattr(first, part))
             return first, await self.sandboxes.running(getattr(first, part).sandbox)
         except ServiceError:
-            await drain(requests)
+            if part == "config":  # a bidirectional stream; client streams are drained by the error interceptor
+                await drain(requests)
             raise
 
     async def exec_interactive(self, requests, deadline: float | None):
@@ -137,7 +138,9 @@ class DataPlane:
             async for message in requests:
                 yield message
 
-        return await self.nodes.relay(record.node).WriteFile(upstream(), timeout=deadline)
+        return await send_until_refused(
+            lambda r: self.nodes.relay(record.node).WriteFile(r, timeout=deadline), upstream()
+        )
 
     async def read_file(self, request: api.ReadFileRequest, deadline: float | None):
         check_path(request.path)
@@ -156,7 +159,9 @@ class DataPlane:
             async for message in requests:
                 yield message
 
-        return await self.nodes.relay(record.node).UploadArchive(upstream(), timeout=deadline)
+        return await send_until_refused(
+            lambda r: self.nodes.relay(record.node).UploadArchive(r, timeout=deadline), upstream()
+        )
 
     async def download_archive(self, request: api.DownloadArchiveRequest, deadline: float | None):
         check_path(request.path)

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
+from services.common.client_streams import send_until_refused
 
 HTTP_STATUS = {
     "OK": 200,
@@ -87,7 +88,9 @@ async def upload(request: web.Request, call, method: str, sandbox: str, metadata
             yield request_class(data=chunk)
 
     try:
-        reply = await call(messages(), metadata=metadata, timeout=deadlines.PUBLIC_CALL)
+        reply = await send_until_refused(
+            lambda r: call(r, metadata=metadata, timeout=deadlines.PUBLIC_CALL), messages()
+        )
     except grpc.aio.AioRpcError as error:
         return error_response(error)
     return web.json_response(json_format.MessageToDict(reply))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
 from services.common.validation import check_path
 from services.relay.guest_io import failure, sandbox_id, send_within_credit
@@ -21,13 +20,7 @@ class GuestArchives:
         self.open_stream = open_stream
 
     async def upload(self, requests) -> api.UploadArchiveResponse:
-        try:
-            return await self._upload(requests)
-        except Exception:
-            await drain(requests)  # the caller learns why, not INTERNAL (see `drain`)
-            raise
-
-    async def _upload(self, requests) -> api.UploadArchiveResponse:
+        """A refusal ends the call only once the caller stopped sending (the error interceptor: `refuse`)."""
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "header":
             raise InvalidArgument("the first UploadArchive message must carry the header")

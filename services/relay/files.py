@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from services.common.client_streams import drain
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable, check_rename
 from services.relay.guest_io import failure, sandbox_id, send_within_credit, to_file_info
@@ -31,13 +30,7 @@ class GuestFiles:
             await stream.close(cancel=False)
 
     async def write(self, requests) -> api.WriteFileResponse:
-        try:
-            return await self._write(requests)
-        except Exception:
-            await drain(requests)  # the caller learns why, not INTERNAL (see `drain`)
-            raise
-
-    async def _write(self, requests) -> api.WriteFileResponse:
+        """A refusal ends the call only once the caller stopped sending (the error interceptor: `refuse`)."""
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("request") != "header":
             raise InvalidArgument("the first WriteFile message must carry the header")

@@ -37,6 +37,7 @@ from microvm_sandbox.transfer import (
     add_bytes,
     add_path,
     chunks_of,
+    send_until_refused,
     tar_chunks,
     tune_allocator,
     untar_into,
@@ -182,7 +183,9 @@ class AsyncFiles:
                 yield api.WriteFileRequest(data=chunk)
 
         try:
-            reply = await self._stub.WriteFile(requests(), metadata=self._metadata, timeout=TRANSFER_TIMEOUT)
+            reply = await send_until_refused(
+                lambda r: self._stub.WriteFile(r, metadata=self._metadata, timeout=TRANSFER_TIMEOUT), requests()
+            )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
         return EntryInfo.of(reply.file)
@@ -213,7 +216,9 @@ class AsyncFiles:
                 yield api.UploadArchiveRequest(data=chunk)
 
         try:
-            reply = await self._stub.UploadArchive(requests(), metadata=self._metadata, timeout=TRANSFER_TIMEOUT)
+            reply = await send_until_refused(
+                lambda r: self._stub.UploadArchive(r, metadata=self._metadata, timeout=TRANSFER_TIMEOUT), requests()
+            )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
         return WriteInfo(reply.entries, reply.bytes, reply.sha256)

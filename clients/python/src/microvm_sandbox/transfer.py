@@ -13,7 +13,7 @@ import tarfile
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from microvm_sandbox.errors import InvalidArgumentError
 
@@ -231,3 +231,36 @@ async def untar_into(chunks: AsyncIterator[bytes], target: Path, strip: int = 0)
     finally:
         handover.stop()
         await asyncio.wait([worker])
+
+
+REFUSED_KEY = "mvm-refused"
+
+
+async def send_until_refused(start: Callable[[AsyncIterator[Any]], Any], messages: AsyncIterator[Any]) -> Any:
+    """The reply of the client-streaming call `start(requests)`, sending `messages` until they end or the server says
+    in its initial metadata (`mvm-refused`) that it refused the call: then the stream is half-closed at once and the
+    server's status arrives with no write in flight (grpc's asyncio client would report INTERNAL instead,
+    grpc/grpc#36066), and no more of a doomed upload is sent."""
+    stop = asyncio.Event()
+
+    async def requests() -> AsyncIterator[Any]:
+        async for message in messages:
+            if stop.is_set():
+                return
+            yield message
+
+    call = start(requests())
+
+    async def watch() -> None:
+        try:
+            metadata = await call.initial_metadata()
+        except Exception:
+            return
+        if any(key == REFUSED_KEY for key, _ in (metadata or ())):
+            stop.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await call
+    finally:
+        watcher.cancel()
