@@ -27,6 +27,7 @@ from pathlib import Path
 from bench.run import emit, raw_boot
 from microvm.agent.v1 import agent_pb2
 from services.relay.agent_channel import AgentChannel
+from services.relay.guest_io import READ_AHEAD
 from tests.stack import REPO, start_stack
 
 SIZE = 1 << 30
@@ -106,6 +107,7 @@ async def raw_download(channel: AgentChannel, target: Path) -> float:
     stream = channel.open_stream()
     started = time.perf_counter()
     await stream.send(file_read_start=agent_pb2.FileReadStart(path="/dev/zero", length=SIZE))
+    await stream.grant(READ_AHEAD)  # as the relay does
     total = 0
     with open(target, "wb") as out:
         while True:

@@ -11,7 +11,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
 from services.common.validation import check_path
-from services.relay.guest_io import failure, sandbox_id, send_within_credit
+from services.relay.guest_io import READ_AHEAD, failure, sandbox_id, send_within_credit
 
 
 class GuestArchives:
@@ -45,6 +45,7 @@ class GuestArchives:
         finished = False
         try:
             await stream.send(archive_create_start=agent_pb2.ArchiveCreateStart(path=request.path))
+            await stream.grant(READ_AHEAD)
             while True:
                 frame = await stream.receive()
                 kind = frame.WhichOneof("body")

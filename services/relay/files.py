@@ -10,7 +10,7 @@ from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable, check_rename
-from services.relay.guest_io import failure, sandbox_id, send_within_credit, to_file_info
+from services.relay.guest_io import READ_AHEAD, failure, sandbox_id, send_within_credit, to_file_info
 
 
 class GuestFiles:
@@ -63,6 +63,7 @@ class GuestFiles:
             await stream.send(
                 file_read_start=agent_pb2.FileReadStart(path=request.path, offset=request.offset, length=request.length)
             )
+            await stream.grant(READ_AHEAD)
             while True:
                 frame = await stream.receive()
                 kind = frame.WhichOneof("body")

@@ -14,6 +14,9 @@ from services.common.errors import InvalidArgument, error_from_code
 from services.common.validation import check_process
 
 MAX_CHUNK = 1 << 20
+# Credit a read grants the agent beyond its window as it starts: the next chunk travels while one goes out over gRPC
+# (twice the window per stream in flight, well inside the relay's per-stream bound; the agent grants writes the same).
+READ_AHEAD = 1 << 20
 FILE_TYPE = {
     agent_pb2.FILE_KIND_FILE: sandbox_pb2.FILE_TYPE_FILE,
     agent_pb2.FILE_KIND_DIRECTORY: sandbox_pb2.FILE_TYPE_DIRECTORY,

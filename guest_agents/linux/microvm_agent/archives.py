@@ -19,7 +19,7 @@ import tarfile
 from typing import TYPE_CHECKING, BinaryIO
 
 from microvm.agent.v1 import agent_pb2
-from microvm_agent.files import require_absolute
+from microvm_agent.files import TRANSFER_AHEAD, require_absolute
 from microvm_agent.streams import (
     F_SETPIPE_SZ,
     FAILED_PRECONDITION,
@@ -200,6 +200,7 @@ class ArchiveExtraction:
                     return
 
         pumping = asyncio.ensure_future(pump())
+        self.agent.send(self.stream_id, window_update=agent_pb2.WindowUpdate(increment=TRANSFER_AHEAD))
         try:
             await asyncio.wait([worker, pumping], return_when=asyncio.FIRST_COMPLETED)
             if pumping.done():

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 # Host simulation (`--root DIR`, the fake VMM of tests): guest paths live under DIR on the host.
 PATH_ROOT = ""
+# Credit a write grants beyond the window as it starts: the next chunk travels while one is written (the host's
+# relay grants a read the same; twice the window in flight, never more).
+TRANSFER_AHEAD = 1 << 20
 
 
 def real(path: str) -> str:
@@ -93,6 +96,7 @@ class FileTransfer:
         except OSError as exc:
             raise os_error(exc, path) from None
         digest = hashlib.sha256()
+        self.agent.send(self.stream_id, window_update=agent_pb2.WindowUpdate(increment=TRANSFER_AHEAD))
         try:
             while True:
                 chunk = await self.chunks.get()
