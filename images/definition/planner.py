@@ -9,6 +9,7 @@ reference and, for an archive, its content. Files nothing copies are never read,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -171,21 +172,11 @@ class Planner:
             entries.extend(context.entries(match, put, where))
         shown_dest = target + ("/" if into_directory and target != "/" else "")
         step = CopyStep(where, parent, "", sources=args.sources, dest=shown_dest, chown=args.chown)
-        return CopyStep(
-            where,
-            parent,
-            step_key(parent, step.canonical(), entries_digest(entries)),
-            sources=args.sources,
-            dest=shown_dest,
-            chown=args.chown,
-            entries=tuple(entries),
-        )
+        key = step_key(parent, step.canonical(), entries_digest(entries))
+        return dataclasses.replace(step, key=key, entries=tuple(entries))
 
-    def step(self, instruction: Instruction, parent: str) -> Step | None:
+    def step(self, instruction: Instruction, parent: str) -> Step:
         where, keyword = instruction.where, instruction.keyword
-        if keyword == "ARG":
-            self.declare(instruction.cook(self.variables()), {})
-            return None
         cooked = instruction.cook(self.variables())
         if keyword == "RUN":
             assert isinstance(cooked, Command)
@@ -211,7 +202,7 @@ class Planner:
             made = UserStep(where, parent, "", user=self.user)
         else:
             raise where.error(UNSUPPORTED_INSTRUCTION, f"{keyword} may appear only once, first")
-        return type(made)(**{**made.__dict__, "key": step_key(parent, made.canonical())})
+        return dataclasses.replace(made, key=step_key(parent, made.canonical()))
 
     def plan(self, instructions: Sequence[Instruction], settings: RecipeSettings | None) -> BuildPlan:
         index = 0
@@ -234,9 +225,7 @@ class Planner:
             if instruction.keyword == "ARG":
                 self.declare(instruction.cook(self.variables()), global_args)
                 continue
-            made = self.step(instruction, self.parent(base_key))
-            if made is not None:
-                self.steps.append(made)
+            self.steps.append(self.step(instruction, self.parent(base_key)))
             if len(self.steps) > MAX_STEPS:
                 raise instruction.where.error(DEFINITION_TOO_LARGE, f"more than {MAX_STEPS} steps")
         unknown = sorted(set(self.overrides) - self.declared - PROXY_ARGS)

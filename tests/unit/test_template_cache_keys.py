@@ -268,13 +268,18 @@ def test_any_recipe_raises_only_definition_errors(context, data, text):
 
 
 def test_a_deep_context_is_walked_without_recursion(context):
-    deep = context / "app"
+    levels = [context / "app"]
     for _ in range(1200):  # deeper than Python's recursion limit, made a level at a time (mkdir -p recurses)
-        deep = deep / "d"
-        os.mkdir(deep)
-    (deep / "leaf").write_text("leaf")
-    entries = plan_dockerfile(DOCKERFILE, context).steps[1].entries
-    assert len(entries) == 1200 + 1 + 2 and any(entry.source.endswith("/d/leaf") for entry in entries)
+        levels.append(levels[-1] / "d")
+        os.mkdir(levels[-1])
+    (levels[-1] / "leaf").write_text("leaf")
+    try:
+        entries = plan_dockerfile(DOCKERFILE, context).steps[1].entries
+        assert len(entries) == 1200 + 1 + 2 and any(entry.source.endswith("/d/leaf") for entry in entries)
+    finally:  # removed a level at a time too: shutil.rmtree (and pytest's tmp_path clean-up) would recurse
+        (levels[-1] / "leaf").unlink()
+        for level in reversed(levels[1:]):
+            os.rmdir(level)
 
 
 def test_a_definition_error_becomes_invalid_argument_with_error_info():
