@@ -36,6 +36,9 @@ from microvm_sandbox.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from microvm_sandbox.file_types import EntryInfo, FilesystemEvent, FilesystemEventType, WriteInfo
+from microvm_sandbox.files import AsyncFiles, AsyncWatchHandle
+from microvm_sandbox.files_sync import Files, WatchHandle
 from microvm_sandbox.models import (
     ConsoleOutput,
     ExecEvent,
@@ -53,6 +56,14 @@ from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
 from microvm_sandbox.terminal import AsyncPtyHandle, PtyHandle
 
 __all__ = [
+    "WriteInfo",
+    "WatchHandle",
+    "FilesystemEventType",
+    "FilesystemEvent",
+    "Files",
+    "EntryInfo",
+    "AsyncWatchHandle",
+    "AsyncFiles",
     "AsyncClient",
     "AsyncCommandHandle",
     "AsyncExecStream",
