@@ -22,9 +22,9 @@ import builtins
 import os
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Generator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import grpc
 
@@ -119,7 +119,7 @@ class AsyncWatchHandle:
         if self._task is not None:
             await asyncio.wait([self._task])
 
-    def __await__(self):  # `handle = await files.watch_dir(...)`
+    def __await__(self) -> Generator[Any, None, AsyncWatchHandle]:  # `handle = await files.watch_dir(...)`
         return self._start().__await__()
 
     async def __aenter__(self) -> AsyncWatchHandle:
@@ -145,6 +145,14 @@ class AsyncFiles:
 
     async def _call(self, method: str, request: Any, idempotent: bool = False) -> Any:
         return await self._sandbox.client.call(method, request, idempotent=idempotent)
+
+    @overload
+    async def read(
+        self, path: str, *, format: Literal["bytes"] = "bytes", offset: int = 0, length: int = 0
+    ) -> bytes: ...
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"], offset: int = 0, length: int = 0) -> str: ...
 
     async def read(
         self, path: str, *, format: Literal["bytes", "text"] = "bytes", offset: int = 0, length: int = 0

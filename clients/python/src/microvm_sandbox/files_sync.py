@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from microvm_sandbox.file_types import EntryInfo, FilesystemEvent, WriteInfo
 from microvm_sandbox.files import AsyncFiles, AsyncWatchHandle
@@ -14,10 +14,16 @@ from microvm_sandbox.transfer import Data
 T = TypeVar("T")
 
 
+class Runner(Protocol):
+    """Runs a coroutine on the SDK's loop and returns its result (sync.py's `_Loop.run`)."""
+
+    def __call__(self, awaitable: Awaitable[T]) -> T: ...
+
+
 class WatchHandle:
     """A running watch for synchronous code: iterate it, or `get_new_events()`; `stop()` ends it."""
 
-    def __init__(self, inner: AsyncWatchHandle, run: Callable[[Awaitable[Any]], Any]) -> None:
+    def __init__(self, inner: AsyncWatchHandle, run: Runner) -> None:
         self.aio, self._run = inner, run
 
     def __iter__(self) -> Iterator[FilesystemEvent]:
@@ -47,17 +53,21 @@ async def _now(function: Callable[[], T]) -> T:
 class Files:
     """The filesystem of one sandbox, for synchronous code (`Sandbox.files`): the methods of `AsyncFiles`."""
 
-    def __init__(self, inner: AsyncFiles, run: Callable[[Awaitable[Any]], Any]) -> None:
+    def __init__(self, inner: AsyncFiles, run: Runner) -> None:
         self.aio, self._run = inner, run
 
     def run(self, awaitable: Awaitable[T]) -> T:
         """Runs a coroutine of `aio` (the AsyncFiles) on the SDK's loop: for composing the streaming pieces
         (`upload_archive`, `download_archive`, microvm_sandbox.transfer) from synchronous code."""
-        result: T = self._run(awaitable)
-        return result
+        return self._run(awaitable)
 
-    def read(self, path: str, *, format: Literal["bytes", "text"] = "bytes", offset: int = 0, length: int = 0):
-        return self._run(self.aio.read(path, format=format, offset=offset, length=length))
+    def read(
+        self, path: str, *, format: Literal["bytes", "text"] = "bytes", offset: int = 0, length: int = 0
+    ) -> bytes | str:
+        """As `AsyncFiles.read`: bytes, or str with format="text"."""
+        if format == "text":
+            return self._run(self.aio.read(path, format="text", offset=offset, length=length))
+        return self._run(self.aio.read(path, offset=offset, length=length))
 
     def read_stream(self, path: str, *, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         stream = self.aio.read_stream(path, offset=offset, length=length)
@@ -67,7 +77,9 @@ class Files:
             except StopAsyncIteration:
                 return
 
-    def write(self, path: str, data: Data, *, mode: int = 0o644, make_parents: bool = True, append: bool = False):
+    def write(
+        self, path: str, data: Data, *, mode: int = 0o644, make_parents: bool = True, append: bool = False
+    ) -> EntryInfo:
         return self._run(self.aio.write(path, data, mode=mode, make_parents=make_parents, append=append))
 
     def write_many(self, files: Mapping[str, bytes | str], *, mode: int = 0o644) -> WriteInfo:

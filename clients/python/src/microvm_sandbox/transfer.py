@@ -113,7 +113,7 @@ class _Writer(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         self.buffer += data
         while len(self.buffer) >= CHUNK:
             self.handover.put(bytes(self.buffer[:CHUNK]))
@@ -135,7 +135,7 @@ class _Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, target) -> int:
+    def readinto(self, target: Any) -> int:
         if not self.pending and not self.ended:
             self.pending = self.handover.get()
             self.ended = not self.pending
