@@ -11,7 +11,7 @@ The reference is docs/templates.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from images.definition.context import ContextLimits
@@ -26,6 +26,7 @@ from images.definition.plan import (
     EnvStep,
     PackagesStep,
     ReadyCheck,
+    ResolvedBase,
     Resources,
     RunStep,
     Step,
@@ -47,6 +48,7 @@ __all__ = [
     "EnvStep",
     "PackagesStep",
     "ReadyCheck",
+    "ResolvedBase",
     "Resources",
     "RunStep",
     "Step",
@@ -63,9 +65,12 @@ def plan_dockerfile(
     context: Path | str | None = None,
     build_args: Mapping[str, str] | None = None,
     limits: ContextLimits | None = None,
+    resolve_base: Callable[[Base], ResolvedBase] | None = None,
 ) -> BuildPlan:
-    """The plan of a Dockerfile; `context` is the directory COPY reads from (None: no COPY possible)."""
-    return Planner("dockerfile", context, build_args, limits).plan(parse_dockerfile(text), None)
+    """The plan of a Dockerfile; `context` is the directory COPY reads from (None: no COPY possible).
+    `resolve_base`, a builder's, tells what a base is now (ResolvedBase: its build and environment); without
+    it a template base is keyed by name:tag alone and has Docker's default PATH as its environment."""
+    return Planner("dockerfile", context, build_args, limits, resolve_base).plan(parse_dockerfile(text), None)
 
 
 def plan_recipe(
@@ -73,10 +78,11 @@ def plan_recipe(
     context: Path | str | None = None,
     build_args: Mapping[str, str] | None = None,
     limits: ContextLimits | None = None,
+    resolve_base: Callable[[Base], ResolvedBase] | None = None,
 ) -> BuildPlan:
     """The plan of a YAML recipe (mvm.yaml); `build_args` override its `args`."""
     instructions, settings = parse_recipe(text)
-    return Planner("recipe", context, build_args, limits).plan(instructions, settings)
+    return Planner("recipe", context, build_args, limits, resolve_base).plan(instructions, settings)
 
 
 def load_plan(
@@ -84,6 +90,7 @@ def load_plan(
     context: Path | str | None = None,
     build_args: Mapping[str, str] | None = None,
     limits: ContextLimits | None = None,
+    resolve_base: Callable[[Base], ResolvedBase] | None = None,
 ) -> BuildPlan:
     """The plan of a file: a recipe when it ends in .yaml or .yml, else a Dockerfile. The context defaults to
     the file's directory."""
@@ -91,4 +98,4 @@ def load_plan(
     text = path.read_text(encoding="utf-8")
     context = path.parent if context is None else context
     planner = plan_recipe if path.suffix in (".yaml", ".yml") else plan_dockerfile
-    return planner(text, context, build_args, limits)
+    return planner(text, context, build_args, limits, resolve_base)

@@ -56,6 +56,21 @@ class Base:
 
 
 @dataclass(frozen=True)
+class ResolvedBase:
+    """What a builder knows about a base that the definition cannot: `digest`, the build a template[:tag]
+    names right now (it becomes part of every key, so moving a tag rebuilds what is built on it; None for an
+    archive, whose content is hashed already), and `env`, the base's environment, which substitution sees
+    under the definition's own ENV (`ENV PATH=/opt/bin:$PATH`)."""
+
+    digest: str | None
+    env: Pairs
+
+
+# The environment assumed under a base when no resolver says otherwise: Docker's default PATH.
+DEFAULT_BASE_ENV: Pairs = (("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),)
+
+
+@dataclass(frozen=True)
 class CopyEntry:
     """One thing a COPY puts into the image: `kind` "file", "dir" or "symlink"; `source` relative to the
     context (POSIX), `dest` absolute in the image; `mode` the permission bits; `size` in bytes (files);
@@ -239,13 +254,14 @@ class ReadyCheck:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """A whole template build. `env`, `workdir` and `user` are as they stand after the last step (what a
-    sandbox's processes get). `key` names the finished template (the last layer plus start, ready and
-    resources): two plans with the same key build the same template."""
+    """A whole template build. `env` (what this definition sets, on top of `base_env`), `workdir` and `user`
+    are as they stand after the last step: what a sandbox's processes get. `key` names the finished template
+    (the last layer plus start, ready and resources): two plans with the same key build the same template."""
 
     source: str  # "dockerfile" or "recipe"
     base: Base
     base_key: str
+    base_env: Pairs
     steps: tuple[Step, ...]
     env: Pairs
     workdir: str

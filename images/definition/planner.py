@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from images.definition.context import BuildContext, ContextLimits
@@ -31,6 +31,7 @@ from images.definition.errors import (
 )
 from images.definition.instructions import CopyArgs, Instruction
 from images.definition.plan import (
+    DEFAULT_BASE_ENV,
     Base,
     BuildPlan,
     Command,
@@ -38,6 +39,7 @@ from images.definition.plan import (
     CopyStep,
     EnvStep,
     PackagesStep,
+    ResolvedBase,
     Resources,
     RunStep,
     Step,
@@ -79,8 +81,11 @@ class Planner:
         context: Path | str | None,
         build_args: Mapping[str, str] | None,
         limits: ContextLimits | None,
+        resolve_base: Callable[[Base], ResolvedBase] | None = None,
     ) -> None:
         self.source = source
+        self.resolve_base = resolve_base
+        self.base_env: dict[str, str] = {}
         self.invalid = INVALID_DOCKERFILE if source == "dockerfile" else INVALID_RECIPE
         self.context = BuildContext(context, limits) if context is not None else None
         self.overrides = dict(build_args or {})
@@ -95,6 +100,7 @@ class Planner:
 
     def variables(self) -> dict[str, str]:
         scope = {name: value for name, value in self.args.items() if value is not None}
+        scope.update(self.base_env)  # the base's ENV, like the definition's own, wins over an ARG
         scope.update(self.env)
         return scope
 
@@ -144,6 +150,10 @@ class Planner:
                     " docker-archive:PATH (images from a registry: `docker save` them and use docker-archive:PATH)",
                 )
             base = Base("template", name=match.group(1), tag=match.group(2) or "latest")
+        resolved = self.resolve_base(base) if self.resolve_base else ResolvedBase(None, DEFAULT_BASE_ENV)
+        if base.kind == "template" and resolved.digest is not None:
+            base = dataclasses.replace(base, digest=resolved.digest)
+        self.base_env = dict(resolved.env)
         return base, step_key("", json.dumps(["base", base.canonical()], sort_keys=True))
 
     # -- steps
@@ -253,6 +263,7 @@ class Planner:
             source=self.source,
             base=base,
             base_key=base_key,
+            base_env=tuple(self.base_env.items()),
             steps=tuple(self.steps),
             env=tuple(self.env.items()),
             workdir=self.workdir,

@@ -105,6 +105,7 @@ class _Document:
         self._seen: set[int] = set()
         self._scalars = yaml.constructor.SafeConstructor()
         try:
+            self._check_depth(text)
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
@@ -117,6 +118,20 @@ class _Document:
         if node is None:
             raise DefinitionError(INVALID_RECIPE, "the recipe is empty: it needs at least `from`")
         self.root = self._plain(node, "", 0)
+
+    @staticmethod
+    def _check_depth(text: str) -> None:
+        """Refuses deep nesting from the event stream (iterative), before composing (recursive) can choke."""
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise DefinitionError(
+                        INVALID_RECIPE, "the recipe is nested too deeply", line=event.start_mark.line + 1
+                    )
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
 
     def where(self, key: str, instruction: str | None = None) -> Where:
         """Where `key` is, or (a key that is missing) its nearest enclosing key."""

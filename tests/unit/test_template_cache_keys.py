@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from images.definition import ContextLimits, DefinitionError, plan_dockerfile, plan_recipe
+from images.definition import ContextLimits, DefinitionError, ResolvedBase, plan_dockerfile, plan_recipe
 from images.definition.errors import REASONS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -295,3 +295,28 @@ def test_a_definition_error_becomes_invalid_argument_with_error_info():
     assert status.code.name == "INVALID_ARGUMENT" and "line 2" in status.details
     assert info.reason == "UNSUPPORTED_INSTRUCTION"
     assert dict(info.metadata) == {"line": "2", "instruction": "HEALTHCHECK"}
+
+
+def test_env_can_extend_the_bases_path():
+    plan = plan_dockerfile("FROM default\nENV PATH=/opt/venv/bin:$PATH")
+    assert dict(plan.env)["PATH"] == "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert dict(plan.base_env) == {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def test_a_base_resolver_binds_keys_to_the_build_a_tag_names_and_gives_its_env(context):
+    seen = []
+
+    def resolver(build: str):
+        def resolve(base):
+            seen.append(base.text)
+            return ResolvedBase(digest=build, env=(("PATH", "/base/bin"), ("LANG", "C.UTF-8"), ("V", "base")))
+
+        return resolve
+
+    text = "FROM python:3.12\nARG V=arg\nENV PATH=/x:$PATH L=$LANG W=$V\nCOPY app /app"
+    first = plan_dockerfile(text, context, resolve_base=resolver("build-1"))
+    assert seen == ["python:3.12"] and first.base.digest == "build-1"
+    assert dict(first.env) == {"PATH": "/x:/base/bin", "L": "C.UTF-8", "W": "base"}  # the base's ENV beats an ARG
+    moved = plan_dockerfile(text, context, resolve_base=resolver("build-2"))
+    assert all(a.key != b.key for a, b in zip(first.steps, moved.steps, strict=True)) and first.key != moved.key
+    assert plan_dockerfile(text, context, resolve_base=resolver("build-1")).key == first.key
