@@ -7,7 +7,8 @@ It says Hello and answers pings like the real agent, then does what `mode` says:
 - `half-frame`: sends the first half of a 2 MiB frame and then nothing at all (pings unanswered too);
 - `restart`: answers an exec with `exec_started`, then says Hello again (an agent that restarted);
 - `overflow`: answers an exec with output far beyond the credit it was granted;
-- `silent`: answers pings (with the right time) until a call starts, then never again.
+- `silent`: answers pings (with the right time) until a call starts, then never again;
+- `watch-flood`: answers a directory watch with changes far beyond the credit it was granted.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class HostileGuest:
                     await writer.drain()
                     if pongs == 1:
                         self._misbehave(writer)
+                elif kind == "watch_start" and self.mode == "watch-flood":
+                    await self._flood_watch(frame.stream_id, writer)
                 elif kind == "exec_start":
                     if self.mode == "silent":
                         silenced = True
@@ -105,6 +108,19 @@ class HostileGuest:
             except (ConnectionError, OSError):
                 return
             await asyncio.sleep(0)
+
+    async def _flood_watch(self, stream_id: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            encode(agent_pb2.Frame(stream_id=stream_id, watch_events=agent_pb2.WatchEvents(started_directories=1)))
+        )
+        change = agent_pb2.WatchEvent(type=agent_pb2.WATCH_EVENT_TYPE_CREATE, path="/" + "w" * 4000)
+        batch = encode(agent_pb2.Frame(stream_id=stream_id, watch_events=agent_pb2.WatchEvents(events=[change] * 250)))
+        for _ in range(64):  # ~64 MiB of changes against 1 MiB of credit
+            writer.write(batch)
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
 
     async def _answer_exec(self, stream_id: int, writer: asyncio.StreamWriter) -> None:
         writer.write(encode(agent_pb2.Frame(stream_id=stream_id, exec_started=agent_pb2.ExecStarted(pid=4242))))

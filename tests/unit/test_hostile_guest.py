@@ -160,6 +160,24 @@ async def test_hostile_output_beyond_its_credit_is_a_violation(relay):
         await guest.close()
 
 
+async def test_hostile_watch_changes_beyond_their_credit_are_a_violation(relay):
+    """Directory watch changes travel within credit like file data: a guest flooding them loses its channel."""
+    guest = await hostile(relay, "watch-flood")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="watch-flood", timeout_ms=3000))
+        call = relay.WatchDir(api.WatchDirRequest(sandbox="sandboxes/watch-flood", path="/tmp"))
+        await call.read()  # started; then the caller reads nothing while the guest floods
+        for _ in range(50):
+            if await incident(relay, "watch-flood"):
+                break
+            await asyncio.sleep(0.1)
+        call.cancel()
+        assert "beyond the credit" in (await incident(relay, "watch-flood")).reason
+        await neighbour_execs(relay, 2)
+    finally:
+        await guest.close()
+
+
 async def test_hostile_silent_agent_is_dropped_by_the_heartbeat(relay):
     guest = await hostile(relay, "silent")
     try:
