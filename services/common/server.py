@@ -81,7 +81,7 @@ def never_reached(error: BaseException) -> bool:
 # Client streams forwarded to another service are not traced: the tracing interceptor awaits a call's end before
 # handing the call over, which would hide the callee's early initial metadata (`mvm-refused`, a refusal the caller
 # must see at once to stop sending: services/common/client_streams.py).
-UNTRACED_METHODS = ("/WriteFile", "/UploadArchive")
+UNTRACED_METHODS = ("/WriteFile", "/UploadArchive", "/PutArtifact")
 
 
 def traced(details) -> bool:

@@ -21,6 +21,7 @@ from microvm.types.v1 import vm_pb2
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common import deadlines
+from services.common.client_streams import send_until_refused
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
@@ -58,7 +59,8 @@ async def upload(store, snapshot_id: str, name: str, path: Path) -> int:
             while data := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
                 yield snapshot_pb2.PutArtifactRequest(data=data)
 
-    reply = await store.PutArtifact(requests(), timeout=deadlines.TRANSFER)
+    # A refusal (mvm-refused) stops the upload at once instead of after the whole file (client_streams.py).
+    reply = await send_until_refused(lambda r: store.PutArtifact(r, timeout=deadlines.TRANSFER), requests())
     return reply.artifact.size_bytes
 
 
