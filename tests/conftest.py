@@ -37,7 +37,8 @@ def tenants(stack):
 
     a = Gateway(stack.gateway_address, tenant_key(stack, "tenant-a"))
     b = Gateway(stack.gateway_address, tenant_key(stack, "tenant-b"))
-    sandbox = a.create(labels={"owner": "a"})
+    # It lives as long as the session does (a whole `make test` outlasts the default timeout).
+    sandbox = a.create(labels={"owner": "a"}, timeout_seconds=4 * 3600)
     snapshot = a.stub.CreateSnapshot(api.CreateSnapshotRequest(sandbox=sandbox.name), timeout=300).snapshot
     yield a, b, sandbox, snapshot
     a.delete(sandbox.name)

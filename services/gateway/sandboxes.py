@@ -225,9 +225,12 @@ class Sandboxes:
         node = record.node
         try:
             vm = await start_vm(node)
-        except BaseException:
+        except BaseException as failure:
             await self._delete_vm(node, record.id)
-            await self.store.remove(record, revision)
+            if not await self.store.remove(record, revision) and isinstance(failure, Exception):
+                # The record changed under the create: a delete took it (and its VM, which is why starting it
+                # failed). That is what the caller must hear, not how the VM's start broke.
+                raise self._deleted_during_create(record) from failure
             raise
 
         def running(current: SandboxRecord) -> None:
@@ -238,12 +241,16 @@ class Sandboxes:
             record = await self.store.change(record, running, expect_states={CREATING})
         except ServiceError:
             await self._delete_vm(node, record.id)
-            raise Aborted(
-                f"sandbox {name_of(record)} was deleted while it was being created",
-                reason="SANDBOX_DELETED_DURING_CREATE",
-            ) from None
+            raise self._deleted_during_create(record) from None
         log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
         return record
+
+    @staticmethod
+    def _deleted_during_create(record: SandboxRecord) -> Aborted:
+        return Aborted(
+            f"sandbox {name_of(record)} was deleted while it was being created",
+            reason="SANDBOX_DELETED_DURING_CREATE",
+        )
 
     async def _delete_vm(self, node: str, vm_id: str) -> None:
         """Best effort: a VM nobody could delete is deleted by its node's orphan sweep."""
