@@ -29,7 +29,7 @@ from microvm_agent.streams import (
     Credit,
     StreamError,
     os_error,
-    read_fd,
+    read_some,
     writev_fd,
 )
 
@@ -283,24 +283,6 @@ class ArchiveCreation:
             pass  # the stream was cancelled
         except OSError as exc:
             raise os_error(exc, exc.filename or path) from None
-
-
-async def read_some(fd: int, size: int) -> bytes:
-    """Up to `size` bytes from a non-blocking fd: waits for the first, then takes what is there without waiting."""
-    first = await read_fd(fd, size)
-    if not first or len(first) >= size:
-        return first
-    parts, total = [first], len(first)
-    while total < size:
-        try:
-            more = os.read(fd, size - total)
-        except BlockingIOError:
-            break
-        if not more:
-            break
-        parts.append(more)
-        total += len(more)
-    return b"".join(parts)
 
 
 FILE_STREAMS = {"archive_extract_start": ArchiveExtraction, "archive_create_start": ArchiveCreation}

@@ -99,6 +99,24 @@ async def read_fd(fd: int, size: int) -> bytes:
             loop.remove_reader(fd)
 
 
+async def read_some(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from a non-blocking fd: waits for the first, then takes what is there without waiting."""
+    first = await read_fd(fd, size)
+    if not first or len(first) >= size:
+        return first
+    parts, total = [first], len(first)
+    while total < size:
+        try:
+            more = os.read(fd, size - total)
+        except OSError:  # nothing more waiting (EAGAIN), or the end the next read reports
+            break
+        if not more:
+            break
+        parts.append(more)
+        total += len(more)
+    return b"".join(parts)
+
+
 async def write_fd(fd: int, data: bytes) -> None:
     await writev_fd(fd, [data])
 
