@@ -49,10 +49,10 @@ def status_of(errno_number: int | None) -> int:
 
 
 def os_error(exc: OSError, path: str) -> StreamError:
-    """The StreamError for `exc` met on `path` (named as the guest sees it): the table's code, the system's words,
-    and the errno's name as the ErrorInfo reason (`ENOENT`, `EISDIR`...), which tells apart what shares a code."""
+    """The StreamError for `exc` met on `path` (named as the guest sees it): the table's code and the system's
+    words."""
     from microvm_agent import files  # host simulation: guest paths live under files.PATH_ROOT
 
     if files.PATH_ROOT and path.startswith(files.PATH_ROOT):
         path = path[len(files.PATH_ROOT) :] or "/"
-    return StreamError(status_of(exc.errno), f"{path}: {exc.strerror or exc}", errno.errorcode.get(exc.errno or 0, ""))
+    return StreamError(status_of(exc.errno), f"{path}: {exc.strerror or exc}")
