@@ -14,11 +14,17 @@ from aetcd import rpc, watcher
 
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity
 
+# A range read answers in one message: grpc's default 4 MiB receive limit made every read of a kind that grew past it
+# fail (auth could not start once the audit log passed 4 MiB). etcdctl lifts the limit the same way.
+ETCD_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", -1),)
+
 
 class TlsEtcdClient(aetcd.Client):
     def __init__(self, host: str, port: int, identity: Identity, timeout: float | None = None) -> None:
         # etcd's certificate names the installation (pki.SERVICE_NAME), whichever address it is reached at.
-        super().__init__(host=host, port=port, timeout=timeout, options=dict(TLS_CHANNEL_OPTIONS))
+        super().__init__(
+            host=host, port=port, timeout=timeout, options=dict([*TLS_CHANNEL_OPTIONS, *ETCD_CHANNEL_OPTIONS])
+        )
         self._credentials = identity.channel_credentials()
 
     async def connect(self) -> None:

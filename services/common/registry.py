@@ -20,7 +20,7 @@ import structlog
 
 from microvm.types.v1 import node_pb2, service_pb2
 from services.common.config import CommonSettings, ConfigError, parse_address
-from services.common.etcd_tls import TlsEtcdClient
+from services.common.etcd_tls import ETCD_CHANNEL_OPTIONS, TlsEtcdClient
 from services.common.pki import Identity, load_identity
 from services.common.records import NODE_LOCKS, SERVICES, Records
 from services.common.tasks import cancel_and_wait, process_alive
@@ -35,7 +35,7 @@ def etcd_client(endpoints: list[str], timeout: float = 5.0, identity: Identity |
     host, port = parse_address(endpoints[0], key="etcd_endpoints", allow_zero=False)
     if identity is not None:
         return TlsEtcdClient(host, port, identity, timeout=timeout)
-    return aetcd.Client(host=host, port=port, timeout=timeout)
+    return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(ETCD_CHANNEL_OPTIONS))
 
 
 def etcd_identity(common: CommonSettings, kind: str) -> Identity | None:
