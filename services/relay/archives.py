@@ -7,11 +7,13 @@ archive (and checks every member): the relay only moves bytes.
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
 from services.common.validation import check_path
-from services.relay.guest_io import READ_AHEAD, failure, sandbox_id, send_within_credit
+from services.relay.guest_io import failure, receive_data, sandbox_id, send_within_credit
 
 
 class GuestArchives:
@@ -42,22 +44,7 @@ class GuestArchives:
     async def download(self, request: api.DownloadArchiveRequest):
         check_path(request.path)
         stream = await self.open_stream(sandbox_id(request.sandbox))
-        finished = False
-        try:
-            await stream.send(archive_create_start=agent_pb2.ArchiveCreateStart(path=request.path))
-            await stream.grant(READ_AHEAD)
-            while True:
-                frame = await stream.receive()
-                kind = frame.WhichOneof("body")
-                if kind == "error":
-                    finished = True
-                    raise failure(frame)
-                if kind == "file_data":
-                    if frame.file_data.data:
-                        yield api.DownloadArchiveResponse(data=frame.file_data.data)
-                        await stream.grant(len(frame.file_data.data))
-                    if frame.file_data.eof:
-                        finished = True
-                        return
-        finally:
-            await stream.close(cancel=not finished)
+        start = agent_pb2.ArchiveCreateStart(path=request.path)
+        async with aclosing(receive_data(stream, archive_create_start=start)) as chunks:  # closed when we are
+            async for data in chunks:
+                yield api.DownloadArchiveResponse(data=data)

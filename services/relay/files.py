@@ -6,11 +6,13 @@ back as gRPC takes each chunk. Paths are the guest's: the agent checks them.
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import InvalidArgument
 from services.common.validation import check_mode, check_path, check_range, check_removable, check_rename
-from services.relay.guest_io import READ_AHEAD, failure, sandbox_id, send_within_credit, to_file_info
+from services.relay.guest_io import failure, receive_data, sandbox_id, send_within_credit, to_file_info
 
 
 class GuestFiles:
@@ -58,27 +60,10 @@ class GuestFiles:
         check_path(request.path)
         check_range(request.offset, request.length)
         stream = await self.open_stream(sandbox_id(request.sandbox))
-        finished = False
-        try:
-            await stream.send(
-                file_read_start=agent_pb2.FileReadStart(path=request.path, offset=request.offset, length=request.length)
-            )
-            await stream.grant(READ_AHEAD)
-            while True:
-                frame = await stream.receive()
-                kind = frame.WhichOneof("body")
-                if kind == "error":
-                    finished = True
-                    raise failure(frame)
-                if kind == "file_data":
-                    if frame.file_data.data:
-                        yield api.ReadFileResponse(data=frame.file_data.data)
-                        await stream.grant(len(frame.file_data.data))
-                    if frame.file_data.eof:
-                        finished = True
-                        return
-        finally:
-            await stream.close(cancel=not finished)
+        start = agent_pb2.FileReadStart(path=request.path, offset=request.offset, length=request.length)
+        async with aclosing(receive_data(stream, file_read_start=start)) as chunks:  # closed when we are
+            async for data in chunks:
+                yield api.ReadFileResponse(data=data)
 
     async def list_dir(self, request: api.ListDirRequest) -> api.ListDirResponse:
         result = await self._single(request.sandbox, list_dir=agent_pb2.ListDirRequest(path=request.path))

@@ -68,6 +68,31 @@ def failure(frame: agent_pb2.Frame) -> Exception:
     return error_from_code(frame.error.code, frame.error.message, frame.error.reason or None)
 
 
+async def receive_data(stream, **start):
+    """Sends the `start` frame, then yields the data of the FileData frames the agent answers with, granting credit
+    as each chunk is taken, up to eof; an error frame raises its status. Abandoned early, the agent stream is
+    cancelled."""
+    finished = False
+    try:
+        await stream.send(**start)
+        await stream.grant(READ_AHEAD)
+        while True:
+            frame = await stream.receive()
+            kind = frame.WhichOneof("body")
+            if kind == "error":
+                finished = True
+                raise failure(frame)
+            if kind == "file_data":
+                if frame.file_data.data:
+                    yield frame.file_data.data
+                    await stream.grant(len(frame.file_data.data))
+                if frame.file_data.eof:
+                    finished = True
+                    return
+    finally:
+        await stream.close(cancel=not finished)
+
+
 async def send_within_credit(stream, requests, final_kinds: tuple[str, ...]) -> agent_pb2.Frame:
     """Forwards the `data` of each request (after the header, already taken) as FileData frames, never beyond the
     credit the agent granted; returns the agent's last frame (one of `final_kinds`, or error). Stops early when the
