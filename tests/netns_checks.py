@@ -27,10 +27,14 @@ def probe(target):
         with socket.create_connection((host, int(port)), timeout=3) as s:
             s.settimeout(3)
             s.sendall(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")
+            # To the end of the response (HTTP/1.0: the server closes): one recv may hold the headers alone.
+            received = b""
             try:
-                data = s.recv(4096).decode(errors="replace")
+                while len(received) < 65536 and (chunk := s.recv(4096)):
+                    received += chunk
             except OSError:
-                data = ""
+                pass
+            data = received.decode(errors="replace")
             return "open " + data.split("\r\n\r\n", 1)[-1][:60]
     except Exception as exc:
         return "blocked " + type(exc).__name__
