@@ -89,7 +89,8 @@ async def _output_bytes_at_least(caller, sandbox, pid: int, count: int) -> bool:
 
 async def test_stdin_reaches_a_process_started_with_it_and_closing_it_ends_cat(caller, sandbox):
     process = await start(caller, sandbox, "exec cat", stdin=True)
-    follower = asyncio.create_task(follow(caller, sandbox, process.pid))
+    # From the start of its buffer: the follower may attach after the first input was echoed.
+    follower = asyncio.create_task(follow(caller, sandbox, process.pid, tail_bytes=MIB))
     for chunk in (b"hello ", b"world\n"):
         await caller.stub.SendProcessInput(
             api.SendProcessInputRequest(sandbox=sandbox, pid=process.pid, stdin=chunk), metadata=caller.metadata
