@@ -20,7 +20,16 @@ import structlog
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
-from microvm.types.v1 import auth_pb2, network_pb2, node_pb2, sandbox_pb2, service_pb2, snapshot_pb2, vm_pb2
+from microvm.types.v1 import (
+    auth_pb2,
+    network_pb2,
+    node_pb2,
+    sandbox_pb2,
+    service_pb2,
+    snapshot_pb2,
+    template_pb2,
+    vm_pb2,
+)
 from services.common import legacy_records as legacy
 
 M = TypeVar("M", bound=Message)
@@ -161,6 +170,9 @@ QUOTA_RESERVATIONS = RecordKind(
 )
 AUDIT_EVENTS = RecordKind("/microvm/auth/audit/{tenant}/{sequence}", auth_pb2.AuditEvent, "auth", legacy.audit_event)
 AUDIT_HEADS = RecordKind("/microvm/auth/audit-head/{tenant}", auth_pb2.AuditHead, "auth", legacy.audit_head)
+# A template's owner part is its tenant, or `_public` for a public template.
+TEMPLATES = RecordKind("/microvm/templates/{owner}/{template}", template_pb2.TemplateRecord, "gateway")
+TEMPLATE_BUILDS = RecordKind("/microvm/template-builds/{build}", template_pb2.TemplateBuildRecord, "gateway")
 
 ALL_KINDS: tuple[RecordKind, ...] = (
     SERVICES,
@@ -185,6 +197,8 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     QUOTA_RESERVATIONS,
     AUDIT_EVENTS,
     AUDIT_HEADS,
+    TEMPLATES,
+    TEMPLATE_BUILDS,
 )
 
 

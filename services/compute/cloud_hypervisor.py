@@ -153,6 +153,7 @@ class CloudHypervisorDriver:
     # Its snapshots copy all of RAM: restoring one is no cheaper than the pool would need. Cold boots under
     # KVM take a fraction of a second anyway.
     supports_template_snapshots = False
+    disk_format = "qcow2"
 
     def __init__(self, choice: HypervisorChoice, binary: str) -> None:
         self.name = "cloud-hypervisor"

@@ -34,6 +34,7 @@ class FakeVmmDriver:
     accel = "none"
     agent_transport = "virtio-serial"
     supports_template_snapshots = True
+    disk_format = "tree"  # a disk (and a template build layer) is a directory
 
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python
@@ -56,6 +57,8 @@ class FakeVmmDriver:
                     f"socket path {p[key]} is longer than a unix socket allows; use a shorter state_dir",
                     reason="STATE_DIR_TOO_LONG",
                 )
+        if not p["disk"].exists() and image.rootfs.is_dir():  # a user template's image: its files
+            await asyncio.to_thread(shutil.copytree, image.rootfs, p["disk"], symlinks=True)
         if not p["disk"].exists():
             for sub in ("root", "tmp", "etc"):
                 (p["disk"] / sub).mkdir(parents=True, exist_ok=True)

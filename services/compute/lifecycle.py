@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from images.builder import BuiltImage, available_templates
+from images.builder import BuiltImage
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
@@ -30,6 +30,8 @@ from services.common.errors import (
 )
 from services.common.settings import ComputeSettings
 from services.compute.guests import GuestLink
+from services.compute.image_start import start_service
+from services.compute.images import NodeImages
 from services.compute.ledger import VmLedger, check_names, state_name
 from services.compute.network_link import NetworkLink
 from services.compute.supervision import VmProcesses
@@ -59,6 +61,7 @@ class VmLifecycle:
         self.ledger, self.driver, self.processes, self.guests = ledger, driver, processes, guests
         self.network, self.settings = network, settings
         self.root, self.image_root, self.ram_root = root, image_root, ram_root
+        self.images = NodeImages(image_root, root.parent / "images")
         # Set by the node once the warm start exists (it builds on this class).
         self.warm = None
 
@@ -67,14 +70,14 @@ class VmLifecycle:
         return self.ledger.node
 
     def templates(self) -> list[str]:
-        return available_templates(self.image_root)
+        return self.images.names()
 
     def template_disk_bytes(self) -> dict[str, int]:
         """Each template's root filesystem size: a VM's copy-on-write disk never grows past it."""
         sizes = {}
         for name in self.templates():
             try:
-                image = BuiltImage.load(name, self.image_root)
+                image = self.images.load(name)
                 sizes[name] = (
                     image.rootfs.stat().st_size
                     if image.rootfs.exists()
@@ -120,9 +123,15 @@ class VmLifecycle:
             vm = await self.warm.start(vm_id, template, vcpus, memory_mib, hostname, policy)
             if vm is not None:
                 return vm
-        image = BuiltImage.load(template, self.image_root)
+        image = self.images.load(template)
         vm = await self.admit(vm_id, template, vcpus, memory_mib, hostname, image)
-        return await self.boot(vm, lambda directory: self.driver.launch(vm, image, directory), policy)
+        vm = await self.boot(vm, lambda directory: self.driver.launch(vm, image, directory), policy)
+        try:
+            await start_service(self.guests, vm_id, self.images.config(template))
+        except BaseException:
+            await self.delete(vm_id)
+            raise
+        return vm
 
     async def admit(
         self,

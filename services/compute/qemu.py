@@ -35,6 +35,7 @@ class QemuDriver:
     agent_transport = "virtio-serial"
     # Shared-RAM snapshots (device state + a RAM file mapped copy-on-write) make template restores cheap.
     supports_template_snapshots = True
+    disk_format = "qcow2"
 
     def __init__(self, choice: HypervisorChoice, binary: str, tb_size_mib: int) -> None:
         self.name = "qemu"

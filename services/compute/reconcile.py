@@ -14,9 +14,9 @@ from pathlib import Path
 
 import structlog
 
-from microvm.types.v1 import vm_pb2
+from microvm.types.v1 import template_pb2, vm_pb2
 from services.common.errors import ServiceError
-from services.common.records import SANDBOXES
+from services.common.records import SANDBOXES, TEMPLATE_BUILDS
 from services.compute.lifecycle import VmLifecycle
 from services.compute.supervision import kill
 from services.compute.warm_pool import WarmStart
@@ -83,11 +83,18 @@ async def adopt(lifecycle: VmLifecycle, warm: WarmStart) -> dict[str, int]:
     return counts
 
 
+def builder_of(vm_id: str) -> str:
+    """The build a builder VM (`bld-<build id>-<step>`) works for; empty for any other VM."""
+    parts = vm_id.split("-")
+    return parts[1] if len(parts) == 3 and parts[0] == "bld" else ""
+
+
 class OrphanReaper:
-    """Deletes VMs whose sandbox no longer names this node: deleted while the node was away (the gateway could not
-    reach it), or left behind by a migration that switched the sandbox to another node and could not remove the
-    old VM. A VM counts as an orphan only after `grace` seconds without a sandbox record naming this node, so a
-    VM being created or migrated here (its record still names its source) is never touched."""
+    """Deletes VMs whose sandbox no longer names this node (a builder VM: whose build no longer runs): deleted
+    while the node was away (the gateway could not reach it), or left behind by a migration that switched the
+    sandbox to another node and could not remove the old VM. A VM counts as an orphan only after `grace` seconds
+    without a sandbox record naming this node, so a VM being created or migrated here (its record still names
+    its source) is never touched."""
 
     def __init__(self, lifecycle: VmLifecycle, grace: float) -> None:
         self.lifecycle, self.grace = lifecycle, grace
@@ -100,8 +107,14 @@ class OrphanReaper:
         sandboxes = {s.message.id: s.message.node for s in await self.records.list(SANDBOXES)}
         now, reaped = time.monotonic(), []
         owned = {vm.id for vm in self.lifecycle.ledger.owned()}
+        building = {
+            stored.message.id
+            for stored in await self.records.list(TEMPLATE_BUILDS)
+            if stored.message.state
+            in (template_pb2.TEMPLATE_BUILD_STATE_BUILDING, template_pb2.TEMPLATE_BUILD_STATE_QUEUED)
+        }
         for vm_id in owned:
-            if sandboxes.get(vm_id) == self.lifecycle.node:
+            if sandboxes.get(vm_id) == self.lifecycle.node or builder_of(vm_id) in building:
                 self._since.pop(vm_id, None)
                 continue
             first_seen = self._since.setdefault(vm_id, now)

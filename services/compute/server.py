@@ -19,6 +19,7 @@ from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.console import select
 from services.compute.guests import GuestLink
+from services.compute.layers import Layers
 from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
 from services.compute.network_link import NetworkLink
@@ -78,6 +79,7 @@ class ComputeNode:
         )
         self.snapshots = VmSnapshots(self.lifecycle, root / "snapshots")
         self.templates = TemplateSnapshots(self.lifecycle, self.snapshots, root / "templates")
+        self.layers = Layers(self.lifecycle, root / "layers")
         self.warm = WarmStart(
             self.lifecycle, self.snapshots, self.templates, TemplateExchange(self.templates, self.snapshot_store)
         )
@@ -181,6 +183,36 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
     async def RestoreVm(self, request, context):
         vm = await self.node.restore(request.vm_id, request.snapshot_id, request.hostname, request.network_policy)
         return compute_pb2.RestoreVmResponse(vm=shown(vm))
+
+    async def FindLayers(self, request, context):
+        return compute_pb2.FindLayersResponse(present=self.node.layers.find(request.keys))
+
+    async def StartBuilderVm(self, request, context):
+        vm = await self.node.layers.start_builder(
+            request.vm_id,
+            request.base_image,
+            request.parent_layer,
+            request.vcpus or 1,
+            request.memory_mib or 512,
+            request.network_policy,
+        )
+        return compute_pb2.StartBuilderVmResponse(vm=shown(vm))
+
+    async def CommitBuilderVm(self, request, context):
+        size = await self.node.layers.commit(request.vm_id, request.layer)
+        return compute_pb2.CommitBuilderVmResponse(layer_bytes=size)
+
+    async def PublishImage(self, request, context):
+        size = await self.node.layers.publish(request.image, request.base_image, request.layer, request.config)
+        await self.node.reporter.publish()
+        self.node.templates.changed.set()  # its template snapshot and pool are made now, not at the next tick
+        return compute_pb2.PublishImageResponse(disk_bytes=size)
+
+    async def DeleteImage(self, request, context):
+        await self.node.warm.forget_image(request.image)
+        self.lifecycle.images.delete(request.image)
+        await self.node.reporter.publish()
+        return compute_pb2.DeleteImageResponse()
 
     async def ReadConsole(self, request, context):
         selection = select(request.tail_bytes, request.offset, request.length)

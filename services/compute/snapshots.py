@@ -240,7 +240,7 @@ class VmSnapshots:
         """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the
         same name under any node's image cache), or the path the source node had."""
         build = Path(config["image_dir"])
-        for directory in (self.lifecycle.image_root / config["template"] / build.name, build):
+        for directory in (self.lifecycle.images.root_of(config["template"]) / config["template"] / build.name, build):
             try:
                 return BuiltImage.at(directory)
             except FileNotFoundError:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import grpc
 import structlog
 
-from images.builder import BuiltImage
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
@@ -37,7 +36,7 @@ class TemplateExchange:
 
     def snapshot_id(self, template: str, vcpus: int, memory_mib: int) -> str | None:
         try:
-            build = BuiltImage.load(template, self.lifecycle.image_root).directory.name
+            build = self.lifecycle.images.load(template).directory.name
         except FileNotFoundError:
             return None
         driver = self.lifecycle.driver
@@ -71,7 +70,7 @@ class TemplateExchange:
         work.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(materialized.rename, work)  # the node's copy becomes the template snapshot
         (work / "verified.json").unlink(missing_ok=True)
-        build = BuiltImage.load(template, self.lifecycle.image_root).directory.name
+        build = self.lifecycle.images.load(template).directory.name
         self.templates.install(work, template, vcpus, memory_mib, build)
         log.info(
             "template_snapshot_fetched",
@@ -93,7 +92,7 @@ class TemplateExchange:
             for name, filename in ARTIFACT_FILES.items():
                 if (directory / filename).exists():
                     await upload(store, snapshot_id, name, directory / filename)
-            build = BuiltImage.load(template, self.lifecycle.image_root).directory.name
+            build = self.lifecycle.images.load(template).directory.name
             record = SnapshotRecord(
                 id=snapshot_id,
                 tenant="",

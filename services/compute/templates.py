@@ -18,9 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from images.builder import BuiltImage
 from microvm.types.v1 import node_pb2
 from services.common import deadlines
+from services.compute.image_start import start_service
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
 
@@ -67,7 +67,7 @@ class TemplateSnapshots:
 
     def directory(self, template: str, vcpus: int = 0, memory_mib: int = 0) -> Path | None:
         try:
-            image = BuiltImage.load(template, self.lifecycle.image_root)
+            image = self.lifecycle.images.load(template)
         except FileNotFoundError:
             return None
         # With networking the frozen devices include a NIC: such a snapshot restores only where VMs have one.
@@ -110,6 +110,16 @@ class TemplateSnapshots:
             (directory / ".complete").unlink(missing_ok=True)
         self.changed.set()
 
+    def forget(self, template: str) -> None:
+        """Removes every template snapshot of a deleted image (VMs restored from one keep their mapped RAM)."""
+        self.sizes = [key for key in self.sizes if key[0] != template]
+        directory = self.root / template
+        if directory.exists():
+            for snapshot in directory.iterdir():
+                if not self._in_use(snapshot):
+                    shutil.rmtree(snapshot, ignore_errors=True)
+        self.changed.set()
+
     async def warm_up(self, vm_id: str) -> None:
         """Runs the exec path in the guest, so what it touches is already in the page cache (and under TCG,
         already translated) when a user's first command comes."""
@@ -122,11 +132,13 @@ class TemplateSnapshots:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         vm_id = f"tmpl-{uuid.uuid4().hex[:10]}"
-        image = BuiltImage.load(template, self.lifecycle.image_root)
+        image = self.lifecycle.images.load(template)
         lifecycle = self.lifecycle
         vm = await lifecycle.admit(vm_id, template, vcpus, memory_mib, vm_id, image, pooled=True)
         try:
             await lifecycle.boot(vm, lambda d: lifecycle.driver.launch(vm, image, d))
+            # A user template's server is up in the snapshot: its sandboxes' first command finds it.
+            await start_service(lifecycle.guests, vm_id, lifecycle.images.config(template))
             await self.warm_up(vm_id)
             await self.snapshots.freeze(vm, image, work)
             self.install(work, template, vcpus, memory_mib, image.directory.name)

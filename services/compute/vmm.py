@@ -18,6 +18,7 @@ class VmmDriver(Protocol):
     accel: str  # "kvm" or "tcg"
     agent_transport: str  # "virtio-serial" or "hybrid-vsock"
     supports_template_snapshots: bool
+    disk_format: str  # "qcow2" (a file over its backing file) or "tree" (a directory: the fake)
 
     def paths(self, directory: Path) -> dict[str, Path]:
         """Files of a VM: at least disk, agent, console and pid."""

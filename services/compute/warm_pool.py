@@ -18,6 +18,7 @@ from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import ServiceError
+from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
 from services.compute.template_exchange import TemplateExchange
@@ -97,8 +98,22 @@ class WarmStart:
         self.templates.changed.set()
         return None
 
+    def pool_size(self, template: str) -> int:
+        """A built-in template's pool is the node's setting; a user template's is its own (none by default)."""
+        if not is_user_image(template):
+            return self.settings.warm_pool_size
+        return max(0, min(self.lifecycle.images.config(template).pool_size, self.settings.warm_pool_size))
+
+    async def forget_image(self, template: str) -> None:
+        """Drops the pool and template snapshots of an image being deleted."""
+        async with self._claim_lock:
+            for vm_id in self.pool.pop(template, []):
+                if vm_id in self.lifecycle.ledger.vms:
+                    await self.lifecycle.delete(vm_id)
+        self.templates.forget(template)
+
     async def _fill(self, template: str, frozen: Path) -> None:
-        while len(self.pool.setdefault(template, [])) < self.settings.warm_pool_size:
+        while len(self.pool.setdefault(template, [])) < self.pool_size(template):
             vm_id = f"pool-{uuid.uuid4().hex[:10]}"
             await self.snapshots.restore_from(frozen, vm_id, vm_id, start_method="warm-pool", pooled=True)
             # Under TCG each new VMM process translates guest code afresh: exercise the exec path now, not on the
@@ -135,7 +150,7 @@ class WarmStart:
                     if frozen is None:
                         await self._obtain(template, *self.templates.default_size)
                         frozen = self.templates.frozen(template)
-                    if frozen is not None and self.settings.warm_pool_size:
+                    if frozen is not None and self.pool_size(template):
                         await self._fill(template, frozen)
                     for vcpus, memory_mib in self.templates.wanted(template)[1:]:
                         if self.templates.frozen(template, vcpus, memory_mib) is None:

@@ -1,0 +1,163 @@
+"""Template build layers on this node, and the builder VMs that make them.
+
+A layer is a VM disk kept after a build step ran in it: for QEMU and Cloud Hypervisor a qcow2 file whose
+backing file is its parent layer (or the base image's root filesystem), so a layer holds only what its step
+changed; for the fake VMM a directory tree. Each is named by its step's key (hash of the parent's key, the
+step's text and what it copies), so a rebuild reuses every layer up to the first changed step. A builder VM
+boots cold on a fresh layer over its parent (never a template snapshot: the guest's page cache would not
+match the disk under it), runs one step (the gateway drives it through the relay), and is committed: synced,
+stopped, its disk moved under the layer's key. Publishing flattens the top layer into a raw root filesystem,
+so a user template's image is booted, snapshotted and pooled exactly like a built-in one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import structlog
+
+from microvm.types.v1 import network_pb2 as network_types
+from microvm.types.v1 import template_pb2
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.compute.disks import create_overlay
+from services.compute.lifecycle import VmLifecycle
+
+log = structlog.get_logger()
+KEY = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def check_key(key: str) -> None:
+    if not KEY.match(key):
+        raise InvalidArgument(f"layer key {key!r} is not a hex digest", reason="INVALID_LAYER_KEY")
+
+
+async def _run(*argv: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason="LAYER_WRITE_FAILED")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+    return path.stat().st_blocks * 512 if path.exists() else 0
+
+
+class Layers:
+    def __init__(self, lifecycle: VmLifecycle, root: Path) -> None:
+        self.lifecycle, self.root = lifecycle, root
+        self.tree = getattr(lifecycle.driver, "disk_format", "qcow2") == "tree"
+
+    def path(self, key: str) -> Path:
+        return self.root / (key if self.tree else f"{key}.qcow2")
+
+    def usable(self, key: str) -> bool:
+        """The layer and every layer under it are there (a pruned parent breaks its children)."""
+        while key:
+            path = self.path(key)
+            if not path.exists():
+                return False
+            try:
+                key = json.loads(path.with_name(f"{key}.json").read_text()).get("parent", "")
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def find(self, keys) -> list[str]:
+        return [key for key in keys if KEY.match(key) and self.usable(key)]
+
+    async def start_builder(
+        self,
+        vm_id: str,
+        base_image: str,
+        parent: str,
+        vcpus: int,
+        memory_mib: int,
+        policy: network_types.NetworkPolicy | None,
+    ) -> VmRecord:
+        lifecycle = self.lifecycle
+        image = lifecycle.images.require(base_image, lifecycle.node)
+        if parent:
+            check_key(parent)
+            if not self.usable(parent):
+                raise NotFound(f"layer {parent} is not on node {lifecycle.node}", reason="LAYER_NOT_FOUND")
+        lifecycle.validate(vm_id, base_image, vcpus, memory_mib, vm_id)
+        vm = await lifecycle.admit(vm_id, base_image, vcpus, memory_mib, "builder", image, start_method="builder")
+
+        async def launch(directory: Path) -> int:
+            disk = lifecycle.driver.paths(directory)["disk"]
+            if self.tree:
+                source = self.path(parent) if parent else image.rootfs
+                if source.is_dir():
+                    await asyncio.to_thread(shutil.copytree, source, disk, symlinks=True)
+            elif parent:
+                await create_overlay(self.path(parent), "qcow2", disk)
+            else:
+                await create_overlay(image.rootfs, "raw", disk)
+            (directory / "layer-parent").write_text(parent)
+            return await lifecycle.driver.launch(vm, image, directory)
+
+        return await lifecycle.boot(vm, launch, policy)
+
+    async def commit(self, vm_id: str, key: str) -> int:
+        """Syncs and stops the builder VM, keeps its disk as layer `key`, deletes the VM."""
+        check_key(key)
+        lifecycle = self.lifecycle
+        vm = lifecycle.ledger.vms.get(vm_id)
+        if vm is None or vm.start_method != "builder":
+            raise NotFound(f"builder VM {vm_id} is not on node {lifecycle.node}", reason="VM_NOT_FOUND")
+        directory = Path(vm.directory)
+        parent = (directory / "layer-parent").read_text()
+        vm = await lifecycle.stop(vm_id)
+        try:
+            disk = lifecycle.driver.paths(directory)["disk"]
+            if not disk.exists():
+                raise FailedPrecondition(f"builder VM {vm_id} has no disk to keep", reason="LAYER_LOST")
+            self.root.mkdir(parents=True, exist_ok=True)
+            target = self.path(key)
+            if target.exists():  # the same step finished twice (a retried build): the first one stands
+                return _size(target)
+            staged = self.root / f".{key}.{vm_id}"
+            await asyncio.to_thread(shutil.move, str(disk), str(staged))
+            target.with_name(f"{key}.json").write_text(json.dumps({"parent": parent, "vm": vm_id, "time": time.time()}))
+            staged.rename(target)
+            size = _size(target)
+            log.info("layer_committed", layer=key, parent=parent, bytes=size)
+            return size
+        finally:
+            await lifecycle.delete(vm_id)
+
+    async def publish(self, name: str, base_image: str, layer: str, config: template_pb2.ImageConfig) -> int:
+        """Image `name` from `layer` (empty: the base's root filesystem as it is); returns its disk bytes."""
+        lifecycle = self.lifecycle
+        base = lifecycle.images.require(base_image, lifecycle.node)
+        if layer:
+            check_key(layer)
+            if not self.usable(layer):
+                raise NotFound(f"layer {layer} is not on node {lifecycle.node}", reason="LAYER_NOT_FOUND")
+        source = self.path(layer) if layer else base.rootfs
+        work = await asyncio.to_thread(lifecycle.images.stage, name, base, config)
+        rootfs = work / "rootfs.ext4"
+        if self.tree:
+            if source.is_dir():
+                await asyncio.to_thread(shutil.copytree, source, rootfs, symlinks=True)
+            else:
+                rootfs.mkdir()
+        elif layer:
+            await _run("qemu-img", "convert", "-O", "raw", str(source), str(rootfs))
+        else:
+            await _run("cp", "--reflink=auto", "--sparse=always", str(source), str(rootfs))
+        image = await asyncio.to_thread(lifecycle.images.complete, name, work)
+        rootfs = image.rootfs
+        size = _size(rootfs)
+        log.info("image_published", image=name, layer=layer, bytes=size)
+        return size
