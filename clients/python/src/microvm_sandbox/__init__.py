@@ -5,7 +5,9 @@
     with Sandbox.create(envs={"MODE": "test"}) as sb:
         print(sb.run_code("python", "print(6*7)").text)
 
-Errors are `SandboxError` subclasses (`microvm_sandbox.errors`); types are checked (`py.typed`).
+Templates: `Template` describes one (a Dockerfile, an mvm.yaml recipe, or a recipe in code), `client.templates`
+builds and manages them (microvm_sandbox.templates). Errors are `SandboxError` subclasses
+(`microvm_sandbox.errors`); types are checked (`py.typed`).
 """
 
 from microvm_sandbox.aio import (
@@ -32,6 +34,9 @@ from microvm_sandbox.errors import (
     SandboxError,
     SandboxNotFound,
     SnapshotNotFound,
+    TemplateBuildFailed,
+    TemplateInUse,
+    TemplateNotFound,
     TimeoutError,
     UnavailableError,
     UnimplementedError,
@@ -53,9 +58,21 @@ from microvm_sandbox.models import (
     egress_policy,
 )
 from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
+from microvm_sandbox.template import Template
+from microvm_sandbox.templates import AsyncBuildStream, AsyncTemplates, BuildProgress
+from microvm_sandbox.templates_sync import BuildStream, Templates
 from microvm_sandbox.terminal import AsyncPtyHandle, PtyHandle
 
 __all__ = [
+    "AsyncBuildStream",
+    "AsyncTemplates",
+    "BuildProgress",
+    "BuildStream",
+    "Template",
+    "TemplateBuildFailed",
+    "TemplateInUse",
+    "TemplateNotFound",
+    "Templates",
     "WriteInfo",
     "WatchHandle",
     "FilesystemEventType",

@@ -210,6 +210,11 @@ class AsyncSandbox:
         """The snapshot id this sandbox was restored or forked from; empty for a fresh one."""
         return self.message.source_snapshot.removeprefix("snapshots/")
 
+    @property
+    def template_build(self) -> str:
+        """The build of its template it started from, `templates/T/builds/B`; empty for a built-in template."""
+        return self.message.template_build
+
     # --- making and finding sandboxes -----------------------------------------------------------------
     @classmethod
     def create(

@@ -1,5 +1,6 @@
 """The connection to the gateway (`AsyncClient`: credentials, deadlines, retries) and the calls that need no
-sandbox: listing sandboxes, snapshots and templates, getting and deleting snapshots."""
+sandbox: listing sandboxes, snapshots and templates, getting and deleting snapshots; `templates` builds and manages
+templates (microvm_sandbox.templates)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import SandboxError, UnavailableError, from_rpc_error
 from microvm_sandbox.models import SnapshotInfo
 from microvm_sandbox.snapshots import AsyncSnapshot
+from microvm_sandbox.templates import AsyncTemplates
 from microvm_sandbox.transfer import CHANNEL_OPTIONS
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -111,6 +113,12 @@ class AsyncClient:
             token = reply.next_page_token
             if not token:
                 return found
+
+    @property
+    def templates(self) -> AsyncTemplates:
+        """Templates: build (from a `Template`), watch builds, list, get, create, update, delete
+        (microvm_sandbox.templates)."""
+        return AsyncTemplates(self)
 
     async def close(self) -> None:
         """Closes the connection; calls in flight are cancelled."""

@@ -4,6 +4,7 @@
     ├── NotFoundError                 NOT_FOUND: a path, a port mapping, ...
     │   ├── SandboxNotFound           reason SANDBOX_NOT_FOUND (`.sandbox_id` says which)
     │   ├── SnapshotNotFound          reason SNAPSHOT_NOT_FOUND (`.snapshot_id`)
+    │   ├── TemplateNotFound          reason TEMPLATE_NOT_FOUND (`.template`)
     │   ├── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_code's interpreter) is missing
     │   └── ProcessNotFound           reason PROCESS_NOT_FOUND: no background process with that pid (`.pid`)
     ├── TimeoutError                  DEADLINE_EXCEEDED (also a builtin TimeoutError; alias DeadlineExceededError)
@@ -15,8 +16,10 @@
     ├── UnavailableError              UNAVAILABLE (retried by the SDK for idempotent calls)
     ├── ConflictError                 ALREADY_EXISTS, ABORTED
     ├── FailedPreconditionError       FAILED_PRECONDITION (e.g. the sandbox is not running)
+    │   └── TemplateInUse             reason TEMPLATE_IN_USE: delete(force=True) deletes it anyway
     ├── DataLossError                 DATA_LOSS (a corrupt snapshot)
-    └── UnimplementedError            UNIMPLEMENTED
+    ├── UnimplementedError            UNIMPLEMENTED
+    └── TemplateBuildFailed           a template build ended FAILED (no status: the call itself succeeded)
 
 Every error carries `code` (the gRPC status name), `reason` (the stable ErrorInfo reason, e.g.
 `SANDBOX_NOT_FOUND`: switch on it) and `metadata` (the ErrorInfo's key/values).
@@ -81,6 +84,15 @@ class SnapshotNotFound(NotFoundError):
         return self.metadata.get("snapshot", "").removeprefix("snapshots/")
 
 
+class TemplateNotFound(NotFoundError):
+    """The template (or a build of it) does not exist, or belongs to another tenant and is not public."""
+
+    @property
+    def template(self) -> str:
+        """Which template (without `templates/`); empty when the server did not say."""
+        return self.metadata.get("template", "").removeprefix("templates/")
+
+
 class CommandNotFound(NotFoundError):
     """The program to run is not installed in the sandbox (for `run_code`: the language's interpreter;
     `metadata` then has `language` and `interpreter`)."""
@@ -103,6 +115,10 @@ class ConflictError(SandboxError):
 
 class FailedPreconditionError(SandboxError):
     """The call does not fit the current state, e.g. a sandbox that is not running."""
+
+
+class TemplateInUse(FailedPreconditionError):
+    """Sandboxes or snapshots use one of the template's builds: `delete(name, force=True)` deletes it anyway."""
 
 
 class AuthenticationError(SandboxError):
@@ -142,6 +158,27 @@ class UnimplementedError(SandboxError):
     """The server does not implement this call (UNIMPLEMENTED): an older server."""
 
 
+class TemplateBuildFailed(SandboxError):
+    """A template build ended FAILED. `build` is its TemplateBuild message; `reason` and `failure_reason` its
+    stable reason (BUILD_STEP_FAILED, BUILD_TIMEOUT, BUILD_TOO_LARGE, BUILDER_LOST, ...), `failure_message` the
+    server's words, `failed_step` the TemplateBuildStep that failed (None when no step did) and `log_tail` that
+    step's newest output when the events carried it (else b""; `templates.get_build_log(name)` has the log).
+    `code` is UNKNOWN: the call succeeded, the build did not."""
+
+    def __init__(self, build: Any, failed_step: Any = None, log_tail: bytes = b"") -> None:
+        self.build, self.failed_step, self.log_tail = build, failed_step, log_tail
+        self.failure_reason: str = build.failure_reason or "BUILD_FAILED"
+        self.failure_message: str = build.failure_message
+        where = ""
+        if failed_step is not None:
+            where = f" at step {failed_step.index + 1} ({failed_step.text}"
+            where += f", exit code {failed_step.exit_code})" if failed_step.exit_code else ")"
+        message = f"template build {build.name} failed{where}: {self.failure_reason}"
+        if self.failure_message:
+            message += f": {self.failure_message}"
+        super().__init__(message, code="UNKNOWN", reason=self.failure_reason, metadata={"build": build.name})
+
+
 BY_CODE: dict[grpc.StatusCode, type[SandboxError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
@@ -160,6 +197,8 @@ BY_CODE: dict[grpc.StatusCode, type[SandboxError]] = {
 BY_REASON: dict[str, type[SandboxError]] = {
     "SANDBOX_NOT_FOUND": SandboxNotFound,
     "SNAPSHOT_NOT_FOUND": SnapshotNotFound,
+    "TEMPLATE_NOT_FOUND": TemplateNotFound,
+    "TEMPLATE_IN_USE": TemplateInUse,
     "COMMAND_NOT_FOUND": CommandNotFound,
     "PROCESS_NOT_FOUND": ProcessNotFound,
     "RATE_LIMITED": RateLimitedError,

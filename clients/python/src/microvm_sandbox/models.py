@@ -176,7 +176,8 @@ def state_name(state: int) -> str:
 
 @dataclass
 class SandboxInfo:
-    """A sandbox as the server describes it (`get_info()`, `Sandbox.list()`). Times are UTC."""
+    """A sandbox as the server describes it (`get_info()`, `Sandbox.list()`). Times are UTC. `template_build`: the
+    build of its template it started from (`templates/T/builds/B`; empty for a built-in template)."""
 
     id: str
     template: str
@@ -192,6 +193,7 @@ class SandboxInfo:
     hypervisor: str = ""
     source_snapshot: str = ""
     failure_message: str = ""
+    template_build: str = ""
 
     @property
     def name(self) -> str:
@@ -216,6 +218,7 @@ class SandboxInfo:
             hypervisor=message.hypervisor,
             source_snapshot=message.source_snapshot.removeprefix("snapshots/"),
             failure_message=message.failure_message,
+            template_build=message.template_build,
         )
 
 

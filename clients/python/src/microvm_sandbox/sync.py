@@ -39,6 +39,7 @@ from microvm_sandbox.models import (
     SnapshotInfo,
 )
 from microvm_sandbox.output import collect
+from microvm_sandbox.templates_sync import Templates
 from microvm_sandbox.terminal import Pty
 
 T = TypeVar("T")
@@ -108,6 +109,11 @@ class Client:
     def list_templates(self) -> list[template_pb2.Template]:
         """The templates sandboxes can be created from, as the nodes report them (messages)."""
         return self._loop.run(self.aio.list_templates())
+
+    @property
+    def templates(self) -> Templates:
+        """Templates: build, watch builds, list, get, create, update, delete (`AsyncClient.templates`, sync)."""
+        return Templates(self.aio.templates, self._loop.run)
 
     def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
         """The low-level call: `method(request)` on the SandboxService, its response message (errors mapped
@@ -238,6 +244,11 @@ class Sandbox:
     def source_snapshot(self) -> str:
         """The snapshot id this sandbox was restored or forked from; empty for a fresh one."""
         return self.aio.source_snapshot
+
+    @property
+    def template_build(self) -> str:
+        """The build of its template it started from, `templates/T/builds/B`; empty for a built-in template."""
+        return self.aio.template_build
 
     @property
     def message(self) -> sandbox_pb2.Sandbox:
