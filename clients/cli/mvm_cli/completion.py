@@ -4,9 +4,9 @@ drifts from the commands.
     source <(mvm completion bash)        # ~/.bashrc
     source <(mvm completion zsh)         # ~/.zshrc, after compinit
 
-It completes command names, options, option choices (`--state`, `--egress`), and sandbox and snapshot ids (asking
-the gateway through `mvm ls -q` / `mvm snapshots ls -q`). zsh runs the same function through its bash
-completion compatibility (bashcompinit), which hands every candidate to zsh's own matching.
+It completes command names, options, option choices (`--state`, `--egress`), sandbox and snapshot ids and template
+names (asking the gateway through `mvm ls -q` / `mvm snapshots ls -q` / `mvm template ls -q`). zsh runs the same
+function through its bash completion compatibility (bashcompinit), which hands every candidate to zsh's own matching.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CommandShape:
 
 
 def _positional_kind(action: argparse.Action) -> str:
-    """`sandbox`/`sandboxes`, `snapshot`/`snapshots`, `files`, `choice:a b`, or ``."""
+    """`sandbox`/`sandboxes`, `snapshot`/`snapshots`, `template`/`templates`, `files`, `choice:a b`, or ``."""
     many = action.nargs in ("+", "*")
     if action.choices:
         return "choice:" + " ".join(map(str, action.choices))
@@ -40,6 +40,8 @@ def _positional_kind(action: argparse.Action) -> str:
         return "sandboxes" if many else "sandbox"
     if metavar == "SNAPSHOT":
         return "snapshots" if many else "snapshot"
+    if metavar.startswith("TEMPLATE"):
+        return "templates" if many else "template"
     if metavar in ("SRC", "DST"):
         return "files"
     return ""
@@ -109,6 +111,8 @@ _mvm() {
         sandboxes) COMPREPLY=($(compgen -W "$(mvm ls -q 2>/dev/null)" -- "$cur")) ;;
         snapshot) ((npos == 0)) && COMPREPLY=($(compgen -W "$(mvm snapshots ls -q 2>/dev/null)" -- "$cur")) ;;
         snapshots) COMPREPLY=($(compgen -W "$(mvm snapshots ls -q 2>/dev/null)" -- "$cur")) ;;
+        template) ((npos == 0)) && COMPREPLY=($(compgen -W "$(mvm template ls -q 2>/dev/null)" -- "$cur")) ;;
+        templates) COMPREPLY=($(compgen -W "$(mvm template ls -q 2>/dev/null)" -- "$cur")) ;;
         files) COMPREPLY=($(compgen -f -- "$cur")) ;;
         choice:*) ((npos == 0)) && COMPREPLY=($(compgen -W "${kind#choice:}" -- "$cur")) ;;
     esac

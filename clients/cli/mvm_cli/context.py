@@ -68,6 +68,6 @@ def for_each(ids: Iterable[str], action: Callable[[str], str], verb: str, noun: 
             statuses.append(exit_status(error))
     if not statuses:
         return 0
-    plural = noun if len(ids) == 1 else ("snapshots" if noun == "snapshot" else "sandboxes")
+    plural = noun if len(ids) == 1 else {"sandbox": "sandboxes"}.get(noun, noun + "s")
     print(f"mvm: {verb}: {len(statuses)} of {len(ids)} {plural} failed", file=sys.stderr)
     return 2 if all(status == 2 for status in statuses) else 1

@@ -3,7 +3,8 @@
   sandboxes   create, ls, get, exec, run, cp, rm, pause, resume, timeout, console, expose, unexpose, egress
   processes   exec ID --background, ps ID, attach ID PID, kill ID PID
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
-  cluster     templates, nodes [get|cordon|uncordon|drain] (operators)
+  templates   template build, template [ls|show|rm|logs]
+  cluster     nodes [get|cordon|uncordon|drain] (operators)
   shell       completion bash|zsh
 
 Options go anywhere before `--`; `mvm COMMAND -h` shows a command's options, defaults and an example. The

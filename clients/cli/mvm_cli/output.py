@@ -133,6 +133,7 @@ def sandbox_view(sandbox: sandbox_pb2.Sandbox, now: float | None = None) -> str:
         ("id", short(sandbox.name)),
         ("state", state(sandbox) + (f" ({sandbox.failure_message})" if sandbox.failure_message else "")),
         ("template", sandbox.template),
+        ("template build", sandbox.template_build or "-"),
         ("vcpus", sandbox.vcpus),
         ("memory", f"{sandbox.memory_mib} MiB"),
         ("node", sandbox.node or "-"),

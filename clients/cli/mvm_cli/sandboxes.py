@@ -40,7 +40,7 @@ def add_egress_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_create_options(parser: argparse.ArgumentParser, lifetime: str = "--timeout") -> None:
-    parser.add_argument("--template", default="default", help="image to boot")
+    parser.add_argument("--template", default="default", metavar="NAME[:TAG]", help="template to boot")
     parser.add_argument("--vcpus", type=int, default=1, help="virtual CPUs")
     parser.add_argument("--memory", type=int, default=256, metavar="MIB", help="memory in MiB")
     parser.add_argument(
