@@ -1,4 +1,4 @@
-"""An MCP server that gives AI agents sandboxes: create, run code with streamed output, files, snapshots.
+"""An MCP server that gives AI agents sandboxes: create, run code with streamed output, files, snapshots, templates.
 
     python -m microvm_mcp                      # stdio (Claude Desktop, Cursor, ...)
     python -m microvm_mcp --http --port 8765   # streamable HTTP at http://127.0.0.1:8765/mcp
@@ -17,6 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from microvm.sandbox.v1 import sandbox_pb2
+from microvm_mcp import templates
 from microvm_sandbox import AsyncClient, AsyncSandbox, Exited, SandboxError, Stderr, Stdout, languages
 from microvm_sandbox.aio import list_sandboxes, list_snapshots
 from microvm_sandbox.languages import Language
@@ -85,7 +86,7 @@ async def _run(
 
 @server.tool(description="Create a sandbox (a fresh Linux microVM). Returns its id for the other tools.")
 async def create_sandbox(
-    template: Annotated[str, Field(description="image to boot; `default` is Debian with python3")] = "default",
+    template: Annotated[str, Field(description="NAME[:TAG] to boot; `default` is Debian with python3")] = "default",
     timeout_seconds: Annotated[int, Field(description="lifetime in seconds, 1..86400", ge=1, le=86400)] = 600,
     egress: Annotated[str, Field(description="outbound network: `none` (default), `full`, or `allow-list`")] = "none",
     allow: Annotated[
@@ -399,6 +400,9 @@ async def list_sandboxes_tool() -> list[dict[str, str]]:
         }
         for s in found
     ]
+
+
+templates.register(server)  # list_templates, build_template, get_template_build (microvm_mcp/templates.py)
 
 
 def main() -> None:
