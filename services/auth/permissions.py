@@ -1,9 +1,10 @@
 """Who may call what: the permission matrix per public RPC, by role.
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
-          ReadConsoleLog, ListTemplates.
+          ReadConsoleLog, ListTemplates; templates and their builds and logs.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
-          and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports).
+          and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports), and
+          creates, builds and deletes its tenant's templates (publishing a public one takes an admin).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
           the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
           be one of `gateway.operator_tenants` for those: a tenant's admin is not the cluster's operator).
@@ -16,6 +17,7 @@ from microvm.types.v1 import auth_pb2 as auth_types
 SANDBOX = "/microvm.sandbox.v1.SandboxService/"
 AUTH = "/microvm.auth.v1.AuthService/"
 NODES = "/microvm.admin.v1.NodeService/"
+TEMPLATES = "/microvm.sandbox.v1.TemplateService/"
 
 READ = {
     f"{SANDBOX}{m}"
@@ -34,6 +36,9 @@ READ = {
         "ListProcesses",
         "ConnectProcess",
     )
+} | {
+    f"{TEMPLATES}{m}"
+    for m in ("GetTemplate", "WatchTemplateBuild", "GetTemplateBuild", "ListTemplateBuilds", "GetTemplateBuildLog")
 }
 WRITE = {
     f"{SANDBOX}{m}"
@@ -60,7 +65,7 @@ WRITE = {
         "ExposePort",
         "UnexposePort",
     )
-}
+} | {f"{TEMPLATES}{m}" for m in ("CreateTemplate", "UpdateTemplate", "DeleteTemplate", "BuildTemplate")}
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN
 

@@ -32,10 +32,21 @@ class GatewaySettings(ServiceSettings):
     rate_limit_burst: float = 200.0
     # Tenants whose admins operate the cluster (node administration: cordon, drain).
     operator_tenants: list[str] = dataclasses.field(default_factory=lambda: ["default"])
+    # Template builds (docs/templates.md): the longest a build may take, the most its build context may hold,
+    # and the size of its builder VMs (a step's apt or pip install needs memory).
+    template_build_timeout_seconds: int = 3600
+    template_context_max_bytes: int = 1 << 30
+    template_builder_vcpus: int = 2
+    template_builder_memory_mib: int = 1024
+    # Builders trust the host's CA bundle (copied into the image, with SSL_CERT_FILE and friends pointing at it),
+    # so pip and npm work behind a TLS-intercepting proxy. Empty path: off.
+    template_host_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
 
     def validate(self) -> None:
         super().validate()
         parse_address(self.http_listen, key="gateway.http_listen")
+        if self.template_build_timeout_seconds < 10:
+            raise ConfigError("gateway.template_build_timeout_seconds must be at least 10")
         if not 1 <= self.default_timeout_seconds <= self.max_timeout_seconds:
             raise ConfigError("gateway.default_timeout_seconds must be between 1 and max_timeout_seconds")
 

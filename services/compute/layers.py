@@ -60,20 +60,24 @@ class Layers:
     def path(self, key: str) -> Path:
         return self.root / (key if self.tree else f"{key}.qcow2")
 
-    def usable(self, key: str) -> bool:
-        """The layer and every layer under it are there (a pruned parent breaks its children)."""
+    def usable(self, key: str, base_rootfs: str | None = None) -> bool:
+        """The layer and every layer under it are there (a pruned parent breaks its children), and (given
+        `base_rootfs`) the bottom one stands on that root filesystem: the base image's current build."""
+        bottom = ""
         while key:
             path = self.path(key)
             if not path.exists():
                 return False
             try:
-                key = json.loads(path.with_name(f"{key}.json").read_text()).get("parent", "")
+                facts = json.loads(path.with_name(f"{key}.json").read_text())
             except (OSError, ValueError):
                 return False
-        return True
+            key, bottom = facts.get("parent", ""), facts.get("base", "")
+        return base_rootfs is None or bottom == base_rootfs
 
-    def find(self, keys) -> list[str]:
-        return [key for key in keys if KEY.match(key) and self.usable(key)]
+    def find(self, keys, base_image: str = "") -> list[str]:
+        base = str(self.lifecycle.images.require(base_image, self.lifecycle.node).rootfs) if base_image else None
+        return [key for key in keys if KEY.match(key) and self.usable(key, base)]
 
     async def start_builder(
         self,
@@ -103,7 +107,7 @@ class Layers:
                 await create_overlay(self.path(parent), "qcow2", disk)
             else:
                 await create_overlay(image.rootfs, "raw", disk)
-            (directory / "layer-parent").write_text(parent)
+            (directory / "layer-parent").write_text(json.dumps({"parent": parent, "base": str(image.rootfs)}))
             return await lifecycle.driver.launch(vm, image, directory)
 
         return await lifecycle.boot(vm, launch, policy)
@@ -116,7 +120,7 @@ class Layers:
         if vm is None or vm.start_method != "builder":
             raise NotFound(f"builder VM {vm_id} is not on node {lifecycle.node}", reason="VM_NOT_FOUND")
         directory = Path(vm.directory)
-        parent = (directory / "layer-parent").read_text()
+        origin = json.loads((directory / "layer-parent").read_text())
         vm = await lifecycle.stop(vm_id)
         try:
             disk = lifecycle.driver.paths(directory)["disk"]
@@ -128,10 +132,10 @@ class Layers:
                 return _size(target)
             staged = self.root / f".{key}.{vm_id}"
             await asyncio.to_thread(shutil.move, str(disk), str(staged))
-            target.with_name(f"{key}.json").write_text(json.dumps({"parent": parent, "vm": vm_id, "time": time.time()}))
+            target.with_name(f"{key}.json").write_text(json.dumps({**origin, "vm": vm_id, "time": time.time()}))
             staged.rename(target)
             size = _size(target)
-            log.info("layer_committed", layer=key, parent=parent, bytes=size)
+            log.info("layer_committed", layer=key, parent=origin["parent"], bytes=size)
             return size
         finally:
             await lifecycle.delete(vm_id)

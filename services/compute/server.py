@@ -185,7 +185,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.RestoreVmResponse(vm=shown(vm))
 
     async def FindLayers(self, request, context):
-        return compute_pb2.FindLayersResponse(present=self.node.layers.find(request.keys))
+        return compute_pb2.FindLayersResponse(present=self.node.layers.find(request.keys, request.base_image))
 
     async def StartBuilderVm(self, request, context):
         vm = await self.node.layers.start_builder(
@@ -204,8 +204,18 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def PublishImage(self, request, context):
         size = await self.node.layers.publish(request.image, request.base_image, request.layer, request.config)
+        warm = self.node.warm
+        if warm.enabled:
+            # Booted once, started, checked ready and snapshotted before the build may succeed: a template whose
+            # server does not come up is not published.
+            try:
+                await warm.ensure_snapshot(request.image, *self.node.templates.default_size)
+            except BaseException:
+                await warm.forget_image(request.image)
+                self.lifecycle.images.delete(request.image)
+                raise
         await self.node.reporter.publish()
-        self.node.templates.changed.set()  # its template snapshot and pool are made now, not at the next tick
+        self.node.templates.changed.set()  # its pool is filled now, not at the next tick
         return compute_pb2.PublishImageResponse(disk_bytes=size)
 
     async def DeleteImage(self, request, context):

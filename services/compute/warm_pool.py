@@ -40,6 +40,7 @@ class WarmStart:
         self.pool: dict[str, list[str]] = {}
         self._task: asyncio.Task | None = None
         self._claim_lock = asyncio.Lock()
+        self._obtaining: dict[tuple[str, int, int], asyncio.Lock] = {}
 
     @property
     def enabled(self) -> bool:
@@ -122,6 +123,14 @@ class WarmStart:
             await self.lifecycle.set_paused(vm_id, True)
             self.pool[template].append(vm_id)
 
+    async def ensure_snapshot(self, template: str, vcpus: int, memory_mib: int) -> None:
+        """`_obtain` unless the snapshot is there; one at a time per template and size (the upkeep loop and a
+        template build's publish may both want it)."""
+        lock = self._obtaining.setdefault((template, vcpus, memory_mib), asyncio.Lock())
+        async with lock:
+            if self.templates.frozen(template, vcpus, memory_mib) is None:
+                await self._obtain(template, vcpus, memory_mib)
+
     async def _obtain(self, template: str, vcpus: int, memory_mib: int) -> None:
         """A template snapshot of that size: fetched from a node that published one, else built here and
         published for the others."""
@@ -148,13 +157,13 @@ class WarmStart:
                 try:
                     frozen = self.templates.frozen(template)
                     if frozen is None:
-                        await self._obtain(template, *self.templates.default_size)
+                        await self.ensure_snapshot(template, *self.templates.default_size)
                         frozen = self.templates.frozen(template)
                     if frozen is not None and self.pool_size(template):
                         await self._fill(template, frozen)
                     for vcpus, memory_mib in self.templates.wanted(template)[1:]:
                         if self.templates.frozen(template, vcpus, memory_mib) is None:
-                            await self._obtain(template, vcpus, memory_mib)
+                            await self.ensure_snapshot(template, vcpus, memory_mib)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

@@ -30,7 +30,7 @@ from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unaut
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
-PUBLIC_PREFIXES = (permissions.SANDBOX, permissions.NODES)
+PUBLIC_PREFIXES = (permissions.SANDBOX, permissions.NODES, permissions.TEMPLATES)
 
 
 def current_principal() -> auth_pb2.Principal | None:
@@ -76,12 +76,15 @@ def rate_limited(wait: float) -> grpc.Status:
 
 
 def target_of(request) -> str:
-    for field in ("name", "sandbox", "snapshot"):
+    for field in ("name", "sandbox", "snapshot", "template", "parent"):
         value = getattr(request, field, None)
         if isinstance(value, str) and value:
             return value
-    sandbox = getattr(request, "sandbox", None)
-    return getattr(sandbox, "name", "") if sandbox is not None else ""
+    for field in ("sandbox", "template"):
+        inner = getattr(request, field, None)
+        if inner is not None and not isinstance(inner, str) and getattr(inner, "name", ""):
+            return inner.name
+    return ""
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -232,7 +235,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             async def _iterate(self):
                 async for message in self.iterator:
                     if not self.target:
-                        inner = getattr(message, message.WhichOneof("request") or "", None)
+                        oneofs = message.DESCRIPTOR.oneofs
+                        part = message.WhichOneof(oneofs[0].name) if oneofs else None
+                        inner = getattr(message, part or "", None)
                         self.target = target_of(inner) if inner is not None else ""
                     yield message
 

@@ -45,10 +45,15 @@ def on_node(message: M, record: SandboxRecord, part: str = "") -> M:
 
 
 def with_sandbox_env(process, record: SandboxRecord) -> None:
-    """The sandbox's environment under the command's own (a name the command sets keeps its value)."""
+    """The sandbox's environment under the command's own (a name the command sets keeps its value), and its
+    template's working directory and user for a command that names none."""
     for name, value in record.env.items():
         if name not in process.env:
             process.env[name] = value
+    if not process.cwd and record.default_cwd:
+        process.cwd = record.default_cwd
+    if not process.user and record.default_user:
+        process.user = record.default_user
 
 
 class DataPlane:

@@ -26,13 +26,18 @@ from grpc_status import rpc_status
 
 from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.sandbox.v1 import template_service_pb2
 from services.common import deadlines
 from services.gateway.http_files import DOWNLOADS, HTTP_STATUS, UPLOADS, download, error_response, upload
 
 __all__ = ["HTTP_STATUS", "HttpGateway", "error_response", "routes"]
 
 # Every service the gateway serves over gRPC, served over HTTP too.
-SERVICES = (api.DESCRIPTOR.services_by_name["SandboxService"], nodes_pb2.DESCRIPTOR.services_by_name["NodeService"])
+SERVICES = (
+    api.DESCRIPTOR.services_by_name["SandboxService"],
+    nodes_pb2.DESCRIPTOR.services_by_name["NodeService"],
+    template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"],
+)
 # Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
 RAW_STREAMS = tuple(DOWNLOADS)
 

@@ -27,7 +27,7 @@ from services.common.errors import (
 )
 from services.common.records import PLACEMENTS, QUOTA_USAGE, SANDBOXES, TENANT_GUARDS, TENANTS, Records
 from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
-from services.gateway.records import SandboxRecord, SandboxStore, name_of
+from services.gateway.records import SandboxRecord, SandboxStore, image_of, name_of
 
 log = structlog.get_logger()
 ATTEMPTS = 20
@@ -39,7 +39,7 @@ def score(view: NodeView, record: SandboxRecord) -> float:
     free_memory = view.memory_mib_free / capacity.memory_mib if capacity.memory_mib else 0.0
     free_vcpus = view.vcpus_free / capacity.vcpus if capacity.vcpus else 0.0
     warm = any(
-        t.template == record.template and t.vcpus == record.vcpus and t.memory_mib == record.memory_mib
+        t.template == image_of(record) and t.vcpus == record.vcpus and t.memory_mib == record.memory_mib
         for t in view.record.template_snapshots
     )
     tenant_share = sum(1 for s in view.sandboxes if s.tenant == record.tenant) / (1 + len(view.sandboxes))
@@ -53,7 +53,7 @@ def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
     alive = [v for v in views.values() if v.alive]
     if not alive:
         raise Unavailable("no compute node is answering", reason="NO_COMPUTE_NODES")
-    with_template = [v for v in alive if record.template in v.record.templates]
+    with_template = [v for v in alive if image_of(record) in v.record.templates]
     if not with_template:
         raise NotFound(
             f"template {record.template!r} is not built on any compute node",
@@ -152,7 +152,7 @@ class SandboxPlacement:
             except ResourceExhausted:
                 check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
                 raise
-            record.disk_bytes = views[node].record.template_disk_bytes.get(record.template, 0)
+            record.disk_bytes = views[node].record.template_disk_bytes.get(image_of(record), 0)
             check_quota(record, tenants, quota, snapshot_bytes)
             record.node = node
             guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)

@@ -41,6 +41,12 @@ def convert(message: Message, into: type[Message]):
     return into.FromString(message.SerializeToString())
 
 
+def image_of(record) -> str:
+    """The compute image a sandbox (or snapshot) record's VM boots: a user template's build image, else the
+    built-in template of that name."""
+    return record.image or record.template
+
+
 def sandbox_key(tenant: str, name: str) -> str:
     """The cluster-wide id of tenant `tenant`'s sandbox `name`. Ids are per tenant: a name one tenant chose can never
     collide with another tenant's sandbox, so ALREADY_EXISTS on a chosen name reveals nothing about anyone else."""
@@ -77,6 +83,9 @@ def to_public(
     sandbox = sandbox_pb2.Sandbox(
         name=f"sandboxes/{name_of(record)}",
         template=record.template,
+        template_build=f"templates/{record.template.partition(':')[0]}/builds/{record.template_build}"
+        if record.template_build
+        else "",
         state=record.state,
         vcpus=record.vcpus,
         memory_mib=record.memory_mib,

@@ -34,11 +34,13 @@ from services.gateway.records import (
     SandboxRecord,
     SandboxStore,
     convert,
+    image_of,
     name_of,
     sandbox_key,
     state_name,
     to_public,
 )
+from services.gateway.template_store import TemplateStore
 from services.network.policy import normalized_policy
 
 log = structlog.get_logger()
@@ -92,10 +94,17 @@ def parse_filter(text: str) -> dict[str, str]:
 
 class Sandboxes:
     def __init__(
-        self, context, store: SandboxStore, nodes: ClusterNodes, placement: SandboxPlacement, quotas: QuotaClient
+        self,
+        context,
+        store: SandboxStore,
+        nodes: ClusterNodes,
+        placement: SandboxPlacement,
+        quotas: QuotaClient,
+        templates: TemplateStore | None = None,
     ) -> None:
         self.context, self.settings = context, context.settings
         self.store, self.nodes, self.placement, self.quotas = store, nodes, placement, quotas
+        self.templates = templates
 
     async def view(self, record: SandboxRecord) -> sandbox_pb2.Sandbox:
         vm, incident = await asyncio.gather(self.store.vm(record), self.store.incident(record))
@@ -191,24 +200,32 @@ class Sandboxes:
         if vcpus < 1 or memory < 128:
             raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
         policy = self.checked_policy(wanted.network_policy)
+        template = (wanted.template or "default").removeprefix("templates/")
+        resolved = await self.templates.resolve(template) if self.templates is not None else None
+        config = resolved.config if resolved is not None else None
+        if config is not None:  # a user template's own size, unless the caller chose one
+            vcpus, memory = wanted.vcpus or config.vcpus or vcpus, wanted.memory_mib or config.memory_mib or memory
         record = self.new_record(
             sandbox_id,
-            wanted.template or "default",
+            template,
             vcpus,
             memory,
             wanted.labels,
             timeout,
             policy,
             wanted.node_selector,
-            env=wanted.env,
+            env={**(config.env if config is not None else {}), **wanted.env},
         )
+        if resolved is not None and resolved.build is not None:
+            record.image, record.template_build = resolved.image, resolved.build.id
+            record.default_cwd, record.default_user = config.workdir, config.user
 
         async def create_vm(node: str) -> vm_pb2.VmRecord:
             request = compute_pb2.CreateVmRequest(
                 vm_id=record.id,
-                template=record.template,
-                vcpus=vcpus,
-                memory_mib=memory,
+                template=image_of(record),
+                vcpus=record.vcpus,
+                memory_mib=record.memory_mib,
                 hostname=sandbox_id,
                 network_policy=policy,
             )

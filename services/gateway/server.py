@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from aiohttp import web
 
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
-from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import (
+    sandbox_service_pb2,
+    sandbox_service_pb2_grpc,
+    template_service_pb2,
+    template_service_pb2_grpc,
+)
 from services.common.config import parse_address
 from services.common.records import SANDBOXES, Records
 from services.common.server import ServiceContext
@@ -25,6 +31,10 @@ from services.gateway.records import SandboxStore
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.servicer import NodeServicer, SandboxServicer
 from services.gateway.snapshots import SnapshotOps
+from services.gateway.template_builds import TemplateBuilds
+from services.gateway.template_service import TemplateOps, TemplateServicer
+from services.gateway.template_store import TemplateStore
+from services.gateway.templates import TemplateCatalog
 
 
 def interceptors(context: ServiceContext[GatewaySettings]) -> list:
@@ -46,7 +56,13 @@ class Gateway:
         self.store = SandboxStore(context.etcd)
         self.nodes = ClusterNodes(context)
         self.placement = SandboxPlacement(self.nodes, self.store)
-        self.sandboxes = Sandboxes(context, self.store, self.nodes, self.placement, QuotaClient(context))
+        self.templates = TemplateStore(context.etcd, TemplateCatalog(context.etcd))
+        self.sandboxes = Sandboxes(
+            context, self.store, self.nodes, self.placement, QuotaClient(context), self.templates
+        )
+        self.builds = TemplateBuilds(context, self.templates, self.nodes)
+        work_root = Path(context.common.state_dir) / "gateway" / "build-contexts"
+        self.template_ops = TemplateOps(self.templates, self.builds, self.nodes, work_root)
         self.snapshots = SnapshotOps(self.sandboxes)
         self.data = DataPlane(self.sandboxes, self.nodes)
         self.ports = ExposedPorts(self.sandboxes)
@@ -58,8 +74,14 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     await Records(context.etcd).migrate(SANDBOXES)
     gateway = Gateway(context)
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
-        SandboxServicer(gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports, gateway.console), server
+        SandboxServicer(
+            gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports, gateway.console, gateway.template_ops
+        ),
+        server,
     )
+    template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
+    context.every(30, gateway.builds.reap, "template-build-reaper")
+    context.on_shutdown.append(gateway.builds.close)
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
     context.every(300, gateway.sandboxes.sweep_tombstones, "tombstone-sweeper")
@@ -84,4 +106,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     return [
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+        template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
     ]

@@ -12,16 +12,21 @@ from services.gateway.node_admin import NodeAdmin
 from services.gateway.processes import BackgroundProcesses
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.snapshots import SnapshotOps
-from services.gateway.templates import TemplateCatalog
+from services.gateway.template_service import TemplateOps
 
 
 class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
     def __init__(
-        self, sandboxes: Sandboxes, snapshots: SnapshotOps, data: DataPlane, ports: ExposedPorts, console: ConsoleLogs
+        self,
+        sandboxes: Sandboxes,
+        snapshots: SnapshotOps,
+        data: DataPlane,
+        ports: ExposedPorts,
+        console: ConsoleLogs,
+        templates: TemplateOps,
     ) -> None:
         self.sandboxes, self.snapshots, self.data, self.ports = sandboxes, snapshots, data, ports
-        self.console = console
-        self.templates = TemplateCatalog(sandboxes.nodes.context.etcd)
+        self.console, self.templates = console, templates
         self.processes = BackgroundProcesses(data)
 
     async def CreateSandbox(self, request, context):
@@ -133,7 +138,7 @@ class SandboxServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
         return await self.snapshots.fork(request)
 
     async def ListTemplates(self, request, context):
-        return await self.templates.list(request)
+        return await self.templates.list_all(request)
 
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):

@@ -91,6 +91,10 @@ class SnapshotOps:
                 memory_mib=record.memory_mib,
                 sandbox_labels=record.labels,
                 sandbox_env=record.env,
+                template_build=record.template_build,
+                image=record.image,
+                default_cwd=record.default_cwd,
+                default_user=record.default_user,
             )
             snapshot.create_time.GetCurrentTime()
             if ttl_seconds:
@@ -213,6 +217,8 @@ class SnapshotOps:
             source_snapshot=snapshot.id,
             env=snapshot.sandbox_env,
         )
+        record.template_build, record.image = snapshot.template_build, snapshot.image
+        record.default_cwd, record.default_user = snapshot.default_cwd, snapshot.default_user
 
         async def restore_vm(node: str):
             request = compute_pb2.RestoreVmRequest(

@@ -18,11 +18,16 @@ class TemplateCatalog:
         self.records = Records(etcd)
 
     async def all(self) -> list[template_pb2.Template]:
+        """The built-in templates (images the installation built); user templates' build images are not listed."""
+        return [t for t in await self.images() if not t.name.startswith("templates/u-")]
+
+    async def images(self) -> list[template_pb2.Template]:
+        """Every image some node has, built-in or a user template's build (`u-<build>`)."""
         templates: dict[str, template_pb2.Template] = {}
         for stored in await self.records.list(NODES):
             node, record = stored.parts[0], stored.message
             for name in record.templates:
-                template = templates.setdefault(name, template_pb2.Template(name=f"templates/{name}"))
+                template = templates.setdefault(name, template_pb2.Template(name=f"templates/{name}", builtin=True))
                 template.nodes.append(node)
                 template.disk_bytes = max(template.disk_bytes, record.template_disk_bytes.get(name, 0))
             for snapshot in record.template_snapshots:
