@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,14 +28,16 @@ from pathlib import Path
 
 import yaml
 
+from images.cache import cache_root
+from images.cache import content_hash as _hash
+from images.cache import run as _run
+from images.cache import stage as _stage
+from images.cache import step as _step
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "images" / "templates"
 BUILDER_VERSION = "4"
 LZ4_MAGIC = b"\x02\x21\x4c\x18"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MVM_CACHE_DIR") or Path.home() / ".cache" / "microvm") / "images"
 
 
 @dataclass
@@ -102,47 +102,6 @@ class BuiltImage:
 def available_templates(root: Path | None = None) -> list[str]:
     root = root or cache_root()
     return sorted(p.parent.name for p in root.glob("*/current")) if root.exists() else []
-
-
-def _hash(*parts: object) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Path):
-            if part.is_dir():
-                for file in sorted(p for p in part.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-                    digest.update(str(file.relative_to(part)).encode())
-                    digest.update(file.read_bytes())
-            else:
-                digest.update(part.read_bytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def _step(message: str) -> None:
-    print(f"[images] {time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, check=True, **kwargs)
-
-
-def _stage(directory: Path, build) -> Path:
-    """Builds into a temporary sibling and renames, so an interrupted build never looks finished."""
-    if (directory / ".complete").exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        build(work)
-        (work / ".complete").touch()
-        if directory.exists():
-            shutil.rmtree(directory)
-        work.rename(directory)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return directory
 
 
 def build_kernel(recipe: Recipe) -> Path:
