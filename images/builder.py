@@ -5,8 +5,8 @@ For a template it makes, from Debian packages and without installing anything in
   extracted from it (QEMU boots the ELF through PVH, 0.4-0.9 s faster; Cloud Hypervisor boots only the ELF);
 - an initramfs: busybox-static, the recipe's modules with their dependencies in modules.dep order, and an
   /init that loads them, mounts /dev/vda and switch_roots into the agent;
-- the root filesystem: debootstrap of the recipe, the agent and its protobuf runtime added, turned into ext4
-  by `mkfs.ext4 -d` (no loop mount).
+- the root filesystem: debootstrap of the recipe, the agent with its own runtime added (images/runtime.py: the
+  agent never uses the image's python), turned into ext4 by `mkfs.ext4 -d` (no loop mount; images/rootfs.py).
 
 Each stage is cached under $MVM_CACHE_DIR/images keyed by the hash of exactly what it is built from, so an
 unchanged recipe is never rebuilt, and a change to the agent rebuilds only the final image.
@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from images.cache import content_hash as _hash
 from images.cache import run as _run
 from images.cache import stage as _stage
 from images.cache import step as _step
+from images.rootfs import finish_tree, make_ext4
+from images.runtime import build_agent_runtime
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "images" / "templates"
@@ -194,6 +195,13 @@ for i in $(/bin/busybox seq 1 200); do [ -b /dev/vda ] && break; /bin/busybox us
   { echo "init: cannot mount /dev/vda"; exec /bin/busybox sh; }
 /bin/busybox umount /proc
 /bin/busybox mount --move /dev /newroot/dev
+# The agent's own runtime (images/runtime.py) through its own loader when the root filesystem has it: nothing in the
+# environment, so nothing reaches the image's programs. Else the image's python3.
+runtime=/opt/microvm/runtime
+if [ -x /newroot$runtime/bin/python3 ]; then
+  exec /bin/busybox switch_root /newroot $runtime/lib/ld-linux-x86-64.so.2 --library-path $runtime/lib \\
+    $runtime/bin/python3 -I -S -X frozen_modules=on /opt/microvm/agent.py
+fi
 exec /bin/busybox switch_root /newroot /usr/bin/python3 -I -S -X frozen_modules=on /opt/microvm/agent.py
 """
 
@@ -289,29 +297,17 @@ def build_rootfs_tree(recipe: Recipe) -> Path:
     return _stage(directory, build)
 
 
-def agent_payload_dirs() -> list[tuple[Path, str]]:
-    """What the agent needs in the guest: its code, generated agent.v1 code, and protobuf's runtime."""
-    import google.protobuf
-
-    protobuf_dir = Path(google.protobuf.__file__).parent
-    return [
-        (REPO / "guest_agents" / "linux" / "microvm_agent", "microvm_agent"),
-        (REPO / "gen" / "python" / "microvm" / "agent", "microvm/agent"),
-        (protobuf_dir, "google/protobuf"),
-    ]
-
-
 def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
     kernel_dir = build_kernel(recipe)
     tree_dir = build_rootfs_tree(recipe)
-    payload = agent_payload_dirs()
+    runtime_dir = build_agent_runtime()
     key = _hash(
         recipe.__dict__ | {"path": None},
         BUILDER_VERSION,
         Path(__file__),
         (kernel_dir / "version").read_text(),
         tree_dir.name,
-        *[p for p, _ in payload],
+        runtime_dir.name,
     )
     directory = cache_root() / recipe.name / key
     if force and directory.exists():
@@ -326,41 +322,15 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             tree = Path(tmp) / "tree"
             _run(["cp", "-a", "--reflink=auto", str(tree_dir / "tree"), str(tree)])
-            opt = tree / "opt" / "microvm"
-            for source, target in payload:
-                shutil.copytree(source, opt / target, ignore=shutil.ignore_patterns("__pycache__", "*.pyi"))
-            for package in ("microvm", "google"):
-                (opt / package / "__init__.py").touch()
-            (opt / "microvm" / "agent" / "__init__.py").touch()
-            (opt / "agent.py").write_text(
-                "import sys\nsys.path.insert(0, '/opt/microvm')\nfrom microvm_agent.main import main\nmain()\n"
-            )
-            # Compile ahead so the guest does not spend boot time on it.
-            _run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(opt)], stdout=subprocess.DEVNULL)
-            (tree / "etc" / "hostname").write_text("sandbox\n")
-            (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
-            (tree / "etc" / "resolv.conf").unlink(missing_ok=True)
-            _run(
-                [
-                    "mkfs.ext4",
-                    "-q",
-                    "-F",
-                    "-L",
-                    "root",
-                    "-E",
-                    "root_owner=0:0",
-                    "-d",
-                    str(tree),
-                    str(work / "rootfs.ext4"),
-                    f"{recipe.rootfs_size_mib}M",
-                ]
-            )
+            finish_tree(tree, runtime_dir)
+            make_ext4(tree, work / "rootfs.ext4", recipe.rootfs_size_mib)
         manifest = {
             "template": recipe.name,
             "key": key,
             "kernel_version": (kernel_dir / "version").read_text(),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "recipe": recipe.path.name,
+            "agent_runtime": runtime_dir.name,
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
