@@ -111,3 +111,14 @@ async def test_agent_on_its_runtime_leaks_nothing_into_the_processes_it_starts(b
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_the_agent_finds_the_image_loader_it_prefetches(tmp_path):
+    from microvm_agent.system import elf_interpreter
+
+    assert elf_interpreter(os.path.realpath("/usr/bin/python3")) == "/lib64/ld-linux-x86-64.so.2"
+    assert elf_interpreter("/bin/busybox") is None  # static (busybox-static)
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    assert elf_interpreter(str(script)) is None
+    assert elf_interpreter(str(tmp_path / "missing")) is None

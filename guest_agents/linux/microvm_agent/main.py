@@ -173,6 +173,7 @@ def main() -> None:
         max_pids = args_by_name.get("mvm.max_pids", "")
         workload.current.setup(int(max_pids) if max_pids.isdigit() else workload.default_max_pids())
         system.bring_up_loopback()
+        system.prefetch_image_libc()
         os.chdir("/root" if os.path.isdir("/root") else "/")
         print("microvm-agent: ready", flush=True)
     try:
