@@ -157,7 +157,8 @@ class Layers:
             else:
                 rootfs.mkdir()
         elif layer:
-            await _run("qemu-img", "convert", "-O", "raw", str(source), str(rootfs))
+            # -U: the builder VM that wrote the layer is gone, but its VMM may still be exiting with the image lock.
+            await _run("qemu-img", "convert", "-U", "-O", "raw", str(source), str(rootfs))
         else:
             await _run("cp", "--reflink=auto", "--sparse=always", str(source), str(rootfs))
         image = await asyncio.to_thread(lifecycle.images.complete, name, work)

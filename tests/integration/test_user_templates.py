@@ -1,0 +1,105 @@
+"""User templates in real guests: builder VMs under QEMU with qcow2 layers, a published image booted, started,
+checked ready and snapshotted, and a sandbox whose first command finds the template's server up."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+import uuid
+
+import pytest
+
+from microvm.sandbox.v1 import template_pb2 as tmpl
+from microvm.sandbox.v1 import template_service_pb2 as tapi
+from microvm.sandbox.v1 import template_service_pb2_grpc
+
+pytestmark = pytest.mark.guest
+
+RECIPE = """\
+from: default
+env: {GREETING: "hello from a built template"}
+workdir: /srv/site
+steps:
+  - copy: {src: [index.html, lib/], dest: /srv/site/}   # a directory source copies its contents (Docker)
+  - run: echo "built at step 2" > built.txt && ln -s index.html home.html
+start: python3 -m http.server 8000 --bind 127.0.0.1
+ready: {port: 8000, timeout_seconds: 60}
+"""
+FETCH = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/index.html', timeout=5).read().decode())"
+
+
+def context() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data, mode in (
+            ("index.html", b"<title>template page</title>\n", 0o644),
+            ("lib/run.sh", b"#!/bin/sh\necho run\n", 0o755),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def build(gateway, name: str, recipe: str, data: bytes = b"", **spec) -> tuple[tmpl.TemplateBuild, bytes]:
+    stub = template_service_pb2_grpc.TemplateServiceStub(gateway.channel)
+
+    def requests():
+        yield tapi.BuildTemplateRequest(
+            spec=tapi.BuildTemplateSpec(template=f"templates/{name}", recipe=recipe, **spec)
+        )
+        if data:
+            yield tapi.BuildTemplateRequest(context=data)
+
+    last, log = None, b""
+    for event in stub.BuildTemplate(requests(), timeout=900):
+        if event.WhichOneof("event") == "build":
+            last = event.build
+        elif event.WhichOneof("event") == "log":
+            log += event.log.data
+    return last, log
+
+
+def states(build: tmpl.TemplateBuild) -> list[str]:
+    return [tmpl.TemplateStepState.Name(s.state).removeprefix("TEMPLATE_STEP_STATE_") for s in build.steps]
+
+
+@pytest.fixture(scope="module")
+def site(gateway):
+    name = f"site-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    built, log = build(gateway, name, RECIPE, context())
+    assert built.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, (built.failure_message, log.decode(errors="replace"))
+    return name, built, time.monotonic() - started
+
+
+def test_the_first_command_of_a_sandbox_finds_the_template_server_up(gateway, site):
+    name, built, _ = site
+    sandbox = gateway.create(template=name)
+    try:
+        assert sandbox.template_build == built.name
+        fetched = gateway.exec(sandbox.name, ["python3", "-c", FETCH])
+        assert (fetched.exit_code, fetched.stdout) == (0, b"<title>template page</title>\n\n"), fetched.stderr
+        script = 'pwd; cat built.txt; readlink home.html; ls -l run.sh | cut -c1-10; echo "$GREETING"'
+        files = gateway.exec(sandbox.name, ["sh", "-c", script])
+        lines = files.stdout.decode().splitlines()
+        assert lines[:3] == ["/srv/site", "built at step 2", "index.html"], files.stderr
+        assert lines[3:] == ["-rwxr-xr-x", "hello from a built template"], files.stdout
+    finally:
+        gateway.delete(sandbox.name)
+
+
+def test_an_unchanged_rebuild_does_no_work(gateway, site):
+    name, built, _ = site
+    again, log = build(gateway, name, RECIPE, context(), tags=["again"])
+    assert again.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, again.failure_message
+    assert states(again) == ["CACHED"] * len(again.steps)
+    assert b"layer " not in log  # no builder VM ran
+
+
+def test_a_failing_step_in_a_guest_fails_the_build_with_its_exit_code(gateway):
+    failed, _ = build(gateway, f"broken-{uuid.uuid4().hex[:6]}", "from: default\nsteps:\n  - run: ls /no/such/dir\n")
+    assert failed.state == tmpl.TEMPLATE_BUILD_STATE_FAILED
+    assert failed.failure_reason == "BUILD_STEP_FAILED"
+    assert failed.steps[0].exit_code == 2 and "No such file" in failed.failure_message
