@@ -87,6 +87,15 @@ class VmLifecycle:
                 continue  # a build being replaced: the next publish has it
         return sizes
 
+    def template_builds(self) -> dict[str, str]:
+        builds = {}
+        for name in self.templates():
+            try:
+                builds[name] = self.images.load(name).directory.name
+            except (OSError, ValueError):
+                continue
+        return builds
+
     def validate(self, vm_id: str, template: str, vcpus: int, memory_mib: int, hostname: str) -> None:
         check_names(vm_id, hostname)
         if not 1 <= vcpus <= self.settings.max_vcpus_per_vm:

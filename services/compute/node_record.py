@@ -58,6 +58,7 @@ class NodeReporter:
             labels=self.labels,
             templates=self.lifecycle.templates(),
             template_disk_bytes=self.lifecycle.template_disk_bytes(),
+            template_builds=self.lifecycle.template_builds(),
             template_snapshots=self.templates.held(),
             networking=self.lifecycle.network is not None,
         )

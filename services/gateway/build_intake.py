@@ -141,7 +141,11 @@ async def intake(
     first = make_plan(source, text, context, spec.build_args)
     base = await resolve_base(first.base, store)
     env = dict(base.config.env) if base.build is not None else dict(DEFAULT_BASE_ENV)
-    digest = (base.build.id if base.build is not None else f"builtin:{base.image}") + f"+ca:{trust_digest}"
+    if base.build is not None:
+        digest = base.build.id
+    else:  # a built-in image's current build: rebuilding the image rebuilds what stands on it
+        digest = f"builtin:{base.image}@{(await store.catalog.image_builds()).get(base.image, '')}"
+    digest += f"+ca:{trust_digest}"
     resolved = ResolvedBase(digest, tuple(sorted(env.items())))
     plan = make_plan(source, text, context, spec.build_args, lambda _: resolved)
     return BuildRequest(spec, name, tags, source, text, context, plan, base, env)

@@ -123,14 +123,29 @@ class TemplateBuilds:
         build.create_time.GetCurrentTime()
         await self.store.put_build(build)
         feed = self.feeds[build.id] = BuildFeed()
-        task = asyncio.create_task(self._run(build, request, template, feed), name=f"build-{build.id}")
+        same = next((b for b in previous if self.reusable(b, request)), None)
+        task = asyncio.create_task(self._run(build, request, template, feed, same), name=f"build-{build.id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return build, feed
 
-    async def _run(self, build, request: BuildRequest, template, feed: BuildFeed) -> None:
+    def reusable(self, previous: S.TemplateBuildRecord, request: BuildRequest) -> bool:
+        """A succeeded build of the same plan whose image is still on a live node: a rebuild with no change
+        publishes nothing new, it points the tags at that image again."""
+        return (
+            not request.spec.no_cache
+            and previous.state == S.TEMPLATE_BUILD_STATE_SUCCEEDED
+            and previous.plan_key == request.plan.key
+            and bool(previous.image)
+            and self.nodes.alive(previous.node)
+        )
+
+    async def _run(self, build, request: BuildRequest, template, feed: BuildFeed, same=None) -> None:
         run = BuildRun(self, build, request, template, feed)
         try:
+            if same is not None:
+                await run.reuse(same)
+                return
             await asyncio.wait_for(run.execute(), self.settings.template_build_timeout_seconds)
         except TimeoutError:
             await run.fail("BUILD_TIMEOUT", f"the build ran past {self.settings.template_build_timeout_seconds}s")
@@ -336,6 +351,16 @@ class BuildRun:
         pool = self.template.pool_size if self.template.pool_size >= 0 else plan.pool_size
         config.pool_size = pool if pool is not None else 0
         return config
+
+    async def reuse(self, same: S.TemplateBuildRecord) -> None:
+        build = self.build
+        for index in range(len(build.steps)):
+            await self.set_step(index, S.TEMPLATE_STEP_STATE_CACHED)
+        await self.log(f"--> unchanged since build {same.id}: its image {same.image} is reused\n".encode())
+        build.node, build.image, build.disk_bytes = same.node, same.image, same.disk_bytes
+        build.config.CopyFrom(same.config)
+        build.config.build = same.config.build or same.id
+        await self.finish()
 
     async def publish(self, layer: str, env: dict[str, str], workdir: str, user: str) -> None:
         build = self.build

@@ -137,10 +137,13 @@ class TemplateOps:
         )
         if not deleted:
             raise FailedPrecondition("the template changed while being deleted; try again", reason="TEMPLATE_BUSY")
-        in_use = {s.message.template_build for s in await self.store.records.list(SANDBOXES)}
-        for build in builds:  # images no sandbox runs on go now; forced users keep theirs until they end
-            if build.image and build.id not in in_use:
-                await self.drop_image(build.node, build.image)
+        # Images no sandbox or snapshot needs go now (builds of an unchanged plan share one); what forced users
+        # need stays until they are gone.
+        needed = {s.message.template_build for s in await records.list(SANDBOXES)}
+        needed |= {s.message.template_build for s in await records.list(SNAPSHOTS)}
+        kept = {b.image for b in builds if b.id in needed}
+        for node, image in sorted({(b.node, b.image) for b in builds if b.image and b.image not in kept}):
+            await self.drop_image(node, image)
         return api.DeleteTemplateResponse()
 
     async def drop_image(self, node: str, image: str) -> None:

@@ -17,6 +17,14 @@ class TemplateCatalog:
     def __init__(self, etcd) -> None:
         self.records = Records(etcd)
 
+    async def image_builds(self) -> dict[str, str]:
+        """Image -> its current build on the nodes (the newest name any node reports)."""
+        builds: dict[str, str] = {}
+        for stored in await self.records.list(NODES):
+            for name, build in stored.message.template_builds.items():
+                builds[name] = max(builds.get(name, ""), build)
+        return builds
+
     async def all(self) -> list[template_pb2.Template]:
         """The built-in templates (images the installation built); user templates' build images are not listed."""
         return [t for t in await self.images() if not t.name.startswith("templates/u-")]

@@ -128,8 +128,11 @@ async def test_a_sandbox_of_the_template_has_its_files_env_and_workdir(alice, bu
 
 
 async def test_an_unchanged_rebuild_is_all_cache_hits_and_a_change_reruns_from_that_step(alice, built):
-    again = final(await alice.build("greeter", DOCKERFILE, {"hello.txt": "twelve bytes"}, tags=["v2"]))
+    events = await alice.build("greeter", DOCKERFILE, {"hello.txt": "twelve bytes"}, tags=["v2"])
+    again = final(events)
     assert step_states(again) == ["CACHED"] * 4
+    log = b"".join(e.log.data for e in events if e.WhichOneof("event") == "log")
+    assert b"is reused" in log and b"layer " not in log  # nothing booted, nothing published
     assert again.plan_key == final(built).plan_key
     changed = DOCKERFILE.replace("> size.txt", "> size.txt && echo changed > changed.txt")
     rebuilt = final(await alice.build("greeter", changed, {"hello.txt": "twelve bytes"}, tags=["v3"]))
