@@ -16,9 +16,13 @@ async def _qemu_img(*args: str) -> tuple[int, str]:
     return process.returncode, stderr.decode().strip()
 
 
-async def create_overlay(backing: Path, backing_format: str, path: Path) -> None:
-    """A copy-on-write qcow2 overlay: instant, and only what the VM writes takes space."""
-    code, error = await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path))
+async def create_overlay(backing: Path, backing_format: str, path: Path, size_mib: int = 0) -> None:
+    """A copy-on-write qcow2 overlay: instant, and only what the VM writes takes space. `size_mib` larger than the
+    backing file's size makes a larger disk (the guest's file system is grown separately)."""
+    size = [f"{size_mib}M"] if size_mib else []
+    code, error = await _qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path), *size
+    )
     if code != 0:
         raise ResourceExhausted(f"cannot create the VM disk: {error}", reason="DISK_CREATE_FAILED")
 

@@ -46,6 +46,24 @@ async def _run(*argv: str) -> None:
         raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason="LAYER_WRITE_FAILED")
 
 
+async def virtual_size(image: Path) -> int:
+    """The size a disk image presents to a guest."""
+    process = await asyncio.create_subprocess_exec(
+        "qemu-img",
+        "info",
+        "-U",
+        "--output=json",
+        str(image),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await process.communicate()
+    try:
+        return int(json.loads(stdout)["virtual-size"])
+    except (ValueError, KeyError):
+        return image.stat().st_size
+
+
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
@@ -87,6 +105,7 @@ class Layers:
         vcpus: int,
         memory_mib: int,
         policy: network_types.NetworkPolicy | None,
+        disk_mib: int = 0,
     ) -> VmRecord:
         lifecycle = self.lifecycle
         image = lifecycle.images.require(base_image, lifecycle.node)
@@ -103,14 +122,20 @@ class Layers:
                 source = self.path(parent) if parent else image.rootfs
                 if source.is_dir():
                     await asyncio.to_thread(shutil.copytree, source, disk, symlinks=True)
-            elif parent:
-                await create_overlay(self.path(parent), "qcow2", disk)
             else:
-                await create_overlay(image.rootfs, "raw", disk)
+                backing, kind = (self.path(parent), "qcow2") if parent else (image.rootfs, "raw")
+                grow = disk_mib if disk_mib and (disk_mib << 20) > await virtual_size(backing) else 0
+                await create_overlay(backing, kind, disk, grow)
             (directory / "layer-parent").write_text(json.dumps({"parent": parent, "base": str(image.rootfs)}))
             return await lifecycle.driver.launch(vm, image, directory)
 
-        return await lifecycle.boot(vm, launch, policy)
+        vm = await lifecycle.boot(vm, launch, policy)
+        if disk_mib and not self.tree:
+            # Grown disks: the file system follows (online; a no-op when it already fills the disk).
+            code = await lifecycle.guests.run(vm_id, ["resize2fs", "/dev/vda"], timeout=120)
+            if code != 0:
+                log.warning("builder_resize2fs_failed", vm=vm_id, exit_code=code)
+        return vm
 
     async def commit(self, vm_id: str, key: str) -> int:
         """Syncs and stops the builder VM, keeps its disk as layer `key`, deletes the VM."""

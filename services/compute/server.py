@@ -195,6 +195,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             request.vcpus or 1,
             request.memory_mib or 512,
             request.network_policy,
+            request.disk_mib,
         )
         return compute_pb2.StartBuilderVmResponse(vm=shown(vm))
 

@@ -299,6 +299,7 @@ class BuildRun:
             vcpus=settings.template_builder_vcpus,
             memory_mib=settings.template_builder_memory_mib,
             network_policy=network_types.NetworkPolicy(egress=self.egress()),
+            disk_mib=self.request.plan.resources.disk_mib or 0,
         )
         await self.compute("StartBuilderVm", start, deadlines.VM_START)
         committed = False

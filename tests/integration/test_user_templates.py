@@ -25,6 +25,7 @@ steps:
   - run: echo "built at step 2" > built.txt && ln -s index.html home.html
 start: python3 -m http.server 8000 --bind 127.0.0.1
 ready: {port: 8000, timeout_seconds: 60}
+resources: {disk_mib: 1536}
 """
 FETCH = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/index.html', timeout=5).read().decode())"
 
@@ -86,6 +87,8 @@ def test_the_first_command_of_a_sandbox_finds_the_template_server_up(gateway, si
         lines = files.stdout.decode().splitlines()
         assert lines[:3] == ["/srv/site", "built at step 2", "index.html"], files.stderr
         assert lines[3:] == ["-rwxr-xr-x", "hello from a built template"], files.stdout
+        size = gateway.exec(sandbox.name, ["sh", "-c", "df -m / | tail -1 | tr -s ' ' | cut -d' ' -f2"])
+        assert int(size.stdout) > 1400, size.stdout  # the recipe's disk_mib: grown from the default's 1 GiB
     finally:
         gateway.delete(sandbox.name)
 
