@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images bench clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates bench clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
@@ -64,6 +64,9 @@ lint: venv ## ruff (lint + format check), buf lint, and buf breaking against the
 images: venv ## build guest images (cached by recipe hash)
 	@if [ -d images/templates ]; then $(BIN)/python -m images.builder build --all; fi
 
+templates: ## build the heavy built-in templates (python, web) on the running installation (`make up`), cached
+	$(BIN)/python -m images.templates_build
+
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests
 
@@ -92,6 +95,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.cluster
 	$(BIN)/python -m bench.hostile
 	$(BIN)/python -m bench.clock
+	$(BIN)/python -m bench.templates
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)
