@@ -8,6 +8,9 @@ by the error interceptor for every client-streaming call that fails) says so at 
 (the gateway forwarding to a relay, the HTTP door, the SDK: `send_until_refused`) stops sending and half-closes at
 once, and any other caller gets the status after its last message. Bounding that read by a total time (2 s, as
 before) cut off every caller whose upload took longer: `mvm cp` of 8 MB or more onto a directory answered INTERNAL.
+The gateway's door refuses a bidirectional stream it does not admit (no credential, rate limit) the same way, but
+stops waiting after 1 s of silence: an unauthenticated BuildTemplate with its context in flight answered INTERNAL,
+and an ExecInteractive caller that waits for output before it types must not wait long for its status.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any
 REFUSED_KEY = "mvm-refused"
 # A refused caller that sends nothing for this long is not waited for any more.
 IDLE_SECONDS = 10.0
+# The same for a bidirectional stream refused at the gateway's door (BuildTemplate sending its context): its caller
+# may be one that waits for an answer before it sends more (ExecInteractive), which a long wait would hold up.
+BIDI_IDLE_SECONDS = 1.0
 
 # How long a client stream that ends is still read, so that what its caller already sent is taken first.
 DRAIN_SECONDS = 2.0
@@ -51,14 +57,14 @@ async def drain_until_closed(requests, idle_seconds: float = IDLE_SECONDS) -> No
             return
 
 
-async def refuse(context, requests) -> None:
+async def refuse(context, requests, idle_seconds: float = IDLE_SECONDS) -> None:
     """The call failed while its caller may still be sending: tell it (initial metadata `mvm-refused`; refused
     before any answer, so the metadata is not sent yet), then take what it sends until it half-closes."""
     try:
         await context.send_initial_metadata(((REFUSED_KEY, "1"),))
     except Exception:
         pass  # a stream that already answered: its caller learns at the end
-    await drain_until_closed(requests)
+    await drain_until_closed(requests, idle_seconds)
 
 
 def refused(metadata) -> bool:

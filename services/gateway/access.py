@@ -26,6 +26,7 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
 from services.auth.permissions import MUTATING
 from services.common import deadlines
+from services.common.client_streams import BIDI_IDLE_SECONDS, refuse
 from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
 
 log = structlog.get_logger()
@@ -200,15 +201,24 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return handler
         interceptor = self
 
-        async def admit(context) -> auth_pb2.Principal | None:
+        async def admit(context, requests=None) -> auth_pb2.Principal | None:
+            async def refuse_stream() -> None:
+                # A bidirectional stream (`requests`) is refused first: a caller still sending (a BuildTemplate
+                # context) then gets this status, not INTERNAL (services/common/client_streams.py).
+                if requests is not None:
+                    await refuse(context, requests, BIDI_IDLE_SECONDS)
+
             try:
                 principal = await interceptor._admit(method, context.invocation_metadata())
             except ServiceError as exc:
+                await refuse_stream()
                 await context.abort_with_status(exc.to_status())
             except grpc.aio.AioRpcError as exc:
+                await refuse_stream()
                 await context.abort(exc.code(), exc.details() or "")
             bucket = interceptor.buckets.setdefault(principal.key_id, TokenBucket(interceptor.rate, interceptor.burst))
             if (wait := bucket.take()) > 0:
+                await refuse_stream()
                 await context.abort_with_status(rate_limited(wait))
             _principal.set(principal)
             return principal
@@ -273,7 +283,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behavior, streaming_request: bool):
             async def wrapped(request, context):
-                principal = await admit(context)
+                principal = await admit(context, request if streaming_request else None)
                 request = FirstMessage(request) if streaming_request else request
                 finished = False
                 try:
