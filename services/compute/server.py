@@ -17,6 +17,7 @@ from services.common.records import Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
+from services.compute.archive_images import ArchiveImages
 from services.compute.console import select
 from services.compute.guests import GuestLink
 from services.compute.layers import Layers
@@ -80,6 +81,7 @@ class ComputeNode:
         self.snapshots = VmSnapshots(self.lifecycle, root / "snapshots")
         self.templates = TemplateSnapshots(self.lifecycle, self.snapshots, root / "templates")
         self.layers = Layers(self.lifecycle, root / "layers")
+        self.archives = ArchiveImages(self.lifecycle)
         self.warm = WarmStart(
             self.lifecycle, self.snapshots, self.templates, TemplateExchange(self.templates, self.snapshot_store)
         )
@@ -224,6 +226,11 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         self.lifecycle.images.delete(request.image)
         await self.node.reporter.publish()
         return compute_pb2.DeleteImageResponse()
+
+    async def ImportImage(self, request_iterator, context):
+        config, size = await self.node.archives.import_image(request_iterator)
+        await self.node.reporter.publish()
+        return compute_pb2.ImportImageResponse(config=config, disk_bytes=size)
 
     async def ReadConsole(self, request, context):
         selection = select(request.tail_bytes, request.offset, request.length)

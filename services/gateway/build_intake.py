@@ -133,15 +133,21 @@ def make_plan(source: str, text: str, context: Path | None, build_args, resolve=
 
 
 async def intake(
-    spec: api.BuildTemplateSpec, context: Path | None, store: TemplateStore, trust_digest: str
+    spec: api.BuildTemplateSpec, context: Path | None, store: TemplateStore, trust_digest: str, import_archive=None
 ) -> BuildRequest:
     """The checked build. `trust_digest` (the host CA bundle's hash, or "") is part of every layer key: a
     builder that trusts another bundle builds other layers."""
     name, tags, source, text = check_spec(spec)
     first = make_plan(source, text, context, spec.build_args)
-    base = await resolve_base(first.base, store)
-    env = dict(base.config.env) if base.build is not None else dict(DEFAULT_BASE_ENV)
-    if base.build is not None:
+    if first.base.kind != "template":
+        # An image archive in the context: made into an image on a node now (its config is the base's env).
+        base = await import_archive(first.base, context, first.resources.disk_mib or 0)
+    else:
+        base = await resolve_base(first.base, store)
+    env = dict(base.config.env) if base.build is not None or base.archive_config is not None else dict(DEFAULT_BASE_ENV)
+    if base.archive_config is not None:
+        digest = f"archive:{first.base.digest}"
+    elif base.build is not None:
         digest = base.build.id
     else:  # a built-in image's current build: rebuilding the image rebuilds what stands on it
         digest = f"builtin:{base.image}@{(await store.catalog.image_builds()).get(base.image, '')}"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import tarfile
 import time
 import uuid
 from collections import deque
@@ -39,12 +41,24 @@ from services.gateway.build_intake import BuildRequest
 from services.gateway.build_steps import HOST_CA_PATH, StepFailed, StepRunner, ca_env
 from services.gateway.build_watch import BuildFeed
 from services.gateway.nodes import ClusterNodes
-from services.gateway.template_store import RUNNING_BUILDS, TemplateStore, build_view, owner_key, step_view
+from services.gateway.template_store import (
+    RUNNING_BUILDS,
+    Resolved,
+    TemplateStore,
+    build_view,
+    owner_key,
+    step_view,
+)
 
 log = structlog.get_logger()
 LOG_TAIL = 64 << 10
 FS_STEPS = (RunStep, PackagesStep, CopyStep)
 S = template_pb2
+
+
+def pack_directory(directory: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w") as tar:
+        tar.add(directory, arcname=".")
 
 
 def host_ca(path: str) -> bytes:
@@ -78,6 +92,30 @@ class TemplateBuilds:
     @property
     def trust(self) -> str:
         return trust_digest(self.ca)
+
+    async def import_archive(self, base, context: Path, disk_mib: int) -> Resolved:
+        """A `FROM` image archive made into an image (`u-oci-<digest>`) on a node that has the default image's
+        kernel (the one that has it already, if any): the build then runs there."""
+        image = "u-oci-" + re.sub(r"[^0-9a-f]", "", (base.digest or "").lower().removeprefix("sha256:"))[:32]
+        views = [v for v in (await self.nodes.views([])).values() if v.schedulable and "default" in v.record.templates]
+        if not views:
+            raise Unavailable("no live node can import an image archive", reason="NO_NODE_FOR_BUILD")
+        node = max(views, key=lambda v: (image in v.record.templates, v.memory_mib_free, v.record.name)).record.name
+        source = context / base.path
+        if source.is_dir():  # an OCI layout directory travels as a tar stream
+            packed = source.with_name(source.name + ".mvm-layout.tar")
+            await asyncio.to_thread(pack_directory, source, packed)
+            source = packed
+        header = compute_pb2.ImportImageHeader(image=image, kind=base.kind, size_mib=disk_mib)
+
+        def requests():
+            yield compute_pb2.ImportImageRequest(header=header)
+            with open(source, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield compute_pb2.ImportImageRequest(data=chunk)
+
+        reply = await self.nodes.on_compute(node, lambda c: c.ImportImage(requests(), timeout=1800))
+        return Resolved(base.text, "", image, archive_config=reply.config)
 
     async def choose_node(self, request: BuildRequest, previous: list[S.TemplateBuildRecord]) -> str:
         alive = [view for view in (await self.nodes.views([])).values() if view.alive and view.schedulable]

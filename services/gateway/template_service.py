@@ -165,7 +165,7 @@ class TemplateOps:
     async def build(self, requests):
         spec, context = await receive(requests, self.work_root, self.builds.settings.template_context_max_bytes)
         try:
-            request = await intake(spec, context, self.store, self.builds.trust)
+            request = await intake(spec, context, self.store, self.builds.trust, self.builds.import_archive)
         except BaseException:
             if context is not None:
                 shutil.rmtree(context.parent, ignore_errors=True)

@@ -64,9 +64,12 @@ class Resolved:
     tag: str
     image: str
     build: template_pb2.TemplateBuildRecord | None = None
+    archive_config: template_pb2.ImageConfig | None = None  # a base made from an image archive
 
     @property
     def config(self) -> template_pb2.ImageConfig:
+        if self.archive_config is not None:
+            return self.archive_config
         return self.build.config if self.build is not None else template_pb2.ImageConfig()
 
 

@@ -106,3 +106,36 @@ def test_a_failing_step_in_a_guest_fails_the_build_with_its_exit_code(gateway):
     assert failed.state == tmpl.TEMPLATE_BUILD_STATE_FAILED
     assert failed.failure_reason == "BUILD_STEP_FAILED"
     assert failed.steps[0].exit_code == 2 and "No such file" in failed.failure_message
+
+
+def test_a_template_from_an_alpine_like_oci_archive_runs_exec_and_files(gateway, tmp_path):
+    """FROM an OCI archive built here with umoci (busybox + musl, no Python): the builder's RUN and the sandbox's
+    exec and files run on the agent's own runtime."""
+    from tests import musl_base
+
+    assert not musl_base.missing_tools(), f"missing {musl_base.missing_tools()}: run `make deps`"
+    archive = musl_base.oci_archive(musl_base.oci_layout(tmp_path / "layout"), tmp_path / "musl.oci.tar")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(archive, arcname="musl.oci.tar")
+    dockerfile = 'FROM oci-archive:musl.oci.tar\nENV FLAVOR=musl\nRUN echo "built on $FLAVOR" > /built.txt\n'
+    stub = template_service_pb2_grpc.TemplateServiceStub(gateway.channel)
+
+    def requests():
+        spec = tapi.BuildTemplateSpec(template=f"templates/musl-{uuid.uuid4().hex[:6]}", dockerfile=dockerfile)
+        yield tapi.BuildTemplateRequest(spec=spec)
+        data = buffer.getvalue()
+        for offset in range(0, len(data), 1 << 20):
+            yield tapi.BuildTemplateRequest(context=data[offset : offset + (1 << 20)])
+
+    built = [e.build for e in stub.BuildTemplate(requests(), timeout=900) if e.WhichOneof("event") == "build"][-1]
+    assert built.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, built.failure_message
+    sandbox = gateway.create(template=built.name.split("/")[1])
+    try:
+        result = gateway.exec(sandbox.name, ["sh", "-c", 'cat /built.txt; echo "$FLAVOR"; ls /lib/ld-musl* | wc -l'])
+        assert (result.exit_code, result.stdout) == (0, b"built on musl\nmusl\n1\n"), result.stderr
+        assert not gateway.exec(sandbox.name, ["sh", "-c", "command -v python3"]).stdout  # no Python in the image
+        gateway.write_file(sandbox.name, "/tmp/note.txt", b"written through the files API")
+        assert gateway.read_file(sandbox.name, "/tmp/note.txt") == b"written through the files API"
+    finally:
+        gateway.delete(sandbox.name)
