@@ -94,6 +94,10 @@ class ComputeSettings(ServiceSettings):
     # compute is down the VMM drops the output; services/compute/console.py).
     console_log_max_bytes: int = 1 << 20
     console_log_keep: int = 1
+    # Template build layers (a cache: a missing one is rebuilt) are dropped, least recently used first, once they
+    # take more than this many bytes or were not used for this many days.
+    layer_cache_max_bytes: int = 20 << 30
+    layer_cache_max_age_days: float = 14.0
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 

@@ -95,7 +95,74 @@ class Layers:
 
     def find(self, keys, base_image: str = "") -> list[str]:
         base = str(self.lifecycle.images.require(base_image, self.lifecycle.node).rootfs) if base_image else None
-        return [key for key in keys if KEY.match(key) and self.usable(key, base)]
+        found = [key for key in keys if KEY.match(key) and self.usable(key, base)]
+        for key in found:
+            self.touch(key)
+        return found
+
+    def touch(self, key: str) -> None:
+        """Marks a layer used now (what the cache's least-recently-used order goes by)."""
+        try:
+            self.path(key).with_name(f"{key}.json").touch()
+        except OSError:
+            pass
+
+    def prune(self, max_bytes: int, max_age_seconds: float) -> list[str]:
+        """Drops layers unused for `max_age_seconds`, then least recently used ones while all take more than
+        `max_bytes`; a dropped layer's descendants go with it (they stand on it). Never a layer a builder VM
+        runs on now. Returns the keys dropped."""
+        if not self.root.exists():
+            return []
+        facts: dict[str, tuple[float, str, int]] = {}
+        for meta in self.root.glob("*.json"):
+            key = meta.stem
+            try:
+                parent = json.loads(meta.read_text()).get("parent", "")
+                facts[key] = (meta.stat().st_mtime, parent, _size(self.path(key)))
+            except (OSError, ValueError):
+                continue
+        busy = set()
+        for vm in self.lifecycle.ledger.vms.values():
+            try:
+                busy.add(json.loads((Path(vm.directory) / "layer-parent").read_text()).get("parent", ""))
+            except (OSError, ValueError):
+                continue
+        children: dict[str, list[str]] = {}
+        for key, (_, parent, _) in facts.items():
+            children.setdefault(parent, []).append(key)
+
+        def lineage(key: str) -> list[str]:
+            found, pending = [], [key]
+            while pending:
+                current = pending.pop()
+                found.append(current)
+                pending.extend(children.get(current, []))
+            return found
+
+        def holds_busy(key: str) -> bool:
+            return any(k in busy for k in lineage(key))
+
+        now, dropped = time.time(), []
+        total = sum(size for _, _, size in facts.values())
+        for key in sorted(facts, key=lambda k: facts[k][0]):
+            if key in dropped or holds_busy(key):
+                continue
+            if now - facts[key][0] <= max_age_seconds and total <= max_bytes:
+                break
+            for doomed in lineage(key):
+                if doomed in dropped:
+                    continue
+                self.path(doomed).with_name(f"{doomed}.json").unlink(missing_ok=True)
+                target = self.path(doomed)
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                total -= facts.get(doomed, (0, "", 0))[2]
+                dropped.append(doomed)
+        if dropped:
+            log.info("layers_pruned", count=len(dropped), bytes_left=total)
+        return dropped
 
     async def start_builder(
         self,
@@ -113,6 +180,7 @@ class Layers:
             check_key(parent)
             if not self.usable(parent):
                 raise NotFound(f"layer {parent} is not on node {lifecycle.node}", reason="LAYER_NOT_FOUND")
+            self.touch(parent)
         lifecycle.validate(vm_id, base_image, vcpus, memory_mib, vm_id)
         vm = await lifecycle.admit(vm_id, base_image, vcpus, memory_mib, "builder", image, start_method="builder")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from pathlib import Path
 
@@ -254,6 +255,13 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
     context.every(5.0, report, "node-record")
     reaper = OrphanReaper(node.lifecycle, context.settings.orphan_grace_seconds)
     context.every(max(1.0, min(30.0, context.settings.orphan_grace_seconds / 4)), reaper.sweep, "orphan-vms")
+    settings = context.settings
+
+    async def prune_layers() -> None:
+        max_age = settings.layer_cache_max_age_days * 86400
+        await asyncio.to_thread(node.layers.prune, settings.layer_cache_max_bytes, max_age)
+
+    context.every(600, prune_layers, "layer-cache")
     context.registration_metadata.update(vmm=driver.name, accel=driver.accel, hypervisor_reason=reason)
     context.on_shutdown.append(node.close)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(node), server)
