@@ -7,6 +7,7 @@ HTTP request becomes a call on the gateway's own gRPC server over loopback, with
 - Exec streams newline-delimited JSON events, or server-sent events with `Accept: text/event-stream`.
 - ReadFile answers the raw file, ReadConsoleLog the raw console bytes, DownloadArchive the raw tar; WriteFile and
   UploadArchive take the raw body (`?path=...&mode=...&makeParents=true`): http_files.py. WatchDir streams NDJSON.
+- BuildTemplate (a bidirectional stream, so no annotation) is `POST /v1/templates/{name}:build`: http_builds.py.
 - Errors are a JSON google.rpc.Status with the standard gRPC-to-HTTP code mapping.
 - `/openapi.json` is an OpenAPI 3 document generated from the same descriptors.
 """
@@ -28,6 +29,7 @@ from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import template_service_pb2
 from services.common import deadlines
+from services.gateway import http_builds
 from services.gateway.http_files import DOWNLOADS, HTTP_STATUS, UPLOADS, download, error_response, upload
 
 __all__ = ["HTTP_STATUS", "HttpGateway", "error_response", "routes"]
@@ -71,9 +73,12 @@ def routes() -> list[Route]:
     for method in (m for service in SERVICES for m in service.methods):
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
-        if verb is None:
-            continue  # bidirectional streams (ExecInteractive) have no HTTP form
-        template = getattr(rule, verb)
+        if verb is None and method.name in http_builds.BUILDS:
+            verb, template = http_builds.BUILDS[method.name]
+        elif verb is None:
+            continue  # other bidirectional streams (ExecInteractive) have no HTTP form
+        else:
+            template = getattr(rule, verb)
         pattern, fields = parse_template(template)
         found.append(Route(method, verb.upper(), template, pattern, fields, rule.body))
     return found
@@ -126,7 +131,8 @@ class HttpGateway:
         self.routes = routes()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        # A build's definition may come in the query string (http_builds.py): request lines up to 4 MiB.
+        app = web.Application(client_max_size=64 << 20, handler_args={"max_line_size": 4 << 20})
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         return app
@@ -145,6 +151,9 @@ class HttpGateway:
             )
         metadata = [("authorization", request.headers["Authorization"])] if "Authorization" in request.headers else []
         message = route.method.input_type._concrete_class()
+        if route.method.name in http_builds.BUILDS:
+            call = self._callable(route.method)
+            return await http_builds.build(request, call, match.group("f0"), metadata, self._stream_events)
         try:
             if route.method.name in UPLOADS:
                 call = self._callable(route.method)
@@ -335,6 +344,10 @@ def openapi_document(route_list: list[Route]) -> dict:
             }
         else:
             operation["parameters"] += query_parameters(route)
+        if route.method.name in http_builds.BUILDS:
+            http_builds.document(
+                operation, schema_of(route.method.input_type.fields_by_name["spec"].message_type, schemas)
+            )
         if route.body and route.method.name not in UPLOADS:
             target = (
                 route.method.input_type
