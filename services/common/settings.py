@@ -41,6 +41,8 @@ class GatewaySettings(ServiceSettings):
     # Builders trust the host's CA bundle (copied into the image, with SSL_CERT_FILE and friends pointing at it),
     # so pip and npm work behind a TLS-intercepting proxy. Empty path: off.
     template_host_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    # Seconds between sweeps that drop the images of superseded template builds (services/gateway/template_images.py).
+    template_image_prune_seconds: float = 300.0
 
     def validate(self) -> None:
         super().validate()

@@ -32,6 +32,7 @@ from services.gateway.sandboxes import Sandboxes
 from services.gateway.servicer import NodeServicer, SandboxServicer
 from services.gateway.snapshots import SnapshotOps
 from services.gateway.template_builds import TemplateBuilds
+from services.gateway.template_images import TemplateImages
 from services.gateway.template_service import TemplateOps, TemplateServicer
 from services.gateway.template_store import TemplateStore
 from services.gateway.templates import TemplateCatalog
@@ -60,7 +61,8 @@ class Gateway:
         self.sandboxes = Sandboxes(
             context, self.store, self.nodes, self.placement, QuotaClient(context), self.templates
         )
-        self.builds = TemplateBuilds(context, self.templates, self.nodes)
+        self.template_images = TemplateImages(self.templates, self.nodes, self.sandboxes.quotas)
+        self.builds = TemplateBuilds(context, self.templates, self.nodes, self.template_images)
         work_root = Path(context.common.state_dir) / "gateway" / "build-contexts"
         self.template_ops = TemplateOps(self.templates, self.builds, self.nodes, work_root)
         self.snapshots = SnapshotOps(self.sandboxes)
@@ -81,6 +83,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     )
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
+    context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")

@@ -7,15 +7,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import grpc
 import structlog
 
-from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
 from microvm.sandbox.v1 import template_service_pb2 as api
 from microvm.sandbox.v1 import template_service_pb2_grpc
-from services.common import deadlines
-from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.records import SANDBOXES, SNAPSHOTS, TEMPLATE_BUILDS, TEMPLATES
 from services.common.validation import check_page_size
 from services.gateway.access import current_principal
@@ -139,19 +136,11 @@ class TemplateOps:
             raise FailedPrecondition("the template changed while being deleted; try again", reason="TEMPLATE_BUSY")
         # Images no sandbox or snapshot needs go now (builds of an unchanged plan share one); what forced users
         # need stays until they are gone.
-        needed = {s.message.template_build for s in await records.list(SANDBOXES)}
-        needed |= {s.message.template_build for s in await records.list(SNAPSHOTS)}
+        needed = await self.builds.images.needed_builds()
         kept = {b.image for b in builds if b.id in needed}
         for node, image in sorted({(b.node, b.image) for b in builds if b.image and b.image not in kept}):
-            await self.drop_image(node, image)
+            await self.builds.images.drop(node, image, record.tenant)
         return api.DeleteTemplateResponse()
-
-    async def drop_image(self, node: str, image: str) -> None:
-        try:
-            request = compute_pb2.DeleteImageRequest(image=image)
-            await self.nodes.on_compute(node, lambda c: c.DeleteImage(request, timeout=deadlines.CONTROL))
-        except (ServiceError, grpc.aio.AioRpcError) as exc:
-            log.warning("template_image_delete_failed", node=node, image=image, error=str(exc))
 
     async def list_builds(self, request: api.ListTemplateBuildsRequest):
         name, _ = parse_reference(request.parent, "parent")
