@@ -33,6 +33,7 @@ from services.gateway.servicer import NodeServicer, SandboxServicer
 from services.gateway.snapshots import SnapshotOps
 from services.gateway.template_builds import TemplateBuilds
 from services.gateway.template_images import TemplateImages
+from services.gateway.template_recipes import BuiltInRecipes
 from services.gateway.template_service import TemplateOps, TemplateServicer
 from services.gateway.template_store import TemplateStore
 from services.gateway.templates import TemplateCatalog
@@ -65,6 +66,7 @@ class Gateway:
         self.builds = TemplateBuilds(context, self.templates, self.nodes, self.template_images)
         work_root = Path(context.common.state_dir) / "gateway" / "build-contexts"
         self.template_ops = TemplateOps(self.templates, self.builds, self.nodes, work_root)
+        self.templates.on_missing = BuiltInRecipes(self.templates, self.builds, work_root).on_missing
         self.snapshots = SnapshotOps(self.sandboxes)
         self.data = DataPlane(self.sandboxes, self.nodes)
         self.ports = ExposedPorts(self.sandboxes)

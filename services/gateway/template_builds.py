@@ -119,13 +119,17 @@ class TemplateBuilds:
                     return view.record.name
         return max(holders, key=lambda v: (v.memory_mib_free, v.record.name)).record.name
 
-    async def start(self, request: BuildRequest, creator: str) -> tuple[S.TemplateBuildRecord, BuildFeed]:
-        """Records the build (QUEUED, the template created when new) and starts it; returns its feed."""
+    async def start(
+        self, request: BuildRequest, creator: str, system: bool = False
+    ) -> tuple[S.TemplateBuildRecord, BuildFeed]:
+        """Records the build (QUEUED, the template created when new) and starts it; returns its feed. `system`:
+        the installation's own build of a built-in recipe (a public template, whoever's create asked for it)."""
         stored = await self.store.find(request.name)
         if stored is None:
-            await self.store.create(api_template.Template(name=f"templates/{request.name}"), creator)
+            wanted = api_template.Template(name=f"templates/{request.name}", public=system)
+            await self.store.create(wanted, creator, system=system)
             stored = await self.store.require(request.name)
-        else:
+        elif not system:
             stored = await self.store.require_own(request.name)
         template = stored.message
         previous = await self.store.builds_of(template)

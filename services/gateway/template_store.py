@@ -89,6 +89,9 @@ def parse_build_name(name: str) -> tuple[str, str]:
 class TemplateStore:
     def __init__(self, etcd, catalog: TemplateCatalog) -> None:
         self.records, self.catalog = Records(etcd), catalog
+        # What a create of a template nobody has hears instead of NOT_FOUND (a built-in recipe builds on first
+        # use: template_recipes.py); async (name, tag) -> error or None.
+        self.on_missing = None
 
     async def builtin(self) -> list[str]:
         return [t.name.removeprefix("templates/") for t in await self.catalog.all()]
@@ -118,13 +121,15 @@ class TemplateStore:
             )
         return stored
 
-    async def create(self, template: api_template.Template, creator: str = "") -> template_pb2.TemplateRecord:
+    async def create(
+        self, template: api_template.Template, creator: str = "", system: bool = False
+    ) -> template_pb2.TemplateRecord:
         name, _ = parse_reference(template.name, "template.name")
         if ":" in template.name:
             raise InvalidArgument("template.name takes no tag", reason="INVALID_TEMPLATE_NAME")
         if name in await self.builtin():
             raise AlreadyExists(f"template {name!r} is built in: choose another name", reason="TEMPLATE_EXISTS")
-        if template.public and not is_admin():
+        if template.public and not (system or is_admin()):
             raise PermissionDenied("only an admin publishes a public template", reason="PUBLIC_NEEDS_ADMIN")
         if template.HasField("pool_size") and not 0 <= template.pool_size <= 64:
             raise InvalidArgument("pool_size must be between 0 and 64", reason="POOL_SIZE_OUT_OF_RANGE")
@@ -170,12 +175,19 @@ class TemplateStore:
         if stored is None:
             if name in await self.builtin() and tag == "latest":
                 return Resolved(name, tag, name)
+            error = await self.on_missing(name, tag) if self.on_missing is not None else None
+            if error is not None:
+                raise error
             raise NotFound(
                 f"template {reference!r} does not exist", reason="TEMPLATE_NOT_FOUND", metadata={"template": name}
             )
         build_id = stored.message.tags.get(tag)
         build = await self.records.get(TEMPLATE_BUILDS, build_id) if build_id else None
         if build is None or build.message.state != SUCCEEDED:
+            if stored.message.tenant == "" and self.on_missing is not None:  # a built-in recipe not built yet
+                error = await self.on_missing(name, tag)
+                if error is not None:
+                    raise error
             tags = ", ".join(sorted(stored.message.tags)) or "none: it has no successful build yet"
             raise NotFound(
                 f"template {name!r} has no tag {tag!r} (tags: {tags})",

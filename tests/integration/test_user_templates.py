@@ -139,3 +139,27 @@ def test_a_template_from_an_alpine_like_oci_archive_runs_exec_and_files(gateway,
         assert gateway.read_file(sandbox.name, "/tmp/note.txt") == b"written through the files API"
     finally:
         gateway.delete(sandbox.name)
+
+
+def test_a_built_in_recipe_builds_on_first_use_and_a_failed_build_is_reported(gateway):
+    """`python` (images/templates/python/mvm.yaml) is not built in a fresh stack: the first create starts its
+    build and says so. This stack's guests have no egress, so apt cannot reach the registry: the build fails, and
+    the next create reports that failure instead of building again."""
+    import grpc
+
+    from services.common.errors import error_info
+
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.create(template="python")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+    info = error_info(caught.value)
+    assert info.reason == "TEMPLATE_BUILDING" and info.metadata["build"].startswith("templates/python/builds/")
+    stub = template_service_pb2_grpc.TemplateServiceStub(gateway.channel)
+    events = list(stub.WatchTemplateBuild(tapi.WatchTemplateBuildRequest(name=info.metadata["build"]), timeout=600))
+    ended = [e.build for e in events if e.WhichOneof("event") == "build"][-1]
+    assert ended.state == tmpl.TEMPLATE_BUILD_STATE_FAILED and ended.failure_reason == "BUILD_STEP_FAILED"
+    with pytest.raises(grpc.RpcError) as again:
+        gateway.create(template="python")
+    assert error_info(again.value).reason == "TEMPLATE_BUILD_FAILED", again.value.details()
+    template = stub.GetTemplate(tapi.GetTemplateRequest(name="templates/python"), timeout=30).template
+    assert template.public and template.owner == "" and dict(template.tags) == {}
