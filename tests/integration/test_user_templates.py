@@ -163,3 +163,37 @@ def test_a_built_in_recipe_builds_on_first_use_and_a_failed_build_is_reported(ga
     assert error_info(again.value).reason == "TEMPLATE_BUILD_FAILED", again.value.details()
     template = stub.GetTemplate(tapi.GetTemplateRequest(name="templates/python"), timeout=30).template
     assert template.public and template.owner == "" and dict(template.tags) == {}
+
+
+def test_user_and_copy_chown_set_who_owns_files_and_runs_processes(gateway):
+    dockerfile = (
+        "FROM default\n"
+        "RUN useradd --create-home --uid 1500 agent\n"
+        "COPY --chown=agent:agent notes.txt /home/agent/\n"
+        "USER agent\n"
+        "WORKDIR /home/agent\n"
+        "RUN whoami > made-by.txt\n"
+    )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("notes.txt")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"notes\n"))
+    stub = template_service_pb2_grpc.TemplateServiceStub(gateway.channel)
+
+    def requests():
+        yield tapi.BuildTemplateRequest(
+            spec=tapi.BuildTemplateSpec(template=f"templates/owned-{uuid.uuid4().hex[:6]}", dockerfile=dockerfile)
+        )
+        yield tapi.BuildTemplateRequest(context=buffer.getvalue())
+
+    built = [e.build for e in stub.BuildTemplate(requests(), timeout=900) if e.WhichOneof("event") == "build"][-1]
+    assert built.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, built.failure_message
+    sandbox = gateway.create(template=built.name.split("/")[1])
+    try:
+        result = gateway.exec(sandbox.name, ["sh", "-c", "whoami; pwd; cat made-by.txt; stat -c %U:%G notes.txt"])
+        assert result.stdout.decode().splitlines() == ["agent", "/home/agent", "agent", "agent:agent"], result.stderr
+        as_root = gateway.exec(sandbox.name, ["id", "-u"], user="root")  # a command may still name its user
+        assert as_root.stdout == b"0\n"
+    finally:
+        gateway.delete(sandbox.name)
