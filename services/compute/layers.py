@@ -46,6 +46,19 @@ async def _run(*argv: str) -> None:
         raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason="LAYER_WRITE_FAILED")
 
 
+async def exited(pid: int, seconds: float = 120.0) -> None:
+    """Waits until process `pid` is gone: a stopped VMM holds its disk's lock until it has exited (a large guest's
+    memory takes a while to free), and the next builder VM opens that disk as its backing file."""
+    deadline = time.monotonic() + seconds
+    while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return  # exited; only its parent's wait is left
+        except (OSError, IndexError):
+            return
+        await asyncio.sleep(0.05)
+
+
 async def virtual_size(image: Path) -> int:
     """The size a disk image presents to a guest."""
     process = await asyncio.create_subprocess_exec(
@@ -214,7 +227,9 @@ class Layers:
             raise NotFound(f"builder VM {vm_id} is not on node {lifecycle.node}", reason="VM_NOT_FOUND")
         directory = Path(vm.directory)
         origin = json.loads((directory / "layer-parent").read_text())
+        pid = vm.pid
         vm = await lifecycle.stop(vm_id)
+        await exited(pid)
         try:
             disk = lifecycle.driver.paths(directory)["disk"]
             if not disk.exists():

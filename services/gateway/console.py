@@ -11,7 +11,8 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.validation import check_console_read
 from services.gateway.nodes import ClusterNodes
-from services.gateway.sandboxes import Sandboxes, parse_name
+from services.gateway.sandbox_requests import parse_name
+from services.gateway.sandboxes import Sandboxes
 
 
 class ConsoleLogs:

@@ -11,7 +11,8 @@ from microvm.types.v1 import network_pb2 as network_types
 from services.common import deadlines
 from services.common.errors import FailedPrecondition, NotFound
 from services.gateway.records import SandboxRecord, convert, name_of
-from services.gateway.sandboxes import Sandboxes, parse_name
+from services.gateway.sandbox_requests import parse_name
+from services.gateway.sandboxes import Sandboxes
 from services.network.exposure import check_ports, parse_host_address
 
 

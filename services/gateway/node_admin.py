@@ -21,7 +21,7 @@ from services.common.records import SANDBOXES
 from services.gateway.nodes import ClusterNodes, NodeView
 from services.gateway.placement import SandboxPlacement, choose
 from services.gateway.records import PAUSED, RUNNING, SandboxRecord, SandboxStore, name_of
-from services.gateway.sandboxes import parse_name
+from services.gateway.sandbox_requests import parse_name
 from services.gateway.snapshots import SnapshotOps
 
 log = structlog.get_logger()

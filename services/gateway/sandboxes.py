@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,12 +39,17 @@ from services.gateway.records import (
     state_name,
     to_public,
 )
+from services.gateway.sandbox_requests import (
+    SANDBOX_ID,
+    parse_filter,
+    parse_name,
+    snake_case,
+    validate_labels,
+)
 from services.gateway.template_store import TemplateStore
 from services.network.policy import normalized_policy
 
 log = structlog.get_logger()
-SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
 UPDATABLE = ("labels", "timeout", "network_policy")
 StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
@@ -57,39 +61,6 @@ ABANDONED_CREATE_SECONDS = max(deadlines.VM_START, deadlines.SNAPSHOT) + 60
 # How long a call naming a deleted sandbox is told what became of it.
 TOMBSTONE_SECONDS = 86400.0
 LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
-
-
-def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)([A-Z])", lambda m: "_" + m.group(1).lower(), name)
-
-
-def parse_name(name: str, collection: str = "sandboxes") -> str:
-    prefix = f"{collection}/"
-    if not name.startswith(prefix) or not SANDBOX_ID.fullmatch(name[len(prefix) :]):
-        raise InvalidArgument(
-            f"{name!r} is not a valid resource name; expected {collection}/{{id}}", reason="INVALID_NAME"
-        )
-    return name[len(prefix) :]
-
-
-def validate_labels(labels, what: str = "label", most: int = 64) -> None:
-    if len(labels) > most:
-        raise InvalidArgument(f"at most {most} {what}s are allowed")
-    for key, value in labels.items():
-        if not LABEL_KEY.fullmatch(key):
-            raise InvalidArgument(f"{what} key {key!r} must match {LABEL_KEY.pattern}")
-        if len(value) > 63:
-            raise InvalidArgument(f"{what} {key!r}: value longer than 63 characters")
-
-
-def parse_filter(text: str) -> dict[str, str]:
-    wanted = {}
-    for term in text.split():
-        match = re.fullmatch(r"labels\.([a-z][a-z0-9_-]*)=(.*)", term)
-        if not match:
-            raise InvalidArgument(f"filter term {term!r} is not of the form labels.KEY=VALUE")
-        wanted[match.group(1)] = match.group(2).strip('"')
-    return wanted
 
 
 class Sandboxes:

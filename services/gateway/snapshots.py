@@ -27,7 +27,8 @@ from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.records import MIGRATING, PAUSED, RUNNING, SandboxRecord, name_of, sandbox_key, state_name
-from services.gateway.sandboxes import Sandboxes, parse_name, validate_labels
+from services.gateway.sandbox_requests import parse_name, validate_labels
+from services.gateway.sandboxes import Sandboxes
 
 log = structlog.get_logger()
 MAX_FORK = 64
@@ -49,6 +50,8 @@ def to_public(record: SnapshotRecord) -> sandbox_pb2.Snapshot:
     )
     if record.HasField("expire_time"):
         snapshot.expire_time.CopyFrom(record.expire_time)
+    if record.template_build:
+        snapshot.template_build = f"templates/{record.template.partition(':')[0]}/builds/{record.template_build}"
     return snapshot
 
 

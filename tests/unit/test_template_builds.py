@@ -297,3 +297,26 @@ async def test_builds_are_listed_newest_first_and_watchable_after_they_end(alice
         )
     ]
     assert watched[-1].build.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED
+
+
+async def test_snapshots_and_their_restores_record_the_build_and_keep_its_defaults(alice, built):
+    md = alice.caller.metadata
+    created = await alice.caller.stub.CreateSandbox(
+        api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(template="greeter")), metadata=md
+    )
+    snapshot = (
+        await alice.caller.stub.CreateSnapshot(api.CreateSnapshotRequest(sandbox=created.sandbox.name), metadata=md)
+    ).snapshot
+    assert snapshot.template_build == final(built).name
+    restored = (
+        await alice.caller.stub.RestoreSnapshot(api.RestoreSnapshotRequest(snapshot=snapshot.name), metadata=md)
+    ).sandbox
+    assert restored.template_build == final(built).name
+    code, out = await run(alice.caller, restored.name, 'pwd; echo "$GREETING"')
+    assert code == 0 and out.splitlines()[0].endswith("/app") and out.splitlines()[1] == "hello from the template"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await alice.stub.DeleteTemplate(tapi.DeleteTemplateRequest(name="templates/greeter"), metadata=md)
+    assert error_info(caught.value).reason == "TEMPLATE_IN_USE"
+    for name in (created.sandbox.name, restored.name):
+        await alice.caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=md)
+    await alice.caller.stub.DeleteSnapshot(api.DeleteSnapshotRequest(name=snapshot.name), metadata=md)
