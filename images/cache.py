@@ -3,6 +3,7 @@ from, and is built into a temporary sibling that is renamed only once complete."
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,18 +44,30 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def stage(directory: Path, build) -> Path:
-    """Builds into a temporary sibling and renames, so an interrupted build never looks finished."""
+    """Builds into a temporary sibling and renames, so an interrupted build never looks finished. Builders of the
+    same stage in other processes (two templates published at once) wait for the first and take its result."""
     if (directory / ".complete").exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        build(work)
-        (work / ".complete").touch()
-        if directory.exists():
-            shutil.rmtree(directory)
-        work.rename(directory)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (directory / ".complete").exists():
+            return directory
+        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            build(work)
+            (work / ".complete").touch()
+            if directory.exists():
+                shutil.rmtree(directory)
+            work.rename(directory)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
     return directory
+
+
+def write_pointer(path: Path, text: str) -> None:
+    """Replaces the small file `path` (a `current` pointer) at once: a reader sees the old text or the new."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    temporary.rename(path)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from images.builder import BuiltImage, prune_old_builds
-from images.cache import content_hash, stage
+from images.cache import content_hash, stage, write_pointer
 from images.definition.errors import INVALID_BASE, DefinitionError
 from images.definition.planner import ARCHIVE_KINDS
 from images.rootfs import UnsafeTree, finish_tree, make_ext4, tree_size_mib
@@ -158,12 +158,12 @@ def unpack_archive(archive: Path, kind: str, out_tree: Path) -> ArchiveConfig:
 def make_base_rootfs(tree: Path, out_image: Path, size_mib: int | None = None, runtime: Path | None = None) -> int:
     """Adds the agent with its runtime (`runtime`: a build_agent_runtime() directory, default this host's), the
     mount points and guest files to `tree`, then makes the ext4 image `out_image`. `size_mib` defaults to the
-    tree's size plus HEADROOM_MIB (at least MIN_ROOTFS_MIB). Returns the size in MiB."""
+    tree's size plus a tenth (ext4's own blocks) plus HEADROOM_MIB, at least MIN_ROOTFS_MIB. Returns it in MiB."""
     try:
         finish_tree(tree, runtime)
     except UnsafeTree as exc:
         raise DefinitionError(INVALID_BASE, f"the image cannot take the agent: {exc}") from None
-    size_mib = size_mib or max(MIN_ROOTFS_MIB, tree_size_mib(tree) + HEADROOM_MIB)
+    size_mib = size_mib or max(MIN_ROOTFS_MIB, tree_size_mib(tree) * 11 // 10 + HEADROOM_MIB)
     make_ext4(tree, out_image, size_mib)
     return size_mib
 
@@ -226,6 +226,6 @@ def publish_archive_image(
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     stage(directory, build)
-    (image_root / name / "current").write_text(key + "\n")
+    write_pointer(image_root / name / "current", key + "\n")
     prune_old_builds(image_root / name, keep={key})
     return BuiltImage.load(name, image_root)

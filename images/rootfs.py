@@ -70,6 +70,6 @@ def make_ext4(tree: Path, out: Path, size_mib: int) -> None:
 
 
 def tree_size_mib(tree: Path) -> int:
-    """Disk usage of `tree` in MiB, rounded up (du: hard links once, sparse files as stored)."""
-    output = run(["du", "-s", "-B1M", "--apparent-size", str(tree)], capture_output=True, text=True).stdout
+    """Disk usage of `tree` in MiB, rounded up (du: blocks allocated, hard links once)."""
+    output = run(["du", "-s", "-B1M", str(tree)], capture_output=True, text=True).stdout
     return int(output.split()[0])
