@@ -52,7 +52,8 @@ def invalid(error: DefinitionError) -> InvalidArgument:
 
 
 async def receive(requests, work_root: Path, max_bytes: int) -> tuple[api.BuildTemplateSpec, Path | None]:
-    """The spec, and the context unpacked under `work_root` (None when the caller sent no context)."""
+    """The spec, and the context unpacked under `work_root` (None when the caller sent no context). The spec is
+    checked before any of the context is read: a bad one is refused before the upload."""
     iterator = aiter(requests)
     try:
         first = await anext(iterator)
@@ -60,6 +61,7 @@ async def receive(requests, work_root: Path, max_bytes: int) -> tuple[api.BuildT
         raise InvalidArgument("BuildTemplate needs a first message with the spec", reason="SPEC_MISSING") from None
     if first.WhichOneof("part") != "spec":
         raise InvalidArgument("the first BuildTemplate message must carry the spec", reason="SPEC_MISSING")
+    check_spec(first.spec)
     work = work_root / f"ctx-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True)
     archive, received = work / "context.tar", 0

@@ -178,10 +178,12 @@ class BuildRun:
             return network_types.EGRESS_MODE_NONE
         return network_types.EGRESS_MODE_FULL
 
-    def image_config(self, env: dict[str, str], workdir: str, user: str) -> S.ImageConfig:
+    def image_config(self, env: dict[str, str], workdir: str, user: str, has_ca: bool) -> S.ImageConfig:
+        """`has_ca`: the image holds the host's CA bundle (every layer's builder wrote it; a build with no layer
+        of its own has only its base's files)."""
         plan = self.request.plan
         config = S.ImageConfig(env=env, workdir=workdir if workdir != "/" else "", user=user or "", build=self.build.id)
-        if self.builds.ca:
+        if self.builds.ca and has_ca:
             config.env.update({name: value for name, value in ca_env().items() if name not in env})
         if plan.start is not None:
             config.start_argv.extend(plan.start.as_argv())
@@ -209,7 +211,7 @@ class BuildRun:
     async def publish(self, layer: str, env: dict[str, str], workdir: str, user: str) -> None:
         build = self.build
         build.image = f"u-{build.id}"
-        build.config.CopyFrom(self.image_config(env, workdir, user))
+        build.config.CopyFrom(self.image_config(env, workdir, user, has_ca=bool(layer)))
         await self.log(f"--> publishing {build.image}\n".encode())
         request = compute_pb2.PublishImageRequest(
             image=build.image, base_image=build.base_image, layer=layer, config=build.config

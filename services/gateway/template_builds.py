@@ -125,15 +125,15 @@ class TemplateBuilds:
         """Records the build (QUEUED, the template created when new) and starts it; returns its feed. `system`:
         the installation's own build of a built-in recipe (a public template, whoever's create asked for it)."""
         stored = await self.store.find(request.name)
+        if stored is not None and not system:
+            stored = await self.store.require_own(request.name)
+        previous = await self.store.builds_of(stored.message) if stored is not None else []
+        node = await self.choose_node(request, previous)  # before a new template is made: none is left empty
         if stored is None:
             wanted = api_template.Template(name=f"templates/{request.name}", public=system)
             await self.store.create(wanted, creator, system=system)
             stored = await self.store.require(request.name)
-        elif not system:
-            stored = await self.store.require_own(request.name)
         template = stored.message
-        previous = await self.store.builds_of(template)
-        node = await self.choose_node(request, previous)
         build = S.TemplateBuildRecord(
             id=f"b{uuid.uuid4().hex[:12]}",
             tenant=template.tenant,

@@ -58,6 +58,19 @@ class TemplateImages:
         needed = {s.message.template_build for s in await records.list(SANDBOXES)}
         return needed | {s.message.template_build for s in await records.list(SNAPSHOTS)}
 
+    async def drop_orphans(self, builds: list[template_pb2.TemplateBuildRecord], needed: set[str]) -> int:
+        still = {b.image for b in builds if b.id in needed}
+        dropped = 0
+        for build in builds:
+            if build.id in needed:
+                continue
+            if build.image not in still:
+                await self.drop(build.node, build.image, build.tenant)
+                still.add(build.image)  # once per image
+                dropped += 1
+            await self.store.records.delete(TEMPLATE_BUILDS, build.id)
+        return dropped
+
     async def prune(self) -> int:
         """Drops the images of superseded builds; returns how many."""
         records = self.store.records
@@ -71,8 +84,9 @@ class TemplateImages:
         dropped = 0
         for owner, succeeded in by_template.items():
             template = templates.get(owner)
-            if template is None:
-                continue  # DeleteTemplate drops a deleted template's images
+            if template is None:  # a deleted template's builds that forced users needed: gone once unused
+                dropped += await self.drop_orphans(succeeded, needed)
+                continue
             succeeded.sort(key=lambda b: b.create_time.ToNanoseconds(), reverse=True)
             tagged = set(template.tags.values())
             kept = {b.image for i, b in enumerate(succeeded) if i < KEEP_NEWEST or b.id in tagged or b.id in needed}

@@ -128,15 +128,16 @@ class TemplateOps:
             )
         owner = owner_key(record.tenant)
         records = self.store.records
+        # A build a forced user still needs keeps its record (and image) until the image sweep finds it unused.
+        needed = await self.builds.images.needed_builds()
         deleted = await records.transaction(
             [records.unchanged(TEMPLATES, stored.revision, owner, name)],
-            [records.delete_op(TEMPLATES, owner, name)] + [records.delete_op(TEMPLATE_BUILDS, b) for b in ids],
+            [records.delete_op(TEMPLATES, owner, name)]
+            + [records.delete_op(TEMPLATE_BUILDS, b) for b in ids if b not in needed],
         )
         if not deleted:
             raise FailedPrecondition("the template changed while being deleted; try again", reason="TEMPLATE_BUSY")
-        # Images no sandbox or snapshot needs go now (builds of an unchanged plan share one); what forced users
-        # need stays until they are gone.
-        needed = await self.builds.images.needed_builds()
+        # Images no sandbox or snapshot needs go now (builds of an unchanged plan share one).
         kept = {b.image for b in builds if b.id in needed}
         for node, image in sorted({(b.node, b.image) for b in builds if b.image and b.image not in kept}):
             await self.builds.images.drop(node, image, record.tenant)

@@ -85,3 +85,24 @@ async def test_superseded_builds_lose_their_images_but_tagged_used_and_newest_ke
     await owner.caller.stub.DeleteSandbox(
         api.DeleteSandboxRequest(name=created.sandbox.name), metadata=owner.caller.metadata
     )
+
+
+async def test_a_force_deleted_templates_image_goes_once_its_last_sandbox_does(pruning):
+    import asyncio
+
+    owner = Templates(await tenant_caller(pruning, f"img-f-{uuid.uuid4().hex[:6]}"))
+    md = owner.caller.metadata
+    build = final(await owner.build("forced", "FROM default\nWORKDIR /w\nRUN echo kept > kept.txt\n"))
+    image = f"u-{build.name.rsplit('/', 1)[1]}"
+    created = await owner.caller.stub.CreateSandbox(
+        api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(template="forced")), metadata=md
+    )
+    await owner.stub.DeleteTemplate(tapi.DeleteTemplateRequest(name="templates/forced", force=True), metadata=md)
+    await asyncio.sleep(2.5)  # sweeps ran: the sandbox still needs the image
+    assert image in user_images(pruning)
+    await owner.caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.sandbox.name), metadata=md)
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        if image not in user_images(pruning):
+            break
+    assert image not in user_images(pruning)
