@@ -305,6 +305,7 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
         recipe.__dict__ | {"path": None},
         BUILDER_VERSION,
         Path(__file__),
+        REPO / "images" / "rootfs.py",  # what finishes the tree and makes the ext4
         (kernel_dir / "version").read_text(),
         tree_dir.name,
         runtime_dir.name,

@@ -199,7 +199,8 @@ def publish_archive_image(
         raise ValueError(f"{kernel_from.directory} predates the agent runtime: its initramfs needs the image's python3")
     runtime = build_agent_runtime()
     digest = archive_digest(archive)
-    key = content_hash(OCI_VERSION, Path(__file__), kind, digest, runtime.name, kernel_from.directory.name, size_mib)
+    sources = (Path(__file__), Path(__file__).with_name("rootfs.py"))
+    key = content_hash(OCI_VERSION, *sources, kind, digest, runtime.name, kernel_from.directory.name, size_mib)
     directory = image_root / name / key
 
     def build(work: Path) -> None:
