@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates bench clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
@@ -66,6 +66,9 @@ images: venv ## build guest images (cached by recipe hash)
 
 templates: ## build the heavy built-in templates (python, web) on the running installation (`make up`), cached
 	$(BIN)/python -m images.templates_build
+
+template-tests: ## the built-in templates (python, web) on the running installation, after `make templates`
+	$(BIN)/python -m pytest -q -ra -s -m templates tests/standing
 
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests

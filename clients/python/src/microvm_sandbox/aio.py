@@ -222,8 +222,8 @@ class AsyncSandbox:
         template: str = "default",
         *,
         timeout: float | None = None,
-        vcpus: int = 1,
-        memory_mib: int = 256,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
         labels: dict[str, str] | None = None,
         envs: dict[str, str] | None = None,
         egress: str | None = None,
@@ -236,9 +236,10 @@ class AsyncSandbox:
     ) -> _Creating:
         """A new sandbox, RUNNING when this returns. Await it, or `async with` it to kill it at the end.
 
-        template: image to boot (`default`: Debian with python3). timeout: lifetime in seconds (server
-        default 600; `set_timeout` moves it). vcpus, memory_mib: its size. labels: your key/values, also
-        what `list(labels=...)` filters on (E2B calls them metadata). envs: environment of every command run
+        template: `name[:tag]` (`default`: Debian with python3). timeout: lifetime in seconds (server
+        default 600; `set_timeout` moves it). vcpus, memory_mib: its size (default: the template's own, else 1
+        and 256). labels: your key/values, also what `list(labels=...)` filters on (E2B calls them metadata).
+        envs: environment of every command run
         in it (an exec's own `env` wins). egress/allow: outbound network policy, see `egress_policy`
         (default: none). node_selector: node labels it must be placed on, e.g. {"zone": "a"}. sandbox_id: your
         own id, for idempotent retries (ConflictError if it exists). client, or address/api_key: where to
@@ -250,8 +251,8 @@ class AsyncSandbox:
             active = client or AsyncClient(address, api_key)
             sandbox = sandbox_pb2.Sandbox(
                 template=template,
-                vcpus=vcpus,
-                memory_mib=memory_mib,
+                vcpus=vcpus or 0,
+                memory_mib=memory_mib or 0,
                 labels=labels or {},
                 network_policy=policy,
                 node_selector=node_selector or {},

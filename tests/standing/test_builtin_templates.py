@@ -1,0 +1,68 @@
+"""The heavy built-in templates on the running installation (`make up`, then `make templates`; their builds need
+the Debian registry and PyPI, so no test stack builds them): `make template-tests`. Each creates a sandbox from
+the template through the installation's gateway (127.0.0.1) with the admin key `make up` wrote."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.templates, pytest.mark.timeout(600)]
+
+PAGE_SERVER = (
+    "mkdir -p /tmp/site && printf '<html><head><title>Served in the sandbox</title></head>"
+    "<body><h1 id=h>hi</h1></body></html>' > /tmp/site/index.html && cd /tmp/site && "
+    "exec python3 -m http.server 8000 --bind 127.0.0.1"
+)
+WAIT_FOR_SERVER = (
+    "for i in $(seq 50); do python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8000')\" "
+    "2>/dev/null && exit 0; sleep 0.2; done; exit 1"
+)
+WAIT_FOR_SERVER = (
+    "for i in $(seq 50); do python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8000')\" "
+    "2>/dev/null && exit 0; sleep 0.2; done; exit 1"
+)
+PLAYWRIGHT = """
+from mvm_browser import playwright_chromium
+with playwright_chromium() as browser:
+    page = browser.new_page()
+    page.goto("http://127.0.0.1:8000/index.html")
+    print(page.title(), "|", page.inner_text("#h"))
+"""
+SELENIUM = """
+from mvm_browser import selenium_chromium
+from bs4 import BeautifulSoup
+driver = selenium_chromium()
+try:
+    driver.get("http://127.0.0.1:8000/index.html")
+    print(driver.title, "|", BeautifulSoup(driver.page_source, "html.parser").h1.text)
+finally:
+    driver.quit()
+"""
+
+
+def create(template: str):
+    from microvm_sandbox import Sandbox
+
+    return Sandbox.create(template, timeout=900)
+
+
+def test_python_has_its_toolchain():
+    with create("python") as sandbox:
+        result = sandbox.exec(
+            ["sh", "-c", "python3 -m pip --version && node --version && git --version && cc --version"]
+        )
+        assert result.exit_code == 0, result.stderr
+
+
+def test_web_drives_headless_chromium_to_a_page_another_process_serves():
+    with create("web") as sandbox:
+        server = sandbox.commands.run(PAGE_SERVER, background=True)
+        try:
+            ready = sandbox.exec(["sh", "-c", WAIT_FOR_SERVER])
+            assert ready.exit_code == 0
+            for script in (PLAYWRIGHT, SELENIUM):
+                result = sandbox.exec(["python3", "-c", script], timeout=240)
+                assert result.exit_code == 0, result.stderr
+                assert result.stdout.decode().strip() == "Served in the sandbox | hi"
+        finally:
+            server.kill()
