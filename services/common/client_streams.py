@@ -96,3 +96,18 @@ async def send_until_refused(start: Callable[[AsyncIterator[Any]], Any], message
         return await call
     finally:
         watcher.cancel()
+
+
+async def lead_message(requests, part: str, call: str, reason: str):
+    """(the first message's `part`, an iterator over the rest) of a stream whose first message must carry `part`
+    (a header or spec, the data after it); INVALID_ARGUMENT with `reason` otherwise."""
+    from services.common.errors import InvalidArgument  # errors imports this module
+
+    iterator = aiter(requests)
+    try:
+        first = await anext(iterator)
+    except StopAsyncIteration:
+        raise InvalidArgument(f"{call} needs a first message with the {part}", reason=reason) from None
+    if first.WhichOneof(first.DESCRIPTOR.oneofs[0].name) != part:
+        raise InvalidArgument(f"the first {call} message must carry the {part}", reason=reason)
+    return getattr(first, part), iterator

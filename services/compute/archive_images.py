@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from images.definition import DefinitionError
 from images.oci import publish_archive_image
 from microvm.types.v1 import template_pb2
+from services.common.client_streams import lead_message
 from services.common.errors import InvalidArgument
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
@@ -31,14 +32,7 @@ class ArchiveImages:
     async def receive(self, requests, max_bytes: int = 16 << 30) -> tuple[str, str, int, Path]:
         """(image, kind, size_mib, archive file) from an ImportImage stream; the caller removes the file's
         directory."""
-        iterator = aiter(requests)
-        try:
-            first = await anext(iterator)
-        except StopAsyncIteration:
-            raise InvalidArgument("ImportImage needs a header", reason="HEADER_MISSING") from None
-        if first.WhichOneof("part") != "header":
-            raise InvalidArgument("the first ImportImage message must be the header", reason="HEADER_MISSING")
-        header = first.header
+        header, iterator = await lead_message(requests, "header", "ImportImage", "HEADER_MISSING")
         if header.kind not in KINDS or not NAME.match(header.image) or not is_user_image(header.image):
             raise InvalidArgument(
                 f"cannot import {header.kind!r} as {header.image!r}: kind is one of {', '.join(KINDS)}, image "

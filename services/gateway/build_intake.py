@@ -24,6 +24,7 @@ from images.definition import (
 )
 from images.definition.plan import DEFAULT_BASE_ENV
 from microvm.sandbox.v1 import template_service_pb2 as api
+from services.common.client_streams import lead_message
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unimplemented
 from services.gateway.template_store import TAG, Resolved, TemplateStore, parse_reference
 
@@ -54,14 +55,8 @@ def invalid(error: DefinitionError) -> InvalidArgument:
 async def receive(requests, work_root: Path, max_bytes: int) -> tuple[api.BuildTemplateSpec, Path | None]:
     """The spec, and the context unpacked under `work_root` (None when the caller sent no context). The spec is
     checked before any of the context is read: a bad one is refused before the upload."""
-    iterator = aiter(requests)
-    try:
-        first = await anext(iterator)
-    except StopAsyncIteration:
-        raise InvalidArgument("BuildTemplate needs a first message with the spec", reason="SPEC_MISSING") from None
-    if first.WhichOneof("part") != "spec":
-        raise InvalidArgument("the first BuildTemplate message must carry the spec", reason="SPEC_MISSING")
-    check_spec(first.spec)
+    spec, iterator = await lead_message(requests, "spec", "BuildTemplate", "SPEC_MISSING")
+    check_spec(spec)
     work = work_root / f"ctx-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True)
     archive, received = work / "context.tar", 0
@@ -79,11 +74,11 @@ async def receive(requests, work_root: Path, max_bytes: int) -> tuple[api.BuildT
                 out.write(message.context)
         if received == 0:
             shutil.rmtree(work)
-            return first.spec, None
+            return spec, None
         directory = work / "context"
         await asyncio.to_thread(unpack, archive, directory)
         archive.unlink()
-        return first.spec, directory
+        return spec, directory
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
