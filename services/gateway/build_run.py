@@ -70,7 +70,15 @@ class BuildRun:
         build.state = S.TEMPLATE_BUILD_STATE_BUILDING
         await self.save()
         self.feed.emit(api.BuildTemplateResponse(build=build_view(build)))
-        fs_keys = [step.key for step in plan.steps if isinstance(step, FS_STEPS)]
+        # Steps that change files (each a layer): RUN, package lists, COPY, and a WORKDIR no such step follows
+        # (it creates its directory).
+        last_fs = max((i for i, s in enumerate(plan.steps) if isinstance(s, FS_STEPS)), default=-1)
+        fs_indexes = [
+            i
+            for i, s in enumerate(plan.steps)
+            if isinstance(s, FS_STEPS) or (isinstance(s, WorkdirStep) and i > last_fs)
+        ]
+        fs_keys = [plan.steps[i].key for i in fs_indexes]
         present = set()
         if fs_keys and not self.request.spec.no_cache:
             found = await self.compute(
@@ -80,15 +88,11 @@ class BuildRun:
         base = self.request.base.config  # a template base's own working directory and user carry on
         env, workdir, user = dict(self.request.base_env), base.workdir or "/", base.user
         parent, cached = "", True
-        fs_indexes = [i for i, s in enumerate(plan.steps) if isinstance(s, FS_STEPS)]
-        last_fs = max(fs_indexes, default=-1)
         first_miss = next((i for i in fs_indexes if plan.steps[i].key not in present), len(plan.steps))
 
         def reused(index: int) -> bool:
-            """A step that changes no files counts as cached when the layers around it were."""
-            if index >= first_miss:
-                return False
-            return any(index < i < first_miss for i in fs_indexes) or (first_miss == len(plan.steps) and fs_indexes)
+            """A step that changes no files counts as cached when a cached layer follows it."""
+            return any(index < i < first_miss for i in fs_indexes)
 
         for index, step in enumerate(plan.steps):
             self.step_index = index
@@ -98,8 +102,7 @@ class BuildRun:
                 user = step.user
             elif isinstance(step, WorkdirStep):
                 workdir = step.path
-            makes_files = isinstance(step, FS_STEPS) or (isinstance(step, WorkdirStep) and index > last_fs)
-            if not makes_files:
+            if index not in fs_indexes:
                 await self.set_step(
                     index, S.TEMPLATE_STEP_STATE_CACHED if reused(index) else S.TEMPLATE_STEP_STATE_DONE
                 )

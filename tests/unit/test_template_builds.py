@@ -320,3 +320,18 @@ async def test_snapshots_and_their_restores_record_the_build_and_keep_its_defaul
     for name in (created.sandbox.name, restored.name):
         await alice.caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=md)
     await alice.caller.stub.DeleteSnapshot(api.DeleteSnapshotRequest(name=snapshot.name), metadata=md)
+
+
+async def test_a_trailing_workdir_makes_its_directory_as_a_cached_layer(alice):
+    first = final(await alice.build("trail", "FROM default\nRUN echo a > a.txt\nWORKDIR /data\n"))
+    assert step_states(first) == ["DONE", "DONE"], first.failure_message
+    second = final(await alice.build("trail", "FROM default\nRUN echo a > a.txt\nWORKDIR /data\nENV X=1\n"))
+    assert step_states(second) == ["CACHED", "CACHED", "DONE"], second.failure_message
+    created = await alice.caller.stub.CreateSandbox(
+        api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(template="trail")), metadata=alice.caller.metadata
+    )
+    code, out = await run(alice.caller, created.sandbox.name, 'pwd; echo "$X"')
+    assert code == 0 and out.splitlines()[0].endswith("/data") and out.splitlines()[1] == "1"
+    await alice.caller.stub.DeleteSandbox(
+        api.DeleteSandboxRequest(name=created.sandbox.name), metadata=alice.caller.metadata
+    )
