@@ -53,7 +53,10 @@ class TemplateOps:
         return principal.id if principal is not None else ""
 
     async def images(self) -> dict:
-        return {t.name.removeprefix("templates/"): t for t in await self.store.catalog.images()}
+        """Build id -> what the nodes report of its image (where it is, whether warm, its size)."""
+        reported = {t.name.removeprefix("templates/"): t for t in await self.store.catalog.images()}
+        builds = await self.store.records.list(TEMPLATE_BUILDS)
+        return {s.message.id: reported[s.message.image] for s in builds if s.message.image in reported}
 
     async def create(self, request: api.CreateTemplateRequest):
         record = await self.store.create(request.template, self.creator())

@@ -233,7 +233,9 @@ def template_view(
         view.pool_size = record.pool_size
     view.create_time.CopyFrom(record.create_time)
     view.update_time.CopyFrom(record.update_time)
-    latest = (images or {}).get(f"u-{record.tags.get('latest', '')}")
+    # `images`: what the nodes report per image, keyed here by the build whose image it is (builds of an unchanged
+    # plan share their first one's image).
+    latest = (images or {}).get(record.tags.get("latest", ""))
     if latest is not None:  # where the latest build can run, and whether it starts warm
         view.nodes.extend(latest.nodes)
         view.warm, view.disk_bytes = latest.warm, latest.disk_bytes

@@ -142,6 +142,8 @@ async def test_an_unchanged_rebuild_is_all_cache_hits_and_a_change_reruns_from_t
     ).template
     assert template.tags["latest"] == final(built).name.rsplit("/", 1)[1]
     assert template.tags["v3"] == rebuilt.name.rsplit("/", 1)[1]
+    assert list(template.nodes) and template.disk_bytes > 0  # where its latest build's image is
+
     changed_file = final(await alice.build("greeter", DOCKERFILE, {"hello.txt": "thirteen byte"}, tags=["v4"]))
     # ENV and WORKDIR change no files: they show CACHED only when a cached layer follows them.
     assert step_states(changed_file) == ["DONE", "DONE", "DONE", "DONE"]
@@ -335,3 +337,14 @@ async def test_a_trailing_workdir_makes_its_directory_as_a_cached_layer(alice):
     await alice.caller.stub.DeleteSandbox(
         api.DeleteSandboxRequest(name=created.sandbox.name), metadata=alice.caller.metadata
     )
+
+
+async def test_a_rebuild_that_reuses_an_image_shows_where_that_image_is(alice):
+    dockerfile = "FROM default\nWORKDIR /m\nRUN echo m > m.txt\n"
+    first = final(await alice.build("mirror", dockerfile))
+    again = final(await alice.build("mirror", dockerfile))  # `latest` moves to a build sharing the first's image
+    assert step_states(again) == ["CACHED", "CACHED"] and again.name != first.name
+    md = alice.caller.metadata
+    template = (await alice.stub.GetTemplate(tapi.GetTemplateRequest(name="templates/mirror"), metadata=md)).template
+    assert template.tags["latest"] == again.name.rsplit("/", 1)[1]
+    assert list(template.nodes) and template.disk_bytes > 0
