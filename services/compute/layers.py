@@ -59,6 +59,22 @@ async def exited(pid: int, seconds: float = 120.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def unlocked(disk: Path, seconds: float = 120.0) -> None:
+    """Waits until no process holds `disk`'s image lock. A killed VMM's leader can be a zombie while its other
+    threads still tear down a large guest's memory with the disk open: the next builder, opening the disk as its
+    backing file, would be refused ("Failed to get shared write lock")."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        process = await asyncio.create_subprocess_exec(
+            "qemu-img", "info", str(disk), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await process.communicate()
+        if process.returncode == 0 or b"lock" not in stderr:
+            return
+        await asyncio.sleep(0.1)
+    log.warning("layer_still_locked", disk=str(disk))
+
+
 async def virtual_size(image: Path) -> int:
     """The size a disk image presents to a guest."""
     process = await asyncio.create_subprocess_exec(
@@ -230,6 +246,8 @@ class Layers:
         pid = vm.pid
         vm = await lifecycle.stop(vm_id)
         await exited(pid)
+        if not self.tree:
+            await unlocked(lifecycle.driver.paths(directory)["disk"])
         try:
             disk = lifecycle.driver.paths(directory)["disk"]
             if not disk.exists():
