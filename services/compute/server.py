@@ -213,7 +213,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             # Booted once, started, checked ready and snapshotted before the build may succeed: a template whose
             # server does not come up is not published.
             try:
-                await warm.ensure_snapshot(request.image, *self.node.templates.default_size)
+                await warm.ensure_snapshot(request.image, *self.node.templates.size_of(request.image))
             except BaseException:
                 await warm.forget_image(request.image)
                 self.lifecycle.images.delete(request.image)

@@ -21,6 +21,7 @@ import structlog
 from microvm.types.v1 import node_pb2
 from services.common import deadlines
 from services.compute.image_start import start_service
+from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
 
@@ -51,10 +52,18 @@ class TemplateSnapshots:
     def default_size(self) -> tuple[int, int]:
         return self.settings.default_vcpus, self.settings.default_memory_mib
 
+    def size_of(self, template: str) -> tuple[int, int]:
+        """The size a template is snapshotted and pooled at: a user template's own (its recipe's resources; its
+        sandboxes get it unless they ask for another), else the node's default."""
+        if is_user_image(template):
+            config = self.lifecycle.images.config(template)
+            return config.vcpus or self.default_size[0], config.memory_mib or self.default_size[1]
+        return self.default_size
+
     def cold_booted(self, template: str, vcpus: int, memory_mib: int) -> None:
         """Counts demand for a size without a template snapshot; enough of it gets one built."""
         key = (template, vcpus, memory_mib)
-        if (vcpus, memory_mib) == self.default_size or key in self.sizes:
+        if (vcpus, memory_mib) == self.size_of(template) or key in self.sizes:
             return
         self.demand[key] = self.demand.get(key, 0) + 1
         extra = [k for k in self.sizes if k[0] == template]
@@ -63,7 +72,7 @@ class TemplateSnapshots:
             self.changed.set()
 
     def wanted(self, template: str) -> list[tuple[int, int]]:
-        return [self.default_size] + [(v, m) for t, v, m in self.sizes if t == template]
+        return [self.size_of(template)] + [(v, m) for t, v, m in self.sizes if t == template]
 
     def directory(self, template: str, vcpus: int = 0, memory_mib: int = 0) -> Path | None:
         try:
@@ -72,7 +81,7 @@ class TemplateSnapshots:
             return None
         # With networking the frozen devices include a NIC: such a snapshot restores only where VMs have one.
         name = image.directory.name + ("-net" if self.lifecycle.network else "")
-        if (vcpus or memory_mib) and (vcpus, memory_mib) != self.default_size:
+        if (vcpus or memory_mib) and (vcpus, memory_mib) != self.size_of(template):
             name += f"-{vcpus}c{memory_mib}m"
         return self.root / template / name
 

@@ -58,7 +58,7 @@ class WarmStart:
         """The VM started warm, or None: the caller boots it cold."""
         if not self.enabled:
             return None
-        if (vcpus, memory_mib) == self.templates.default_size:
+        if (vcpus, memory_mib) == self.templates.size_of(template):
             vm = await self.claim(template, vm_id, hostname, policy)
             if vm is not None:
                 return vm
@@ -157,7 +157,7 @@ class WarmStart:
                 try:
                     frozen = self.templates.frozen(template)
                     if frozen is None:
-                        await self.ensure_snapshot(template, *self.templates.default_size)
+                        await self.ensure_snapshot(template, *self.templates.size_of(template))
                         frozen = self.templates.frozen(template)
                     if frozen is not None and self.pool_size(template):
                         await self._fill(template, frozen)

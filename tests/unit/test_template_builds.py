@@ -348,3 +348,33 @@ async def test_a_rebuild_that_reuses_an_image_shows_where_that_image_is(alice):
     template = (await alice.stub.GetTemplate(tapi.GetTemplateRequest(name="templates/mirror"), metadata=md)).template
     assert template.tags["latest"] == again.name.rsplit("/", 1)[1]
     assert list(template.nodes) and template.disk_bytes > 0
+
+
+async def test_a_template_with_its_own_size_starts_warm_at_that_size(alice, installation):
+    from microvm.types.v1 import vm_pb2
+    from services.common.records import VMS, Records
+    from tests.inprocess import etcd_client_for
+
+    recipe = "from: default\nworkdir: /s\nsteps:\n  - run: echo s > s.txt\nresources: {vcpus: 2, memory_mib: 512}\n"
+    md = alice.caller.metadata
+
+    async def build():
+        async def requests():
+            yield tapi.BuildTemplateRequest(spec=tapi.BuildTemplateSpec(template="templates/sized", recipe=recipe))
+
+        return [e async for e in alice.stub.BuildTemplate(requests(), metadata=md, timeout=120)]
+
+    built = final(await build())
+    assert built.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, built.failure_message
+    template = (await alice.stub.GetTemplate(tapi.GetTemplateRequest(name="templates/sized"), metadata=md)).template
+    assert list(template.warm_sizes) == ["2c512m"]  # snapshotted at its own size when it was published
+    created = (
+        await alice.caller.stub.CreateSandbox(
+            api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(template="sized")), metadata=md
+        )
+    ).sandbox
+    assert (created.vcpus, created.memory_mib) == (2, 512)
+    records = Records(etcd_client_for(installation.etcd_endpoint))
+    vms = [s.message for s in await records.list(VMS) if s.message.id.startswith(created.name.split("/")[1])]
+    assert vms and vms[0].start_method in ("template-snapshot", "warm-pool") and vms[0].state == vm_pb2.VM_STATE_RUNNING
+    await alice.caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.name), metadata=md)
