@@ -7,8 +7,8 @@
   Goal: under 1 s.
 - template_first_build: the first build (builder VMs per file-changing step, publish, template snapshot), with
   each step's time as rows `template_first_build_step_<n>`.
-- python_template_first_build: the `python` recipe's first build as `make templates` recorded it (it needs the
-  Debian registry; a benchmark talks only to 127.0.0.1), or a note that it was not measured.
+- python_template_first_build (and web_...): the built-in recipes' first builds as `make templates` recorded them
+  (they need the Debian registry and PyPI; a benchmark talks only to 127.0.0.1), or a note that they were not.
 """
 
 from __future__ import annotations
@@ -76,25 +76,19 @@ def create_seconds(gateway: Gateway, template: str) -> float:
     return seconds
 
 
-def python_template_row() -> None:
+def recorded_rows() -> None:
+    """The built-in recipes' first builds as `make templates` recorded them."""
     try:
-        recorded = json.loads(RECORD.read_text()).get("python")
+        recorded = json.loads(RECORD.read_text())
     except (OSError, ValueError):
-        recorded = None
-    if not recorded:
-        print(
-            json.dumps(
-                {
-                    "metric": "python_template_first_build",
-                    "value": None,
-                    "note": f"run `make templates` first ({RECORD})",
-                }
-            )
-        )
-        return
-    emit("python_template_first_build", recorded["seconds"], "s", goal=f"recorded {recorded['when']}")
-    for step in recorded["steps"]:
-        emit(f"python_template_step_{step['index']}", step["seconds"], "s", goal=step["text"][:80])
+        recorded = {}
+    if "python" not in recorded:
+        note = f"run `make templates` first ({RECORD})"
+        print(json.dumps({"metric": "python_template_first_build", "value": None, "note": note}))
+    for name, build in sorted(recorded.items()):
+        emit(f"{name}_template_first_build", build["seconds"], "s", goal=f"recorded {build['when']}")
+        for step in build["steps"]:
+            emit(f"{name}_template_step_{step['index']}", step["seconds"], "s", goal=step["text"][:80])
 
 
 def main() -> None:
@@ -133,7 +127,7 @@ def main() -> None:
             )
         finally:
             stack.stop()
-    python_template_row()
+    recorded_rows()
 
 
 if __name__ == "__main__":
