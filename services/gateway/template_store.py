@@ -235,7 +235,9 @@ def template_view(
     view.update_time.CopyFrom(record.update_time)
     # `images`: what the nodes report per image, keyed here by the build whose image it is (builds of an unchanged
     # plan share their first one's image).
-    latest = (images or {}).get(record.tags.get("latest", ""))
+    images = images or {}
+    tagged = [record.tags["latest"]] if "latest" in record.tags else [record.tags[t] for t in sorted(record.tags)]
+    latest = next((images[build] for build in tagged if build in images), None)
     if latest is not None:  # where the latest build can run, and whether it starts warm
         view.nodes.extend(latest.nodes)
         view.warm, view.disk_bytes = latest.warm, latest.disk_bytes
