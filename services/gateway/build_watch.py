@@ -12,6 +12,7 @@ from microvm.types.v1 import template_pb2
 from services.gateway.template_store import RUNNING_BUILDS, build_view, step_view
 
 POLL_SECONDS = 1.0
+KEEPALIVE_SECONDS = 15.0
 # A follower that falls this far behind a live feed gets the rest from the record instead.
 MAX_EVENTS = 10_000
 
@@ -54,6 +55,34 @@ class BuildFeed:
             position += len(pending)
             if done and position - self.first >= len(self.events):
                 return
+
+
+async def with_keepalives(events: AsyncIterator, response, seconds: float = KEEPALIVE_SECONDS) -> AsyncIterator:
+    """`events`, with a keepalive `response` after every `seconds` without one (a quiet step can run for minutes,
+    and proxies cut streams that say nothing)."""
+    iterator = aiter(events)
+    pending = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait([pending], timeout=seconds)
+            if not done:
+                yield response(keepalive=api.BuildKeepalive())
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        pending.cancel()
+        try:
+            await pending
+        except (asyncio.CancelledError, StopAsyncIteration, Exception):
+            pass  # what the follower would have said next is of no use any more
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def follow_record(

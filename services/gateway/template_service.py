@@ -17,7 +17,7 @@ from services.common.records import SANDBOXES, SNAPSHOTS, TEMPLATE_BUILDS, TEMPL
 from services.common.validation import check_page_size
 from services.gateway.access import current_principal
 from services.gateway.build_intake import intake, receive
-from services.gateway.build_watch import follow_record
+from services.gateway.build_watch import follow_record, with_keepalives
 from services.gateway.nodes import ClusterNodes
 from services.gateway.template_builds import TemplateBuilds
 from services.gateway.template_store import (
@@ -168,7 +168,7 @@ class TemplateOps:
         except BaseException:
             request.discard()
             raise
-        async for event in feed.follow():
+        async for event in with_keepalives(feed.follow(), api.BuildTemplateResponse):
             yield event
 
     async def watch(self, name: str):
@@ -176,10 +176,10 @@ class TemplateOps:
         await self.store.build(name)  # visible to the caller, or NOT_FOUND
         feed = self.builds.feeds.get(build_id)
         if feed is not None:
-            async for event in feed.follow():
-                yield api.WatchTemplateBuildResponse.FromString(event.SerializeToString())
-            return
-        async for event in follow_record(lambda: self.store.build(name), api.WatchTemplateBuildResponse):
+            live = (api.WatchTemplateBuildResponse.FromString(e.SerializeToString()) async for e in feed.follow())
+        else:
+            live = follow_record(lambda: self.store.build(name), api.WatchTemplateBuildResponse)
+        async for event in with_keepalives(live, api.WatchTemplateBuildResponse):
             yield event
 
     async def list_all(self, request: sandbox_api.ListTemplatesRequest) -> sandbox_api.ListTemplatesResponse:

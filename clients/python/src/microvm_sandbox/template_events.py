@@ -26,7 +26,7 @@ ENDED = (template_pb2.TEMPLATE_BUILD_STATE_SUCCEEDED, template_pb2.TEMPLATE_BUIL
 def build_event(message: Any) -> BuildEvent | None:
     """The event a BuildTemplateResponse or WatchTemplateBuildResponse carries (None: one this SDK does not know)."""
     kind = message.WhichOneof("event")
-    return getattr(message, kind) if kind else None
+    return getattr(message, kind) if kind in ("build", "step", "log") else None  # keepalives carry nothing
 
 
 class BuildProgress:
