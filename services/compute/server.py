@@ -6,6 +6,7 @@ import asyncio
 from contextlib import aclosing
 from pathlib import Path
 
+import grpc
 import structlog
 
 from images.builder import cache_root
@@ -13,7 +14,7 @@ from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common import deadlines
-from services.common.errors import Unavailable
+from services.common.errors import ServiceError, Unavailable
 from services.common.records import Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
@@ -21,6 +22,7 @@ from services.compute import hypervisor
 from services.compute.archive_images import ArchiveImages
 from services.compute.console import select
 from services.compute.guests import GuestLink
+from services.compute.image_exchange import ImageExchange
 from services.compute.layers import Layers
 from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
@@ -83,6 +85,7 @@ class ComputeNode:
         self.templates = TemplateSnapshots(self.lifecycle, self.snapshots, root / "templates")
         self.layers = Layers(self.lifecycle, root / "layers")
         self.archives = ArchiveImages(self.lifecycle)
+        self.exchange = ImageExchange(self.lifecycle, self.snapshots, self.snapshot_store)
         self.warm = WarmStart(
             self.lifecycle, self.snapshots, self.templates, TemplateExchange(self.templates, self.snapshot_store)
         )
@@ -108,6 +111,8 @@ class ComputeNode:
                 snapshot_pb2.GetSnapshotRecordRequest(id=snapshot_id), timeout=deadlines.QUICK
             )
         ).record
+        if record.image:  # a user template's sandbox: its image may have been built on another node
+            await self.exchange.ensure(record.image)
         return await self.snapshots.restore(vm_id, record, hostname, store, policy)
 
     async def network_ready(self) -> None:
@@ -144,6 +149,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return self.ledger.visible(vm_id).id
 
     async def CreateVm(self, request, context):
+        await self.node.exchange.ensure(request.template or "default")  # a template image built elsewhere
         vm = await self.lifecycle.create(
             request.vm_id,
             request.template or "default",
@@ -218,13 +224,24 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
                 await warm.forget_image(request.image)
                 self.lifecycle.images.delete(request.image)
                 raise
+        try:  # offered to the other nodes: the template outlives this one
+            await self.node.exchange.publish(request.image)
+        except (ServiceError, grpc.aio.AioRpcError) as exc:
+            log.warning("image_not_offered", image=request.image, error=str(exc))
         await self.node.reporter.publish()
         self.node.templates.changed.set()  # its pool is filled now, not at the next tick
         return compute_pb2.PublishImageResponse(disk_bytes=size)
 
+    async def FetchImage(self, request, context):
+        await self.node.exchange.ensure(request.image)
+        await self.node.reporter.publish()
+        self.node.templates.changed.set()
+        return compute_pb2.FetchImageResponse()
+
     async def DeleteImage(self, request, context):
         await self.node.warm.forget_image(request.image)
         self.lifecycle.images.delete(request.image)
+        await self.node.exchange.forget(request.image)
         await self.node.reporter.publish()
         return compute_pb2.DeleteImageResponse()
 

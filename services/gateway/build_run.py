@@ -227,7 +227,28 @@ class BuildRun:
             await asyncio.shield(self.builds.images.drop(build.node, build.image, ""))
             build.image = ""
             raise
+        await self.replicate()
         await self.finish()
+
+    async def replicate(self) -> None:
+        """A second node fetches the image (through the snapshot stores), so the template outlives the node that
+        built it. Best effort: a cluster of one node has no other, and a failure leaves the build good."""
+        build = self.build
+        views = await self.nodes.views([])
+        others = [
+            v
+            for v in views.values()
+            if v.schedulable and v.record.name != build.node and "default" in v.record.templates
+        ]
+        if not others:
+            return
+        target = max(others, key=lambda v: (v.memory_mib_free, v.record.name)).record.name
+        await self.log(f"--> copying {build.image} to node {target}\n".encode())
+        try:
+            request = compute_pb2.FetchImageRequest(image=build.image)
+            await self.nodes.on_compute(target, lambda c: c.FetchImage(request, timeout=deadlines.SNAPSHOT))
+        except (ServiceError, grpc.aio.AioRpcError) as exc:
+            await self.log(f"the copy failed; the image is on node {build.node} only: {exc}\n".encode())
 
     async def finish(self) -> None:
         """SUCCEEDED and the tags moved, in one transaction (retried when the template changed meanwhile)."""

@@ -41,13 +41,18 @@ class TemplateImages:
             await self.quotas.reserve(tenant, reservation(image), amount)
 
     async def drop(self, node: str, image: str, tenant: str) -> None:
-        """Removes the image from its node and gives its bytes back (best effort: a node that is away keeps it
-        until it is dropped again)."""
-        try:
-            request = compute_pb2.DeleteImageRequest(image=image)
-            await self.nodes.on_compute(node, lambda c: c.DeleteImage(request, timeout=deadlines.CONTROL))
-        except (ServiceError, grpc.aio.AioRpcError) as exc:
-            log.warning("template_image_delete_failed", node=node, image=image, error=str(exc))
+        """Removes the image from every node that has it (it was built on `node`; copies are elsewhere) and gives
+        its bytes back (best effort: a node that is away keeps it until it is dropped again)."""
+        holders = {node} | {v.record.name for v in (await self.nodes.views([])).values() if image in v.record.templates}
+        request = compute_pb2.DeleteImageRequest(image=image)
+        failed = False
+        for holder in sorted(holders):
+            try:
+                await self.nodes.on_compute(holder, lambda c: c.DeleteImage(request, timeout=deadlines.CONTROL))
+            except (ServiceError, grpc.aio.AioRpcError) as exc:
+                log.warning("template_image_delete_failed", node=holder, image=image, error=str(exc))
+                failed = failed or holder == node
+        if failed:
             return
         if tenant and self.quotas is not None:
             await self.quotas.release(tenant, reservation(image))

@@ -135,6 +135,38 @@ def test_three_node_snapshot_on_one_node_restores_and_forks_on_the_others(cluste
             gateway.delete(sandbox.name)
 
 
+def test_three_node_a_template_is_copied_to_a_second_node_and_its_sandboxes_run_on_either(cluster):
+    from microvm.sandbox.v1 import template_pb2 as tmpl
+    from microvm.sandbox.v1 import template_service_pb2 as tapi
+    from microvm.sandbox.v1 import template_service_pb2_grpc
+
+    gateway = cluster.gateway
+    stub = template_service_pb2_grpc.TemplateServiceStub(gateway.channel)
+    dockerfile = "FROM default\nWORKDIR /w\nRUN echo from-the-build > where.txt\n"
+
+    def requests():
+        yield tapi.BuildTemplateRequest(spec=tapi.BuildTemplateSpec(template="templates/copied", dockerfile=dockerfile))
+
+    events = list(stub.BuildTemplate(requests(), timeout=120))
+    build = [e.build for e in events if e.WhichOneof("event") == "build"][-1]
+    assert build.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, build.failure_message
+    template = stub.GetTemplate(tapi.GetTemplateRequest(name="templates/copied"), timeout=10).template
+    assert len(template.nodes) == 2 and build.node in template.nodes  # built on one node, copied to another
+    zone = {"n1": "a", "n2": "b", "n3": "c"}
+    sandboxes = []
+    try:
+        for node in template.nodes:
+            sandbox = gateway.create(template="copied", **on(zone[node]))
+            sandboxes.append(sandbox)
+            assert sandbox.node == node
+            result = gateway.exec(sandbox.name, ["sh", "-c", "cat where.txt"])
+            assert (result.exit_code, result.stdout) == (0, b"from-the-build\n")
+    finally:
+        for sandbox in sandboxes:
+            gateway.delete(sandbox.name)
+    stub.DeleteTemplate(tapi.DeleteTemplateRequest(name="templates/copied"), timeout=30)
+
+
 def vm_record(cluster, node: str, vm_id: str):
     import asyncio
 
