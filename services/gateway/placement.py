@@ -33,6 +33,16 @@ log = structlog.get_logger()
 ATTEMPTS = 20
 
 
+def has_image(view: NodeView, record: SandboxRecord) -> bool:
+    return image_of(record) in view.record.templates
+
+
+def can_run(view: NodeView, record: SandboxRecord) -> bool:
+    """The node has the sandbox's image, or can fetch it: a user template's image (`u-...`) is offered through the
+    snapshot stores, and any node with the default image's kernel can install it."""
+    return has_image(view, record) or (image_of(record).startswith("u-") and "default" in view.record.templates)
+
+
 def score(view: NodeView, record: SandboxRecord) -> float:
     """Higher is better. Every term is a fraction, so no node wins on one term alone by sheer size."""
     capacity = view.record.capacity
@@ -43,8 +53,14 @@ def score(view: NodeView, record: SandboxRecord) -> float:
         for t in view.record.template_snapshots
     )
     tenant_share = sum(1 for s in view.sandboxes if s.tenant == record.tenant) / (1 + len(view.sandboxes))
+    local = 0.0 if has_image(view, record) else -0.6  # fetching the image first costs a copy and a cold boot
     return (
-        1.0 * free_memory + 0.5 * free_vcpus + (0.4 if warm else 0.0) - 0.3 * tenant_share - 0.01 * len(view.sandboxes)
+        1.0 * free_memory
+        + 0.5 * free_vcpus
+        + (0.4 if warm else 0.0)
+        - 0.3 * tenant_share
+        - 0.01 * len(view.sandboxes)
+        + local
     )
 
 
@@ -53,7 +69,7 @@ def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
     alive = [v for v in views.values() if v.alive]
     if not alive:
         raise Unavailable("no compute node is answering", reason="NO_COMPUTE_NODES")
-    with_template = [v for v in alive if image_of(record) in v.record.templates]
+    with_template = [v for v in alive if can_run(v, record)]
     if not with_template:
         raise NotFound(
             f"template {record.template!r} is not built on any compute node",
@@ -152,7 +168,7 @@ class SandboxPlacement:
             except ResourceExhausted:
                 check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
                 raise
-            record.disk_bytes = views[node].record.template_disk_bytes.get(image_of(record), 0)
+            record.disk_bytes = max(v.record.template_disk_bytes.get(image_of(record), 0) for v in views.values())
             check_quota(record, tenants, quota, snapshot_bytes)
             record.node = node
             guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
