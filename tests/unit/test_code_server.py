@@ -202,6 +202,34 @@ async def test_matplotlib_plots_come_back_as_png_and_chart_data(code_socket):
     assert [(e["label"], e["value"]) for e in figure["chart"]["elements"]] == [("a", 3), ("b", 1), ("c", 2)]
 
 
+async def test_scatter_pie_and_box_plots_come_back_as_chart_data(code_socket):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed in this venv")
+
+    async def chart(code: str) -> dict:
+        events = await run(code_socket, "import matplotlib.pyplot as plt\n" + code + "\nplt.show()")
+        [figure] = [event for event in of_type(events, "result") if "chart" in event]
+        return figure["chart"]
+
+    scatter = await chart("plt.scatter([1, 2], [3, 4], label='pts')")
+    assert scatter["type"] == "scatter" and scatter["elements"] == [{"label": "pts", "points": [[1, 3], [2, 4]]}]
+    pie = await chart("plt.pie([1, 3], labels=['a', 'b'])")
+    assert pie["type"] == "pie"
+    assert [(e["label"], e["fraction"]) for e in pie["elements"]] == [("a", 0.25), ("b", 0.75)]
+    box = await chart("plt.boxplot([[1, 2, 3, 4, 5, 100]]); plt.xticks([1], ['sample'])")
+    assert box["type"] == "box"
+    assert box["elements"] == [
+        {
+            "label": "sample",
+            "min": 1,
+            "first_quartile": 2.25,
+            "median": 3.5,
+            "third_quartile": 4.75,
+            "max": 5,
+            "outliers": [100],
+        }
+    ]
+
+
 async def test_dataframes_come_back_as_html_and_table_data(code_socket):
     pytest.importorskip("pandas", reason="pandas is not installed in this venv")
     events = await run(

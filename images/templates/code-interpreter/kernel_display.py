@@ -43,6 +43,11 @@ class _Budget:
         return items
 
 
+def _label(artist):
+    label = artist.get_label() or ""
+    return "" if label.startswith("_") else label  # matplotlib's own names (`_child0`) are no label
+
+
 def _tick_label(axis, value):
     try:
         label = axis.get_major_formatter()(value)
@@ -80,6 +85,13 @@ def _boxes(ax):
                     box["min"] = _number(min(ys))
                 elif min(ys) >= y1:
                     box["max"] = _number(max(ys))
+        box["outliers"] = [
+            _number(y)
+            for line in ax.get_lines()
+            if line.get_linestyle() in ("None", "none", "") and len(line.get_xdata())
+            for x, y in zip(line.get_xdata(), line.get_ydata(), strict=False)
+            if x == centre
+        ]
         boxes.append(box)
     return boxes
 
@@ -99,7 +111,7 @@ def _axes_chart(ax, budget):
         chart["type"] = "pie"
         chart["elements"] = [
             {
-                "label": w.get_label(),
+                "label": _label(w),
                 "angle": _number(w.theta2 - w.theta1),
                 "fraction": abs(w.theta2 - w.theta1) / total,
             }
@@ -112,7 +124,7 @@ def _axes_chart(ax, budget):
         chart["type"] = "bar"
         chart["elements"] = []
         for container in bars:
-            group = container.get_label()
+            group = _label(container)
             for rect in budget.take(container.patches):
                 horizontal = getattr(container, "orientation", "vertical") == "horizontal"
                 if horizontal:
@@ -121,20 +133,20 @@ def _axes_chart(ax, budget):
                     where, value = rect.get_x() + rect.get_width() / 2, rect.get_height()
                 label = _tick_label(ax.yaxis if horizontal else ax.xaxis, where)
                 element = {"label": label, "value": _number(value)}
-                if group and not group.startswith("_"):
+                if group:
                     element["group"] = group
                 chart["elements"].append(element)
     elif scatters and not ax.get_lines():
         chart["type"] = "scatter"
         chart["elements"] = [
-            {"label": c.get_label(), "points": [[_number(x), _number(y)] for x, y in budget.take(c.get_offsets())]}
+            {"label": _label(c), "points": [[_number(x), _number(y)] for x, y in budget.take(c.get_offsets())]}
             for c in scatters
         ]
     elif ax.get_lines():
         chart["type"] = "line"
         chart["elements"] = [
             {
-                "label": line.get_label(),
+                "label": _label(line),
                 "points": [
                     [_number(x), _number(y)]
                     for x, y in budget.take(zip(line.get_xdata(), line.get_ydata(), strict=False))
