@@ -110,6 +110,8 @@ class CodeServer:
         else:
             context = await self.contexts.default(request.get("language") or "python")
         async with context.lock:
+            if self.contexts.by_id.get(context.id) is not context:
+                raise Refused("context_not_found", f"context {context.id!r} was deleted")
             async for event in context.run(code, timeout, self.max_output_bytes):
                 await send(writer, event)
 
