@@ -93,6 +93,18 @@ def test_the_first_command_of_a_sandbox_finds_the_template_server_up(gateway, si
         gateway.delete(sandbox.name)
 
 
+def test_a_cold_boot_of_the_template_starts_its_server_too(gateway, site):
+    """Another size than the template's has no template snapshot: it boots cold, and its start command and ready
+    check run before the create returns, as they ran before the snapshot."""
+    name, _, _ = site
+    sandbox = gateway.create(template=name, vcpus=2, memory_mib=384)
+    try:
+        fetched = gateway.exec(sandbox.name, ["python3", "-c", FETCH])
+        assert (fetched.exit_code, fetched.stdout) == (0, b"<title>template page</title>\n\n"), fetched.stderr
+    finally:
+        gateway.delete(sandbox.name)
+
+
 def test_an_unchanged_rebuild_does_no_work(gateway, site):
     name, built, _ = site
     again, log = build(gateway, name, RECIPE, context(), tags=["again"])
