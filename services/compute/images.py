@@ -52,7 +52,20 @@ class NodeImages:
             return config
         if stored:
             json_format.ParseDict(stored, config)
+        try:  # the template's pool size as changed since its build (UpdateTemplate)
+            config.pool_size = int((self.user_root / name / "pool_size").read_text())
+        except (OSError, ValueError):
+            pass
         return config
+
+    def set_pool_size(self, name: str, pool_size: int) -> None:
+        """Overrides the pool size the image was built with (negative: back to it)."""
+        self.require(name, "this node")
+        path = self.user_root / name / "pool_size"
+        if pool_size < 0:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(str(pool_size))
 
     def stage(self, name: str, base: BuiltImage, config: template_pb2.ImageConfig) -> Path:
         """A work directory for image `name`: `base`'s kernel and initramfs and a manifest with `config`. The

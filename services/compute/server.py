@@ -14,7 +14,7 @@ from microvm.compute.v1 import compute_pb2, compute_pb2_grpc
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common import deadlines
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.records import Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
@@ -23,6 +23,7 @@ from services.compute.archive_images import ArchiveImages
 from services.compute.console import select
 from services.compute.guests import GuestLink
 from services.compute.image_exchange import ImageExchange
+from services.compute.images import is_user_image
 from services.compute.layers import Layers
 from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
@@ -231,6 +232,13 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         await self.node.reporter.publish()
         self.node.templates.changed.set()  # its pool is filled now, not at the next tick
         return compute_pb2.PublishImageResponse(disk_bytes=size)
+
+    async def SetImagePoolSize(self, request, context):
+        if not is_user_image(request.image):
+            raise InvalidArgument("only a user template's image has a pool size of its own", reason="NOT_A_USER_IMAGE")
+        self.lifecycle.images.set_pool_size(request.image, request.pool_size)
+        self.node.templates.changed.set()  # the pool is resized now, not at the next tick
+        return compute_pb2.SetImagePoolSizeResponse()
 
     async def FetchImage(self, request, context):
         await self.node.exchange.ensure(request.image)

@@ -113,6 +113,15 @@ class WarmStart:
                     await self.lifecycle.delete(vm_id)
         self.templates.forget(template)
 
+    async def _shrink(self, template: str) -> None:
+        """Deletes pooled VMs beyond the template's pool size (it was lowered)."""
+        async with self._claim_lock:
+            pool = self.pool.get(template, [])
+            while len(pool) > self.pool_size(template):
+                vm_id = pool.pop()
+                if vm_id in self.lifecycle.ledger.vms:
+                    await self.lifecycle.delete(vm_id)
+
     async def _fill(self, template: str, frozen: Path) -> None:
         while len(self.pool.setdefault(template, [])) < self.pool_size(template):
             vm_id = f"pool-{uuid.uuid4().hex[:10]}"
@@ -161,6 +170,7 @@ class WarmStart:
                         frozen = self.templates.frozen(template)
                     if frozen is not None and self.pool_size(template):
                         await self._fill(template, frozen)
+                    await self._shrink(template)
                     for vcpus, memory_mib in self.templates.wanted(template)[1:]:
                         if self.templates.frozen(template, vcpus, memory_mib) is None:
                             await self.ensure_snapshot(template, vcpus, memory_mib)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import grpc
 import structlog
 
+from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
 from microvm.sandbox.v1 import template_service_pb2 as api
 from microvm.sandbox.v1 import template_service_pb2_grpc
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common import deadlines
+from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
 from services.common.records import SANDBOXES, SNAPSHOTS, TEMPLATE_BUILDS, TEMPLATES
 from services.common.validation import check_page_size
 from services.gateway.access import current_principal
@@ -98,8 +101,28 @@ class TemplateOps:
                 record.pool_size = wanted
             record.update_time.GetCurrentTime()
             if await self.store.save(stored):
+                if "pool_size" in paths or "poolSize" in paths:
+                    await self.resize_pools(record)
                 return api.UpdateTemplateResponse(template=template_view(record, await self.images()))
         raise FailedPrecondition("the template kept changing; try again", reason="TEMPLATE_BUSY")
+
+    async def resize_pools(self, record) -> None:
+        """Applies a new pool size to the images its tags name, on every node that has them (best effort: a node
+        that is away keeps the old size until the next build)."""
+        builds = {b.id: b for b in await self.store.builds_of(record)}
+        images = {builds[b].image for b in record.tags.values() if b in builds and builds[b].image}
+        views = (await self.nodes.views([])).values()
+        for image in sorted(images):
+            request = compute_pb2.SetImagePoolSizeRequest(image=image, pool_size=record.pool_size)
+            for view in views:
+                if view.alive and image in view.record.templates:
+                    try:
+                        await self.nodes.on_compute(
+                            view.record.name,
+                            lambda c, r=request: c.SetImagePoolSize(r, timeout=deadlines.CONTROL),
+                        )
+                    except (ServiceError, grpc.aio.AioRpcError) as exc:
+                        log.warning("template_pool_not_resized", node=view.record.name, image=image, error=str(exc))
 
     async def delete(self, request: api.DeleteTemplateRequest):
         name, _ = parse_reference(request.name)

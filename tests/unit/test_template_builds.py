@@ -378,3 +378,38 @@ async def test_a_template_with_its_own_size_starts_warm_at_that_size(alice, inst
     vms = [s.message for s in await records.list(VMS) if s.message.id.startswith(created.name.split("/")[1])]
     assert vms and vms[0].start_method in ("template-snapshot", "warm-pool") and vms[0].state == vm_pb2.VM_STATE_RUNNING
     await alice.caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.name), metadata=md)
+
+
+async def test_a_templates_pool_size_changes_its_warm_pool_now(alice, installation):
+    import asyncio
+
+    from google.protobuf import field_mask_pb2
+
+    from services.common.records import VMS, Records
+    from tests.inprocess import etcd_client_for
+
+    md = alice.caller.metadata
+    build = final(await alice.build("pooled", "FROM default\nWORKDIR /p\nRUN echo p > p.txt\n"))
+    image = f"u-{build.name.rsplit('/', 1)[1]}"
+    records = Records(etcd_client_for(installation.etcd_endpoint))
+
+    async def pooled() -> int:
+        return sum(1 for s in await records.list(VMS) if s.message.pooled and s.message.template == image)
+
+    async def resize(size: int) -> None:
+        wanted = tmpl.Template(name="templates/pooled", pool_size=size)
+        mask = field_mask_pb2.FieldMask(paths=["pool_size"])
+        await alice.stub.UpdateTemplate(tapi.UpdateTemplateRequest(template=wanted, update_mask=mask), metadata=md)
+
+    async def until(count: int) -> int:
+        for _ in range(100):
+            if await pooled() == count:
+                break
+            await asyncio.sleep(0.1)
+        return await pooled()
+
+    assert await pooled() == 0  # a user template pools nothing unless asked
+    await resize(1)
+    assert await until(1) == 1
+    await resize(0)
+    assert await until(0) == 0
