@@ -60,10 +60,13 @@ class ResolvedBase:
     """What a builder knows about a base that the definition cannot: `digest`, the build a template[:tag]
     names right now (it becomes part of every key, so moving a tag rebuilds what is built on it; None for an
     archive, whose content is hashed already), and `env`, the base's environment, which substitution sees
-    under the definition's own ENV (`ENV PATH=/opt/bin:$PATH`)."""
+    under the definition's own ENV (`ENV PATH=/opt/bin:$PATH`); `workdir` and `user`, the base's own, which the
+    definition starts from (a relative COPY destination or WORKDIR is taken from the base's working directory)."""
 
     digest: str | None
     env: Pairs
+    workdir: str = "/"
+    user: str | None = None
 
 
 # The environment assumed under a base when no resolver says otherwise: Docker's default PATH.

@@ -154,6 +154,8 @@ class Planner:
         if base.kind == "template" and resolved.digest is not None:
             base = dataclasses.replace(base, digest=resolved.digest)
         self.base_env = dict(resolved.env)
+        self.workdir = resolved.workdir or "/"
+        self.user = resolved.user or None
         return base, step_key("", json.dumps(["base", base.canonical()], sort_keys=True))
 
     # -- steps

@@ -149,7 +149,8 @@ async def intake(
     else:  # a built-in image's current build: rebuilding the image rebuilds what stands on it
         digest = f"builtin:{base.image}@{(await store.catalog.image_builds()).get(base.image, '')}"
     digest += f"+ca:{trust_digest}"
-    resolved = ResolvedBase(digest, tuple(sorted(env.items())))
+    config = base.config
+    resolved = ResolvedBase(digest, tuple(sorted(env.items())), config.workdir or "/", config.user or None)
     plan = make_plan(source, text, context, spec.build_args, lambda _: resolved)
     return BuildRequest(spec, name, tags, source, text, context, plan, base, env)
 

@@ -413,3 +413,17 @@ async def test_a_templates_pool_size_changes_its_warm_pool_now(alice, installati
     assert await until(1) == 1
     await resize(0)
     assert await until(0) == 0
+
+
+async def test_a_relative_copy_over_a_template_base_lands_in_its_working_directory(alice, built):
+    child = final(await alice.build("relative", "FROM greeter\nCOPY extra.txt ./\n", {"extra.txt": "extra"}))
+    assert child.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, child.failure_message
+    assert child.steps[0].text == "COPY extra.txt /app/"  # greeter's WORKDIR, as Docker resolves it
+    created = await alice.caller.stub.CreateSandbox(
+        api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(template="relative")), metadata=alice.caller.metadata
+    )
+    code, out = await run(alice.caller, created.sandbox.name, "cat extra.txt greeting.txt")
+    assert (code, out) == (0, "extrahello from the template\n")
+    await alice.caller.stub.DeleteSandbox(
+        api.DeleteSandboxRequest(name=created.sandbox.name), metadata=alice.caller.metadata
+    )
