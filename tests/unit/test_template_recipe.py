@@ -205,7 +205,14 @@ def test_recipe_size_and_step_bounds():
     assert refused("from: default\nsteps: " + "[" * 2000).reason == "INVALID_RECIPE"
 
 
-@pytest.mark.parametrize("name", ["python", "web"])
+BUILT_IN = sorted(path.parent.name for path in (REPO / "images" / "templates").glob("*/mvm.yaml"))
+
+
+def test_the_built_in_recipes_are_the_known_ones():
+    assert BUILT_IN == ["code-interpreter", "python", "web"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_built_in_recipes_parse(name):
     plan = load_plan(REPO / "images" / "templates" / name / "mvm.yaml")
     assert plan.name == name and plan.description and plan.resources.vcpus
