@@ -1,8 +1,10 @@
-"""qcow2 disks shared by every VMM driver: per-VM overlays and disks frozen for snapshots."""
+"""Disks shared by every VMM driver: per-VM qcow2 overlays, disks frozen for snapshots, and the fake VMM's disk
+trees as tar archives."""
 
 from __future__ import annotations
 
 import asyncio
+import tarfile
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
@@ -14,6 +16,29 @@ async def _qemu_img(*args: str) -> tuple[int, str]:
     )
     _, stderr = await process.communicate()
     return process.returncode, stderr.decode().strip()
+
+
+async def run_tool(*argv: str, reason: str) -> None:
+    """Runs a disk tool (qemu-img, cp) to its end; RESOURCE_EXHAUSTED with `reason` and its last words if it fails
+    (a full disk is what makes these fail)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason=reason)
+
+
+def pack_tree(tree: Path, archive: Path) -> None:
+    """A directory disk (the fake VMM's) as one tar."""
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree, arcname=".")
+
+
+def unpack_tree(archive: Path, tree: Path) -> None:
+    tree.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
 
 
 async def create_overlay(backing: Path, backing_format: str, path: Path, size_mib: int = 0) -> None:

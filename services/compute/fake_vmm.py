@@ -17,12 +17,12 @@ import os
 import shutil
 import signal
 import sys
-import tarfile
 from pathlib import Path
 
 from images.builder import BuiltImage
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition, Unavailable
+from services.compute.disks import pack_tree, unpack_tree
 
 REPO = Path(__file__).resolve().parents[2]
 SERIAL = Path(__file__).with_name("fake_serial.py")
@@ -141,7 +141,7 @@ class FakeVmmDriver:
         if was_running:
             await self.pause(directory)
         try:
-            await asyncio.to_thread(_pack, self.paths(directory)["disk"], out / "disk.tar")
+            await asyncio.to_thread(pack_tree, self.paths(directory)["disk"], out / "disk.tar")
             (out / "devices.bin").write_text(json.dumps({"hostname": vm.hostname}))
         finally:
             if was_running:
@@ -162,14 +162,7 @@ class FakeVmmDriver:
         return str(self.paths(directory)["agent"]).encode() in cmdline and b"microvm_agent.main" in cmdline
 
 
-def _pack(tree: Path, archive: Path) -> None:
-    with tarfile.open(archive, "w") as tar:
-        tar.add(tree, arcname=".")
-
-
 def _unpack(archive: Path, tree: Path) -> None:
-    tree.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tree, filter="data")
+    unpack_tree(archive, tree)
     if not any(tree.iterdir()):
         raise FailedPrecondition(f"snapshot disk {archive} is empty", reason="SNAPSHOT_EMPTY")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1 import template_pb2
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
-from services.common.errors import NotFound, ResourceExhausted
+from services.common.errors import NotFound
+from services.compute.disks import pack_tree, run_tool, unpack_tree
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import ARTIFACT_FILES, VmSnapshots, upload
@@ -33,26 +33,6 @@ from services.compute.snapshots import ARTIFACT_FILES, VmSnapshots, upload
 log = structlog.get_logger()
 PREFIX = "img-"
 SOURCE = "image:"
-
-
-async def _run(*argv: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await process.communicate()
-    if process.returncode != 0:
-        raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason="IMAGE_COPY_FAILED")
-
-
-def _pack(tree: Path, archive: Path) -> None:
-    with tarfile.open(archive, "w") as tar:
-        tar.add(tree, arcname=".")
-
-
-def _unpack(archive: Path, tree: Path) -> None:
-    tree.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(tree, filter="tar")
 
 
 class ImageExchange:
@@ -79,11 +59,12 @@ class ImageExchange:
         try:
             if self.tree:
                 name = "disk-tree"
-                await asyncio.to_thread(_pack, built.rootfs, work / ARTIFACT_FILES[name])
+                await asyncio.to_thread(pack_tree, built.rootfs, work / ARTIFACT_FILES[name])
             else:
                 name = "disk"
-                await _run(
-                    "qemu-img", "convert", "-U", "-O", "qcow2", str(built.rootfs), str(work / ARTIFACT_FILES[name])
+                target = str(work / ARTIFACT_FILES[name])
+                await run_tool(
+                    "qemu-img", "convert", "-U", "-O", "qcow2", str(built.rootfs), target, reason="IMAGE_COPY_FAILED"
                 )
             (work / ARTIFACT_FILES["config"]).write_text(json.dumps(built.manifest))
             store, record_id = self.store(), self.record_id(image)
@@ -131,9 +112,10 @@ class ImageExchange:
         manifest_path.write_text(json.dumps(staged, indent=1))
         rootfs = work / "rootfs.ext4"
         if self.tree:
-            await asyncio.to_thread(_unpack, files / ARTIFACT_FILES["disk-tree"], rootfs)
+            await asyncio.to_thread(unpack_tree, files / ARTIFACT_FILES["disk-tree"], rootfs)
         else:
-            await _run("qemu-img", "convert", "-O", "raw", str(files / ARTIFACT_FILES["disk"]), str(rootfs))
+            source = str(files / ARTIFACT_FILES["disk"])
+            await run_tool("qemu-img", "convert", "-O", "raw", source, str(rootfs), reason="IMAGE_COPY_FAILED")
         await asyncio.to_thread(images.complete, image, work)
 
     async def forget(self, image: str) -> None:

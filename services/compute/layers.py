@@ -24,8 +24,8 @@ import structlog
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import template_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.compute.disks import create_overlay
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.compute.disks import create_overlay, run_tool
 from services.compute.lifecycle import VmLifecycle
 
 log = structlog.get_logger()
@@ -35,15 +35,6 @@ KEY = re.compile(r"^[0-9a-f]{16,64}$")
 def check_key(key: str) -> None:
     if not KEY.match(key):
         raise InvalidArgument(f"layer key {key!r} is not a hex digest", reason="INVALID_LAYER_KEY")
-
-
-async def _run(*argv: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await process.communicate()
-    if process.returncode != 0:
-        raise ResourceExhausted(f"{argv[0]} failed: {stderr.decode().strip()[-500:]}", reason="LAYER_WRITE_FAILED")
 
 
 async def exited(pid: int, seconds: float = 120.0) -> None:
@@ -284,9 +275,13 @@ class Layers:
                 rootfs.mkdir()
         elif layer:
             # -U: the builder VM that wrote the layer is gone, but its VMM may still be exiting with the image lock.
-            await _run("qemu-img", "convert", "-U", "-O", "raw", str(source), str(rootfs))
+            await run_tool(
+                "qemu-img", "convert", "-U", "-O", "raw", str(source), str(rootfs), reason="LAYER_WRITE_FAILED"
+            )
         else:
-            await _run("cp", "--reflink=auto", "--sparse=always", str(source), str(rootfs))
+            await run_tool(
+                "cp", "--reflink=auto", "--sparse=always", str(source), str(rootfs), reason="LAYER_WRITE_FAILED"
+            )
         image = await asyncio.to_thread(lifecycle.images.complete, name, work)
         rootfs = image.rootfs
         size = _size(rootfs)
