@@ -207,9 +207,10 @@ class ServiceRegistration:
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
-        if self._lease is not None:
+        lease, self._lease = self._lease, None  # closing twice (a failed start's cleanup) revokes once
+        if lease is not None:
             try:
-                await asyncio.wait_for(self._lease.revoke(), timeout=2)
+                await asyncio.wait_for(lease.revoke(), timeout=2)
             except Exception as exc:
                 log.warning("registration_revoke_failed", key=self.instance.key, error=str(exc))
 

@@ -250,72 +250,85 @@ async def serve(
         ttl=common.lease_ttl_seconds,
         on_lost=lambda reason: stop.set(),
     )
-    if kind in NODE_KINDS:
-        # Before the wiring runs: a second compute on a node would otherwise adopt (and kill) its VMs.
-        await registration.claim_node()
+    server: grpc.aio.Server | None = None
+    try:
+        if kind in NODE_KINDS:
+            # Before the wiring runs: a second compute on a node would otherwise adopt (and kill) its VMs.
+            await registration.claim_node()
 
-    # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
-    server = grpc.aio.server(
-        interceptors=[
-            aio_server_interceptor(),
-            ErrorMappingInterceptor(),
-            *(interceptors(context) if interceptors else []),
-        ],
-        options=CHANNEL_OPTIONS,
-    )
-    service_names = await wiring(server, context)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    # Internal services accept only this installation's services; the public gateway port authenticates
-    # callers with bearer credentials instead (it is the one door clients use).
-    if identity is not None and kind not in PUBLIC_KINDS:
-        port = server.add_secure_port(settings.listen, identity.server_credentials())
-    else:
-        port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise ConfigError(f"{kind}.listen: cannot bind {settings.listen}")
-    await server.start()
-    for name in ("", *service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
+        server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(),
+                ErrorMappingInterceptor(),
+                *(interceptors(context) if interceptors else []),
+            ],
+            options=CHANNEL_OPTIONS,
+        )
+        service_names = await wiring(server, context)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [
+                *service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        # Internal services accept only this installation's services; the public gateway port authenticates
+        # callers with bearer credentials instead (it is the one door clients use).
+        if identity is not None and kind not in PUBLIC_KINDS:
+            port = server.add_secure_port(settings.listen, identity.server_credentials())
+        else:
+            port = server.add_insecure_port(settings.listen)
+        if port == 0:
+            raise ConfigError(f"{kind}.listen: cannot bind {settings.listen}")
+        await server.start()
+        for name in ("", *service_names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    registration.instance.address = advertised_address(settings, port)
-    await registration.open()
-    context.registration = registration
-    log.info(
-        "service_started",
-        address=registration.instance.address,
-        node=registration.instance.node,
-        services=service_names,
-    )
-    if ready is not None:
-        ready.set()
+        registration.instance.address = advertised_address(settings, port)
+        await registration.open()
+        context.registration = registration
+        log.info(
+            "service_started",
+            address=registration.instance.address,
+            node=registration.instance.node,
+            services=service_names,
+        )
+        if ready is not None:
+            ready.set()
 
-    await stop.wait()
-    log.info("service_stopping", grace_seconds=settings.shutdown_grace_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    # Deregister first so no new caller is sent here, then drain in-flight calls.
-    await registration.close()
-    await server.stop(settings.shutdown_grace_seconds)
-    # Each later step is bounded: with etcd gone (the whole stack stopping) nothing may hang the exit.
-    for hook in reversed(context.on_shutdown):
-        try:
-            await asyncio.wait_for(hook(), SHUTDOWN_STEP_SECONDS)
-        except Exception:
-            log.exception("shutdown_hook_failed")
-    for step in (context.close_channels(), directory.close(), etcd.close()):
-        try:
-            await asyncio.wait_for(step, SHUTDOWN_STEP_SECONDS)
-        except Exception:
-            pass
+        await stop.wait()
+        log.info("service_stopping", grace_seconds=settings.shutdown_grace_seconds)
+        await health_servicer.enter_graceful_shutdown()
+        # Deregister first so no new caller is sent here, then drain in-flight calls.
+        await registration.close()
+        await server.stop(settings.shutdown_grace_seconds)
+    finally:
+        # Also when the wiring or the start failed (a bad setting found late): the node lock and every task
+        # are released, each step bounded, so the process exits with its message instead of hanging in
+        # asyncio.run's cancellation of tasks still talking to etcd.
+        await _bounded(registration.close())
+        if server is not None:
+            await _bounded(server.stop(0))
+        for hook in reversed(context.on_shutdown):
+            try:
+                await asyncio.wait_for(hook(), SHUTDOWN_STEP_SECONDS)
+            except Exception:
+                log.exception("shutdown_hook_failed")
+        for step in (context.close_channels(), directory.close(), etcd.close()):
+            await _bounded(step)
     log.info("service_stopped")
+
+
+async def _bounded(step: Awaitable[Any]) -> None:
+    """One shutdown step, given up after SHUTDOWN_STEP_SECONDS: with etcd gone nothing may hang the exit."""
+    try:
+        await asyncio.wait_for(step, SHUTDOWN_STEP_SECONDS)
+    except Exception:
+        pass
 
 
 def run_service(
