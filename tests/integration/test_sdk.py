@@ -65,7 +65,7 @@ def test_async_sandbox_in_one_line(stack):
             events = [e async for e in sb.exec_stream("echo one; sleep 0.2; echo two")]
             assert [e.data for e in events if isinstance(e, Stdout)] == [b"one\n", b"two\n"]
             assert isinstance(events[-1], Exited) and events[-1].exit_code == 0
-            assert (await sb.run_code("python", "import sys; print(sys.version_info[0])")).text == "3\n"
+            assert (await sb.run_script("python", "import sys; print(sys.version_info[0])")).text == "3\n"
             await sb.write("/root/data/notes.txt", "hello sdk")
             assert await sb.read("/root/data/notes.txt") == b"hello sdk"
             assert [e.path for e in await sb.ls("/root/data")] == ["/root/data/notes.txt"]
@@ -105,7 +105,7 @@ def test_sync_sandbox_mirrors_the_async_one(stack, tmp_path):
             for clone in clones:
                 clone.kill()
         with pytest.raises(InvalidArgumentError):
-            sb.run_code("cobol", "DISPLAY 'HI'.")
+            sb.run_script("cobol", "DISPLAY 'HI'.")
 
 
 def test_every_command_of_a_sandbox_gets_its_env_and_get_info_describes_it(shared):
@@ -142,19 +142,19 @@ def test_list_filters_by_state_and_labels_and_connect_resumes_a_paused_sandbox(s
     assert shared.is_running()
 
 
-def test_run_code_runs_each_language_with_its_own_interpreter(shared):
-    assert shared.run_code("bash", "echo ${BASH_VERSION:+bash}").text == "bash\n"
-    assert shared.run_code("sh", "echo ${BASH_VERSION:-not bash}").text == "not bash\n"
-    assert shared.run_code("python", "print(6*7)").text == "42\n"
-    assert shared.run_code("py", "import sys; sys.exit(3)").exit_code == 3
+def test_run_script_runs_each_language_with_its_own_interpreter(shared):
+    assert shared.run_script("bash", "echo ${BASH_VERSION:+bash}").text == "bash\n"
+    assert shared.run_script("sh", "echo ${BASH_VERSION:-not bash}").text == "not bash\n"
+    assert shared.run_script("python", "print(6*7)").text == "42\n"
+    assert shared.run_script("py", "import sys; sys.exit(3)").exit_code == 3
     chunks: list[bytes] = []
-    shared.run_code("bash", "echo a; echo b >&2", on_stdout=chunks.append, on_stderr=chunks.append)
+    shared.run_script("bash", "echo a; echo b >&2", on_stdout=chunks.append, on_stderr=chunks.append)
     assert sorted(chunks) == [b"a\n", b"b\n"]
 
 
-def test_run_code_says_which_interpreter_is_missing(shared):
+def test_run_script_says_which_interpreter_is_missing(shared):
     with pytest.raises(CommandNotFound) as failure:
-        shared.run_code("javascript", "console.log(1)")  # the default template has no node
+        shared.run_script("javascript", "console.log(1)")  # the default template has no node
     assert failure.value.metadata == {"language": "javascript", "interpreter": "node"}
     assert "javascript" in str(failure.value) and "node" in str(failure.value)
     assert isinstance(failure.value, NotFoundError)

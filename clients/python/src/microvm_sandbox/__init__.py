@@ -3,7 +3,11 @@
     from microvm_sandbox import Sandbox
 
     with Sandbox.create(envs={"MODE": "test"}) as sb:
-        print(sb.run_code("python", "print(6*7)").text)
+        print(sb.run_script("python", "print(6*7)").stdout)   # a fresh interpreter, once
+
+    with Sandbox.create("code-interpreter") as sb:             # a kernel that keeps state: microvm_sandbox.code
+        sb.run_code("x = 41")
+        print(sb.run_code("x + 1").text)                        # 42
 
 Templates: `Template` describes one (a Dockerfile, an mvm.yaml recipe, or a recipe in code), `client.templates`
 builds and manages them (microvm_sandbox.templates). Errors are `SandboxError` subclasses
@@ -16,10 +20,13 @@ from microvm_sandbox.aio import (
     AsyncSandbox,
     AsyncSnapshot,
 )
+from microvm_sandbox.code_models import CodeContext, Execution, ExecutionError, Logs, Result
 from microvm_sandbox.commands import AsyncCommandHandle, ProcessInfo
 from microvm_sandbox.commands_sync import CommandHandle
 from microvm_sandbox.errors import (
     AuthenticationError,
+    CodeContextNotFound,
+    CodeInterpreterMissing,
     CommandNotFound,
     ConflictError,
     DataLossError,
@@ -89,6 +96,9 @@ __all__ = [
     "AsyncSnapshot",
     "AuthenticationError",
     "Client",
+    "CodeContext",
+    "CodeContextNotFound",
+    "CodeInterpreterMissing",
     "CommandHandle",
     "CommandNotFound",
     "ConflictError",
@@ -98,10 +108,13 @@ __all__ = [
     "ExecEvent",
     "ExecResult",
     "ExecStream",
+    "Execution",
+    "ExecutionError",
     "Exited",
     "FailedPreconditionError",
     "FileEntry",
     "InvalidArgumentError",
+    "Logs",
     "NotFoundError",
     "PermissionDeniedError",
     "ProcessInfo",
@@ -109,6 +122,7 @@ __all__ = [
     "PtyHandle",
     "QuotaExceededError",
     "RateLimitedError",
+    "Result",
     "Sandbox",
     "SandboxError",
     "SandboxInfo",

@@ -10,17 +10,15 @@ Every method that calls the server raises a `SandboxError` subclass on failure (
 from __future__ import annotations
 
 import builtins
-import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import field_mask_pb2
 
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm_sandbox import languages
 from microvm_sandbox.client import (
     AsyncClient,
     default_api_key,
@@ -29,11 +27,11 @@ from microvm_sandbox.client import (
     sandbox_name,
     snapshot_name,
 )
-from microvm_sandbox.commands import AsyncCommands
+from microvm_sandbox.code import AsyncCodeMethods
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, from_rpc_error
+from microvm_sandbox.exec_stream import AsyncExecStream, duration
 from microvm_sandbox.files import AsyncFiles
 from microvm_sandbox.models import (
-    MAX_OUTPUT_BYTES,
     ConsoleOutput,
     ExecEvent,
     ExecResult,
@@ -45,11 +43,12 @@ from microvm_sandbox.models import (
     Stderr,
     Stdout,
     egress_policy,
-    exec_event,
     state_name,
 )
-from microvm_sandbox.snapshots import AsyncSnapshot
-from microvm_sandbox.terminal import AsyncPty
+from microvm_sandbox.output import OutputCallback
+from microvm_sandbox.sandbox_exec import AsyncExecMethods
+from microvm_sandbox.sandbox_network import AsyncNetworkMethods
+from microvm_sandbox.snapshots import AsyncSnapshot, AsyncSnapshotMethods
 
 __all__ = [
     "AsyncClient",
@@ -72,82 +71,19 @@ __all__ = [
     "egress_policy",
     "list_sandboxes",
     "list_snapshots",
+    "OutputCallback",
+    "sandbox_name",
+    "snapshot_name",
+    "STATES",
 ]
 
 T = TypeVar("T")
 CHUNK = 1 << 20
-OutputCallback = Callable[[bytes], object]
 STATES = {state_name(number): number for number in sandbox_pb2.SandboxState.values()}
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
-
-
-def _argv(command: str | Sequence[str]) -> tuple[list[str], bool]:
-    return ([command], True) if isinstance(command, str) else (list(command), False)
 
 
 # The name the async module has always used.
 Snapshot = AsyncSnapshot
-
-
-class AsyncExecStream:
-    """The events of one running process: `Started`, `Stdout`/`Stderr` chunks as they are written, then
-    `Exited`. Iterate it with `async for`. Stopping early (break, `aclose()`, leaving `async with`, or the
-    stream being garbage-collected) cancels the call, and the server then kills the process in the guest."""
-
-    def __init__(self, start: Callable[[], Any]) -> None:
-        self._start = start
-        self._call: Any = None
-        self._responses: Any = None
-        self._finished = False
-
-    def __aiter__(self) -> AsyncExecStream:
-        return self
-
-    async def __anext__(self) -> ExecEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        if self._call is None:
-            self._call = self._start()
-            self._responses = self._call.__aiter__()
-        try:
-            while True:
-                event = exec_event(await self._responses.__anext__())
-                if event is not None:
-                    if isinstance(event, Exited):
-                        self._finished = True
-                    return event
-        except StopAsyncIteration:
-            self._finished = True
-            raise
-        except grpc.aio.AioRpcError as error:
-            self._finished = True
-            raise from_rpc_error(error) from None
-
-    def cancel(self) -> None:
-        """Stops the stream now; the server kills the process if it still runs. Safe to call twice."""
-        self._finished = True
-        if self._call is not None and not self._call.done():
-            self._call.cancel()
-
-    async def aclose(self) -> None:
-        """Same as `cancel()` (the name async generators use)."""
-        self.cancel()
-
-    async def __aenter__(self) -> AsyncExecStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        try:
-            self.cancel()
-        except Exception:  # the loop may already be gone at interpreter exit
-            pass
 
 
 class _Creating:
@@ -169,14 +105,7 @@ class _Creating:
             await self._sandbox.kill()
 
 
-async def _deliver(callback: OutputCallback | None, data: bytes) -> None:
-    if callback is not None:
-        result = callback(data)
-        if inspect.isawaitable(result):
-            await result
-
-
-class AsyncSandbox:
+class AsyncSandbox(AsyncExecMethods, AsyncCodeMethods, AsyncSnapshotMethods, AsyncNetworkMethods):
     """A running sandbox: a disposable Linux microVM. Make one with `create()`, `connect()` or `restore()`;
     `kill()` (or leaving `async with`) deletes it. `message` is the server's last description of it."""
 
@@ -260,7 +189,7 @@ class AsyncSandbox:
             if envs:
                 sandbox.env.update(envs)
             if timeout:
-                sandbox.timeout.CopyFrom(_duration(timeout))
+                sandbox.timeout.CopyFrom(duration(timeout))
             request = api.CreateSandboxRequest(sandbox=sandbox, sandbox_id=sandbox_id)
             try:
                 reply = await active.call("CreateSandbox", request, timeout=300)
@@ -321,7 +250,7 @@ class AsyncSandbox:
         if egress or allow:
             wanted.network_policy.CopyFrom(egress_policy(egress, allow))
         if timeout:
-            wanted.timeout.CopyFrom(_duration(timeout))
+            wanted.timeout.CopyFrom(duration(timeout))
         request = api.RestoreSnapshotRequest(snapshot=snapshot_name(snapshot), sandbox=wanted)
         try:
             reply = await active.call("RestoreSnapshot", request, timeout=600)
@@ -330,111 +259,6 @@ class AsyncSandbox:
                 await active.close()
             raise
         return cls(active, reply.sandbox, owns_client=own)
-
-    # --- processes ------------------------------------------------------------------------------------
-    def exec_stream(
-        self,
-        command: str | Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        stdin: bytes = b"",
-        max_output_bytes: int = 0,
-    ) -> AsyncExecStream:
-        """Runs `command` and yields its events as they happen: Started, Stdout/Stderr chunks, then Exited.
-
-        command: a string runs through /bin/sh -c; a list is argv (argv[0] looked up in PATH). env: added to
-        the sandbox's environment. cwd, user: working directory and user (default /root, root). timeout:
-        seconds before the process is killed (Exited.timed_out). stdin: bytes fed to it, then closed.
-        max_output_bytes: forward at most this much output (0, the default: all); the rest is dropped without
-        slowing the process, and Exited.truncated says so.
-        Stopping the iteration early cancels the call and the server kills the process. Without `timeout` the
-        call itself gives up after an hour (TimeoutError, the process killed): pass one for longer runs."""
-        argv, shell = _argv(command)
-        process = api.ProcessConfig(argv=argv, shell=shell, env=env or {}, cwd=cwd, user=user)
-        if timeout:
-            process.timeout.CopyFrom(_duration(timeout))
-        request = api.ExecRequest(sandbox=self.name, process=process, stdin=stdin, max_output_bytes=max_output_bytes)
-
-        def start() -> Any:
-            return self.client.stub.Exec(request, metadata=self.client.metadata, timeout=(timeout or 3600) + 30)
-
-        return AsyncExecStream(start)
-
-    async def exec(
-        self,
-        command: str | Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        stdin: bytes = b"",
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        max_output_bytes: int = MAX_OUTPUT_BYTES,
-    ) -> ExecResult:
-        """Runs `command` to its end and returns its output and exit status (see `exec_stream` for the
-        arguments). on_stdout/on_stderr: called with each chunk as it arrives (plain or async functions).
-        max_output_bytes: output kept, stdout and stderr together (default 16 MiB; 0: all); beyond it the rest is
-        dropped (the process is not slowed) and the result says `truncated`, with `output_bytes` written in all.
-        A missing program raises CommandNotFound; a non-zero exit is a result, not an error."""
-        stdout, stderr = bytearray(), bytearray()
-        stream = self.exec_stream(
-            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
-        )
-        async with stream:
-            async for event in stream:
-                if isinstance(event, Stdout):
-                    stdout += event.data
-                    await _deliver(on_stdout, event.data)
-                elif isinstance(event, Stderr):
-                    stderr += event.data
-                    await _deliver(on_stderr, event.data)
-                elif isinstance(event, Exited):
-                    return ExecResult.of(stdout, stderr, event)
-        raise SandboxError("the process stream ended without an exit status", code="UNAVAILABLE")
-
-    @property
-    def commands(self) -> AsyncCommands:
-        """The sandbox's processes, E2B-style: `run` (foreground, or background=True for a handle), `list`,
-        `connect` (follow a background process again), `kill`, `signal`, `send_stdin` (microvm_sandbox.commands)."""
-        return AsyncCommands(self)
-
-    @property
-    def pty(self) -> AsyncPty:
-        """Terminals in the sandbox: `pty.create(cols=, rows=, cmd=, on_data=)` (microvm_sandbox.terminal)."""
-        return AsyncPty(self)
-
-    async def run_code(
-        self,
-        language: str,
-        code: str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        """Runs `code` with the language's interpreter: python (python3, py), bash, sh (shell), javascript
-        (js, node, nodejs), ruby (rb), perl (pl). InvalidArgumentError for another language; CommandNotFound
-        (naming language and interpreter) when the interpreter is not installed in the sandbox. Other
-        arguments as in `exec`."""
-        lang = languages.language(language)
-        result = await self.exec(
-            languages.argv(lang, code),
-            env=env,
-            cwd=cwd,
-            user=user,
-            timeout=timeout,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-        return languages.checked(lang, result)
 
     # --- files (thin delegates to `files`, the sandbox's filesystem: microvm_sandbox.files) ------------
     @property
@@ -482,68 +306,6 @@ class AsyncSandbox:
             raise from_rpc_error(error) from None
         return ConsoleOutput(offset if first is None else first, b"".join(chunks))
 
-    # --- snapshots and forks --------------------------------------------------------------------------
-    async def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> AsyncSnapshot:
-        """Freezes memory, processes and disk into a snapshot (the sandbox keeps running). It is kept until
-        deleted (`snapshot.delete()`), or `ttl` seconds when given; it counts against the snapshot quota."""
-        request = api.CreateSnapshotRequest(sandbox=self.name, labels=labels or {})
-        if ttl:
-            request.ttl.CopyFrom(_duration(ttl))
-        reply = await self.client.call("CreateSnapshot", request, timeout=600)
-        return AsyncSnapshot.bound_to(reply.snapshot, self.client)
-
-    async def list_snapshots(self) -> builtins.list[AsyncSnapshot]:
-        """This sandbox's snapshots, oldest first."""
-        return [AsyncSnapshot.bound_to(s, self.client) for s in await list_snapshots(self.client, self.name)]
-
-    async def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
-        """Deletes a snapshot (object, id or name) with this sandbox's connection."""
-        await self.client.delete_snapshot(snapshot)
-
-    async def fork(
-        self, count: int = 1, *, labels: dict[str, str] | None = None, keep_snapshot: bool = False
-    ) -> builtins.list[AsyncSandbox]:
-        """`count` (1..64) independent running copies of this sandbox, each with its own identity, address and
-        randomness, the source's labels (plus `labels`) and environment. The snapshot they are made from is
-        deleted once they run unless keep_snapshot=True (then `clone.source_snapshot` names it). All or
-        nothing: on failure no clone is left."""
-        request = api.ForkSandboxRequest(name=self.name, count=count, labels=labels or {})
-        if "keep_snapshot" in api.ForkSandboxRequest.DESCRIPTOR.fields_by_name:
-            request.keep_snapshot = keep_snapshot
-        reply = await self.client.call("ForkSandbox", request, timeout=900)
-        return [AsyncSandbox(self.client, message) for message in reply.sandboxes]
-
-    # --- network --------------------------------------------------------------------------------------
-    async def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
-        """Replaces the outbound policy at once (connections it no longer allows stop)."""
-        await self._update(sandbox_pb2.Sandbox(network_policy=egress_policy(egress, allow)), "network_policy")
-
-    async def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
-        """Makes `guest_port` reachable at host_address:host_port on the sandbox's node (loopback and a free
-        port of the node's range, 30000-32767 by default); returns the mapping. Addresses and ports the node does
-        not allow raise InvalidArgumentError. It lasts until `unexpose_port` or the sandbox's end."""
-        reply = await self.client.call(
-            "ExposePort",
-            api.ExposePortRequest(
-                sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address
-            ),
-        )
-        port: sandbox_pb2.ExposedPort = reply.port
-        return port
-
-    async def unexpose_port(
-        self, guest_port: int, host_port: int = 0, host_address: str = ""
-    ) -> builtins.list[sandbox_pb2.ExposedPort]:
-        """Stops exposing `guest_port` (only the mapping on host_address:host_port when given); returns the
-        mappings removed. NotFoundError when nothing matches."""
-        reply = await self.client.call(
-            "UnexposePort",
-            api.UnexposePortRequest(
-                sandbox=self.name, guest_port=guest_port, host_port=host_port, host_address=host_address
-            ),
-        )
-        return list(reply.ports)
-
     # --- lifecycle ------------------------------------------------------------------------------------
     async def _update(self, change: sandbox_pb2.Sandbox, *paths: str) -> None:
         change.name = self.name
@@ -552,7 +314,7 @@ class AsyncSandbox:
 
     async def set_timeout(self, seconds: float) -> None:
         """The sandbox is now deleted `seconds` from now (1 s up to the server's maximum, 24 h by default)."""
-        await self._update(sandbox_pb2.Sandbox(timeout=_duration(seconds)), "timeout")
+        await self._update(sandbox_pb2.Sandbox(timeout=duration(seconds)), "timeout")
 
     async def set_labels(self, labels: dict[str, str]) -> None:
         """Replaces the sandbox's labels."""

@@ -5,8 +5,9 @@
     │   ├── SandboxNotFound           reason SANDBOX_NOT_FOUND (`.sandbox_id` says which)
     │   ├── SnapshotNotFound          reason SNAPSHOT_NOT_FOUND (`.snapshot_id`)
     │   ├── TemplateNotFound          reason TEMPLATE_NOT_FOUND (`.template`)
-    │   ├── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_code's interpreter) is missing
-    │   └── ProcessNotFound           reason PROCESS_NOT_FOUND: no background process with that pid (`.pid`)
+    │   ├── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_script's interpreter) is missing
+    │   ├── ProcessNotFound           reason PROCESS_NOT_FOUND: no background process with that pid (`.pid`)
+    │   └── CodeContextNotFound       reason CODE_CONTEXT_NOT_FOUND: no code context with that id (`.context`)
     ├── TimeoutError                  DEADLINE_EXCEEDED (also a builtin TimeoutError; alias DeadlineExceededError)
     ├── InvalidArgumentError          INVALID_ARGUMENT, OUT_OF_RANGE
     ├── PermissionDeniedError         PERMISSION_DENIED
@@ -16,7 +17,8 @@
     ├── UnavailableError              UNAVAILABLE (retried by the SDK for idempotent calls)
     ├── ConflictError                 ALREADY_EXISTS, ABORTED
     ├── FailedPreconditionError       FAILED_PRECONDITION (e.g. the sandbox is not running)
-    │   └── TemplateInUse             reason TEMPLATE_IN_USE: delete(force=True) deletes it anyway
+    │   ├── TemplateInUse             reason TEMPLATE_IN_USE: delete(force=True) deletes it anyway
+    │   └── CodeInterpreterMissing    reason CODE_INTERPRETER_MISSING: the template has no code server (run_code)
     ├── DataLossError                 DATA_LOSS (a corrupt snapshot)
     ├── UnimplementedError            UNIMPLEMENTED
     └── TemplateBuildFailed           a template build ended FAILED (no status: the call itself succeeded)
@@ -94,7 +96,7 @@ class TemplateNotFound(NotFoundError):
 
 
 class CommandNotFound(NotFoundError):
-    """The program to run is not installed in the sandbox (for `run_code`: the language's interpreter;
+    """The program to run is not installed in the sandbox (for `run_script`: the language's interpreter;
     `metadata` then has `language` and `interpreter`)."""
 
 
@@ -109,6 +111,15 @@ class ProcessNotFound(NotFoundError):
         return int(text) if text.isdigit() else None
 
 
+class CodeContextNotFound(NotFoundError):
+    """The sandbox has no code context with that id: never created, or deleted (`list_code_contexts()` has them)."""
+
+    @property
+    def context(self) -> str:
+        """Which context, when the server said (else empty)."""
+        return self.metadata.get("context", "")
+
+
 class ConflictError(SandboxError):
     """ALREADY_EXISTS, or ABORTED (a concurrent change won; retrying may succeed)."""
 
@@ -119,6 +130,11 @@ class FailedPreconditionError(SandboxError):
 
 class TemplateInUse(FailedPreconditionError):
     """Sandboxes or snapshots use one of the template's builds: `delete(name, force=True)` deletes it anyway."""
+
+
+class CodeInterpreterMissing(FailedPreconditionError):
+    """The sandbox's template has no code server, so `run_code` and code contexts cannot work there: create the
+    sandbox from `code-interpreter` (or a template built from it), or use `run_script` for a one-shot run."""
 
 
 class AuthenticationError(SandboxError):
@@ -201,6 +217,8 @@ BY_REASON: dict[str, type[SandboxError]] = {
     "TEMPLATE_IN_USE": TemplateInUse,
     "COMMAND_NOT_FOUND": CommandNotFound,
     "PROCESS_NOT_FOUND": ProcessNotFound,
+    "CODE_CONTEXT_NOT_FOUND": CodeContextNotFound,
+    "CODE_INTERPRETER_MISSING": CodeInterpreterMissing,
     "RATE_LIMITED": RateLimitedError,
 }
 

@@ -8,73 +8,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import threading
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from microvm.sandbox.v1 import sandbox_pb2, template_pb2
-from microvm_sandbox import languages
-from microvm_sandbox.aio import (
-    AsyncClient,
-    AsyncExecStream,
-    AsyncSandbox,
-    AsyncSnapshot,
-    OutputCallback,
-    list_sandboxes,
-    list_snapshots,
-)
-from microvm_sandbox.commands_sync import Commands
-from microvm_sandbox.errors import SandboxError
+from microvm_sandbox.aio import AsyncClient, AsyncSandbox, list_sandboxes, list_snapshots
+from microvm_sandbox.code_sync import CodeMethods
+from microvm_sandbox.exec_stream import ExecStream
 from microvm_sandbox.files_sync import Files
-from microvm_sandbox.models import (
-    MAX_OUTPUT_BYTES,
-    ConsoleOutput,
-    ExecEvent,
-    ExecResult,
-    FileEntry,
-    SandboxInfo,
-    SnapshotInfo,
-)
-from microvm_sandbox.output import collect
+from microvm_sandbox.models import ConsoleOutput, FileEntry, SandboxInfo, SnapshotInfo
+from microvm_sandbox.sandbox_exec import ExecMethods
+from microvm_sandbox.sandbox_network import NetworkMethods
+from microvm_sandbox.snapshots import Snapshot, SnapshotMethods
+from microvm_sandbox.sync_loop import Loop
 from microvm_sandbox.templates_sync import Templates
-from microvm_sandbox.terminal import Pty
+
+__all__ = ["Client", "ExecStream", "Sandbox", "Snapshot"]
 
 T = TypeVar("T")
 
 
-class _Loop:
-    """One event loop on a daemon thread, shared by every sync object of the process."""
-
-    _shared: _Loop | None = None
-    _lock = threading.Lock()
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="microvm-sandbox-sdk", daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def shared(cls) -> _Loop:
-        with cls._lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
-
-    def run(self, awaitable: Awaitable[T]) -> T:
-        async def wait() -> T:
-            return await awaitable
-
-        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
-
-    def soon(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Runs `coroutine` without waiting for it (from any thread, the loop's own included)."""
-        if threading.current_thread() is self.thread:
-            self.loop.create_task(coroutine)
-        else:
-            asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+_Loop = Loop  # the name this module has always used
 
 
 class Client:
@@ -83,7 +39,7 @@ class Client:
     dir's admin key, `timeout` is each call's deadline in seconds."""
 
     def __init__(self, address: str | None = None, api_key: str | None = None, timeout: float = 120.0) -> None:
-        self._loop = _Loop.shared()
+        self._loop = Loop.shared()
 
         async def make() -> AsyncClient:
             return AsyncClient(address, api_key, timeout)
@@ -131,94 +87,17 @@ class Client:
         self.close()
 
 
-class Snapshot(SnapshotInfo):
-    """A snapshot you can `restore()` into new sandboxes or `delete()`."""
-
-    _inner: AsyncSnapshot | None = None
-
-    @classmethod
-    def wrap(cls, inner: AsyncSnapshot) -> Snapshot:
-        """The sync view of an AsyncSnapshot."""
-        snapshot = cls(**{name: getattr(inner, name) for name in SnapshotInfo.__dataclass_fields__})
-        snapshot._inner = inner
-        return snapshot
-
-    def _async(self) -> AsyncSnapshot:
-        if self._inner is None:
-            raise SandboxError("this snapshot is bound to no client", code="FAILED_PRECONDITION")
-        return self._inner
-
-    def delete(self) -> None:
-        """Deletes the snapshot; sandboxes restored from it keep running. SnapshotNotFound when it is gone."""
-        _Loop.shared().run(self._async().delete())
-
-    def restore(
-        self,
-        *,
-        timeout: float | None = None,
-        labels: dict[str, str] | None = None,
-        egress: str | None = None,
-        allow: Sequence[str] = (),
-        node_selector: dict[str, str] | None = None,
-    ) -> Sandbox:
-        """A new sandbox from this snapshot, as `Sandbox.restore(snapshot, ...)` makes it."""
-        inner = self._async().restore(
-            timeout=timeout, labels=labels, egress=egress, allow=allow, node_selector=node_selector
-        )
-        return Sandbox(_Loop.shared().run(inner))
-
-
-class ExecStream:
-    """The events of one running process (see `AsyncExecStream`), for a plain `for` loop. Stopping early
-    (break, `close()`, leaving `with`, or garbage collection) cancels the call and the server kills the process."""
-
-    def __init__(self, inner: AsyncExecStream) -> None:
-        self._inner = inner
-        self._loop = _Loop.shared()
-        self._closed = False
-
-    def __iter__(self) -> ExecStream:
-        return self
-
-    def __next__(self) -> ExecEvent:
-        if self._closed:
-            raise StopIteration
-        try:
-            return self._loop.run(self._inner.__anext__())
-        except StopAsyncIteration:
-            self._closed = True
-            raise StopIteration from None
-
-    def close(self) -> None:
-        """Stops the stream; the server kills the process if it still runs. Safe to call twice."""
-        if not self._closed:
-            self._closed = True
-            self._loop.soon(self._inner.aclose())
-
-    def __enter__(self) -> ExecStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-
 def _client(client: Client | None) -> AsyncClient | None:
     return client.aio if client else None
 
 
-class Sandbox:
+class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods):
     """A running sandbox: a disposable Linux microVM (the sync twin of `AsyncSandbox`). Make one with
     `create()`, `connect()` or `restore()`; `kill()` (or leaving `with`) deletes it."""
 
     def __init__(self, inner: AsyncSandbox) -> None:
         self.aio = inner
-        self._loop = _Loop.shared()
+        self._loop = Loop.shared()
 
     @property
     def name(self) -> str:
@@ -295,7 +174,7 @@ class Sandbox:
                 api_key=api_key,
             )
 
-        return cls(_Loop.shared().run(make()))
+        return cls(Loop.shared().run(make()))
 
     @classmethod
     def connect(
@@ -310,7 +189,7 @@ class Sandbox:
         """An existing sandbox by id; a PAUSED one is resumed first (resume=False leaves it paused).
         SandboxNotFound when it does not exist."""
         inner = AsyncSandbox.connect(sandbox_id, _client(client), resume=resume, address=address, api_key=api_key)
-        return cls(_Loop.shared().run(inner))
+        return cls(Loop.shared().run(inner))
 
     @classmethod
     def restore(
@@ -342,89 +221,7 @@ class Sandbox:
             address=address,
             api_key=api_key,
         )
-        return cls(_Loop.shared().run(inner))
-
-    # --- processes ------------------------------------------------------------------------------------
-    def exec_stream(
-        self,
-        command: str | Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        stdin: bytes = b"",
-        max_output_bytes: int = 0,
-    ) -> ExecStream:
-        """Runs `command` and yields its events as they happen (see `AsyncSandbox.exec_stream`). Stopping the
-        loop early cancels the call and the server kills the process."""
-        inner = self.aio.exec_stream(
-            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
-        )
-        return ExecStream(inner)
-
-    def exec(
-        self,
-        command: str | Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        stdin: bytes = b"",
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        max_output_bytes: int = MAX_OUTPUT_BYTES,
-    ) -> ExecResult:
-        """Runs `command` to its end (see `AsyncSandbox.exec`), keeping at most `max_output_bytes` of output
-        (default 16 MiB, 0: all; the result says `truncated`). on_stdout/on_stderr are called in this thread
-        with each chunk as it arrives."""
-        if on_stdout is None and on_stderr is None:
-            inner = self.aio.exec(
-                command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
-            )
-            return self._loop.run(inner)
-        stream = self.aio.exec_stream(
-            command, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin, max_output_bytes=max_output_bytes
-        )
-        return collect(stream, self._loop.run, on_stdout, on_stderr, max_output_bytes)
-
-    @property
-    def commands(self) -> Commands:
-        """The sandbox's processes (see `microvm_sandbox.commands`): run (foreground or background), list, connect,
-        kill, signal, send_stdin."""
-        return Commands(self.aio.commands, self._loop.run)
-
-    @property
-    def pty(self) -> Pty:
-        """Terminals in the sandbox: `pty.create(cols=, rows=, cmd=, on_data=)` (see `microvm_sandbox.terminal`)."""
-        return Pty(self.aio.pty, self._loop.run)
-
-    def run_code(
-        self,
-        language: str,
-        code: str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str = "",
-        user: str = "",
-        timeout: float | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        """Runs `code` with the language's interpreter (see `AsyncSandbox.run_code` for the languages).
-        CommandNotFound, naming language and interpreter, when the interpreter is not installed."""
-        lang = languages.language(language)
-        result = self.exec(
-            languages.argv(lang, code),
-            env=env,
-            cwd=cwd,
-            user=user,
-            timeout=timeout,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-        return languages.checked(lang, result)
+        return cls(Loop.shared().run(inner))
 
     # --- files ----------------------------------------------------------------------------------------
     @property
@@ -455,42 +252,6 @@ class Sandbox:
     def read_console_log(self, *, tail_bytes: int = 0, offset: int = 0, length: int = 0) -> ConsoleOutput:
         """The sandbox's serial console: the newest `tail_bytes`, or `length` bytes from `offset`."""
         return self._loop.run(self.aio.read_console_log(tail_bytes=tail_bytes, offset=offset, length=length))
-
-    # --- snapshots and forks --------------------------------------------------------------------------
-    def snapshot(self, labels: dict[str, str] | None = None, ttl: float | None = None) -> Snapshot:
-        """Freezes memory, processes and disk into a snapshot, kept until deleted or `ttl` seconds."""
-        return Snapshot.wrap(self._loop.run(self.aio.snapshot(labels, ttl)))
-
-    def list_snapshots(self) -> builtins.list[Snapshot]:
-        """This sandbox's snapshots, oldest first."""
-        return [Snapshot.wrap(s) for s in self._loop.run(self.aio.list_snapshots())]
-
-    def delete_snapshot(self, snapshot: SnapshotInfo | str) -> None:
-        """Deletes a snapshot (object, id or name) with this sandbox's connection."""
-        self._loop.run(self.aio.delete_snapshot(snapshot))
-
-    def fork(
-        self, count: int = 1, *, labels: dict[str, str] | None = None, keep_snapshot: bool = False
-    ) -> builtins.list[Sandbox]:
-        """`count` independent running copies (see `AsyncSandbox.fork`); the snapshot they come from is
-        deleted unless keep_snapshot=True."""
-        clones = self._loop.run(self.aio.fork(count, labels=labels, keep_snapshot=keep_snapshot))
-        return [Sandbox(clone) for clone in clones]
-
-    # --- network --------------------------------------------------------------------------------------
-    def set_egress(self, egress: str | None = None, allow: Sequence[str] = ()) -> None:
-        """Replaces the outbound policy at once."""
-        self._loop.run(self.aio.set_egress(egress, allow))
-
-    def expose_port(self, guest_port: int, host_port: int = 0, host_address: str = "") -> sandbox_pb2.ExposedPort:
-        """Makes `guest_port` reachable on the sandbox's node; returns the mapping."""
-        return self._loop.run(self.aio.expose_port(guest_port, host_port, host_address))
-
-    def unexpose_port(
-        self, guest_port: int, host_port: int = 0, host_address: str = ""
-    ) -> builtins.list[sandbox_pb2.ExposedPort]:
-        """Stops exposing `guest_port`; returns the mappings removed. NotFoundError when nothing matches."""
-        return self._loop.run(self.aio.unexpose_port(guest_port, host_port, host_address))
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def set_timeout(self, seconds: float) -> None:
@@ -547,4 +308,4 @@ class Sandbox:
         """The caller's sandboxes, newest first: only those in `state` (`running`, `paused`, ...) and with all
         of `labels` when given."""
         inner = AsyncSandbox.list(state=state, labels=labels, client=_client(client), address=address, api_key=api_key)
-        return _Loop.shared().run(inner)
+        return Loop.shared().run(inner)
