@@ -1,9 +1,10 @@
 """Who may call what: the permission matrix per public RPC, by role.
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
-          ReadConsoleLog, ListTemplates; templates and their builds and logs.
+          ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
-          and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports), and
+          and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports, RunCode
+          and code contexts), and
           creates, builds and deletes its tenant's templates (publishing a public one takes an admin).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
           the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
@@ -18,54 +19,66 @@ SANDBOX = "/microvm.sandbox.v1.SandboxService/"
 AUTH = "/microvm.auth.v1.AuthService/"
 NODES = "/microvm.admin.v1.NodeService/"
 TEMPLATES = "/microvm.sandbox.v1.TemplateService/"
+CODE = "/microvm.sandbox.v1.CodeService/"
 
-READ = {
-    f"{SANDBOX}{m}"
-    for m in (
-        "GetSandbox",
-        "ListSandboxes",
-        "Stat",
-        "ListDir",
-        "ReadFile",
-        "ReadConsoleLog",
-        "GetSnapshot",
-        "ListSnapshots",
-        "DownloadArchive",
-        "WatchDir",
-        "ListTemplates",
-        "ListProcesses",
-        "ConnectProcess",
-    )
-} | {
-    f"{TEMPLATES}{m}"
-    for m in ("GetTemplate", "WatchTemplateBuild", "GetTemplateBuild", "ListTemplateBuilds", "GetTemplateBuildLog")
-}
-WRITE = {
-    f"{SANDBOX}{m}"
-    for m in (
-        "CreateSandbox",
-        "UpdateSandbox",
-        "DeleteSandbox",
-        "Exec",
-        "ExecInteractive",
-        "StartProcess",
-        "SendProcessInput",
-        "SignalProcess",
-        "WriteFile",
-        "MakeDir",
-        "Remove",
-        "Rename",
-        "UploadArchive",
-        "PauseSandbox",
-        "ResumeSandbox",
-        "CreateSnapshot",
-        "DeleteSnapshot",
-        "RestoreSnapshot",
-        "ForkSandbox",
-        "ExposePort",
-        "UnexposePort",
-    )
-} | {f"{TEMPLATES}{m}" for m in ("CreateTemplate", "UpdateTemplate", "DeleteTemplate", "BuildTemplate")}
+READ = (
+    {
+        f"{SANDBOX}{m}"
+        for m in (
+            "GetSandbox",
+            "ListSandboxes",
+            "Stat",
+            "ListDir",
+            "ReadFile",
+            "ReadConsoleLog",
+            "GetSnapshot",
+            "ListSnapshots",
+            "DownloadArchive",
+            "WatchDir",
+            "ListTemplates",
+            "ListProcesses",
+            "ConnectProcess",
+        )
+    }
+    | {
+        f"{TEMPLATES}{m}"
+        for m in ("GetTemplate", "WatchTemplateBuild", "GetTemplateBuild", "ListTemplateBuilds", "GetTemplateBuildLog")
+    }
+    | {f"{CODE}ListCodeContexts"}
+)
+WRITE = (
+    {
+        f"{SANDBOX}{m}"
+        for m in (
+            "CreateSandbox",
+            "UpdateSandbox",
+            "DeleteSandbox",
+            "Exec",
+            "ExecInteractive",
+            "StartProcess",
+            "SendProcessInput",
+            "SignalProcess",
+            "WriteFile",
+            "MakeDir",
+            "Remove",
+            "Rename",
+            "UploadArchive",
+            "PauseSandbox",
+            "ResumeSandbox",
+            "CreateSnapshot",
+            "DeleteSnapshot",
+            "RestoreSnapshot",
+            "ForkSandbox",
+            "ExposePort",
+            "UnexposePort",
+        )
+    }
+    | {f"{TEMPLATES}{m}" for m in ("CreateTemplate", "UpdateTemplate", "DeleteTemplate", "BuildTemplate")}
+    | {
+        f"{CODE}{m}"
+        for m in ("RunCode", "CreateCodeContext", "RestartCodeContext", "DeleteCodeContext", "InterruptCode")
+    }
+)
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN
 

@@ -26,8 +26,8 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from microvm.admin.v1 import nodes_pb2
+from microvm.sandbox.v1 import code_service_pb2, template_service_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm.sandbox.v1 import template_service_pb2
 from services.common import deadlines
 from services.gateway import http_builds
 from services.gateway.http_files import DOWNLOADS, HTTP_STATUS, UPLOADS, download, error_response, upload
@@ -39,6 +39,7 @@ SERVICES = (
     api.DESCRIPTOR.services_by_name["SandboxService"],
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"],
     template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"],
+    code_service_pb2.DESCRIPTOR.services_by_name["CodeService"],
 )
 # Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
 RAW_STREAMS = tuple(DOWNLOADS)

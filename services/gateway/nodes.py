@@ -135,8 +135,11 @@ class ClusterNodes:
 
     def relay(self, node: str) -> sandbox_service_pb2_grpc.SandboxServiceStub:
         """The data plane of `node`: its relay serves the exec and file methods of the public API."""
-        instance = self.context.directory.newest("relay", node)
-        return sandbox_service_pb2_grpc.SandboxServiceStub(self.context.channel(instance.address))
+        return sandbox_service_pb2_grpc.SandboxServiceStub(self.relay_channel(node))
+
+    def relay_channel(self, node: str):
+        """The channel to `node`'s relay (it serves the public data-plane services: exec, files, code)."""
+        return self.context.channel(self.context.directory.newest("relay", node).address)
 
 
 def not_found_code(error: BaseException) -> bool:

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import (
+    code_service_pb2,
+    code_service_pb2_grpc,
     sandbox_service_pb2,
     sandbox_service_pb2_grpc,
     template_service_pb2,
@@ -19,6 +21,7 @@ from services.common.records import SANDBOXES, Records
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
 from services.gateway.access import AccessInterceptor
+from services.gateway.code import CodeOps, CodeServicer
 from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.exposed_ports import ExposedPorts
@@ -84,6 +87,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         server,
     )
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
+    code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(CodeOps(gateway.data)), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
@@ -112,4 +116,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
         template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+        code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
     ]

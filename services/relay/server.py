@@ -9,7 +9,7 @@ The relay of a node owns every agent channel on it. It serves
 from __future__ import annotations
 
 from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
-from microvm.sandbox.v1 import sandbox_service_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import code_service_pb2, code_service_pb2_grpc, sandbox_service_pb2, sandbox_service_pb2_grpc
 from microvm.types.v1 import vm_pb2
 from services.common.records import CHANNEL_INCIDENTS, Records
 from services.common.server import ServiceContext
@@ -18,6 +18,7 @@ from services.relay.agent_channel import AgentStream, AgentTarget
 from services.relay.archives import GuestArchives
 from services.relay.background import GuestBackground
 from services.relay.channel_pool import ChannelPool
+from services.relay.code import GuestCode
 from services.relay.files import GuestFiles
 from services.relay.guest_clock import sync_all, sync_quietly
 from services.relay.guest_control import GuestControl
@@ -99,6 +100,32 @@ class DataPlaneServicer(sandbox_service_pb2_grpc.SandboxServiceServicer):
             yield event
 
 
+class CodeServicer(code_service_pb2_grpc.CodeServiceServicer):
+    """The public CodeService on this node's guests (the gateway forwards callers' calls here)."""
+
+    def __init__(self, code: GuestCode) -> None:
+        self.code = code
+
+    async def RunCode(self, request, context):
+        async for event in self.code.run(request):
+            yield event
+
+    async def CreateCodeContext(self, request, context):
+        return await self.code.create_context(request)
+
+    async def ListCodeContexts(self, request, context):
+        return await self.code.list_contexts(request)
+
+    async def RestartCodeContext(self, request, context):
+        return await self.code.restart_context(request)
+
+    async def DeleteCodeContext(self, request, context):
+        return await self.code.delete_context(request)
+
+    async def InterruptCode(self, request, context):
+        return await self.code.interrupt(request)
+
+
 class GuestControlServicer(relay_pb2_grpc.GuestControlServiceServicer):
     def __init__(self, control: GuestControl) -> None:
         self.control = control
@@ -178,8 +205,10 @@ async def wire(server, context: ServiceContext[RelaySettings]) -> list[str]:
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
         DataPlaneServicer(relay.processes, relay.files), server
     )
+    code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(GuestCode(relay.open_stream)), server)
     relay_pb2_grpc.add_GuestControlServiceServicer_to_server(GuestControlServicer(relay.control), server)
     return [
+        code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         relay_pb2.DESCRIPTOR.services_by_name["GuestControlService"].full_name,
     ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common.registry import etcd_client
+from tests.code_server import add_code_interpreter_image, host_code_server
 from tests.etcd import LocalEtcd, free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation
 
@@ -46,3 +47,23 @@ async def installation(etcd_server):
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def code_installation(etcd_server):
+    """An `installation` whose `code-interpreter` sandboxes reach a real code server on this host (Python kernels;
+    one server shared by every sandbox of the module, so contexts are too); `default` sandboxes have none."""
+    state_dir = Path(tempfile.mkdtemp(prefix="mvm-code-"))
+    with host_code_server(state_dir / "code-server") as socket_path:
+        node = InProcessNode(etcd_server.endpoint, state_dir)
+        images = fake_image_root(node.state_dir / "images")
+        add_code_interpreter_image(images, socket_path)
+        node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
+        http_port = free_port()
+        await start_installation(node, http_port)
+        node.code_socket, node.http = socket_path, f"http://127.0.0.1:{http_port}"
+        try:
+            yield node
+        finally:
+            await node.stop_all()
+    shutil.rmtree(state_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ import time
 import uuid
 
 from microvm.agent.v1 import agent_pb2
-from microvm_agent import archives, background, system, watch
+from microvm_agent import archives, background, connections, system, watch
 from microvm_agent.files import FILE_OPERATIONS, FileTransfer
 from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, encode_parts
 from microvm_agent.processes import Process
@@ -30,7 +30,7 @@ from microvm_agent.streams import (
 )
 
 # Streams of file transfers beyond read and write: kind of start frame -> the class that serves it.
-FILE_STREAMS = {**archives.FILE_STREAMS, **watch.FILE_STREAMS, **background.STREAMS}
+FILE_STREAMS = {**archives.FILE_STREAMS, **watch.FILE_STREAMS, **background.STREAMS, **connections.FILE_STREAMS}
 
 
 class Agent:

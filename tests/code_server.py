@@ -1,0 +1,63 @@
+"""The code-interpreter template's code server run on this host (real ipykernel kernels from the venv), and an image
+cache whose `code-interpreter` template reaches it: for the fake VMM, whose guests are host processes, the template's
+root filesystem is a directory whose /run/mvm-code.sock links to the host server's socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = REPO / "images" / "templates" / "code-interpreter" / "mvm_code_server.py"
+GUEST_SOCKET = "run/mvm-code.sock"
+
+
+@contextlib.contextmanager
+def host_code_server(home: Path, max_output_bytes: int = 16 << 20):
+    """Runs the code server with its state under `home`; yields its socket path once it listens (a warm kernel)."""
+    home.mkdir(parents=True, exist_ok=True)
+    socket_path = home / "code.sock"
+    env = {
+        **os.environ,
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "IPYTHONDIR": str(home / "ipython"),
+        "MPLCONFIGDIR": str(home / "matplotlib"),
+    }
+    env.pop("MPLBACKEND", None)
+    argv = [sys.executable, str(SERVER), "--socket", str(socket_path), "--max-output-bytes", str(max_output_bytes)]
+    with open(home / "server.log", "wb") as log:
+        server = subprocess.Popen(argv, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while not socket_path.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the code server did not start: {(home / 'server.log').read_text()}")
+                time.sleep(0.05)
+            yield socket_path
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def add_code_interpreter_image(image_root: Path, socket_path: Path, template: str = "code-interpreter") -> None:
+    """A fake-VMM build of `template` in `image_root` whose guests find the host code server at /run/mvm-code.sock."""
+    build = image_root / template / "fakebuild0001"
+    rootfs = build / "rootfs.ext4"  # the fake VMM copies a directory in the image's place as the guest's files
+    (rootfs / "run").mkdir(parents=True, exist_ok=True)
+    for sub in ("root", "tmp", "etc", "home/user"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    link = rootfs / GUEST_SOCKET
+    link.unlink(missing_ok=True)
+    link.symlink_to(socket_path)
+    (build / "manifest.json").write_text(json.dumps({"template": template, "rootfs_size_mib": 1024}))
+    (build / ".complete").touch()
+    (image_root / template / "current").write_text(build.name)
