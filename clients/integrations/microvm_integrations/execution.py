@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from microvm_sandbox.errors import (
+    CodeContextNotFound,
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
-    SandboxError,
-    SandboxNotFound,
     UnimplementedError,
 )
 
@@ -125,6 +123,10 @@ def execution_outcome(execution: Any) -> Outcome:
             parts.append(text if text.endswith("\n") else text + "\n")
     status = getattr(execution, "status", "ok")
     error = execution.error
+    if getattr(execution, "restarted", False):  # the server started a fresh kernel after one died
+        parts.insert(0, "[the kernel had died and was restarted for this run: earlier state is lost]\n")
+    if getattr(execution, "truncated", False):
+        parts.append("[output truncated: the run wrote more than the sandbox keeps]\n")
     if error is not None:
         trace = _ANSI.sub("", error.traceback or "").rstrip()
         parts.append(trace + "\n" if trace else f"{error.name}: {error.value}\n")
@@ -132,7 +134,7 @@ def execution_outcome(execution: Any) -> Outcome:
         parts.append("[the run timed out and was interrupted; the context keeps its state]\n")
     elif status == "kernel_died":
         parts.append("[the kernel died: its state is lost, the next run starts a fresh one]\n")
-    failed = error is not None or status not in ("ok", None)
+    failed = error is not None or status in ("error", "timeout", "kernel_died")
     exit_code = TIMEOUT_EXIT_CODE if status == "timeout" else int(failed)
     return Outcome(_clip("".join(parts)), images, failed, exit_code)
 
@@ -174,17 +176,10 @@ class CodeSession:
             return exec_outcome(await resolve(self.sandbox.run_script(language, code, timeout=timeout)))
         try:
             execution = await resolve(self.sandbox.run_code(code, language=kernel, context=context, timeout=timeout))
-        except SandboxNotFound:
-            raise
-        except NotFoundError:  # the context was deleted (by someone else, or the sandbox was restored)
+        except CodeContextNotFound:  # deleted behind our back (by someone else, or the sandbox was restored)
             self.contexts.pop(kernel, None)
             context = await self._context(kernel)
             execution = await resolve(self.sandbox.run_code(code, language=kernel, context=context, timeout=timeout))
-        if getattr(execution, "status", "ok") == "kernel_died":  # the next run gets a fresh kernel, not an error
-            try:
-                await resolve(self.sandbox.restart_code_context(context))
-            except SandboxError:
-                self.contexts.pop(kernel, None)
         return execution_outcome(execution)
 
     async def _context(self, kernel: str) -> Any:
@@ -207,5 +202,5 @@ class CodeSession:
         for context in contexts:
             try:
                 await resolve(self.sandbox.delete_code_context(context))
-            except NotFoundError:
+            except CodeContextNotFound:
                 pass

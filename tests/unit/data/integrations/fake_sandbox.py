@@ -1,7 +1,8 @@
 """A stand-in for the SDK's Sandbox with the surface the integrations use (run_code and code contexts, run_script,
-exec, write/read/ls), for the adapters' unit tests: Python "kernels" are namespaces in this process (state per
-context, the last expression's value as the main result, `display({...})` for rich results); run_script and exec
-are real host processes; files live in a dict. `AsyncFakeSandbox` is the same behind coroutines that suspend."""
+exec, write/read/ls), answering with the SDK's own types, for the adapters' unit tests: Python "kernels" are
+namespaces in this process (state per context, the last expression's value as the main result, `display({...})`
+and `plot(xs, ys)` for rich results, `die()` for a kernel that dies); run_script and exec are real host processes;
+files live in a dict. `AsyncFakeSandbox` is the same behind coroutines that suspend."""
 
 from __future__ import annotations
 
@@ -13,64 +14,13 @@ import itertools
 import json
 import subprocess
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from microvm_sandbox import languages
-from microvm_sandbox.errors import InvalidArgumentError, NotFoundError
+from microvm_sandbox import CodeContext, Execution, ExecutionError, Logs, Result, languages
+from microvm_sandbox.errors import CodeContextNotFound, InvalidArgumentError, NotFoundError
 from microvm_sandbox.models import ExecResult, FileEntry
-
-
-@dataclass
-class Result:
-    is_main_result: bool = False
-    text: str | None = None
-    html: str | None = None
-    markdown: str | None = None
-    svg: str | None = None
-    json: Any = None
-    png: str | None = None
-    jpeg: str | None = None
-    pdf: str | None = None
-    chart: dict[str, Any] | None = None
-    table: dict[str, Any] | None = None
-
-
-@dataclass
-class Logs:
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ExecutionError:
-    name: str
-    value: str
-    traceback: str
-
-
-@dataclass
-class Execution:
-    results: list[Result] = field(default_factory=list)
-    logs: Logs = field(default_factory=Logs)
-    error: ExecutionError | None = None
-    execution_count: int = 0
-    status: str = "ok"
-
-    @property
-    def text(self) -> str | None:
-        return next((r.text for r in self.results if r.is_main_result), None)
-
-
-@dataclass
-class CodeContext:
-    id: str
-    language: str
-    cwd: str = "/home/user"
-    envs: dict[str, str] = field(default_factory=dict)
-
 
 # A 1x1 PNG: what a matplotlib figure's result carries, much smaller.
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -95,6 +45,7 @@ class FakeSandbox:
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.files: dict[str, bytes] = {}
         self.calls: list[tuple[str, Any]] = []
+        self.dead: set[str] = set()  # contexts whose kernel died
         self._ids = itertools.count(1)
 
     # --- code ---------------------------------------------------------------------------------------------
@@ -114,16 +65,19 @@ class FakeSandbox:
     def delete_code_context(self, context: CodeContext) -> None:
         self.calls.append(("delete_code_context", context.id))
         if self.namespaces.pop(context.id, None) is None:
-            raise NotFoundError(f"no code context {context.id}", code="NOT_FOUND")
+            raise CodeContextNotFound(f"no code context {context.id}", code="NOT_FOUND")
 
     def run_code(self, code: str, language: str = "python", context: CodeContext | None = None, **_: Any) -> Execution:
         self.calls.append(("run_code", code))
         if context is None or context.id not in self.namespaces:
-            raise NotFoundError(f"no code context {getattr(context, 'id', None)}", code="NOT_FOUND")
+            raise CodeContextNotFound(f"no code context {getattr(context, 'id', None)}", code="NOT_FOUND")
+        execution = Execution(execution_count=len(self.calls), status="ok", context=context.id)
+        if context.id in self.dead:  # the code server starts a fresh kernel for the run after one died
+            self.dead.discard(context.id)
+            self.namespaces[context.id], execution.restarted = {}, True
         namespace = self.namespaces[context.id]
-        execution = Execution(execution_count=len(self.calls))
         namespace["display"] = lambda formats: execution.results.append(Result(**formats))
-        namespace["die"] = lambda: setattr(execution, "status", "kernel_died")
+        namespace["die"] = lambda: (setattr(execution, "status", "kernel_died"), self.dead.add(context.id))
         namespace["plot"] = lambda xs, ys, title="": execution.results.append(_figure(xs, ys, title))
         stdout, stderr = io.StringIO(), io.StringIO()
         try:
