@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
@@ -64,11 +64,14 @@ lint: venv ## ruff (lint + format check), buf lint, and buf breaking against the
 images: venv ## build guest images (cached by recipe hash)
 	@if [ -d images/templates ]; then $(BIN)/python -m images.builder build --all; fi
 
-templates: ## build the heavy built-in templates (python, web) on the running installation (`make up`), cached
+templates: ## build the heavy built-in templates (python, web, code-interpreter) on the running installation (`make up`), cached
 	$(BIN)/python -m images.templates_build
 
-template-tests: ## the built-in templates (python, web) on the running installation, after `make templates`
+template-tests: ## the built-in templates (python, web, code-interpreter) on the running installation, after `make templates`
 	$(BIN)/python -m pytest -q -ra -s -m templates tests/standing
+
+bench-code: deps protos ## the code interpreter's figures on the running installation, after `make templates`
+	$(BIN)/python -m bench.code
 
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests

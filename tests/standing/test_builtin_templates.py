@@ -66,3 +66,24 @@ def test_web_drives_headless_chromium_to_a_page_another_process_serves():
                 assert result.stdout.decode().strip() == "Served in the sandbox | hi"
         finally:
             server.kill()
+
+
+def test_code_interpreter_keeps_state_and_returns_plots_tables_and_other_languages():
+    with create("code-interpreter") as sandbox:  # bash and JavaScript too: the recipe installs both
+        first = sandbox.run_code("import numpy as np\nvalues = np.arange(4)\nint(values.sum())")
+        assert first.error is None and first.text == "6"
+        plot = sandbox.run_code(
+            "import matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [3, 5]); plt.title('Counts')\nplt.show()"
+        )
+        (figure,) = [r for r in plot.results if r.chart]
+        assert figure.png and figure.chart["type"] == "bar" and figure.chart["title"] == "Counts"
+        frame = sandbox.run_code("import pandas as pd\npd.DataFrame({'n': values})")
+        assert frame.results[0].table["columns"] == ["n"] and frame.results[0].table["total_rows"] == 4
+        failed = sandbox.run_code("values.nope")
+        assert failed.error.name == "AttributeError" and failed.status == "error"
+        languages = set(sandbox.list_code_languages())
+        assert "python" in languages
+        for language, code, expected in (("bash", "X=4; echo $((X * 2))", "8"), ("javascript", "[1, 2].length", "2")):
+            run = sandbox.run_code(code, language=language)
+            assert run.error is None, run.error
+            assert expected in (run.text or "".join(run.logs.stdout))
