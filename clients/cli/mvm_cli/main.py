@@ -2,6 +2,7 @@
 
   sandboxes   create, ls, get, exec, run, cp, rm, pause, resume, timeout, console, expose, unexpose, egress
   processes   exec ID --background, ps ID, attach ID PID, kill ID PID
+  code        code ID [FILE|-] (a kernel that keeps state), code-context [ls|create|restart|interrupt|rm]
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
   cluster     nodes [get|cordon|uncordon|drain] (operators)
@@ -23,7 +24,7 @@ import sys
 import traceback
 
 from microvm_sandbox import CommandNotFound
-from mvm_cli import completion, nodes, processes, sandboxes, snapshots, templates
+from mvm_cli import code, completion, nodes, processes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     sandboxes.register(sub)
     processes.register(sub)  # after sandboxes: it adds --background to their `exec`
+    code.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
     else:

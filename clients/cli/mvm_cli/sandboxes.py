@@ -1,5 +1,5 @@
-"""Sandbox commands: create, ls, get, exec, run, rm, pause, resume, timeout, console, expose, unexpose, egress
-(and cp, unless mvm_cli/copy.py registers its own)."""
+"""Sandbox commands: create, ls, get, exec, run, rm, pause, resume, timeout, console (and cp, unless mvm_cli/copy.py
+registers its own); expose, unexpose and egress are in mvm_cli/network.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import sandbox_service_pb2_grpc
 from microvm_sandbox import Exited, Sandbox, Stderr, Stdout
 from microvm_sandbox.aio import STATES, sandbox_name
+from mvm_cli import network
 from mvm_cli.channel import connect
 from mvm_cli.context import Context, for_each
 from mvm_cli.output import emit, sandbox_table, sandbox_view, short, to_json, until
@@ -22,21 +23,6 @@ from mvm_cli.parsing import CliError, add_json, add_listing, command_parser, par
 
 # The commands whose trailing words are the remote command, and how many positionals come before it.
 REMOTE_COMMAND = {"exec": 1, "run": 0}
-
-
-def add_egress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--egress",
-        choices=["none", "full", "allow-list"],
-        default=None,
-        help="outbound network: none (the default), full, or allow-list (see --allow)",
-    )
-    parser.add_argument(
-        "--allow",
-        action="append",
-        metavar="CIDR[:PORTS]",
-        help="allowed destination, e.g. 203.0.113.0/24:80,443 (repeatable; implies allow-list)",
-    )
 
 
 def add_create_options(parser: argparse.ArgumentParser, lifetime: str = "--timeout") -> None:
@@ -55,7 +41,7 @@ def add_create_options(parser: argparse.ArgumentParser, lifetime: str = "--timeo
     parser.add_argument(
         "--node-selector", action="append", metavar="KEY=VALUE", help="place only on a node with this label"
     )
-    add_egress_options(parser)
+    network.add_egress_options(parser)
 
 
 def add_exec_options(parser: argparse.ArgumentParser, env_help: str = "environment variable (repeatable)") -> None:
@@ -156,34 +142,7 @@ def register(sub) -> None:
     console.add_argument("--length", type=int, default=0, metavar="BYTES", help="at most BYTES from --offset (0: all)")
     console.set_defaults(handler=console_command)
 
-    expose = command_parser(
-        sub, "expose", "make a guest port reachable on the sandbox's host", "mvm expose sbx-1a2b3c 8000"
-    )
-    expose.add_argument("id", metavar="ID", help="the sandbox's id")
-    expose.add_argument("guest_port", type=int, metavar="GUEST_PORT")
-    expose.add_argument("--host-port", type=int, default=0, help="0: a free port of the node's range")
-    expose.add_argument("--host-address", default="", help="the node's first allowed address, 127.0.0.1")
-    expose.set_defaults(handler=expose_command)
-
-    unexpose = command_parser(
-        sub, "unexpose", "stop exposing a guest port on the sandbox's host", "mvm unexpose sbx-1a2b3c 8000"
-    )
-    unexpose.add_argument("id", metavar="ID", help="the sandbox's id")
-    unexpose.add_argument("guest_port", type=int, metavar="GUEST_PORT")
-    unexpose.add_argument("--host-port", type=int, default=0, help="only this host port (0: any)")
-    unexpose.add_argument("--host-address", default="", help="only this host address (empty: any)")
-    unexpose.set_defaults(handler=unexpose_command)
-
-    egress = command_parser(
-        sub,
-        "egress",
-        "replace a sandbox's outbound network policy",
-        "mvm egress sbx-1a2b3c --allow 203.0.113.0/24:443",
-    )
-    egress.add_argument("id", metavar="ID", help="the sandbox's id")
-    add_egress_options(egress)
-    add_json(egress)
-    egress.set_defaults(handler=egress_command)
+    network.register(sub)  # expose, unexpose, egress (mvm_cli/network.py)
 
 
 def register_copy_fallback(sub) -> None:
@@ -361,26 +320,6 @@ def console_command(ctx: Context, args) -> int:
     output = ctx.sandbox_by_name(args.id).read_console_log(tail_bytes=args.tail, offset=args.offset, length=args.length)
     sys.stdout.buffer.write(output.data)
     sys.stdout.flush()
-    return 0
-
-
-def expose_command(ctx: Context, args) -> int:
-    port = ctx.sandbox_by_name(args.id).expose_port(args.guest_port, args.host_port, args.host_address)
-    emit(f"{port.host_address}:{port.host_port} -> {short(sandbox_name(args.id))}:{port.guest_port}")
-    return 0
-
-
-def unexpose_command(ctx: Context, args) -> int:
-    removed = ctx.sandbox_by_name(args.id).unexpose_port(args.guest_port, args.host_port, args.host_address)
-    for port in removed:
-        emit(f"closed {port.host_address}:{port.host_port} -> {short(sandbox_name(args.id))}:{port.guest_port}")
-    return 0
-
-
-def egress_command(ctx: Context, args) -> int:
-    sandbox = ctx.sandbox_by_name(args.id)
-    sandbox.set_egress(args.egress, args.allow or ())
-    emit(to_json(sandbox.message) if args.json else sandbox_view(sandbox.message))
     return 0
 
 
