@@ -77,7 +77,7 @@ class Image:
 
     @property
     def size(self) -> int:
-        return len(self.data) * 3 // 4
+        return len(self.data) * 3 // 4 - self.data[-2:].count("=")
 
 
 @dataclass
