@@ -1,80 +1,102 @@
-"""A LangChain tool that runs code in a MicroVM sandbox (optional extra: langchain-core).
+"""LangChain tools that run code and shell commands in a MicroVM sandbox (optional extra: langchain-core).
 
-tool = SandboxCodeTool(sandbox=Sandbox.create())
-tool.invoke({"language": "python", "code": "print(6*7)"})
+    tool = SandboxCodeTool(sandbox=Sandbox.create())
+    tool.invoke({"code": "x = 41"})
+    tool.invoke({"code": "x + 1"})                     # "42": state is kept between calls
+    SandboxShellTool(sandbox=sandbox).invoke({"command": "ls /"})
+
+The code tool runs each language in a code context of its own (made on first use, made again if it was
+deleted), so two tools on one sandbox never see each other's variables. With an `AsyncSandbox`, use `ainvoke`.
+Without langchain-core installed this module still imports; making a tool then raises ImportError.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.tools import BaseTool
-from pydantic import BaseModel, ConfigDict, Field
+from microvm_integrations.autogen_executor import CodeResult, SandboxCodeExecutor
+from microvm_integrations.execution import CodeSession, Outcome, run_sync
+from microvm_integrations.tools import TOOLS_BY_NAME, SandboxTools
+from microvm_sandbox.errors import SandboxError
 
-from microvm_sandbox import CommandNotFound, InvalidArgumentError, Sandbox, SandboxError
+__all__ = ["CodeResult", "SandboxCodeExecutor", "SandboxCodeTool", "SandboxShellTool"]  # the executor moved
 
+try:
+    from langchain_core.tools import BaseTool
+    from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+except ImportError as missing:
+    _MISSING: ImportError | None = missing
 
-class CodeInput(BaseModel):
-    language: str = Field(description="`python`, `bash`, `sh`, `javascript`, `ruby` or `perl`")
-    code: str = Field(description="the program to run; its stdout and stderr are returned")
+    class SandboxCodeTool:  # type: ignore[no-redef]
+        def __init__(self, *_: Any, **__: Any) -> None:
+            raise ImportError("SandboxCodeTool needs langchain-core: pip install langchain-core") from _MISSING
 
+    class SandboxShellTool(SandboxCodeTool):  # type: ignore[no-redef]
+        pass
 
-class SandboxCodeTool(BaseTool):
-    """Executes code in an isolated microVM and returns exit code and output."""
+else:
+    _MISSING = None
 
-    name: str = "microvm_execute_code"
-    description: str = (
-        "Run Python, bash/sh, JavaScript, Ruby or Perl code in an isolated Linux sandbox (the default template has "
-        "python3, bash and sh). Files persist between calls. Returns the exit code, stdout and stderr."
-    )
-    args_schema: type[BaseModel] = CodeInput
-    sandbox: Any = None
-    timeout_seconds: int = 120
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    def _answer(outcome: Outcome) -> str:
+        text = outcome.text or "(no output)"
+        return f"error:\n{text}" if outcome.is_error and not text.startswith("error:") else text
 
-    def _run(self, language: str, code: str, **_: Any) -> str:
-        """The tool's answer: exit code, stdout and stderr as text, or the error."""
-        try:
-            result = self.sandbox.run_code(language, code, timeout=self.timeout_seconds)
-        except SandboxError as error:
-            return f"error: {error.code}: {error.message}"
-        return (
-            f"exit code: {result.exit_code if result.signal is None else 'signal ' + str(result.signal)}\n"
-            f"stdout:\n{result.stdout.decode(errors='replace')}\nstderr:\n{result.stderr.decode(errors='replace')}"
+    class CodeInput(BaseModel):
+        code: str = Field(description="the code to run, like a notebook cell; state persists between calls")
+        language: str = Field(
+            default="python", description="`python` (default), `bash`, `javascript`, or another the sandbox has"
         )
 
+    class SandboxCodeTool(BaseTool):  # type: ignore[no-redef]
+        """Runs code in a stateful kernel in an isolated microVM; returns output, results and error as text."""
 
-class SandboxCodeExecutor:
-    """A code executor in the shape AutoGen's `CodeExecutor` protocol uses: `execute_code_blocks(blocks)`
-    where each block has `.language` and `.code`, returning an object with `exit_code` and `output`. Blocks run in
-    order and stop at the first that fails; an unknown language, or one whose interpreter the sandbox lacks, is a
-    failed block (exit code 1, the reason as output), as AutoGen's own executors report it."""
+        name: str = "microvm_run_code"
+        description: str = TOOLS_BY_NAME["run_code"].description
+        args_schema: type[BaseModel] = CodeInput
+        sandbox: Any = None
+        timeout_seconds: float = 120
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        _session: CodeSession | None = PrivateAttr(default=None)
 
-    def __init__(self, sandbox: Sandbox, timeout_seconds: int = 120) -> None:
-        self.sandbox = sandbox
-        self.timeout_seconds = timeout_seconds
+        @property
+        def session(self) -> CodeSession:
+            """The tool's code contexts, one per language."""
+            if self._session is None:
+                self._session = CodeSession(self.sandbox, timeout=self.timeout_seconds)
+            return self._session
 
-    def execute_code_blocks(self, code_blocks: list[Any]) -> CodeResult:
-        outputs, exit_code = [], 0
-        for block in code_blocks:
+        def _run(self, code: str, language: str = "python", **_: Any) -> str:
+            return run_sync(self._arun(code, language))
+
+        async def _arun(self, code: str, language: str = "python", **_: Any) -> str:
             try:
-                result = self.sandbox.run_code(block.language, block.code, timeout=self.timeout_seconds)
-            except (InvalidArgumentError, CommandNotFound) as error:  # an unknown or uninstalled language
-                outputs.append(f"{error.message}\n")
-                exit_code = 1
-                break
-            outputs.append(result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace"))
-            exit_code = result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
-            if exit_code != 0:
-                break
-        return CodeResult(exit_code=exit_code, output="".join(outputs))
+                return _answer(await self.session.run(code, language))
+            except SandboxError as error:
+                return f"error: {error.code}: {error.message}"
 
-    def restart(self) -> None:
-        """Nothing to restart: each block runs as a fresh process in the same sandbox."""
+        def close(self) -> None:
+            """Deletes the tool's code contexts (sync Sandbox; `aclose` for an AsyncSandbox)."""
+            run_sync(self.session.close())
 
+        async def aclose(self) -> None:
+            await self.session.close()
 
-class CodeResult:
-    """What `execute_code_blocks` returns: the last block's exit code and every block's output."""
+    class CommandInput(BaseModel):
+        command: str = Field(description="a shell command line, run with /bin/sh -c")
 
-    def __init__(self, exit_code: int, output: str) -> None:
-        self.exit_code, self.output = exit_code, output
+    class SandboxShellTool(BaseTool):  # type: ignore[no-redef]
+        """Runs a shell command in an isolated microVM; returns its output and, when not 0, its exit code."""
+
+        name: str = "microvm_exec"
+        description: str = TOOLS_BY_NAME["exec"].description
+        args_schema: type[BaseModel] = CommandInput
+        sandbox: Any = None
+        timeout_seconds: float = 120
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+
+        def _run(self, command: str, **_: Any) -> str:
+            return run_sync(self._arun(command))
+
+        async def _arun(self, command: str, **_: Any) -> str:
+            tools = SandboxTools(self.sandbox, timeout=self.timeout_seconds)
+            return _answer(await tools.acall("exec", {"command": command}))
