@@ -14,7 +14,7 @@ import re
 from microvm.sandbox.v1 import code_service_pb2 as api
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.validation import check_env, check_path
-from services.relay.code_events import context_of, refusal, response_of
+from services.relay.code_events import context_of, refusal, responses_of
 from services.relay.guest_io import sandbox_id
 from services.relay.tunnel import GuestTunnel
 
@@ -133,11 +133,9 @@ class GuestCode:
                 except TimeoutError:
                     yield api.RunCodeResponse(keepalive={})
                     continue
-                response = response_of(event, context)
-                if response is None:
-                    continue
-                ended = response.HasField("end")
-                yield response
+                for response in responses_of(event, context):
+                    ended = response.HasField("end")
+                    yield response
                 if ended:
                     return
         finally:

@@ -26,6 +26,8 @@ TEXT_FORMS = {
     "application/javascript": "javascript",
 }
 BINARY_FORMS = {"image/png": "png", "image/jpeg": "jpeg", "application/pdf": "pdf"}
+TEXT_PIECE_CHARS = 256 << 10  # at most 1 MiB of UTF-8
+MAX_RESULT_BYTES = 3 << 20  # one message, under the 4 MiB every gRPC client takes by default
 STATUS = {
     "ok": code_pb2.CODE_RUN_STATUS_OK,
     "error": code_pb2.CODE_RUN_STATUS_ERROR,
@@ -90,13 +92,32 @@ def result_of(event: dict) -> code_pb2.CodeResult:
     return result
 
 
-def response_of(event: dict, context: str) -> api.RunCodeResponse | None:
-    """The message for one event of a run; None for an event this relay does not know (a newer code server)."""
+def responses_of(event: dict, context: str) -> list[api.RunCodeResponse]:
+    """The messages for one event of a run: output in pieces every client takes (a gRPC message is at most 4 MiB by
+    default), a result too large for one message said instead of sent; none for an event this relay does not know
+    (a newer code server)."""
     kind = event.get("type")
     if kind in ("stdout", "stderr"):
-        return api.RunCodeResponse(**{kind: code_pb2.CodeOutput(text=str(event.get("text", "")))})
+        text = str(event.get("text", ""))
+        return [
+            api.RunCodeResponse(**{kind: code_pb2.CodeOutput(text=text[start : start + TEXT_PIECE_CHARS])})
+            for start in range(0, max(len(text), 1), TEXT_PIECE_CHARS)
+        ]
     if kind == "result":
-        return api.RunCodeResponse(result=result_of(event))
+        result = result_of(event)
+        if result.ByteSize() > MAX_RESULT_BYTES:
+            forms = ", ".join(sorted(event.get("data") or {}))
+            result = code_pb2.CodeResult(
+                is_main_result=result.is_main_result,
+                text=f"[a result of {result.ByteSize()} bytes ({forms}) left out: larger than {MAX_RESULT_BYTES}]",
+            )
+        return [api.RunCodeResponse(result=result)]
+    response = _response_of(event, context)
+    return [] if response is None else [response]
+
+
+def _response_of(event: dict, context: str) -> api.RunCodeResponse | None:
+    kind = event.get("type")
     if kind == "error":
         return api.RunCodeResponse(
             error=code_pb2.CodeError(

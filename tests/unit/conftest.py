@@ -49,12 +49,15 @@ async def installation(etcd_server):
     shutil.rmtree(node.state_dir, ignore_errors=True)
 
 
+CODE_OUTPUT_BOUND = 4 << 20  # a run's output bound in the code server of `code_installation`
+
+
 @pytest.fixture(scope="module")
 async def code_installation(etcd_server):
     """An `installation` whose `code-interpreter` sandboxes reach a real code server on this host (Python kernels;
     one server shared by every sandbox of the module, so contexts are too); `default` sandboxes have none."""
     state_dir = Path(tempfile.mkdtemp(prefix="mvm-code-"))
-    with host_code_server(state_dir / "code-server") as socket_path:
+    with host_code_server(state_dir / "code-server", max_output_bytes=CODE_OUTPUT_BOUND) as socket_path:
         node = InProcessNode(etcd_server.endpoint, state_dir)
         images = fake_image_root(node.state_dir / "images")
         add_code_interpreter_image(images, socket_path)

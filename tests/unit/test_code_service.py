@@ -15,6 +15,7 @@ from microvm.sandbox.v1 import code_service_pb2 as api
 from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
 from microvm.types.v1 import auth_pb2 as auth_types
 from tests.inprocess import tenant_caller
+from tests.unit.conftest import CODE_OUTPUT_BOUND
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,6 +107,30 @@ async def test_a_caller_going_away_interrupts_the_run(caller, sandbox):
     call.cancel()
     # Were the cell still sleeping, this run would wait behind it past the test's timeout.
     assert of(await run(caller, sandbox, "left"), "result")[0].text == "1"
+
+
+async def test_a_dead_kernel_is_named_and_the_next_run_gets_a_fresh_one(caller, sandbox):
+    made = await caller.code.CreateCodeContext(api.CreateCodeContextRequest(sandbox=sandbox), metadata=caller.metadata)
+    context = made.context.id
+    await run(caller, sandbox, "doomed = 1", context=context)
+    died = await run(caller, sandbox, "import os\nos._exit(1)", context=context)
+    assert of(died, "error")[0].name == "KernelDied" and context in of(died, "error")[0].value
+    assert died[-1].end.status == code_pb2.CODE_RUN_STATUS_KERNEL_DIED
+    fresh = await run(caller, sandbox, "'doomed' in globals()", context=context)
+    assert of(fresh, "result")[0].text == "False" and fresh[-1].end.restarted
+
+
+async def test_output_past_the_bound_is_cut_and_flagged(caller, sandbox):
+    events = await run(caller, sandbox, f"print('x' * {CODE_OUTPUT_BOUND + (1 << 20)})\n'after'")
+    written = sum(len(o.text) for o in of(events, "stdout"))
+    assert written <= CODE_OUTPUT_BOUND and events[-1].end.truncated
+    assert events[-1].end.status == code_pb2.CODE_RUN_STATUS_OK
+
+
+async def test_a_result_too_large_for_one_message_is_said_not_sent(caller, sandbox):
+    events = await run(caller, sandbox, "from IPython.display import HTML\nHTML('<p>' + 'x' * (3 << 20) + '</p>')")
+    (result,) = of(events, "result")
+    assert result.is_main_result and not result.html and "left out" in result.text and "text/html" in result.text
 
 
 async def test_contexts_are_isolated_restarted_and_deleted(caller, sandbox):
