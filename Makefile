@@ -102,6 +102,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.hostile
 	$(BIN)/python -m bench.clock
 	$(BIN)/python -m bench.templates
+	$(BIN)/python -m bench.code
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)

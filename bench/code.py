@@ -1,4 +1,4 @@
-"""`make bench-code` (issue 16): the code interpreter on the running installation (`make up`, then
+"""`make bench` / `make bench-code` (issue 16): the code interpreter on the running installation (`make up`, then
 `make templates` builds `code-interpreter`; its build needs the Debian registry, so no bench stack builds it).
 Raw gRPC through the installation's gateway on 127.0.0.1, each figure beside a baseline from the same run and the
 same sandboxes:
@@ -13,6 +13,7 @@ same sandboxes:
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -24,6 +25,7 @@ from microvm.sandbox.v1 import code_service_pb2 as code_api
 from microvm.sandbox.v1 import code_service_pb2_grpc, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.client import default_api_key
+from microvm_sandbox.errors import SandboxError
 
 GATEWAY = os.environ.get("MVM_GATEWAY", "127.0.0.1:50051")
 TEMPLATE = os.environ.get("MVM_BENCH_CODE_TEMPLATE", "code-interpreter")
@@ -84,7 +86,27 @@ def first_calls(installation: Installation) -> tuple[list[float], list[float]]:
     return code, exec_
 
 
+def unavailable() -> str:
+    """Why this bench cannot run here ("" when it can): no running installation, or no code-interpreter build."""
+    try:
+        installation = Installation()
+        reply = installation.sandboxes.ListTemplates(
+            api.ListTemplatesRequest(), metadata=installation.metadata, timeout=10
+        )
+    except (grpc.RpcError, OSError, SandboxError) as error:
+        said = error.details() if isinstance(error, grpc.RpcError) else str(error)
+        return f"no running installation at {GATEWAY} (`make up`): {said}"
+    if not any(t.name.split("/")[-1] == TEMPLATE for t in reply.templates):
+        return f"the {TEMPLATE} template is not built on the installation: run `make templates`"
+    return ""
+
+
 def main() -> None:
+    why = unavailable()
+    if why:
+        for metric in ("code_first_run_after_create", "run_code_p50"):
+            print(json.dumps({"metric": metric, "value": None, "note": why}), flush=True)
+        return
     installation = Installation()
     code_firsts, exec_firsts = first_calls(installation)
     emit(
