@@ -1,8 +1,8 @@
-"""`make templates`: builds the built-in template recipes (images/templates/<name>/mvm.yaml: `python`, `web`, `code-interpreter`) on the
-running installation, through its public API like any user's template, as public templates (the admin key `make
-up` wrote). Each recipe's base first (`web` is built on `python`). A recipe whose plan is unchanged is a cache hit
-(its last image is reused), so running it again costs seconds. Step times of each first build are kept in
-$MVM_CACHE_DIR/template-builds.json for `make bench`.
+"""`make templates`: builds the built-in template recipes (images/templates/<name>/mvm.yaml: `python`, `web`,
+`code-interpreter`) on the running installation, through its public API like any user's template, as public
+templates (the admin key `make up` wrote). Each recipe's base first (`web` is built on `python`). A recipe whose
+plan is unchanged is a cache hit (its last image is reused), so running it again costs seconds. Step times of each
+first build are kept in $MVM_CACHE_DIR/template-builds.json for `make bench`.
 
     python -m images.templates_build [NAME...]
 """
