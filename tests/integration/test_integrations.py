@@ -22,9 +22,9 @@ def test_langchain_tool_and_code_executor(stack):
     with Sandbox.create(address=stack.gateway_address, api_key=stack.admin_key) as sandbox:
         tool = SandboxCodeTool(sandbox=sandbox)
         assert tool.args["language"] and tool.args["code"]  # the schema an agent sees
-        output = tool.invoke({"language": "python", "code": "print(6*7)"})
-        assert "exit code: 0" in output and "42" in output
-        assert "exit code: 3" in tool.invoke({"language": "sh", "code": "echo no >&2; exit 3"})
+        # The default template has no kernel: each call is a one-off interpreter (run_script).
+        assert tool.invoke({"language": "python", "code": "print(6*7)"}) == "42\n"
+        assert "[exit code 3]" in tool.invoke({"language": "sh", "code": "echo no >&2; exit 3"})
         assert "INVALID_ARGUMENT" in tool.invoke(
             {"language": "cobol", "code": "x"}
         ) or "unsupported language" in tool.invoke({"language": "cobol", "code": "x"})
