@@ -205,6 +205,15 @@ async def test_interrupt_ends_a_running_cell_and_keeps_the_state(sandbox):
     assert (await sandbox.run_code("stays", context=context)).text == "3"
 
 
+async def test_a_dead_kernel_ends_the_run_and_the_next_run_says_it_restarted(sandbox):
+    context = await sandbox.create_code_context()
+    await sandbox.run_code("before = 1", context=context)
+    died = await sandbox.run_code("import os\nos._exit(1)", context=context)
+    assert died.status == "kernel_died" and died.error is not None and died.error.name == "KernelDied"
+    after = await sandbox.run_code("'before' in globals()", context=context)
+    assert after.restarted and after.text == "False"
+
+
 async def test_an_unknown_language_is_refused_naming_the_installed_ones(sandbox):
     with pytest.raises(InvalidArgumentError, match="python") as refused:
         await sandbox.run_code("1", language="cobol")
