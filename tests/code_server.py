@@ -1,6 +1,7 @@
 """The code-interpreter template's code server run on this host (real ipykernel kernels from the venv), and an image
 cache whose `code-interpreter` template reaches it: for the fake VMM, whose guests are host processes, the template's
-root filesystem is a directory whose /run/mvm-code.sock links to the host server's socket."""
+root filesystem is a directory whose /run/mvm-code.sock is a stand-in file naming the host server's socket (the
+simulated agent connects there; a disk copy or snapshot keeps a regular file, not a socket or a link out of it)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,7 @@ def add_code_interpreter_image(image_root: Path, socket_path: Path, template: st
     (rootfs / "run").mkdir(parents=True, exist_ok=True)
     for sub in ("root", "tmp", "etc", "home/user"):
         (rootfs / sub).mkdir(parents=True, exist_ok=True)
-    link = rootfs / GUEST_SOCKET
-    link.unlink(missing_ok=True)
-    link.symlink_to(socket_path)
+    (rootfs / GUEST_SOCKET).write_text(f"mvm-simulated-socket:{socket_path}\n")
     (build / "manifest.json").write_text(json.dumps({"template": template, "rootfs_size_mib": 1024}))
     (build / ".complete").touch()
     (image_root / template / "current").write_text(build.name)

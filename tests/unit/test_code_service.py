@@ -3,6 +3,7 @@ installation whose `code-interpreter` sandboxes reach a real code server with re
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -59,6 +60,19 @@ async def test_state_persists_and_results_come_back(caller, sandbox):
     (result,) = of(second, "result")
     assert result.is_main_result and result.text == "42"
     assert second[-1].end.execution_count == end.execution_count + 1
+
+
+async def test_a_sandbox_started_from_the_template_snapshot_runs_code(caller):
+    """Warm starts restore the template snapshot (the fake VMM's disk archive): the code server is reached from it."""
+    for _ in range(600):
+        listed = await caller.stub.ListTemplates(sandbox_api.ListTemplatesRequest(), metadata=caller.metadata)
+        if any(t.name.endswith("code-interpreter") and t.warm for t in listed.templates):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the code-interpreter template snapshot was never taken")
+    warm = await create(caller, "code-interpreter")
+    assert of(await run(caller, warm, "6 * 7"), "result")[0].text == "42"
 
 
 async def test_a_plot_comes_back_as_png_and_chart_and_a_frame_as_table(caller, sandbox):

@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from microvm.agent.v1 import agent_pb2
+from microvm_agent import files
 from microvm_agent.files import TRANSFER_AHEAD, require_absolute
 from microvm_agent.streams import FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, OUTPUT_CHUNK, Credit, StreamError
 
@@ -22,11 +23,15 @@ if TYPE_CHECKING:
 
 MAX_UNIX_PATH = 107
 UNAVAILABLE = 14
+# Host simulation only (the fake VMM of tests, `--root`): a regular file starting with this line stands in for a
+# socket and names the host socket to reach instead (a guest's disk copy cannot hold a socket or a link out of it).
+SIMULATED_SOCKET = "mvm-simulated-socket:"
 
 
 async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connects to the unix socket at `path`; a path longer than a socket address holds (a host simulation's deep
     root) is reached through its directory's descriptor."""
+    path = _simulated(path)
     if len(path.encode()) <= MAX_UNIX_PATH:
         return await asyncio.open_unix_connection(path, limit=OUTPUT_CHUNK)
     directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -36,6 +41,14 @@ async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
         )
     finally:
         os.close(directory)
+
+
+def _simulated(path: str) -> str:
+    if not files.PATH_ROOT or not os.path.isfile(path):
+        return path
+    with open(path, encoding="utf-8", errors="replace") as stand_in:
+        line = stand_in.readline(4096).strip()
+    return line[len(SIMULATED_SOCKET) :] if line.startswith(SIMULATED_SOCKET) else path
 
 
 class GuestConnection:
