@@ -1,4 +1,5 @@
-"""The code server of the `code-interpreter` template: stateful Jupyter kernels behind a unix socket.
+"""The code server of the `code-interpreter` template: stateful Python (Jupyter), bash and JavaScript contexts
+behind a unix socket.
 
     python3 mvm_code_server.py [--socket /run/mvm-code.sock] [--max-output-bytes 16777216] [--cwd /home/user]
 
@@ -7,14 +8,26 @@ It starts the `default` Python context first and only then listens, so a socket 
 one JSON object per line each way, one request at a time per connection (use another connection to interrupt).
 
 Requests (`op` names the operation):
-    {"op": "run", "code": str, "context": id?, "language": "python"?, "timeout": seconds?}
+    {"op": "run", "code": str, "context": id?, "language": "python"?, "timeout": seconds?, "env": {str: str}?}
         context: run there; else the default context of `language` (python: "default", started with the server;
         another language: "default-<language>", started on first use). timeout: default 300, null = none.
+        env: set for this run only; afterwards the context's earlier values come back and new names are unset
+        again, also when the code fails or times out. At most 256 names, none empty or holding "=" or NUL (bash:
+        shell variable names); python and bash set them in the kernel or shell, javascript in process.env.
     {"op": "create_context", "language": "python"?, "cwd": str?, "env": {str: str}?}
     {"op": "list_contexts"}
     {"op": "restart_context", "context": id}      a fresh kernel, same language, cwd and env; state is lost
     {"op": "delete_context", "context": id}
     {"op": "interrupt", "context": id}            interrupts the code running there (its run ends "error")
+
+Languages (list_contexts says which are installed): "python" (an ipykernel kernel; any other Jupyter kernelspec
+runs the same way under its language's name); "bash" (a persistent bash shell, see bash_context.py: variables,
+functions and the working directory persist; a non-zero exit status of the last command is an error
+"CommandFailed", "exit status N"); "javascript" or "js" (a persistent Node.js process, see node_driver.js: the last
+expression's value is the main result, text/plain and, for plain objects and arrays, application/json). Each has
+the same run, interrupt, restart and delete semantics and the same events. An interrupt of bash or javascript code
+gives the error "Interrupted"; bash or javascript code that a timeout's SIGINT does not stop within 5 s is killed
+with its process: the run ends "kernel_died" and the next one starts a fresh process.
 
 Replies:
     run: events, the last one `end`:
@@ -39,7 +52,8 @@ import os
 import signal
 import sys
 
-from code_contexts import Contexts, Refused
+from code_contexts import Contexts
+from context_base import Refused, checked_env
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -105,6 +119,7 @@ class CodeServer:
         timeout = request.get("timeout", DEFAULT_TIMEOUT_SECONDS)
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise Refused("bad_request", "timeout is a positive number of seconds, or null for none")
+        env = checked_env(request.get("env"))
         if request.get("context") is not None:
             context = self.contexts.get(str(request["context"]))
         else:
@@ -112,8 +127,11 @@ class CodeServer:
         async with context.lock:
             if self.contexts.by_id.get(context.id) is not context:
                 raise Refused("context_not_found", f"context {context.id!r} was deleted")
-            async for event in context.run(code, timeout, self.max_output_bytes):
-                await send(writer, event)
+            context.check_env(env)
+            # aclosing: a run whose client goes away ends (and restores its env) before the lock is released
+            async with contextlib.aclosing(context.run(code, timeout, self.max_output_bytes, env)) as events:
+                async for event in events:
+                    await send(writer, event)
 
     async def create_context(self, request: dict) -> dict:
         context = await self.contexts.create(request.get("language"), request.get("cwd"), request.get("env"))
