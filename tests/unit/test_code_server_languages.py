@@ -97,10 +97,11 @@ async def test_bash_interrupt_from_another_connection_ends_the_run_and_keeps_sta
     context = await new_context(code_socket, "bash")
     await run(code_socket, "kept=7", context=context)
     running = asyncio.ensure_future(run(code_socket, "sleep 100\necho not reached", context=context))
-    await asyncio.sleep(0.5)
-    [reply] = await request(code_socket, {"op": "interrupt", "context": context})
-    assert reply == {"type": "interrupted", "context": context}
-    events = await asyncio.wait_for(running, 30)
+    while not running.done():  # until one SIGINT came while `sleep` ran (one sent before it started is lost)
+        await asyncio.sleep(0.5)
+        [reply] = await request(code_socket, {"op": "interrupt", "context": context})
+        assert reply == {"type": "interrupted", "context": context}
+    events = running.result()
     assert [error["name"] for error in of_type(events, "error")] == ["Interrupted"]
     assert events[-1]["status"] == "error" and text(events) == ""
     assert text(await run(code_socket, "echo $kept", context=context)) == "7\n"
