@@ -172,9 +172,9 @@ async def test_contexts_are_isolated_restarted_and_deleted(caller, sandbox):
 
 
 async def test_per_run_env_applies_to_that_run_only(caller, sandbox):
-    events = await run(caller, sandbox, "import os; repr(os.environ.get('RUN_ONLY'))", env={"RUN_ONLY": "here"})
-    assert of(events, "result")[0].text == "'here'"
-    assert of(await run(caller, sandbox, "import os; repr(os.environ.get('RUN_ONLY'))"), "result")[0].text == "None"
+    read = "import os; os.environ.get('RUN_ONLY', 'unset')"
+    assert of(await run(caller, sandbox, read, env={"RUN_ONLY": "here"}), "result")[0].text == "'here'"
+    assert of(await run(caller, sandbox, read), "result")[0].text == "'unset'"
 
 
 @pytest.mark.parametrize(
