@@ -219,3 +219,20 @@ async def test_http_streams_a_run_as_json_lines(code_installation, caller, sandb
     assert lines[0] == {"stdout": {"text": "hi\n"}}
     assert lines[1] == {"result": {"isMainResult": True, "text": "42"}}
     assert lines[-1]["end"]["status"] == "CODE_RUN_STATUS_OK" and lines[-1]["end"]["context"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("language", "first", "second", "expected"),
+    [
+        ("bash", "COUNT=20; cd /tmp", 'echo "$((COUNT + 22)) $PWD"', "42 /tmp\n"),
+        ("javascript", "var n = 41", "n + 1", "42"),
+    ],
+)
+async def test_bash_and_javascript_keep_state_in_their_default_contexts(
+    caller, sandbox, language, first, second, expected
+):
+    assert (await run(caller, sandbox, first, language=language))[-1].end.context == f"default-{language}"
+    events = await run(caller, sandbox, second, language=language)
+    assert expected in ["".join(o.text for o in of(events, "stdout")), *(r.text for r in of(events, "result"))]
+    listed = await caller.code.ListCodeContexts(api.ListCodeContextsRequest(sandbox=sandbox), metadata=caller.metadata)
+    assert language in listed.languages
