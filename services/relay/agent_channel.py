@@ -21,6 +21,7 @@ from microvm_agent.framing import MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge, 
 from services.common.errors import Aborted, ServiceError, Unavailable
 from services.common.tasks import cancel_and_wait
 from services.relay.channel_guard import ChannelLimits, JunkMeter, ProtocolViolation, data_size
+from services.relay.frame_sync import FrameSeeker
 
 log = structlog.get_logger()
 
@@ -204,7 +205,7 @@ class AgentChannel:
                 ) from None
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        decoder = FrameDecoder()
+        decoder, seeker = FrameDecoder(), FrameSeeker()
         reason = "the VM closed the channel"
         try:
             while True:
@@ -219,6 +220,16 @@ class AgentChannel:
                 if not data:
                     break
                 self._last_frame = time.monotonic()
+                if seeker is not None:  # no whole frame of this connection yet: what precedes one is stale
+                    try:
+                        found = seeker.feed(data)
+                    except ValueError as exc:
+                        raise ProtocolViolation(str(exc)) from None
+                    if found is None:
+                        continue
+                    if seeker.dropped:
+                        log.warning("agent_channel_stale_bytes_dropped", vm=self.target.vm_id, bytes=seeker.dropped)
+                    data, seeker = found, None
                 try:
                     bodies = decoder.feed(data)
                 except FrameTooLarge as exc:

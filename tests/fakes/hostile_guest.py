@@ -8,7 +8,10 @@ It says Hello and answers pings like the real agent, then does what `mode` says:
 - `restart`: answers an exec with `exec_started`, then says Hello again (an agent that restarted);
 - `overflow`: answers an exec with output far beyond the credit it was granted;
 - `silent`: answers pings (with the right time) until a call starts, then never again;
-- `watch-flood`: answers a directory watch with changes far beyond the credit it was granted.
+- `watch-flood`: answers a directory watch with changes far beyond the credit it was granted;
+- `stale-tail`: not hostile, unlucky: before its Hello come the last bytes of a frame cut by a snapshot (a pong
+  whose header went to the connection before the restore), then it behaves;
+- `no-frames`: sends bytes that never hold a whole frame, and nothing else.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ class HostileGuest:
             self.server.close()
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "stale-tail":
+            cut = encode(agent_pb2.Frame(stream_id=0, pong=agent_pb2.Pong(nonce=7, boot_id="b" * 32, hostname="h")))
+            writer.write(cut[4:])  # its body, read as a header, announces a frame of hundreds of MB
+        elif self.mode == "no-frames":
+            task = asyncio.get_running_loop().create_task(self._garbage(writer))
+            self.tasks.add(task)
+            return
         writer.write(
             encode(
                 agent_pb2.Frame(
@@ -84,6 +94,15 @@ class HostileGuest:
             writer.write(HEADER.pack(100 << 20) + b"x" * 1024)
         elif self.mode == "half-frame":
             writer.write(HEADER.pack(2 << 20) + b"\x08" * (1 << 20))
+
+    async def _garbage(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(b"\xff" * (1 << 20))
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                return
+            await asyncio.sleep(0)
 
     async def _flood(self, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -192,3 +192,28 @@ async def test_hostile_silent_agent_is_dropped_by_the_heartbeat(relay):
         assert await incident(relay, "silent") is None  # silence is not a violation: the next call reconnects
     finally:
         await guest.close()
+
+
+async def test_stale_bytes_before_the_first_frame_of_a_connection_are_dropped(relay):
+    """A guest restored from a snapshot taken mid-frame: the frame's tail comes first and must not end the channel."""
+    guest = await hostile(relay, "stale-tail")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="stale-tail", timeout_ms=5000))
+        assert await incident(relay, "stale-tail") is None
+    finally:
+        await guest.close()
+
+
+async def test_a_connection_that_never_holds_a_frame_is_a_violation(relay):
+    guest = await hostile(relay, "no-frames")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="no-frames", timeout_ms=3000))
+        found = None
+        for _ in range(50):
+            if found := await incident(relay, "no-frames"):
+                break
+            await asyncio.sleep(0.1)
+        assert found and "before the agent's hello" in found.reason
+    finally:
+        await guest.close()
