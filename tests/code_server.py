@@ -5,6 +5,7 @@ simulated agent connects there; a disk copy or snapshot keeps a regular file, no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -60,3 +61,32 @@ def add_code_interpreter_image(image_root: Path, socket_path: Path, template: st
     (build / "manifest.json").write_text(json.dumps({"template": template, "rootfs_size_mib": 1024}))
     (build / ".complete").touch()
     (image_root / template / "current").write_text(build.name)
+
+
+async def request(socket_path: str, message: dict) -> list[dict]:
+    """Sends one request to a code server; returns its reply lines (for `run`, every event up to `end`)."""
+    reader, writer = await asyncio.open_unix_connection(socket_path, limit=64 * 1024 * 1024)
+    try:
+        writer.write(json.dumps(message).encode() + b"\n")
+        await writer.drain()
+        events = []
+        while line := await asyncio.wait_for(reader.readline(), 60):
+            events.append(json.loads(line))
+            if message["op"] != "run" or events[-1]["type"] == "end" or events[-1].get("refused"):
+                break
+        return events
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def run(socket_path: str, code: str, **fields) -> list[dict]:
+    return await request(socket_path, {"op": "run", "code": code, **fields})
+
+
+def of_type(events: list[dict], kind: str) -> list[dict]:
+    return [event for event in events if event["type"] == kind]
+
+
+def text(events: list[dict], kind: str = "stdout") -> str:
+    return "".join(event["text"] for event in of_type(events, kind))

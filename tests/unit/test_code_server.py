@@ -4,80 +4,28 @@ module: its kernels take a second or two to start."""
 
 import asyncio
 import base64
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from tests.code_server import host_code_server, of_type, request, run, text
 
 pytest.importorskip("ipykernel", reason="ipykernel is in requirements.lock: run make venv")
 pytest.importorskip("jupyter_client", reason="jupyter-client is in requirements.lock: run make venv")
 
-SERVER = Path(__file__).resolve().parents[2] / "images" / "templates" / "code-interpreter" / "mvm_code_server.py"
 MAX_OUTPUT_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
 def code_socket(tmp_path_factory):
     home = tmp_path_factory.mktemp("code-server")
-    socket_path = home / "code.sock"
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-        "IPYTHONDIR": str(home / "ipython"),
-        "MPLCONFIGDIR": str(home / "matplotlib"),
-    }
-    env.pop("MPLBACKEND", None)
-    argv = [sys.executable, str(SERVER), "--socket", str(socket_path), "--max-output-bytes", str(MAX_OUTPUT_BYTES)]
-    log = open(home / "server.log", "wb")
-    server = subprocess.Popen(argv, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not socket_path.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"the code server did not start: {(home / 'server.log').read_text()}")
-        time.sleep(0.05)
-    yield str(socket_path)
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-    log.close()
+    with host_code_server(home, max_output_bytes=MAX_OUTPUT_BYTES) as socket_path:
+        yield str(socket_path)
     assert not socket_path.exists(), "the server removes its socket when it stops"
 
 
-async def request(socket_path: str, message: dict) -> list[dict]:
-    """Sends one request; returns its reply lines (for `run`, every event up to `end`)."""
-    reader, writer = await asyncio.open_unix_connection(socket_path, limit=64 * 1024 * 1024)
-    try:
-        writer.write(json.dumps(message).encode() + b"\n")
-        await writer.drain()
-        events = []
-        while line := await asyncio.wait_for(reader.readline(), 60):
-            events.append(json.loads(line))
-            if message["op"] != "run" or events[-1]["type"] == "end" or events[-1].get("refused"):
-                break
-        return events
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
-async def run(socket_path: str, code: str, **fields) -> list[dict]:
-    return await request(socket_path, {"op": "run", "code": code, **fields})
-
-
-def of_type(events: list[dict], kind: str) -> list[dict]:
-    return [event for event in events if event["type"] == kind]
-
-
 def stdout(events: list[dict]) -> str:
-    return "".join(event["text"] for event in of_type(events, "stdout"))
+    return text(events)
 
 
 async def new_context(socket_path: str, **fields) -> str:

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from tests.code_server import host_code_server
-from tests.unit.test_code_server_languages import new_context, of_type, request, run, text
+from tests.code_server import host_code_server, of_type, request, run, text
+from tests.unit.test_code_server_languages import new_context
 
 pytest.importorskip("ipykernel", reason="ipykernel is in requirements.lock: run make venv")
 pytestmark = pytest.mark.timeout(120)

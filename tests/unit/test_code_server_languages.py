@@ -3,12 +3,11 @@ guest has Debian's): state persists between runs, output, errors, timeouts and i
 state, a process that dies is replaced on the next run."""
 
 import asyncio
-import json
 import shutil
 
 import pytest
 
-from tests.code_server import host_code_server
+from tests.code_server import host_code_server, of_type, request, run, text
 
 pytest.importorskip("ipykernel", reason="ipykernel is in requirements.lock: run make venv")
 pytestmark = pytest.mark.timeout(120)
@@ -19,35 +18,6 @@ needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 def code_socket(tmp_path_factory):
     with host_code_server(tmp_path_factory.mktemp("code-server-languages")) as socket_path:
         yield str(socket_path)
-
-
-async def request(socket_path: str, message: dict) -> list[dict]:
-    """Sends one request; returns its reply lines (for `run`, every event up to `end`)."""
-    reader, writer = await asyncio.open_unix_connection(socket_path, limit=64 * 1024 * 1024)
-    try:
-        writer.write(json.dumps(message).encode() + b"\n")
-        await writer.drain()
-        events = []
-        while line := await asyncio.wait_for(reader.readline(), 60):
-            events.append(json.loads(line))
-            if message["op"] != "run" or events[-1]["type"] == "end" or events[-1].get("refused"):
-                break
-        return events
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
-async def run(socket_path: str, code: str, **fields) -> list[dict]:
-    return await request(socket_path, {"op": "run", "code": code, **fields})
-
-
-def of_type(events: list[dict], kind: str) -> list[dict]:
-    return [event for event in events if event["type"] == kind]
-
-
-def text(events: list[dict], kind: str = "stdout") -> str:
-    return "".join(event["text"] for event in of_type(events, kind))
 
 
 async def new_context(socket_path: str, language: str, **fields) -> str:
