@@ -4,7 +4,7 @@ viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, Down
           ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports, RunCode
-          and code contexts), and
+          and code contexts, ForwardPort), and
           creates, builds and deletes its tenant's templates (publishing a public one takes an admin).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
           the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
@@ -20,6 +20,7 @@ AUTH = "/microvm.auth.v1.AuthService/"
 NODES = "/microvm.admin.v1.NodeService/"
 TEMPLATES = "/microvm.sandbox.v1.TemplateService/"
 CODE = "/microvm.sandbox.v1.CodeService/"
+PORTS = "/microvm.sandbox.v1.PortForwardService/"
 
 READ = (
     {
@@ -78,6 +79,7 @@ WRITE = (
         f"{CODE}{m}"
         for m in ("RunCode", "CreateCodeContext", "RestartCodeContext", "DeleteCodeContext", "InterruptCode")
     }
+    | {f"{PORTS}ForwardPort"}
 )
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN

@@ -31,7 +31,13 @@ from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unaut
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
-PUBLIC_PREFIXES = (permissions.SANDBOX, permissions.NODES, permissions.TEMPLATES, permissions.CODE)
+PUBLIC_PREFIXES = (
+    permissions.SANDBOX,
+    permissions.NODES,
+    permissions.TEMPLATES,
+    permissions.CODE,
+    permissions.PORTS,
+)
 
 
 def current_principal() -> auth_pb2.Principal | None:

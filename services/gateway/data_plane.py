@@ -33,6 +33,8 @@ from services.gateway.sandboxes import Sandboxes
 M = TypeVar("M", bound=Message)
 
 NODE_CHECK_SECONDS = 0.5
+# The first messages of bidirectional streams (ExecInteractive's config, ForwardPort's target).
+BIDI_OPENINGS = ("config", "target")
 
 
 def on_node(message: M, record: SandboxRecord, part: str = "") -> M:
@@ -105,7 +107,7 @@ class DataPlane:
         async for event in self._guarded(record, self.nodes.relay(record.node).Exec(forwarded, timeout=deadline)):
             yield event
 
-    async def _opening(self, requests, part: str, check) -> tuple:
+    async def opening(self, requests, part: str, check) -> tuple:
         """The first message of a client stream (it must carry `part`, which `check` validates) and the running
         sandbox it names. Refused, the stream is read to its end first (a bounded while): the caller then gets this
         status, not the INTERNAL its grpc reports for a call that ends under a write in flight (grpc/grpc#36066)."""
@@ -116,12 +118,12 @@ class DataPlane:
             check(getattr(first, part))
             return first, await self.sandboxes.running(getattr(first, part).sandbox)
         except ServiceError:
-            if part == "config":  # a bidirectional stream; client streams are drained by the error interceptor
+            if part in BIDI_OPENINGS:  # a bidirectional stream; client streams are drained by the error interceptor
                 await drain(requests)
             raise
 
     async def exec_interactive(self, requests, deadline: float | None):
-        first, record = await self._opening(requests, "config", lambda c: check_process(c.process))
+        first, record = await self.opening(requests, "config", lambda c: check_process(c.process))
         forwarded = on_node(first, record, "config")
         with_sandbox_env(forwarded.config.process, record)
 
@@ -135,7 +137,7 @@ class DataPlane:
             yield event
 
     async def write_file(self, requests, deadline: float | None) -> api.WriteFileResponse:
-        first, record = await self._opening(requests, "header", lambda h: (check_path(h.path), check_mode(h.mode)))
+        first, record = await self.opening(requests, "header", lambda h: (check_path(h.path), check_mode(h.mode)))
         forwarded = on_node(first, record, "header")
 
         async def upstream():
@@ -156,7 +158,7 @@ class DataPlane:
             yield chunk
 
     async def upload_archive(self, requests, deadline: float | None) -> api.UploadArchiveResponse:
-        first, record = await self._opening(requests, "header", lambda h: check_path(h.path))
+        first, record = await self.opening(requests, "header", lambda h: check_path(h.path))
         forwarded = on_node(first, record, "header")
 
         async def upstream():

@@ -11,6 +11,8 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import (
     code_service_pb2,
     code_service_pb2_grpc,
+    port_forward_service_pb2,
+    port_forward_service_pb2_grpc,
     sandbox_service_pb2,
     sandbox_service_pb2_grpc,
     template_service_pb2,
@@ -29,6 +31,7 @@ from services.gateway.http import HttpGateway
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
+from services.gateway.port_forward import PortForwardServicer
 from services.gateway.quotas import QuotaClient
 from services.gateway.records import SandboxStore
 from services.gateway.sandboxes import Sandboxes
@@ -88,6 +91,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     )
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
     code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(CodeOps(gateway.data)), server)
+    port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(PortForwardServicer(gateway.data), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
@@ -117,4 +121,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
         template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
         code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
+        port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
     ]

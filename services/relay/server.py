@@ -9,7 +9,14 @@ The relay of a node owns every agent channel on it. It serves
 from __future__ import annotations
 
 from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
-from microvm.sandbox.v1 import code_service_pb2, code_service_pb2_grpc, sandbox_service_pb2, sandbox_service_pb2_grpc
+from microvm.sandbox.v1 import (
+    code_service_pb2,
+    code_service_pb2_grpc,
+    port_forward_service_pb2,
+    port_forward_service_pb2_grpc,
+    sandbox_service_pb2,
+    sandbox_service_pb2_grpc,
+)
 from microvm.types.v1 import vm_pb2
 from services.common.records import CHANNEL_INCIDENTS, Records
 from services.common.server import ServiceContext
@@ -22,6 +29,7 @@ from services.relay.code import GuestCode
 from services.relay.files import GuestFiles
 from services.relay.guest_clock import sync_all, sync_quietly
 from services.relay.guest_control import GuestControl
+from services.relay.port_forward import GuestPorts
 from services.relay.processes import GuestProcesses
 from services.relay.vms import NodeVms, target_of
 from services.relay.watch import GuestWatches
@@ -126,6 +134,15 @@ class CodeServicer(code_service_pb2_grpc.CodeServiceServicer):
         return await self.code.interrupt(request)
 
 
+class PortForwardServicer(port_forward_service_pb2_grpc.PortForwardServiceServicer):
+    def __init__(self, ports: GuestPorts) -> None:
+        self.ports = ports
+
+    async def ForwardPort(self, request_iterator, context):
+        async for event in self.ports.forward(request_iterator):
+            yield event
+
+
 class GuestControlServicer(relay_pb2_grpc.GuestControlServiceServicer):
     def __init__(self, control: GuestControl) -> None:
         self.control = control
@@ -206,8 +223,12 @@ async def wire(server, context: ServiceContext[RelaySettings]) -> list[str]:
         DataPlaneServicer(relay.processes, relay.files), server
     )
     code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(GuestCode(relay.open_stream)), server)
+    port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(
+        PortForwardServicer(GuestPorts(relay.open_stream)), server
+    )
     relay_pb2_grpc.add_GuestControlServiceServicer_to_server(GuestControlServicer(relay.control), server)
     return [
+        port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
         code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         relay_pb2.DESCRIPTOR.services_by_name["GuestControlService"].full_name,
