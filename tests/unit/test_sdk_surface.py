@@ -8,11 +8,21 @@ import inspect
 import pytest
 
 import microvm_sandbox
-from microvm_sandbox import AsyncClient, AsyncSandbox, AsyncSnapshot, Client, Sandbox, Snapshot
+from microvm_sandbox import (
+    AsyncClient,
+    AsyncPortForward,
+    AsyncSandbox,
+    AsyncSnapshot,
+    Client,
+    PortForward,
+    Sandbox,
+    Snapshot,
+)
 
-PAIRS = [(AsyncSandbox, Sandbox), (AsyncSnapshot, Snapshot)]
-# What only one side has, and why: the sync side wraps the async one (`aio`, `wrap`), the async one binds messages.
-ONE_SIDED = {"aio", "wrap", "bound_to", "message", "client", "refresh"}
+PAIRS = [(AsyncSandbox, Sandbox), (AsyncSnapshot, Snapshot), (AsyncPortForward, PortForward)]
+# What only one side has, and why: the sync side wraps the async one (`aio`, `wrap`), the async one binds messages
+# and starts itself when awaited (`start`).
+ONE_SIDED = {"aio", "wrap", "bound_to", "message", "client", "refresh", "start"}
 
 
 def public(cls) -> dict[str, object]:
@@ -49,7 +59,9 @@ def test_clients_mirror_each_other():
         assert parameters(asynchronous[name]) == parameters(synchronous[name]), name
 
 
-@pytest.mark.parametrize("cls", [AsyncSandbox, Sandbox, AsyncClient, Client, AsyncSnapshot, Snapshot])
+@pytest.mark.parametrize(
+    "cls", [AsyncSandbox, Sandbox, AsyncClient, Client, AsyncSnapshot, Snapshot, AsyncPortForward, PortForward]
+)
 def test_no_public_method_takes_untyped_keyword_arguments_and_all_are_documented(cls):
     assert cls.__doc__
     for name, member in public(cls).items():

@@ -64,6 +64,8 @@ from microvm_sandbox.models import (
     Stdout,
     egress_policy,
 )
+from microvm_sandbox.port_forward import AsyncPortForward
+from microvm_sandbox.port_forward_sync import PortForward
 from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
 from microvm_sandbox.template import Template
 from microvm_sandbox.templates import AsyncBuildStream, AsyncTemplates, BuildProgress
@@ -91,6 +93,7 @@ __all__ = [
     "AsyncClient",
     "AsyncCommandHandle",
     "AsyncExecStream",
+    "AsyncPortForward",
     "AsyncPtyHandle",
     "AsyncSandbox",
     "AsyncSnapshot",
@@ -118,6 +121,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ProcessInfo",
+    "PortForward",
     "ProcessNotFound",
     "PtyHandle",
     "QuotaExceededError",

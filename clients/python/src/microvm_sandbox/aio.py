@@ -46,6 +46,7 @@ from microvm_sandbox.models import (
     state_name,
 )
 from microvm_sandbox.output import OutputCallback
+from microvm_sandbox.port_forward import AsyncPortForwardMethods
 from microvm_sandbox.sandbox_exec import AsyncExecMethods
 from microvm_sandbox.sandbox_network import AsyncNetworkMethods
 from microvm_sandbox.snapshots import AsyncSnapshot, AsyncSnapshotMethods
@@ -105,7 +106,9 @@ class _Creating:
             await self._sandbox.kill()
 
 
-class AsyncSandbox(AsyncExecMethods, AsyncCodeMethods, AsyncSnapshotMethods, AsyncNetworkMethods):
+class AsyncSandbox(
+    AsyncExecMethods, AsyncCodeMethods, AsyncSnapshotMethods, AsyncNetworkMethods, AsyncPortForwardMethods
+):
     """A running sandbox: a disposable Linux microVM. Make one with `create()`, `connect()` or `restore()`;
     `kill()` (or leaving `async with`) deletes it. `message` is the server's last description of it."""
 

@@ -19,6 +19,7 @@ from microvm_sandbox.code_sync import CodeMethods
 from microvm_sandbox.exec_stream import ExecStream
 from microvm_sandbox.files_sync import Files
 from microvm_sandbox.models import ConsoleOutput, FileEntry, SandboxInfo, SnapshotInfo
+from microvm_sandbox.port_forward_sync import PortForwardMethods
 from microvm_sandbox.sandbox_exec import ExecMethods
 from microvm_sandbox.sandbox_network import NetworkMethods
 from microvm_sandbox.snapshots import Snapshot, SnapshotMethods
@@ -91,7 +92,7 @@ def _client(client: Client | None) -> AsyncClient | None:
     return client.aio if client else None
 
 
-class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods):
+class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods, PortForwardMethods):
     """A running sandbox: a disposable Linux microVM (the sync twin of `AsyncSandbox`). Make one with
     `create()`, `connect()` or `restore()`; `kill()` (or leaving `with`) deletes it."""
 
