@@ -1,6 +1,7 @@
 """mvm: the command line for MicroVM Sandbox.
 
   sandboxes   create, ls, get, exec, run, cp, rm, pause, resume, timeout, console, expose, unexpose, egress
+  ports       port-forward ID [LOCAL:]GUEST... (local ports to ports on the sandbox's loopback)
   processes   exec ID --background, ps ID, attach ID PID, kill ID PID
   code        code ID [FILE|-] (a kernel that keeps state), code-context [ls|create|restart|interrupt|rm]
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
@@ -24,7 +25,7 @@ import sys
 import traceback
 
 from microvm_sandbox import CommandNotFound
-from mvm_cli import code, completion, nodes, processes, sandboxes, snapshots, templates
+from mvm_cli import code, completion, nodes, port_forward, processes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     sandboxes.register(sub)
     processes.register(sub)  # after sandboxes: it adds --background to their `exec`
+    port_forward.register(sub)
     code.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
