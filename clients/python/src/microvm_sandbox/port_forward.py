@@ -130,6 +130,8 @@ class AsyncPortForward:
         try:
             await asyncio.wait({receiving})  # a cancelled send cancels the call, and with it `receiving`
             failure = None if receiving.cancelled() else receiving.exception()
+        except asyncio.CancelledError:
+            pass  # close() ends the connection; the task must not end cancelled (asyncio 3.11 logs that as an error)
         finally:
             call.cancel()  # nothing when it ended
             sending.cancel()
