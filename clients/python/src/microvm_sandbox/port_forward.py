@@ -123,28 +123,32 @@ class AsyncPortForward:
             _reset(writer)
             return
         self._connections.add(task)
+        try:
+            await self._forward(reader, writer)
+        except asyncio.CancelledError:  # close(): what the local side has not read yet is dropped
+            writer.transport.abort()  # and the task must not end cancelled (asyncio 3.11 logs that as an error)
+        finally:
+            self._connections.discard(task)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         call = self._stub.ForwardPort(metadata=self._client.metadata)
         sending = asyncio.create_task(self._send(reader, call), name="port-forward-send")
         receiving = asyncio.create_task(self._receive(call, writer), name="port-forward-receive")
-        failure: BaseException | None = None
         try:
-            await asyncio.wait({receiving})  # a cancelled send cancels the call, and with it `receiving`
-            failure = None if receiving.cancelled() else receiving.exception()
-        except asyncio.CancelledError:
-            pass  # close() ends the connection; the task must not end cancelled (asyncio 3.11 logs that as an error)
+            await asyncio.wait({receiving})  # a failed local side cancels the call, and with it `receiving`
         finally:
             call.cancel()  # nothing when it ended
             sending.cancel()
             receiving.cancel()
             await asyncio.gather(sending, receiving, return_exceptions=True)
-            self._connections.discard(task)
-            if failure is None:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-            else:
-                self._failed(failure)  # first: whoever sees the reset finds the error kept
-                _reset(writer)
+        failure = None if receiving.cancelled() else receiving.exception()
+        if failure is not None:
+            self._failed(failure)  # first: whoever sees the reset finds the error kept
+            _reset(writer)
+            return
+        writer.close()  # after what the guest's server sent: the local client reads it all, then EOF
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
     async def _send(self, reader: asyncio.StreamReader, call: Any) -> None:
         """The local side's bytes, then `close_write` at its EOF. A call that ended is left to `_receive` to
