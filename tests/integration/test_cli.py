@@ -157,7 +157,7 @@ def test_snapshots_list_show_and_rm_and_fork_leaves_none(mvm, sandbox_id):
 
 def test_run_creates_runs_and_deletes(mvm, sandbox_id, run_label):
     result = mvm("run", "--label", run_label, "--env", "A=1", "--", "sh", "-c", "echo $A; exit 4")
-    assert (result.returncode, result.stdout) == (4, "1\n")
+    assert (result.returncode, result.stdout) == (4, "1\n"), result.stderr
     assert mvm.ok("ls", "--label", run_label, "-q").split() == [sandbox_id]  # its own sandbox is gone
 
 
