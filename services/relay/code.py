@@ -12,16 +12,14 @@ import json
 import re
 
 from microvm.sandbox.v1 import code_service_pb2 as api
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ServiceError
 from services.common.validation import check_env, check_path
 from services.relay.code_events import context_of, refusal, responses_of
-from services.relay.guest_io import sandbox_id
-from services.relay.tunnel import GuestTunnel
+from services.relay.guest_server import GuestServer
 
 CODE_SOCKET = "/run/mvm-code.sock"
 KEEPALIVE_SECONDS = 10.0
 MAX_CODE_BYTES = 1 << 20
-MAX_LINE_BYTES = 64 << 20  # one event: a result with its images (the code server bounds a run at 16 MiB)
 MAX_ENV = 256
 DEFAULT_TIMEOUT_SECONDS = 300.0
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
@@ -68,68 +66,28 @@ def run_request(request: api.RunCodeRequest) -> dict:
 
 class GuestCode:
     def __init__(self, open_stream) -> None:
-        self.open_stream = open_stream
-
-    async def _connect(self, sandbox: str) -> GuestTunnel:
-        stream = await self.open_stream(sandbox_id(sandbox))
-        try:
-            return await GuestTunnel.open(stream, unix_path=CODE_SOCKET)
-        except (NotFound, Unavailable) as exc:
-            if exc.reason not in ("SOCKET_NOT_FOUND", "CONNECTION_REFUSED"):
-                raise
-            raise FailedPrecondition(
-                f"{sandbox} has no code interpreter (nothing listens at {CODE_SOCKET}): create the sandbox from the "
-                "`code-interpreter` template or one built on it, or use Exec for one-off scripts",
-                reason="CODE_INTERPRETER_MISSING",
-            ) from None
-
-    @staticmethod
-    async def _answer(tunnel: GuestTunnel) -> dict:
-        try:
-            line = await tunnel.readline(MAX_LINE_BYTES)
-        except ValueError:
-            raise FailedPrecondition(
-                f"the sandbox's code server sent an event over {MAX_LINE_BYTES} bytes", reason="CODE_SERVER_FAILED"
-            ) from None
-        if not line:
-            raise Unavailable("the sandbox's code server closed the connection", reason="CODE_SERVER_GONE")
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            raise FailedPrecondition(
-                "the sandbox's code server answered something that is not JSON", reason="CODE_SERVER_FAILED"
-            ) from None
-        if not isinstance(answer, dict):
-            raise FailedPrecondition("the sandbox's code server answered a non-object", reason="CODE_SERVER_FAILED")
-        if answer.get("refused"):
-            raise refusal(answer)
-        return answer
-
-    async def call(self, sandbox: str, request: dict, expect: str) -> dict:
-        """One request, one answer of type `expect`."""
-        tunnel = await self._connect(sandbox)
-        try:
-            await tunnel.write(json.dumps(request).encode() + b"\n")
-            answer = await self._answer(tunnel)
-            if answer.get("type") != expect:
-                raise FailedPrecondition(
-                    f"the sandbox's code server answered {answer.get('type')!r} to {request['op']}",
-                    reason="CODE_SERVER_FAILED",
-                )
-            return answer
-        finally:
-            await tunnel.close()
+        self.server = GuestServer(
+            open_stream,
+            CODE_SOCKET,
+            "code server",
+            "code interpreter: create the sandbox from the `code-interpreter` template or one built on it, or use "
+            "Exec for one-off scripts",
+            "CODE_INTERPRETER_MISSING",
+            "CODE_SERVER_FAILED",
+            refusal,
+        )
+        self.call = self.server.call
 
     async def run(self, request: api.RunCodeRequest):
         message = run_request(request)
         context = request.context or default_context(request.language)
-        tunnel = await self._connect(request.sandbox)
+        tunnel = await self.server.connect(request.sandbox)
         ended = False
         try:
             await tunnel.write(json.dumps(message).encode() + b"\n")
             while True:
                 try:
-                    event = await asyncio.wait_for(self._answer(tunnel), KEEPALIVE_SECONDS)
+                    event = await asyncio.wait_for(self.server.answer(tunnel), KEEPALIVE_SECONDS)
                 except TimeoutError:
                     yield api.RunCodeResponse(keepalive={})
                     continue
