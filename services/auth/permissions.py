@@ -1,10 +1,11 @@
 """Who may call what: the permission matrix per public RPC, by role.
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
-          ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts.
+          ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts; desktop screenshots,
+          GetDesktop and WaitForScreen.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports, RunCode
-          and code contexts, ForwardPort), and
+          and code contexts, ForwardPort, desktop actions and recordings), and
           creates, builds and deletes its tenant's templates (publishing a public one takes an admin).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
           the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
@@ -21,6 +22,7 @@ NODES = "/microvm.admin.v1.NodeService/"
 TEMPLATES = "/microvm.sandbox.v1.TemplateService/"
 CODE = "/microvm.sandbox.v1.CodeService/"
 PORTS = "/microvm.sandbox.v1.PortForwardService/"
+DESKTOP = "/microvm.sandbox.v1.DesktopService/"
 
 READ = (
     {
@@ -46,6 +48,7 @@ READ = (
         for m in ("GetTemplate", "WatchTemplateBuild", "GetTemplateBuild", "ListTemplateBuilds", "GetTemplateBuildLog")
     }
     | {f"{CODE}ListCodeContexts"}
+    | {f"{DESKTOP}{m}" for m in ("Screenshot", "GetDesktop", "WaitForScreen")}
 )
 WRITE = (
     {
@@ -80,6 +83,7 @@ WRITE = (
         for m in ("RunCode", "CreateCodeContext", "RestartCodeContext", "DeleteCodeContext", "InterruptCode")
     }
     | {f"{PORTS}ForwardPort"}
+    | {f"{DESKTOP}{m}" for m in ("DesktopAction", "StartRecording", "StopRecording")}
 )
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN

@@ -37,6 +37,7 @@ PUBLIC_PREFIXES = (
     permissions.TEMPLATES,
     permissions.CODE,
     permissions.PORTS,
+    permissions.DESKTOP,
 )
 
 

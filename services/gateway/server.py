@@ -11,6 +11,8 @@ from microvm.admin.v1 import nodes_pb2, nodes_pb2_grpc
 from microvm.sandbox.v1 import (
     code_service_pb2,
     code_service_pb2_grpc,
+    desktop_service_pb2,
+    desktop_service_pb2_grpc,
     port_forward_service_pb2,
     port_forward_service_pb2_grpc,
     sandbox_service_pb2,
@@ -26,6 +28,7 @@ from services.gateway.access import AccessInterceptor
 from services.gateway.code import CodeOps, CodeServicer
 from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
+from services.gateway.desktop import DesktopServicer
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
 from services.gateway.node_admin import NodeAdmin
@@ -92,6 +95,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
     code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(CodeOps(gateway.data)), server)
     port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(PortForwardServicer(gateway.data), server)
+    desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(gateway.data), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
@@ -122,4 +126,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
         code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
         port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
+        desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
     ]

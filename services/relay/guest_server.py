@@ -57,13 +57,13 @@ class GuestServer:
             raise self.refusal(answer)
         return answer
 
-    async def call(self, sandbox: str, request: dict, expect: str) -> dict:
-        """One request, one answer of type `expect`."""
+    async def call(self, sandbox: str, request: dict, expect: str | tuple[str, ...]) -> dict:
+        """One request, one answer of type `expect` (or one of them)."""
         tunnel = await self.connect(sandbox)
         try:
             await tunnel.write(json.dumps(request).encode() + b"\n")
             answer = await self.answer(tunnel)
-            if answer.get("type") != expect:
+            if answer.get("type") not in ((expect,) if isinstance(expect, str) else expect):
                 raise self._failed(f"answered {answer.get('type')!r} to {request['op']}")
             return answer
         finally:

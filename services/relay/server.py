@@ -12,6 +12,8 @@ from microvm.relay.v1 import relay_pb2, relay_pb2_grpc
 from microvm.sandbox.v1 import (
     code_service_pb2,
     code_service_pb2_grpc,
+    desktop_service_pb2,
+    desktop_service_pb2_grpc,
     port_forward_service_pb2,
     port_forward_service_pb2_grpc,
     sandbox_service_pb2,
@@ -26,6 +28,7 @@ from services.relay.archives import GuestArchives
 from services.relay.background import GuestBackground
 from services.relay.channel_pool import ChannelPool
 from services.relay.code import GuestCode
+from services.relay.desktop import GuestDesktop
 from services.relay.files import GuestFiles
 from services.relay.guest_clock import sync_all, sync_quietly
 from services.relay.guest_control import GuestControl
@@ -134,6 +137,31 @@ class CodeServicer(code_service_pb2_grpc.CodeServiceServicer):
         return await self.code.interrupt(request)
 
 
+class DesktopServicer(desktop_service_pb2_grpc.DesktopServiceServicer):
+    """The public DesktopService on this node's guests (the gateway forwards callers' calls here)."""
+
+    def __init__(self, desktop: GuestDesktop) -> None:
+        self.desktop = desktop
+
+    async def Screenshot(self, request, context):
+        return await self.desktop.screenshot(request)
+
+    async def GetDesktop(self, request, context):
+        return await self.desktop.describe(request)
+
+    async def DesktopAction(self, request, context):
+        return await self.desktop.act(request)
+
+    async def WaitForScreen(self, request, context):
+        return await self.desktop.wait(request)
+
+    async def StartRecording(self, request, context):
+        return await self.desktop.start_recording(request)
+
+    async def StopRecording(self, request, context):
+        return await self.desktop.stop_recording(request)
+
+
 class PortForwardServicer(port_forward_service_pb2_grpc.PortForwardServiceServicer):
     def __init__(self, ports: GuestPorts) -> None:
         self.ports = ports
@@ -226,9 +254,13 @@ async def wire(server, context: ServiceContext[RelaySettings]) -> list[str]:
     port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(
         PortForwardServicer(GuestPorts(relay.open_stream)), server
     )
+    desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(
+        DesktopServicer(GuestDesktop(relay.open_stream)), server
+    )
     relay_pb2_grpc.add_GuestControlServiceServicer_to_server(GuestControlServicer(relay.control), server)
     return [
         port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
+        desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
         code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         relay_pb2.DESCRIPTOR.services_by_name["GuestControlService"].full_name,
