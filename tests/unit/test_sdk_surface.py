@@ -10,16 +10,26 @@ import pytest
 import microvm_sandbox
 from microvm_sandbox import (
     AsyncClient,
+    AsyncDesktop,
     AsyncPortForward,
+    AsyncRecording,
     AsyncSandbox,
     AsyncSnapshot,
     Client,
+    Desktop,
     PortForward,
+    Recording,
     Sandbox,
     Snapshot,
 )
 
-PAIRS = [(AsyncSandbox, Sandbox), (AsyncSnapshot, Snapshot), (AsyncPortForward, PortForward)]
+PAIRS = [
+    (AsyncSandbox, Sandbox),
+    (AsyncSnapshot, Snapshot),
+    (AsyncPortForward, PortForward),
+    (AsyncDesktop, Desktop),
+    (AsyncRecording, Recording),
+]
 # What only one side has, and why: the sync side wraps the async one (`aio`, `wrap`), the async one binds messages
 # and starts itself when awaited (`start`).
 ONE_SIDED = {"aio", "wrap", "bound_to", "message", "client", "refresh", "start"}
@@ -59,9 +69,7 @@ def test_clients_mirror_each_other():
         assert parameters(asynchronous[name]) == parameters(synchronous[name]), name
 
 
-@pytest.mark.parametrize(
-    "cls", [AsyncSandbox, Sandbox, AsyncClient, Client, AsyncSnapshot, Snapshot, AsyncPortForward, PortForward]
-)
+@pytest.mark.parametrize("cls", [cls for pair in PAIRS for cls in pair] + [AsyncClient, Client])
 def test_no_public_method_takes_untyped_keyword_arguments_and_all_are_documented(cls):
     assert cls.__doc__
     for name, member in public(cls).items():

@@ -9,6 +9,10 @@
         sb.run_code("x = 41")
         print(sb.run_code("x + 1").text)                        # 42
 
+    with Sandbox.create("desktop") as sb:                      # computer use: microvm_sandbox.desktop
+        sb.desktop.left_click(100, 200)
+        png = sb.desktop.screenshot()
+
 Templates: `Template` describes one (a Dockerfile, an mvm.yaml recipe, or a recipe in code), `client.templates`
 builds and manages them (microvm_sandbox.templates). Errors are `SandboxError` subclasses
 (`microvm_sandbox.errors`); types are checked (`py.typed`).
@@ -23,6 +27,9 @@ from microvm_sandbox.aio import (
 from microvm_sandbox.code_models import CodeContext, Execution, ExecutionError, Logs, Result
 from microvm_sandbox.commands import AsyncCommandHandle, ProcessInfo
 from microvm_sandbox.commands_sync import CommandHandle
+from microvm_sandbox.desktop import AsyncDesktop, AsyncRecording
+from microvm_sandbox.desktop_models import RecordingInfo, Window
+from microvm_sandbox.desktop_sync import Desktop, Recording
 from microvm_sandbox.errors import (
     AuthenticationError,
     CodeContextNotFound,
@@ -31,6 +38,7 @@ from microvm_sandbox.errors import (
     ConflictError,
     DataLossError,
     DeadlineExceededError,
+    DesktopMissing,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -47,6 +55,8 @@ from microvm_sandbox.errors import (
     TimeoutError,
     UnavailableError,
     UnimplementedError,
+    UnknownKey,
+    WindowNotFound,
 )
 from microvm_sandbox.file_types import EntryInfo, FilesystemEvent, FilesystemEventType, WriteInfo
 from microvm_sandbox.files import AsyncFiles, AsyncWatchHandle
@@ -91,6 +101,8 @@ __all__ = [
     "AsyncWatchHandle",
     "AsyncFiles",
     "AsyncClient",
+    "AsyncDesktop",
+    "AsyncRecording",
     "AsyncCommandHandle",
     "AsyncExecStream",
     "AsyncPortForward",
@@ -108,6 +120,8 @@ __all__ = [
     "ConsoleOutput",
     "DataLossError",
     "DeadlineExceededError",
+    "Desktop",
+    "DesktopMissing",
     "ExecEvent",
     "ExecResult",
     "ExecStream",
@@ -125,6 +139,8 @@ __all__ = [
     "ProcessNotFound",
     "PtyHandle",
     "QuotaExceededError",
+    "Recording",
+    "RecordingInfo",
     "RateLimitedError",
     "Result",
     "Sandbox",
@@ -140,5 +156,8 @@ __all__ = [
     "TimeoutError",
     "UnavailableError",
     "UnimplementedError",
+    "UnknownKey",
+    "Window",
+    "WindowNotFound",
     "egress_policy",
 ]

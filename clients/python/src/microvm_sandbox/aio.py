@@ -28,6 +28,7 @@ from microvm_sandbox.client import (
     snapshot_name,
 )
 from microvm_sandbox.code import AsyncCodeMethods
+from microvm_sandbox.desktop import AsyncDesktopMethods
 from microvm_sandbox.errors import InvalidArgumentError, SandboxError, from_rpc_error
 from microvm_sandbox.exec_stream import AsyncExecStream, duration
 from microvm_sandbox.files import AsyncFiles
@@ -107,7 +108,12 @@ class _Creating:
 
 
 class AsyncSandbox(
-    AsyncExecMethods, AsyncCodeMethods, AsyncSnapshotMethods, AsyncNetworkMethods, AsyncPortForwardMethods
+    AsyncExecMethods,
+    AsyncCodeMethods,
+    AsyncSnapshotMethods,
+    AsyncNetworkMethods,
+    AsyncPortForwardMethods,
+    AsyncDesktopMethods,
 ):
     """A running sandbox: a disposable Linux microVM. Make one with `create()`, `connect()` or `restore()`;
     `kill()` (or leaving `async with`) deletes it. `message` is the server's last description of it."""

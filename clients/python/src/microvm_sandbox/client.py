@@ -11,7 +11,13 @@ from typing import Any
 
 import grpc
 
-from microvm.sandbox.v1 import code_service_pb2_grpc, sandbox_pb2, sandbox_service_pb2_grpc, template_pb2
+from microvm.sandbox.v1 import (
+    code_service_pb2_grpc,
+    desktop_service_pb2_grpc,
+    sandbox_pb2,
+    sandbox_service_pb2_grpc,
+    template_pb2,
+)
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import SandboxError, UnavailableError, from_rpc_error
 from microvm_sandbox.models import SnapshotInfo
@@ -67,6 +73,8 @@ class AsyncClient:
         self.stub = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)  # type: ignore[no-untyped-call]
         # The gateway serves the CodeService (run_code, code contexts) on the same address.
         self.code_stub = code_service_pb2_grpc.CodeServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        # And the DesktopService (`sandbox.desktop`: microvm_sandbox.desktop).
+        self.desktop_stub = desktop_service_pb2_grpc.DesktopServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     async def call(
         self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None, stub: Any = None

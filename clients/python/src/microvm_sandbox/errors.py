@@ -7,9 +7,11 @@
     │   ├── TemplateNotFound          reason TEMPLATE_NOT_FOUND (`.template`)
     │   ├── CommandNotFound           reason COMMAND_NOT_FOUND: the program (or run_script's interpreter) is missing
     │   ├── ProcessNotFound           reason PROCESS_NOT_FOUND: no background process with that pid (`.pid`)
-    │   └── CodeContextNotFound       reason CODE_CONTEXT_NOT_FOUND: no code context with that id (`.context`)
+    │   ├── CodeContextNotFound       reason CODE_CONTEXT_NOT_FOUND: no code context with that id (`.context`)
+    │   └── WindowNotFound            reason WINDOW_NOT_FOUND: no desktop window with that id
     ├── TimeoutError                  DEADLINE_EXCEEDED (also a builtin TimeoutError; alias DeadlineExceededError)
     ├── InvalidArgumentError          INVALID_ARGUMENT, OUT_OF_RANGE
+    │   └── UnknownKey                reason UNKNOWN_KEY: a key name the desktop does not know (the message lists them)
     ├── PermissionDeniedError         PERMISSION_DENIED
     ├── AuthenticationError           UNAUTHENTICATED
     ├── QuotaExceededError            RESOURCE_EXHAUSTED
@@ -18,7 +20,8 @@
     ├── ConflictError                 ALREADY_EXISTS, ABORTED
     ├── FailedPreconditionError       FAILED_PRECONDITION (e.g. the sandbox is not running)
     │   ├── TemplateInUse             reason TEMPLATE_IN_USE: delete(force=True) deletes it anyway
-    │   └── CodeInterpreterMissing    reason CODE_INTERPRETER_MISSING: the template has no code server (run_code)
+    │   ├── CodeInterpreterMissing    reason CODE_INTERPRETER_MISSING: the template has no code server (run_code)
+    │   └── DesktopMissing            reason DESKTOP_MISSING: the sandbox has no display (sandbox.desktop)
     ├── DataLossError                 DATA_LOSS (a corrupt snapshot)
     ├── UnimplementedError            UNIMPLEMENTED
     └── TemplateBuildFailed           a template build ended FAILED (no status: the call itself succeeded)
@@ -62,6 +65,10 @@ class SandboxError(Exception):
 
 class InvalidArgumentError(SandboxError):
     """The request was refused as malformed or out of bounds (INVALID_ARGUMENT, OUT_OF_RANGE)."""
+
+
+class UnknownKey(InvalidArgumentError):
+    """`desktop.press` named a key the desktop does not know; the message lists the valid names and aliases."""
 
 
 class NotFoundError(SandboxError):
@@ -120,6 +127,10 @@ class CodeContextNotFound(NotFoundError):
         return self.metadata.get("context", "")
 
 
+class WindowNotFound(NotFoundError):
+    """The desktop has no window with that id (any more): `desktop.windows()` lists those there are."""
+
+
 class ConflictError(SandboxError):
     """ALREADY_EXISTS, or ABORTED (a concurrent change won; retrying may succeed)."""
 
@@ -135,6 +146,11 @@ class TemplateInUse(FailedPreconditionError):
 class CodeInterpreterMissing(FailedPreconditionError):
     """The sandbox's template has no code server, so `run_code` and code contexts cannot work there: create the
     sandbox from `code-interpreter` (or a template built from it), or use `run_script` for a one-shot run."""
+
+
+class DesktopMissing(FailedPreconditionError):
+    """The sandbox has no display, so `sandbox.desktop` cannot work there: create it from the `desktop` template (or
+    a template built from it)."""
 
 
 class AuthenticationError(SandboxError):
@@ -219,6 +235,9 @@ BY_REASON: dict[str, type[SandboxError]] = {
     "PROCESS_NOT_FOUND": ProcessNotFound,
     "CODE_CONTEXT_NOT_FOUND": CodeContextNotFound,
     "CODE_INTERPRETER_MISSING": CodeInterpreterMissing,
+    "DESKTOP_MISSING": DesktopMissing,
+    "WINDOW_NOT_FOUND": WindowNotFound,
+    "UNKNOWN_KEY": UnknownKey,
     "RATE_LIMITED": RateLimitedError,
 }
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from microvm.sandbox.v1 import sandbox_pb2, template_pb2
 from microvm_sandbox.aio import AsyncClient, AsyncSandbox, list_sandboxes, list_snapshots
 from microvm_sandbox.code_sync import CodeMethods
+from microvm_sandbox.desktop_sync import DesktopMethods
 from microvm_sandbox.exec_stream import ExecStream
 from microvm_sandbox.files_sync import Files
 from microvm_sandbox.models import ConsoleOutput, FileEntry, SandboxInfo, SnapshotInfo
@@ -92,7 +93,7 @@ def _client(client: Client | None) -> AsyncClient | None:
     return client.aio if client else None
 
 
-class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods, PortForwardMethods):
+class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods, PortForwardMethods, DesktopMethods):
     """A running sandbox: a disposable Linux microVM (the sync twin of `AsyncSandbox`). Make one with
     `create()`, `connect()` or `restore()`; `kill()` (or leaving `with`) deletes it."""
 
