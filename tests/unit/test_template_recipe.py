@@ -209,7 +209,7 @@ BUILT_IN = sorted(path.parent.name for path in (REPO / "images" / "templates").g
 
 
 def test_the_built_in_recipes_are_the_known_ones():
-    assert BUILT_IN == ["code-interpreter", "python", "web"]
+    assert BUILT_IN == ["code-interpreter", "desktop", "python", "web"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
