@@ -4,6 +4,7 @@
   ports       port-forward ID [LOCAL:]GUEST... (local ports to ports on the sandbox's loopback)
   processes   exec ID --background, ps ID, attach ID PID, kill ID PID
   code        code ID [FILE|-] (a kernel that keeps state), code-context [ls|create|restart|interrupt|rm]
+  desktop     desktop ID screenshot|click|move|drag|type|press|scroll|launch|windows|focus|close|wait|record
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
   cluster     nodes [get|cordon|uncordon|drain] (operators)
@@ -25,7 +26,7 @@ import sys
 import traceback
 
 from microvm_sandbox import CommandNotFound
-from mvm_cli import code, completion, nodes, port_forward, processes, sandboxes, snapshots, templates
+from mvm_cli import code, completion, desktop, nodes, port_forward, processes, sandboxes, snapshots, templates
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     processes.register(sub)  # after sandboxes: it adds --background to their `exec`
     port_forward.register(sub)
     code.register(sub)
+    desktop.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
     else:

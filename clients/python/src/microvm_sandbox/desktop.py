@@ -187,6 +187,13 @@ class AsyncDesktop:
         `async with` it to stop at the end. One recording at a time per sandbox."""
         return _RecordingStart(AsyncRecording(self, path or "", fps))
 
+    async def stop_recording(self) -> RecordingInfo:
+        """Stops the sandbox's recording, whoever started it (e.g. another process: `Recording.stop` is the usual
+        way); returns the finished file's RecordingInfo."""
+        request = desktop_api.StopRecordingRequest(sandbox=self.sandbox.name)
+        reply = await self._call("StopRecording", request)
+        return RecordingInfo(reply.path, reply.size_bytes, _seconds(reply.duration))
+
     def __repr__(self) -> str:
         return f"<AsyncDesktop {self.sandbox.name}>"
 
@@ -210,10 +217,8 @@ class AsyncRecording:
     async def stop(self) -> RecordingInfo:
         """Stops recording; returns the finished file's RecordingInfo (the same one when called again)."""
         if self.info is None:
-            request = desktop_api.StopRecordingRequest(sandbox=self.desktop.sandbox.name)
-            reply = await self.desktop._call("StopRecording", request)
-            self.info = RecordingInfo(reply.path, reply.size_bytes, _seconds(reply.duration))
-            self.path = reply.path or self.path
+            self.info = await self.desktop.stop_recording()
+            self.path = self.info.path or self.path
         return self.info
 
     async def download(self, local_path: str | Path) -> Path:

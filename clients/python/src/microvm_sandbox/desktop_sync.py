@@ -116,6 +116,10 @@ class Desktop:
         started = self._loop.run(self.aio.record(path, fps))
         return Recording(started, self._loop)
 
+    def stop_recording(self) -> RecordingInfo:
+        """Stops the sandbox's recording, whoever started it; returns the finished file's RecordingInfo."""
+        return self._loop.run(self.aio.stop_recording())
+
     def __repr__(self) -> str:
         return f"<Desktop {self.aio.sandbox.name}>"
 
