@@ -20,7 +20,7 @@ async def test_the_server_has_exactly_the_documented_tools():
 
     tools = await server.list_tools()
     names = [tool.name for tool in tools]
-    assert len(names) == len(documented_tools()) == 26
+    assert len(names) == len(documented_tools()) == 32
     assert sorted(names) == sorted(documented_tools())
     assert all(tool.description for tool in tools)
     assert all(prop.get("description") for tool in tools for prop in tool.input_schema.get("properties", {}).values())

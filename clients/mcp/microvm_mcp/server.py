@@ -16,7 +16,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from microvm.sandbox.v1 import sandbox_pb2
-from microvm_mcp import code, processes, templates
+from microvm_mcp import code, desktop, processes, templates
 from microvm_sandbox import AsyncClient, AsyncSandbox, SandboxError, languages
 from microvm_sandbox.aio import list_sandboxes, list_snapshots
 from microvm_sandbox.languages import Language
@@ -306,6 +306,7 @@ async def list_sandboxes_tool() -> list[dict[str, str]]:
 templates.register(server)  # list_templates, build_template, get_template_build (microvm_mcp/templates.py)
 processes.register(server)  # start_process, read_process_output, kill_process (microvm_mcp/processes.py)
 code.register(server)  # run_code and the code contexts (microvm_mcp/code.py)
+desktop.register(server)  # screenshot, click, move_mouse, type_text, press_keys, scroll (microvm_mcp/desktop.py)
 
 
 def main() -> None:
