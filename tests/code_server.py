@@ -50,17 +50,23 @@ def host_code_server(home: Path, max_output_bytes: int = 16 << 20):
                 server.wait()
 
 
-def add_code_interpreter_image(image_root: Path, socket_path: Path, template: str = "code-interpreter") -> None:
-    """A fake-VMM build of `template` in `image_root` whose guests find the host code server at /run/mvm-code.sock."""
+def add_guest_server_image(image_root: Path, template: str, sockets: dict[str, Path]) -> None:
+    """A fake-VMM build of `template` in `image_root` whose guests find host servers at the guest paths of `sockets`
+    (stand-in files the simulated agent reads)."""
     build = image_root / template / "fakebuild0001"
     rootfs = build / "rootfs.ext4"  # the fake VMM copies a directory in the image's place as the guest's files
-    (rootfs / "run").mkdir(parents=True, exist_ok=True)
-    for sub in ("root", "tmp", "etc", "home/user"):
+    for sub in ("root", "tmp", "etc", "home/user", "run"):
         (rootfs / sub).mkdir(parents=True, exist_ok=True)
-    (rootfs / GUEST_SOCKET).write_text(f"mvm-simulated-socket:{socket_path}\n")
+    for guest_path, host_socket in sockets.items():
+        (rootfs / guest_path.lstrip("/")).write_text(f"mvm-simulated-socket:{host_socket}\n")
     (build / "manifest.json").write_text(json.dumps({"template": template, "rootfs_size_mib": 1024}))
     (build / ".complete").touch()
     (image_root / template / "current").write_text(build.name)
+
+
+def add_code_interpreter_image(image_root: Path, socket_path: Path, template: str = "code-interpreter") -> None:
+    """A fake-VMM build of `template` whose guests find the host code server at /run/mvm-code.sock."""
+    add_guest_server_image(image_root, template, {"/" + GUEST_SOCKET: socket_path})
 
 
 async def request(socket_path: str, message: dict) -> list[dict]:

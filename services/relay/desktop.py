@@ -106,9 +106,15 @@ def action_request(request: api.DesktopActionRequest) -> dict:
         return {"op": "launch", "app": launch.app, "args": list(launch.args)}
     if kind in ("focus_window", "close_window"):
         window = getattr(request, kind).id
-        if not window or len(window) > 32:
-            raise InvalidArgument(f"{kind}.id must be a window id", reason="INVALID_REQUEST")
-        return {"op": "focus" if kind == "focus_window" else "close", "id": window}
+        try:
+            number = int(window, 0)  # decimal as GetDesktop lists them, or 0x hex as X tools print them
+        except ValueError:
+            number = -1
+        if not 0 < number < 1 << 32:
+            raise InvalidArgument(
+                f"{kind}.id must be a window id from GetDesktop, got {window[:40]!r}", reason="INVALID_REQUEST"
+            )
+        return {"op": "focus" if kind == "focus_window" else "close", "id": number}
     raise InvalidArgument("the request names no action", reason="INVALID_REQUEST")
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.common.registry import etcd_client
-from tests.code_server import add_code_interpreter_image, host_code_server
+from tests.code_server import add_code_interpreter_image, add_guest_server_image, host_code_server
+from tests.desktop_server import host_desktop, missing_tools
 from tests.etcd import LocalEtcd, free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation
 
@@ -65,6 +66,29 @@ async def code_installation(etcd_server):
         http_port = free_port()
         await start_installation(node, http_port)
         node.code_socket, node.http = socket_path, f"http://127.0.0.1:{http_port}"
+        try:
+            yield node
+        finally:
+            await node.stop_all()
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def desktop_installation(etcd_server):
+    """An `installation` whose `desktop` sandboxes reach a real desktop server on this host, on a private Xvfb display
+    with openbox (one display for every sandbox of the module); `default` sandboxes have none. Skipped without Xvfb."""
+    if missing := missing_tools():
+        pytest.skip(f"the desktop tests need {', '.join(missing)} (make apt)")
+    state_dir = Path(tempfile.mkdtemp(prefix="mvm-desktop-"))
+    with host_desktop(state_dir / "desktop") as (socket_path, display_env):
+        node = InProcessNode(etcd_server.endpoint, state_dir)
+        images = fake_image_root(node.state_dir / "images")
+        add_guest_server_image(images, "desktop", {"/run/mvm-desktop.sock": socket_path})
+        node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
+        http_port = free_port()
+        await start_installation(node, http_port)
+        node.desktop_socket, node.display_env = socket_path, display_env
+        node.http = f"http://127.0.0.1:{http_port}"
         try:
             yield node
         finally:
