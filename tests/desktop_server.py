@@ -33,6 +33,22 @@ def free_display() -> int:
     raise RuntimeError("no free X display number in 90..399")
 
 
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (x11vnc's control and view-only ports)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port < 65535:
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no two free ports in a row")
+
+
 def write_xauthority(path: Path, number: int) -> None:
     """An Xauthority file with one MIT-MAGIC-COOKIE-1 for local display `number` (libXau's format)."""
 
@@ -73,7 +89,13 @@ def host_desktop(home: Path, size: str = "1024x768x24"):
         xvfb = start(["Xvfb", f":{number}", "-screen", "0", size, "-auth", str(xauthority), "-nolisten", "tcp"])
         wait_for(lambda: Path(f"/tmp/.X11-unix/X{number}").exists() or xvfb.poll() is not None, "Xvfb")
         start(["openbox"])
-        server = start([sys.executable, str(SERVER), "--socket", str(socket_path), "--display", f":{number}"])
+        vnc_port = free_port_pair() if shutil.which("x11vnc") else 0
+        for port, extra in ((vnc_port, []), (vnc_port + 1, ["-viewonly"])):
+            if vnc_port:  # as the template's session runs them: control on the port, view-only on the next
+                start(["x11vnc", "-display", f":{number}", "-auth", str(xauthority), "-localhost", "-rfbport",
+                       str(port), "-shared", "-forever", "-nopw", "-quiet", "-noxdamage", *extra])  # fmt: skip
+        server = start([sys.executable, str(SERVER), "--socket", str(socket_path), "--display", f":{number}",
+                        "--vnc-port", str(vnc_port)])  # fmt: skip
         wait_for(lambda: socket_path.exists() or server.poll() is not None, "the desktop server listening", 60)
         if not socket_path.exists():
             raise RuntimeError(f"the desktop server did not start: {(home / 'desktop.log').read_text()}")

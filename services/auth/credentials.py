@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from microvm.auth.v1 import auth_pb2
 from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth.sealing import Sealer
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from services.common.records import API_KEYS, SIGNING_KEYS, TENANTS, Records
 
 PREFIX = "mvm_"
@@ -184,26 +184,31 @@ class CredentialStore:
             await self.rotate()
         return max(self._signing.values(), key=lambda k: k.created)
 
-    async def issue_token(self, principal: auth_pb2.Principal) -> tuple[str, int]:
+    async def issue_token(
+        self, principal: auth_pb2.Principal, scope: str = "", resource: str = "", ttl: int = 0
+    ) -> tuple[str, int]:
+        """A token for `principal`; with `scope`, one good only for that scope on `resource` (a desktop's live view),
+        never for the API."""
         key = await self._active_key()
-        expires = int(time.time()) + self.token_ttl
+        expires = int(time.time()) + (ttl or self.token_ttl)
         header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": key.kid}).encode())
-        payload = b64(
-            json.dumps(
-                {
-                    "sub": principal.id,
-                    "tenant": principal.tenant,
-                    "role": principal.role,
-                    "key": principal.key_id,
-                    "exp": expires,
-                    "iat": int(time.time()),
-                }
-            ).encode()
-        )
+        claims = {
+            "sub": principal.id,
+            "tenant": principal.tenant,
+            "role": principal.role,
+            "key": principal.key_id,
+            "exp": expires,
+            "iat": int(time.time()),
+        }
+        if scope:
+            claims.update(scope=scope, res=resource)
+        payload = b64(json.dumps(claims).encode())
         signature = b64(key.private.sign(f"{header}.{payload}".encode()))
         return f"{header}.{payload}.{signature}", expires
 
-    async def check_token(self, token: str) -> auth_pb2.Principal:
+    async def check_token(self, token: str, scopes: tuple[str, ...] = (), resource: str = "") -> auth_pb2.Principal:
+        """The principal of a valid token. Without `scopes` only an API token passes; with them, only a token of one
+        of those scopes for `resource`."""
         try:
             header_b64, payload_b64, signature_b64 = token.split(".")
             header = json.loads(unb64(header_b64))
@@ -235,6 +240,11 @@ class CredentialStore:
             raise Unauthenticated("malformed token", reason="BAD_CREDENTIAL")
         if payload["exp"] < time.time():
             raise Unauthenticated("token expired", reason="CREDENTIAL_EXPIRED")
+        scope = payload.get("scope", "")
+        if not scopes and scope:
+            raise Unauthenticated(f"a {scope} token is good for nothing else", reason="BAD_CREDENTIAL")
+        if scopes and (scope not in scopes or payload.get("res") != resource):
+            raise PermissionDenied(f"this token is not for {' or '.join(scopes)} of {resource}", reason="WRONG_SCOPE")
         # A token dies with the API key it was bought with.
         record = await self._key(str(payload.get("key", "")))
         if record is None or record.revoked:
@@ -242,6 +252,11 @@ class CredentialStore:
         return auth_pb2.Principal(
             id=payload["sub"], tenant=payload["tenant"], role=payload["role"], key_id=payload["key"]
         )
+
+    async def check_scoped(self, token: str, scopes: tuple[str, ...], resource: str) -> tuple[auth_pb2.Principal, str]:
+        """A scoped token's principal and scope (one of `scopes`, for `resource`)."""
+        principal = await self.check_token(token, scopes, resource)
+        return principal, json.loads(unb64(token.split(".")[1]))["scope"]
 
     async def authenticate(self, credential: str) -> auth_pb2.Principal:
         if not credential:

@@ -48,7 +48,7 @@ READ = (
         for m in ("GetTemplate", "WatchTemplateBuild", "GetTemplateBuild", "ListTemplateBuilds", "GetTemplateBuildLog")
     }
     | {f"{CODE}ListCodeContexts"}
-    | {f"{DESKTOP}{m}" for m in ("Screenshot", "GetDesktop", "WaitForScreen")}
+    | {f"{DESKTOP}{m}" for m in ("Screenshot", "GetDesktop", "WaitForScreen", "CreateDesktopStream")}
 )
 WRITE = (
     {

@@ -58,6 +58,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         response.expire_time.FromSeconds(expires)
         return response
 
+    async def IssueScopedToken(self, request, context):
+        if not request.scope or not 1 <= request.ttl_seconds <= 3600:
+            raise InvalidArgument("a scoped token needs a scope and a ttl of 1-3600 s")
+        token, expires = await self.credentials.issue_token(
+            request.principal, request.scope, request.resource, request.ttl_seconds
+        )
+        response = auth_pb2.IssueScopedTokenResponse(token=token)
+        response.expire_time.FromSeconds(expires)
+        return response
+
+    async def CheckScopedToken(self, request, context):
+        principal, scope = await self.credentials.check_scoped(request.token, tuple(request.scopes), request.resource)
+        return auth_pb2.CheckScopedTokenResponse(principal=principal, scope=scope)
+
     async def Authenticate(self, request, context):
         return auth_pb2.AuthenticateResponse(principal=await self.credentials.authenticate(request.credential))
 

@@ -19,6 +19,11 @@ class GatewaySettings(ServiceSettings):
     listen: str = "127.0.0.1:50051"
     # HTTP/JSON translation of the public API.
     http_listen: str = "127.0.0.1:8080"
+    # How browsers reach that HTTP port (desktop live-view URLs), e.g. https://sandbox.example.com behind a proxy;
+    # empty: http://<http_listen>.
+    public_http_url: str = ""
+    # Where the noVNC client's files are (Debian's `novnc` package), served for desktop live views.
+    novnc_dir: str = "/usr/share/novnc"
     # Lifetime of a sandbox when the caller gives none.
     default_timeout_seconds: int = 600
     # Longest lifetime a caller may ask for.

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from microvm.sandbox.v1 import desktop_service_pb2_grpc
 from services.gateway.data_plane import DataPlane, on_node
+from services.gateway.desktop_live import DesktopLive
 
 
 class DesktopServicer(desktop_service_pb2_grpc.DesktopServiceServicer):
-    def __init__(self, data: DataPlane) -> None:
-        self.data = data
+    def __init__(self, data: DataPlane, live: DesktopLive) -> None:
+        self.data, self.live = data, live
+
+    async def CreateDesktopStream(self, request, context):
+        return await self.live.create(request)
 
     async def _forward(self, method: str, request, context):
         record = await self.data.sandboxes.running(request.sandbox)

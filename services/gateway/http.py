@@ -133,10 +133,13 @@ class HttpGateway:
         )
         self.routes = routes()
 
-    def app(self) -> web.Application:
+    def app(self, add_routes=None) -> web.Application:
+        """The application; `add_routes(app)` adds routes of other parts (desktop live views) before the API's."""
         # A build's definition may come in the query string (http_builds.py): request lines up to 4 MiB.
         app = web.Application(client_max_size=64 << 20, handler_args={"max_line_size": 4 << 20})
         app.router.add_get("/openapi.json", self.openapi)
+        if add_routes is not None:
+            add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         return app
 

@@ -29,6 +29,7 @@ from services.gateway.code import CodeOps, CodeServicer
 from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.desktop import DesktopServicer
+from services.gateway.desktop_live import DesktopLive
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
 from services.gateway.node_admin import NodeAdmin
@@ -95,7 +96,8 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
     code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(CodeOps(gateway.data)), server)
     port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(PortForwardServicer(gateway.data), server)
-    desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(gateway.data), server)
+    live = DesktopLive(context, gateway.data)
+    desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(gateway.data, live), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
@@ -108,7 +110,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         while context.registration is None:
             await asyncio.sleep(0.05)
         http = HttpGateway(context.registration.instance.address)
-        runner = web.AppRunner(http.app(), access_log=None)
+        runner = web.AppRunner(http.app(live.routes), access_log=None)
         await runner.setup()
         host, port = parse_address(context.settings.http_listen, key="gateway.http_listen")
         await web.TCPSite(runner, host, port).start()

@@ -150,6 +150,8 @@ class GuestDesktop:
         return api.GetDesktopResponse(
             width=int(screen.get("width", 0)),
             height=int(screen.get("height", 0)),
+            vnc_port=int(screen.get("vnc_port") or 0),
+            vnc_view_port=int(screen.get("vnc_view_port") or 0),
             cursor=api.Point(x=int(cursor.get("x", 0)), y=int(cursor.get("y", 0))),
             windows=[
                 api.DesktopWindow(

@@ -84,7 +84,9 @@ async def file_text(path: Path, expected: str) -> str:
 
 
 async def test_screenshot_is_a_png_of_the_screen_and_region_and_scale_shrink_it(sock):
-    assert await request(sock, {"op": "screen_size"}) == {"type": "screen", "width": 1024, "height": 768}
+    screen = await request(sock, {"op": "screen_size"})
+    assert (screen["type"], screen["width"], screen["height"]) == ("screen", 1024, 768)
+    assert screen["vnc_view_port"] == (screen["vnc_port"] + 1 if screen["vnc_port"] else 0)
     full = png_of(await request(sock, {"op": "screenshot"}))
     assert full.size == (1024, 768)
     part = png_of(await request(sock, {"op": "screenshot", "region": [10, 20, 200, 100], "scale": 0.5}))

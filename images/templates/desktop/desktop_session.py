@@ -5,8 +5,9 @@ and the desktop server, each restarted a second after it exits, all stopped on S
                                [--vnc-port 5900] [--wm openbox]
 
 --size defaults to $MVM_DESKTOP_SIZE, else 1024x768x24 (WIDTHxHEIGHTxDEPTH). x11vnc listens on 127.0.0.1 only
-(-shared -forever -nopw: the relay's port forward is the way in); --vnc-port 0 starts none. The server listens once
-the display answers, so its socket is the ready check. Output of all of them goes to this process's stdout.
+(-shared -forever -nopw: the relay's port forward is the way in), and a view-only one on the next port; --vnc-port 0
+starts none. The server listens once the display answers, so its socket is the ready check. Output of all of them
+goes to this process's stdout.
 """
 
 import argparse
@@ -106,11 +107,15 @@ async def main(argv=None) -> None:
     children = [
         ("Xvfb", xvfb, env, None),
         (args.wm, [args.wm], env, ready),
-        ("desktop server", server + ["--display", args.display], env, ready),
+        ("desktop server", server + ["--display", args.display, "--vnc-port", str(args.vnc_port)], env, ready),
     ]
     if args.vnc_port and shutil.which("x11vnc"):
         vnc = ["x11vnc", "-display", args.display, "-localhost", "-rfbport", str(args.vnc_port)]
         children.append(("x11vnc", vnc + ["-shared", "-forever", "-nopw", "-quiet", "-noxdamage"], env, ready))
+        # The port above + 1 serves view-only viewers: their input is dropped by x11vnc itself, so a view token
+        # cannot drive the desktop whatever its client sends.
+        view = ["x11vnc", "-display", args.display, "-localhost", "-rfbport", str(args.vnc_port + 1), "-viewonly"]
+        children.append(("x11vnc-view", view + ["-shared", "-forever", "-nopw", "-quiet", "-noxdamage"], env, ready))
     x_stopping = asyncio.Event()  # Xvfb stops last, once nothing on the display is left to complain
     tasks = [asyncio.create_task(keep_running(*children[0], x_stopping))]
     tasks += [

@@ -14,7 +14,8 @@ Requests (`op` names the operation) and their replies:
         -> {"type": "screenshot", "width": int, "height": int, "png": base64 str}
         region: default the whole screen; wholly on screen, w, h >= 1. scale: 0 < s <= 1, default 1; width and
         height are the PNG's: round(w * s), round(h * s), at least 1. format: only "png".
-    {"op": "screen_size"} -> {"type": "screen", "width": int, "height": int}
+    {"op": "screen_size"} -> {"type": "screen", "width": int, "height": int, "vnc_port": int, "vnc_view_port": int}
+        (the session's VNC ports on the guest's 127.0.0.1, 0 when none: control, and view-only)
     {"op": "cursor"} -> {"type": "cursor", "x": int, "y": int}
     {"op": "move", "x": int, "y": int} -> {"type": "done"}
     {"op": "click", "x": int?, "y": int?, "button": "left"|"right"|"middle"?, "double": bool?} -> {"type": "done"}
@@ -89,7 +90,8 @@ PNG_COMPRESS_LEVEL = 1  # 1024x768: ~30 ms and ~35 KB for a plain desktop agains
 
 
 class DesktopServer:
-    def __init__(self, display_name: str):
+    def __init__(self, display_name: str, vnc_port: int = 0):
+        self.vnc_port = vnc_port
         self.desktop = x_desktop.XDesktop(display_name)
         self.launcher = Launcher(display_name)
         self.recorder = Recorder(display_name)
@@ -161,7 +163,8 @@ class DesktopServer:
 
     async def screen_size(self, request: dict) -> dict:
         width, height = await self.desktop.size()
-        return {"type": "screen", "width": width, "height": height}
+        view = self.vnc_port + 1 if self.vnc_port else 0
+        return {"type": "screen", "width": width, "height": height, "vnc_port": self.vnc_port, "vnc_view_port": view}
 
     async def cursor(self, request: dict) -> dict:
         x, y = await self.desktop.call(x_desktop.cursor)
@@ -278,9 +281,10 @@ async def main(argv=None) -> int:
     parser.add_argument("--socket", default="/run/mvm-desktop.sock", help="unix socket path (default %(default)s)")
     parser.add_argument("--display", default=os.environ.get("DISPLAY") or ":0", help="X display (default :0)")
     parser.add_argument("--wait-display", type=float, default=60, help="seconds to wait for the display")
+    parser.add_argument("--vnc-port", type=int, default=0, help="the session's VNC port (view-only: the next one)")
     args = parser.parse_args(argv)
 
-    server = DesktopServer(args.display)
+    server = DesktopServer(args.display, args.vnc_port)
     try:
         width, height = await wait_for_display(server, args.wait_display)
     except Refused as refusal:
