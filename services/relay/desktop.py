@@ -174,7 +174,12 @@ class GuestDesktop:
     async def act(self, request: api.DesktopActionRequest) -> api.DesktopActionResponse:
         message = action_request(request)
         expect = "launched" if message["op"] == "launch" else "done"
-        answer = await self.server.call(request.sandbox, message, expect)
+        try:
+            answer = await self.server.call(request.sandbox, message, expect)
+        except NotFound as missing:
+            if message["op"] != "launch":
+                raise
+            raise NotFound(missing.message, reason="APP_NOT_FOUND") from None
         return api.DesktopActionResponse(pid=int(answer.get("pid") or 0))
 
     async def wait(self, request: api.WaitForScreenRequest) -> api.WaitForScreenResponse:

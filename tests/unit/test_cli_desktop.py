@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from microvm_sandbox import AsyncSandbox
@@ -111,6 +112,10 @@ async def test_record_start_then_stop_downloads_the_file(sandbox, tmp_path):
     Path("/tmp/cli-recording.webm").unlink()  # the host's /tmp (share_tmp)
 
 
-async def test_url_says_the_live_view_is_not_available_yet(sandbox):
-    status, out, err = await mvm(sandbox, "desktop", sandbox.id, "url")
-    assert status == 1 and out == "" and "not available yet" in err
+async def test_url_prints_a_live_view_link_whose_page_answers(sandbox, desktop_installation):
+    status, out, err = await mvm(sandbox, "desktop", sandbox.id, "url", "--control", "--ttl", "60")
+    assert status == 0, err
+    link = out.strip()
+    assert link.startswith(f"{desktop_installation.http}/desktop/") and "token=" in link
+    async with aiohttp.ClientSession() as http, http.get(link) as page:
+        assert page.status == 200 and "rfb.viewOnly = false" in await page.text()

@@ -1,7 +1,7 @@
 """Computer use from the shell: `mvm desktop ID ACTION ...` looks at and drives the graphical desktop of a sandbox made
 from the `desktop` template (the SDK's `sandbox.desktop`): screenshot, click, move, drag, type, press, scroll,
-launch, windows, focus, close, wait, record start|stop. The live view (`url`) needs the gateway's VNC proxy, which
-does not exist yet: it says so."""
+launch, windows, focus, close, wait, record start|stop, and `url`: a link that shows the desktop live in a browser
+(noVNC through the gateway; view-only unless --control)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,10 @@ def register(sub) -> None:
     record.add_argument("--fps", type=int, default=10, help="start: frames per second, 1-30")
     record.add_argument("-o", "--output", default=None, metavar="FILE", help="stop: download the recording here")
 
-    action("url", "print the live view's URL (not available yet)", "url", url_command)
+    url = action("url", "print a URL that shows the desktop live in a browser", "url --control", url_command)
+    url.add_argument("--control", action="store_true", help="the viewer may use keyboard and mouse too")
+    url.add_argument("--ttl", type=float, default=600, metavar="S", help="seconds the link admits viewers (max 3600)")
+    url.add_argument("--open", action="store_true", help="open it in this machine's browser")
 
 
 def _sandbox(ctx: Context, args) -> Sandbox:
@@ -235,8 +238,10 @@ def record_command(ctx: Context, args) -> int:
 
 
 def url_command(ctx: Context, args) -> int:
-    raise CliError(
-        "mvm desktop url: the live view is not available yet (it needs the gateway's VNC proxy); "
-        f"meanwhile `mvm desktop {args.id} screenshot` shows the screen",
-        status=1,
-    )
+    link = _sandbox(ctx, args).desktop.stream_url(view_only=not args.control, ttl=args.ttl)
+    emit(link)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(link)
+    return 0

@@ -194,6 +194,13 @@ class AsyncDesktop:
         reply = await self._call("StopRecording", request)
         return RecordingInfo(reply.path, reply.size_bytes, _seconds(reply.duration))
 
+    async def stream_url(self, view_only: bool = True, ttl: float = 600) -> str:
+        """A URL that shows the desktop live in a browser (noVNC), with a token for this sandbox only, good for new
+        connections for `ttl` seconds (at most 3600): `view_only` watches, False also controls (a developer's key)."""
+        request = desktop_api.CreateDesktopStreamRequest(sandbox=self.sandbox.name, view_only=view_only)
+        request.ttl.seconds = int(ttl)
+        return (await self._call("CreateDesktopStream", request)).url
+
     def __repr__(self) -> str:
         return f"<AsyncDesktop {self.sandbox.name}>"
 

@@ -120,6 +120,10 @@ class Desktop:
         """Stops the sandbox's recording, whoever started it; returns the finished file's RecordingInfo."""
         return self._loop.run(self.aio.stop_recording())
 
+    def stream_url(self, view_only: bool = True, ttl: float = 600) -> str:
+        """A URL that shows the desktop live in a browser (noVNC), for this sandbox only, good for `ttl` seconds."""
+        return self._loop.run(self.aio.stream_url(view_only, ttl))
+
     def __repr__(self) -> str:
         return f"<Desktop {self.aio.sandbox.name}>"
 
