@@ -13,7 +13,8 @@ Requests (`op` names the operation):
         another language: "default-<language>", started on first use). timeout: default 300, null = none.
         env: set for this run only; afterwards the context's earlier values come back and new names are unset
         again, also when the code fails or times out. At most 256 names, none empty or holding "=" or NUL (bash:
-        shell variable names); python and bash set them in the kernel or shell, javascript in process.env.
+        shell variable names); python and bash set them in the kernel or shell, javascript in process.env. Names
+        whose value is the one the context was started with are left alone (no cost).
     {"op": "create_context", "language": "python"?, "cwd": str?, "env": {str: str}?}
     {"op": "list_contexts"}
     {"op": "restart_context", "context": id}      a fresh kernel, same language, cwd and env; state is lost
@@ -127,6 +128,10 @@ class CodeServer:
         async with context.lock:
             if self.contexts.by_id.get(context.id) is not context:
                 raise Refused("context_not_found", f"context {context.id!r} was deleted")
+            # What the context's kernel was started with is already its env: only the rest costs a swap (two extra
+            # kernel round trips). The sandbox's env, which the gateway sends with every run, is mostly the template's.
+            started = {**os.environ, **context.env}
+            env = {name: value for name, value in env.items() if started.get(name) != value}
             context.check_env(env)
             # aclosing: a run whose client goes away ends (and restores its env) before the lock is released
             async with contextlib.aclosing(context.run(code, timeout, self.max_output_bytes, env)) as events:
