@@ -44,10 +44,14 @@ class FrameSeeker:
         """None while still seeking; once found, the bytes from the frame's first on (to decode as frames). Raises
         ValueError when more than MAX_STALE_BYTES came without one."""
         self._buffer += data
-        for offset in range(len(self._buffer)):
+        # A sync frame's length is under 64 KiB, so its header starts with two zero bytes: only those places are
+        # tried (found in C, not byte by byte in Python).
+        offset = self._buffer.find(b"\x00\x00")
+        while offset >= 0:
             if sync_frame_at(self._buffer, offset):
                 self.dropped += offset
                 return bytes(self._buffer[offset:])
+            offset = self._buffer.find(b"\x00\x00", offset + 1)
         # Keep what may still be the start of a frame whose rest has not arrived.
         keep = min(len(self._buffer), MAX_SYNC_FRAME_BYTES + HEADER.size)
         self.dropped += len(self._buffer) - keep

@@ -208,7 +208,7 @@ async def test_a_connection_that_never_holds_a_frame_is_a_violation(relay):
     guest = await hostile(relay, "no-frames")
     try:
         with pytest.raises(grpc.aio.AioRpcError):
-            await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="no-frames", timeout_ms=3000))
+            await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="no-frames", timeout_ms=10000))
         found = None
         for _ in range(50):
             if found := await incident(relay, "no-frames"):
