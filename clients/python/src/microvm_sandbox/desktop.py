@@ -199,7 +199,9 @@ class AsyncDesktop:
         connections for `ttl` seconds (at most 3600): `view_only` watches, False also controls (a developer's key)."""
         request = desktop_api.CreateDesktopStreamRequest(sandbox=self.sandbox.name, view_only=view_only)
         request.ttl.seconds = int(ttl)
-        return (await self._call("CreateDesktopStream", request)).url
+        reply = await self._call("CreateDesktopStream", request)
+        url: str = reply.url
+        return url
 
     def __repr__(self) -> str:
         return f"<AsyncDesktop {self.sandbox.name}>"
