@@ -342,6 +342,10 @@ async def exercise(world: World, transport: str, method, drawn) -> None:
     assert_sound(twin, context)
     if outcome.ok and twin.ok:
         return
+    if any("SANDBOX_DELETED_DURING_CREATE" in o.detail for o in (outcome, twin)):
+        # A sandbox asked for with a timeout of a second may run out while it is being made, or just after: which
+        # of the two calls that happens to is timing (CI: 200 against 409), and tells nothing about tenancy.
+        return
     # Every name as one placeholder: which of several bad names an error quotes tells nothing. A map keyed by names
     # is walked in an order of its keys: which bad entry an error quotes differs, so only the status is compared.
     theirs, nobodys = outcome.renamed(world.placeholders), twin.renamed(world.placeholders)
