@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.client_streams import refuse
+from services.common.client_streams import BIDI_IDLE_SECONDS, refuse
 
 DOMAIN = "microvm.dev"
 log = structlog.get_logger()
@@ -215,8 +215,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         def wrap_stream(behavior):
             async def wrapped(request_or_iterator: Any, context):
+                requests = None
                 try:
-                    result = behavior(inputs(request_or_iterator), context)
+                    requests = inputs(request_or_iterator)
+                    result = behavior(requests, context)
                     if inspect.isasyncgen(result):
                         async for item in result:
                             yield item
@@ -225,6 +227,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:
+                    if hasattr(requests, "__aiter__"):  # a bidirectional stream whose caller may still be sending
+                        await refuse(context, requests, BIDI_IDLE_SECONDS)
                     await fail(context, exc)
 
             return wrapped

@@ -111,3 +111,22 @@ async def test_a_bad_message_mid_stream_ends_the_call_at_once(caller, echo_port)
         async for _ in call:
             pass
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_fuzz_found_a_refusal_while_the_caller_still_sends_keeps_its_status(caller):
+    """The relay refused (nothing listens) while the caller's close_write messages were in flight: grpc's asyncio
+    client reported INTERNAL (grpc/grpc#36066) until the gateway read them first."""
+    for _ in range(5):
+        call = caller.ports.ForwardPort(
+            messages(
+                api.ForwardPortRequest(target=api.PortTarget(sandbox=caller.sandbox, port=free_port())),
+                api.ForwardPortRequest(close_write=api.CloseWrite()),
+                api.ForwardPortRequest(close_write=api.CloseWrite()),
+            ),
+            metadata=caller.metadata,
+            timeout=30,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
