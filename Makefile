@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code bench-desktop clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
@@ -73,6 +73,9 @@ template-tests: ## the built-in templates (python, web, code-interpreter) on the
 bench-code: deps protos ## the code interpreter's figures on the running installation, after `make templates`
 	$(BIN)/python -m bench.code
 
+bench-desktop: deps protos ## the desktop's figures (screenshots, clicks, VNC frames) on the running installation, after `make templates`
+	$(BIN)/python -m bench.desktop
+
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests
 
@@ -103,6 +106,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.clock
 	$(BIN)/python -m bench.templates
 	$(BIN)/python -m bench.code
+	$(BIN)/python -m bench.desktop
 
 clean-state: down
 	rm -rf $(MVM_STATE_DIR)
