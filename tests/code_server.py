@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,8 @@ def host_code_server(home: Path, max_output_bytes: int = 16 << 20):
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
         "IPYTHONDIR": str(home / "ipython"),
         "MPLCONFIGDIR": str(home / "matplotlib"),
+        # the kernels' unix sockets: a short path of their own (a socket path has at most 107 bytes)
+        "MVM_CODE_KERNEL_DIR": tempfile.mkdtemp(prefix="mvm-kernels-"),
     }
     env.pop("MPLBACKEND", None)
     argv = [sys.executable, str(SERVER), "--socket", str(socket_path), "--max-output-bytes", str(max_output_bytes)]
@@ -48,6 +52,7 @@ def host_code_server(home: Path, max_output_bytes: int = 16 << 20):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+            shutil.rmtree(env["MVM_CODE_KERNEL_DIR"], ignore_errors=True)
 
 
 def add_guest_server_image(image_root: Path, template: str, sockets: dict[str, Path]) -> None:

@@ -44,6 +44,22 @@ async def test_state_persists_and_the_last_expression_is_the_main_result(code_so
     assert isinstance(events[-1]["execution_count"], int)
 
 
+async def test_a_new_context_starts_at_execution_count_one_with_no_trace_of_the_servers_warm_up(code_socket):
+    # The server runs warm-up cells in every new Python kernel before a user can; they must not show.
+    context = await new_context(code_socket)
+    events = await run(
+        code_socket,
+        "print(repr(_), repr(__), sorted(Out), [n for n in dir() if n.startswith('_mvm')])",
+        context=context,
+    )
+    assert stdout(events) == "'' '' [] []\n"
+    assert events[-1]["execution_count"] == 1
+    events = await run(code_socket, "7", context=context)
+    assert events[-1]["execution_count"] == 2 and of_type(events, "result")[0]["data"]["text/plain"] == "7"
+    assert stdout(await run(code_socket, "print(_, Out)", context=context)) == "7 {2: 7}\n"
+    await request(code_socket, {"op": "delete_context", "context": context})
+
+
 async def test_stdout_and_stderr_stream_as_separate_events(code_socket):
     events = await run(code_socket, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)")
     assert stdout(events) == "to out\n"

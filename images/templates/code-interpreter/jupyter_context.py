@@ -5,6 +5,7 @@ Runs under the guest image's python3 (Debian bookworm: jupyter_client 7.4) as we
 """
 
 import ast
+import hashlib
 import json
 import os
 import time
@@ -36,6 +37,27 @@ _mvm_spec.loader.exec_module(_mvm_module)
 _mvm_module.install(get_ipython())
 del _mvm_util, _mvm_spec, _mvm_module
 """
+# A new kernel's first cells are several times slower than later ones (lazy imports and first uses in IPython's
+# display and output paths): the server runs these before any user does, so a context answers at full speed from its
+# first run, and a template snapshot taken after the default context started carries them already done. A value, so
+# the display path runs; store_history=False, so the execution count stays at 1; WARM_CLEANUP then puts back what
+# IPython's display hook changed (`_`, `__`, `___`, `_N`, `Out`): warm-up runs only in a new kernel.
+WARM_CELLS = ("print(end='')\n2", "3", "None")
+WARM_CLEANUP = """
+def _mvm_clean(shell):
+    shell.push({"_": "", "__": "", "___": ""}, interactive=False)  # as IPython starts them (hidden from %who)
+    shell.displayhook._ = shell.displayhook.__ = shell.displayhook.___ = ""
+    for name in [name for name in shell.user_ns if name[:1] == "_" and name[1:].isdigit()]:
+        del shell.user_ns[name]
+        shell.user_ns_hidden.pop(name, None)
+    shell.user_ns["_oh"].clear()
+_mvm_clean(get_ipython())
+del _mvm_clean
+"""
+# Kernel options. The sqlite history (a file write per cell, and a thread) is off: In, Out and %history of the
+# running kernel still work from memory.
+KERNEL_ARGUMENTS = ["--HistoryManager.enabled=False"]
+SOCKET_DIR = Path(os.environ.get("MVM_CODE_KERNEL_DIR", "/run/mvm-code"))
 POLL_SECONDS = 0.2  # how often a run waiting on the kernel checks that it is still alive
 START_TIMEOUT_SECONDS = 60.0
 ENV_RESTORE_WAIT_SECONDS = 5.0  # how long a run waits for the kernel to restore a per-run env
@@ -83,14 +105,21 @@ class JupyterContext(Context):
             raise Refused("bad_request", f"a per-run env is not supported for {self.language} kernels")
 
     async def start(self) -> None:
-        self.manager = AsyncKernelManager(kernel_name=self.kernel_name)
-        await self.manager.start_kernel(cwd=self.cwd, env={**os.environ, **self.env})
+        self.manager = kernel_manager(self.kernel_name, self.id)
+        await self.manager.start_kernel(cwd=self.cwd, env={**os.environ, **self.env}, extra_arguments=KERNEL_ARGUMENTS)
         self.client = self.manager.client()
         self.client.start_channels()
         await self.client.wait_for_ready(timeout=START_TIMEOUT_SECONDS)
         self.dead = False
         if self.language == "python":
             await self._execute_quietly(PYTHON_STARTUP)
+            await self._warm()
+
+    async def _warm(self) -> None:
+        for cell in WARM_CELLS:
+            async for _event in self._execute(cell, START_TIMEOUT_SECONDS, OutputBound(1 << 20), store_history=False):
+                pass
+        await self._execute_quietly(WARM_CLEANUP)
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -160,10 +189,10 @@ class JupyterContext(Context):
                 await self._shell_reply(msg_id, ENV_RESTORE_WAIT_SECONDS)
         yield end_event(execution_count, status, restarted, output)
 
-    async def _execute(self, code: str, timeout: float | None, output: OutputBound):
+    async def _execute(self, code: str, timeout: float | None, output: OutputBound, store_history: bool = True):
         # stop_on_error=False: runs are one at a time, nothing is queued to abort; with True, ipykernel 6 aborts
         # requests that come in just after an error (the next run, from a fast client)
-        msg_id = self.client.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
+        msg_id = self.client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         status, execution_count, timed_out = "ok", None, False
         while True:
@@ -211,6 +240,18 @@ class JupyterContext(Context):
                     status = "error"
                     yield error_event("ExecutionAborted", "the kernel aborted this run without running it")
         yield {"type": "end", "execution_count": execution_count, "status": status}
+
+
+def kernel_manager(kernel_name: str, context_id: str) -> AsyncKernelManager:
+    """A manager whose kernel listens on unix sockets in a directory only the server's user can enter, instead of
+    TCP ports on loopback that every process in the guest can reach. That is also why its messages go unsigned: no
+    other user can send one, and the HMAC of every message is a cost under TCG for nothing."""
+    SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    SOCKET_DIR.chmod(0o700)
+    manager = AsyncKernelManager(kernel_name=kernel_name, transport="ipc")
+    manager.ip = str(SOCKET_DIR / f"kernel-{os.getpid()}-{hashlib.sha256(context_id.encode()).hexdigest()[:12]}")
+    manager.session.key = b""
+    return manager
 
 
 def output_event(kind: str, content: dict):
