@@ -78,6 +78,9 @@ class CommonSettings:
     networking: bool = True
     # This node's labels, `key=value` each, matched by a sandbox's node selector (e.g. `zone=a`, `disk=ssd`).
     node_labels: list[str] = dataclasses.field(default_factory=list)
+    # Each service's Prometheus endpoint (`GET /metrics`), host:port; port 0 picks a free one (the address is in the
+    # service's registration, where Prometheus discovers it). Empty: no endpoint.
+    metrics_listen: str = "127.0.0.1:0"
 
     @property
     def node(self) -> str:
@@ -100,6 +103,8 @@ class CommonSettings:
             raise ConfigError("trace_exporter must be `none` or `console`")
         if self.node_id and not NODE_ID.fullmatch(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID.pattern}")
+        if self.metrics_listen:
+            parse_address(self.metrics_listen, key="metrics_listen")
         for label in self.node_labels:
             key, sep, value = label.partition("=")
             if not sep or not LABEL_KEY.fullmatch(key) or len(value) > 63:

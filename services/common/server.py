@@ -27,8 +27,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from services.common import observability
-from services.common.config import CommonSettings, ConfigError, load_config
+from services.common.config import CommonSettings, ConfigError, load_config, parse_address
 from services.common.errors import ErrorMappingInterceptor
+from services.common.metrics import MetricsEndpoint, MetricsInterceptor, ServiceMetrics
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client, etcd_identity
 from services.common.tasks import cancel_and_wait
@@ -105,6 +106,8 @@ class ServiceContext(Generic[S]):
     # Coroutines run at shutdown, after the server stopped accepting and drained (reverse order).
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     identity: Identity | None = None
+    # The service's Prometheus registry (its gRPC metrics; wirings add their own, see services/common/metrics.py).
+    metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics(""))
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -237,7 +240,9 @@ async def serve(
         etcd=etcd,
         directory=directory,
         identity=identity,
+        metrics=ServiceMetrics(kind),
     )
+    metrics_endpoint = MetricsEndpoint(context.metrics)
     registration = ServiceRegistration(
         etcd,
         ServiceInstance(
@@ -256,10 +261,12 @@ async def serve(
             # Before the wiring runs: a second compute on a node would otherwise adopt (and kill) its VMs.
             await registration.claim_node()
 
-        # Outermost first: tracing, then the error mapping, then the service's own (which may raise ServiceError).
+        # Outermost first: tracing, metrics (which see the status a caller gets), then the error mapping, then the
+        # service's own (which may raise ServiceError).
         server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(),
+                MetricsInterceptor(context.metrics),
                 ErrorMappingInterceptor(),
                 *(interceptors(context) if interceptors else []),
             ],
@@ -289,6 +296,9 @@ async def serve(
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         registration.instance.address = advertised_address(settings, port)
+        if common.metrics_listen:
+            host, metrics_port = parse_address(common.metrics_listen, key="metrics_listen")
+            registration.instance.metadata["metrics"] = await metrics_endpoint.start(host, metrics_port)
         await registration.open()
         context.registration = registration
         log.info(
@@ -318,7 +328,7 @@ async def serve(
                 await asyncio.wait_for(hook(), SHUTDOWN_STEP_SECONDS)
             except Exception:
                 log.exception("shutdown_hook_failed")
-        for step in (context.close_channels(), directory.close(), etcd.close()):
+        for step in (metrics_endpoint.stop(), context.close_channels(), directory.close(), etcd.close()):
             await _bounded(step)
     log.info("service_stopped")
 
