@@ -45,7 +45,10 @@ class ServiceMetrics:
         labels = ("grpc_service", "grpc_method", "grpc_type")
         self.started = Counter("grpc_server_started", "gRPC calls started", labels, registry=self.registry)
         self.handled = Counter(
-            "grpc_server_handled", "gRPC calls completed, by status code", (*labels, "grpc_code"), registry=self.registry
+            "grpc_server_handled",
+            "gRPC calls completed, by status code",
+            (*labels, "grpc_code"),
+            registry=self.registry,
         )
         self.handling = Histogram(
             "grpc_server_handling_seconds",

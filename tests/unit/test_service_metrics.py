@@ -65,7 +65,8 @@ async def probe_service(etcd_server, tmp_path):
         seen["context"] = context
         return [SERVICE]
 
-    task = asyncio.create_task(serve("auth", common, AuthSettings(listen="127.0.0.1:0"), wiring, ready=ready, stop=stop))
+    settings = AuthSettings(listen="127.0.0.1:0")
+    task = asyncio.create_task(serve("auth", common, settings, wiring, ready=ready, stop=stop))
     await asyncio.wait_for(ready.wait(), 30)
     yield seen["context"]
     stop.set()
