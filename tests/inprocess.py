@@ -122,6 +122,15 @@ class InProcessNode:
                 return stored.message.address
         raise LookupError(f"no {kind} registered")
 
+    async def metrics_address(self, kind: str) -> str:
+        """Where this node's (or any) instance of `kind` serves /metrics, from its registration."""
+        client = etcd_client_for(self.etcd_endpoint)
+        await client.connect()
+        for stored in await Records(client).list(SERVICES, kind):
+            if stored.message.node in (self.node, ""):
+                return stored.message.metadata["metrics"]
+        raise LookupError(f"no {kind} registered")
+
     def channel(self, address: str) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(address)
 

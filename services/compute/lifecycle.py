@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class VmLifecycle:
         self.network, self.settings = network, settings
         self.root, self.image_root, self.ram_root = root, image_root, ram_root
         self.images = NodeImages(image_root, root.parent / "images")
+        # Told of every VM that started (the node's metrics): (vm, start method, time.time() it began or None).
+        self.on_started = lambda vm, method, since=None: None
         # Set by the node once the warm start exists (it builds on this class).
         self.warm = None
 
@@ -211,6 +214,7 @@ class VmLifecycle:
                 vm.state = vm_pb2.VM_STATE_RUNNING
                 await self.ledger.save(vm)
                 log.info("vm_started", vm=vm.id, pid=vm.pid, template=vm.template, method=vm.start_method)
+                self.on_started(vm, "pool-fill" if vm.pooled else vm.start_method)
                 return vm
             except BaseException as exc:
                 await self.processes.destroy(vm)
@@ -240,6 +244,7 @@ class VmLifecycle:
         identity. Its network attachment moves with it (same TAP and address, the caller's policy). The new record
         is written before the attachment moves and the old one removed after, so the network service never sees
         an attachment without a VM."""
+        began = time.time()
         async with self.ledger.lock(pooled.id):
             async with self.ledger.admission:
                 self.ledger.check_room(vm_id, pooled.vcpus, pooled.memory_mib)
@@ -263,6 +268,7 @@ class VmLifecycle:
                 await self.ledger.forget(pooled)
                 raise
         log.info("vm_started", vm=vm_id, pid=pooled.pid, template=pooled.template, method="warm-pool")
+        self.on_started(pooled, "warm-pool", began)
         return pooled
 
     async def delete(self, vm_id: str) -> None:

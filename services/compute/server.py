@@ -27,6 +27,7 @@ from services.compute.images import is_user_image
 from services.compute.layers import Layers
 from services.compute.ledger import VmLedger
 from services.compute.lifecycle import VmLifecycle
+from services.compute.metrics import ComputeMetrics
 from services.compute.network_link import NetworkLink
 from services.compute.node_record import NodeReporter, parse_labels
 from services.compute.reconcile import OrphanReaper, adopt
@@ -91,6 +92,8 @@ class ComputeNode:
             self.lifecycle, self.snapshots, self.templates, TemplateExchange(self.templates, self.snapshot_store)
         )
         self.lifecycle.warm = self.warm
+        self.metrics = ComputeMetrics(context.metrics, self)
+        self.lifecycle.on_started = self.metrics.started
         self.reporter = NodeReporter(
             Records(context.etcd),
             self.lifecycle,

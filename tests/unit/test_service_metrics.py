@@ -4,17 +4,16 @@ servicer, called over real gRPC, scraped over real HTTP at the address its etcd 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.errors import NotFound
 from services.common.registry import ServiceDirectory
 from services.common.server import serve
 from services.common.settings import AuthSettings
 from tests.inprocess import InProcessNode
+from tests.prometheus_text import scrape
 
 SERVICE = "test.v1.Probe"
 
@@ -71,17 +70,6 @@ async def probe_service(etcd_server, tmp_path):
     yield seen["context"]
     stop.set()
     await asyncio.wait_for(task, 30)
-
-
-def scrape(address: str) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def call_labels(method: str, kind: str = "unary", code: str | None = None) -> tuple:
