@@ -91,7 +91,11 @@ class Cluster:
             self.root / "control",
             {
                 "lease_ttl_seconds": lease_ttl_seconds,
-                "supervisor": {"etcd_client_port": etcd_port, "etcd_listen_host": self.gateway_ip},
+                "supervisor": {
+                    "etcd_client_port": etcd_port,
+                    "etcd_listen_host": self.gateway_ip,
+                    "prometheus_listen": "",
+                },
                 "auth": {"listen": f"{self.gateway_ip}:0"},
             },
             role="control",

@@ -120,7 +120,12 @@ def start_stack(
         # Sandbox networking changes the host's network; it is tested in namespaces (tests/netns.py).
         "networking": False,
         "gateway": {"listen": f"127.0.0.1:{gateway_port}", "http_listen": f"127.0.0.1:{free_port()}"},
-        "supervisor": {"etcd_client_port": etcd_port, "etcd_peer_port": free_port()},
+        # its own Prometheus too, on a free port (not the installation's 9090)
+        "supervisor": {
+            "etcd_client_port": etcd_port,
+            "etcd_peer_port": free_port(),
+            "prometheus_listen": f"127.0.0.1:{free_port()}",
+        },
         # Retention runs only when a test asks (CollectGarbage), so tests see exactly what they caused.
         "snapshot": {"keep_last_per_sandbox": 3, "gc_interval_seconds": 3600},
     }

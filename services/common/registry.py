@@ -263,6 +263,9 @@ class ServiceDirectory:
                 log.warning("service_directory_watch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
 
+    def every_instance(self) -> list[ServiceInstance]:
+        return sorted(self._instances.values(), key=lambda i: (i.kind, i.instance_id))
+
     def instances(self, kind: str) -> list[ServiceInstance]:
         return sorted((i for i in self._instances.values() if i.kind == kind), key=lambda i: i.instance_id)
 

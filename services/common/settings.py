@@ -290,6 +290,11 @@ class SupervisorSettings:
     # Address etcd's client port listens on (the services always use loopback); 0.0.0.0 for other hosts.
     etcd_listen_host: str = "127.0.0.1"
     etcd_binary: str = "etcd"
+    # Prometheus beside the stack (one-host layout), discovering every service from the registry; empty: none.
+    # Not started, with a warning, where the binary is missing (`make apt` installs Debian's `prometheus`).
+    prometheus_listen: str = "127.0.0.1:9090"
+    prometheus_binary: str = "prometheus"
+    prometheus_retention: str = "2d"
     # Restart back-off bounds, seconds.
     restart_backoff_initial_seconds: float = 0.2
     restart_backoff_max_seconds: float = 10.0
@@ -299,6 +304,8 @@ class SupervisorSettings:
             port = getattr(self, key)
             if not 1 <= port <= 65535:
                 raise ConfigError(f"supervisor.{key}: port {port} is outside 1..65535")
+        if self.prometheus_listen:
+            parse_address(self.prometheus_listen, key="supervisor.prometheus_listen", allow_zero=False)
         if not 0 < self.restart_backoff_initial_seconds <= self.restart_backoff_max_seconds:
             raise ConfigError("supervisor.restart_backoff_initial_seconds must be > 0 and <= the maximum")
 

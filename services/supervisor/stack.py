@@ -21,6 +21,7 @@ from services.common.records import ATTACHMENTS, Records
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client, etcd_identity
 from services.common.settings import ComputeSettings, SupervisorSettings
 from services.network.links import delete_tap
+from services.supervisor import prometheus
 from services.supervisor.bootstrap import bootstrap_admin_key, operator_channel
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
@@ -249,6 +250,7 @@ class StackSupervisor:
                 self.children[kind] = child
                 await self._spawn(child)
                 watchers.append(asyncio.create_task(self._watch(child)))
+            watchers.extend(await self._start_prometheus())
             print(json.dumps({"event": "stack_started", "children": list(self.children)}), flush=True)
             if "auth" in self.kinds:
                 watchers.append(asyncio.create_task(self._bootstrap_admin_key()))
@@ -265,6 +267,20 @@ class StackSupervisor:
             await self._shutdown()
             (self.state_dir / "supervisor.pid").unlink(missing_ok=True)
         return return_code
+
+    async def _start_prometheus(self) -> list[asyncio.Task]:
+        """Prometheus with the registry's targets (services/supervisor/prometheus.py), in the one-host layout."""
+        if not (self.run_etcd and self.settings.prometheus_listen):
+            return []
+        prepared = await prometheus.prepare(self.settings, self.state_dir, self.etcd_endpoints, self.etcd_identity)
+        if prepared is None:
+            print(json.dumps({"event": "prometheus_missing", "binary": self.settings.prometheus_binary}), flush=True)
+            return []
+        command, keep_targets = prepared
+        child = Child("prometheus", command, self.logs / "prometheus.log")
+        self.children["prometheus"] = child
+        await self._spawn(child)
+        return [asyncio.create_task(self._watch(child)), asyncio.create_task(keep_targets(self._stopping))]
 
     async def _bootstrap_admin_key(self) -> None:
         """On the first start: a `default` tenant and an admin API key, written to <state>/admin.key (0600)."""
