@@ -42,6 +42,13 @@ class LocalStack:
     admin_key: str = ""
 
     @property
+    def prometheus_address(self) -> str:
+        """The stack's own Prometheus (empty: none), as its config says."""
+        import yaml
+
+        return yaml.safe_load(self.config_path.read_text()).get("supervisor", {}).get("prometheus_listen", "")
+
+    @property
     def admin_key_path(self) -> Path:
         return self.state_dir / "admin.key"
 

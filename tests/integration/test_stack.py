@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -108,11 +110,30 @@ def test_killed_service_leaves_the_registry_within_ttl_and_is_restarted(stack):
     assert stack.health().get("network") == "SERVING"
 
 
+def test_the_stacks_prometheus_scrapes_every_service_it_finds_in_the_registry(stack):
+    if not shutil.which("prometheus"):
+        pytest.skip("Debian's prometheus is not installed (make apt installs it)")
+    url = f"http://{stack.prometheus_address}/api/v1/query?query=up"
+    deadline, jobs = time.monotonic() + 90, set()
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                results = json.load(response)["data"]["result"]
+            jobs = {r["metric"]["job"] for r in results if r["value"][1] == "1"}
+            if jobs >= set(SERVICE_KINDS):
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    assert jobs >= set(SERVICE_KINDS), jobs
+
+
 def test_supervisor_sigterm_leaves_no_process_behind(tmp_path):
     own = start_stack(tmp_path / "own")
     children = json.loads((own.state_dir / "supervisor.json").read_text())
     pids = [entry["pid"] for entry in children.values()]
-    assert len(pids) == 1 + len(SERVICE_KINDS) and all(pid_alive(p) for p in pids)
+    with_prometheus = {"prometheus"} if shutil.which("prometheus") else set()
+    assert set(children) == {"etcd", *SERVICE_KINDS} | with_prometheus and all(pid_alive(p) for p in pids)
     assert own.stop(timeout=40) == 0
     time.sleep(0.2)
     assert [p for p in pids if pid_alive(p)] == []
