@@ -20,7 +20,7 @@ import structlog
 
 from microvm.types.v1 import node_pb2
 from services.common import deadlines
-from services.compute.image_start import start_service
+from services.compute.image_start import ready_check, start_service
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
@@ -129,11 +129,17 @@ class TemplateSnapshots:
                     shutil.rmtree(snapshot, ignore_errors=True)
         self.changed.set()
 
-    async def warm_up(self, vm_id: str) -> None:
-        """Runs the exec path in the guest, so what it touches is already in the page cache (and under TCG,
-        already translated) when a user's first command comes."""
+    async def warm_up(self, vm_id: str, template: str) -> None:
+        """Runs the exec path in the guest, and the template's ready check (a template's own server: its request
+        path), so what they touch is already in the page cache (and under TCG, already translated) when a user's
+        first command or request comes. A check that fails here is only logged: the VM is no worse than cold."""
         for argv in WARM_UP_COMMANDS:
             await self.lifecycle.guests.run(vm_id, argv, timeout=deadlines.GUEST)
+        check = ready_check(self.lifecycle.images.config(template))
+        if check is not None:
+            code = await self.lifecycle.guests.run(vm_id, check, timeout=deadlines.GUEST)
+            if code != 0:
+                log.warning("template_warm_up_check_failed", vm=vm_id, template=template, exit_code=code)
 
     async def build(self, template: str, vcpus: int, memory_mib: int) -> None:
         directory = self.directory(template, vcpus, memory_mib)
@@ -148,7 +154,7 @@ class TemplateSnapshots:
             await lifecycle.boot(vm, lambda d: lifecycle.driver.launch(vm, image, d))
             # A user template's server is up in the snapshot: its sandboxes' first command finds it.
             await start_service(lifecycle.guests, vm_id, lifecycle.images.config(template))
-            await self.warm_up(vm_id)
+            await self.warm_up(vm_id, template)
             await self.snapshots.freeze(vm, image, work)
             self.install(work, template, vcpus, memory_mib, image.directory.name)
             log.info("template_snapshot_built", template=template, vcpus=vcpus, memory_mib=memory_mib)

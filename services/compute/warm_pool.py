@@ -128,7 +128,7 @@ class WarmStart:
             await self.snapshots.restore_from(frozen, vm_id, vm_id, start_method="warm-pool", pooled=True)
             # Under TCG each new VMM process translates guest code afresh: exercise the exec path now, not on the
             # user's first command.
-            await self.templates.warm_up(vm_id)
+            await self.templates.warm_up(vm_id, template)
             await self.lifecycle.set_paused(vm_id, True)
             self.pool[template].append(vm_id)
 

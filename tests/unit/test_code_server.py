@@ -60,6 +60,14 @@ async def test_a_new_context_starts_at_execution_count_one_with_no_trace_of_the_
     await request(code_socket, {"op": "delete_context", "context": context})
 
 
+async def test_the_ready_checks_warm_up_run_never_touches_a_context_a_user_ran_code_in(code_socket):
+    before = (await run(code_socket, "'kept'"))[-1]["execution_count"]
+    [reply] = await request(code_socket, {"op": "warm"})
+    assert reply == {"type": "warmed", "context": "default"}
+    events = await run(code_socket, f"print(_, Out[{before}])")
+    assert stdout(events) == "kept kept\n" and events[-1]["execution_count"] == before + 1
+
+
 async def test_stdout_and_stderr_stream_as_separate_events(code_socket):
     events = await run(code_socket, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)")
     assert stdout(events) == "to out\n"

@@ -113,3 +113,6 @@ class Context:
 
     async def interrupt(self) -> None:
         raise NotImplementedError
+
+    async def warm(self) -> None:
+        """Exercises the run path without leaving a trace (Python kernels; others have nothing to warm)."""

@@ -99,6 +99,7 @@ class JupyterContext(Context):
     manager: AsyncKernelManager | None = None
     client: object = None
     dead: bool = False  # the kernel died: the next run starts a fresh one
+    used: bool = False  # a user's code ran in this kernel: warming it would reset its `_` and Out
 
     def check_env(self, env: dict[str, str]) -> None:
         if env and self.language != "python":
@@ -110,12 +111,14 @@ class JupyterContext(Context):
         self.client = self.manager.client()
         self.client.start_channels()
         await self.client.wait_for_ready(timeout=START_TIMEOUT_SECONDS)
-        self.dead = False
+        self.dead = self.used = False
         if self.language == "python":
             await self._execute_quietly(PYTHON_STARTUP)
-            await self._warm()
+            await self.warm()
 
-    async def _warm(self) -> None:
+    async def warm(self) -> None:
+        if self.used or self.dead or self.manager is None:
+            return
         for cell in WARM_CELLS:
             async for _event in self._execute(cell, START_TIMEOUT_SECONDS, OutputBound(1 << 20), store_history=False):
                 pass
@@ -173,6 +176,7 @@ class JupyterContext(Context):
         if self.dead or self.manager is None:
             await self.restart()
             restarted = True
+        self.used = True
         saved = await self._swap_env(env) if env else None
         output = OutputBound(max_output_bytes)
         try:

@@ -20,6 +20,7 @@ Requests (`op` names the operation):
     {"op": "restart_context", "context": id}      a fresh kernel, same language, cwd and env; state is lost
     {"op": "delete_context", "context": id}
     {"op": "interrupt", "context": id}            interrupts the code running there (its run ends "error")
+    {"op": "warm"}        runs warm-up cells in the default Python context, leaving no trace (the ready check)
 
 Languages (list_contexts says which are installed): "python" (an ipykernel kernel; any other Jupyter kernelspec
 runs the same way under its language's name); "bash" (a persistent bash shell, see bash_context.py: variables,
@@ -41,6 +42,7 @@ Replies:
     create_context, restart_context: {"type": "context", "context": {"id", "language", "cwd", "env"}}
     list_contexts: {"type": "contexts", "contexts": [context...], "languages": [str]}
     delete_context: {"type": "deleted", "context": id};  interrupt: {"type": "interrupted", "context": id}
+    warm: {"type": "warmed", "context": "default"}
     a refused request (any op): one line {"type": "error", "refused": true, "name": "context_not_found" |
         "unknown_language" (with "languages") | "bad_request" | "internal", "value": str, "traceback": []}
 """
@@ -101,6 +103,7 @@ class CodeServer:
                 "restart_context": self.restart_context,
                 "delete_context": self.delete_context,
                 "interrupt": self.interrupt,
+                "warm": self.warm,
             }.get(op)
             if handler is None:
                 raise Refused("bad_request", f"unknown op {op!r}")
@@ -112,6 +115,14 @@ class CodeServer:
         except Exception as error:  # a kernel that would not start, a bug: say so, keep serving
             print(f"mvm-code: {op}: {error!r}", file=sys.stderr, flush=True)
             await send(writer, refused("internal", f"{type(error).__name__}: {error}"))
+
+    async def warm(self, request: dict) -> dict:
+        """The template's ready check (mvm_code_ready.py): the run path of the default Python context, exercised
+        in the template snapshot and again in every pooled sandbox before any user runs code. No trace is left."""
+        context = await self.contexts.default("python")
+        async with context.lock:
+            await context.warm()
+        return {"type": "warmed", "context": context.id}
 
     async def run(self, request: dict, writer: asyncio.StreamWriter) -> None:
         code = request.get("code")
