@@ -63,6 +63,15 @@ async def test_a_token_opens_the_page_and_the_vnc_websocket(caller, desktop_inst
     assert (await rfb_banner(opened.websocket_url)).startswith(b"RFB 003.")
 
 
+async def test_the_websocket_declines_compression_vnc_is_compressed_already(caller):
+    opened = await stream(caller, view_only=True)
+    async with aiohttp.ClientSession() as http:
+        # compress=15 offers permessage-deflate, as every browser does
+        async with http.ws_connect(opened.websocket_url, protocols=("binary",), compress=15) as socket:
+            assert socket.compress == 0
+            assert (await asyncio.wait_for(socket.receive(), 30)).data.startswith(b"RFB 003.")
+
+
 async def test_two_viewers_watch_at_once(caller):
     opened = await stream(caller, view_only=True)
     banners = await asyncio.gather(rfb_banner(opened.websocket_url), rfb_banner(opened.websocket_url))
