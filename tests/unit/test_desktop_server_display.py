@@ -33,3 +33,14 @@ async def test_requests_are_refused_no_display_once_xvfb_is_gone(tmp_path):
         for op in ("screenshot", "cursor", "windows"):
             reply = await request(socket_path, {"op": op})
             assert reply["name"] == "no_display" and display in reply["value"], reply
+
+
+def test_the_server_takes_one_screenshot_before_it_listens(tmp_path):
+    """The template's snapshot is taken once the socket exists: the first screenshot's costs (PIL's lazy imports, the
+    encoder's first run) are paid before it, not by each sandbox's first screenshot."""
+    if missing := missing_tools():
+        pytest.skip(f"needs {', '.join(missing)}")
+    with host_desktop(tmp_path / "desktop"):
+        log = (tmp_path / "desktop" / "desktop.log").read_text()
+    warmed, listening = log.find("mvm-desktop: warm-up screenshot: screenshot in"), log.find("mvm-desktop: listening")
+    assert 0 <= warmed < listening, log

@@ -3,11 +3,12 @@ recording of one X display, behind a unix socket.
 
     python3 mvm_desktop_server.py [--socket /run/mvm-desktop.sock] [--display :0] [--wait-display 60]
 
-It listens only once the display answers (waiting up to --wait-display seconds, else it exits 1), so a socket that
-exists means a desktop is up (the template's ready check). Any number of clients at once; each connection sends
-requests and reads replies, one JSON object per line each way, one request at a time per connection: exactly one
-reply line per request. Coordinates are screen pixels, x rightwards and y downwards from the top-left (0, 0); a
-point is on screen when 0 <= x < width and 0 <= y < height. Integers are JSON integers (1.0 is refused).
+It listens only once the display answers (waiting up to --wait-display seconds, else it exits 1) and it has taken one
+screenshot to warm up (see `warm`), so a socket that exists means a desktop is up (the template's ready check).
+Any number of clients at once; each connection sends requests and reads replies, one JSON object per line each way,
+one request at a time per connection: exactly one reply line per request. Coordinates are screen pixels, x rightwards
+and y downwards from the top-left (0, 0); a point is on screen when 0 <= x < width and 0 <= y < height. Integers are
+JSON integers (1.0 is refused).
 
 Requests (`op` names the operation) and their replies:
     {"op": "screenshot", "region": [x, y, w, h]?, "scale": s?, "format": "png"?}
@@ -276,6 +277,15 @@ async def wait_for_display(server: DesktopServer, seconds: float) -> tuple[int, 
             await asyncio.sleep(0.1)
 
 
+async def warm(server: DesktopServer) -> None:
+    """One whole screenshot, encoded and thrown away, before the server listens: the template's snapshot is taken once
+    the socket exists, so PIL's lazy imports (its image plugins, on the first save), the X image path and the
+    encoder's first run are paid there and not by the first screenshot of every sandbox made from it."""
+    started = time.monotonic()
+    reply = await server.handle({"op": "screenshot"})
+    print(f"mvm-desktop: warm-up screenshot: {reply['type']} in {time.monotonic() - started:.2f} s", flush=True)
+
+
 async def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--socket", default="/run/mvm-desktop.sock", help="unix socket path (default %(default)s)")
@@ -290,6 +300,7 @@ async def main(argv=None) -> int:
     except Refused as refusal:
         print(f"mvm-desktop: {refusal.value}", file=sys.stderr, flush=True)
         return 1
+    await warm(server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.socket)
     listener = await asyncio.start_unix_server(server.serve_connection, path=args.socket, limit=MAX_REQUEST_BYTES)
