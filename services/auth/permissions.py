@@ -2,7 +2,7 @@
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
           ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts; desktop screenshots,
-          GetDesktop and WaitForScreen.
+          GetDesktop and WaitForScreen; sandbox metrics.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports, RunCode
           and code contexts, ForwardPort, desktop actions and recordings), and
@@ -23,6 +23,7 @@ TEMPLATES = "/microvm.sandbox.v1.TemplateService/"
 CODE = "/microvm.sandbox.v1.CodeService/"
 PORTS = "/microvm.sandbox.v1.PortForwardService/"
 DESKTOP = "/microvm.sandbox.v1.DesktopService/"
+METRICS = "/microvm.sandbox.v1.SandboxMetricsService/"
 
 READ = (
     {
@@ -49,6 +50,7 @@ READ = (
     }
     | {f"{CODE}ListCodeContexts"}
     | {f"{DESKTOP}{m}" for m in ("Screenshot", "GetDesktop", "WaitForScreen", "CreateDesktopStream")}
+    | {f"{METRICS}{m}" for m in ("GetSandboxMetrics", "ListSandboxMetrics")}
 )
 WRITE = (
     {

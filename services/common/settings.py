@@ -95,6 +95,9 @@ class ComputeSettings(ServiceSettings):
     # A VM whose sandbox has named no longer this node for this many seconds (deleted while the node was away,
     # or moved off by a migration that could not remove it) is deleted; 0 keeps such VMs.
     orphan_grace_seconds: float = 300.0
+    # Each running VM's CPU, memory, disk and network use is sampled this often (GetSandboxMetrics, `mvm top`);
+    # an hour of samples is kept per VM.
+    usage_sample_seconds: float = 5.0
     # Each VM's serial console is kept in `console.log`, moved to `console.log.1` (and so on) when it reaches
     # console_log_max_bytes; console_log_keep older files are kept. A VM's console never takes more than
     # max_bytes * (keep + 1) bytes on disk, whatever its guest writes and whether or not compute runs (while
@@ -128,6 +131,8 @@ class ComputeSettings(ServiceSettings):
             raise ConfigError("compute.max_memory_mib_per_vm must be between 128 and 262144")
         if not 0 <= self.warm_pool_size <= 64:
             raise ConfigError("compute.warm_pool_size must be between 0 and 64")
+        if not 0.05 <= self.usage_sample_seconds <= 300:
+            raise ConfigError("compute.usage_sample_seconds must be between 0.05 and 300")
         if self.tcg_tb_size_mib < 8:
             raise ConfigError("compute.tcg_tb_size_mib must be at least 8")
         if self.size_demand_threshold < 1 or not 0 <= self.extra_template_sizes <= 16:

@@ -31,6 +31,7 @@ from services.compute.metrics import ComputeMetrics
 from services.compute.network_link import NetworkLink
 from services.compute.node_record import NodeReporter, parse_labels
 from services.compute.reconcile import OrphanReaper, adopt
+from services.compute.resource_sampler import ResourceSampler
 from services.compute.snapshots import VmSnapshots
 from services.compute.supervision import VmProcesses
 from services.compute.template_exchange import TemplateExchange
@@ -93,6 +94,7 @@ class ComputeNode:
         )
         self.lifecycle.warm = self.warm
         self.metrics = ComputeMetrics(context.metrics, self)
+        self.usage = ResourceSampler(self.ledger, settings.usage_sample_seconds)
         self.lifecycle.on_started = self.metrics.started
         self.reporter = NodeReporter(
             Records(context.etcd),
@@ -163,6 +165,15 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
             request.network_policy,
         )
         return compute_pb2.CreateVmResponse(vm=shown(vm))
+
+    async def GetVmUsage(self, request, context):
+        after = request.after.ToNanoseconds() / 1e9 if request.HasField("after") else 0.0
+        found = []
+        for vm_id in request.vm_ids:
+            samples = self.node.usage.usage(vm_id, after, request.latest_only)
+            if samples is not None:
+                found.append(compute_pb2.VmUsage(vm_id=vm_id, samples=samples))
+        return compute_pb2.GetVmUsageResponse(vms=found)
 
     async def GetVm(self, request, context):
         return compute_pb2.GetVmResponse(vm=shown(self.ledger.visible(request.vm_id)))
@@ -281,6 +292,9 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
             pass
 
     context.every(5.0, report, "node-record")
+    context.every(
+        context.settings.usage_sample_seconds, lambda: asyncio.to_thread(node.usage.sample_all), "usage-sampler"
+    )
     reaper = OrphanReaper(node.lifecycle, context.settings.orphan_grace_seconds)
     context.every(max(1.0, min(30.0, context.settings.orphan_grace_seconds / 4)), reaper.sweep, "orphan-vms")
     settings = context.settings

@@ -38,6 +38,7 @@ PUBLIC_PREFIXES = (
     permissions.CODE,
     permissions.PORTS,
     permissions.DESKTOP,
+    permissions.METRICS,
 )
 
 

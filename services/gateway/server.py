@@ -13,6 +13,8 @@ from microvm.sandbox.v1 import (
     code_service_pb2_grpc,
     desktop_service_pb2,
     desktop_service_pb2_grpc,
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
     port_forward_service_pb2,
     port_forward_service_pb2_grpc,
     sandbox_service_pb2,
@@ -32,12 +34,14 @@ from services.gateway.desktop import DesktopServicer
 from services.gateway.desktop_live import DesktopLive
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
+from services.gateway.metrics import CreateMetrics, StreamMetrics
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
 from services.gateway.port_forward import PortForwardServicer
 from services.gateway.quotas import QuotaClient
 from services.gateway.records import SandboxStore
+from services.gateway.sandbox_metrics import SandboxMetricsServicer
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.servicer import NodeServicer, SandboxServicer
 from services.gateway.snapshots import SnapshotOps
@@ -51,14 +55,15 @@ from services.gateway.templates import TemplateCatalog
 
 def interceptors(context: ServiceContext[GatewaySettings]) -> list:
     settings = context.settings
+    streams = StreamMetrics(context.metrics)  # exec streams open, bytes streamed (services/gateway/metrics.py)
     if not settings.require_auth:
-        return []
+        return [streams]
     access = AccessInterceptor(
         context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants
     )
     # Audit entries of callers that hung up are still being written: finished before the channels close.
     context.on_shutdown.append(access.drain)
-    return [access]
+    return [access, streams]
 
 
 class Gateway:
@@ -87,6 +92,7 @@ class Gateway:
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     await Records(context.etcd).migrate(SANDBOXES)
     gateway = Gateway(context)
+    CreateMetrics(context.metrics).watch(gateway.sandboxes)
     sandbox_service_pb2_grpc.add_SandboxServiceServicer_to_server(
         SandboxServicer(
             gateway.sandboxes, gateway.snapshots, gateway.data, gateway.ports, gateway.console, gateway.template_ops
@@ -98,6 +104,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(PortForwardServicer(gateway.data), server)
     live = DesktopLive(context, gateway.data)
     desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(gateway.data, live), server)
+    metrics_service_pb2_grpc.add_SandboxMetricsServiceServicer_to_server(SandboxMetricsServicer(gateway.data), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
@@ -129,4 +136,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         code_service_pb2.DESCRIPTOR.services_by_name["CodeService"].full_name,
         port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
         desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
+        metrics_service_pb2.DESCRIPTOR.services_by_name["SandboxMetricsService"].full_name,
     ]

@@ -76,6 +76,7 @@ from microvm_sandbox.models import (
 )
 from microvm_sandbox.port_forward import AsyncPortForward
 from microvm_sandbox.port_forward_sync import PortForward
+from microvm_sandbox.sandbox_metrics import ResourceUsage, SandboxUsage
 from microvm_sandbox.sync import Client, ExecStream, Sandbox, Snapshot
 from microvm_sandbox.template import Template
 from microvm_sandbox.templates import AsyncBuildStream, AsyncTemplates, BuildProgress
@@ -83,6 +84,8 @@ from microvm_sandbox.templates_sync import BuildStream, Templates
 from microvm_sandbox.terminal import AsyncPtyHandle, PtyHandle
 
 __all__ = [
+    "ResourceUsage",
+    "SandboxUsage",
     "AsyncBuildStream",
     "AsyncTemplates",
     "BuildProgress",

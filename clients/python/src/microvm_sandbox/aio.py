@@ -47,6 +47,7 @@ from microvm_sandbox.output import OutputCallback
 from microvm_sandbox.port_forward import AsyncPortForwardMethods
 from microvm_sandbox.sandbox_exec import AsyncExecMethods
 from microvm_sandbox.sandbox_files import AsyncFileMethods
+from microvm_sandbox.sandbox_metrics import AsyncMetricsMethods
 from microvm_sandbox.sandbox_network import AsyncNetworkMethods
 from microvm_sandbox.snapshots import AsyncSnapshot, AsyncSnapshotMethods
 
@@ -113,6 +114,7 @@ class AsyncSandbox(
     AsyncNetworkMethods,
     AsyncPortForwardMethods,
     AsyncDesktopMethods,
+    AsyncMetricsMethods,
 ):
     """A running sandbox: a disposable Linux microVM. Make one with `create()`, `connect()` or `restore()`;
     `kill()` (or leaving `async with`) deletes it. `message` is the server's last description of it."""

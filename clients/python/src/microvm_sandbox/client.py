@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,6 +24,9 @@ from microvm_sandbox.models import SnapshotInfo
 from microvm_sandbox.snapshots import AsyncSnapshot
 from microvm_sandbox.templates import AsyncTemplates
 from microvm_sandbox.transfer import CHANNEL_OPTIONS
+
+if TYPE_CHECKING:
+    from microvm_sandbox.sandbox_metrics import SandboxUsage
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 RETRIES = 3
@@ -123,6 +126,12 @@ class AsyncClient:
             token = reply.next_page_token
             if not token:
                 return found
+
+    async def list_metrics(self, labels: dict[str, str] | None = None) -> list[SandboxUsage]:
+        """The newest resource sample of each of your running sandboxes (with all `labels`)."""
+        from microvm_sandbox.sandbox_metrics import list_usage
+
+        return await list_usage(self, labels)
 
     @property
     def templates(self) -> AsyncTemplates:

@@ -22,6 +22,8 @@ from microvm_sandbox.files_sync import Files
 from microvm_sandbox.models import ConsoleOutput, FileEntry, SandboxInfo, SnapshotInfo
 from microvm_sandbox.port_forward_sync import PortForwardMethods
 from microvm_sandbox.sandbox_exec import ExecMethods
+from microvm_sandbox.sandbox_metrics import SandboxUsage, list_usage
+from microvm_sandbox.sandbox_metrics_sync import MetricsMethods
 from microvm_sandbox.sandbox_network import NetworkMethods
 from microvm_sandbox.snapshots import Snapshot, SnapshotMethods
 from microvm_sandbox.sync_loop import Loop
@@ -68,6 +70,10 @@ class Client:
         """The templates sandboxes can be created from, as the nodes report them (messages)."""
         return self._loop.run(self.aio.list_templates())
 
+    def list_metrics(self, labels: dict[str, str] | None = None) -> list[SandboxUsage]:
+        """The newest resource sample of each of your running sandboxes (with all `labels`)."""
+        return self._loop.run(list_usage(self.aio, labels))
+
     @property
     def templates(self) -> Templates:
         """Templates: build, watch builds, list, get, create, update, delete (`AsyncClient.templates`, sync)."""
@@ -93,7 +99,9 @@ def _client(client: Client | None) -> AsyncClient | None:
     return client.aio if client else None
 
 
-class Sandbox(ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods, PortForwardMethods, DesktopMethods):
+class Sandbox(
+    ExecMethods, CodeMethods, SnapshotMethods, NetworkMethods, PortForwardMethods, DesktopMethods, MetricsMethods
+):
     """A running sandbox: a disposable Linux microVM (the sync twin of `AsyncSandbox`). Make one with
     `create()`, `connect()` or `restore()`; `kill()` (or leaving `with`) deletes it."""
 
