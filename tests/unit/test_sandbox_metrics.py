@@ -90,7 +90,7 @@ async def test_samples_describe_the_sandboxes_vmm_and_follow_streams_new_ones(sa
 
 
 async def test_list_shows_the_newest_sample_of_each_of_the_callers_sandboxes_only(sampled):
-    (mine, my_stub), (theirs, their_stub) = await tenant(sampled), await tenant(sampled)
+    (mine, my_stub), (theirs, _) = await tenant(sampled), await tenant(sampled)
     labelled = api.CreateSandboxRequest()
     labelled.sandbox.labels["team"] = "blue"
     names = []
