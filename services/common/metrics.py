@@ -13,8 +13,9 @@ labelled `grpc_service`, `grpc_method`, `grpc_type`.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 import structlog
@@ -26,6 +27,8 @@ from prometheus_client.registry import Collector
 
 log = structlog.get_logger()
 
+# The longest a scrape waits for the readings that need an await (etcd, a subprocess); Prometheus's own timeout is 10 s.
+REFRESH_SECONDS = 5.0
 # Seconds: from sub-millisecond calls (health, a file stat) to long creates and builds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 STREAM_TYPES = {
@@ -57,11 +60,27 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refreshers: list[Callable[[], Awaitable[None]]] = []
 
     def gauge_callback(self, name: str, documentation: str, labels: Iterable[str], sample: Callable) -> None:
         """A gauge read when Prometheus scrapes: `sample()` gives {label values tuple: value}. For values the
         service already keeps (VMs by state, pool depth): nothing to keep in step."""
         self.registry.register(CallbackGauge(name, documentation, tuple(labels), sample))
+
+    def before_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """`refresh()` runs before each scrape, for readings that need an await (etcd records, a subprocess): it
+        keeps what it read and the callback gauges report that. Bounded by REFRESH_SECONDS; one that fails or is too
+        slow is logged and its gauges show what it kept last."""
+        self.refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        async def bounded(refresh) -> None:
+            try:
+                await asyncio.wait_for(refresh(), REFRESH_SECONDS)
+            except Exception:
+                log.exception("metric_refresh_failed", refresh=getattr(refresh, "__qualname__", str(refresh)))
+
+        await asyncio.gather(*(bounded(refresh) for refresh in self.refreshers))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -207,6 +226,7 @@ class MetricsEndpoint:
         return self.address
 
     async def _serve(self, request: web.Request) -> web.Response:
+        await self.metrics.refresh()
         body = self.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

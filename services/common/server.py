@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from services.common import observability
 from services.common.config import CommonSettings, ConfigError, load_config, parse_address
 from services.common.errors import ErrorMappingInterceptor
+from services.common.etcd_metrics import time_etcd_requests
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, ServiceMetrics
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import ServiceDirectory, ServiceInstance, ServiceRegistration, etcd_client, etcd_identity
@@ -242,6 +243,7 @@ async def serve(
         identity=identity,
         metrics=ServiceMetrics(kind),
     )
+    time_etcd_requests(etcd, context.metrics)
     metrics_endpoint = MetricsEndpoint(context.metrics)
     registration = ServiceRegistration(
         etcd,
