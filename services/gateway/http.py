@@ -26,7 +26,13 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from microvm.admin.v1 import nodes_pb2
-from microvm.sandbox.v1 import code_service_pb2, desktop_service_pb2, port_forward_service_pb2, template_service_pb2
+from microvm.sandbox.v1 import (
+    code_service_pb2,
+    desktop_service_pb2,
+    metrics_service_pb2,
+    port_forward_service_pb2,
+    template_service_pb2,
+)
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
 from services.gateway import http_builds
@@ -42,6 +48,7 @@ SERVICES = (
     code_service_pb2.DESCRIPTOR.services_by_name["CodeService"],
     port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"],  # bidirectional: gRPC only
     desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"],
+    metrics_service_pb2.DESCRIPTOR.services_by_name["SandboxMetricsService"],
 )
 # Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
 RAW_STREAMS = tuple(DOWNLOADS)

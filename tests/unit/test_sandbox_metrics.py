@@ -5,6 +5,7 @@ A tenant sees only its own sandboxes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import time
@@ -193,3 +194,59 @@ async def test_the_sdk_reads_samples_follows_them_and_lists_the_newest(sampled):
     finally:
         await sandbox.kill()
         await client.close()
+
+
+async def test_mvm_metrics_and_top(sampled):
+    from microvm_sandbox import AsyncSandbox
+    from microvm_sandbox.aio import AsyncClient
+    from mvm_cli.main import parse
+    from tests.unit.test_cli_code import mvm
+
+    assert parse(["top", "--sort", "memory", "--once"]).sort == "memory"
+    with pytest.raises(SystemExit):
+        parse(["top", "--sort", "colour"])
+    caller, stub = await tenant(sampled)
+    client = AsyncClient(await sampled.address("gateway"), caller.key)
+    sandbox = await AsyncSandbox.create(client=client)
+    sandbox.gateway, sandbox.key = client.address, caller.key
+    try:
+        await until_samples(stub, caller, sandbox.name, 2)
+        status, out, err = await mvm(sandbox, "metrics", sandbox.id)
+        assert status == 0, err
+        header, *rows = out.splitlines()
+        assert header.split()[:3] == ["TIME", "CPU%", "MEMORY"] and len(rows) >= 2
+        status, out, err = await mvm(sandbox, "metrics", sandbox.id, "--json")
+        assert status == 0 and all(json.loads(line)["memory_bytes"] > 0 for line in out.splitlines())
+        status, out, err = await mvm(sandbox, "top", "--once", "--sort", "memory")
+        assert status == 0, err
+        assert out.splitlines()[0].startswith("SANDBOX") and sandbox.id in out
+        status, out, err = await mvm(sandbox, "metrics", "sbx-never-was")
+        assert status != 0 and "not" in err.lower()
+    finally:
+        await sandbox.kill()
+        await client.close()
+
+
+async def test_http_serves_the_samples_as_ndjson_and_the_list_as_json(sampled):
+    import aiohttp
+
+    caller, stub = await tenant(sampled)
+    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    await until_samples(stub, caller, created.sandbox.name, 2)
+    base = f"http://{sampled.settings['gateway']['http_listen']}/v1"
+    headers = {"Authorization": f"Bearer {caller.key}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(f"{base}/{created.sandbox.name}/metrics") as response:
+            assert response.status == 200, await response.text()
+            lines = [json.loads(line) for line in (await response.text()).splitlines() if line.strip()]
+        samples = (
+            [sample for line in lines for sample in line["result"]["samples"]]
+            if "result" in lines[0]
+            else [sample for line in lines for sample in line["samples"]]
+        )
+        assert len(samples) >= 2 and int(samples[-1]["memoryBytes"]) > 0
+        async with session.get(f"{base}/sandboxes:metrics") as response:
+            listed = await response.json()
+        assert [entry["sandbox"] for entry in listed["sandboxes"]] == [created.sandbox.name]
+        async with session.get(f"{base}/sandboxes/never-was/metrics") as response:
+            assert response.status == 404

@@ -5,6 +5,7 @@
   processes   exec ID --background, ps ID, attach ID PID, kill ID PID
   code        code ID [FILE|-] (a kernel that keeps state), code-context [ls|create|restart|interrupt|rm]
   desktop     desktop ID screenshot|click|move|drag|type|press|scroll|launch|windows|focus|close|wait|record
+  usage       metrics ID [-f] (CPU, memory, disk, network), top (your sandboxes by use, live)
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
   cluster     nodes [get|cordon|uncordon|drain] (operators)
@@ -26,7 +27,18 @@ import sys
 import traceback
 
 from microvm_sandbox import CommandNotFound
-from mvm_cli import code, completion, desktop, nodes, port_forward, processes, sandboxes, snapshots, templates
+from mvm_cli import (
+    code,
+    completion,
+    desktop,
+    nodes,
+    port_forward,
+    processes,
+    sandboxes,
+    snapshots,
+    templates,
+    usage,
+)
 from mvm_cli.channel import BearerAuth, connect
 from mvm_cli.context import Context
 from mvm_cli.output import error_line, exit_status
@@ -63,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     port_forward.register(sub)
     code.register(sub)
     desktop.register(sub)
+    usage.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
     else:
