@@ -7,6 +7,7 @@ from services.common.errors import FailedPrecondition
 from services.common.records import ADDRESSES, ATTACHMENTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import NetworkSettings
+from services.network.metrics import NetworkMetrics
 from services.network.node import NodeNetwork
 
 
@@ -60,6 +61,7 @@ async def wire(server, context: ServiceContext[NetworkSettings]) -> list[str]:
         await records.migrate(ADDRESSES, node)
         network = NodeNetwork(context.settings, context.etcd, node)
         await network.start()
+        NetworkMetrics(context.metrics, network)
         context.every(context.settings.reconcile_interval_seconds, network.reconcile, "network-reconcile")
         context.on_shutdown.append(network.close)
     context.registration_metadata.update(networking=str(context.common.networking).lower())
