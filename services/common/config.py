@@ -64,8 +64,10 @@ class CommonSettings:
     # Seconds an instance's registration outlives its last keep-alive.
     lease_ttl_seconds: int = 3
     log_level: str = "info"
-    # `none` or `console`: where OpenTelemetry spans go (trace ids are logged either way).
+    # `none`, `console` or `otlp`: where OpenTelemetry spans go (trace ids are logged either way). `otlp` sends them
+    # over OTLP/gRPC to otlp_endpoint (an OpenTelemetry Collector, Jaeger, Tempo...).
     trace_exporter: str = "none"
+    otlp_endpoint: str = "127.0.0.1:4317"
     # Mutual TLS between services with the installation's CA (<state_dir>/pki unless pki_dir is set).
     internal_tls: bool = True
     pki_dir: str = ""
@@ -99,8 +101,10 @@ class CommonSettings:
             raise ConfigError("lease_ttl_seconds must be between 1 and 300")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be one of debug, info, warning, error")
-        if self.trace_exporter not in ("none", "console"):
-            raise ConfigError("trace_exporter must be `none` or `console`")
+        if self.trace_exporter not in ("none", "console", "otlp"):
+            raise ConfigError("trace_exporter must be `none`, `console` or `otlp`")
+        if self.trace_exporter == "otlp":
+            parse_address(self.otlp_endpoint, key="otlp_endpoint", allow_zero=False)
         if self.node_id and not NODE_ID.fullmatch(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID.pattern}")
         if self.metrics_listen:

@@ -25,6 +25,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from services.common import observability
+
 log = structlog.get_logger()
 
 # The longest a scrape waits for the readings that need an await (etcd, a subprocess); Prometheus's own timeout is 10 s.
@@ -152,6 +154,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return _replace_behaviour(handler, behaviour)
 
     def _start(self, labels: tuple[str, str, str]) -> float:
+        observability.IN_CALL.set(True)  # each call is a task of its own: this stays inside it
         self.metrics.started.labels(*labels).inc()
         return time.perf_counter()
 

@@ -357,7 +357,14 @@ def run_service(
         print(f"microvm-{kind}: bad configuration: {exc}", file=sys.stderr)
         sys.exit(2)
     instance_id = args.instance_id or f"{socket.gethostname()}-{os.getpid()}"
-    observability.configure(kind, instance_id, config.common.log_level, config.common.trace_exporter)
+    observability.configure(
+        kind,
+        instance_id,
+        config.common.log_level,
+        config.common.trace_exporter,
+        config.common.otlp_endpoint,
+        node=config.common.node if kind in NODE_KINDS else "",
+    )
     try:
         asyncio.run(
             serve(kind, config.common, config.service, wiring, instance_id=instance_id, interceptors=interceptors)

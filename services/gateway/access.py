@@ -25,7 +25,7 @@ from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.types.v1 import auth_pb2 as auth_types
 from services.auth import permissions
 from services.auth.permissions import MUTATING
-from services.common import deadlines
+from services.common import deadlines, observability
 from services.common.client_streams import BIDI_IDLE_SECONDS, refuse
 from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
 
@@ -229,6 +229,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await refuse_stream()
                 await context.abort_with_status(rate_limited(wait))
             _principal.set(principal)
+            observability.bind_to_call(tenant=principal.tenant)  # on every later log line of this call
             return principal
 
         def result_code(context, exc: BaseException | None) -> grpc.StatusCode:

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
+from services.common import observability
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from services.common.records import CHANNEL_INCIDENTS, SANDBOX_TOMBSTONES, SANDBOXES, VMS, Records, Stored
 from services.gateway.access import current_tenant
@@ -169,6 +170,7 @@ class SandboxStore:
                 stored = None
         if stored is None:
             raise await self.gone(tenant, name)
+        observability.bind_to_call(sandbox=stored.message.id)  # on every later log line of this call
         return stored
 
     async def gone(self, tenant: str | None, name: str) -> NotFound:

@@ -12,6 +12,7 @@ import aetcd
 import structlog
 
 from microvm.types.v1 import vm_pb2
+from services.common import observability
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.records import VMS, RecordCorrupt, Records
 from services.common.tasks import cancel_and_wait
@@ -97,6 +98,7 @@ class NodeVms:
     async def target(self, vm_id: str, running: bool = True) -> AgentTarget:
         """Where VM `vm_id`'s agent is; with `running`, FAILED_PRECONDITION unless its VM runs."""
         vm = await self.get(vm_id)
+        observability.bind_to_call(sandbox=vm.id)  # on every later log line of this call
         if running and vm.state != vm_pb2.VM_STATE_RUNNING:
             raise FailedPrecondition(
                 f"VM {vm_id} is {vm_pb2.VmState.Name(vm.state).removeprefix('VM_STATE_')}"

@@ -15,6 +15,7 @@ from services.common.errors import DataLoss, InvalidArgument, NotFound, Unavaila
 from services.common.records import PENDING_ARTIFACTS, QUOTA_RELEASES, SNAPSHOTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import SnapshotSettings
+from services.snapshot.metrics import SnapshotMetrics
 from services.snapshot.store import SnapshotChunkStore
 
 log = structlog.get_logger()
@@ -111,6 +112,7 @@ async def wire(server, context: ServiceContext[SnapshotSettings]) -> list[str]:
     root = Path(settings.store_dir) if settings.store_dir else Path(context.common.state_dir) / "snapshot"
     node = context.common.node
     store = SnapshotChunkStore(root, context.etcd, settings.chunk_size_bytes, node)
+    SnapshotMetrics(context.metrics, store)
     records = Records(context.etcd)
     for kind in (SNAPSHOTS, PENDING_ARTIFACTS, QUOTA_RELEASES):
         await records.migrate(kind)
