@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import pytest
+import structlog
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from services.common import observability
 from tests.inprocess import tenant_caller
 
 
@@ -110,3 +112,25 @@ async def test_otlp_exporter_delivers_spans_to_a_collector():
     attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
     assert attributes["service.name"] == "microvm-probe" and attributes["service.instance.id"] == "probe-1"
     assert [span.name for scope in resource_spans.scope_spans for span in scope.spans] == ["probe-span"]
+
+
+async def test_log_lines_of_a_call_carry_its_tenant_and_sandbox(installation):
+    tenant = f"logged-{uuid.uuid4().hex[:6]}"
+    caller = await tenant_caller(installation, tenant)
+    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    missing_file = api.StatRequest(sandbox=created.sandbox.name, path="/no/such/file")
+    missing_sandbox = api.GetSandboxRequest(name="sandboxes/never-was")
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as lines:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await caller.stub.Stat(missing_file, metadata=caller.metadata)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await caller.stub.GetSandbox(missing_sandbox, metadata=caller.metadata)
+    await caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.sandbox.name), metadata=caller.metadata)
+    failed = {line["method"].rpartition("/")[2]: line for line in lines if line["event"] == "call_failed"}
+    # The relay's line of the failed Stat names the sandbox (by its cluster id)...
+    assert failed["Stat"]["sandbox"].startswith("sbx-"), failed
+    # ...and the gateway's line of the failed GetSandbox the caller's tenant.
+    assert failed["GetSandbox"]["tenant"] == tenant and "sandbox" not in failed["GetSandbox"], failed
+    # Outside a call nothing is bound: background work never carries a stale sandbox.
+    observability.bind_to_call(sandbox="stale")
+    assert "sandbox" not in structlog.contextvars.get_contextvars()
