@@ -10,6 +10,7 @@ from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth import permissions
 from services.auth.audit import AuditLog
 from services.auth.credentials import CredentialStore
+from services.auth.metrics import CredentialMetrics, QuotaMetrics
 from services.auth.quotas import TenantQuotas
 from services.auth.sealing import Sealer
 from services.common.errors import InvalidArgument
@@ -110,6 +111,8 @@ async def wire(server, context: ServiceContext[AuthSettings]) -> list[str]:
     for kind in AUTH_KINDS:
         await records.migrate(kind)
     servicer = AuthServicer(context.etcd, context.settings, await token_sealer(context, records))
+    CredentialMetrics(context.metrics).watch(servicer.credentials)
+    QuotaMetrics(context.metrics, context.etcd)
     log.info("signing_keys_opened", count=await servicer.credentials.open_signing_keys())
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     context.on_shutdown.append(servicer.audit.drain)
