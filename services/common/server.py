@@ -28,6 +28,13 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 
 from services.common import observability
 from services.common.config import CommonSettings, ConfigError, load_config, parse_address
+from services.common.dependencies import (
+    PERIOD_SECONDS,
+    Dependency,
+    DependencyHealth,
+    disk_dependency,
+    etcd_dependency,
+)
 from services.common.errors import ErrorMappingInterceptor
 from services.common.etcd_metrics import time_etcd_requests
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, ServiceMetrics
@@ -107,6 +114,8 @@ class ServiceContext(Generic[S]):
     # Coroutines run at shutdown, after the server stopped accepting and drained (reverse order).
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     identity: Identity | None = None
+    # What the service depends on beyond etcd and its disk (services/common/dependencies.py): wirings append.
+    dependencies: list[Dependency] = field(default_factory=list)
     # The service's Prometheus registry (its gRPC metrics; wirings add their own, see services/common/metrics.py).
     metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics(""))
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
@@ -303,6 +312,10 @@ async def serve(
             registration.instance.metadata["metrics"] = await metrics_endpoint.start(host, metrics_port)
         await registration.open()
         context.registration = registration
+        checks = [etcd_dependency(etcd), disk_dependency(common.state_dir), *context.dependencies]
+        dependency_health = DependencyHealth(checks, health_servicer, registration)
+        await dependency_health.refresh()
+        context.every(PERIOD_SECONDS, dependency_health.refresh, "dependency-health")
         log.info(
             "service_started",
             address=registration.instance.address,

@@ -21,6 +21,7 @@ from services.common.settings import ComputeSettings
 from services.compute import hypervisor
 from services.compute.archive_images import ArchiveImages
 from services.compute.console import select
+from services.compute.dependencies import vmm_dependency
 from services.compute.guests import GuestLink
 from services.compute.image_exchange import ImageExchange
 from services.compute.images import is_user_image
@@ -305,6 +306,7 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
 
     context.every(600, prune_layers, "layer-cache")
     context.registration_metadata.update(vmm=driver.name, accel=driver.accel, hypervisor_reason=reason)
+    context.dependencies.append(vmm_dependency(driver))
     context.on_shutdown.append(node.close)
     compute_pb2_grpc.add_ComputeServiceServicer_to_server(ComputeServicer(node), server)
     return [compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from microvm.network.v1 import network_pb2, network_pb2_grpc
+from services.common.dependencies import command_dependency
 from services.common.errors import FailedPrecondition
 from services.common.records import ADDRESSES, ATTACHMENTS, Records
 from services.common.server import ServiceContext
@@ -56,6 +57,7 @@ async def wire(server, context: ServiceContext[NetworkSettings]) -> list[str]:
     network = None
     node = context.common.node
     if context.common.networking:
+        context.dependencies.append(command_dependency("nftables", ["nft", "list", "tables"]))
         records = Records(context.etcd)
         await records.migrate(ATTACHMENTS, node)
         await records.migrate(ADDRESSES, node)
