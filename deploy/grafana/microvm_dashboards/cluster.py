@@ -1,10 +1,11 @@
 """The cluster overview: services up, calls, errors and latency per service kind, sandboxes and warm pools, creates
-and VM start times, the data plane and etcd, and every node's allocation and disk."""
+and VM start times, the data plane and etcd, network and snapshot stores, and every node's allocation and disk."""
 
 from __future__ import annotations
 
 from .calls import calls_not_ok, etcd_panels, methods_table, streams_panel
 from .panels import (
+    ADDRESSES_FREE,
     ALLOCATED,
     DISK_FREE,
     ERROR_RATIO,
@@ -29,8 +30,8 @@ def cluster() -> dict:
         "microvm-cluster",
         "MicroVM Sandbox / Cluster",
         "The whole installation: services up; calls, errors and latency per service kind; sandboxes and warm pools; "
-        "creates and VM start times; exec streams, bytes streamed and etcd round trips; every node's allocation and "
-        "disk. Built by deploy/grafana/build_dashboards.py.",
+        "creates and VM start times; exec streams, bytes streamed and etcd round trips; guest addresses, TAPs and "
+        "snapshot stores; every node's allocation and disk. Built by deploy/grafana/build_dashboards.py.",
         [
             datasource_variable(),
             label_variable("job", "Service", "up", every=True, description="Service kinds (gateway, auth, ...)"),
@@ -42,6 +43,7 @@ def cluster() -> dict:
             ("Sandboxes", cluster_sandboxes()),
             ("Creates and VM starts", cluster_creates()),
             ("Data plane and etcd", cluster_data_plane()),
+            ("Network and snapshots", cluster_network_and_snapshots()),
             ("Nodes", cluster_nodes()),
         ],
     )
@@ -209,6 +211,44 @@ def cluster_data_plane() -> list[dict]:
             width=6,
         ),
         *etcd_panels(JOBS, width=6),
+    ]
+
+
+def cluster_network_and_snapshots() -> list[dict]:
+    """Network metrics come only from nodes with networking on (services/network/metrics.py)."""
+    return [
+        bargauge(
+            "Guest addresses free, per node",
+            query(
+                'sum by (node) (microvm_ip_addresses{state="free"})\n/\nsum by (node) (microvm_ip_addresses)',
+                "{{node}}",
+            ),
+            description="Free share of each node's guest address pool (nodes with networking on): with none left, "
+            "no sandbox with a network starts there.",
+            thresholds=ADDRESSES_FREE,
+            width=6,
+        ),
+        timeseries(
+            "TAP devices, per node",
+            query("sum by (node) (microvm_tap_devices)", "{{node}}"),
+            description="Sandbox TAP devices on each host, as the host lists them: one leaked by a crash counts too.",
+            width=6,
+        ),
+        timeseries(
+            "Snapshot store on disk, per node",
+            query('sum by (node) (microvm_snapshot_store_bytes{kind="stored"})', "{{node}}"),
+            description="Bytes of snapshot chunks each node keeps on disk (identical chunks once).",
+            unit="bytes",
+            width=6,
+        ),
+        timeseries(
+            "Snapshot dedup ratio, per node",
+            query("max by (node) (microvm_snapshot_dedup_ratio)", "{{node}}"),
+            description="Logical bytes of the snapshots a node holds over the bytes its store keeps: 3 means each "
+            "stored byte serves three. Absent while a store is empty.",
+            minimum=None,
+            width=6,
+        ),
     ]
 
 

@@ -27,7 +27,8 @@ def node() -> dict:
         "microvm-node",
         "MicroVM Sandbox / Node",
         "One node: its VMs and warm pool, what its VMs hold of its vCPUs, memory and disk, how long its VMs take to "
-        "start, and calls, errors, latency and etcd round trips of its services (compute, relay, network, snapshot). "
+        "start, its guest addresses, TAPs and snapshot store, and calls, errors, latency and etcd round trips of its "
+        "services (compute, relay, network, snapshot). "
         "Built by deploy/grafana/build_dashboards.py.",
         [
             datasource_variable(),
@@ -41,6 +42,7 @@ def node() -> dict:
             ("VMs", node_vms()),
             ("Capacity", node_capacity()),
             ("VM starts", node_starts()),
+            ("Network and snapshots", node_network_and_snapshots()),
             ("Services on this node", node_services()),
         ],
     )
@@ -164,6 +166,42 @@ def node_starts() -> list[dict]:
             width=8,
             height=8,
             decimals=0,
+        ),
+    ]
+
+
+def node_network_and_snapshots() -> list[dict]:
+    """Network metrics come only from a node with networking on (services/network/metrics.py)."""
+    return [
+        timeseries(
+            "Guest addresses",
+            query(f"sum by (state) (microvm_ip_addresses{{{HERE}}})", "{{state}}"),
+            description="This node's guest address pool, used and free: with none free, no sandbox with a network "
+            "starts here.",
+            width=6,
+            stacked=True,
+        ),
+        timeseries(
+            "TAP devices",
+            query(f"sum(microvm_tap_devices{{{HERE}}})", "TAP devices"),
+            description="Sandbox TAP devices on this host, as the host lists them: one leaked by a crash counts too.",
+            width=6,
+        ),
+        timeseries(
+            "Snapshot store",
+            query(f"max by (kind) (microvm_snapshot_store_bytes{{{HERE}}})", "{{kind}}"),
+            description="stored: bytes of chunks on this node's disk (identical chunks once); logical: what the "
+            "snapshots this node holds add up to.",
+            unit="bytes",
+            width=6,
+        ),
+        timeseries(
+            "Snapshot dedup ratio",
+            query(f"max(microvm_snapshot_dedup_ratio{{{HERE}}})", "logical / stored"),
+            description="Logical bytes of the snapshots this node holds over the bytes its store keeps. Absent while "
+            "the store is empty.",
+            minimum=None,
+            width=6,
         ),
     ]
 
