@@ -6,6 +6,7 @@
   code        code ID [FILE|-] (a kernel that keeps state), code-context [ls|create|restart|interrupt|rm]
   desktop     desktop ID screenshot|click|move|drag|type|press|scroll|launch|windows|focus|close|wait|record
   usage       metrics ID [-f] (CPU, memory, disk, network), top (your sandboxes by use, live)
+  logs        logs SERVICE [-f] (this host's service logs), logs --sandbox ID [-f] (its console)
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
   cluster     nodes [get|cordon|uncordon|drain] (operators)
@@ -31,6 +32,7 @@ from mvm_cli import (
     code,
     completion,
     desktop,
+    logs,
     nodes,
     port_forward,
     processes,
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     code.register(sub)
     desktop.register(sub)
     usage.register(sub)
+    logs.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
     else:
