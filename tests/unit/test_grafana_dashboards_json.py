@@ -41,9 +41,9 @@ def test_the_dashboards_are_what_build_dashboards_writes():
     assert sorted(BUILT) == sorted(DASHBOARDS), "every dashboard JSON is built by build_dashboards.py"
 
 
-def test_the_cluster_and_node_dashboards_exist_with_distinct_uids():
+def test_the_cluster_node_and_tenant_dashboards_exist_with_distinct_uids():
     uids = [dashboard["uid"] for dashboard in DASHBOARDS.values()]
-    assert {"microvm-cluster", "microvm-node"} <= set(uids)
+    assert {"microvm-cluster", "microvm-node", "microvm-tenant"} <= set(uids)
     assert len(uids) == len(set(uids))
 
 

@@ -12,9 +12,10 @@ import json
 
 from .cluster import cluster
 from .node import node
+from .tenant import tenant
 
 # File name under deploy/grafana/dashboards/ -> the function that builds it. A new dashboard: a module and a line here.
-DASHBOARDS = {"microvm-cluster.json": cluster, "microvm-node.json": node}
+DASHBOARDS = {"microvm-cluster.json": cluster, "microvm-node.json": node, "microvm-tenant.json": tenant}
 
 
 def render(build) -> str:

@@ -1,5 +1,6 @@
 """The cluster overview: services up, calls, errors and latency per service kind, sandboxes and warm pools, creates
-and VM start times, the data plane and etcd, network and snapshot stores, and every node's allocation and disk."""
+and VM start times, the data plane and etcd, network and snapshot stores, every node's allocation and disk, credential
+checks and tenants' quotas."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def cluster() -> dict:
         "MicroVM Sandbox / Cluster",
         "The whole installation: services up; calls, errors and latency per service kind; sandboxes and warm pools; "
         "creates and VM start times; exec streams, bytes streamed and etcd round trips; guest addresses, TAPs and "
-        "snapshot stores; every node's allocation and disk. Built by deploy/grafana/build_dashboards.py.",
+        "snapshot stores; every node's allocation and disk; credential checks and every tenant's quota. Built by "
+        "deploy/grafana/build_dashboards.py.",
         [
             datasource_variable(),
             label_variable("job", "Service", "up", every=True, description="Service kinds (gateway, auth, ...)"),
@@ -45,6 +47,7 @@ def cluster() -> dict:
             ("Data plane and etcd", cluster_data_plane()),
             ("Network and snapshots", cluster_network_and_snapshots()),
             ("Nodes", cluster_nodes()),
+            ("Auth and tenants", cluster_auth_and_tenants()),
         ],
     )
 
@@ -296,5 +299,55 @@ def cluster_nodes() -> list[dict]:
             description="Free share of each node's state directory file system: VM disks, snapshot chunks, images "
             "(alert DiskNearlyFull under 10%).",
             thresholds=DISK_FREE,
+        ),
+    ]
+
+
+def cluster_auth_and_tenants() -> list[dict]:
+    """Credential checks and every tenant's quota (services/auth/metrics.py); each auth replica reports the same
+    cluster-wide quota figures, hence max."""
+
+    def share(resource: str) -> str:
+        return (
+            f'max by (tenant) (microvm_quota_used{{resource="{resource}"}})\n/\n'
+            f'max by (tenant) (microvm_quota_limit{{resource="{resource}"}})'
+        )
+
+    return [
+        timeseries(
+            "Credential checks per second, by kind",
+            query("sum by (kind) (rate(microvm_auth_verifications_total[$__rate_interval]))", "{{kind}}"),
+            description="API keys, tokens and scoped tokens auth checked.",
+            unit="reqps",
+            width=6,
+            stacked=True,
+        ),
+        timeseries(
+            "Credentials refused per second, by reason",
+            query(
+                "sum by (kind, reason) (rate(microvm_auth_denials_total[$__rate_interval])) > 0",
+                "{{kind}} {{reason}}",
+            ),
+            description="Credentials auth refused (BAD_CREDENTIAL, CREDENTIAL_EXPIRED, CREDENTIAL_REVOKED, ...): a "
+            "burst of BAD_CREDENTIAL is someone guessing.",
+            unit="reqps",
+            width=6,
+            stacked=True,
+        ),
+        table(
+            "Tenants",
+            [
+                ("sandboxes", 'max by (tenant) (microvm_quota_used{resource="sandboxes"})', "short"),
+                ("sandboxes quota", share("sandboxes"), "percentunit"),
+                ("vCPUs quota", share("vcpus"), "percentunit"),
+                ("memory quota", share("memory_bytes"), "percentunit"),
+                ("disk quota", share("disk_bytes"), "percentunit"),
+                ("snapshot quota", share("snapshot_bytes"), "percentunit"),
+            ],
+            description="Every tenant: its sandboxes and the share it holds of each limited quota (empty: no limit). "
+            "Its name opens the tenant dashboard.",
+            key="tenant",
+            link="/d/microvm-tenant?var-tenant=${__value.raw}&${__url_time_range}&${datasource:queryparam}",
+            width=12,
         ),
     ]

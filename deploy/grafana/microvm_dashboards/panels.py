@@ -18,6 +18,7 @@ ERROR_RATIO = [("green", None), ("red", 0.05)]  # HighErrorRatio fires above 5%
 ALLOCATED = [("green", None), ("orange", 0.75), ("red", 0.9)]  # NodeNearlyFull fires above 90%
 DISK_FREE = [("red", None), ("orange", 0.1), ("green", 0.2)]  # DiskNearlyFull fires under 10%
 ADDRESSES_FREE = [("red", None), ("orange", 0.1), ("green", 0.2)]
+QUOTA_HELD = [("green", None), ("orange", 0.75), ("red", 0.9)]
 
 
 def query(expr: str, legend: str = "", instant: bool = False, table: bool = False, heatmap: bool = False) -> dict:
