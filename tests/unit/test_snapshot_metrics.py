@@ -21,7 +21,19 @@ async def store(installation) -> dict[str, float]:
     }
 
 
+async def warm_pool_filled(installation) -> None:
+    """The template's snapshot is in the store once the pool holds a VM restored from it: nothing else is stored
+    meanwhile (an installation of an earlier module may have left its record, held by a node that is gone)."""
+    address = await installation.metrics_address("compute")
+    for _ in range(300):
+        if (await asyncio.to_thread(scrape, address)).get(("microvm_warm_pool_vms", labels(template="default"))):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the warm pool was not filled")
+
+
 async def test_two_snapshots_of_one_sandbox_share_chunks_and_the_ratio_shows_it(installation):
+    await warm_pool_filled(installation)
     caller = await tenant_caller(installation, f"snapm-{uuid.uuid4().hex[:6]}")
     created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
     sandbox = created.sandbox
