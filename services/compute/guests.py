@@ -39,6 +39,11 @@ class GuestLink:
             **({"retryable": unavailable} if idempotent else {}),
         )
 
+    async def facts(self, vm_id: str, timeout: float) -> relay_pb2.WaitForAgentResponse:
+        """What the running guest's agent says of itself (uptime, memory): one ping."""
+        request = relay_pb2.WaitForAgentRequest(vm_id=vm_id, timeout_ms=max(1, int(timeout * 1000)))
+        return await self._call("WaitForAgent", request, timeout=timeout + deadlines.QUICK)
+
     async def wait_for_agent(
         self, vm_id: str, timeout: float, alive: Callable[[], bool], describe: Callable[[], str]
     ) -> None:

@@ -5,6 +5,7 @@
 - Memory: the VMM process's proportional set size (/proc/<pid>/smaps_rollup), against the guest's memory size.
 - Disk: the blocks the VM's own files hold on the host (its copy-on-write disk, not the shared base image).
 - Network: the TAP device's counters, turned round: what the TAP receives the guest sent.
+- The guest's own view of its memory (MemTotal - MemAvailable), from a ping of its agent through the relay.
 
 The samples live beside the VM (`<vm dir>/usage.pb`, length-delimited ResourceSample messages, rewritten when it
 holds twice what is kept), so a compute restart keeps a sandbox's last hour; they go with the VM's directory. Only
@@ -13,6 +14,7 @@ running VMs of users are sampled: pool VMs are paused and nobody's yet.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 import os
@@ -71,9 +73,9 @@ def tap_counters(tap: str) -> tuple[int, int]:
 
 
 class ResourceSampler:
-    def __init__(self, ledger, interval: float) -> None:
-        self.ledger, self.interval = ledger, interval
-        self.keep = max(2, math.ceil(KEEP_SECONDS / interval))
+    def __init__(self, ledger, interval: float, guests=None) -> None:
+        self.ledger, self.interval, self.guests = ledger, interval, guests
+        self.capacity = max(2, math.ceil(KEEP_SECONDS / interval))
         self.samples: dict[str, collections.deque[ResourceSample]] = {}
         self._previous_cpu: dict[str, tuple[float, float]] = {}
 
@@ -90,7 +92,7 @@ class ResourceSampler:
     def _kept(self, vm: VmRecord) -> collections.deque[ResourceSample]:
         kept = self.samples.get(vm.id)
         if kept is None:
-            kept = self.samples[vm.id] = collections.deque(self._load(Path(vm.directory)), maxlen=self.keep)
+            kept = self.samples[vm.id] = collections.deque(self._load(Path(vm.directory)), maxlen=self.capacity)
         return kept
 
     def _load(self, directory: Path) -> list[ResourceSample]:
@@ -107,7 +109,7 @@ class ResourceSampler:
         except Exception:  # a torn last record (a crash mid-write): keep what came before it
             pass
         horizon = time.time() - KEEP_SECONDS
-        return [sample for sample in samples if sample.time.ToNanoseconds() / 1e9 >= horizon][-self.keep :]
+        return [sample for sample in samples if sample.time.ToNanoseconds() / 1e9 >= horizon][-self.capacity :]
 
     def sample(self, vm: VmRecord) -> ResourceSample | None:
         """Takes one sample of a running VM and keeps it; None when its process is gone."""
@@ -135,16 +137,18 @@ class ResourceSampler:
             vcpus=vm.vcpus,
         )
         sample.time.GetCurrentTime()
+        return sample
+
+    def keep(self, vm: VmRecord, sample: ResourceSample) -> None:
         kept = self._kept(vm)
         kept.append(sample)
         self._persist(Path(vm.directory), kept, sample)
-        return sample
 
     def _persist(self, directory: Path, kept, sample: ResourceSample) -> None:
         path = directory / USAGE_FILE
         record = sample.SerializeToString()
         try:
-            if path.exists() and path.stat().st_size > 2 * self.keep * (len(record) + 2):
+            if path.exists() and path.stat().st_size > 2 * self.capacity * (len(record) + 2):
                 temporary = path.with_suffix(".tmp")
                 records = [item.SerializeToString() for item in kept]
                 temporary.write_bytes(b"".join(_VarintBytes(len(item)) + item for item in records))
@@ -155,7 +159,7 @@ class ResourceSampler:
         except OSError as error:  # a full disk loses history, never the VM
             log.warning("usage_not_persisted", directory=str(directory), error=str(error))
 
-    def sample_all(self) -> int:
+    def sample_host_side(self) -> list[tuple[VmRecord, ResourceSample]]:
         running = [
             vm
             for vm in list(self.ledger.vms.values())
@@ -164,4 +168,27 @@ class ResourceSampler:
         for vm_id in set(self.samples) - set(self.ledger.vms):
             self.samples.pop(vm_id, None)  # deleted: its file went with its directory
             self._previous_cpu.pop(vm_id, None)
-        return sum(1 for vm in running if self.sample(vm) is not None)
+        taken = [(vm, self.sample(vm)) for vm in running]
+        return [(vm, sample) for vm, sample in taken if sample is not None]
+
+    async def _add_guest_view(self, vm: VmRecord, sample: ResourceSample) -> None:
+        try:
+            facts = await self.guests.facts(vm.id, timeout=min(2.0, self.interval))
+        except Exception:  # a busy or gone agent: this sample has the host's view only
+            return
+        total, available = facts.mem_total_kib << 10, facts.mem_available_kib << 10
+        sample.guest_memory_total_bytes, sample.guest_memory_used_bytes = total, max(0, total - available)
+
+    async def sample_all(self) -> int:
+        """One sample of every running VM: the host's view (in a thread: /proc reads), the guest's (its agents, all
+        at once), then kept and written."""
+        taken = await asyncio.to_thread(self.sample_host_side)
+        if self.guests is not None:
+            await asyncio.gather(*(self._add_guest_view(vm, sample) for vm, sample in taken))
+
+        def keep_all() -> None:
+            for vm, sample in taken:
+                self.keep(vm, sample)
+
+        await asyncio.to_thread(keep_all)
+        return len(taken)

@@ -95,7 +95,7 @@ class ComputeNode:
         )
         self.lifecycle.warm = self.warm
         self.metrics = ComputeMetrics(context.metrics, self)
-        self.usage = ResourceSampler(self.ledger, settings.usage_sample_seconds)
+        self.usage = ResourceSampler(self.ledger, settings.usage_sample_seconds, self.lifecycle.guests)
         self.lifecycle.on_started = self.metrics.started
         self.reporter = NodeReporter(
             Records(context.etcd),
@@ -293,9 +293,7 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
             pass
 
     context.every(5.0, report, "node-record")
-    context.every(
-        context.settings.usage_sample_seconds, lambda: asyncio.to_thread(node.usage.sample_all), "usage-sampler"
-    )
+    context.every(context.settings.usage_sample_seconds, node.usage.sample_all, "usage-sampler")
     reaper = OrphanReaper(node.lifecycle, context.settings.orphan_grace_seconds)
     context.every(max(1.0, min(30.0, context.settings.orphan_grace_seconds / 4)), reaper.sweep, "orphan-vms")
     settings = context.settings

@@ -68,6 +68,8 @@ async def test_samples_describe_the_sandboxes_vmm_and_follow_streams_new_ones(sa
     newest = samples[-1]
     assert newest.memory_bytes > 0 and newest.memory_limit_bytes == created.sandbox.memory_mib << 20
     assert newest.cpu_seconds > 0 and newest.cpu_percent >= 0 and newest.vcpus == created.sandbox.vcpus
+    # The guest's own view, from its agent (the fake VMM's guest is a host process: it reports the host's memory).
+    assert 0 < newest.guest_memory_used_bytes < newest.guest_memory_total_bytes
 
     # A range: only what was taken inside it.
     middle = samples[1].time
@@ -144,12 +146,10 @@ def test_the_last_hour_survives_a_compute_restart_and_older_samples_are_dropped(
     vm = vm_pb2.VmRecord(id="vm-1", directory=str(tmp_path), state=vm_pb2.VM_STATE_RUNNING)
     ledger = SimpleNamespace(vms={"vm-1": vm})
     first = ResourceSampler(ledger, 1.0)
-    kept = first._kept(vm)
     for age in (7200, 30, 20, 10):  # seconds ago: the first is older than an hour
         sample = ResourceSample(memory_bytes=age)
         sample.time.FromNanoseconds(int((time.time() - age) * 1e9))
-        kept.append(sample)
-        first._persist(tmp_path, kept, sample)
+        first.keep(vm, sample)
     with open(tmp_path / USAGE_FILE, "ab") as torn:
         torn.write(b"\x7f\x01")  # a record cut by a crash
     again = ResourceSampler(ledger, 1.0)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ResourceUsage:
     """One sample. cpu_percent is of one host core (a busy 2-vCPU sandbox shows up to 200); memory_bytes is what its
-    VM holds on the host (PSS) of memory_limit_bytes; network bytes are the guest's, since it started."""
+    VM holds on the host (PSS) of memory_limit_bytes, guest_memory_used_bytes what the guest's kernel counts as used
+    (0: its agent did not answer in time); network bytes are the guest's, since it started."""
 
     time: datetime.datetime
     cpu_percent: float
@@ -40,6 +41,8 @@ class ResourceUsage:
     network_rx_bytes: int
     network_tx_bytes: int
     vcpus: int
+    guest_memory_used_bytes: int = 0
+    guest_memory_total_bytes: int = 0
 
     @classmethod
     def of(cls, sample: ResourceSample) -> ResourceUsage:
@@ -53,6 +56,8 @@ class ResourceUsage:
             network_rx_bytes=sample.network_rx_bytes,
             network_tx_bytes=sample.network_tx_bytes,
             vcpus=sample.vcpus,
+            guest_memory_used_bytes=sample.guest_memory_used_bytes,
+            guest_memory_total_bytes=sample.guest_memory_total_bytes,
         )
 
 
