@@ -36,6 +36,13 @@ class ComputeMetrics:
             ["state", "template"],
             self.vms,
         )
+        self.refills = Histogram(
+            "microvm_warm_pool_refill_seconds",
+            "Time to add one VM to a warm pool: its restore and warm-up",
+            ["template"],
+            buckets=START_BUCKETS,
+            registry=metrics.registry,
+        )
         metrics.gauge_callback("microvm_warm_pool_vms", "Paused VMs waiting in the warm pool", ["template"], self.pool)
         metrics.gauge_callback("microvm_node_capacity", "What this node offers", ["resource"], self.capacity)
         metrics.gauge_callback("microvm_node_allocated", "What this node's VMs hold", ["resource"], self.allocated)
@@ -45,6 +52,9 @@ class ComputeMetrics:
         """A VM answered: `since` is a time.time() of its start, else its record's creation time."""
         began = since if since is not None else vm.create_time.ToMilliseconds() / 1000
         self.starts.labels(method).observe(max(0.0, time.time() - began))
+
+    def refilled(self, template: str, seconds: float) -> None:
+        self.refills.labels(template).observe(seconds)
 
     def vms(self) -> dict:
         counts = Counter(

@@ -97,6 +97,7 @@ class ComputeNode:
         self.metrics = ComputeMetrics(context.metrics, self)
         self.usage = ResourceSampler(self.ledger, settings.usage_sample_seconds, self.lifecycle.guests)
         self.lifecycle.on_started = self.metrics.started
+        self.warm.on_refilled = self.metrics.refilled
         self.reporter = NodeReporter(
             Records(context.etcd),
             self.lifecycle,

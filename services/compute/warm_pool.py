@@ -8,6 +8,7 @@ from their template snapshot when there is one. `maintain` keeps both filled and
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class WarmStart:
         self._task: asyncio.Task | None = None
         self._claim_lock = asyncio.Lock()
         self._obtaining: dict[tuple[str, int, int], asyncio.Lock] = {}
+        # Told of each VM added to a pool and how long its restore and warm-up took (the node's metrics).
+        self.on_refilled = lambda template, seconds: None
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +127,7 @@ class WarmStart:
 
     async def _fill(self, template: str, frozen: Path) -> None:
         while len(self.pool.setdefault(template, [])) < self.pool_size(template):
+            began = time.monotonic()
             vm_id = f"pool-{uuid.uuid4().hex[:10]}"
             await self.snapshots.restore_from(frozen, vm_id, vm_id, start_method="warm-pool", pooled=True)
             # Under TCG each new VMM process translates guest code afresh: exercise the exec path now, not on the
@@ -131,6 +135,7 @@ class WarmStart:
             await self.templates.warm_up(vm_id, template)
             await self.lifecycle.set_paused(vm_id, True)
             self.pool[template].append(vm_id)
+            self.on_refilled(template, time.monotonic() - began)
 
     async def ensure_snapshot(self, template: str, vcpus: int, memory_mib: int) -> None:
         """`_obtain` unless the snapshot is there; one at a time per template and size (the upkeep loop and a

@@ -45,3 +45,4 @@ async def test_vms_pool_capacity_and_start_paths_are_measured(installation):
             break
         await asyncio.sleep(0.1)
     assert samples[("microvm_warm_pool_vms", labels(template="default"))] == 1
+    assert samples[("microvm_warm_pool_refill_seconds_count", labels(template="default"))] >= 1
