@@ -2,10 +2,10 @@
 
 viewer    reads: Get/List sandboxes and snapshots, Stat, ListDir, ReadFile, DownloadArchive, WatchDir,
           ReadConsoleLog, ListTemplates; templates and their builds and logs; ListCodeContexts; desktop screenshots,
-          GetDesktop and WaitForScreen; sandbox metrics.
+          GetDesktop and WaitForScreen; sandbox metrics; WatchEvents, webhooks and their deliveries.
 developer everything a viewer may, plus every method that creates, changes, runs in or deletes sandboxes
           and snapshots (Create/Update/Delete, Exec, files, Pause/Resume, snapshots, restore, fork, ports, RunCode
-          and code contexts, ForwardPort, desktop actions and recordings), and
+          and code contexts, ForwardPort, desktop actions and recordings), creates and deletes webhooks, and
           creates, builds and deletes its tenant's templates (publishing a public one takes an admin).
 admin     everything a developer may, plus the auth service's administrative methods (tenants, API keys,
           the audit log) and the cluster's node administration (the gateway also requires the caller's tenant to
@@ -24,6 +24,8 @@ CODE = "/microvm.sandbox.v1.CodeService/"
 PORTS = "/microvm.sandbox.v1.PortForwardService/"
 DESKTOP = "/microvm.sandbox.v1.DesktopService/"
 METRICS = "/microvm.sandbox.v1.SandboxMetricsService/"
+EVENTS = "/microvm.sandbox.v1.EventService/"
+WEBHOOKS = "/microvm.sandbox.v1.WebhookService/"
 
 READ = (
     {
@@ -51,6 +53,8 @@ READ = (
     | {f"{CODE}ListCodeContexts"}
     | {f"{DESKTOP}{m}" for m in ("Screenshot", "GetDesktop", "WaitForScreen", "CreateDesktopStream")}
     | {f"{METRICS}{m}" for m in ("GetSandboxMetrics", "ListSandboxMetrics")}
+    | {f"{EVENTS}WatchEvents"}
+    | {f"{WEBHOOKS}{m}" for m in ("GetWebhook", "ListWebhooks", "ListWebhookDeliveries")}
 )
 WRITE = (
     {
@@ -86,6 +90,7 @@ WRITE = (
     }
     | {f"{PORTS}ForwardPort"}
     | {f"{DESKTOP}{m}" for m in ("DesktopAction", "StartRecording", "StopRecording")}
+    | {f"{WEBHOOKS}{m}" for m in ("CreateWebhook", "DeleteWebhook")}
 )
 NODE_ADMIN = {f"{NODES}{m}" for m in ("ListNodes", "GetNode", "CordonNode", "UncordonNode", "DrainNode")}
 ADMIN = {f"{AUTH}{m}" for m in ("CreateTenant", "CreateApiKey", "RevokeApiKey", "ListAuditEvents")} | NODE_ADMIN

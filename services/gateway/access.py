@@ -39,6 +39,8 @@ PUBLIC_PREFIXES = (
     permissions.PORTS,
     permissions.DESKTOP,
     permissions.METRICS,
+    permissions.EVENTS,
+    permissions.WEBHOOKS,
 )
 
 
@@ -89,7 +91,7 @@ def target_of(request) -> str:
         value = getattr(request, field, None)
         if isinstance(value, str) and value:
             return value
-    for field in ("sandbox", "template"):
+    for field in ("sandbox", "template", "webhook"):
         inner = getattr(request, field, None)
         if inner is not None and not isinstance(inner, str) and getattr(inner, "name", ""):
             return inner.name

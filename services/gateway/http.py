@@ -29,6 +29,7 @@ from microvm.admin.v1 import nodes_pb2
 from microvm.sandbox.v1 import (
     code_service_pb2,
     desktop_service_pb2,
+    event_service_pb2,
     metrics_service_pb2,
     port_forward_service_pb2,
     template_service_pb2,
@@ -49,6 +50,7 @@ SERVICES = (
     port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"],  # bidirectional: gRPC only
     desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"],
     metrics_service_pb2.DESCRIPTOR.services_by_name["SandboxMetricsService"],
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 # Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
 RAW_STREAMS = tuple(DOWNLOADS)

@@ -37,6 +37,7 @@ from services.gateway.http import HttpGateway
 from services.gateway.metrics import CreateMetrics, StreamMetrics
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.nodes import ClusterNodes
+from services.gateway.notifications import wire_notifications
 from services.gateway.placement import SandboxPlacement
 from services.gateway.port_forward import PortForwardServicer
 from services.gateway.quotas import QuotaClient
@@ -111,6 +112,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
     context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
     context.every(300, gateway.sandboxes.sweep_tombstones, "tombstone-sweeper")
+    notifications = await wire_notifications(server, context)  # WatchEvents and webhooks
 
     # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:
@@ -137,4 +139,5 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         port_forward_service_pb2.DESCRIPTOR.services_by_name["PortForwardService"].full_name,
         desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"].full_name,
         metrics_service_pb2.DESCRIPTOR.services_by_name["SandboxMetricsService"].full_name,
+        *notifications,
     ]

@@ -1,0 +1,215 @@
+"""SandboxEvents and EventServicer: the public EventService (WatchEvents), and the event feed webhooks deliver.
+
+A watch reads the records as they were at its starting revision (services/gateway/event_derivation.py), then an etcd
+watch from the next revision on: every event after the cursor comes once, in order, and nothing is kept in memory
+between calls, so any gateway replica resumes any cursor. A cursor is `<revision>.<index>` for an event (the index
+among the events of that revision) and `<revision>` for a progress (everything up to that revision was sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from microvm.sandbox.v1 import event_service_pb2 as api
+from microvm.sandbox.v1 import event_service_pb2_grpc
+from microvm.types.v1 import auth_pb2 as auth_types
+from microvm.types.v1 import event_pb2
+from services.common.errors import InvalidArgument, PermissionDenied, ServiceError
+from services.gateway.access import current_principal
+from services.gateway.event_derivation import WATCHED, Derived, SandboxEventDeriver
+from services.gateway.event_history import Compacted, EtcdHistory, FutureRevision
+from services.gateway.records import name_of
+from services.gateway.sandbox_requests import validate_labels
+
+KEEPALIVE_SECONDS = 15.0
+# With a cursor, the backlog is known to be sent once a newer change arrives, or once etcd has sent nothing for this
+# long (it sends a catching-up watch its history within its 100 ms sync loop).
+QUIET_SECONDS = 1.0
+CURSOR = re.compile(r"^(\d{1,18})(?:\.(\d{1,9}))?$")
+EVERY_TENANT = "*"
+
+
+class OutOfRange(ServiceError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A place in the event history: after every event of `revision` (index None), or after its `index`th."""
+
+    revision: int
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        match = CURSOR.fullmatch(text)
+        if match is None:
+            raise InvalidArgument(
+                f"cursor {text[:64]!r} is not one WatchEvents gave: expected <revision> or <revision>.<index>",
+                reason="BAD_CURSOR",
+            )
+        return cls(int(match.group(1)), int(match.group(2)) if match.group(2) is not None else None)
+
+    def __str__(self) -> str:
+        return str(self.revision) if self.index is None else f"{self.revision}.{self.index}"
+
+
+@dataclass(frozen=True)
+class Progress:
+    cursor: Cursor
+    caught_up: bool
+
+
+def compacted(cursor: Cursor) -> OutOfRange:
+    return OutOfRange(
+        f"cursor {cursor} is older than the event history etcd keeps (it was compacted): list the sandboxes "
+        "(ListSandboxes) for where they stand, then watch again without a cursor",
+        reason="EVENTS_COMPACTED",
+        metadata={"cursor": str(cursor)},
+    )
+
+
+def to_public(derived: Derived, revision: int, index: int) -> api.SandboxEvent:
+    record = derived.record
+    event = api.SandboxEvent(
+        cursor=str(Cursor(revision, index)),
+        revision=revision,
+        type=derived.type,
+        sandbox=f"sandboxes/{name_of(record)}",
+        tenant=record.tenant,
+        labels=record.labels,
+        template=record.template,
+        node=record.node,
+        state=derived.state,
+        message=derived.message,
+        snapshot=derived.snapshot,
+    )
+    event.time.CopyFrom(derived.time)
+    return event
+
+
+def check_types(types) -> frozenset[int]:
+    for kind in types:
+        if kind == event_pb2.SANDBOX_EVENT_TYPE_UNSPECIFIED or kind not in event_pb2.SandboxEventType.values():
+            raise InvalidArgument(f"unknown event type {kind}", reason="BAD_EVENT_TYPE")
+    return frozenset(types)
+
+
+def matcher(labels: Mapping[str, str], types: frozenset[int]) -> Callable[[api.SandboxEvent], bool]:
+    wanted = dict(labels)
+
+    def wants(event: api.SandboxEvent) -> bool:
+        return (not types or event.type in types) and all(event.labels.get(k) == v for k, v in wanted.items())
+
+    return wants
+
+
+class SandboxEvents:
+    """The event history of the cluster's sandboxes, followed from any cursor."""
+
+    def __init__(self, etcd, operator_tenants=("default",)) -> None:
+        self.history = EtcdHistory(etcd)
+        self.operator_tenants = frozenset(operator_tenants)
+
+    async def follow(
+        self, tenant: str | None, after: Cursor | None, wants: Callable[[api.SandboxEvent], bool]
+    ) -> AsyncIterator[api.SandboxEvent | Progress]:
+        """The events of `tenant`'s sandboxes (every tenant's: None) after `after` (None: from now) that `wants`,
+        as they happen: first a Progress, then events and a Progress each time the position moved while nothing
+        was sent for KEEPALIVE_SECONDS. OUT_OF_RANGE when `after` was compacted, meanwhile too."""
+        head = await self.history.head()
+        after = after or Cursor(head)
+        if after.revision > head:
+            raise InvalidArgument(
+                f"cursor {after} is ahead of the cluster (revision {head}): not one this cluster issued",
+                reason="BAD_CURSOR",
+            )
+        base = after.revision if after.index is None else after.revision - 1
+        deriver = SandboxEventDeriver(tenant)
+        try:
+            await deriver.load(self.history, base)
+            watch = await self.history.watch(*WATCHED, base)
+        except Compacted:
+            raise compacted(after) from None
+        except FutureRevision:
+            raise InvalidArgument(f"cursor {after} is ahead of the cluster", reason="BAD_CURSOR") from None
+        loop = asyncio.get_running_loop()
+        position, caught_up = after, base >= head
+        quiet_since = sent = loop.time()
+        try:
+            yield Progress(position, caught_up)
+            while True:
+                wait = QUIET_SECONDS if not caught_up else KEEPALIVE_SECONDS - (loop.time() - sent)
+                try:
+                    batch = await watch.next(max(0.05, wait))
+                except Compacted:
+                    raise compacted(position) from None
+                now = loop.time()
+                if batch is None:
+                    if not caught_up and now - quiet_since >= QUIET_SECONDS:
+                        caught_up = True
+                    elif now - sent < KEEPALIVE_SECONDS:
+                        continue
+                    sent = now
+                    yield Progress(position, caught_up)
+                    continue
+                quiet_since = now
+                if not batch.changes:  # etcd's progress notification: nothing more up to its revision
+                    if batch.revision > position.revision:
+                        position = Cursor(batch.revision)
+                    continue
+                for revision, changes in batch.revisions():
+                    for index, derived in enumerate(deriver.apply(revision, changes)):
+                        if revision == after.revision and after.index is not None and index <= after.index:
+                            continue  # sent before the caller resumed
+                        event = to_public(derived, revision, index)
+                        if wants(event):
+                            sent = loop.time()
+                            yield event
+                    position = Cursor(revision)
+                    if not caught_up and revision >= head:
+                        caught_up, sent = True, loop.time()
+                        yield Progress(position, True)
+        finally:
+            await watch.close()
+
+    def scope(self, requested: str) -> str | None:
+        """The tenant whose events the caller may watch (None: every tenant's)."""
+        principal = current_principal()
+        if principal is None:  # no authentication (a private development box): any tenant, every one by default
+            return None if requested in ("", EVERY_TENANT) else requested
+        if requested in ("", principal.tenant):
+            return principal.tenant
+        if principal.role != auth_types.ROLE_ADMIN or principal.tenant not in self.operator_tenants:
+            raise PermissionDenied(
+                "watching another tenant's events is for the admins of the cluster's operator tenants "
+                "(gateway.operator_tenants)",
+                reason="NOT_AN_OPERATOR",
+            )
+        return None if requested == EVERY_TENANT else requested
+
+    async def watch(self, request: api.WatchEventsRequest) -> AsyncIterator[api.WatchEventsResponse]:
+        validate_labels(request.labels)
+        wants = matcher(request.labels, check_types(request.types))
+        after = Cursor.parse(request.cursor) if request.cursor else None
+        async for item in self.follow(self.scope(request.tenant), after, wants):
+            if isinstance(item, Progress):
+                progress = api.WatchProgress(cursor=str(item.cursor), caught_up=item.caught_up)
+                yield api.WatchEventsResponse(progress=progress)
+            else:
+                yield api.WatchEventsResponse(event=item)
+
+
+class EventServicer(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, events: SandboxEvents) -> None:
+        self.events = events
+
+    async def WatchEvents(self, request, context):
+        async for response in self.events.watch(request):
+            yield response
