@@ -8,7 +8,6 @@ kernel stops the cell and keeps its state. A quiet run sends a keepalive every K
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 from microvm.sandbox.v1 import code_service_pb2 as api
@@ -81,23 +80,33 @@ class GuestCode:
     async def run(self, request: api.RunCodeRequest):
         message = run_request(request)
         context = request.context or default_context(request.language)
-        tunnel = await self.server.connect(request.sandbox)
-        ended = False
+        ended, tunnel = False, None
         try:
-            await tunnel.write(json.dumps(message).encode() + b"\n")
-            while True:
-                try:
-                    event = await asyncio.wait_for(self.server.answer(tunnel), KEEPALIVE_SECONDS)
-                except TimeoutError:
+            first = asyncio.ensure_future(self.server.send_first(request.sandbox, message))
+            while not first.done():
+                done, _ = await asyncio.wait([first], timeout=KEEPALIVE_SECONDS)
+                if not done:
                     yield api.RunCodeResponse(keepalive={})
-                    continue
+            tunnel, event = first.result()
+            while True:
                 for response in responses_of(event, context):
                     ended = response.HasField("end")
                     yield response
                 if ended:
                     return
+                while True:
+                    try:
+                        event = await asyncio.wait_for(self.server.answer(tunnel), KEEPALIVE_SECONDS)
+                        break
+                    except TimeoutError:
+                        yield api.RunCodeResponse(keepalive={})
         finally:
-            await tunnel.close()
+            if not first.done():
+                first.cancel()
+            if tunnel is not None and ended:
+                await self.server.release(request.sandbox, tunnel)  # a whole run: the next one may use it
+            elif tunnel is not None:
+                await tunnel.close()
             if not ended:
                 await self._interrupt_quietly(request.sandbox, context)
 

@@ -128,6 +128,11 @@ class GuestTunnel:
                 line, self._buffer = bytes(self._buffer), bytearray()
                 return line
 
+    @property
+    def buffered(self) -> bool:
+        """Bytes arrived that nobody has read yet."""
+        return bool(self._buffer) or not self._incoming.empty()
+
     async def close(self) -> None:
         """Ends the tunnel; the agent closes its socket (cancelled unless the guest side already ended)."""
         if self.closed:
