@@ -29,6 +29,7 @@ from microvm.types.v1 import (
     snapshot_pb2,
     template_pb2,
     vm_pb2,
+    webhook_pb2,
 )
 from services.common import legacy_records as legacy
 
@@ -173,6 +174,13 @@ AUDIT_HEADS = RecordKind("/microvm/auth/audit-head/{tenant}", auth_pb2.AuditHead
 # A template's owner part is its tenant, or `_public` for a public template.
 TEMPLATES = RecordKind("/microvm/templates/{owner}/{template}", template_pb2.TemplateRecord, "gateway")
 TEMPLATE_BUILDS = RecordKind("/microvm/template-builds/{build}", template_pb2.TemplateBuildRecord, "gateway")
+WEBHOOKS = RecordKind("/microvm/webhooks/{tenant}/{webhook}", webhook_pb2.WebhookRecord, "gateway")
+WEBHOOK_DELIVERIES = RecordKind(
+    "/microvm/webhook-deliveries/{tenant}/{webhook}", webhook_pb2.WebhookDeliveryLog, "gateway"
+)
+WEBHOOK_LOCKS = RecordKind(
+    "/microvm/webhook-locks/{tenant}/{webhook}", webhook_pb2.WebhookLock, "gateway (its own, under its lease)"
+)
 
 ALL_KINDS: tuple[RecordKind, ...] = (
     SERVICES,
@@ -199,6 +207,9 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     AUDIT_HEADS,
     TEMPLATES,
     TEMPLATE_BUILDS,
+    WEBHOOKS,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_LOCKS,
 )
 
 

@@ -48,10 +48,25 @@ class GatewaySettings(ServiceSettings):
     template_host_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
     # Seconds between sweeps that drop the images of superseded template builds (services/gateway/template_images.py).
     template_image_prune_seconds: float = 300.0
+    # Webhooks (docs/events.md): each attempt's deadline, attempts per event (the first retry after
+    # webhook_retry_seconds, each later wait twice the one before, at most 5 min), deliveries kept per webhook, and the
+    # non-public networks (CIDRs) a webhook may reach: none by default (loopback, private, link-local are refused).
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 6
+    webhook_retry_seconds: float = 2.0
+    webhook_log_size: int = 50
+    webhook_allowed_networks: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
         parse_address(self.http_listen, key="gateway.http_listen")
+        if self.webhook_max_attempts < 1 or self.webhook_log_size < 1 or self.webhook_timeout_seconds <= 0:
+            raise ConfigError("gateway.webhook_max_attempts, webhook_log_size and webhook_timeout_seconds must be > 0")
+        for network in self.webhook_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"gateway.webhook_allowed_networks: {network!r} is not a CIDR") from None
         if self.template_build_timeout_seconds < 10:
             raise ConfigError("gateway.template_build_timeout_seconds must be at least 10")
         if not 1 <= self.default_timeout_seconds <= self.max_timeout_seconds:

@@ -33,6 +33,7 @@ from microvm.sandbox.v1 import (
     metrics_service_pb2,
     port_forward_service_pb2,
     template_service_pb2,
+    webhook_service_pb2,
 )
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
@@ -51,6 +52,7 @@ SERVICES = (
     desktop_service_pb2.DESCRIPTOR.services_by_name["DesktopService"],
     metrics_service_pb2.DESCRIPTOR.services_by_name["SandboxMetricsService"],
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
+    webhook_service_pb2.DESCRIPTOR.services_by_name["WebhookService"],
 )
 # Server streams of `data` chunks, answered as the bytes themselves; client streams that take the raw body.
 RAW_STREAMS = tuple(DOWNLOADS)
