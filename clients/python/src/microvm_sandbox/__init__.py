@@ -58,6 +58,8 @@ from microvm_sandbox.errors import (
     UnknownKey,
     WindowNotFound,
 )
+from microvm_sandbox.events import AsyncEvents, AsyncEventStream, SandboxEvent
+from microvm_sandbox.events_sync import Events, EventStream, Webhooks
 from microvm_sandbox.file_types import EntryInfo, FilesystemEvent, FilesystemEventType, WriteInfo
 from microvm_sandbox.files import AsyncFiles, AsyncWatchHandle
 from microvm_sandbox.files_sync import Files, WatchHandle
@@ -82,8 +84,19 @@ from microvm_sandbox.template import Template
 from microvm_sandbox.templates import AsyncBuildStream, AsyncTemplates, BuildProgress
 from microvm_sandbox.templates_sync import BuildStream, Templates
 from microvm_sandbox.terminal import AsyncPtyHandle, PtyHandle
+from microvm_sandbox.webhooks import AsyncWebhooks, WebhookDelivery, WebhookInfo, verify_signature
 
 __all__ = [
+    "AsyncEvents",
+    "AsyncEventStream",
+    "AsyncWebhooks",
+    "EventStream",
+    "Events",
+    "SandboxEvent",
+    "WebhookDelivery",
+    "WebhookInfo",
+    "Webhooks",
+    "verify_signature",
     "ResourceUsage",
     "SandboxUsage",
     "AsyncBuildStream",

@@ -20,10 +20,12 @@ from microvm.sandbox.v1 import (
 )
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm_sandbox.errors import SandboxError, UnavailableError, from_rpc_error
+from microvm_sandbox.events import AsyncEvents
 from microvm_sandbox.models import SnapshotInfo
 from microvm_sandbox.snapshots import AsyncSnapshot
 from microvm_sandbox.templates import AsyncTemplates
 from microvm_sandbox.transfer import CHANNEL_OPTIONS
+from microvm_sandbox.webhooks import AsyncWebhooks
 
 if TYPE_CHECKING:
     from microvm_sandbox.sandbox_metrics import SandboxUsage
@@ -138,6 +140,16 @@ class AsyncClient:
         """Templates: build (from a `Template`), watch builds, list, get, create, update, delete
         (microvm_sandbox.templates)."""
         return AsyncTemplates(self)
+
+    @property
+    def events(self) -> AsyncEvents:
+        """Your sandboxes' lifecycle events as they happen, resumable (microvm_sandbox.events)."""
+        return AsyncEvents(self)
+
+    @property
+    def webhooks(self) -> AsyncWebhooks:
+        """Webhooks that POST your sandboxes' events to a URL, and their deliveries (microvm_sandbox.webhooks)."""
+        return AsyncWebhooks(self)
 
     async def close(self) -> None:
         """Closes the connection; calls in flight are cancelled."""

@@ -17,6 +17,7 @@ from microvm.sandbox.v1 import sandbox_pb2, template_pb2
 from microvm_sandbox.aio import AsyncClient, AsyncSandbox, list_sandboxes, list_snapshots
 from microvm_sandbox.code_sync import CodeMethods
 from microvm_sandbox.desktop_sync import DesktopMethods
+from microvm_sandbox.events_sync import Events, Webhooks
 from microvm_sandbox.exec_stream import ExecStream
 from microvm_sandbox.files_sync import Files
 from microvm_sandbox.models import ConsoleOutput, FileEntry, SandboxInfo, SnapshotInfo
@@ -78,6 +79,16 @@ class Client:
     def templates(self) -> Templates:
         """Templates: build, watch builds, list, get, create, update, delete (`AsyncClient.templates`, sync)."""
         return Templates(self.aio.templates, self._loop.run)
+
+    @property
+    def events(self) -> Events:
+        """Your sandboxes' lifecycle events as they happen (`AsyncClient.events`, sync)."""
+        return Events(self.aio.events, self._loop.run)
+
+    @property
+    def webhooks(self) -> Webhooks:
+        """Webhooks and their deliveries (`AsyncClient.webhooks`, sync)."""
+        return Webhooks(self.aio.webhooks, self._loop.run)
 
     def call(self, method: str, request: Any, *, idempotent: bool = False, timeout: float | None = None) -> Any:
         """The low-level call: `method(request)` on the SandboxService, its response message (errors mapped
