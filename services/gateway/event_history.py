@@ -178,11 +178,8 @@ class EtcdWatch:
         return item
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except BaseException:
-                pass
         if self._call is not None:
             self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)  # a cancellation of our own still propagates
