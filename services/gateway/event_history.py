@@ -20,6 +20,10 @@ from services.common import deadlines
 from services.common.errors import Unavailable
 
 PUT = 0  # mvccpb.Event.EventType
+# Responses a watch holds for a consumer that does not keep up (a slow stream reader, a webhook retrying): past this it
+# ends UNAVAILABLE instead of holding the cluster's changes in memory without bound; the consumer resumes from its
+# last cursor.
+MAX_BACKLOG = 10_000
 
 
 class Compacted(Exception):
@@ -154,6 +158,11 @@ class EtcdWatch:
                     for event in response.events
                 )
                 revision = changes[-1].revision if changes else response.header.revision
+                if self._batches.qsize() >= MAX_BACKLOG:
+                    raise Unavailable(
+                        "this watch fell behind the cluster's changes; resume from the last cursor",
+                        reason="WATCH_FELL_BEHIND",
+                    )
                 self._batches.put_nowait(Batch(revision, changes))
         except asyncio.CancelledError:
             raise

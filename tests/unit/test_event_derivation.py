@@ -173,3 +173,24 @@ async def test_a_backlog_is_sent_before_the_watch_says_it_caught_up(cluster):
     everyone, _ = await cluster.events(start, count=3, tenant=None, wants=lambda event: event.tenant in ours)
     assert [e.sandbox for e in everyone] == ["sandboxes/one", "sandboxes/two", "sandboxes/theirs"]
     await other.records.delete(SANDBOXES, other.sandbox("theirs").id)
+
+
+async def test_a_watch_that_falls_behind_ends_unavailable_and_resumes_from_its_cursor(cluster, monkeypatch):
+    from services.common.errors import Unavailable
+    from services.gateway import event_history
+
+    monkeypatch.setattr(event_history, "MAX_BACKLOG", 2)
+    start = await cluster.now()
+    stream = SandboxEvents(cluster.etcd).follow(cluster.tenant, start, lambda event: True)
+    assert isinstance(await anext(stream), Progress)  # in place; nothing read meanwhile
+    for index in range(6):
+        await cluster.put(cluster.sandbox(f"s{index}", CREATING))
+    await asyncio.sleep(0.5)
+    got = []
+    with pytest.raises(Unavailable) as behind:
+        async for item in stream:
+            if not isinstance(item, Progress):
+                got.append(item)
+    assert behind.value.reason == "WATCH_FELL_BEHIND" and 0 < len(got) < 6
+    rest, _ = await cluster.events(Cursor.parse(got[-1].cursor), count=6 - len(got))
+    assert [e.sandbox for e in got + rest] == [f"sandboxes/s{i}" for i in range(6)]
