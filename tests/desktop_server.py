@@ -93,7 +93,8 @@ def host_desktop(home: Path, size: str = "1024x768x24"):
         for port, extra in ((vnc_port, []), (vnc_port + 1, ["-viewonly"])):
             if vnc_port:  # as the template's session runs them: control on the port, view-only on the next
                 start(["x11vnc", "-display", f":{number}", "-auth", str(xauthority), "-localhost", "-rfbport",
-                       str(port), "-shared", "-forever", "-nopw", "-quiet", "-noxdamage", "-nonap", *extra])  # fmt: skip
+                       str(port), "-shared", "-forever", "-nopw", "-quiet", "-noxdamage", "-nonap",
+                       *extra])  # fmt: skip
         server = start([sys.executable, str(SERVER), "--socket", str(socket_path), "--display", f":{number}",
                         "--vnc-port", str(vnc_port)])  # fmt: skip
         wait_for(lambda: socket_path.exists() or server.poll() is not None, "the desktop server listening", 60)

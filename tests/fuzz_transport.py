@@ -22,8 +22,9 @@ from tests.fuzz_requests import F, http_rule
 CALL_TIMEOUT = 30.0
 # Server streams that run until the caller cancels (a watch): read up to their first answer, then cancelled, as a
 # client that got what it wanted does. Named, because nothing in a descriptor says a stream has no end.
-OPEN_ENDED = {"WatchDir", "WatchEvents"}
-OPEN_ENDED_PATHS = re.compile(r"(/files|/events):watch$")
+# Streams that may go on until cancelled (GetSandboxMetrics with `follow`): the fuzz reads the first answer only.
+OPEN_ENDED = {"WatchDir", "WatchEvents", "GetSandboxMetrics"}
+OPEN_ENDED_PATHS = re.compile(r"((/files|/events):watch|/sandboxes/[^/]+/metrics)$")
 
 
 @dataclass
