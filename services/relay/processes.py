@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+from opentelemetry import propagate, trace
+
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.client_streams import DRAIN_SECONDS, drain
@@ -17,10 +19,27 @@ from services.common.validation import check_terminal
 from services.relay.agent_channel import AgentStream
 from services.relay.guest_io import exec_start, failure, sandbox_id
 
+TRACER = trace.get_tracer("microvm.relay")
 KEEPALIVE_SECONDS = 10.0
 MAX_STDIN_CHUNK = 1 << 20
 MAX_EXEC_STDIN = 4 << 20
 OUTPUT_FIELD = {agent_pb2.OUTPUT_CHANNEL_STDOUT: "stdout", agent_pb2.OUTPUT_CHANNEL_STDERR: "stderr"}
+
+
+def traceparent() -> str:
+    """The current call's W3C trace context, for the agent frame that opens a stream ("" outside a trace)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def record_guest_spawn(started: agent_pb2.ExecStarted) -> None:
+    """The guest's part of an exec, from the agent taking the frame to the process spawned, as a span of the
+    current trace. The times are the guest's wall clock, which the relay keeps set from the host's."""
+    if not (started.received_unix_ns and started.spawned_unix_ns):
+        return  # an agent from before these fields
+    span = TRACER.start_span("guest.exec.spawn", start_time=started.received_unix_ns, attributes={"pid": started.pid})
+    span.end(end_time=max(started.spawned_unix_ns, started.received_unix_ns))
 
 
 async def exec_events(stream: AgentStream, max_output_bytes: int = 0):
@@ -43,6 +62,7 @@ async def exec_events(stream: AgentStream, max_output_bytes: int = 0):
             # Credit returns only once the event was handed to gRPC (which applies its own flow control).
             await stream.grant(len(data))
         elif kind == "exec_started":
+            record_guest_spawn(frame.exec_started)
             yield api.ExecResponse(started=api.ProcessStarted(pid=frame.exec_started.pid))
         elif kind == "exec_exited":
             exited = api.ProcessExited(
@@ -80,7 +100,7 @@ class GuestProcesses:
         stream = await self.open_stream(sandbox_id(request.sandbox))
         finished = False
         try:
-            await stream.send(exec_start=start)
+            await stream.send(exec_start=start, traceparent=traceparent())
             if request.stdin:
                 await send_stdin(stream, request.stdin)
             async for event in exec_events(stream, request.max_output_bytes):
@@ -130,7 +150,7 @@ class GuestProcesses:
         forwarder = None
         over = False  # ended by the process or a failure, not by the caller going away
         try:
-            await stream.send(exec_start=start)
+            await stream.send(exec_start=start, traceparent=traceparent())
             forwarder = asyncio.create_task(forward_input())
             async for event in exec_events(stream):
                 finished = event.HasField("exited")

@@ -42,8 +42,11 @@ def spans():
 async def test_one_trace_goes_from_the_gateway_through_auth_compute_and_relay(installation, spans):
     caller = await tenant_caller(installation, f"traced-{uuid.uuid4().hex[:6]}")
     created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
-    run = api.ExecRequest(sandbox=created.sandbox.name, process=api.ProcessConfig(argv=["true"]))
-    [event async for event in caller.stub.Exec(run, metadata=caller.metadata, timeout=60)]
+    run = api.ExecRequest(
+        sandbox=created.sandbox.name, process=api.ProcessConfig(argv=["sh", "-c", "echo $TRACEPARENT"])
+    )
+    events = [event async for event in caller.stub.Exec(run, metadata=caller.metadata, timeout=60)]
+    seen_in_guest = b"".join(event.stdout for event in events).decode().strip()
     await caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.sandbox.name), metadata=caller.metadata)
 
     finished = spans.get_finished_spans()
@@ -70,6 +73,13 @@ async def test_one_trace_goes_from_the_gateway_through_auth_compute_and_relay(in
     relay_side = next(s for s in servers if s is not root)
     client = next(s for s in finished if s.context.span_id == relay_side.parent.span_id)
     assert client.kind == SpanKind.CLIENT and client.parent.span_id == root.context.span_id
+    # And into the guest: the agent's part (taking the frame to the process spawned), under the relay's span, from
+    # the times the agent reports with the trace context it was sent.
+    [spawn] = [s for s in by_name["guest.exec.spawn"] if s.context.trace_id == root.context.trace_id]
+    assert spawn.parent.span_id == relay_side.context.span_id and spawn.attributes["pid"] > 0
+    assert relay_side.start_time <= spawn.start_time <= spawn.end_time <= relay_side.end_time
+    # The process itself gets the context (OpenTelemetry's TRACEPARENT environment carrier), with the same trace.
+    assert seen_in_guest.split("-")[1] == format(root.context.trace_id, "032x"), seen_in_guest
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):

@@ -115,7 +115,7 @@ class Agent:
                 return
             # Registered before the task runs: stdin or data frames right behind the start must find it.
             if kind == "exec_start":
-                self.streams[stream_id] = Process(self, stream_id, frame.exec_start)
+                self.streams[stream_id] = Process(self, stream_id, frame.exec_start, frame.traceparent)
             elif kind in ("file_write_start", "file_read_start"):
                 self.streams[stream_id] = FileTransfer(self, stream_id)
             elif kind in FILE_STREAMS:

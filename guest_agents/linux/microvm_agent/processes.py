@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import termios
+import time
 from typing import TYPE_CHECKING
 
 from microvm.agent.v1 import agent_pb2
@@ -63,10 +64,12 @@ def validate_start(start: agent_pb2.ExecStart) -> None:
 class Process:
     """A process started for one exec stream."""
 
-    def __init__(self, agent: Agent, stream_id: int, start: agent_pb2.ExecStart) -> None:
+    def __init__(self, agent: Agent, stream_id: int, start: agent_pb2.ExecStart, traceparent: str = "") -> None:
         self.agent = agent
+        self.traceparent = traceparent
         self.stream_id = stream_id
         self.start = start
+        self.received_unix_ns = time.time_ns()  # made as its frame is dispatched: when the agent took it
         self.credit = Credit(agent.initial_window)
         self.popen: subprocess.Popen | None = None
         self.exit_status: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -92,7 +95,10 @@ class Process:
         env = dict(DEFAULT_ENV, HOME=home, USER=user.pw_name if user else "root")
         if start.pty:
             env["TERM"] = "xterm-256color"
-        env.update(start.env)
+        if self.traceparent:
+            # OpenTelemetry's environment carrier: an instrumented program continues the caller's trace.
+            env["TRACEPARENT"] = self.traceparent
+        env.update(start.env)  # the caller's own TRACEPARENT wins
         cwd = real(start.cwd or home)
         if not os.path.isdir(cwd):
             if start.cwd:
@@ -177,7 +183,10 @@ class Process:
 
     async def run(self) -> None:
         fds = self._spawn()
-        self.agent.send(self.stream_id, exec_started=agent_pb2.ExecStarted(pid=self.popen.pid))
+        started = agent_pb2.ExecStarted(
+            pid=self.popen.pid, received_unix_ns=self.received_unix_ns, spawned_unix_ns=time.time_ns()
+        )
+        self.agent.send(self.stream_id, exec_started=started)
         for signum in self.early_signals:
             self.kill(signum)
         if self.start.timeout_ms:
