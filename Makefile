@@ -102,6 +102,7 @@ soak: deps protos ## load a real stack for SOAK seconds (default 600), sample RS
 
 bench: deps protos images
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.breakdown
 	$(BIN)/python -m bench.files
 	$(BIN)/python -m bench.network
 	$(BIN)/python -m bench.cluster

@@ -1,0 +1,180 @@
+"""`make bench` (issue 19): where the milliseconds of an exec and of a warm create go, hop by hop, from the spans of
+the calls themselves.
+
+A stack of its own exports every service's spans by OTLP to a collector in this process (the services' real
+`trace_exporter: otlp`). For each of N Exec(`true`) calls the trace gives: the gateway's server span, its client
+spans to auth and to the relay, the relay's server span, and the guest's own part (`guest.exec.spawn`, from the
+times the agent reports). Each hop's p50 is a row whose baseline is the client's p50 total (ratio: its share):
+
+    client -> gateway         client total - gateway server span (the client's gRPC and the wire both ways)
+    gateway                   gateway server span - its client spans to auth and relay (checks, routing, streaming)
+    auth                      the gateway's Authenticate calls (the caller's credential checked by auth)
+    audit_record              its RecordAuditEvent calls (run beside the call: not part of the total)
+    gateway -> relay          gateway's client span to the relay - the relay's server span
+    relay + agent channel     relay server span - the guest's part (frames both ways, the process's run and exit)
+    guest spawn               the agent taking the frame to the process spawned
+
+The row `exec_vs_spawn_floor` is the client's p50 against the floor measured inside the same guest in the same
+run: posix_spawn("/bin/true") and wait, p50 of 200. A warm create gets the same treatment: its spans by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from bench.run import emit, wait_for_warm_pool
+from tests.guests import Gateway
+from tests.stack import start_stack
+
+CALLS = 60
+FLUSH_SECONDS = 8.0  # the services export in batches every 5 s
+SPAWN_FLOOR = """
+import os, time, statistics
+samples = []
+for _ in range(200):
+    t = time.perf_counter()
+    pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
+    os.waitpid(pid, 0)
+    samples.append(time.perf_counter() - t)
+print(statistics.median(samples) * 1000)
+"""
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: every span, by trace id."""
+
+    def __init__(self) -> None:
+        self.spans: dict[bytes, list] = collections.defaultdict(list)
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope in resource.scope_spans:
+                    for span in scope.spans:
+                        self.spans[span.trace_id].append((service, span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def ms(span) -> float:
+    return (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+
+
+def exec_hops(spans: list, client_ms: float) -> dict[str, float] | None:
+    """The hops of one Exec trace, or None when the trace is incomplete."""
+
+    def find(service: str, name: str, kind: int) -> list:
+        return [s for who, s in spans if who == service and s.name == name and s.kind == kind]
+
+    server, client = 2, 3  # SPAN_KIND_SERVER, SPAN_KIND_CLIENT
+    exec_name = "/microvm.sandbox.v1.SandboxService/Exec"
+    gateway = find("microvm-gateway", exec_name, server)
+    to_relay = find("microvm-gateway", exec_name, client)
+    relay = find("microvm-relay", exec_name, server)
+    guest = [s for who, s in spans if s.name == "guest.exec.spawn"]
+    auth = find("microvm-gateway", "/microvm.auth.v1.AuthService/Authenticate", client)
+    audit = find("microvm-gateway", "/microvm.auth.v1.AuthService/RecordAuditEvent", client)
+    if not (gateway and to_relay and relay and guest):
+        return None
+    auth_ms = sum(ms(s) for s in auth)
+    return {
+        "client_to_gateway": client_ms - ms(gateway[0]),
+        "gateway": ms(gateway[0]) - ms(to_relay[0]) - auth_ms,
+        "auth": auth_ms,
+        "audit_record": sum(ms(s) for s in audit),  # alongside the call, not in its path
+        "gateway_to_relay": ms(to_relay[0]) - ms(relay[0]),
+        "relay_and_agent_channel": ms(relay[0]) - ms(guest[0]),
+        "guest_spawn": ms(guest[0]),
+    }
+
+
+def create_hops(spans: list) -> dict[str, float]:
+    """A warm create's spans by service and name (the server side of each call), in ms."""
+    return {f"{who.removeprefix('microvm-')} {s.name.rsplit('/', 1)[-1]}": ms(s) for who, s in spans if s.kind == 2}
+
+
+def main() -> None:
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mvm-bench-breakdown-") as tmp:
+            stack = start_stack(
+                Path(tmp) / "stack", extra_config={"trace_exporter": "otlp", "otlp_endpoint": f"127.0.0.1:{port}"}
+            )
+            try:
+                run(stack, collector)
+            finally:
+                stack.stop()
+    finally:
+        server.stop(0)
+
+
+def run(stack, collector: Collector) -> None:
+    gateway = Gateway(stack.gateway_address, stack.admin_key)
+    wait_for_warm_pool(stack)
+    with collector.lock:
+        collector.spans.clear()
+    started = time.perf_counter()
+    sandbox = gateway.create()
+    gateway.exec(sandbox.name, ["true"])
+    create_ms = (time.perf_counter() - started) * 1000
+    time.sleep(FLUSH_SECONDS)
+    with collector.lock:
+        create_traces = set(collector.spans)
+    for _ in range(5):
+        gateway.exec(sandbox.name, ["true"])
+    totals = []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        gateway.exec(sandbox.name, ["true"])
+        totals.append((time.perf_counter() - t0) * 1000)
+    floor = float(gateway.exec(sandbox.name, ["python3", "-c", SPAWN_FLOOR]).stdout.decode().strip())
+    time.sleep(FLUSH_SECONDS)
+    exec_name = "/microvm.sandbox.v1.SandboxService/Exec"
+
+    def began(spans) -> int:
+        return min(s.start_time_unix_nano for who, s in spans if who == "microvm-gateway" and s.name == exec_name)
+
+    with collector.lock:
+        traces = [
+            spans
+            for trace_id, spans in collector.spans.items()
+            if trace_id not in create_traces and any(s.name == "guest.exec.spawn" for _, s in spans)
+        ]
+    # The calls are one after another: the last CALLS traces (the floor's exec excluded) in the order they began.
+    timed = sorted(traces, key=began)[-CALLS - 1 : -1]
+    client_p50 = statistics.median(totals)
+    hops = collections.defaultdict(list)
+    for spans, client_ms in zip(timed, totals, strict=False):
+        for hop, value in (exec_hops(spans, client_ms) or {}).items():
+            hops[hop].append(value)
+    emit("exec_vs_spawn_floor", client_p50, "ms", floor, "posix_spawn /bin/true p50 in the same guest", "+3 ms")
+    for hop, values in hops.items():
+        emit(f"exec_hop_{hop}", statistics.median(values), "ms", client_p50, "exec_true_client_p50", "")
+    create_spans: list = []
+    for trace_id in create_traces:
+        if any(s.name.endswith("/CreateSandbox") for _, s in collector.spans[trace_id]):
+            create_spans = collector.spans[trace_id]
+    create = "CreateSandbox"
+    for name, value in sorted(create_hops(create_spans).items(), key=lambda item: -item[1])[:8]:
+        emit(f"warm_create_span {name}", value, "ms", create_ms, f"{create} then first exec, client total", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
