@@ -96,8 +96,13 @@ class AgentStream:
 
 
 class AgentChannel:
-    def __init__(self, target: AgentTarget, limits: ChannelLimits | None = None, on_closed=None) -> None:
+    def __init__(
+        self, target: AgentTarget, limits: ChannelLimits | None = None, on_closed=None, paused=lambda: False
+    ) -> None:
         self.target = target
+        # Whether the guest is paused now (its VM record says so): a paused guest answers nothing, and that is no
+        # reason to close its channel (a pooled VM would otherwise be reconnected, slowly, when it is handed out).
+        self.paused = paused
         # Awaited with this channel once its reader ended (the pool quarantines a guest that broke the protocol).
         self._on_closed = on_closed
         self.limits = limits or ChannelLimits()
@@ -333,11 +338,13 @@ class AgentChannel:
         """A channel the guest has been quiet on is pinged; one that does not answer is closed."""
         while not self.is_closed:
             await asyncio.sleep(self.limits.heartbeat_seconds / 2)
-            if time.monotonic() - self._last_frame < self.limits.heartbeat_seconds:
+            if time.monotonic() - self._last_frame < self.limits.heartbeat_seconds or self.paused():
                 continue
             try:
                 await self.ping(self.limits.heartbeat_timeout_seconds)
             except TimeoutError:
+                if self.paused():
+                    continue  # paused while the ping was out: its answer comes when it runs again
                 self._fail(
                     f"the agent stopped answering: no reply to a ping in {self.limits.heartbeat_timeout_seconds:.0f} s"
                 )

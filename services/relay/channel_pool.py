@@ -22,7 +22,9 @@ class ChannelPool:
         limits: ChannelLimits | None = None,
         on_violation: Callable[[AgentTarget, str], Awaitable[None]] | None = None,
         on_connected: Callable[[AgentChannel], Awaitable[None]] | None = None,
+        is_paused: Callable[[str], bool] = lambda vm_id: False,
     ) -> None:
+        self._is_paused = is_paused
         self._channels: dict[tuple[str, int], AgentChannel] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._connect_timeout = connect_timeout
@@ -61,7 +63,9 @@ class ChannelPool:
                 return channel
             deadline = asyncio.get_running_loop().time() + (timeout or self._connect_timeout)
             while True:
-                channel = AgentChannel(target, self.limits, on_closed=self._closed)
+                channel = AgentChannel(
+                    target, self.limits, on_closed=self._closed, paused=lambda: self._is_paused(target.vm_id)
+                )
                 remaining = deadline - asyncio.get_running_loop().time()
                 try:
                     await channel.connect(max(0.1, min(remaining, self._connect_timeout)))

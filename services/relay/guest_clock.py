@@ -39,6 +39,12 @@ async def read_offset(channel: AgentChannel, timeout: float) -> ClockReading:
     return ClockReading(pong.unix_time_ns - (sent + received) // 2, received - sent)
 
 
+async def set_clock_blind(channel: AgentChannel) -> None:
+    """Sets the guest's clock to the host's now, unmeasured (the frame's own transit makes it late by that much):
+    for a guest known to be far off, before the one ping that checks it."""
+    await channel.send(agent_pb2.Frame(stream_id=0, set_clock=agent_pb2.SetClock(unix_time_ns=time.time_ns())))
+
+
 async def sync_clock(channel: AgentChannel, timeout: float) -> tuple[ClockReading, ClockReading]:
     """Measures the guest's offset, sets its clock if it is off, and measures again: (before, after)."""
     before = await read_offset(channel, timeout)

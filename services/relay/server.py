@@ -210,6 +210,7 @@ class NodeRelay:
             settings.limits(),
             on_violation=self.record_incident,
             on_connected=lambda channel: sync_quietly(channel, settings.connect_timeout_seconds),
+            is_paused=lambda vm_id: self.vms.is_paused(vm_id),
         )
         self.vms = NodeVms(etcd, node, on_removed=self.forget)
         self.control = GuestControl(self.vms, self.pool, settings.connect_timeout_seconds)
@@ -230,7 +231,8 @@ class NodeRelay:
         await self.records.delete(CHANNEL_INCIDENTS, self.node, vm.id)
 
     async def sync_clocks(self) -> None:
-        await sync_all(self.pool.open_channels(), self.settings.connect_timeout_seconds)
+        running = [channel for channel in self.pool.open_channels() if not channel.paused()]
+        await sync_all(running, self.settings.connect_timeout_seconds)
 
     async def open_stream(self, vm_id: str) -> AgentStream:
         channel = await self.pool.get(await self.vms.target(vm_id))

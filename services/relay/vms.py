@@ -83,6 +83,11 @@ class NodeVms:
                 log.warning("relay_vm_watch_failed", error=str(exc))
                 await asyncio.sleep(0.5)
 
+    def is_paused(self, vm_id: str) -> bool:
+        """Whether the VM's record says it is paused (a pool VM waiting, a paused sandbox)."""
+        vm = self.vms.get(vm_id)
+        return vm is not None and vm.state == vm_pb2.VM_STATE_PAUSED
+
     async def get(self, vm_id: str) -> vm_pb2.VmRecord:
         """The VM's record; read from etcd when the watch has not delivered it yet (a VM just created)."""
         vm = self.vms.get(vm_id)

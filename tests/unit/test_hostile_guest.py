@@ -217,3 +217,36 @@ async def test_a_connection_that_never_holds_a_frame_is_a_violation(relay):
         assert found and "before the agent's hello" in found.reason
     finally:
         await guest.close()
+
+
+async def test_a_paused_guests_silence_does_not_close_its_channel(relay):
+    """A paused VM (a pooled one waiting to be handed out) answers no ping: its channel and the streams on it must
+    outlive the pause, or every pooled create reconnects to its guest (slowly) when it is handed out."""
+    import os
+    import signal
+
+    from microvm.types.v1 import vm_pb2
+    from tests.unit.test_relay_with_host_agent import add_vm, start_agent
+
+    path = str(relay.tmp / "paused.sock")
+    agent = await start_agent(path)
+    await add_vm(relay.etcd, relay.node, "paused", path)
+    try:
+        call = relay.Exec(
+            api.ExecRequest(sandbox="sandboxes/paused", process=api.ProcessConfig(argv=["sleep", "3"])), timeout=30
+        )
+        first = await call.read()
+        assert first.HasField("started")
+        await add_vm(relay.etcd, relay.node, "paused", path, state=vm_pb2.VM_STATE_PAUSED)
+        os.kill(agent.pid, signal.SIGSTOP)  # the guest stands still, as a paused VM does
+        await asyncio.sleep(LIMITS.heartbeat_seconds + LIMITS.heartbeat_timeout_seconds + 2)
+        await add_vm(relay.etcd, relay.node, "paused", path)
+        os.kill(agent.pid, signal.SIGCONT)
+        last = first
+        while (event := await call.read()) is not grpc.aio.EOF:
+            last = event
+        assert last.HasField("exited") and last.exited.exit_code == 0, last  # the stream lived through the pause
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+        agent.kill()
+        agent.wait()
