@@ -73,6 +73,9 @@ templates: ## build the heavy built-in templates (python, web, code-interpreter)
 template-tests: ## the built-in templates (python, web, code-interpreter) on the running installation, after `make templates`
 	$(BIN)/python -m pytest -q -ra -s -m templates tests/standing
 
+bench-density: deps protos images ## idle sandboxes this host holds: memory per sandbox, exec before/after, create rate (SANDBOXES=50, at most 200)
+	$(BIN)/python -m bench.density --sandboxes $(or $(SANDBOXES),50)
+
 bench-code: deps protos ## the code interpreter's figures on the running installation, after `make templates`
 	$(BIN)/python -m bench.code
 
@@ -103,6 +106,7 @@ soak: deps protos ## load a real stack for SOAK seconds (default 600), sample RS
 bench: deps protos images
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.breakdown
+	$(BIN)/python -m bench.density
 	$(BIN)/python -m bench.files
 	$(BIN)/python -m bench.network
 	$(BIN)/python -m bench.cluster

@@ -1,0 +1,116 @@
+"""`python -m bench.density [--sandboxes N]` (issue 19): how many idle sandboxes this host holds, and what each costs.
+
+A stack of its own; N idle default sandboxes (default 50, at most 200) created one after another. One JSON row
+`density`: value = host memory per sandbox in MiB (the PSS of its VMM process, plus the services' resident growth
+divided among the sandboxes); baseline = the guest's own memory size (what a sandbox may use); also the exec
+`true` p50 in the first sandbox before the others exist and after they all do, and the create rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import pss_kib, wait_for_warm_pool
+from services.common.records import VMS, Records
+from tests.guests import Gateway
+from tests.stack import start_stack
+
+DEFAULT_SANDBOXES = 50
+MAX_SANDBOXES = 200
+EXEC_SAMPLES = 30
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def services_rss_kib(stack) -> int:
+    """Resident memory of the stack's service processes (not etcd's or the VMs')."""
+    children = json.loads((stack.state_dir / "supervisor.json").read_text())
+    return sum(rss_kib(entry["pid"]) for name, entry in children.items() if name in stack.kinds)
+
+
+def vmm_pss_kib(stack) -> list[int]:
+    """PSS of each sandbox's VMM (not the warm pool's), from the VM records compute keeps in etcd."""
+
+    async def directories() -> list[Path]:
+        client = stack.etcd_client()
+        await client.connect()
+        try:
+            return [Path(s.message.directory) for s in await Records(client).list(VMS) if not s.message.pooled]
+        finally:
+            await client.close()
+
+    sizes = []
+    for directory in asyncio.run(directories()):
+        try:
+            sizes.append(pss_kib(int((directory / "vmm.pid").read_text())))
+        except (OSError, ValueError):
+            pass
+    return sizes
+
+
+def exec_p50_ms(gateway, name: str) -> float:
+    took = []
+    for _ in range(EXEC_SAMPLES):
+        started = time.perf_counter()
+        gateway.exec(name, ["true"])
+        took.append((time.perf_counter() - started) * 1000)
+    return statistics.median(took)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sandboxes", type=int, default=DEFAULT_SANDBOXES, help=f"1..{MAX_SANDBOXES}")
+    count = max(1, min(MAX_SANDBOXES, parser.parse_args().sandboxes))
+    with tempfile.TemporaryDirectory(prefix="mvm-bench-density-") as tmp:
+        room = {"compute": {"vcpus_total": 4 * MAX_SANDBOXES, "memory_mib_total": 262144}}  # admission, not the host
+        stack = start_stack(Path(tmp) / "stack", extra_config=room)
+        try:
+            gateway = Gateway(stack.gateway_address, stack.admin_key)
+            wait_for_warm_pool(stack)
+            services_before = services_rss_kib(stack)
+            first = gateway.create()
+            for _ in range(5):
+                gateway.exec(first.name, ["true"])
+            exec_before = exec_p50_ms(gateway, first.name)
+            started = time.perf_counter()
+            for _ in range(count - 1):
+                gateway.create()
+            create_rate = (count - 1) / (time.perf_counter() - started) if count > 1 else 0.0
+            time.sleep(10)  # settled: the pool refilled, the guests idle
+            exec_after = exec_p50_ms(gateway, first.name)
+            vmm = vmm_pss_kib(stack)
+            growth = max(0, services_rss_kib(stack) - services_before)
+            per_sandbox_mib = (sum(vmm) + growth) / max(1, len(vmm)) / 1024
+            row = {
+                "metric": "density",
+                "value": round(per_sandbox_mib, 1),
+                "unit": "MiB per sandbox",
+                "baseline": first.memory_mib,
+                "baseline_metric": "guest memory size (MiB)",
+                "ratio": round(per_sandbox_mib / first.memory_mib, 3),
+                "goal": "<= 40 MiB per idle sandbox; 200 on this host",
+                "sandboxes": len(vmm),
+                "vmm_pss_mib_p50": round(statistics.median(vmm) / 1024, 1) if vmm else None,
+                "services_growth_mib": round(growth / 1024, 1),
+                "exec_p50_ms_first": round(exec_before, 2),
+                "exec_p50_ms_last": round(exec_after, 2),
+                "creates_per_second": round(create_rate, 2),
+            }
+            print(json.dumps(row), flush=True)
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()
