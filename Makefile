@@ -8,7 +8,7 @@ export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
 GEN := gen/python
 
-.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code bench-desktop clean-state
+.PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code bench-desktop bench-density clean-state
 
 up: deps protos images ## install, build, start etcd + all services, run a demo sandbox
 	$(BIN)/mvm-supervisor start --state-dir $(MVM_STATE_DIR)
