@@ -78,6 +78,7 @@ DeadlineExceeded = _error("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED,
 DataLoss = _error("DataLoss", grpc.StatusCode.DATA_LOSS, "DATA_LOSS")
 Internal = _error("Internal", grpc.StatusCode.INTERNAL, "INTERNAL")
 Aborted = _error("Aborted", grpc.StatusCode.ABORTED, "ABORTED")
+OutOfRange = _error("OutOfRange", grpc.StatusCode.OUT_OF_RANGE, "OUT_OF_RANGE")
 
 
 class Unimplemented(ServiceError):
@@ -108,6 +109,7 @@ ERROR_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
         DataLoss,
         Internal,
         Aborted,
+        OutOfRange,
     )
 }
 

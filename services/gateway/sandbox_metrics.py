@@ -13,17 +13,43 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from microvm.compute.v1 import compute_pb2
 from microvm.sandbox.v1 import metrics_service_pb2 as metrics_api
 from microvm.sandbox.v1 import metrics_service_pb2_grpc
-from services.common.errors import InvalidArgument, NotFound, ServiceError
+from services.common.errors import InvalidArgument, NotFound, OutOfRange, ServiceError
 from services.gateway.data_plane import DataPlane
 from services.gateway.records import SandboxRecord, name_of
 from services.gateway.sandbox_requests import parse_filter, parse_name
 from services.gateway.sandboxes import LIVE
 
 FOLLOW_POLL_SECONDS = 1.0  # how often a followed sandbox's node is asked for new samples
+KEPT_SECONDS = 3600.0  # what each node keeps of a sandbox (services/compute/resource_sampler.py KEEP_SECONDS)
 
 
 def seconds(stamp: Timestamp) -> float:
     return stamp.ToNanoseconds() / 1e9
+
+
+def stamp(seconds_since_epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds_since_epoch))
+
+
+def check_kept(start: float, end: float | None) -> None:
+    """OUT_OF_RANGE, saying what is kept, for a range that cannot overlap it (all before the last hour, or after
+    now); one that overlaps it gets the part that is kept."""
+    now = time.time()
+    kept_from = now - KEPT_SECONDS
+    available = {"kept_from": stamp(kept_from), "kept_until": stamp(now)}
+    if start > now + 1:
+        raise OutOfRange(
+            f"start_time {stamp(start)} is in the future: samples exist from {available['kept_from']} until now",
+            reason="METRICS_RANGE_NOT_KEPT",
+            metadata=available,
+        )
+    if end is not None and end < kept_from:
+        raise OutOfRange(
+            f"samples are kept for the last hour, from {available['kept_from']}: the range ending {stamp(end)} "
+            "is older than that",
+            reason="METRICS_RANGE_NOT_KEPT",
+            metadata=available,
+        )
 
 
 class SandboxMetricsServicer(metrics_service_pb2_grpc.SandboxMetricsServiceServicer):
@@ -48,6 +74,7 @@ class SandboxMetricsServicer(metrics_service_pb2_grpc.SandboxMetricsServiceServi
             raise InvalidArgument("follow goes on from now: give no end_time with it", reason="FOLLOW_WITH_END_TIME")
         if end is not None and end <= start:
             raise InvalidArgument("end_time must be after start_time", reason="EMPTY_TIME_RANGE")
+        check_kept(start, end)
         # after = just before start: the compute answers samples strictly after it
         samples = await self._samples(record, max(0.0, start - 1e-6)) or []
         if end is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from microvm.sandbox.v1 import metrics_service_pb2 as metrics_api
 from microvm.sandbox.v1 import metrics_service_pb2_grpc
@@ -132,6 +133,18 @@ async def test_bad_ranges_are_refused_with_what_is_wrong(sampled):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await samples_of(stub, caller, created.sandbox.name, **fields)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
+    hour_and_more_ago, tomorrow = Timestamp(), Timestamp()
+    hour_and_more_ago.FromSeconds(int(time.time()) - 3700)
+    tomorrow.FromSeconds(int(time.time()) + 86400)
+    for fields in (dict(end_time=hour_and_more_ago), dict(start_time=tomorrow)):
+        with pytest.raises(grpc.aio.AioRpcError) as outside:
+            await samples_of(stub, caller, created.sandbox.name, **fields)
+        assert outside.value.code() == grpc.StatusCode.OUT_OF_RANGE, fields
+        assert (
+            "samples" in outside.value.details()
+            and "kept" in outside.value.details()
+            or "exist" in outside.value.details()
+        )
     with pytest.raises(grpc.aio.AioRpcError) as bad_name:
         await samples_of(stub, caller, "not-a-name")
     assert bad_name.value.code() == grpc.StatusCode.INVALID_ARGUMENT
