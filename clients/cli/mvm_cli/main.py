@@ -7,6 +7,7 @@
   desktop     desktop ID screenshot|click|move|drag|type|press|scroll|launch|windows|focus|close|wait|record
   usage       metrics ID [-f] (CPU, memory, disk, network), top (your sandboxes by use, live)
   logs        logs SERVICE [-f] (this host's service logs), logs --sandbox ID [-f] (its console)
+  status      the gateway's health; on this host each service's and its dependencies'
   events      events [-f] [--since CURSOR] [--type T] [--label K=V], webhooks [list|create|delete|deliveries]
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
@@ -40,6 +41,7 @@ from mvm_cli import (
     processes,
     sandboxes,
     snapshots,
+    status,
     templates,
     usage,
 )
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     desktop.register(sub)
     usage.register(sub)
     logs.register(sub)
+    status.register(sub)
     events.register(sub)
     if copy_commands is not None and hasattr(copy_commands, "register"):
         copy_commands.register(sub)
