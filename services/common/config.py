@@ -55,6 +55,9 @@ class ServiceSettings:
             raise ConfigError("shutdown_grace_seconds must be between 0 and 600")
 
 
+TRACE_EXPORTERS = ("none", "console", "otlp", "off")
+
+
 @dataclasses.dataclass
 class CommonSettings:
     """Settings shared by the whole installation."""
@@ -64,8 +67,10 @@ class CommonSettings:
     # Seconds an instance's registration outlives its last keep-alive.
     lease_ttl_seconds: int = 3
     log_level: str = "info"
-    # `none`, `console` or `otlp`: where OpenTelemetry spans go (trace ids are logged either way). `otlp` sends them
-    # over OTLP/gRPC to otlp_endpoint (an OpenTelemetry Collector, Jaeger, Tempo...).
+    # `none`, `console`, `otlp` or `off`: where OpenTelemetry spans go. `none` records spans but exports none (trace
+    # ids are logged); `otlp` sends them over OTLP/gRPC to otlp_endpoint (an OpenTelemetry Collector, Jaeger,
+    # Tempo...). `off` installs no tracer provider at all: spans are no-ops, nothing is recorded, log lines carry no
+    # trace ids of this process's own (a caller's incoming trace context is still passed on).
     trace_exporter: str = "none"
     otlp_endpoint: str = "127.0.0.1:4317"
     # Mutual TLS between services with the installation's CA (<state_dir>/pki unless pki_dir is set).
@@ -101,8 +106,8 @@ class CommonSettings:
             raise ConfigError("lease_ttl_seconds must be between 1 and 300")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be one of debug, info, warning, error")
-        if self.trace_exporter not in ("none", "console", "otlp"):
-            raise ConfigError("trace_exporter must be `none`, `console` or `otlp`")
+        if self.trace_exporter not in TRACE_EXPORTERS:
+            raise ConfigError("trace_exporter must be `none`, `console`, `otlp` or `off`")
         if self.trace_exporter == "otlp":
             parse_address(self.otlp_endpoint, key="otlp_endpoint", allow_zero=False)
         if self.node_id and not NODE_ID.fullmatch(self.node_id):
