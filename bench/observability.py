@@ -14,7 +14,8 @@ Rows (bench/run.py's shape):
   refilled and SETTLE_SECONDS) on "on", baseline the same on both "off" stacks; goal ratio <= 1.05. Printed last.
 - metrics_scrape_p50: on "on", GET /metrics of every service SCRAPES times with no sandbox, then again with
   SANDBOXES idle default sandboxes (fewer if creating them takes more than CREATE_BUDGET_SECONDS; the row says how
-  many); the row is the largest exposition (by bytes), baseline its p50 with no sandbox.
+  many; scraped once the warm pool has refilled and SETTLE_SECONDS passed); the row is the largest exposition (by
+  bytes), baseline its p50 with no sandbox.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def run_on(collector_port: int) -> list[float]:
                 gateway.create()
                 created += 1
             create_seconds = time.perf_counter() - started
+            wait_for_warm_pool(stack)  # the pool refilled behind the last create and the host settled, as before
+            time.sleep(SETTLE_SECONDS)
             full = scrape(metrics_endpoints(stack))
             largest = max(full, key=lambda kind: full[kind][1])
             p50, size = full[largest]
