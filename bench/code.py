@@ -18,35 +18,21 @@ import os
 import statistics
 import time
 
-import grpc
-
+from bench import installation as running
 from bench.run import emit, percentile
 from microvm.sandbox.v1 import code_service_pb2 as code_api
-from microvm.sandbox.v1 import code_service_pb2_grpc, sandbox_service_pb2_grpc
-from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from microvm_sandbox.client import default_api_key
-from microvm_sandbox.errors import SandboxError
+from microvm.sandbox.v1 import code_service_pb2_grpc
 
-GATEWAY = os.environ.get("MVM_GATEWAY", "127.0.0.1:50051")
 TEMPLATE = os.environ.get("MVM_BENCH_CODE_TEMPLATE", "code-interpreter")
 CREATES = int(os.environ.get("MVM_BENCH_CODE_CREATES", "5"))
 CALLS = int(os.environ.get("MVM_BENCH_CODE_CALLS", "60"))
 PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [2, 4, 8])\nplt.show()"
 
 
-class Installation:
+class Installation(running.Installation):
     def __init__(self) -> None:
-        self.channel = grpc.insecure_channel(GATEWAY)
-        self.metadata = (("authorization", f"Bearer {default_api_key()}"),)
-        self.sandboxes = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
+        super().__init__(TEMPLATE)
         self.code = code_service_pb2_grpc.CodeServiceStub(self.channel)
-
-    def create(self) -> str:
-        request = api.CreateSandboxRequest(sandbox=dict(template=TEMPLATE))
-        return self.sandboxes.CreateSandbox(request, metadata=self.metadata, timeout=600).sandbox.name
-
-    def delete(self, name: str) -> None:
-        self.sandboxes.DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=self.metadata, timeout=120)
 
     def run_code(self, name: str, code: str) -> tuple[float, float]:
         """Seconds until the first result, and until `end`."""
@@ -58,15 +44,6 @@ class Installation:
                 first = time.perf_counter() - started
             if kind == "error":
                 raise SystemExit(f"bench code failed: {event.error.name}: {event.error.value}")
-        return first or 0.0, time.perf_counter() - started
-
-    def exec(self, name: str, argv: list[str]) -> tuple[float, float]:
-        """Seconds until the first output byte, and until `exited`."""
-        started, first = time.perf_counter(), None
-        request = api.ExecRequest(sandbox=name, process=api.ProcessConfig(argv=argv))
-        for event in self.sandboxes.Exec(request, metadata=self.metadata, timeout=300):
-            if event.stdout and first is None:
-                first = time.perf_counter() - started
         return first or 0.0, time.perf_counter() - started
 
 
@@ -87,18 +64,7 @@ def first_calls(installation: Installation) -> tuple[list[float], list[float]]:
 
 
 def unavailable() -> str:
-    """Why this bench cannot run here ("" when it can): no running installation, or no code-interpreter build."""
-    try:
-        installation = Installation()
-        reply = installation.sandboxes.ListTemplates(
-            api.ListTemplatesRequest(), metadata=installation.metadata, timeout=10
-        )
-    except (grpc.RpcError, OSError, SandboxError) as error:
-        said = error.details() if isinstance(error, grpc.RpcError) else str(error)
-        return f"no running installation at {GATEWAY} (`make up`): {said}"
-    if not any(t.name.split("/")[-1] == TEMPLATE for t in reply.templates):
-        return f"the {TEMPLATE} template is not built on the installation: run `make templates`"
-    return ""
+    return running.unavailable(TEMPLATE)
 
 
 def main() -> None:

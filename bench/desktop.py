@@ -29,19 +29,15 @@ import time
 from pathlib import Path
 
 import aiohttp
-import grpc
 from google.protobuf import duration_pb2
 
+from bench import installation as running
 from bench import rfb
 from bench.run import emit
 from microvm.sandbox.v1 import desktop_service_pb2 as desk
-from microvm.sandbox.v1 import desktop_service_pb2_grpc, sandbox_service_pb2_grpc
-from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.sandbox.v1 import desktop_service_pb2_grpc
 from microvm_sandbox import AsyncClient, AsyncSandbox
-from microvm_sandbox.client import default_api_key
-from microvm_sandbox.errors import SandboxError
 
-GATEWAY = os.environ.get("MVM_GATEWAY", "127.0.0.1:50051")
 TEMPLATE = os.environ.get("MVM_BENCH_DESKTOP_TEMPLATE", "desktop")
 CREATES = int(os.environ.get("MVM_BENCH_DESKTOP_CREATES", "5"))
 CALLS = int(os.environ.get("MVM_BENCH_DESKTOP_CALLS", "30"))
@@ -59,28 +55,10 @@ def row(metric: str, value: float, unit: str, baseline: float, baseline_metric: 
     print(json.dumps({**json.loads(out.getvalue()), "note": note}), flush=True)
 
 
-class Installation:
+class Installation(running.Installation):
     def __init__(self) -> None:
-        self.channel = grpc.insecure_channel(GATEWAY)
-        self.metadata = (("authorization", f"Bearer {default_api_key()}"),)
-        self.sandboxes = sandbox_service_pb2_grpc.SandboxServiceStub(self.channel)
+        super().__init__(TEMPLATE)
         self.desktop = desktop_service_pb2_grpc.DesktopServiceStub(self.channel)
-
-    def create(self) -> str:
-        request = api.CreateSandboxRequest(sandbox=dict(template=TEMPLATE))
-        return self.sandboxes.CreateSandbox(request, metadata=self.metadata, timeout=600).sandbox.name
-
-    def delete(self, name: str) -> None:
-        self.sandboxes.DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=self.metadata, timeout=120)
-
-    def exec(self, name: str, argv: list[str]) -> tuple[float, float]:
-        """Seconds until the first output byte, and until `exited`."""
-        started, first = time.perf_counter(), None
-        request = api.ExecRequest(sandbox=name, process=api.ProcessConfig(argv=argv))
-        for event in self.sandboxes.Exec(request, metadata=self.metadata, timeout=300):
-            if event.stdout and first is None:
-                first = time.perf_counter() - started
-        return first or 0.0, time.perf_counter() - started
 
     def screenshot(self, name: str, region: desk.Region | None = None) -> tuple[float, bytes]:
         started = time.perf_counter()
@@ -169,7 +147,7 @@ async def vnc_rates(installation: Installation, name: str, encoding: str) -> dic
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(live.websocket_url, protocols=("binary",), max_msg_size=0) as socket:
             rates["websocket"] = await rfb.frames_per_second(WebSocketStream(socket), FPS_SECONDS, encoding)
-    client = AsyncClient(GATEWAY)
+    client = AsyncClient(running.GATEWAY)
     try:
         sandbox = await AsyncSandbox.connect(name, client)
         async with sandbox.forward_port(port) as forward:
@@ -223,18 +201,7 @@ def emit_vnc(encoding: str, rates: dict[str, dict]) -> None:
 
 
 def unavailable() -> str:
-    """Why this bench cannot run here ("" when it can): no running installation, or no desktop build."""
-    try:
-        installation = Installation()
-        reply = installation.sandboxes.ListTemplates(
-            api.ListTemplatesRequest(), metadata=installation.metadata, timeout=10
-        )
-    except (grpc.RpcError, OSError, SandboxError) as error:
-        said = error.details() if isinstance(error, grpc.RpcError) else str(error)
-        return f"no running installation at {GATEWAY} (`make up`): {said}"
-    if not any(t.name.split("/")[-1] == TEMPLATE for t in reply.templates):
-        return f"the {TEMPLATE} template is not built on the installation: run `make templates`"
-    return ""
+    return running.unavailable(TEMPLATE)
 
 
 def main() -> None:
