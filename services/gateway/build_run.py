@@ -263,6 +263,7 @@ class BuildRun:
                 await self.fail("TEMPLATE_DELETED", "the template was deleted during its build")
                 return
             template = stored.message
+            before = set(template.tags.values())
             for tag in build.tags:
                 template.tags[tag] = build.id
             template.update_time.GetCurrentTime()
@@ -275,8 +276,32 @@ class BuildRun:
             ):
                 self.feed.emit(api.BuildTemplateResponse(build=build_view(build)))
                 log.info("template_built", build=build.id, template=build.template, tags=list(build.tags))
+                await self.release_pools(before - set(template.tags.values()), set(template.tags.values()))
                 return
         await self.fail("TEMPLATE_BUSY", "the template kept changing while its tags were being moved")
+
+    async def release_pools(self, superseded: set[str], current: set[str]) -> None:
+        """The warm pools of builds no tag names any more go to 0 on every node that has them: a pool is for the
+        template's current builds (each pooled VM is a guest running on the node's CPUs). An image a current build
+        reuses (an unchanged rebuild) keeps its pool. Best effort: a node away keeps its pool until the next change."""
+        records = self.store.records
+        kept = {s.message.image for b in current if (s := await records.get(TEMPLATE_BUILDS, b)) is not None}
+        for build_id in sorted(superseded):
+            stored = await records.get(TEMPLATE_BUILDS, build_id)
+            if stored is None or not stored.message.image or stored.message.image in kept:
+                continue
+            request = compute_pb2.SetImagePoolSizeRequest(image=stored.message.image, pool_size=0)
+            for view in (await self.nodes.views([])).values():
+                if not (view.alive and request.image in view.record.templates):
+                    continue
+                try:
+                    await self.nodes.on_compute(
+                        view.record.name, lambda c, r=request: c.SetImagePoolSize(r, timeout=deadlines.CONTROL)
+                    )
+                except (ServiceError, grpc.aio.AioRpcError) as exc:
+                    log.warning(
+                        "template_pool_not_released", node=view.record.name, image=request.image, error=str(exc)
+                    )
 
     async def fail(self, reason: str, message: str, exit_code: int = 0) -> None:
         build = self.build

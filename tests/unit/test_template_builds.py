@@ -415,6 +415,41 @@ async def test_a_templates_pool_size_changes_its_warm_pool_now(alice, installati
     assert await until(0) == 0
 
 
+async def test_a_rebuild_hands_the_warm_pool_to_the_new_build_and_releases_the_old_ones(alice, installation):
+    import asyncio
+
+    from google.protobuf import field_mask_pb2
+
+    from services.common.records import VMS, Records
+    from tests.inprocess import etcd_client_for
+
+    md = alice.caller.metadata
+    records = Records(etcd_client_for(installation.etcd_endpoint))
+
+    def image_of(build) -> str:
+        return f"u-{build.name.rsplit('/', 1)[1]}"
+
+    async def pooled(image: str) -> int:
+        return sum(1 for s in await records.list(VMS) if s.message.pooled and s.message.template == image)
+
+    async def until(image: str, count: int) -> int:
+        for _ in range(150):
+            if await pooled(image) == count:
+                break
+            await asyncio.sleep(0.1)
+        return await pooled(image)
+
+    first = final(await alice.build("handover", "FROM default\nRUN echo one > /one\n"))
+    wanted = tmpl.Template(name="templates/handover", pool_size=1)
+    mask = field_mask_pb2.FieldMask(paths=["pool_size"])
+    await alice.stub.UpdateTemplate(tapi.UpdateTemplateRequest(template=wanted, update_mask=mask), metadata=md)
+    assert await until(image_of(first), 1) == 1
+    second = final(await alice.build("handover", "FROM default\nRUN echo two > /two\n"))
+    assert image_of(second) != image_of(first)
+    assert await until(image_of(second), 1) == 1  # the pool follows the tag
+    assert await until(image_of(first), 0) == 0  # and the superseded build's is let go
+
+
 async def test_a_relative_copy_over_a_template_base_lands_in_its_working_directory(alice, built):
     child = final(await alice.build("relative", "FROM greeter\nCOPY extra.txt ./\n", {"extra.txt": "extra"}))
     assert child.state == tmpl.TEMPLATE_BUILD_STATE_SUCCEEDED, child.failure_message
