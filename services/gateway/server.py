@@ -34,6 +34,7 @@ from services.gateway.desktop import DesktopServicer
 from services.gateway.desktop_live import DesktopLive
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
+from services.gateway.local_credentials import LocalApiKeys
 from services.gateway.metrics import CreateMetrics, StreamMetrics
 from services.gateway.node_admin import NodeAdmin
 from services.gateway.nodes import ClusterNodes
@@ -59,8 +60,11 @@ def interceptors(context: ServiceContext[GatewaySettings]) -> list:
     streams = StreamMetrics(context.metrics)  # exec streams open, bytes streamed (services/gateway/metrics.py)
     if not settings.require_auth:
         return [streams]
+    keys = LocalApiKeys(context.etcd)  # a valid API key is checked here, without a round trip to auth
+    keys.start()
+    context.on_shutdown.append(keys.close)
     access = AccessInterceptor(
-        context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants
+        context, settings.rate_limit_per_second, settings.rate_limit_burst, settings.operator_tenants, keys
     )
     # Audit entries of callers that hung up are still being written: finished before the channels close.
     context.on_shutdown.append(access.drain)

@@ -47,8 +47,9 @@ async def test_checks_and_refusals_are_counted_by_kind_and_reason(installation):
         check = auth_pb2.CheckScopedTokenRequest(token=scoped, scopes=["desktop-view"], resource="r")
         await auth.CheckScopedToken(check, timeout=10)
     after = await samples(installation)
-    # API keys: the first call, the exchange, the refused key and the Authenticate above.
-    assert grown(before, after, "microvm_auth_verifications_total", kind="api_key") == 4
+    # API keys: the exchange, the refused key and the Authenticate above; and the first call, unless the gateway's
+    # own copy of the key records already had the new key (it checks a valid key itself: local_credentials.py).
+    assert grown(before, after, "microvm_auth_verifications_total", kind="api_key") in (3, 4)
     assert grown(before, after, "microvm_auth_verifications_total", kind="token") == 2
     assert grown(before, after, "microvm_auth_verifications_total", kind="scoped_token") == 1
     assert grown(before, after, "microvm_auth_denials_total", kind="api_key", reason="BAD_CREDENTIAL") == 1
