@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.gateway.http import routes
+from tests.fuzz_transport import OPEN_ENDED
 
 pytestmark = pytest.mark.guest
 
@@ -21,7 +22,9 @@ def http_base(stack) -> str:
     return "http://" + config["gateway"]["http_listen"]
 
 
-def call(stack, method: str, path: str, key: str | None, body=None, headers=None, raw: bytes | None = None):
+def call(
+    stack, method: str, path: str, key: str | None, body=None, headers=None, raw: bytes | None = None, first_line=False
+):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(
         http_base(stack) + path,
@@ -31,7 +34,8 @@ def call(stack, method: str, path: str, key: str | None, body=None, headers=None
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read(), response.headers.get("Content-Type", "")
+            reply = response.readline() if first_line else response.read()
+            return response.status, reply, response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as error:
         return error.code, error.read(), error.headers.get("Content-Type", "")
 
@@ -180,5 +184,8 @@ def test_random_requests_against_every_route_never_cause_a_server_error(stack, r
     for field in route.fields.values():
         collection = "snapshots" if "snapshot" in route.template.split(field)[1][:30] else "sandboxes"
         path = path.replace(path[path.index("{") : path.index("}") + 1], f"{collection}/{quote(segment, safe='')}", 1)
-    status, reply, _ = call(stack, route.verb, path, stack.admin_key, body if route.verb != "GET" else None)
+    first_only = route.method.name in OPEN_ENDED  # a watch goes on until cancelled: its first answer says enough
+    status, reply, _ = call(
+        stack, route.verb, path, stack.admin_key, body if route.verb != "GET" else None, first_line=first_only
+    )
     assert status < 500 or status in (501, 503), (route.verb, path, body, status, reply[:300])
