@@ -75,6 +75,30 @@ async def test_stdout_and_stderr_stream_as_separate_events(code_socket):
     assert events[-1]["status"] == "ok"
 
 
+async def test_the_kernels_shorter_message_path_keeps_output_in_order_and_counts_right(code_socket):
+    # kernel_messages.py: no execute_input, and an empty stream's flush returns at once. Both must be installed on
+    # the host's ipykernel as on the guest's, and output printed before, between and after values keeps its order.
+    probe = "import sys\nprint(get_ipython().kernel._publish_execute_input.__name__, type(sys.stdout).flush.__name__)"
+    assert stdout(await run(code_socket, probe)) == "_no_execute_input empty_flush_returns\n"
+    code = "import sys\nfor n in range(3):\n    print('line', n)\n    sys.stdout.flush()\n    display(n)\n"
+    code += "print('end')\n'last'"
+    events = await run(code_socket, code)
+    kinds = [(e["type"], e.get("text") or e.get("data", {}).get("text/plain")) for e in events if e["type"] != "end"]
+    shown = [(kind, value) for kind, value in kinds if value and value.strip()]
+    assert shown == [
+        ("stdout", "line 0\n"),
+        ("result", "0"),
+        ("stdout", "line 1\n"),
+        ("result", "1"),
+        ("stdout", "line 2\n"),
+        ("result", "2"),
+        ("stdout", "end\n"),
+        ("result", "'last'"),
+    ], kinds
+    count = events[-1]["execution_count"]
+    assert isinstance(count, int) and (await run(code_socket, "1"))[-1]["execution_count"] == count + 1
+
+
 async def test_exception_gives_name_value_traceback_and_the_next_run_works(code_socket):
     events = await run(code_socket, "def f():\n    raise ValueError('bad input')\nf()")
     [error] = of_type(events, "error")

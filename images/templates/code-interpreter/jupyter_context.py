@@ -27,15 +27,17 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 CHART_MIME = "application/vnd.mvm.chart+json"
 TABLE_MIME = "application/vnd.mvm.table+json"
-KERNEL_DISPLAY = Path(__file__).with_name("kernel_display.py")
-# Loads kernel_display.py into a new Python kernel without touching the user's sys.path or leaving names behind.
+KERNEL_MODULES = [Path(__file__).with_name(name) for name in ("kernel_display.py", "kernel_messages.py")]
+# Loads kernel_display.py (MIME formatters) and kernel_messages.py (a shorter message path per cell) into a new Python
+# kernel without touching the user's sys.path or leaving names behind.
 PYTHON_STARTUP = f"""
 import importlib.util as _mvm_util
-_mvm_spec = _mvm_util.spec_from_file_location("mvm_kernel_display", {str(KERNEL_DISPLAY)!r})
-_mvm_module = _mvm_util.module_from_spec(_mvm_spec)
-_mvm_spec.loader.exec_module(_mvm_module)
-_mvm_module.install(get_ipython())
-del _mvm_util, _mvm_spec, _mvm_module
+for _mvm_path in {[str(path) for path in KERNEL_MODULES]!r}:
+    _mvm_spec = _mvm_util.spec_from_file_location("mvm_" + _mvm_path.rsplit("/", 1)[-1][:-3], _mvm_path)
+    _mvm_module = _mvm_util.module_from_spec(_mvm_spec)
+    _mvm_spec.loader.exec_module(_mvm_module)
+    _mvm_module.install(get_ipython())
+del _mvm_util, _mvm_path, _mvm_spec, _mvm_module
 """
 # A new kernel's first cells are several times slower than later ones (lazy imports and first uses in IPython's
 # display and output paths): the server runs these before any user does, so a context answers at full speed from its
@@ -225,7 +227,7 @@ class JupyterContext(Context):
             kind, content = message["msg_type"], message["content"]
             if kind == "status" and content.get("execution_state") == "idle":
                 break
-            if kind == "execute_input":
+            if kind == "execute_input":  # none from our Python kernels (kernel_messages.py): the reply has the count
                 execution_count = content.get("execution_count")
             elif timed_out and kind == "error":
                 continue  # the KeyboardInterrupt of our own interrupt: the TimeoutError said it
