@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 export MVM_STATE_DIR ?= $(HOME)/.microvm
 export MVM_CACHE_DIR ?= $(HOME)/.cache/microvm
 PROTO_FILES := $(shell find protos -name '*.proto')
+# E2B's envd protos (Apache-2.0, third_party/e2b/README.md): the wire of the E2B SDKs, compiled beside ours.
+E2B_PROTO_FILES := $(wildcard third_party/e2b/e2b_envd/*.proto)
 GEN := gen/python
 
 .PHONY: up down status test unit-test integration-test chaos soak deps apt venv protos lint images templates template-tests bench bench-code bench-desktop bench-density clean-state
@@ -50,11 +52,12 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 
 protos: venv $(GEN)/.stamp ## generate Python from protos/
 
-$(GEN)/.stamp: $(PROTO_FILES) Makefile
+$(GEN)/.stamp: $(PROTO_FILES) $(E2B_PROTO_FILES) Makefile
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ithird_party/googleapis \
 	  --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTO_FILES)
-	find $(GEN)/microvm -type d -exec touch {}/__init__.py \;
+	$(BIN)/python -m grpc_tools.protoc -Ithird_party/e2b --python_out=$(GEN) --pyi_out=$(GEN) $(E2B_PROTO_FILES)
+	find $(GEN)/microvm $(GEN)/e2b_envd -type d -exec touch {}/__init__.py \;
 	touch $@
 
 lint: venv ## ruff (lint + format check), buf lint, and buf breaking against the previous commit
