@@ -12,8 +12,14 @@ times the agent reports). Each hop's p50 is a row whose baseline is the client's
     audit_record              its RecordAuditEvent calls (Exec changes a sandbox: its final status waits until auth
                               has stored the audit entry, docs/security.md, so this is in the path, at the end)
     gateway -> relay          gateway's client span to the relay - the relay's server span
-    relay + agent channel     relay server span - the guest's part (frames both ways, the process's run and exit)
+    relay                     relay server span - the path below (its own work: stream, frames, events)
+    agent channel -> guest    the relay sending ExecStart to the agent taking it (virtio-serial under TCG)
     guest spawn               the agent taking the frame to the process spawned
+    guest process run         spawned to reaped by the agent (`true` itself: exec, run, exit)
+    guest finish              reaped to ExecExited queued (the agent draining the pipes, closing, encoding)
+    agent channel -> host     ExecExited queued in the guest to the relay reading it
+(The guest's times are its own clock, which the relay keeps set from the host's: a one-way channel figure is as
+good as that sync, about a millisecond.)
 
 The row `exec_vs_spawn_floor` is the client's p50 against the floor measured inside the same guest in the same
 run: posix_spawn("/bin/true") and wait, p50 of 200. A warm create gets the same treatment: its spans by name.
@@ -74,6 +80,16 @@ def ms(span) -> float:
     return (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
 
 
+# The guest's part of an exec, in order (services/relay/processes.py makes these spans from the agent's times).
+GUEST_PATH = (
+    ("agent_channel_to_guest", "agent_channel.to_guest"),
+    ("guest_spawn", "guest.exec.spawn"),
+    ("guest_process_run", "guest.exec.run"),
+    ("guest_finish", "guest.exec.finish"),
+    ("agent_channel_to_host", "agent_channel.to_host"),
+)
+
+
 def exec_hops(spans: list, client_ms: float) -> dict[str, float] | None:
     """The hops of one Exec trace, or None when the trace is incomplete."""
 
@@ -85,20 +101,26 @@ def exec_hops(spans: list, client_ms: float) -> dict[str, float] | None:
     gateway = find("microvm-gateway", exec_name, server)
     to_relay = find("microvm-gateway", exec_name, client)
     relay = find("microvm-relay", exec_name, server)
-    guest = [s for who, s in spans if s.name == "guest.exec.spawn"]
     auth = find("microvm-gateway", "/microvm.auth.v1.AuthService/Authenticate", client)
     audit = find("microvm-gateway", "/microvm.auth.v1.AuthService/RecordAuditEvent", client)
-    if not (gateway and to_relay and relay and guest):
+    guest = {
+        hop: [
+            s for _, s in spans if s.name == name and all(a.value.string_value != "exec_started" for a in s.attributes)
+        ]
+        for hop, name in GUEST_PATH
+    }
+    if not (gateway and to_relay and relay and all(guest.values())):
         return None
     auth_ms, audit_ms = sum(ms(s) for s in auth), sum(ms(s) for s in audit)
+    path = {hop: ms(found[0]) for hop, found in guest.items()}
     return {
         "client_to_gateway": client_ms - ms(gateway[0]),
         "gateway": ms(gateway[0]) - ms(to_relay[0]) - auth_ms - audit_ms,
         "auth": auth_ms,
         "audit_record": audit_ms,
         "gateway_to_relay": ms(to_relay[0]) - ms(relay[0]),
-        "relay_and_agent_channel": ms(relay[0]) - ms(guest[0]),
-        "guest_spawn": ms(guest[0]),
+        "relay": ms(relay[0]) - sum(path.values()),
+        **path,
     }
 
 

@@ -8,6 +8,7 @@ call or a passed deadline kills the guest process.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from opentelemetry import propagate, trace
 
@@ -33,19 +34,41 @@ def traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
-def record_guest_spawn(started: agent_pb2.ExecStarted) -> None:
-    """The guest's part of an exec, from the agent taking the frame to the process spawned, as a span of the
-    current trace. The times are the guest's wall clock, which the relay keeps set from the host's."""
+def record_guest_spawn(started: agent_pb2.ExecStarted, start_sent_ns: int = 0) -> None:
+    """The guest's part of an exec up to its process's start, as spans of the current trace: the ExecStart frame's
+    way to the agent (from when the relay sent it), the agent taking it to the process spawned, and the ExecStarted
+    frame's way back. Guest times are the guest's wall clock, which the relay keeps set from the host's, so a
+    one-way figure is as good as that sync (about a millisecond)."""
     if not (started.received_unix_ns and started.spawned_unix_ns):
         return  # an agent from before these fields
-    span = TRACER.start_span("guest.exec.spawn", start_time=started.received_unix_ns, attributes={"pid": started.pid})
-    span.end(end_time=max(started.spawned_unix_ns, started.received_unix_ns))
+    spawned = max(started.spawned_unix_ns, started.received_unix_ns)
+    if start_sent_ns:
+        span_between("agent_channel.to_guest", start_sent_ns, started.received_unix_ns)
+    span_between("guest.exec.spawn", started.received_unix_ns, spawned, pid=started.pid)
+    span_between("agent_channel.to_host", spawned, time.time_ns(), frame="exec_started")
 
 
-async def exec_events(stream: AgentStream, max_output_bytes: int = 0):
+def record_guest_exit(exited: agent_pb2.ExecExited, spawned_ns: int) -> None:
+    """The rest of the guest's part: the process running until the agent reaped it, the agent draining its output
+    and sending ExecExited, and that frame's way back to the relay."""
+    if not (exited.reaped_unix_ns and exited.sent_unix_ns):
+        return  # an agent from before these fields
+    if spawned_ns:
+        span_between("guest.exec.run", spawned_ns, exited.reaped_unix_ns)
+    span_between("guest.exec.finish", exited.reaped_unix_ns, exited.sent_unix_ns)
+    span_between("agent_channel.to_host", exited.sent_unix_ns, time.time_ns(), frame="exec_exited")
+
+
+def span_between(name: str, start_ns: int, end_ns: int, **attributes) -> None:
+    span = TRACER.start_span(name, start_time=start_ns, attributes=attributes)
+    span.end(end_time=max(start_ns, end_ns))
+
+
+async def exec_events(stream: AgentStream, max_output_bytes: int = 0, start_sent_ns: int = 0):
     """Agent frames of an exec stream as public ExecResponse events; grants credit as output is taken. Output
-    beyond `max_output_bytes` (0: no limit) is dropped, its credit granted at once."""
-    produced = 0
+    beyond `max_output_bytes` (0: no limit) is dropped, its credit granted at once. `start_sent_ns`: when the
+    ExecStart frame was sent, for the trace's spans of the guest's part."""
+    produced = spawned_ns = 0
     while True:
         try:
             frame = await stream.receive(timeout=KEEPALIVE_SECONDS)
@@ -62,9 +85,11 @@ async def exec_events(stream: AgentStream, max_output_bytes: int = 0):
             # Credit returns only once the event was handed to gRPC (which applies its own flow control).
             await stream.grant(len(data))
         elif kind == "exec_started":
-            record_guest_spawn(frame.exec_started)
+            record_guest_spawn(frame.exec_started, start_sent_ns)
+            spawned_ns = frame.exec_started.spawned_unix_ns
             yield api.ExecResponse(started=api.ProcessStarted(pid=frame.exec_started.pid))
         elif kind == "exec_exited":
+            record_guest_exit(frame.exec_exited, spawned_ns)
             exited = api.ProcessExited(
                 timed_out=frame.exec_exited.timed_out,
                 output_bytes=produced,
@@ -100,10 +125,11 @@ class GuestProcesses:
         stream = await self.open_stream(sandbox_id(request.sandbox))
         finished = False
         try:
+            start_sent_ns = time.time_ns()
             await stream.send(exec_start=start, traceparent=traceparent())
             if request.stdin:
                 await send_stdin(stream, request.stdin)
-            async for event in exec_events(stream, request.max_output_bytes):
+            async for event in exec_events(stream, request.max_output_bytes, start_sent_ns):
                 finished = event.HasField("exited")
                 yield event
         finally:

@@ -78,6 +78,20 @@ async def test_one_trace_goes_from_the_gateway_through_auth_compute_and_relay(in
     [spawn] = [s for s in by_name["guest.exec.spawn"] if s.context.trace_id == root.context.trace_id]
     assert spawn.parent.span_id == relay_side.context.span_id and spawn.attributes["pid"] > 0
     assert relay_side.start_time <= spawn.start_time <= spawn.end_time <= relay_side.end_time
+    # The rest of the guest's path, one span per hop, in order: ExecStart's way in, the spawn, the process's run,
+    # the agent's finish, ExecExited's way out (the sync between guest and host clocks allows a little slack).
+    in_exec = [s for s in finished if s.context.trace_id == root.context.trace_id]
+    path = [
+        next(s for s in in_exec if s.name == name and s.attributes.get("frame") != "exec_started")
+        for name in ("agent_channel.to_guest", "guest.exec.spawn", "guest.exec.run", "guest.exec.finish")
+    ]
+    path.append(
+        next(s for s in in_exec if s.name == "agent_channel.to_host" and s.attributes["frame"] == "exec_exited")
+    )
+    assert all(span.parent.span_id == relay_side.context.span_id for span in path)
+    slack = 50_000_000
+    for before, after in zip(path, path[1:]):
+        assert after.start_time >= before.end_time - slack, (before.name, after.name)
     # The process itself gets the context (OpenTelemetry's TRACEPARENT environment carrier), with the same trace.
     assert seen_in_guest.split("-")[1] == format(root.context.trace_id, "032x"), seen_in_guest
 

@@ -70,6 +70,7 @@ class Process:
         self.stream_id = stream_id
         self.start = start
         self.received_unix_ns = time.time_ns()  # made as its frame is dispatched: when the agent took it
+        self.reaped_unix_ns = 0  # set by the agent's reaper
         self.credit = Credit(agent.initial_window)
         self.popen: subprocess.Popen | None = None
         self.exit_status: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -211,7 +212,9 @@ class Process:
             # the close, and the next process given that fd number never has its output read.
             await stop_tasks([*pumps, *self.tasks])
         self._close_fds()
-        exited = agent_pb2.ExecExited(timed_out=self.timed_out)
+        exited = agent_pb2.ExecExited(
+            timed_out=self.timed_out, reaped_unix_ns=self.reaped_unix_ns, sent_unix_ns=time.time_ns()
+        )
         if os.WIFSIGNALED(status):
             exited.signal = os.WTERMSIG(status)
         else:
