@@ -2,7 +2,8 @@
 in-process installation whose `code-interpreter` sandboxes reach a real code server with real kernels on this host.
 
 The SDK sends its port-49999 requests to E2B_SANDBOX_URL (here: `sandbox_url`); a small aiohttp app there stands in
-for the front door (sandbox_traffic.py), which resolves the sandbox and the credential and calls `handle`.
+for the front door (sandbox_traffic.py), which resolves the sandbox and the credential and calls `handle`
+(tests/e2b_code_front.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import base64
 
 import pytest
-from aiohttp import web
 from e2b import ConnectionConfig, NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
 from e2b_code_interpreter.charts import BarChart, BoxAndWhiskerChart, LineChart, PieChart, SuperChart
@@ -19,8 +19,7 @@ from e2b_code_interpreter.models import Context
 from packaging.version import Version
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
-from services.gateway.e2b.code_interpreter import handle
-from services.gateway.e2b.sandbox_call import SandboxCall
+from tests.e2b_code_front import code_front_door
 from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,23 +43,8 @@ async def sandbox_id(caller) -> str:
 
 @pytest.fixture(scope="module")
 async def sandbox_url(caller):
-    """The stand-in front door: port 49999 of the sandbox the SDK names, with the tenant's credential."""
-
-    async def front_door(request: web.Request) -> web.StreamResponse:
-        assert request.headers["E2b-Sandbox-Port"] == "49999"
-        call = SandboxCall(
-            sandbox=request.headers["E2b-Sandbox-Id"], port=49999, metadata=caller.metadata, channel=caller.channel
-        )
-        return await handle(request, call)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", front_door)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    await runner.cleanup()
+    async with code_front_door(caller) as url:
+        yield url
 
 
 def sdk_options(sandbox_id: str, sandbox_url: str) -> dict:
@@ -99,6 +83,17 @@ async def test_stdout_and_stderr_reach_the_callbacks_as_they_are_written(sbx):
     assert [entry[:3] for entry in seen] == [("stdout", "out\n", False), ("stderr", "err\n", True)]
     assert all(isinstance(entry[3], int) and entry[3] > 0 for entry in seen)
     assert execution.logs.stdout == ["out\n"] and execution.logs.stderr == ["err\n"]
+
+
+async def test_output_reaches_the_caller_while_the_cell_still_runs(sbx, tmp_path):
+    """The cell waits for a file that only the stdout callback creates: a buffered answer would never get there."""
+    go = tmp_path / "go"
+    execution = await sbx.run_code(
+        f"import os, time\nprint('waiting', flush=True)\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.02)\n"
+        "print('released')",
+        on_stdout=lambda message: go.touch(),
+    )
+    assert execution.logs.stdout == ["waiting\n", "released\n"]
 
 
 async def test_an_exception_comes_back_with_its_traceback_and_the_next_run_works(sbx):
