@@ -8,9 +8,12 @@ import json
 import aiohttp
 import pytest
 from e2b_code_interpreter.charts import BoxAndWhiskerChart, Chart, SuperChart, _deserialize_chart
+from e2b_code_interpreter.models import Execution, parse_output
 
+from microvm.sandbox.v1 import code_pb2
+from microvm.sandbox.v1 import code_service_pb2 as api
 from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
-from services.gateway.e2b.code_results import chart_of
+from services.gateway.e2b.code_results import chart_of, lines_of
 from tests.e2b_code_front import code_front_door
 from tests.inprocess import tenant_caller
 
@@ -128,3 +131,21 @@ def test_several_axes_nest_as_a_superchart():
     assert isinstance(parsed, SuperChart) and parsed.title == "all"
     (scatter,) = parsed.elements
     assert scatter.type == "scatter" and scatter.elements[0].points == [(1, 2)]
+
+
+def test_the_sdk_parser_takes_every_line_we_write_keepalives_included():
+    events = [
+        api.RunCodeResponse(stdout=code_pb2.CodeOutput(text="a")),
+        api.RunCodeResponse(keepalive=sandbox_api.Keepalive()),
+        api.RunCodeResponse(result=code_pb2.CodeResult(is_main_result=True, text="1", png=b"\x89PNG")),
+        api.RunCodeResponse(error=code_pb2.CodeError(name="E", value="v", traceback=["one", "two"])),
+        api.RunCodeResponse(end=code_pb2.CodeRunEnd(status=code_pb2.CODE_RUN_STATUS_ERROR, execution_count=3)),
+    ]
+    execution = Execution()
+    for event in events:
+        for line in lines_of(event):
+            parse_output(execution, line.decode())
+    assert execution.logs.stdout == ["a"] and execution.execution_count == 3
+    (result,) = execution.results
+    assert result.text == "1" and result.png == "iVBORw==" and result.is_main_result
+    assert (execution.error.name, execution.error.traceback) == ("E", "one\ntwo")
