@@ -6,8 +6,8 @@ messages are google.protobuf (`gen/python/e2b_envd`, compiled by `make protos`).
 bridge inside aiohttp and a second protobuf runtime for every message we translate. What envd needs of the
 protocol is small and fixed: unary (`application/proto`, `application/json`), server and client streaming
 (`application/connect+proto`, `application/connect+json`: 5-byte envelopes, the last one flagged 0x02 and carrying
-`{"error": ..., "metadata": ...}`), gzip on the way in, the `Connect-Timeout-Ms` deadline and Connect's error
-JSON with its HTTP status for unary calls. That is this module.
+`{"error": ..., "metadata": ...}`), gzip on the way in (aiohttp inflates a unary body; stream envelopes are ours),
+the `Connect-Timeout-Ms` deadline and Connect's error JSON with its HTTP status for unary calls. That is this module.
 """
 
 from __future__ import annotations
@@ -126,10 +126,11 @@ def parse_request(request: web.Request, method: Method) -> ConnectRequest:
             text=json.dumps({"code": "invalid_argument", "message": f"content type must be {expected}"}),
             content_type="application/json",
         )
-    encoding_header = "Connect-Content-Encoding" if streaming else "Content-Encoding"
-    encoding = request.headers.get(encoding_header, "identity").strip().lower()
+    # A unary body's Content-Encoding (the SDK's connectrpc declares gzip) is undone by aiohttp before we read it;
+    # a stream's Connect-Content-Encoding applies to each envelope flagged compressed, which is ours to inflate.
+    encoding = request.headers.get("Connect-Content-Encoding", "identity").strip().lower() if streaming else "identity"
     if encoding not in ("identity", "gzip"):
-        raise ConnectError("unimplemented", f"{encoding_header} {encoding!r} is not supported (identity, gzip)")
+        raise ConnectError("unimplemented", f"Connect-Content-Encoding {encoding!r} is not supported (identity, gzip)")
     timeout = None
     if raw := request.headers.get("Connect-Timeout-Ms"):
         if not raw.isdigit() or len(raw) > 10:
@@ -151,7 +152,7 @@ async def read_unary(call: ConnectRequest, message_type: type[Message]) -> Messa
     body = await call.http.content.read(MAX_MESSAGE_BYTES + 1)
     if len(body) > MAX_MESSAGE_BYTES:
         raise ConnectError("resource_exhausted", f"the request is over {MAX_MESSAGE_BYTES} bytes")
-    return call.codec.decode(_inflate(body) if call.compressed else body, message_type)
+    return call.codec.decode(body, message_type)
 
 
 async def read_envelopes(call: ConnectRequest, message_type: type[Message]) -> AsyncIterator[Message]:

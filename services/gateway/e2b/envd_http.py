@@ -2,23 +2,23 @@
 
 `/files` is our ReadFile and WriteFile, a chunk at a time both ways (a file of any size passes through the
 gateway without being held): GET answers the bytes; POST takes `application/octet-stream` (the `path` query
-parameter names the file; `Content-Encoding: gzip` is inflated on the way) or `multipart/form-data` (each `file`
-part is a file, named by `path` when there is one part, else by the part's filename, as envd does), creating
-parent directories, and answers envd's list of `{path, name, type}`. Errors are envd's `{"code": <status>,
+parameter names the file; aiohttp inflates `Content-Encoding: gzip` on the way) or `multipart/form-data` (each
+`file` part is a file, named by `path` when there is one part, else by the part's filename, as envd does),
+creating parent directories, and answers envd's list of `{path, name, type}`. Errors are envd's `{"code": <status>,
 "message": ...}`. `X-Metadata-*` headers (xattr metadata on uploads) are refused: our file API keeps none.
 `/init` is the orchestrator's call to envd: it is accepted (204) and applies nothing, because what it carries is set
-elsewhere here (env vars at create by the control plane; access tokens by the front door).
-"""
+elsewhere here (env vars at create by the control plane; access tokens by the front door)."""
 
 from __future__ import annotations
 
-import json
 import time
-import zlib
 from collections.abc import AsyncIterator
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 
 import grpc
 from aiohttp import BodyPartReader, web
+from aiohttp.hdrs import CONTENT_DISPOSITION
 
 from microvm.sandbox.v1 import metrics_service_pb2, metrics_service_pb2_grpc, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
@@ -86,21 +86,19 @@ async def _write(call: SandboxCall, path: str, data: AsyncIterator[bytes]) -> di
     return {"path": reply.file.path, "name": reply.file.path.rsplit("/", 1)[-1], "type": "file"}
 
 
-async def _body(request: web.Request, inflate: bool) -> AsyncIterator[bytes]:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if inflate else None
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it comes (aiohttp has already inflated a `Content-Encoding: gzip` body)."""
     async for piece in request.content.iter_chunked(CHUNK):
-        if inflater is None:
-            yield piece
-            continue
-        try:
-            yield inflater.decompress(piece)
-        except zlib.error as error:
-            raise web.HTTPBadRequest(
-                text=json.dumps({"code": 400, "message": f"the body is not valid gzip: {error}"}),
-                content_type="application/json",
-            ) from None
-    if inflater is not None:
-        yield inflater.flush()
+        yield piece
+
+
+def _part_path(part: BodyPartReader) -> str | None:
+    """The part's filename as sent: the SDK puts the file's path there, and aiohttp's own parser drops a leading
+    `/` (a safety measure for saving uploads locally that would make every absolute path relative)."""
+    message = Message()
+    message["Content-Disposition"] = part.headers.get(CONTENT_DISPOSITION, "")
+    value = message.get_param("filename", header="Content-Disposition")
+    return collapse_rfc2231_value(value) if value else None
 
 
 async def _part(part: BodyPartReader) -> AsyncIterator[bytes]:
@@ -123,7 +121,7 @@ async def upload(request: web.Request, call: SandboxCall) -> web.Response:
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader) or part.name != "file":
                     continue
-                target = named if named and not written else part.filename
+                target = named if named and not written else _part_path(part)
                 if not target:
                     return envd_error(400, "a file part names no path (filename) and no path query parameter")
                 written.append(await _write(call, absolute(target, user), _part(part)))
@@ -132,7 +130,7 @@ async def upload(request: web.Request, call: SandboxCall) -> web.Response:
         elif content_type in ("application/octet-stream", ""):
             if not named:
                 return envd_error(400, "the path query parameter names the file of an octet-stream upload")
-            written.append(await _write(call, absolute(named, user), _body(request, encoding == "gzip")))
+            written.append(await _write(call, absolute(named, user), _body(request)))
         else:
             return envd_error(400, f"upload as multipart/form-data or application/octet-stream, not {content_type}")
     except grpc.aio.AioRpcError as error:
