@@ -75,6 +75,8 @@ class InProcessNode:
     async def start(self, kind: str, key: str = "", **settings) -> None:
         # Nothing to drain in a test: a stop takes no longer than its steps.
         values = {"shutdown_grace_seconds": 0.2, **self.settings.get(kind, {}), **settings}
+        if kind == "gateway":  # the E2B doors on free ports, never the fixed defaults other sessions may hold
+            values = {"e2b_api_listen": "127.0.0.1:0", "e2b_sandbox_listen": "127.0.0.1:0", **values}
         if kind == "auth" and not values.get("token_kek_file"):
             # Installations of one test session share an etcd, so their auths share the key that seals the
             # signing keys there, as the auth replicas of one installation do.
@@ -121,6 +123,16 @@ class InProcessNode:
             if stored.message.node in (self.node, ""):
                 return stored.message.address
         raise LookupError(f"no {kind} registered")
+
+    async def registration_metadata(self, kind: str, key: str) -> str:
+        """A value this node's (or any) instance of `kind` published with its registration, e.g. the gateway's
+        bound E2B addresses (`e2b_api`, `e2b_sandbox`)."""
+        client = etcd_client_for(self.etcd_endpoint)
+        await client.connect()
+        for stored in await Records(client).list(SERVICES, kind):
+            if stored.message.node in (self.node, "") and key in stored.message.metadata:
+                return stored.message.metadata[key]
+        raise LookupError(f"no {kind} registered with {key}")
 
     async def metrics_address(self, kind: str) -> str:
         """Where this node's (or any) instance of `kind` serves /metrics, from its registration."""

@@ -126,7 +126,13 @@ def start_stack(
         "lease_ttl_seconds": 2,
         # Sandbox networking changes the host's network; it is tested in namespaces (tests/netns.py).
         "networking": False,
-        "gateway": {"listen": f"127.0.0.1:{gateway_port}", "http_listen": f"127.0.0.1:{free_port()}"},
+        "gateway": {
+            "listen": f"127.0.0.1:{gateway_port}",
+            "http_listen": f"127.0.0.1:{free_port()}",
+            # the E2B doors on free ports too: 3000 and 3001 may be another stack's (or a Grafana's)
+            "e2b_api_listen": f"127.0.0.1:{free_port()}",
+            "e2b_sandbox_listen": f"127.0.0.1:{free_port()}",
+        },
         # its own Prometheus too, on a free port (not the installation's 9090)
         "supervisor": {
             "etcd_client_port": etcd_port,

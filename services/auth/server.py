@@ -29,6 +29,8 @@ from services.common.server import ServiceContext
 from services.common.settings import AuthSettings
 
 log = structlog.get_logger()
+# A scoped token lives at most a day: an E2B sandbox access token must outlive its sandbox (24 h by default).
+MAX_SCOPED_TTL_SECONDS = 86400
 AUTH_KINDS = (TENANTS, API_KEYS, SIGNING_KEYS, QUOTA_USAGE, QUOTA_RESERVATIONS, AUDIT_EVENTS, AUDIT_HEADS)
 
 
@@ -60,8 +62,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return response
 
     async def IssueScopedToken(self, request, context):
-        if not request.scope or not 1 <= request.ttl_seconds <= 3600:
-            raise InvalidArgument("a scoped token needs a scope and a ttl of 1-3600 s")
+        if not request.scope or not 1 <= request.ttl_seconds <= MAX_SCOPED_TTL_SECONDS:
+            raise InvalidArgument(f"a scoped token needs a scope and a ttl of 1-{MAX_SCOPED_TTL_SECONDS} s")
         token, expires = await self.credentials.issue_token(
             request.principal, request.scope, request.resource, request.ttl_seconds
         )

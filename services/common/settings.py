@@ -22,6 +22,14 @@ class GatewaySettings(ServiceSettings):
     # How browsers reach that HTTP port (desktop live-view URLs), e.g. https://sandbox.example.com behind a proxy;
     # empty: http://<http_listen>.
     public_http_url: str = ""
+    # E2B compatibility (docs/e2b.md): the REST control plane the E2B SDKs call (`E2B_API_URL`) and their in-sandbox
+    # traffic (`E2B_SANDBOX_URL`), each on its own address. Empty: that door is off. Port 0: any free port (the
+    # bound address is published in the gateway's registration, metadata `e2b_api` and `e2b_sandbox`).
+    e2b_api_listen: str = "127.0.0.1:3000"
+    e2b_sandbox_listen: str = "127.0.0.1:3001"
+    # The domain the E2B SDKs are told sandboxes live under (`domain` of a create): set it when a reverse proxy
+    # serves `api.<domain>` and `<port>-<sandbox>.<domain>` (deploy/e2b/). Empty: the SDK's own E2B_DOMAIN.
+    e2b_domain: str = ""
     # Where the noVNC client's files are (Debian's `novnc` package), served for desktop live views.
     novnc_dir: str = "/usr/share/novnc"
     # Lifetime of a sandbox when the caller gives none.
@@ -60,6 +68,9 @@ class GatewaySettings(ServiceSettings):
     def validate(self) -> None:
         super().validate()
         parse_address(self.http_listen, key="gateway.http_listen")
+        for key in ("e2b_api_listen", "e2b_sandbox_listen"):
+            if getattr(self, key):
+                parse_address(getattr(self, key), key=f"gateway.{key}")
         if self.webhook_max_attempts < 1 or self.webhook_log_size < 1 or self.webhook_timeout_seconds <= 0:
             raise ConfigError("gateway.webhook_max_attempts, webhook_log_size and webhook_timeout_seconds must be > 0")
         for network in self.webhook_allowed_networks:

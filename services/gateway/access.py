@@ -7,6 +7,9 @@ NOT_FOUND, never PERMISSION_DENIED, so nothing leaks about its existence. Each A
 every mutating call is recorded in the tenant's audit log with its result, and its result is returned only once auth
 has stored that entry (`AccessInterceptor.audit`). A call refused at the door (no or bad credential, forbidden,
 rate limited) never ran and is not recorded.
+
+An E2B per-sandbox access token (services/gateway/e2b/access_token.py) is admitted too, confined: only for the
+in-sandbox methods and only on its own sandbox (any other target is NOT_FOUND, as a missing sandbox is).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from services.auth import permissions
 from services.auth.permissions import MUTATING
 from services.common import deadlines, observability
 from services.common.client_streams import BIDI_IDLE_SECONDS, refuse
-from services.common.errors import DOMAIN, PermissionDenied, ServiceError, Unauthenticated, Unavailable
+from services.common.errors import DOMAIN, NotFound, PermissionDenied, ServiceError, Unauthenticated, Unavailable
+from services.gateway.e2b import access_token
 
 log = structlog.get_logger()
 _principal: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar("principal", default=None)
@@ -104,6 +108,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self.context = context
         self.local_keys = local_keys  # LocalApiKeys: a valid API key without asking auth
+        self.sandbox_tokens = access_token.VerifiedTokens(local_keys)  # E2B access tokens auth has verified
         self.operator_tenants = frozenset(operator_tenants)
         self.rate, self.burst = rate_per_second, burst
         self.buckets: dict[str, TokenBucket] = {}
@@ -115,13 +120,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             "auth", None, auth_pb2_grpc.AuthServiceStub, invoke, retry_for=deadlines.RESTART_WAIT
         )
 
-    async def _admit(self, method: str, metadata) -> auth_pb2.Principal:
+    async def _admit(self, method: str, metadata) -> tuple[auth_pb2.Principal, str]:
+        """The caller, and the one sandbox id its credential is confined to ("" for an API key or token)."""
         header = dict(metadata or ()).get("authorization", "")
         scheme, _, credential = header.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthenticated("send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL")
         credential = credential.strip()
         principal = self.local_keys.principal(credential) if self.local_keys is not None else None
+        if principal is None and (sandbox := access_token.sandbox_scope(credential)) is not None:
+            return await self._admit_sandbox_token(method, credential, sandbox), sandbox
         if principal is None:  # not one this gateway can vouch for: auth decides (and counts, and says why not)
             request = auth_pb2.AuthenticateRequest(credential=credential)
             principal = (
@@ -134,6 +142,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 "node administration is for the cluster's operators (gateway.operator_tenants)",
                 reason="NOT_AN_OPERATOR",
             )
+        if not permissions.allowed(principal.role, method):
+            raise PermissionDenied(
+                f"role {auth_types.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
+                reason="ROLE_FORBIDS",
+            )
+        return principal, ""
+
+    async def _admit_sandbox_token(self, method: str, token: str, sandbox: str) -> auth_pb2.Principal:
+        """The principal of an E2B access token for `sandbox`, from the cache or auth (which checks its signature,
+        expiry, scope and resource, and the API key behind it)."""
+        if method not in access_token.IN_SANDBOX_METHODS:
+            raise PermissionDenied(
+                f"a sandbox access token may not call {method.rsplit('/', 1)[1]}", reason="ROLE_FORBIDS"
+            )
+        verified = self.sandbox_tokens.get(token)
+        if verified is None:
+            check = auth_pb2.CheckScopedTokenRequest(token=token, scopes=[access_token.SCOPE], resource=sandbox)
+            checked = await self._on_auth(lambda auth: auth.CheckScopedToken(check, timeout=deadlines.QUICK))
+            self.sandbox_tokens.put(token, checked.principal, sandbox)
+            verified = checked.principal, sandbox
+        principal = verified[0]
         if not permissions.allowed(principal.role, method):
             raise PermissionDenied(
                 f"role {auth_types.Role.Name(principal.role)} may not call {method.rsplit('/', 1)[1]}",
@@ -219,7 +248,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return handler
         interceptor = self
 
-        async def admit(context, requests=None) -> auth_pb2.Principal | None:
+        async def admit(context, requests=None) -> tuple[auth_pb2.Principal, str]:
             async def refuse_stream() -> None:
                 # A bidirectional stream (`requests`) is refused first: a caller still sending (a BuildTemplate
                 # context) then gets this status, not INTERNAL (services/common/client_streams.py).
@@ -227,7 +256,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     await refuse(context, requests, BIDI_IDLE_SECONDS)
 
             try:
-                principal = await interceptor._admit(method, context.invocation_metadata())
+                principal, confined = await interceptor._admit(method, context.invocation_metadata())
             except ServiceError as exc:
                 await refuse_stream()
                 await context.abort_with_status(exc.to_status())
@@ -240,7 +269,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort_with_status(rate_limited(wait))
             _principal.set(principal)
             observability.bind_to_call(tenant=principal.tenant)  # on every later log line of this call
-            return principal
+            return principal, confined
+
+        def outside(confined: str, target: str) -> bool:
+            """Whether a call confined to one sandbox (an E2B access token) names another, or none."""
+            return bool(confined) and access_token.sandbox_of_target(target) != confined
+
+        def not_found() -> NotFound:
+            return NotFound("sandbox not found", reason="SANDBOX_NOT_FOUND")
 
         def result_code(context, exc: BaseException | None) -> grpc.StatusCode:
             if isinstance(exc, ServiceError):
@@ -255,8 +291,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         class FirstMessage:
             """Wraps a request stream to learn the target from its first message."""
 
-            def __init__(self, iterator) -> None:
-                self.iterator, self.target = iterator, ""
+            def __init__(self, iterator, confined: str = "") -> None:
+                self.iterator, self.target, self.confined = iterator, "", confined
 
             def __aiter__(self):
                 return self._iterate()
@@ -268,6 +304,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                         part = message.WhichOneof(oneofs[0].name) if oneofs else None
                         inner = getattr(message, part or "", None)
                         self.target = target_of(inner) if inner is not None else ""
+                        if outside(self.confined, self.target):
+                            raise not_found()
                     yield message
 
         def target_of_call(request, response=None) -> str:
@@ -285,8 +323,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behavior, streaming_request: bool):
             async def wrapped(request, context):
-                principal = await admit(context)
-                request = FirstMessage(request) if streaming_request else request
+                principal, confined = await admit(context)
+                if not streaming_request and outside(confined, target_of(request)):
+                    await context.abort_with_status(not_found().to_status())
+                request = FirstMessage(request, confined) if streaming_request else request
                 try:
                     response = await behavior(request, context)
                 except BaseException as exc:
@@ -302,8 +342,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behavior, streaming_request: bool):
             async def wrapped(request, context):
-                principal = await admit(context, request if streaming_request else None)
-                request = FirstMessage(request) if streaming_request else request
+                principal, confined = await admit(context, request if streaming_request else None)
+                if not streaming_request and outside(confined, target_of(request)):
+                    await context.abort_with_status(not_found().to_status())
+                request = FirstMessage(request, confined) if streaming_request else request
                 finished = False
                 try:
                     async for item in behavior(request, context):

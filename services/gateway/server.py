@@ -1,4 +1,5 @@
-"""Wiring of the gateway: the public SandboxService, the admin NodeService, HTTP/JSON, and the expiry reaper."""
+"""Wiring of the gateway: the public SandboxService, the admin NodeService, HTTP/JSON, the E2B doors, and the expiry
+reaper."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from services.gateway.console import ConsoleLogs
 from services.gateway.data_plane import DataPlane
 from services.gateway.desktop import DesktopServicer
 from services.gateway.desktop_live import DesktopLive
+from services.gateway.e2b import listeners as e2b_listeners
 from services.gateway.exposed_ports import ExposedPorts
 from services.gateway.http import HttpGateway
 from services.gateway.local_credentials import LocalApiKeys
@@ -135,6 +137,7 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         context.on_shutdown.insert(0, stop_http)
 
     context.http_task = asyncio.create_task(start_http(), name="http-gateway")
+    await e2b_listeners.start(context)  # the E2B SDKs' control plane and in-sandbox traffic (docs/e2b.md)
     return [
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,

@@ -1,0 +1,114 @@
+"""E2B's JSON shapes (../shared/reference/e2b/openapi.yml, as the e2b SDK's models read them) made from ours.
+
+- Errors are `{"code": <HTTP status>, "message": "..."}`; a gRPC failure keeps its message and takes the standard
+  gRPC-to-HTTP status (the HTTP/JSON door's mapping, http_files.HTTP_STATUS).
+- A sandbox is answered in the three forms the SDK parses: `Sandbox` (create, connect, resume), `SandboxDetail`
+  (get) and `ListedSandbox` (list). `sandboxID` is our id (`sandboxes/{id}` without the prefix), `templateID` our
+  template's name, `alias` the E2B name it was asked by, `metadata` our labels.
+- E2B's well-known template names are aliases of our built-ins; any other name is one of our templates.
+"""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from microvm.sandbox.v1 import sandbox_pb2
+from services.gateway.http_files import HTTP_STATUS
+
+# The envd version the SDK is told: the newest it gates a feature on (e2b/envd/versions.py, 0.6.4 watches network
+# mounts), so it uses every feature, each served by envd.py, and none it would refuse for an old envd.
+ENVD_VERSION = "0.6.4"
+CLIENT_ID = "microvm"
+TEMPLATE_ALIASES = {"base": "default", "code-interpreter-v1": "code-interpreter", "desktop": "desktop"}
+E2B_NAMES = {ours: e2b for e2b, ours in TEMPLATE_ALIASES.items()}
+PREFIX = "sandboxes/"
+
+
+class E2bError(Exception):
+    """A refusal answered in E2B's error shape."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+def grpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
+    return error_response(HTTP_STATUS.get(error.code().name, 500), error.details() or error.code().name.lower())
+
+
+def our_template(template_id: str) -> str:
+    """E2B's `templateID` (maybe with a `:tag`, which we do not have: refused) as our template's name."""
+    name, _, tag = template_id.partition(":")
+    if tag and tag != "latest":
+        raise E2bError(400, f"template tags are not supported by this backend (asked for {template_id!r})")
+    return TEMPLATE_ALIASES.get(name, name)
+
+
+def sandbox_id(sandbox: sandbox_pb2.Sandbox) -> str:
+    return sandbox.name.removeprefix(PREFIX)
+
+
+def state(sandbox: sandbox_pb2.Sandbox) -> str:
+    """E2B knows two states: paused, and running (ours being created, running, or on a node that stopped
+    answering)."""
+    return "paused" if sandbox.state == sandbox_pb2.SANDBOX_STATE_PAUSED else "running"
+
+
+def _common(sandbox: sandbox_pb2.Sandbox) -> dict:
+    found = {
+        "templateID": sandbox.template,
+        "sandboxID": sandbox_id(sandbox),
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+    }
+    if sandbox.template in E2B_NAMES:
+        found["alias"] = E2B_NAMES[sandbox.template]
+    return found
+
+
+def _times_and_size(sandbox: sandbox_pb2.Sandbox) -> dict:
+    return {
+        "startedAt": sandbox.create_time.ToDatetime().isoformat() + "Z",
+        "endAt": sandbox.expire_time.ToDatetime().isoformat() + "Z",
+        "cpuCount": sandbox.vcpus,
+        "memoryMB": sandbox.memory_mib,
+        "diskSizeMB": 0,  # not part of our Sandbox (the template's root filesystem decides it)
+        "state": state(sandbox),
+        "metadata": dict(sandbox.labels),
+    }
+
+
+def created(sandbox: sandbox_pb2.Sandbox, access_token: str, domain: str) -> dict:
+    """`Sandbox`: what create, connect and resume answer."""
+    return {**_common(sandbox), "envdAccessToken": access_token, "domain": domain or None}
+
+
+def detail(sandbox: sandbox_pb2.Sandbox, domain: str) -> dict:
+    """`SandboxDetail`: what get answers."""
+    return {**_common(sandbox), **_times_and_size(sandbox), "domain": domain or None}
+
+
+def listed(sandbox: sandbox_pb2.Sandbox) -> dict:
+    """`ListedSandbox`: one item of a list."""
+    return {**_common(sandbox), **_times_and_size(sandbox)}
+
+
+def metric(sample) -> dict:
+    """`SandboxMetric` from one of our ResourceSamples."""
+    seconds = sample.time.ToSeconds()
+    return {
+        "timestamp": sample.time.ToDatetime().isoformat() + "Z",
+        "timestampUnix": seconds,
+        "cpuCount": sample.vcpus,
+        "cpuUsedPct": sample.cpu_percent,
+        "memUsed": sample.guest_memory_used_bytes or sample.memory_bytes,
+        "memTotal": sample.guest_memory_total_bytes or sample.memory_limit_bytes,
+        "memCache": 0,
+        "diskUsed": sample.disk_bytes,
+        "diskTotal": 0,
+    }
