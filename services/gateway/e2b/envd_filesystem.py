@@ -13,6 +13,7 @@ import posixpath
 import stat as stat_bits
 from collections.abc import AsyncIterator
 
+import grpc
 from e2b_envd import filesystem_pb2 as e2b
 
 from microvm.sandbox.v1 import sandbox_pb2, sandbox_service_pb2_grpc
@@ -85,8 +86,8 @@ async def make_dir(request: e2b.MakeDirRequest, rpc: ConnectRequest, call: Sandb
     path = request_path(rpc, request.path)
     try:
         existing = await _stat(call, path)
-    except Exception as error:
-        if getattr(error, "code", lambda: None)() is None or error.code().name != "NOT_FOUND":
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
             raise
     else:
         what = "directory" if existing.type == sandbox_pb2.FILE_TYPE_DIRECTORY else "file"
