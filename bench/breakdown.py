@@ -40,10 +40,12 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.run import emit, wait_for_warm_pool
+from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from tests.guests import Gateway
 from tests.stack import start_stack
 
 CALLS = 60
+FORK_COUNT = 10
 FLUSH_SECONDS = 8.0  # the services export in batches every 5 s
 SPAWN_FLOOR = """
 import os, time, statistics
@@ -197,6 +199,31 @@ def run(stack, collector: Collector) -> None:
     create = "CreateSandbox"
     for name, value in sorted(create_hops(create_spans).items(), key=lambda item: -item[1])[:8]:
         emit(f"warm_create_span {name}", value, "ms", create_ms, f"{create} then first exec, client total", "")
+    fork_spans(gateway, sandbox.name, collector)
+
+
+def fork_spans(gateway: Gateway, source: str, collector: Collector) -> None:
+    """ForkSandbox(count=FORK_COUNT): the server spans of its trace by service and name, with how many there were
+    and their longest (the clones restore in parallel: the longest, not the sum, is on the path)."""
+    with collector.lock:
+        collector.spans.clear()
+    started = time.perf_counter()
+    forked = gateway.stub.ForkSandbox(api.ForkSandboxRequest(name=source, count=FORK_COUNT), timeout=900)
+    fork_ms = (time.perf_counter() - started) * 1000
+    time.sleep(FLUSH_SECONDS)
+    with collector.lock:
+        spans = next(
+            (found for found in collector.spans.values() if any(s.name.endswith("/ForkSandbox") for _, s in found)),
+            [],
+        )
+    longest: dict[str, list[float]] = collections.defaultdict(list)
+    for who, span in spans:
+        if span.kind == 2:  # server spans: each service's own handling
+            longest[f"{who.removeprefix('microvm-')} {span.name.rsplit('/', 1)[-1]}"].append(ms(span))
+    for name, values in sorted(longest.items(), key=lambda item: -max(item[1]))[:10]:
+        emit(f"fork_{FORK_COUNT}_span {name} x{len(values)}", max(values), "ms", fork_ms, "ForkSandbox total", "")
+    for clone in forked.sandboxes:
+        gateway.delete(clone.name)
 
 
 if __name__ == "__main__":
