@@ -27,7 +27,7 @@ async def envd_app(caller, sandbox_id: str):
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", serve)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, handler_cancellation=True)  # a caller that leaves ends its stream at once
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

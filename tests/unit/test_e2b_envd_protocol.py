@@ -100,6 +100,18 @@ async def test_unknown_methods_content_types_and_pids(http, url):
         assert r.status == 404 and (await r.json())["code"] == "not_found"
     async with http.post(f"{url}/process.Process/SendSignal", json={"process": {"tag": "nobody"}}) as r:
         assert r.status == 400 and (await r.json())["code"] == "invalid_argument"  # no signal named
+    resize = {"process": {"tag": "plain"}, "pty": {"size": {"cols": 10, "rows": 10}}}
+    async with http.post(f"{url}/process.Process/Start", data=b"", headers=STREAM_PROTO) as r:
+        assert json.loads(envelopes(await r.read())[-1][1])["error"]["code"] == "invalid_argument"  # no message
+    start = proc.StartRequest(process=proc.ProcessConfig(cmd="sleep", args=["30"]), tag="plain")
+    async with http.post(
+        f"{url}/process.Process/Start", data=envelope(start.SerializeToString()), headers=STREAM_PROTO
+    ) as r:
+        await r.content.readexactly(5)  # the start event's envelope: it runs
+        async with http.post(f"{url}/process.Process/Update", json=resize) as resized:
+            assert resized.status == 400 and "no PTY" in (await resized.json())["message"]
+        async with http.post(f"{url}/process.Process/SendSignal", json={"process": {"tag": "plain"}, "signal": 9}) as k:
+            assert k.status == 200
 
 
 async def test_stream_input_feeds_a_process_in_order(http, url, caller, sandbox_id):
@@ -150,6 +162,8 @@ async def test_files_errors_and_a_gzip_octet_stream_upload(http, url):
         assert r.status == 404 and (await r.json())["code"] == 404
     async with http.get(f"{url}/files") as r:
         assert r.status == 400 and (await r.json())["code"] == 400
+    async with http.get(f"{url}/files", params={"path": "/tmp"}) as r:
+        assert r.status == 400 and (await r.json())["code"] == 400  # a directory
     headers = {"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"}
     async with http.post(f"{url}/files", params={"path": path}, data=gzip.compress(b"zipped"), headers=headers) as r:
         assert r.status == 200 and (await r.json()) == [{"path": path, "name": "up.txt", "type": "file"}]

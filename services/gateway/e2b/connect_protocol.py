@@ -228,10 +228,15 @@ async def serve_stream(
         end["error"] = error.as_json()
     except grpc.aio.AioRpcError as error:
         end["error"] = ConnectError.from_grpc(error).as_json()
+    except ConnectionResetError:  # the caller went away (the SDK closes a stream it is done with): nobody to tell
+        return response
     finally:
         await stream.aclose()
-    if not response.prepared:
-        await response.prepare(call.http)
-    await response.write(envelope(json.dumps(end).encode(), FLAG_END_STREAM))
-    await response.write_eof()
+    try:
+        if not response.prepared:
+            await response.prepare(call.http)
+        await response.write(envelope(json.dumps(end).encode(), FLAG_END_STREAM))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
     return response

@@ -66,6 +66,8 @@ async def download(request: web.Request, call: SandboxCall) -> web.StreamRespons
         if response.prepared:  # mid-file: the status is sent, only breaking the connection tells the client
             raise
         return envd_error(_status(error), error.details() or "")
+    except ConnectionResetError:  # the caller stopped reading: the file is not needed any more
+        return response
     finally:
         chunks.cancel()
     if not response.prepared:
