@@ -1,7 +1,9 @@
 """API keys and signed tokens.
 
 An API key is `mvm_<key id>_<secret>`: 32 random bytes, shown once, stored in etcd only as sha256 (the
-secret has 256 bits of entropy, so a fast hash is enough; comparison is constant-time). A token is a JWS
+secret has 256 bits of entropy, so a fast hash is enough; comparison is constant-time). A key in E2B's form (for the
+E2B SDKs, docs/e2b.md) is `e2b_<secret>`, the secret 20 random bytes as 40 lowercase hex (160 bits); it names no key
+id, so its id is the first 16 hex of the secret's sha256 (`e2b_key_id`). A token is a JWS
 compact serialization signed with Ed25519 (`alg: EdDSA`, `kid` of the signing key in the header), valid for
 `token_ttl_seconds`. Signing keys live in etcd sealed (sealing.py: nobody who reads etcd can mint a token);
 rotation adds a new active key while older ones keep verifying until every token they signed has expired, so no
@@ -30,6 +32,25 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.records import API_KEYS, SIGNING_KEYS, TENANTS, Records
 
 PREFIX = "mvm_"
+E2B_PREFIX = "e2b_"
+
+
+def e2b_key_id(credential: str) -> str:
+    """The key id of an `e2b_` key: derived from its secret, which is all the key holds."""
+    return digest(credential[len(E2B_PREFIX) :])[:16]
+
+
+def split_api_key(credential: str) -> tuple[str, str] | None:
+    """(key id, secret) of an API key in either form; None when it is neither."""
+    if credential.startswith(E2B_PREFIX):
+        secret = credential[len(E2B_PREFIX) :]
+        return (e2b_key_id(credential), secret) if secret else None
+    if credential.startswith(PREFIX):
+        key_id, _, secret = credential[len(PREFIX) :].partition("_")
+        return (key_id, secret) if key_id and secret else None
+    return None
+
+
 log = structlog.get_logger()
 
 
@@ -70,18 +91,23 @@ class CredentialStore:
             raise NotFound(f"tenant {tenant} does not exist", reason="TENANT_NOT_FOUND")
         return stored.message.quota
 
-    async def create_api_key(self, tenant: str, principal: str, role: int) -> tuple[str, str]:
+    async def create_api_key(self, tenant: str, principal: str, role: int, e2b_format: bool = False) -> tuple[str, str]:
         await self.tenant_quota(tenant)  # the tenant must exist
         if role not in (auth_types.ROLE_ADMIN, auth_types.ROLE_DEVELOPER, auth_types.ROLE_VIEWER):
             raise InvalidArgument("role must be ADMIN, DEVELOPER or VIEWER")
-        key_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
+        if e2b_format:
+            secret = secrets.token_hex(20)
+            key_id, credential = e2b_key_id(E2B_PREFIX + secret), E2B_PREFIX + secret
+        else:
+            key_id = secrets.token_hex(8)
+            secret = secrets.token_urlsafe(32)
+            credential = f"{PREFIX}{key_id}_{secret}"
         record = auth_types.ApiKeyRecord(
             tenant=tenant, principal=principal or f"key-{key_id}", role=role, sha256=digest(secret)
         )
         record.create_time.GetCurrentTime()
         await self.records.put(API_KEYS, record, key_id)
-        return key_id, f"{PREFIX}{key_id}_{secret}"
+        return key_id, credential
 
     async def revoke(self, key_id: str) -> None:
         stored = await self.records.get(API_KEYS, key_id)
@@ -97,10 +123,10 @@ class CredentialStore:
         return stored.message if stored else None
 
     async def check_api_key(self, credential: str) -> auth_pb2.Principal:
-        try:
-            key_id, secret = credential[len(PREFIX) :].split("_", 1)
-        except ValueError:
-            raise Unauthenticated("malformed API key", reason="BAD_CREDENTIAL") from None
+        split = split_api_key(credential)
+        if split is None:
+            raise Unauthenticated("malformed API key", reason="BAD_CREDENTIAL")
+        key_id, secret = split
         record = await self._key(key_id)
         # The same answer for a missing and a wrong key: no hint which keys exist.
         if record is None or not hmac.compare_digest(record.sha256, digest(secret)):
@@ -263,6 +289,6 @@ class CredentialStore:
             raise Unauthenticated(
                 "no credential: send `authorization: Bearer <API key or token>`", reason="NO_CREDENTIAL"
             )
-        if credential.startswith(PREFIX):
+        if credential.startswith((PREFIX, E2B_PREFIX)):
             return await self.check_api_key(credential)
         return await self.check_token(credential)

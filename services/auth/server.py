@@ -47,7 +47,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.CreateTenantResponse(tenant=request.tenant)
 
     async def CreateApiKey(self, request, context):
-        key_id, secret = await self.credentials.create_api_key(request.tenant, request.principal, request.role)
+        key_id, secret = await self.credentials.create_api_key(
+            request.tenant, request.principal, request.role, request.e2b_format
+        )
         return auth_pb2.CreateApiKeyResponse(key_id=key_id, secret=secret)
 
     async def RevokeApiKey(self, request, context):

@@ -19,7 +19,7 @@ import structlog
 
 from microvm.auth.v1 import auth_pb2
 from microvm.types.v1 import auth_pb2 as auth_types
-from services.auth.credentials import PREFIX, digest
+from services.auth.credentials import digest, split_api_key
 from services.common.records import API_KEYS
 from services.common.tasks import cancel_and_wait
 
@@ -71,11 +71,12 @@ class LocalApiKeys:
 
     def principal(self, credential: str) -> auth_pb2.Principal | None:
         """The key's principal when this copy can say yes for sure; None: ask auth."""
-        if not self.live or not credential.startswith(PREFIX):
+        split = split_api_key(credential) if self.live else None
+        if split is None:
             return None
-        key_id, _, secret = credential[len(PREFIX) :].partition("_")
+        key_id, secret = split
         record = self.keys.get(key_id)
-        if record is None or record.revoked or not secret or not hmac.compare_digest(record.sha256, digest(secret)):
+        if record is None or record.revoked or not hmac.compare_digest(record.sha256, digest(secret)):
             return None
         return auth_pb2.Principal(id=record.principal, tenant=record.tenant, role=record.role, key_id=key_id)
 

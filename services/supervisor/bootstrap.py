@@ -87,3 +87,25 @@ async def bootstrap_admin_key(
     os.rename(key_file.with_suffix(".tmp"), key_file)
     print(json.dumps({"event": "admin_key_created", "path": str(key_file)}), flush=True)
     return True
+
+
+async def create_api_key(
+    etcd_endpoints: list[str],
+    pki_dir: Path | None,
+    request: auth_pb2.CreateApiKeyRequest,
+    etcd_identity: Identity | None = None,
+) -> auth_pb2.CreateApiKeyResponse:
+    """Another API key (`mvm keys create`), made by the newest auth replica as the operator (auth's CreateApiKey is
+    internal: the operator certificate in the PKI directory is what allows it)."""
+    client = etcd_client(etcd_endpoints, timeout=2, identity=etcd_identity)
+    await client.connect()
+    try:
+        registered = await client.get_prefix(f"{SERVICES_PREFIX}auth/".encode())
+        instances = [ServiceInstance.decode(kv.key, kv.value) for kv in registered]
+    finally:
+        await client.close()
+    if not instances:
+        raise RuntimeError("no auth service is registered: is the installation up?")
+    newest = max(instances, key=lambda i: i.started)
+    async with operator_channel(newest.address, "auth", pki_dir) as channel:
+        return await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(request, timeout=deadlines.CONTROL)

@@ -4,6 +4,7 @@ mvm-supervisor run     foreground: start etcd and every service, restart crashed
 mvm-supervisor start   the same, detached; returns once every service is SERVING
 mvm-supervisor stop    stop everything it started (services, VMs, etcd); no process is left behind
 mvm-supervisor status  health of every registered service
+mvm-supervisor create-key  another API key (`mvm keys create`): --tenant, --principal, --key-role, --e2b-format
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from services.common.config import ConfigError, load_config
 from services.common.registry import etcd_identity
 from services.common.settings import SupervisorSettings
 from services.common.tasks import process_alive
-from services.supervisor.bootstrap import bootstrap_admin_key
+from services.supervisor.bootstrap import bootstrap_admin_key, create_api_key
 from services.supervisor.stack import ROLES, StackSupervisor, check_stack_health
 
 
@@ -171,6 +172,27 @@ def cmd_admin_key(args) -> int:
     return 0
 
 
+def cmd_create_key(args) -> int:
+    """Another API key of a tenant, printed once on stdout (the operator's, on a host with the installation's PKI)."""
+    from microvm.auth.v1 import auth_pb2
+    from microvm.types.v1 import auth_pb2 as auth_types
+
+    _, config = _load(args)
+    request = auth_pb2.CreateApiKeyRequest(
+        tenant=args.tenant,
+        principal=args.principal,
+        role=auth_types.Role.Value(f"ROLE_{args.key_role.upper()}"),
+        e2b_format=args.e2b_format,
+    )
+    pki = config.common.pki_path if config.common.internal_tls else None
+    created = asyncio.run(
+        create_api_key(_endpoints(args, config), pki, request, etcd_identity=etcd_identity(config.common, "operator"))
+    )
+    print(created.secret)
+    print(f"key id {created.key_id} (tenant {args.tenant}, {args.key_role})", file=sys.stderr)
+    return 0
+
+
 def cmd_banner(args) -> int:
     state_dir, config = _load(args)
     report = asyncio.run(
@@ -197,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mvm-supervisor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["run", "start", "stop", "status", "wait", "banner", "admin-key"])
+    parser.add_argument(
+        "command", choices=["run", "start", "stop", "status", "wait", "banner", "admin-key", "create-key"]
+    )
     parser.add_argument("--state-dir", help="default: $MVM_STATE_DIR or ~/.microvm")
     parser.add_argument("--config", help="installation config file (YAML)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for start/wait/stop")
@@ -214,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="run a local single-member etcd (default: only with --role all)",
     )
+    keys = parser.add_argument_group("create-key")
+    keys.add_argument("--tenant", default="default", help="the key's tenant (default: default)")
+    keys.add_argument("--principal", default="", help="who the key acts as (default: key-<id>)")
+    keys.add_argument("--key-role", choices=["admin", "developer", "viewer"], default="developer")
+    keys.add_argument("--e2b-format", action="store_true", help="`e2b_` + 40 hex, for the E2B SDKs (docs/e2b.md)")
     args = parser.parse_args(argv)
     commands = {
         "run": cmd_run,
@@ -223,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "wait": cmd_wait,
         "banner": cmd_banner,
         "admin-key": cmd_admin_key,
+        "create-key": cmd_create_key,
     }
     try:
         sys.exit(commands[args.command](args))

@@ -12,6 +12,7 @@
   snapshots   snapshot ID, snapshots [ls|get|rm], restore SNAPSHOT, fork ID
   templates   template build, template [ls|show|rm|logs]
   cluster     nodes [get|cordon|uncordon|drain] (operators)
+  keys        keys create [--tenant T] [--role R] [--e2b-format] (operators, on the installation's host)
   shell       completion bash|zsh
 
 Options go anywhere before `--`; `mvm COMMAND -h` shows a command's options, defaults and an example. The
@@ -35,6 +36,7 @@ from mvm_cli import (
     completion,
     desktop,
     events,
+    keys,
     logs,
     nodes,
     port_forward,
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots.register(sub)
     templates.register(sub)
     nodes.register(sub)
+    keys.register(sub)
     completion.register(sub)
     return parser
 
