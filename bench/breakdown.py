@@ -170,6 +170,7 @@ def run(stack, collector: Collector) -> None:
         gateway.exec(sandbox.name, ["true"])
         totals.append((time.perf_counter() - t0) * 1000)
     floor = float(gateway.exec(sandbox.name, ["python3", "-c", SPAWN_FLOOR]).stdout.decode().strip())
+    sdk_vs_raw(gateway, stack.gateway_address, sandbox.name)
     time.sleep(FLUSH_SECONDS)
     exec_name = "/microvm.sandbox.v1.SandboxService/Exec"
 
@@ -200,6 +201,23 @@ def run(stack, collector: Collector) -> None:
     for name, value in sorted(create_hops(create_spans).items(), key=lambda item: -item[1])[:8]:
         emit(f"warm_create_span {name}", value, "ms", create_ms, f"{create} then first exec, client total", "")
     fork_spans(gateway, sandbox.name, collector)
+
+
+def sdk_vs_raw(gateway: Gateway, address: str, name: str) -> None:
+    """exec `true` through the synchronous Python SDK (microvm_sandbox.Sandbox.exec) against the same call as raw
+    gRPC, alternating in the same sandbox. The SDK's cost is its own work: one connection, one hop to its loop."""
+    from microvm_sandbox import Sandbox
+
+    sandbox = Sandbox.connect(name.rsplit("/", 1)[-1], address=address, api_key=gateway.api_key)
+    raw, sdk = [], []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        gateway.exec(name, ["true"])
+        t1 = time.perf_counter()
+        sandbox.exec(["true"])
+        sdk.append((time.perf_counter() - t1) * 1000)
+        raw.append((t1 - t0) * 1000)
+    emit("exec_true_sync_sdk_p50", statistics.median(sdk), "ms", statistics.median(raw), "raw gRPC p50", "+1 ms")
 
 
 def fork_spans(gateway: Gateway, source: str, collector: Collector) -> None:
