@@ -202,7 +202,11 @@ async def serve_unary(
     call: ConnectRequest, method: Method, run: Callable[[Message, ConnectRequest], Awaitable[Message]]
 ) -> web.Response:
     try:
-        reply = await run(await read_unary(call, method.request_type), call)
+        message = await read_unary(call, method.request_type)
+        try:
+            reply = await asyncio.wait_for(run(message, call), call.timeout)  # Connect-Timeout-Ms bounds the call
+        except TimeoutError:
+            raise ConnectError("deadline_exceeded", f"the call took longer than its {call.timeout} s") from None
     except ConnectError as error:
         return error_response(error)
     except grpc.aio.AioRpcError as error:
