@@ -156,3 +156,28 @@ def test_generated_messages_are_the_sdks_wire():
         "t",
     )
     assert fs.EntryInfo(name="n").SerializeToString() == b"\n\x01n"
+
+
+async def test_polled_watchers_are_bounded_and_expire_unpolled(envd, base, monkeypatch):
+    import aiohttp
+
+    from services.gateway.e2b import envd_watchers
+
+    url, sandbox = envd
+    await sandbox.files.make_dir(base)
+    monkeypatch.setattr(envd_watchers, "MAX_PER_SANDBOX", 2)
+    async with aiohttp.ClientSession() as http:
+
+        async def create() -> tuple[int, dict]:
+            async with http.post(f"{url}/filesystem.Filesystem/CreateWatcher", json={"path": base}) as r:
+                return r.status, await r.json()
+
+        first, second = (await create())[1]["watcherId"], (await create())[1]["watcherId"]
+        status, refused = await create()
+        assert (status, refused["code"]) == (429, "resource_exhausted")
+        monkeypatch.setattr(envd_watchers, "IDLE_SECONDS", 0.0)  # nobody polled them "for too long": both expire
+        status, _ = await create()
+        assert status == 200
+        for watcher_id in (first, second):
+            async with http.post(f"{url}/filesystem.Filesystem/GetWatcherEvents", json={"watcherId": watcher_id}) as r:
+                assert r.status == 404
