@@ -3,8 +3,9 @@ that port of the guest's loopback over our PortForwardService (one TCP connectio
 channel, so it needs no guest networking).
 
 The request goes as HTTP/1.0 with its body and a Content-Length: a 1.0 request gets an answer that is neither chunked
-nor kept alive, so the answer's body is everything after its head until the guest's server closes. The answer's
-body is streamed back as it comes. Nothing listening on the port is 502 in E2B's shape, as E2B's proxy answers.
+nor kept alive, so the answer's body is everything after its head until the guest's server closes; it is streamed
+back as it comes. The connection is never half-closed from this side (close_write): some servers drop a half-closed
+connection before answering. Nothing listening on the port is 502 in E2B's shape, as E2B's proxy answers.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ async def handle(request: web.Request, call: SandboxCall) -> web.StreamResponse:
         yield forward.ForwardPortRequest(data=request_head(request, len(body)))
         for start in range(0, len(body), CHUNK):
             yield forward.ForwardPortRequest(data=body[start : start + CHUNK])
-        yield forward.ForwardPortRequest(close_write=forward.CloseWrite())
+        # No close_write: the request is delimited by its Content-Length, and many servers (aiohttp's among them)
+        # drop a connection whose client half-closed before they answered.
 
     stub = port_forward_service_pb2_grpc.PortForwardServiceStub(call.channel)
     stream = stub.ForwardPort(requests(), metadata=call.metadata)
