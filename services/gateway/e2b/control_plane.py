@@ -23,6 +23,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
 from services.gateway.e2b import access_token, shapes
 from services.gateway.e2b.shapes import PREFIX, E2bError
+from services.gateway.e2b.snapshot_routes import SnapshotRoutes, is_snapshot
 
 # The first path segment of E2B features this backend does not serve, and the name the 501 gives them.
 UNSUPPORTED = {
@@ -31,12 +32,11 @@ UNSUPPORTED = {
     "volumes": "volumes",
     "secrets": "secrets",
     "teams": "teams",
-    "snapshots": "snapshots",
     "api-keys": "API key management (use `mvm keys`)",
     "access-tokens": "access token management",
     "nodes": "node administration (use `mvm nodes`)",
 }
-SANDBOX_UNSUPPORTED = {"fork": "fork", "snapshots": "snapshots", "network": "network updates"}
+SANDBOX_UNSUPPORTED = {"network": "network updates", "logs": "logs"}
 # Fields of a create that have no translation: refused by name when set, never ignored.
 CREATE_UNSUPPORTED = {
     "mcp": "MCP servers",
@@ -52,6 +52,7 @@ class ControlPlane:
         self.loopback = loopback  # .channel: the gateway's own gRPC server
         self.settings = settings
         self.authenticate = authenticate  # async (api_key) -> auth Principal; None when auth is off
+        self.snapshots = SnapshotRoutes(self)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
@@ -71,6 +72,7 @@ class ControlPlane:
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
         ):
             app.router.add_route(verb, path, handler)
+        self.snapshots.add(app)
         app.router.add_route("*", "/{tail:.*}", self.unsupported)
         return app
 
@@ -86,16 +88,16 @@ class ControlPlane:
         except web.HTTPException as error:  # aiohttp's own (405 for a known path with another verb)
             return shapes.error_response(error.status, error.reason)
 
-    def _metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+    def metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
         key = request.headers.get("X-API-Key", "").strip()
         if not key and self.settings.require_auth:
             raise E2bError(401, "send your API key in the X-API-Key header")
         return (("authorization", f"Bearer {key}"),) if key else ()
 
-    def _stub(self) -> sandbox_service_pb2_grpc.SandboxServiceStub:
+    def stub(self) -> sandbox_service_pb2_grpc.SandboxServiceStub:
         return sandbox_service_pb2_grpc.SandboxServiceStub(self.loopback.channel)
 
-    async def _body(self, request: web.Request) -> dict:
+    async def body(self, request: web.Request) -> dict:
         raw = await request.read()
         if not raw.strip():
             return {}
@@ -109,14 +111,14 @@ class ControlPlane:
 
     async def _sandbox(self, request: web.Request, metadata) -> sandbox_pb2.Sandbox:
         name = PREFIX + request.match_info["id"]
-        reply = await self._stub().GetSandbox(api.GetSandboxRequest(name=name), metadata=metadata, timeout=30)
+        reply = await self.stub().GetSandbox(api.GetSandboxRequest(name=name), metadata=metadata, timeout=30)
         return reply.sandbox
 
-    async def _with_token(self, sandbox: sandbox_pb2.Sandbox, metadata, status: int) -> web.Response:
-        token = await self._issue(metadata, shapes.sandbox_id(sandbox))
+    async def with_token(self, sandbox: sandbox_pb2.Sandbox, metadata, status: int) -> web.Response:
+        token = await self.issue(metadata, shapes.sandbox_id(sandbox))
         return web.json_response(shapes.created(sandbox, token, self.settings.e2b_domain), status=status)
 
-    async def _issue(self, metadata, sandbox: str) -> str | None:
+    async def issue(self, metadata, sandbox: str) -> str | None:
         """A fresh access token for `sandbox`, for the principal of the caller's API key (access_token.py)."""
         principal = await self.authenticate(dict(metadata).get("authorization", "")[len("Bearer ") :])
         if principal is None:
@@ -127,19 +129,19 @@ class ControlPlane:
         """Moves the sandbox's end to `seconds` from now unless it already ends later (E2B's refresh and connect)."""
         if sandbox.expire_time.ToSeconds() >= time.time() + seconds:
             return sandbox
-        return await self._set_timeout(sandbox.name, seconds, metadata)
+        return await self.set_timeout_of(sandbox.name, seconds, metadata)
 
-    async def _set_timeout(self, name: str, seconds: int, metadata) -> sandbox_pb2.Sandbox:
+    async def set_timeout_of(self, name: str, seconds: int, metadata) -> sandbox_pb2.Sandbox:
         update = api.UpdateSandboxRequest(
             sandbox=sandbox_pb2.Sandbox(name=name), update_mask=field_mask_pb2.FieldMask(paths=["timeout"])
         )
         update.sandbox.timeout.FromSeconds(seconds)
-        return (await self._stub().UpdateSandbox(update, metadata=metadata, timeout=30)).sandbox
+        return (await self.stub().UpdateSandbox(update, metadata=metadata, timeout=30)).sandbox
 
     # --- routes -------------------------------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
-        metadata = self._metadata(request)
-        body = await self._body(request)
+        metadata = self.metadata(request)
+        body = await self.body(request)
         template = body.get("templateID")
         if not isinstance(template, str) or not template:
             raise E2bError(400, "templateID is required")
@@ -148,23 +150,25 @@ class ControlPlane:
                 raise E2bError(501, f"{feature} are not supported by this backend")
         if body.get("autoPause") or body.get("autoResume"):
             raise E2bError(501, "auto-pause and auto-resume are not supported by this backend")
-        timeout = _seconds(body.get("timeout", E2B_DEFAULT_TIMEOUT), "timeout")
+        timeout = shapes.seconds(body.get("timeout", E2B_DEFAULT_TIMEOUT), "timeout")
+        if is_snapshot(template):
+            return await self.snapshots.restore(body, metadata, timeout)
         sandbox = sandbox_pb2.Sandbox(
             template=shapes.our_template(template),
-            labels=_strings(body.get("metadata"), "metadata"),
-            env=_strings(body.get("envVars"), "envVars"),
+            labels=shapes.strings(body.get("metadata"), "metadata"),
+            env=shapes.strings(body.get("envVars"), "envVars"),
         )
         sandbox.timeout.FromSeconds(timeout)
         if (internet := body.get("allow_internet_access")) is not None:
             sandbox.network_policy.egress = sandbox_pb2.EGRESS_MODE_FULL if internet else sandbox_pb2.EGRESS_MODE_NONE
-        reply = await self._stub().CreateSandbox(
+        reply = await self.stub().CreateSandbox(
             api.CreateSandboxRequest(sandbox=sandbox), metadata=metadata, timeout=deadlines.PUBLIC_CALL
         )
-        return await self._with_token(reply.sandbox, metadata, 201)
+        return await self.with_token(reply.sandbox, metadata, 201)
 
     async def list_page(self, request: web.Request) -> web.Response:
         """v2: one page; `state` (comma-separated) and `metadata` (URL-encoded `k=v&...`) filters."""
-        metadata = self._metadata(request)
+        metadata = self.metadata(request)
         states = {s for s in request.query.get("state", "running,paused").split(",") if s}
         if not states <= {"running", "paused"}:
             raise E2bError(400, f"state must be running or paused, not {','.join(sorted(states))}")
@@ -174,7 +178,7 @@ class ControlPlane:
             raise E2bError(400, "limit must be a number") from None
         if not 1 <= limit <= 1000:
             raise E2bError(400, "limit must be between 1 and 1000")
-        reply = await self._stub().ListSandboxes(
+        reply = await self.stub().ListSandboxes(
             api.ListSandboxesRequest(
                 page_size=limit, page_token=request.query.get("nextToken", ""), filter=_filter(request.query)
             ),
@@ -192,10 +196,10 @@ class ControlPlane:
 
     async def list_running(self, request: web.Request) -> web.Response:
         """v1: every running sandbox, no pagination."""
-        metadata = self._metadata(request)
+        metadata = self.metadata(request)
         found, token = [], ""
         while True:
-            reply = await self._stub().ListSandboxes(
+            reply = await self.stub().ListSandboxes(
                 api.ListSandboxesRequest(page_size=1000, page_token=token, filter=_filter(request.query)),
                 metadata=metadata,
                 timeout=30,
@@ -205,40 +209,42 @@ class ControlPlane:
                 return web.json_response(found)
 
     async def get(self, request: web.Request) -> web.Response:
-        sandbox = await self._sandbox(request, self._metadata(request))
+        sandbox = await self._sandbox(request, self.metadata(request))
         return web.json_response(shapes.detail(sandbox, self.settings.e2b_domain))
 
     async def kill(self, request: web.Request) -> web.Response:
         name = PREFIX + request.match_info["id"]
-        await self._stub().DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=self._metadata(request))
+        await self.stub().DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=self.metadata(request))
         return web.Response(status=204)
 
     async def set_timeout(self, request: web.Request) -> web.Response:
-        metadata = self._metadata(request)
-        body = await self._body(request)
+        metadata = self.metadata(request)
+        body = await self.body(request)
         if "timeout" not in body:
             raise E2bError(400, "timeout is required")
-        await self._set_timeout(PREFIX + request.match_info["id"], _seconds(body["timeout"], "timeout"), metadata)
+        await self.set_timeout_of(
+            PREFIX + request.match_info["id"], shapes.seconds(body["timeout"], "timeout"), metadata
+        )
         return web.Response(status=204)
 
     async def refresh(self, request: web.Request) -> web.Response:
-        metadata = self._metadata(request)
-        seconds = _seconds((await self._body(request)).get("duration", E2B_DEFAULT_TIMEOUT), "duration")
+        metadata = self.metadata(request)
+        seconds = shapes.seconds((await self.body(request)).get("duration", E2B_DEFAULT_TIMEOUT), "duration")
         await self._extend(await self._sandbox(request, metadata), seconds, metadata)
         return web.Response(status=204)
 
     async def pause(self, request: web.Request) -> web.Response:
-        metadata = self._metadata(request)
+        metadata = self.metadata(request)
         sandbox = await self._sandbox(request, metadata)
         if sandbox.state == sandbox_pb2.SANDBOX_STATE_PAUSED:
             raise E2bError(409, f"sandbox {shapes.sandbox_id(sandbox)} is already paused")
-        await self._stub().PauseSandbox(api.PauseSandboxRequest(name=sandbox.name), metadata=metadata, timeout=120)
+        await self.stub().PauseSandbox(api.PauseSandboxRequest(name=sandbox.name), metadata=metadata, timeout=120)
         return web.Response(status=204)
 
     async def resume(self, request: web.Request) -> web.Response:
         """The deprecated resume: only a paused sandbox (409 otherwise)."""
-        metadata = self._metadata(request)
-        body = await self._body(request)
+        metadata = self.metadata(request)
+        body = await self.body(request)
         sandbox = await self._sandbox(request, metadata)
         if sandbox.state != sandbox_pb2.SANDBOX_STATE_PAUSED:
             raise E2bError(409, f"sandbox {shapes.sandbox_id(sandbox)} is not paused")
@@ -246,27 +252,27 @@ class ControlPlane:
 
     async def connect(self, request: web.Request) -> web.Response:
         """Resumes a paused sandbox (201) or connects to a running one (200); either way extends its timeout."""
-        metadata = self._metadata(request)
-        body = await self._body(request)
+        metadata = self.metadata(request)
+        body = await self.body(request)
         return await self._connect(await self._sandbox(request, metadata), body, metadata)
 
     async def _connect(self, sandbox: sandbox_pb2.Sandbox, body: dict, metadata) -> web.Response:
         status = 200
         if sandbox.state == sandbox_pb2.SANDBOX_STATE_PAUSED:
-            reply = await self._stub().ResumeSandbox(
+            reply = await self.stub().ResumeSandbox(
                 api.ResumeSandboxRequest(name=sandbox.name), metadata=metadata, timeout=120
             )
             sandbox, status = reply.sandbox, 201
         if "timeout" in body:
-            sandbox = await self._extend(sandbox, _seconds(body["timeout"], "timeout"), metadata)
-        return await self._with_token(sandbox, metadata, status)
+            sandbox = await self._extend(sandbox, shapes.seconds(body["timeout"], "timeout"), metadata)
+        return await self.with_token(sandbox, metadata, status)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        metadata = self._metadata(request)
+        metadata = self.metadata(request)
         query = metrics_service_pb2.GetSandboxMetricsRequest(sandbox=PREFIX + request.match_info["id"])
         for key, field in (("start", query.start_time), ("end", query.end_time)):
             if key in request.query:
-                field.FromSeconds(_seconds(request.query[key], key, least=0))
+                field.FromSeconds(shapes.seconds(request.query[key], key, least=0))
         stub = metrics_service_pb2_grpc.SandboxMetricsServiceStub(self.loopback.channel)
         samples = []
         async for batch in stub.GetSandboxMetrics(query, metadata=metadata, timeout=30):
@@ -274,7 +280,7 @@ class ControlPlane:
         return web.json_response(samples)
 
     async def unsupported(self, request: web.Request) -> web.Response:
-        self._metadata(request)  # 401 before anything else, as every route
+        self.metadata(request)  # 401 before anything else, as every route
         parts = [p for p in request.path.split("/") if p]
         if parts and parts[0] in ("v2", "v3"):
             parts = parts[1:]
@@ -283,26 +289,6 @@ class ControlPlane:
         if parts and parts[0] in UNSUPPORTED:
             raise E2bError(501, f"{UNSUPPORTED[parts[0]]}: not supported by this backend")
         raise E2bError(404, f"no route for {request.method} {request.path}")
-
-
-def _seconds(value, name: str, least: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise E2bError(400, f"{name} must be a whole number of seconds")
-    try:
-        seconds = int(value)
-    except ValueError:
-        raise E2bError(400, f"{name} must be a whole number of seconds") from None
-    if seconds < least:
-        raise E2bError(400, f"{name} must be at least {least}")
-    return seconds
-
-
-def _strings(value, name: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise E2bError(400, f"{name} must be an object of strings")
-    return value
 
 
 def _filter(query) -> str:

@@ -49,6 +49,27 @@ def our_template(template_id: str) -> str:
     return TEMPLATE_ALIASES.get(name, name)
 
 
+# --- values of a request -------------------------------------------------------------------------------------
+def seconds(value, name: str, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise E2bError(400, f"{name} must be a whole number of seconds")
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise E2bError(400, f"{name} must be a whole number of seconds") from None
+    if seconds < least:
+        raise E2bError(400, f"{name} must be at least {least}")
+    return seconds
+
+
+def strings(value, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise E2bError(400, f"{name} must be an object of strings")
+    return value
+
+
 def sandbox_id(sandbox: sandbox_pb2.Sandbox) -> str:
     return sandbox.name.removeprefix(PREFIX)
 
