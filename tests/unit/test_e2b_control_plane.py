@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
+from e2b.api.client.models import SandboxLogs, SandboxLogsV2Response
 from e2b.exceptions import AuthenticationException, NotFoundException
 
 from microvm.sandbox.v1 import sandbox_pb2
@@ -213,3 +214,17 @@ async def test_allow_internet_access_maps_to_our_egress_policy(doors):
         assert body["envdVersion"] and body["envdAccessToken"] and body["clientID"]
     finally:
         await doors.alice.stub.DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=doors.alice.metadata)
+
+
+async def test_logs_answer_the_console_in_both_shapes_the_sdk_parses(doors):
+    sandbox = await AsyncSandbox.create("base", timeout=120)
+    try:
+        status, v1 = await doors.call("GET", f"/sandboxes/{sandbox.sandbox_id}/logs")
+        assert status == 200, v1
+        parsed = SandboxLogs.from_dict(v1)
+        assert [entry.line for entry in parsed.logs] == [entry.message for entry in parsed.log_entries]
+        status, v2 = await doors.call("GET", f"/v2/sandboxes/{sandbox.sandbox_id}/logs?limit=1")
+        assert status == 200 and len(SandboxLogsV2Response.from_dict(v2).logs) <= 1
+        assert (await doors.call("GET", f"/sandboxes/{sandbox.sandbox_id}/logs", key=doors.bob.key))[0] == 404
+    finally:
+        await sandbox.kill()

@@ -21,7 +21,7 @@ from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.sandbox.v1 import metrics_service_pb2, metrics_service_pb2_grpc, sandbox_pb2, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
-from services.gateway.e2b import access_token, shapes
+from services.gateway.e2b import access_token, console_logs, shapes
 from services.gateway.e2b.shapes import PREFIX, E2bError
 from services.gateway.e2b.snapshot_routes import SnapshotRoutes, is_snapshot
 
@@ -36,7 +36,7 @@ UNSUPPORTED = {
     "access-tokens": "access token management",
     "nodes": "node administration (use `mvm nodes`)",
 }
-SANDBOX_UNSUPPORTED = {"network": "network updates", "logs": "logs"}
+SANDBOX_UNSUPPORTED = {"network": "network updates"}
 # Fields of a create that have no translation: refused by name when set, never ignored.
 CREATE_UNSUPPORTED = {
     "mcp": "MCP servers",
@@ -70,6 +70,8 @@ class ControlPlane:
             ("POST", "/sandboxes/{id}/connect", self.connect),
             ("POST", "/v2/sandboxes/{id}/connect", self.connect),
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
+            ("GET", "/sandboxes/{id}/logs", lambda request: console_logs.logs(self, request, v2=False)),
+            ("GET", "/v2/sandboxes/{id}/logs", lambda request: console_logs.logs(self, request, v2=True)),
         ):
             app.router.add_route(verb, path, handler)
         self.snapshots.add(app)
