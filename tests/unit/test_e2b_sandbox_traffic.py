@@ -166,3 +166,13 @@ async def test_a_revoked_key_takes_its_sandbox_tokens_with_it(doors, installatio
         await asyncio.sleep(0.05)
     assert refused == grpc.StatusCode.UNAUTHENTICATED
     await AsyncSandbox.kill(sandbox.sandbox_id)
+
+
+async def test_the_traffic_token_header_carries_the_same_token(doors, sandboxes, guest_server):
+    # The code interpreter SDK sends the create's trafficAccessToken as E2B-Traffic-Access-Token on its /contexts
+    # calls, and no X-Access-Token there.
+    sandbox, token = sandboxes[0]
+    status, text = await doors.traffic(sandbox, guest_server, "/ctx", E2B_Traffic_Access_Token=token)
+    assert (status, text) == (200, "GET /ctx - ")
+    status, connected = await doors.call("POST", f"/v2/sandboxes/{sandbox}/connect", json={"timeout": 600})
+    assert status == 200 and connected["trafficAccessToken"] == connected["envdAccessToken"]

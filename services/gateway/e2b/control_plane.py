@@ -70,8 +70,8 @@ class ControlPlane:
             ("POST", "/sandboxes/{id}/connect", self.connect),
             ("POST", "/v2/sandboxes/{id}/connect", self.connect),
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
-            ("GET", "/sandboxes/{id}/logs", lambda request: console_logs.logs(self, request, v2=False)),
-            ("GET", "/v2/sandboxes/{id}/logs", lambda request: console_logs.logs(self, request, v2=True)),
+            ("GET", "/sandboxes/{id}/logs", self.logs),
+            ("GET", "/v2/sandboxes/{id}/logs", self.logs_v2),
         ):
             app.router.add_route(verb, path, handler)
         self.snapshots.add(app)
@@ -280,6 +280,12 @@ class ControlPlane:
         async for batch in stub.GetSandboxMetrics(query, metadata=metadata, timeout=30):
             samples += [shapes.metric(sample) for sample in batch.samples]
         return web.json_response(samples)
+
+    async def logs(self, request: web.Request) -> web.Response:
+        return await console_logs.logs(self, request, v2=False)
+
+    async def logs_v2(self, request: web.Request) -> web.Response:
+        return await console_logs.logs(self, request, v2=True)
 
     async def unsupported(self, request: web.Request) -> web.Response:
         self.metadata(request)  # 401 before anything else, as every route

@@ -2,11 +2,12 @@
 
 Each request names its sandbox and port by the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers (the SDK's explicit
 URL form) or by its Host, `<port>-<sandbox id>.<domain>` (E2B's domain form behind a reverse proxy, deploy/e2b/).
-Its credential is the sandbox's access token (`X-Access-Token`, access_token.py) or one of our API keys
-(`X-API-Key`). The door checks both against the gateway's own gRPC API (GetSandbox with that credential: the tenant
-wall and the token's confinement are the API's), answers E2B's error shapes for what it refuses (no or a bad
-credential 401, an unknown sandbox, another tenant's, or one the token is not for 404), and hands the rest, as a
-SandboxCall, to the handler of the port: envd.py (49983), code_interpreter.py (49999), guest_http.py (any other).
+Its credential is the sandbox's access token (`X-Access-Token` or `E2B-Traffic-Access-Token`, access_token.py) or
+one of our API keys (`X-API-Key`). The door checks either against the gateway's own gRPC API (GetSandbox with that
+credential: the tenant wall and the token's confinement are the API's), answers E2B's error shapes for what it
+refuses (no or a bad credential 401, an unknown sandbox, another tenant's, or one the token is not for 404), and
+hands the rest, as a SandboxCall, to the handler of the port: envd.py (49983), code_interpreter.py (49999),
+guest_http.py (any other).
 A yes is kept for CHECK_SECONDS, so a burst of requests costs one check; every call a handler makes is checked by
 the API again in any case, so a kept yes never lets anything through that the API would refuse.
 """
@@ -62,7 +63,8 @@ class SandboxTraffic:
         return app
 
     def _credential(self, request: web.Request, sandbox: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-        token = request.headers.get("X-Access-Token", "").strip()
+        # E2B-Traffic-Access-Token: the same token, as the code interpreter SDK sends it on some calls.
+        token = (request.headers.get("X-Access-Token") or request.headers.get("E2B-Traffic-Access-Token") or "").strip()
         key = request.headers.get("X-API-Key", "").strip()
         if token:
             scoped = access_token.sandbox_scope(token)

@@ -104,9 +104,14 @@ def _times_and_size(sandbox: sandbox_pb2.Sandbox) -> dict:
     }
 
 
-def created(sandbox: sandbox_pb2.Sandbox, access_token: str, domain: str) -> dict:
-    """`Sandbox`: what create, connect and resume answer."""
-    return {**_common(sandbox), "envdAccessToken": access_token, "domain": domain or None}
+def created(sandbox: sandbox_pb2.Sandbox, access_token: str | None, domain: str) -> dict:
+    """`Sandbox`: what create, connect and resume answer. The access token is both the envd one (sent as
+    X-Access-Token) and the traffic one (sent as E2B-Traffic-Access-Token by the code interpreter SDK on the calls
+    where it sends no X-Access-Token): one credential for every port of the sandbox."""
+    found = {**_common(sandbox), "domain": domain or None}
+    if access_token:
+        found.update(envdAccessToken=access_token, trafficAccessToken=access_token)
+    return found
 
 
 def detail(sandbox: sandbox_pb2.Sandbox, domain: str) -> dict:
