@@ -39,6 +39,21 @@ def test_run_splits_its_own_options_from_the_command():
     assert parse(["run", "--", "echo", "--memory"]).command == ["echo", "--memory"]
 
 
+def test_create_and_run_leave_the_size_to_the_template_unless_asked():
+    # The gateway sizes a sandbox by its template when the request says 0 (a code-interpreter needs its 1 GiB):
+    # a CLI default of 1 vCPU / 256 MiB overrode every template's own size.
+    for command in (["create", "--template", "code-interpreter"], ["run", "--", "true"]):
+        args = parse(command)
+        assert (args.vcpus, args.memory) == (None, None), command
+    assert (
+        parse(["create", "--vcpus", "2", "--memory", "512"]).vcpus,
+        parse(["create", "--memory", "512"]).memory,
+    ) == (
+        2,
+        512,
+    )
+
+
 def test_global_options_go_before_or_after_the_command():
     assert parse(["--gateway", "h:1", "ls"]).gateway == "h:1"
     assert parse(["ls", "--gateway", "h:2", "--debug"]).gateway == "h:2"

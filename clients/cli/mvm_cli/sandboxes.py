@@ -27,8 +27,9 @@ REMOTE_COMMAND = {"exec": 1, "run": 0}
 
 def add_create_options(parser: argparse.ArgumentParser, lifetime: str = "--timeout") -> None:
     parser.add_argument("--template", default="default", metavar="NAME[:TAG]", help="template to boot")
-    parser.add_argument("--vcpus", type=int, default=1, help="virtual CPUs")
-    parser.add_argument("--memory", type=int, default=256, metavar="MIB", help="memory in MiB")
+    # No default here: the template's own size applies (a code-interpreter needs its 1 GiB), else 1 vCPU, 256 MiB.
+    parser.add_argument("--vcpus", type=int, help="virtual CPUs (default: the template's, else 1)")
+    parser.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default: the template's, else 256)")
     parser.add_argument(
         lifetime,
         dest="lifetime",
