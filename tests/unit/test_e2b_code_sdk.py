@@ -66,12 +66,8 @@ async def test_a_plot_is_png_and_chart_and_a_frame_is_data(sbx):
     assert frame.data == {"n": [1, 2]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="e2b-code-interpreter 2.11.5 sends no X-Access-Token on its /contexts calls, only E2B-Traffic-Access-Token "
-    "when the control plane gave a trafficAccessToken (ours gives none), so the traffic door answers 401",
-)
 async def test_contexts_are_created_listed_restarted_and_removed(sbx):
+    """SDK 2.11.5 sends no X-Access-Token on /contexts, only E2B-Traffic-Access-Token (create's trafficAccessToken)."""
     context = await sbx.create_code_context(cwd="/tmp")
     await sbx.run_code("mine = 1", context=context)
     assert context.id in {listed.id for listed in await sbx.list_code_contexts()}
