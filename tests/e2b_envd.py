@@ -15,6 +15,11 @@ from services.gateway.e2b.sandbox_call import SandboxCall
 # The envd version the SDK is told (what the control plane reports): features up to 0.6.4 (watch entry info,
 # octet-stream uploads, close stdin).
 ENVD_VERSION = Version("0.6.4")
+# The SDK runs every command as `/bin/bash -l -c`. The fake VMM's guest is a host process, so a login shell reads
+# the host's ~/.profile, where a pyenv init may rehash under a lock file: a test that kills such a shell mid-profile
+# (a timeout, a kill) would leave the lock behind and make every later login shell on the host wait 60 s for it.
+# Test sandboxes get a HOME with no profile (our guests' own shells are not the host's).
+SANDBOX_ENV = {"HOME": "/tmp"}
 
 
 @asynccontextmanager

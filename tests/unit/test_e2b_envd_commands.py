@@ -10,8 +10,9 @@ import pytest
 from e2b import CommandExitException, TimeoutException
 from e2b.sandbox.commands.command_handle import PtySize
 
+from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from tests.e2b_envd import e2b_sandbox, envd_app
+from tests.e2b_envd import SANDBOX_ENV, e2b_sandbox, envd_app
 from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,7 +25,8 @@ async def caller(installation):
 
 @pytest.fixture(scope="module")
 async def sandbox(caller):
-    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    request = api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(env=SANDBOX_ENV))
+    created = await caller.stub.CreateSandbox(request, metadata=caller.metadata, timeout=60)
     sandbox_id = created.sandbox.name.split("/", 1)[1]
     async with envd_app(caller, sandbox_id) as url:
         yield e2b_sandbox(url, sandbox_id)
@@ -44,6 +46,7 @@ async def test_run_answers_output_exit_code_env_and_cwd(sandbox):
     result = await sandbox.commands.run(script, envs={"GREETING": "hi"}, cwd="/tmp")
     assert result.stdout.startswith("hi from /") and result.stdout.endswith("/tmp\n")
     assert (result.stderr, result.exit_code) == ("oops\n", 0)
+    assert (await sandbox.commands.run("echo $HOME")).stdout == "/tmp\n"  # the sandbox's env (SANDBOX_ENV) holds
     seen = []
     await sandbox.commands.run("printf 'a\\nb\\n'", on_stdout=seen.append)
     assert "".join(seen) == "a\nb\n"

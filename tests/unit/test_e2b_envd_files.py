@@ -15,8 +15,9 @@ from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 from e2b_envd import filesystem_pb2 as fs
 from e2b_envd import process_pb2 as proc
 
+from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from tests.e2b_envd import e2b_sandbox, envd_app
+from tests.e2b_envd import SANDBOX_ENV, e2b_sandbox, envd_app
 from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,7 +31,8 @@ async def caller(installation):
 
 @pytest.fixture(scope="module")
 async def envd(caller):
-    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    request = api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(env=SANDBOX_ENV))
+    created = await caller.stub.CreateSandbox(request, metadata=caller.metadata, timeout=60)
     sandbox_id = created.sandbox.name.split("/", 1)[1]
     async with envd_app(caller, sandbox_id) as url:
         yield url, e2b_sandbox(url, sandbox_id)

@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 from e2b_envd import process_pb2 as proc
 
+from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from tests.e2b_envd import envd_app
+from tests.e2b_envd import SANDBOX_ENV, envd_app
 from tests.inprocess import tenant_caller
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,7 +43,8 @@ async def caller(installation):
 
 @pytest.fixture(scope="module")
 async def sandbox_id(caller):
-    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    request = api.CreateSandboxRequest(sandbox=sandbox_pb2.Sandbox(env=SANDBOX_ENV))
+    created = await caller.stub.CreateSandbox(request, metadata=caller.metadata, timeout=60)
     return created.sandbox.name.split("/", 1)[1]
 
 

@@ -13,6 +13,7 @@ from e2b import AsyncSandbox, CommandExitException, Sandbox
 from e2b.sandbox.commands.command_handle import PtySize
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
+from tests.e2b_envd import SANDBOX_ENV
 from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,7 +28,7 @@ async def doors(installation):
 
 @pytest.fixture(scope="module")
 async def sandbox(doors):
-    made = await AsyncSandbox.create(timeout=600, envs={"FROM_CREATE": "yes"})
+    made = await AsyncSandbox.create(timeout=600, envs={"FROM_CREATE": "yes", **SANDBOX_ENV})
     yield made
     await made.kill()
 
@@ -103,7 +104,7 @@ async def test_a_pty_through_the_door(sandbox):
 
 async def test_the_sync_sdk_works_too(doors):
     def agent_code() -> tuple[str, str]:
-        made = Sandbox.create(timeout=300)
+        made = Sandbox.create(timeout=300, envs=SANDBOX_ENV)
         try:
             output = made.commands.run("echo sync").stdout
             made.files.write("/tmp/sync.txt", "written")
