@@ -98,6 +98,15 @@ async def test_stdin_is_sent_and_closed(sandbox):
     assert result.stdout == "line one\nline two\ndone\n"
 
 
+async def test_ordered_input_streams_over_one_call(sandbox):
+    handle = await sandbox.commands.run("cat", background=True, stdin=True)
+    async with sandbox.commands.stream_input(handle.pid) as stream:  # StreamInput: a client stream, read live
+        for piece in ("a", "b", "c"):
+            await stream.send(piece)
+    await sandbox.commands.close_stdin(handle.pid)
+    assert (await handle.wait()).stdout == "abc"
+
+
 async def test_connect_to_an_unknown_pid_is_not_found(sandbox):
     from e2b.exceptions import NotFoundException
 
