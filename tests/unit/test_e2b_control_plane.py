@@ -195,11 +195,18 @@ async def test_what_we_do_not_serve_is_501_naming_the_feature(doors):
         ("POST", "/v2/sandboxes", {"templateID": "base", "mcp": {"x": {}}}, "MCP"),
         ("POST", "/v2/sandboxes", {"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}, "volumes"),
         ("POST", "/v2/sandboxes", {"templateID": "base", "autoPause": True}, "auto-pause"),
+        ("POST", "/v2/sandboxes", {"templateID": "base", "autoResume": {"enabled": True}}, "auto-resume"),
     ):
         status, answer = await doors.call(verb, path, json=body)
         assert status == 501 and answer["code"] == 501 and feature in answer["message"], (path, answer)
     status, answer = await doors.call("GET", "/no/such/route")
     assert status == 404 and answer["code"] == 404
+
+
+async def test_a_lifecycle_that_kills_on_timeout_is_what_we_do(doors):
+    lifecycle = {"on_timeout": "kill", "auto_resume": False}  # autoPause false, autoResume {"enabled": false}
+    sandbox = await AsyncSandbox.create("base", timeout=60, lifecycle=lifecycle)
+    await sandbox.kill()
 
 
 async def test_allow_internet_access_maps_to_our_egress_policy(doors):

@@ -150,7 +150,8 @@ class ControlPlane:
         for field, feature in CREATE_UNSUPPORTED.items():
             if body.get(field):
                 raise E2bError(501, f"{feature} are not supported by this backend")
-        if body.get("autoPause") or body.get("autoResume"):
+        resume = body.get("autoResume")  # {"enabled": bool} when the SDK's lifecycle names it
+        if body.get("autoPause") or (resume.get("enabled") if isinstance(resume, dict) else resume):
             raise E2bError(501, "auto-pause and auto-resume are not supported by this backend")
         timeout = shapes.seconds(body.get("timeout", E2B_DEFAULT_TIMEOUT), "timeout")
         if is_snapshot(template):
