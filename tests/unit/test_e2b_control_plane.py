@@ -8,7 +8,7 @@ import asyncio
 import uuid
 
 import pytest
-from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
+from e2b import AsyncSandbox, AsyncTemplate, Sandbox, SandboxQuery, SandboxState
 from e2b.api.client.models import SandboxLogs, SandboxLogsV2Response
 from e2b.exceptions import AuthenticationException, NotFoundException
 
@@ -235,3 +235,11 @@ async def test_logs_answer_the_console_in_both_shapes_the_sdk_parses(doors):
         assert (await doors.call("GET", f"/sandboxes/{sandbox.sandbox_id}/logs", key=doors.bob.key))[0] == 404
     finally:
         await sandbox.kill()
+
+
+async def test_template_exists_knows_e2b_names_and_ours(doors):
+    assert await AsyncTemplate.exists("base") is True  # an alias of our `default`
+    assert await AsyncTemplate.exists("default") is True
+    assert await AsyncTemplate.exists("no-such-template") is False
+    status, body = await doors.call("GET", "/templates/aliases/default", key=doors.bob.key)
+    assert (status, body) == (200, {"templateID": "default", "public": False})

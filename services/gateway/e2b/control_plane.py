@@ -21,7 +21,7 @@ from microvm.auth.v1 import auth_pb2, auth_pb2_grpc
 from microvm.sandbox.v1 import metrics_service_pb2, metrics_service_pb2_grpc, sandbox_pb2, sandbox_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common import deadlines
-from services.gateway.e2b import access_token, console_logs, shapes
+from services.gateway.e2b import access_token, console_logs, shapes, template_routes
 from services.gateway.e2b.shapes import PREFIX, E2bError
 from services.gateway.e2b.snapshot_routes import SnapshotRoutes, is_snapshot
 
@@ -72,6 +72,7 @@ class ControlPlane:
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/sandboxes/{id}/logs", self.logs),
             ("GET", "/v2/sandboxes/{id}/logs", self.logs_v2),
+            ("GET", "/templates/aliases/{alias}", self.template_alias),
         ):
             app.router.add_route(verb, path, handler)
         self.snapshots.add(app)
@@ -288,13 +289,16 @@ class ControlPlane:
     async def logs_v2(self, request: web.Request) -> web.Response:
         return await console_logs.logs(self, request, v2=True)
 
+    async def template_alias(self, request: web.Request) -> web.Response:
+        return await template_routes.alias(self, request)
+
     async def unsupported(self, request: web.Request) -> web.Response:
         self.metadata(request)  # 401 before anything else, as every route
         parts = [p for p in request.path.split("/") if p]
         if parts and parts[0] in ("v2", "v3"):
             parts = parts[1:]
         if len(parts) >= 3 and parts[0] == "sandboxes" and parts[2] in SANDBOX_UNSUPPORTED:
-            raise E2bError(501, f"sandbox {SANDBOX_UNSUPPORTED[parts[2]]} is not supported by this backend yet")
+            raise E2bError(501, f"sandbox {SANDBOX_UNSUPPORTED[parts[2]]}: not supported by this backend yet")
         if parts and parts[0] in UNSUPPORTED:
             raise E2bError(501, f"{UNSUPPORTED[parts[0]]}: not supported by this backend")
         raise E2bError(404, f"no route for {request.method} {request.path}")
