@@ -120,6 +120,10 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     context.every(300, gateway.sandboxes.sweep_tombstones, "tombstone-sweeper")
     notifications = await wire_notifications(server, context)  # WatchEvents and webhooks
 
+    # The E2B SDKs' control plane and in-sandbox traffic (docs/e2b.md): bound now, so a taken address fails the start
+    # before anything below waits for the registration.
+    await e2b_listeners.start(context)
+
     # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:
         while context.registration is None:
@@ -137,7 +141,6 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
         context.on_shutdown.insert(0, stop_http)
 
     context.http_task = asyncio.create_task(start_http(), name="http-gateway")
-    await e2b_listeners.start(context)  # the E2B SDKs' control plane and in-sandbox traffic (docs/e2b.md)
     return [
         sandbox_service_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name,
         nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
