@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import pytest
 from e2b import AsyncSandbox, AsyncTemplate, Sandbox, SandboxQuery, SandboxState
@@ -66,6 +67,14 @@ async def test_list_filters_by_metadata_and_state(doors):
         assert [s.sandbox_id for s in only] == [second.sandbox_id]
         paused = AsyncSandbox.list(query=SandboxQuery(metadata={"run": run}, state=[SandboxState.PAUSED]))
         assert await paused.next_items() == []
+        started = (await first.get_info()).started_at
+        for query, expected in (
+            (SandboxQuery(metadata={"run": run}, template="base"), {first.sandbox_id, second.sandbox_id}),
+            (SandboxQuery(metadata={"run": run}, template="desktop"), set()),
+            (SandboxQuery(metadata={"run": run}, started_after=started), {first.sandbox_id, second.sandbox_id}),
+            (SandboxQuery(metadata={"run": run}, started_after=started + timedelta(days=1)), set()),
+        ):
+            assert {s.sandbox_id for s in await AsyncSandbox.list(query=query).next_items()} == expected, query
     finally:
         await first.kill()
         await second.kill()

@@ -9,6 +9,7 @@ E2B's error shape. Create, connect and resume also answer a fresh per-sandbox ac
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import urllib.parse
@@ -190,10 +191,13 @@ class ControlPlane:
             timeout=30,
         )
         template = shapes.our_template(request.query["template"]) if request.query.get("template") else ""
+        after = _microseconds(request.query["startedAfter"]) if request.query.get("startedAfter") else 0
         sandboxes = [
             shapes.listed(s)
             for s in reply.sandboxes
-            if shapes.state(s) in states and (not template or s.template == template)
+            if shapes.state(s) in states
+            and (not template or s.template == template)
+            and s.create_time.ToMicroseconds() >= after
         ]
         headers = {"x-next-token": reply.next_page_token} if reply.next_page_token else {}
         return web.json_response(sandboxes, headers=headers)
@@ -302,6 +306,17 @@ class ControlPlane:
         if parts and parts[0] in UNSUPPORTED:
             raise E2bError(501, f"{UNSUPPORTED[parts[0]]}: not supported by this backend")
         raise E2bError(404, f"no route for {request.method} {request.path}")
+
+
+def _microseconds(text: str) -> int:
+    """An ISO 8601 time (the SDK's `startedAfter`) as microseconds since the epoch (exact, as our timestamps); naive
+    is UTC."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise E2bError(400, f"startedAfter is not an ISO 8601 time: {text!r}") from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+    return (moment - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)) // datetime.timedelta(microseconds=1)
 
 
 def _filter(query) -> str:
