@@ -48,7 +48,7 @@ async def guest_server():
         text = f"{request.method} {request.path_qs} {request.headers.get('X-Probe', '-')} {body.decode()}"
         return web.Response(text=text, headers={"X-Served-By": "guest"})
 
-    app = web.Application()
+    app = web.Application(client_max_size=16 << 20)
     app.router.add_route("*", "/{tail:.*}", echo)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -176,3 +176,12 @@ async def test_the_traffic_token_header_carries_the_same_token(doors, sandboxes,
     assert (status, text) == (200, "GET /ctx - ")
     status, connected = await doors.call("POST", f"/v2/sandboxes/{sandbox}/connect", json={"timeout": 600})
     assert status == 200 and connected["trafficAccessToken"] == connected["envdAccessToken"]
+
+
+async def test_large_bodies_cross_the_forward_both_ways(doors, sandboxes, guest_server):
+    sandbox, token = sandboxes[0]
+    payload = bytes(range(97, 123)) * ((3 << 20) // 26)  # 3 MiB of letters: more than one ForwardPort chunk
+    headers = {"E2b-Sandbox-Id": sandbox, "E2b-Sandbox-Port": str(guest_server), "X-Access-Token": token}
+    async with doors.http.put(doors.sandbox + "/big", headers=headers, data=payload) as response:
+        assert response.status == 200
+        assert await response.read() == b"PUT /big - " + payload
