@@ -252,3 +252,22 @@ async def test_template_exists_knows_e2b_names_and_ours(doors):
     assert await AsyncTemplate.exists("no-such-template") is False
     status, body = await doors.call("GET", "/templates/aliases/default", key=doors.bob.key)
     assert (status, body) == (200, {"templateID": "default", "public": False})
+
+
+async def test_refresh_only_extends_and_the_old_resume_wants_a_paused_sandbox(doors):
+    sandbox = await AsyncSandbox.create("base", timeout=60)
+    try:
+        path = f"/sandboxes/{sandbox.sandbox_id}"
+        before = (await sandbox.get_info()).end_at
+        assert (await doors.call("POST", path + "/refreshes", json={"duration": 10}))[0] == 204
+        assert (await sandbox.get_info()).end_at == before  # ends later already: unchanged
+        assert (await doors.call("POST", path + "/refreshes", json={"duration": 3600}))[0] == 204
+        assert ((await sandbox.get_info()).end_at - before).total_seconds() > 3000
+        status, body = await doors.call("POST", path + "/resume", json={})
+        assert (status, body["code"]) == (409, 409)
+        await sandbox.pause()
+        status, body = await doors.call("POST", path + "/resume", json={})
+        assert status == 201 and body["sandboxID"] == sandbox.sandbox_id and body["envdAccessToken"]
+        assert (await sandbox.get_info()).state == SandboxState.RUNNING
+    finally:
+        await sandbox.kill()
