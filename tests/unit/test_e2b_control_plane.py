@@ -199,7 +199,8 @@ async def test_another_tenants_sandbox_is_404_exactly_as_a_missing_one(doors):
 async def test_what_we_do_not_serve_is_501_naming_the_feature(doors):
     for verb, path, body, feature in (
         ("GET", "/volumes", None, "volumes"),
-        ("POST", "/v3/templates", {"name": "x"}, "templates"),
+        ("GET", "/templates", None, "template"),
+        ("PATCH", "/v2/templates/x", {"public": True}, "template"),
         ("GET", "/secrets", None, "secrets"),
         ("POST", "/v2/sandboxes", {"templateID": "base", "mcp": {"x": {}}}, "MCP"),
         ("POST", "/v2/sandboxes", {"templateID": "base", "volumeMounts": [{"name": "v", "path": "/v"}]}, "volumes"),

@@ -25,11 +25,12 @@ from services.common import deadlines
 from services.gateway.e2b import access_token, console_logs, shapes, template_routes
 from services.gateway.e2b.shapes import PREFIX, E2bError
 from services.gateway.e2b.snapshot_routes import SnapshotRoutes, is_snapshot
+from services.gateway.e2b.template_builds import TemplateBuilds
 
 # The first path segment of E2B features this backend does not serve, and the name the 501 gives them.
 UNSUPPORTED = {
-    "templates": "templates (the Template builder)",
-    "builds": "templates (the Template builder)",
+    "templates": "template listing and management (Template.build and Template.exists are served)",
+    "builds": "template listing and management (Template.build and Template.exists are served)",
     "volumes": "volumes",
     "secrets": "secrets",
     "teams": "teams",
@@ -54,6 +55,7 @@ class ControlPlane:
         self.settings = settings
         self.authenticate = authenticate  # async (api_key) -> auth Principal; None when auth is off
         self.snapshots = SnapshotRoutes(self)
+        self.templates = TemplateBuilds(self)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
@@ -77,6 +79,7 @@ class ControlPlane:
         ):
             app.router.add_route(verb, path, handler)
         self.snapshots.add(app)
+        self.templates.add(app)
         app.router.add_route("*", "/{tail:.*}", self.unsupported)
         return app
 

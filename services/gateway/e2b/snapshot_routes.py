@@ -108,7 +108,7 @@ class SnapshotRoutes:
         metadata = self.plane.metadata(request)
         snapshot = request.match_info["id"]
         if not is_snapshot(snapshot):
-            raise E2bError(501, "templates (the Template builder): not supported by this backend")
+            raise E2bError(501, "deleting templates: not supported by this backend (use `mvm template rm`)")
         await self.plane.stub().DeleteSnapshot(
             api.DeleteSnapshotRequest(name=f"snapshots/{snapshot}"), metadata=metadata, timeout=60
         )
