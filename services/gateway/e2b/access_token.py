@@ -1,4 +1,6 @@
-"""The per-sandbox access token (`envdAccessToken`) the E2B SDKs send as `X-Access-Token` on in-sandbox requests.
+"""The per-sandbox access token the E2B SDKs send on in-sandbox requests: the create's `envdAccessToken`, sent as
+`X-Access-Token`, and the same value as its `trafficAccessToken`, which e2b-code-interpreter sends as
+`E2B-Traffic-Access-Token` where it sends no X-Access-Token (its /contexts calls).
 
 The choice: it is an auth-service scoped token (services/auth/credentials.py: an Ed25519-signed JWS), scope
 `e2b-sandbox`, resource the sandbox's id, carrying the principal of the API key that created or connected to the
