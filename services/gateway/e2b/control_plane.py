@@ -2,9 +2,10 @@
 
 Each request is a call on the gateway's own gRPC server over loopback with the caller's credential: `X-API-Key:
 <our API key>` becomes `authorization: Bearer <it>`, so authentication, the tenant wall (another tenant's sandbox is
-404, as a missing one), quotas and audit are the gRPC API's. The routes are those the e2b SDK calls for sandboxes
-(see `ROUTES`); every other E2B feature answers 501 with its name (`UNSUPPORTED`), and any other path 404, both in
-E2B's error shape. Create, connect and resume also answer a fresh per-sandbox access token (access_token.py).
+404, as a missing one), quotas and audit are the gRPC API's. The routes are those the e2b SDK calls (`app`): sandboxes
+here, fork and snapshots in snapshot_routes.py, the Template builder in template_builds.py, logs in console_logs.py;
+every other E2B feature answers 501 with its name (`UNSUPPORTED`), any other path 404, and a failure of ours 500, all
+in E2B's error shape. Create, connect and resume also answer a fresh per-sandbox access token (access_token.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import urllib.parse
 
 import grpc
+import structlog
 from aiohttp import web
 from google.protobuf import field_mask_pb2
 
@@ -27,6 +29,7 @@ from services.gateway.e2b.shapes import PREFIX, E2bError
 from services.gateway.e2b.snapshot_routes import SnapshotRoutes, is_snapshot
 from services.gateway.e2b.template_builds import TemplateBuilds
 
+log = structlog.get_logger()
 # The first path segment of E2B features this backend does not serve, and the name the 501 gives them.
 UNSUPPORTED = {
     "templates": "template listing and management (Template.build and Template.exists are served)",
@@ -92,8 +95,11 @@ class ControlPlane:
             return shapes.error_response(error.status, error.message)
         except grpc.aio.AioRpcError as error:
             return shapes.grpc_error_response(error)
-        except web.HTTPException as error:  # aiohttp's own (405 for a known path with another verb)
+        except web.HTTPException as error:  # aiohttp's own (413 for a body over the limit)
             return shapes.error_response(error.status, error.reason)
+        except Exception as error:  # a bug of ours: still E2B's shape, and in the log
+            log.exception("e2b_control_plane_failed", path=request.path)
+            return shapes.error_response(500, f"internal error: {type(error).__name__}")
 
     def metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
         key = request.headers.get("X-API-Key", "").strip()
@@ -225,7 +231,9 @@ class ControlPlane:
 
     async def kill(self, request: web.Request) -> web.Response:
         name = PREFIX + request.match_info["id"]
-        await self.stub().DeleteSandbox(api.DeleteSandboxRequest(name=name), metadata=self.metadata(request))
+        await self.stub().DeleteSandbox(
+            api.DeleteSandboxRequest(name=name), metadata=self.metadata(request), timeout=120
+        )
         return web.Response(status=204)
 
     async def set_timeout(self, request: web.Request) -> web.Response:
