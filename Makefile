@@ -29,14 +29,17 @@ status: ## health of every service
 deps: apt venv
 
 apt: ## Debian packages (skipped when already present)
-	@need=""; for p in etcd-server qemu-system-x86 qemu-utils busybox-static debootstrap e2fsprogs cpio iproute2 nftables kmod lz4 procps skopeo umoci musl xvfb openbox xdotool xterm x11-utils ffmpeg x11vnc novnc chromium prometheus; do \
+	@need=""; for p in etcd-server qemu-system-x86 qemu-utils busybox-static debootstrap e2fsprogs cpio iproute2 nftables kmod lz4 procps skopeo umoci musl xvfb openbox xdotool xterm x11-utils ffmpeg x11vnc novnc chromium prometheus nginx-light; do \
 	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
 	if [ -n "$$need" ]; then echo "apt-get install$$need"; \
 	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$need; \
 	  if echo "$$need" | grep -qw prometheus && command -v systemctl >/dev/null; then \
 	    echo "Debian's prometheus service is disabled: make up runs its own, fed from the registry"; \
-	    $$SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; fi; fi
+	    $$SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; fi; \
+	  if echo "$$need" | grep -qw nginx-light && command -v systemctl >/dev/null; then \
+	    echo "Debian's nginx service is disabled: nginx is only the E2B domain-form test's (deploy/e2b)"; \
+	    $$SUDO systemctl disable --now nginx >/dev/null 2>&1 || true; fi; fi
 
 venv: $(BIN)/.installed
 

@@ -62,7 +62,9 @@ async def start(context) -> None:
         if not listen:
             continue
         host, port = parse_address(listen, key=f"gateway.{name}_listen")
-        runner = web.AppRunner(make_app(), access_log=None)
+        # handler_cancellation: a stream whose caller hung up (a watch, a quiet process's output) ends at once
+        # instead of at its next keepalive, up to 10 s later.
+        runner = web.AppRunner(make_app(), access_log=None, handler_cancellation=True)
         await runner.setup()
         runners.append(runner)
         try:
