@@ -18,8 +18,9 @@ What the test provides, as `make up` and an activated venv (`. .venv/bin/activat
   `MVM_STATE_DIR` pointing there too; no `MVM_API_KEY` (blocks set it or the SDK reads the key file);
 - `MVM_GATEWAY` (gRPC) and `MVM_HTTP` (HTTP/JSON base URL): the test stack listens on free ports, not on
   `make up`'s 127.0.0.1:50051 and :8080, so blocks write `${MVM_GATEWAY:-127.0.0.1:50051}` and
-  `${MVM_HTTP:-http://127.0.0.1:8080}`; likewise `MVM_ETCD_ENDPOINTS` (etcd, not on 127.0.0.1:2379) and
-  `MVM_SUPERVISOR_ETCD_CLIENT_PORT` (so `mvm-supervisor status` finds it);
+  `${MVM_HTTP:-http://127.0.0.1:8080}`; the E2B doors likewise (`MVM_E2B_API_URL`, `MVM_E2B_SANDBOX_URL`);
+  `MVM_ETCD_ENDPOINTS` (etcd, not on 127.0.0.1:2379) and `MVM_SUPERVISOR_ETCD_CLIENT_PORT` (so
+  `mvm-supervisor status` finds it);
 - the venv's `bin` first on PATH (`mvm`, `grpcurl`, `python`).
 A block must exit 0 and print something.
 """
@@ -152,6 +153,9 @@ class DocsStack:
             MVM_STATE_DIR=str(self.stack.state_dir),
             MVM_GATEWAY=self.stack.gateway_address,
             MVM_HTTP="http://127.0.0.1:" + config["gateway"]["http_listen"].rpartition(":")[2],
+            # the E2B doors (docs/e2b.md), on free ports too rather than make up's :3000 and :3001
+            MVM_E2B_API_URL="http://" + config["gateway"]["e2b_api_listen"],
+            MVM_E2B_SANDBOX_URL="http://" + config["gateway"]["e2b_sandbox_listen"],
             MVM_ETCD_ENDPOINTS=self.stack.etcd_endpoint,
             # `mvm-supervisor status` finds its etcd by the supervisor's port (make up's: 2379).
             MVM_SUPERVISOR_ETCD_CLIENT_PORT=self.stack.etcd_endpoint.rpartition(":")[2],

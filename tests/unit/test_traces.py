@@ -90,7 +90,7 @@ async def test_one_trace_goes_from_the_gateway_through_auth_compute_and_relay(in
     )
     assert all(span.parent.span_id == relay_side.context.span_id for span in path)
     slack = 50_000_000
-    for before, after in zip(path, path[1:]):
+    for before, after in zip(path, path[1:], strict=False):
         assert after.start_time >= before.end_time - slack, (before.name, after.name)
     # The process itself gets the context (OpenTelemetry's TRACEPARENT environment carrier), with the same trace.
     assert seen_in_guest.split("-")[1] == format(root.context.trace_id, "032x"), seen_in_guest
