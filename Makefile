@@ -87,6 +87,7 @@ bench-code: deps protos ## the code interpreter's figures on the running install
 
 bench-desktop: deps protos ## the desktop's figures (screenshots, clicks, VNC frames) on the running installation, after `make templates`
 	$(BIN)/python -m bench.desktop
+	$(BIN)/python -m bench.e2b
 
 test: deps protos lint images ## the whole suite: unit tests, then integration tests against real services
 	$(BIN)/python -m pytest -q -ra tests
