@@ -323,6 +323,7 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             tree = Path(tmp) / "tree"
             _run(["cp", "-a", "--reflink=auto", str(tree_dir / "tree"), str(tree)])
+            quiet_login_shells(tree)
             finish_tree(tree, runtime_dir)
             make_ext4(tree, work / "rootfs.ext4", recipe.rootfs_size_mib)
         manifest = {
@@ -342,6 +343,20 @@ def build_template(recipe: Recipe, force: bool = False) -> BuiltImage:
     prune_old_builds(cache_root() / recipe.name, keep={key})
     _step(f"{recipe.name}: {'built' if fresh else 'cached'} {directory} ({time.monotonic() - started:.1f}s)")
     return BuiltImage.load(recipe.name)
+
+
+def quiet_login_shells(tree: Path) -> None:
+    """A login shell spawns no program of its own. Debian's stock files start two in every `bash -l`, which is how
+    the E2B SDK runs each command (`/bin/bash -l -c CMD`): `$(id -u)` in /etc/profile and `mesg n` in root's
+    ~/.profile. Under TCG each costs 30-100 ms. bash has $EUID (dash falls back to `id -u`), and `mesg` only matters
+    on a terminal, which `[ -t 0 ]` tells without a process."""
+    replacements = {
+        tree / "etc" / "profile": ('"$(id -u)"', '"${EUID:-$(id -u)}"'),
+        tree / "root" / ".profile": ("\nmesg n 2> /dev/null || true", "\n[ -t 0 ] && mesg n 2> /dev/null || true"),
+    }
+    for path, (old, new) in replacements.items():
+        if path.is_file() and not path.is_symlink():
+            path.write_text(path.read_text().replace(old, new))
 
 
 def prune_old_builds(template_dir: Path, keep: set[str], keep_newest: int = 2) -> None:
