@@ -227,3 +227,25 @@ async def test_the_sync_sdk_runs_code_too(sandbox_id, sandbox_url):
 
     text, out, contexts = await asyncio.to_thread(run)
     assert text == "42" and out == ["sync\n"] and "default" in contexts
+
+
+async def test_a_sandbox_deleted_mid_run_ends_the_run_with_our_error(caller, sandbox_url):
+    """E2B's server would just drop the connection; ours ends the stream with the run's error, saying why. (A context of
+    its own: the module's sandboxes share one host code server, which outlives the deleted sandbox.)"""
+    create = sandbox_api.CreateSandboxRequest(sandbox=dict(template="code-interpreter"))
+    doomed = (await caller.stub.CreateSandbox(create, metadata=caller.metadata, timeout=60)).sandbox.name
+    gone = AsyncSandbox(**sdk_options(doomed.removeprefix("sandboxes/"), sandbox_url))
+    context = await gone.create_code_context()
+    started = asyncio.Event()
+    run = asyncio.ensure_future(
+        gone.run_code(
+            "import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.1)",
+            context=context,
+            on_stdout=lambda _: started.set(),
+        )
+    )
+    await started.wait()
+    await caller.stub.DeleteSandbox(sandbox_api.DeleteSandboxRequest(name=doomed), metadata=caller.metadata)
+    execution = await run
+    assert execution.error.name == "UNAVAILABLE" and "went away" in execution.error.value
+    assert execution.logs.stdout == ["started\n"]
