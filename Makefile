@@ -73,10 +73,10 @@ lint: venv ## ruff (lint + format check), buf lint, and buf breaking against the
 images: venv ## build guest images (cached by recipe hash)
 	@if [ -d images/templates ]; then $(BIN)/python -m images.builder build --all; fi
 
-templates: ## build the heavy built-in templates (python, web, code-interpreter) on the running installation (`make up`), cached
+templates: ## build the heavy built-in templates (python, web, code-interpreter, desktop, e2b-desktop) on the running installation (`make up`), cached
 	$(BIN)/python -m images.templates_build
 
-template-tests: ## the built-in templates (python, web, code-interpreter) on the running installation, after `make templates`
+template-tests: ## the built-in templates (python, web, code-interpreter, desktop, e2b-desktop) on the running installation, after `make templates`
 	$(BIN)/python -m pytest -q -ra -s -m templates tests/standing
 
 bench-density: deps protos images ## idle sandboxes this host holds: memory per sandbox, exec before/after, create rate (SANDBOXES=50, at most 200)

@@ -84,6 +84,8 @@ async def desktop_installation(etcd_server):
         node = InProcessNode(etcd_server.endpoint, state_dir)
         images = fake_image_root(node.state_dir / "images")
         add_guest_server_image(images, "desktop", {"/run/mvm-desktop.sock": socket_path})
+        # E2B's `desktop` (tests/unit/test_e2b_desktop_sdk.py): processes on the same host display, no server
+        add_guest_server_image(images, "e2b-desktop", {})
         node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
         http_port = free_port()
         await start_installation(node, http_port)

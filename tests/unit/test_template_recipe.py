@@ -209,7 +209,16 @@ BUILT_IN = sorted(path.parent.name for path in (REPO / "images" / "templates").g
 
 
 def test_the_built_in_recipes_are_the_known_ones():
-    assert BUILT_IN == ["code-interpreter", "desktop", "python", "web"]
+    assert BUILT_IN == ["code-interpreter", "desktop", "e2b-desktop", "python", "web"]
+
+
+def test_e2b_desktop_has_what_the_e2b_desktop_sdk_runs_and_no_session_of_its_own():
+    # e2b_desktop starts Xvfb and XFCE itself after the create; its calls run these tools (docs/e2b.md).
+    plan = load_plan(REPO / "images" / "templates" / "e2b-desktop" / "mvm.yaml")
+    apt = {package for step in plan.steps if isinstance(step, PackagesStep) for package in step.packages}
+    wanted = {"xvfb", "x11-utils", "xfce4-session", "xfwm4", "xfdesktop4", "xdotool", "scrot", "x11-xserver-utils"}
+    assert wanted | {"xdg-utils", "libgtk-3-bin", "x11vnc", "novnc", "net-tools"} <= apt
+    assert not plan.start, "a session of ours would hold display :0 and the window manager"
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

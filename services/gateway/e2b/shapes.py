@@ -20,7 +20,9 @@ from services.gateway.http_files import HTTP_STATUS
 # mounts), so it uses every feature, each served by envd.py, and none it would refuse for an old envd.
 ENVD_VERSION = "0.6.4"
 CLIENT_ID = "microvm"
-TEMPLATE_ALIASES = {"base": "default", "code-interpreter-v1": "code-interpreter", "desktop": "desktop"}
+# E2B's `desktop` is the one its desktop SDK expects: no session at start (the SDK starts Xvfb and XFCE itself), which
+# our `e2b-desktop` template is; our own `desktop` (openbox, its session running) serves DesktopService.
+TEMPLATE_ALIASES = {"base": "default", "code-interpreter-v1": "code-interpreter", "desktop": "e2b-desktop"}
 E2B_NAMES = {ours: e2b for e2b, ours in TEMPLATE_ALIASES.items()}
 PREFIX = "sandboxes/"
 
