@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -35,11 +36,23 @@ ROLES = {
 # A child that stayed up this long is healthy again: its next crash restarts without back-off.
 STABLE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
+# If the supervisor itself is killed, its children get SIGTERM instead of becoming orphans (PR_SET_PDEATHSIG).
+# util-linux's setpriv sets that and execs the child's command. Setting it in a preexec function instead made Python
+# fork the supervisor, whose gRPC threads (its etcd client) then ran their fork handlers in the child: under load one
+# child aborted there before its exec (SIGABRT after "epoll_wait error: Bad file descriptor"). Without a preexec
+# function the child is spawned by vfork, and no fork handler runs.
+SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:
-    # If the supervisor itself is killed, its children get SIGTERM instead of becoming orphans.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_spawn(command: list[str]) -> tuple[list[str], object]:
+    """The argv and preexec function that start `command` as a child dying with this process."""
+    if SETPRIV:
+        return [SETPRIV, "--pdeathsig", "TERM", "--", *command], None
+    return list(command), _die_with_parent  # no setpriv: the fork, as before
 
 
 @dataclass
@@ -155,13 +168,9 @@ class StackSupervisor:
         log = open(child.log_path, "ab")
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {' '.join(child.command)}\n".encode())
         log.flush()
+        argv, preexec = child_spawn(child.command)
         child.process = await asyncio.create_subprocess_exec(
-            *child.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=self._env(),
-            preexec_fn=_die_with_parent,
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self._env(), preexec_fn=preexec
         )
         log.close()
         child.started_at = time.monotonic()
