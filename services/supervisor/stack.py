@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,6 +22,7 @@ from services.common.settings import ComputeSettings, SupervisorSettings
 from services.network.links import delete_tap
 from services.supervisor import prometheus
 from services.supervisor.bootstrap import bootstrap_admin_key, operator_channel
+from services.supervisor.children import child_spawn
 
 SERVICE_KINDS = ("auth", "snapshot", "network", "relay", "compute", "gateway")
 # What each role runs: `node` on every host with VMs, `control` (any number of replicas) anywhere, `all` on one
@@ -35,24 +34,6 @@ ROLES = {
 }
 # A child that stayed up this long is healthy again: its next crash restarts without back-off.
 STABLE_SECONDS = 10.0
-_PR_SET_PDEATHSIG = 1
-# If the supervisor itself is killed, its children get SIGTERM instead of becoming orphans (PR_SET_PDEATHSIG).
-# util-linux's setpriv sets that and execs the child's command. Setting it in a preexec function instead made Python
-# fork the supervisor, whose gRPC threads (its etcd client) then ran their fork handlers in the child: under load one
-# child aborted there before its exec (SIGABRT after "epoll_wait error: Bad file descriptor"). Without a preexec
-# function the child is spawned by vfork, and no fork handler runs.
-SETPRIV = shutil.which("setpriv")
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def child_spawn(command: list[str]) -> tuple[list[str], object]:
-    """The argv and preexec function that start `command` as a child dying with this process."""
-    if SETPRIV:
-        return [SETPRIV, "--pdeathsig", "TERM", "--", *command], None
-    return list(command), _die_with_parent  # no setpriv: the fork, as before
 
 
 @dataclass

@@ -12,6 +12,7 @@ from tests.code_server import add_code_interpreter_image, add_guest_server_image
 from tests.desktop_server import host_desktop, missing_tools
 from tests.etcd import LocalEtcd, free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation
+from tests.unit.e2b_fixtures import e2b_doors
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +97,12 @@ async def desktop_installation(etcd_server):
         finally:
             await node.stop_all()
     shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def doors(installation):
+    """The `installation`'s two E2B doors, with the e2b SDK's environment pointed at them for tenant alice
+    (tests/unit/e2b_fixtures.py). A module with another installation defines its own `doors`."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        async for found in e2b_doors(installation, monkeypatch):
+            yield found

@@ -16,16 +16,8 @@ from e2b.exceptions import AuthenticationException, NotFoundException
 from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.gateway.e2b import access_token
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 async def test_create_with_e2b_template_name_metadata_and_envs_makes_our_sandbox(doors):

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.etcd import free_port
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -73,13 +72,6 @@ def rendered(directory: Path, port: int, api: str, sandbox: str) -> Path:
     path = directory / "nginx.conf"
     path.write_text(text)
     return path
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 @pytest.fixture

@@ -14,16 +14,8 @@ from e2b.sandbox.commands.command_handle import PtySize
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
 from tests.e2b_envd import SANDBOX_ENV
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 @pytest.fixture(scope="module")

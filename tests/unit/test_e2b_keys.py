@@ -17,17 +17,9 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from mvm_cli.keys import supervisor_argv
 from mvm_cli.main import parse
 from services.supervisor.bootstrap import create_api_key
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
 E2B_KEY = re.compile(r"^e2b_[0-9a-f]{40}$")
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,8 @@ from microvm.sandbox.v1 import port_forward_service_pb2_grpc, sandbox_service_pb
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.gateway.e2b import sandbox_traffic
 from tests.etcd import free_port
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 @pytest.fixture(scope="module")

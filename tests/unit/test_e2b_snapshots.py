@@ -9,16 +9,8 @@ from e2b import AsyncSandbox, SandboxState
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.gateway.e2b import access_token
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 async def test_fork_makes_running_clones_each_with_its_own_token(doors):

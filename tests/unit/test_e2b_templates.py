@@ -14,16 +14,8 @@ from e2b.exceptions import BuildException
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.gateway.e2b import template_recipe
 from services.gateway.e2b.shapes import E2bError
-from tests.unit.e2b_fixtures import e2b_doors
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-async def doors(installation):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        async for found in e2b_doors(installation, monkeypatch):
-            yield found
 
 
 async def test_a_template_built_with_the_sdk_makes_sandboxes(doors, tmp_path):
