@@ -1,4 +1,4 @@
-"""services/supervisor/stack.child_spawn: a supervised child dies with its supervisor, and is spawned without a fork
+"""services/supervisor/children.child_spawn: a supervised child dies with its supervisor, and is spawned without a fork
 of the supervisor (whose gRPC threads' fork handlers once aborted a child before its exec)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from services.supervisor import stack
+from services.supervisor import children
 
 PARENT = textwrap.dedent(
     """
     import asyncio, sys
-    from services.supervisor.stack import child_spawn
+    from services.supervisor.children import child_spawn
 
     async def main():
         argv, preexec = child_spawn(["sleep", "300"])
@@ -38,13 +38,21 @@ def alive(pid: int) -> bool:
         return False
 
 
+def program(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().split(b"\0")[0].rsplit(b"/", 1)[-1]
+
+
 def test_a_child_gets_sigterm_when_its_supervisor_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     try:
         child = int(parent.stdout.readline())
         assert alive(child)
-        with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-            assert cmdline.read().split(b"\0")[0] == b"sleep", "setpriv execs the command itself: same pid"
+        # setpriv execs the command itself (same pid), once it has set the signal: wait for that exec
+        deadline = time.monotonic() + 30
+        while program(child) != b"sleep" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert program(child) == b"sleep", "setpriv execs the command itself: same pid"
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 30
@@ -56,12 +64,12 @@ def test_a_child_gets_sigterm_when_its_supervisor_is_killed():
 
 
 def test_child_spawn_uses_setpriv_where_there_is_one_else_a_prctl_in_the_fork():
-    if stack.SETPRIV is None:
+    if children.SETPRIV is None:
         pytest.skip("setpriv is missing: the other test covers the prctl path")
-    argv, preexec = stack.child_spawn(["true"])
-    assert argv[:4] == [stack.SETPRIV, "--pdeathsig", "TERM", "--"] and preexec is None
-    saved, stack.SETPRIV = stack.SETPRIV, None
+    argv, preexec = children.child_spawn(["true"])
+    assert argv[:4] == [children.SETPRIV, "--pdeathsig", "TERM", "--"] and preexec is None
+    saved, children.SETPRIV = children.SETPRIV, None
     try:
-        assert stack.child_spawn(["true"]) == (["true"], stack._die_with_parent)
+        assert children.child_spawn(["true"]) == (["true"], children._die_with_parent)
     finally:
-        stack.SETPRIV = saved
+        children.SETPRIV = saved
