@@ -25,7 +25,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import error_info
 from services.common.records import ATTACHMENTS, Records
 from services.gateway.records import sandbox_key
-from tests.etcd import LocalEtcd, free_port
+from tests.etcd import LocalEtcd
 from tests.inprocess import InProcessNode, etcd_client_for, fake_image_root, start_installation, tenant_caller
 
 HOST_ADDRESS = "192.0.2.10"  # the namespace's own non-loopback address (its "public" one)
@@ -83,9 +83,8 @@ async def _observe() -> dict:
         "warm_pool_size": 0,
     }
     try:
-        http_port = free_port()
-        await start_installation(node, http_port)
-        return await _scenario(node, http_port)
+        await start_installation(node)
+        return await _scenario(node, int(node.http.rpartition(":")[2]))
     finally:
         await node.stop_all()
         etcd.stop()

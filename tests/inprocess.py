@@ -60,6 +60,7 @@ class InProcessNode:
     node: str = field(default_factory=lambda: f"node-{uuid.uuid4().hex[:8]}")
     running: dict[str, Running] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
+    http: str = ""  # the gateway's HTTP/JSON base URL, once `start_installation` started it
 
     def common(self) -> CommonSettings:
         return CommonSettings(
@@ -171,11 +172,16 @@ class Caller:
         self.key = key
 
 
-async def start_installation(node: InProcessNode, http_port: int) -> None:
-    """Every service of a one-node installation in this loop: auth and gateway too (auth required)."""
+async def start_installation(node: InProcessNode, http_port: int = 0) -> None:
+    """Every service of a one-node installation in this loop: auth and gateway too (auth required). The gateway's
+    HTTP/JSON door binds `http_port` (0: any free port, never one probed free earlier that another server of this
+    process may take meanwhile); where it bound is then in `node.http` and in the gateway's settings."""
     for kind in ("auth", "snapshot", "network", "relay", "compute"):
         await node.start(kind)
     await node.start("gateway", listen="127.0.0.1:0", http_listen=f"127.0.0.1:{http_port}")
+    bound = await node.registration_metadata("gateway", "http")
+    node.settings["gateway"]["http_listen"] = bound
+    node.http = f"http://{bound}"
 
 
 async def tenant_caller(node: InProcessNode, tenant: str, role: int | None = None, **quota) -> Caller:

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
-from tests.etcd import LocalEtcd, free_port
+from tests.etcd import LocalEtcd
 from tests.exposure_checks import NetworkedNode
 from tests.inprocess import fake_image_root, start_installation, tenant_caller
 from tests.prometheus_text import scrape
@@ -30,7 +30,7 @@ async def _observe() -> dict:
     images = str(fake_image_root(state_dir / "images"))
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": images, "warm_pool_size": 0}
     try:
-        await start_installation(node, free_port())
+        await start_installation(node)
         return await _scenario(node)
     finally:
         await node.stop_all()

@@ -55,10 +55,11 @@ window.rfb = rfb;
 
 
 class DesktopLive:
-    def __init__(self, context, data: DataPlane) -> None:
+    def __init__(self, context, data: DataPlane, http_address: str) -> None:
+        """`http_address`: where the HTTP/JSON door is bound, for links when no `public_http_url` is set."""
         self.context, self.data = context, data
         settings = context.settings
-        self.base = (settings.public_http_url or f"http://{settings.http_listen}").rstrip("/")
+        self.base = (settings.public_http_url or f"http://{http_address}").rstrip("/")
         self.novnc = Path(settings.novnc_dir)
 
     async def _on_auth(self, invoke):

@@ -4,6 +4,7 @@ reaper."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from microvm.sandbox.v1 import (
     template_service_pb2,
     template_service_pb2_grpc,
 )
-from services.common.config import parse_address
+from services.common.config import ConfigError, parse_address
 from services.common.records import SANDBOXES, Records
 from services.common.server import ServiceContext
 from services.common.settings import GatewaySettings
@@ -96,6 +97,17 @@ class Gateway:
         self.admin = NodeAdmin(self.store, self.nodes, self.placement, self.snapshots)
 
 
+def bind_http_socket(listen: str) -> socket.socket:
+    host, port = parse_address(listen, key="gateway.http_listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as error:
+        raise ConfigError(f"gateway.http_listen: cannot bind {listen}: {error.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     await Records(context.etcd).migrate(SANDBOXES)
     gateway = Gateway(context)
@@ -109,7 +121,19 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     template_service_pb2_grpc.add_TemplateServiceServicer_to_server(TemplateServicer(gateway.template_ops), server)
     code_service_pb2_grpc.add_CodeServiceServicer_to_server(CodeServicer(CodeOps(gateway.data)), server)
     port_forward_service_pb2_grpc.add_PortForwardServiceServicer_to_server(PortForwardServicer(gateway.data), server)
-    live = DesktopLive(context, gateway.data)
+    # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: served lazily). Its socket is
+    # bound now, so a taken address fails the start and the bound address (port 0: any free port) is published in
+    # the registration's metadata (`http`).
+    http_socket = bind_http_socket(context.settings.http_listen)
+    bound_host, bound_port = http_socket.getsockname()[:2]
+    context.registration_metadata["http"] = f"{bound_host}:{bound_port}"
+
+    async def close_unserved_socket() -> None:  # a gateway stopped before its registration: nothing serves it
+        if context.registration is None:
+            http_socket.close()
+
+    context.on_shutdown.append(close_unserved_socket)
+    live = DesktopLive(context, gateway.data, context.registration_metadata["http"])
     desktop_service_pb2_grpc.add_DesktopServiceServicer_to_server(DesktopServicer(gateway.data, live), server)
     metrics_service_pb2_grpc.add_SandboxMetricsServiceServicer_to_server(SandboxMetricsServicer(gateway.data), server)
     context.every(30, gateway.builds.reap, "template-build-reaper")
@@ -122,17 +146,19 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
 
     # The E2B SDKs' control plane and in-sandbox traffic (docs/e2b.md): bound now, so a taken address fails the start
     # before anything below waits for the registration.
-    await e2b_listeners.start(context)
+    try:
+        await e2b_listeners.start(context)
+    except BaseException:
+        http_socket.close()
+        raise
 
-    # HTTP/JSON, calling this gateway's own gRPC port (known once the server is bound: started lazily).
     async def start_http() -> None:
         while context.registration is None:
             await asyncio.sleep(0.05)
         http = HttpGateway(context.registration.instance.address)
         runner = web.AppRunner(http.app(live.routes), access_log=None)
         await runner.setup()
-        host, port = parse_address(context.settings.http_listen, key="gateway.http_listen")
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, http_socket).start()
 
         async def stop_http() -> None:
             await runner.cleanup()

@@ -10,7 +10,7 @@ import pytest
 from services.common.registry import etcd_client
 from tests.code_server import add_code_interpreter_image, add_guest_server_image, host_code_server
 from tests.desktop_server import host_desktop, missing_tools
-from tests.etcd import LocalEtcd, free_port
+from tests.etcd import LocalEtcd
 from tests.inprocess import InProcessNode, fake_image_root, start_installation
 from tests.unit.e2b_fixtures import e2b_doors
 
@@ -45,7 +45,7 @@ async def installation(etcd_server):
     node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvm-installation-")))
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)
@@ -64,9 +64,8 @@ async def code_installation(etcd_server):
         images = fake_image_root(node.state_dir / "images")
         add_code_interpreter_image(images, socket_path)
         node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
-        http_port = free_port()
-        await start_installation(node, http_port)
-        node.code_socket, node.http = socket_path, f"http://127.0.0.1:{http_port}"
+        await start_installation(node)
+        node.code_socket = socket_path
         try:
             yield node
         finally:
@@ -88,10 +87,8 @@ async def desktop_installation(etcd_server):
         # E2B's `desktop` (tests/unit/test_e2b_desktop_sdk.py): processes on the same host display, no server
         add_guest_server_image(images, "e2b-desktop", {})
         node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
-        http_port = free_port()
-        await start_installation(node, http_port)
+        await start_installation(node)
         node.desktop_socket, node.display_env = socket_path, display_env
-        node.http = f"http://127.0.0.1:{http_port}"
         try:
             yield node
         finally:

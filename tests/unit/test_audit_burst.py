@@ -21,7 +21,6 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.auth.audit import AuditLog
 from services.common.errors import Unavailable, error_info
-from tests.etcd import free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,7 +38,7 @@ async def installation(etcd_server):
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
     node.settings["gateway"] = {"rate_limit_per_second": 10_000.0, "rate_limit_burst": 10_000.0}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

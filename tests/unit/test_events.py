@@ -23,7 +23,6 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from services.common.errors import error_info
 from services.common.records import VMS, Records
 from services.gateway.records import sandbox_key
-from tests.etcd import free_port
 from tests.event_watch import (
     CREATED,
     DELETED,
@@ -46,7 +45,7 @@ async def installation(etcd_server):
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
     node.settings["gateway"] = {"operator_tenants": [f"ev-ops-{node.node}"]}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

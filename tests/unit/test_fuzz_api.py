@@ -43,7 +43,6 @@ from services.auth import permissions
 from services.common.records import SANDBOX_TOMBSTONES, Records
 from services.gateway.http import SERVICES
 from services.gateway.records import sandbox_key
-from tests.etcd import free_port
 from tests.fuzz_requests import RequestStrategies, build, http_rule, mentions, printable_ascii, token
 from tests.fuzz_transport import CALL_TIMEOUT, Doors, Outcome
 from tests.inprocess import (
@@ -87,7 +86,7 @@ async def installation(etcd_server):
         "rate_limit_burst": 100_000.0,
         "operator_tenants": [f"fz-ops-{node.node}"],
     }
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

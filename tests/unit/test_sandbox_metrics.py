@@ -21,7 +21,6 @@ from microvm.sandbox.v1 import metrics_service_pb2_grpc
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1.resource_usage_pb2 import ResourceSample
 from services.compute.resource_sampler import USAGE_FILE, ResourceSampler
-from tests.etcd import free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
 
 SAMPLE_SECONDS = 0.2
@@ -32,7 +31,7 @@ async def sampled(etcd_server):
     node = InProcessNode(etcd_server.endpoint, Path(tempfile.mkdtemp(prefix="mvm-usage-")))
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "usage_sample_seconds": SAMPLE_SECONDS}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

@@ -14,7 +14,6 @@ import pytest
 
 from microvm_sandbox import AsyncClient, AsyncSandbox, Client, SandboxEvent, verify_signature
 from microvm_sandbox.errors import InvalidArgumentError, NotFoundError
-from tests.etcd import free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
 from tests.webhook_receiver import Receiver
 
@@ -27,7 +26,7 @@ async def installation(etcd_server):
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
     node.settings["gateway"] = {"webhook_allowed_networks": ["127.0.0.0/8"], "webhook_retry_seconds": 0.2}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

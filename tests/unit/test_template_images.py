@@ -17,7 +17,6 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import template_pb2 as tmpl
 from microvm.sandbox.v1 import template_service_pb2 as tapi
 from services.common.errors import error_info
-from tests.etcd import free_port
 from tests.inprocess import InProcessNode, fake_image_root, start_installation, tenant_caller
 from tests.unit.test_template_builds import Templates, final
 
@@ -30,7 +29,7 @@ async def pruning(etcd_server):
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 0}
     node.settings["gateway"] = {"template_image_prune_seconds": 1.0}
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)

@@ -46,7 +46,7 @@ async def installation(etcd_server):
     images = fake_image_root(node.state_dir / "images")
     node.settings["compute"] = {"vmm": "fake", "image_cache_dir": str(images), "warm_pool_size": 1}
     node.settings["gateway"] = dict(GATEWAY)
-    await start_installation(node, free_port())
+    await start_installation(node)
     yield node
     await node.stop_all()
     shutil.rmtree(node.state_dir, ignore_errors=True)
