@@ -250,7 +250,8 @@ async def test_two_replicas_deliver_each_event_once_and_a_restart_loses_and_repe
 ):
     records = Records(etcd_client_for(installation.etcd_endpoint))
     listen = {"listen": "127.0.0.1:0", **GATEWAY}
-    await installation.start("gateway", key="gateway-2", http_listen=f"127.0.0.1:{free_port()}", **listen)
+    http_listen = installation.settings["gateway"]["http_listen"]  # the first gateway's, bound by start_installation
+    await installation.start("gateway", key="gateway-2", http_listen="127.0.0.1:0", **listen)
     made = await tenant.webhook(f"{receiver.url}/ok", CREATED, FAILED_EVENT)
     ident = made.webhook.name.split("/")[1]
     first = await tenant.create()
@@ -258,7 +259,6 @@ async def test_two_replicas_deliver_each_event_once_and_a_restart_loses_and_repe
     lock = await records.get(WEBHOOK_LOCKS, tenant.name, ident)
     assert lock is not None and lock.message.instance_id.startswith("gateway-")
     # Every gateway stops; meanwhile the first sandbox's VM dies (compute records it): an event nobody delivers yet.
-    http_listen = installation.settings["gateway"]["http_listen"]
     for key in ("gateway-2", "gateway"):
         await installation.stop(key)
     vm = (await records.get(VMS, first.node, sandbox_key(tenant.name, first.name.split("/")[1]))).message
