@@ -191,6 +191,9 @@ def test_a_fork_bomb_fills_only_the_capped_workload_and_exec_still_reports(gatew
         cap = int(gateway.read_file(bombed.name, "/sys/fs/cgroup/workload/pids.max"))
         held = int(gateway.read_file(bombed.name, "/sys/fs/cgroup/workload/pids.current"))
         assert 256 <= cap < 5000 and held >= cap - 1
+        # Spawns migrate the agent in and out of that cgroup: cheap only with favordynmods (workload.py).
+        mounts = gateway.read_file(bombed.name, "/proc/mounts").decode()
+        assert "favordynmods" in next(line for line in mounts.splitlines() if " /sys/fs/cgroup " in line)
         with pytest.raises(grpc.RpcError) as refused:
             gateway.exec(bombed.name, ["true"], timeout=60)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()

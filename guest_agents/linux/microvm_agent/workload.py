@@ -7,6 +7,12 @@ new exec while the cgroup is full is refused with a clear error instead of hangi
 
 Processes inherit their parent's cgroup at fork, and subprocess spawns with vfork (no code runs in the child
 first), so the agent steps into the cgroup for the spawn and back out: two small writes, no extra exec.
+
+Those writes migrate a task, which takes the kernel's cgroup threadgroup lock for writing; by default that waits
+for an RCU grace period, and every fork near it takes the lock's slow path. Under TCG that cost an exec 10 ms
+(`Popen(["true"])` + wait in a guest: 36.8 ms with the two migrations against 26.2 without). cgroup2's
+`favordynmods` (Linux 6.0+) keeps the lock ready for writers, which makes the migrations free (24.8 ms with them)
+at a small cost to forks that the measurement does not show; kernels without it mount as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ def default_max_pids() -> int:
     return 1024
 
 
+def mount_cgroup2(root: Path) -> None:
+    from microvm_agent import system
+
+    flags = system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC
+    try:
+        system.mount("cgroup2", str(root), "cgroup2", flags, "favordynmods")
+    except OSError:  # a kernel before 6.0 refuses the option (EINVAL)
+        system.mount("cgroup2", str(root), "cgroup2", flags)
+
+
 class Workload:
     def __init__(self) -> None:
         self.group: Path | None = None  # None: no cap (not PID 1, or no cgroup v2 in the guest kernel)
@@ -41,10 +57,9 @@ class Workload:
     def setup(self, max_pids: int, root: Path = CGROUP_ROOT) -> bool:
         """Mounts cgroup2 (if needed) and makes the capped group; False, with the reason on stderr, if the kernel
         cannot (the guest then runs uncapped, as before)."""
-        from microvm_agent import system
 
         try:
-            system.mount("cgroup2", str(root), "cgroup2", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
+            mount_cgroup2(root)
             (root / "cgroup.subtree_control").write_text("+pids")
             group = root / "workload"
             group.mkdir(exist_ok=True)
