@@ -71,9 +71,13 @@ def exec_p50_ms(gateway, name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sandboxes", type=int, default=DEFAULT_SANDBOXES, help=f"1..{MAX_SANDBOXES}")
-    count = max(1, min(MAX_SANDBOXES, parser.parse_args().sandboxes))
+    parser.add_argument("--tb-size-mib", type=int, default=0, help="compute.tcg_tb_size_mib (0: the default)")
+    args = parser.parse_args()
+    count = max(1, min(MAX_SANDBOXES, args.sandboxes))
     with tempfile.TemporaryDirectory(prefix="mvm-bench-density-") as tmp:
         room = {"compute": {"vcpus_total": 4 * MAX_SANDBOXES, "memory_mib_total": 262144}}  # admission, not the host
+        if args.tb_size_mib:
+            room["compute"]["tcg_tb_size_mib"] = args.tb_size_mib
         stack = start_stack(Path(tmp) / "stack", extra_config=room)
         try:
             gateway = Gateway(stack.gateway_address, stack.admin_key)
@@ -101,6 +105,7 @@ def main() -> None:
                 "ratio": round(per_sandbox_mib / first.memory_mib, 3),
                 "goal": "<= 40 MiB per idle sandbox; 200 on this host",
                 "sandboxes": len(vmm),
+                "tcg_tb_size_mib": args.tb_size_mib or "default",
                 "vmm_pss_mib_p50": round(statistics.median(vmm) / 1024, 1) if vmm else None,
                 "services_growth_mib": round(growth / 1024, 1),
                 "exec_p50_ms_first": round(exec_before, 2),
