@@ -6,6 +6,7 @@ The request goes as HTTP/1.0 with its body and a Content-Length: a 1.0 request g
 nor kept alive, so the answer's body is everything after its head until the guest's server closes; it is streamed
 back as it comes. The connection is never half-closed from this side (close_write): some servers drop a half-closed
 connection before answering. Nothing listening on the port is 502 in E2B's shape, as E2B's proxy answers.
+A WebSocket upgrade (noVNC's, behind e2b-desktop's stream) is forwarded by guest_upgrade.py instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from microvm.sandbox.v1 import port_forward_service_pb2 as forward
 from microvm.sandbox.v1 import port_forward_service_pb2_grpc
-from services.gateway.e2b import shapes
+from services.gateway.e2b import guest_upgrade, shapes
 from services.gateway.e2b.sandbox_call import SandboxCall
 
 CHUNK = 1 << 20  # the most one ForwardPortRequest carries
@@ -33,6 +34,7 @@ DROPPED = {
     "e2b-sandbox-id",
     "e2b-sandbox-port",
     "x-access-token",
+    "e2b-traffic-access-token",
     "x-api-key",
 }
 
@@ -45,19 +47,13 @@ def request_head(request: web.Request, length: int) -> bytes:
 
 
 def parse_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP answer: {status_line[:80]!r}")
-    headers = []
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() not in DROPPED:
-            headers.append((name.strip(), value.strip()))
-    return int(parts[1]), headers
+    status, headers = guest_upgrade.parse_answer_head(head)
+    return status, [(name, value) for name, value in headers if name.lower() not in DROPPED]
 
 
 async def handle(request: web.Request, call: SandboxCall) -> web.StreamResponse:
+    if guest_upgrade.asks_websocket_upgrade(request):
+        return await guest_upgrade.handle(request, call)
     body = await request.read()
 
     async def requests():
