@@ -1,15 +1,17 @@
 """E2B's desktop SDK (`e2b_desktop`, unmodified) on the running installation (`make up`, `make templates`; run by `make
 template-tests`): its create on E2B's template name `desktop` (our `e2b-desktop`: the SDK starts Xvfb and XFCE
-itself), then screenshot, clicks, typing, keys, scrolling and the screen size, in a real guest through the E2B
-doors (docs/e2b.md)."""
+itself), then screenshot, clicks, typing, keys, scrolling, the screen size and the stream (x11vnc and noVNC, its page
+and WebSocket through the traffic door), in a real guest through the E2B doors (docs/e2b.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 pytestmark = pytest.mark.templates
@@ -75,3 +77,30 @@ def test_mouse_moves_clicks_and_scrolls(desktop):
     desktop.double_click(310, 210)
     desktop.scroll(direction="down", amount=3)
     assert desktop.get_cursor_position() == (310, 210)
+
+
+def test_the_stream_serves_novnc_and_the_vnc_websocket_through_the_door(desktop):
+    desktop.stream.start()  # x11vnc on the SDK's display, noVNC's proxy on 6080 (waited for by the SDK)
+    try:
+        url = desktop.stream.get_url()
+        assert url.startswith(f"https://6080-{desktop.sandbox_id}.") and "/vnc.html?autoconnect=true" in url
+        # That domain form is a reverse proxy's (deploy/e2b/nginx.conf); the door takes the same requests by headers.
+        headers = {
+            "E2b-Sandbox-Id": desktop.sandbox_id,
+            "E2b-Sandbox-Port": "6080",
+            "X-Access-Token": desktop.connection_config.sandbox_headers["X-Access-Token"],
+        }
+
+        async def page_and_greeting() -> tuple[int, str, bytes]:
+            door = os.environ["E2B_SANDBOX_URL"]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+                async with http.get(door + "/vnc.html", headers=headers) as page:
+                    status, html = page.status, await page.text()
+                async with http.ws_connect(door + "/websockify", headers=headers, protocols=("binary",)) as socket:
+                    return status, html, await socket.receive_bytes()
+
+        status, html, greeting = asyncio.run(page_and_greeting())
+        assert status == 200 and "<title>noVNC</title>" in html
+        assert greeting.startswith(b"RFB 003.00")  # the VNC server's, through noVNC's proxy and the door
+    finally:
+        desktop.stream.stop()
