@@ -57,10 +57,14 @@ class GuestPorts:
         """The guest's next bytes; a bad message from the caller ends the call at once with its status."""
         if not upstream.done():
             reading = asyncio.ensure_future(tunnel.read())
-            await asyncio.wait({reading, upstream}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({reading, upstream}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # the call was cancelled: no read task left pending (a read loses nothing)
+                reading.cancel()
+                raise
             if reading.done():
                 return reading.result()
-            if upstream.exception() is not None:
+            if not upstream.cancelled() and upstream.exception() is not None:
                 reading.cancel()  # safe: a read loses nothing when cancelled
                 raise upstream.exception()
             return await reading
