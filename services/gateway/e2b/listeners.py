@@ -15,6 +15,7 @@ from aiohttp import web
 from services.common.config import ConfigError, parse_address
 from services.gateway.e2b import shapes
 from services.gateway.e2b.control_plane import ControlPlane, authenticate
+from services.gateway.e2b.http2 import DoorSite
 from services.gateway.e2b.sandbox_traffic import SandboxTraffic
 
 MESSAGE_BYTES = 8 << 20  # as the HTTP/JSON door's channel
@@ -68,7 +69,7 @@ async def start(context) -> None:
         await runner.setup()
         runners.append(runner)
         try:
-            await web.TCPSite(runner, host, port).start()
+            await DoorSite(runner, host, port).start()  # HTTP/1.1 and h2c (http2.py)
         except OSError as error:
             for started in runners:
                 await started.cleanup()
