@@ -207,12 +207,13 @@ class RawClient:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         return cls(*await asyncio.open_connection(host, int(port)))
 
-    def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> int:
+    def request(self, method: str, path: str, headers: dict | list, body: bytes = b"", authority="127.0.0.1") -> int:
         stream = self.h2.get_next_available_stream_id()
-        pseudo = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1")]
-        self.h2.send_headers(stream, pseudo + [(k.lower(), v) for k, v in headers.items()], end_stream=not body)
-        if body:
-            self.h2.send_data(stream, body, end_stream=True)
+        pseudo = [(":method", method), (":path", path), (":scheme", "http"), (":authority", authority)]
+        pairs = headers.items() if isinstance(headers, dict) else headers
+        self.h2.send_headers(stream, pseudo + [(k.lower(), v) for k, v in pairs], end_stream=not body)
+        for start in range(0, len(body), 16384):  # h2's frame size (the window is the client's first: 64 KiB)
+            self.h2.send_data(stream, body[start : start + 16384], end_stream=start + 16384 >= len(body))
         self.writer.write(self.h2.data_to_send())
         return stream
 
@@ -235,6 +236,13 @@ class RawClient:
         while not isinstance(frame := await self.frame(), kind) or frame.stream_id != stream:
             assert frame is not None, f"the connection ended before a {kind.__name__} on stream {stream}"
         return frame
+
+    async def response(self, stream: int) -> tuple[bytes, bytes]:
+        """The status and whole body of `stream`."""
+        status, body = (await self.frame_of(stream, HeadersFrame)).decoded[b":status"], b""
+        while "END_STREAM" not in (frame := await self.frame_of(stream, DataFrame)).flags:
+            body += frame.data
+        return status, body + frame.data
 
     def close(self) -> None:
         self.writer.close()
@@ -263,7 +271,8 @@ async def test_a_client_reset_of_a_process_stream_leaves_the_connection_serving(
 
 @pytest.fixture
 async def small_door():
-    """A DoorSite serving `/ticks` (a stream that records how it ended) and `/held` (answers when released)."""
+    """A DoorSite serving `/ticks` (a stream that records how it ended), `/held` (answers when released) and `/echo`
+    (what the application saw of a request)."""
     ended: asyncio.Future = asyncio.get_running_loop().create_future()
     entered, release = asyncio.Event(), asyncio.Event()
 
@@ -285,7 +294,13 @@ async def small_door():
 
     app = web.Application()
     app.router.add_get("/ticks", ticks)
+
+    async def echo(request: web.Request) -> web.Response:
+        seen = {name: request.headers.get(name) for name in ("Host", "Cookie", "TE", "X-Probe", "Transfer-Encoding")}
+        return web.json_response({"version": list(request.version), "body": len(await request.read()), **seen})
+
     app.router.add_get("/held", held)
+    app.router.add_route("*", "/echo", echo)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     await http2.DoorSite(runner, "127.0.0.1", 0).start()
@@ -307,6 +322,29 @@ async def test_a_reset_cancels_the_handler_and_its_upstream_connection(small_doo
         while len(runner.server.connections) > 1:  # the forwarded request's connection closes with it
             await asyncio.sleep(0.01)
         assert [type(connection) for connection in runner.server.connections] == [http2.H2cConnection]
+    finally:
+        client.close()
+
+
+async def test_a_stream_reaches_the_application_as_an_http1_request(small_door):
+    _, url, _, _, _ = small_door
+    client = await RawClient.to(url)
+    try:
+        headers = [("cookie", "a=1"), ("cookie", "b=2"), ("te", "trailers"), ("x-probe", "p")]
+        seen = client.request("POST", "/echo", headers, b"x" * 60000, authority="8000-sbx-1.e2b.example.test")
+        status, body = await client.response(seen)
+        assert status == b"200" and json.loads(body) == {
+            "version": [1, 1],
+            "body": 60000,  # in four DATA frames
+            "Host": "8000-sbx-1.e2b.example.test",  # E2B's domain form reads the sandbox from it
+            "Cookie": "a=1; b=2",  # h2 splits a Cookie, HTTP/1.1 has one
+            "TE": None,
+            "X-Probe": "p",
+            "Transfer-Encoding": "chunked",  # no content-length: streamed
+        }
+        bad = client.request("GET", "/echo", [("x-probe", b"\xff")])
+        assert (await client.response(bad))[0] == b"400"
+        assert (await client.response(client.request("GET", "/echo", {})))[0] == b"200"  # the connection goes on
     finally:
         client.close()
 

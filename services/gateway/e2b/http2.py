@@ -57,7 +57,7 @@ class DoorSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int) -> None:
         super().__init__(runner)
         self._host, self._port = host, port
-        self._undecided: set[FirstBytes] = set()  # connections whose protocol is not known yet
+        self._undecided: set[UndecidedConnection] = set()  # connections whose protocol is not known yet
         self._upstream: asyncio.AbstractServer | None = None
         self._socket_dir: str | None = None
 
@@ -73,7 +73,10 @@ class DoorSite(web.BaseSite):
         upstream_path = str(Path(self._socket_dir) / "door.sock")
         self._upstream = await loop.create_unix_server(self._runner.server, upstream_path)
         self._server = await loop.create_server(
-            lambda: FirstBytes(self, self._runner.server, upstream_path), self._host, self._port, backlog=self._backlog
+            lambda: UndecidedConnection(self, self._runner.server, upstream_path),
+            self._host,
+            self._port,
+            backlog=self._backlog,
         )
 
     async def stop(self) -> None:
@@ -86,7 +89,7 @@ class DoorSite(web.BaseSite):
         await super().stop()
 
 
-class FirstBytes(asyncio.Protocol):
+class UndecidedConnection(asyncio.Protocol):
     """A new connection of a DoorSite until its first bytes say which protocol it speaks."""
 
     def __init__(self, site: DoorSite, server: web.Server, upstream_path: str) -> None:
