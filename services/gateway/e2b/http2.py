@@ -41,7 +41,9 @@ from yarl import URL
 log = structlog.get_logger()
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-STREAM_WINDOW = 1 << 20  # request body bytes a stream may have in flight (h2's default, 64 KiB, slows uploads)
+# Request body bytes a stream may have in flight: an upload goes at most a window per round trip (h2's default,
+# 64 KiB, is 6.5 MB/s at 10 ms; 1 MiB is 100 MB/s).
+STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 8 << 20  # and all streams of a connection together: what a connection may hold here
 IDLE_SECONDS = 75.0  # a connection without streams is closed after this, as aiohttp's keep-alive does HTTP/1.1
 CONNECT_SECONDS = 10.0  # to the private socket; a forwarded request then lives as long as its client wants
