@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 from services.common.errors import FailedPrecondition, Unavailable
@@ -63,9 +64,8 @@ class ChannelPool:
                 return channel
             deadline = asyncio.get_running_loop().time() + (timeout or self._connect_timeout)
             while True:
-                channel = AgentChannel(
-                    target, self.limits, on_closed=self._closed, paused=lambda: self._is_paused(target.vm_id)
-                )
+                channel = AgentChannel(target, self.limits, on_closed=self._closed)
+                channel.paused = functools.partial(self._channel_paused, channel)
                 remaining = deadline - asyncio.get_running_loop().time()
                 try:
                     await channel.connect(max(0.1, min(remaining, self._connect_timeout)))
@@ -85,6 +85,15 @@ class ChannelPool:
                 await self._on_connected(channel)
             self._channels[target.endpoint] = channel
             return channel
+
+    def _channel_paused(self, channel: AgentChannel) -> bool:
+        return self._is_paused(channel.target.vm_id)  # its current id: a claimed pool VM's channel is renamed
+
+    def rename(self, target: AgentTarget) -> None:
+        """The guest behind `target`'s endpoint carries on under another VM id (compute claimed a pooled VM): its
+        open channel is kept, so the create does not wait for a new connection and its round trip."""
+        if channel := self._channels.get(target.endpoint):
+            channel.target = target
 
     def open_channels(self) -> list[AgentChannel]:
         return [channel for channel in self._channels.values() if not channel.is_closed]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from opentelemetry import trace
+
 from microvm.agent.v1 import agent_pb2
 from microvm.relay.v1 import relay_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
@@ -14,6 +16,7 @@ from services.relay.vms import NodeVms
 
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
 MAX_TIMEOUT_MS = 600_000
+TRACER = trace.get_tracer("microvm.relay")
 
 
 def _seconds(timeout_ms: int, default: float) -> float:
@@ -68,7 +71,15 @@ class GuestControl:
     async def set_identity(self, vm_id: str, hostname: str) -> None:
         if not HOSTNAME.fullmatch(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
-        channel = await self.pool.get(await self.vms.target(vm_id, running=False))
+        # Spans: a warm create waits on this call (bench/breakdown.py shows each part).
+        with TRACER.start_as_current_span("relay.vm_record"):
+            target = await self.vms.target(vm_id, running=False)
+        with TRACER.start_as_current_span("agent_channel.open"):
+            channel = await self.pool.get(target)
+        with TRACER.start_as_current_span("guest.identity_and_clock"):
+            await self._send_identity(channel, hostname)
+
+    async def _send_identity(self, channel, hostname: str) -> None:
         await channel.send(
             agent_pb2.Frame(stream_id=0, set_identity=agent_pb2.SetIdentity(hostname=hostname, entropy=os.urandom(64)))
         )

@@ -224,10 +224,16 @@ class NodeRelay:
         await self.records.put(CHANNEL_INCIDENTS, incident, self.node, target.vm_id)
 
     async def forget(self, vm: vm_pb2.VmRecord) -> None:
-        """The VM is gone: its channel, quarantine and incident go too."""
+        """The VM is gone: its channel, quarantine and incident go too. Unless its guest carries on under another id
+        (a pooled VM claimed by a create: compute writes the new record before it removes the old, same VMM process
+        and agent socket): then the channel and any quarantine stay, renamed."""
         target = target_of(vm)
-        await self.pool.close(target)
-        self.pool.quarantined = {k: v for k, v in self.pool.quarantined.items() if k[0] != target.endpoint}
+        successor = next((v for v in self.vms.vms.values() if target_of(v).endpoint == target.endpoint), None)
+        if successor is not None:
+            self.pool.rename(target_of(successor))
+        else:
+            await self.pool.close(target)
+            self.pool.quarantined = {k: v for k, v in self.pool.quarantined.items() if k[0] != target.endpoint}
         await self.records.delete(CHANNEL_INCIDENTS, self.node, vm.id)
 
     async def sync_clocks(self) -> None:
