@@ -135,6 +135,8 @@ class TemplateSnapshots:
         first command or request comes. A check that fails here is only logged: the VM is no worse than cold."""
         for argv in WARM_UP_COMMANDS:
             await self.lifecycle.guests.run(vm_id, argv, timeout=deadlines.GUEST)
+        # And the claim's own path (identity, clock, ping), which a warm create waits on.
+        await self.lifecycle.guests.set_identity(vm_id, vm_id)
         check = ready_check(self.lifecycle.images.config(template))
         if check is not None:
             code = await self.lifecycle.guests.run(vm_id, check, timeout=deadlines.GUEST)
