@@ -274,8 +274,9 @@ class RequestStrategies:
             keys = self.single(entry.fields_by_name["key"], temper, depth, path, map_key=True)
             values = self.single(entry.fields_by_name["value"], temper, depth + 1, path + ".")
             plans = st.dictionaries(keys, values, max_size=3 if temper == "tame" else 5)
-            if temper == "wild":
-                plans |= st.just({f"k{i}": "v" for i in range(70)})
+            if temper == "wild":  # too many entries (a message value, e.g. a Timestamp, filled empty)
+                filler = {} if entry.fields_by_name["value"].type == F.TYPE_MESSAGE else "v"
+                plans |= st.just({f"k{i}": filler for i in range(70)})
             return plans
         if field.name == "argv":
             return self.argv(temper)

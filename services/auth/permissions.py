@@ -83,7 +83,17 @@ WRITE = (
             "UnexposePort",
         )
     }
-    | {f"{TEMPLATES}{m}" for m in ("CreateTemplate", "UpdateTemplate", "DeleteTemplate", "BuildTemplate")}
+    | {
+        f"{TEMPLATES}{m}"
+        for m in (
+            "CreateTemplate",
+            "UpdateTemplate",
+            "DeleteTemplate",
+            "BuildTemplate",
+            "AssignTemplateTags",
+            "RemoveTemplateTags",
+        )
+    }
     | {
         f"{CODE}{m}"
         for m in ("RunCode", "CreateCodeContext", "RestartCodeContext", "DeleteCodeContext", "InterruptCode")

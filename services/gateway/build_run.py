@@ -266,6 +266,7 @@ class BuildRun:
             before = set(template.tags.values())
             for tag in build.tags:
                 template.tags[tag] = build.id
+                template.tag_times[tag].CopyFrom(build.end_time)
             template.update_time.GetCurrentTime()
             if await records.transaction(
                 [records.unchanged(TEMPLATES, stored.revision, owner, build.template)],

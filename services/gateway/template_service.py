@@ -32,6 +32,7 @@ from services.gateway.template_store import (
     parse_reference,
     template_view,
 )
+from services.gateway.template_tags import TemplateTags
 
 log = structlog.get_logger()
 
@@ -50,6 +51,7 @@ def page(items: list, page_size: int, token: str) -> tuple[list, str]:
 class TemplateOps:
     def __init__(self, store: TemplateStore, builds: TemplateBuilds, nodes: ClusterNodes, work_root: Path) -> None:
         self.store, self.builds, self.nodes, self.work_root = store, builds, nodes, work_root
+        self.tags = TemplateTags(store)
 
     def creator(self) -> str:
         principal = current_principal()
@@ -247,3 +249,9 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
 
     async def GetTemplateBuildLog(self, request, context):
         return await self.ops.build_log(request.name)
+
+    async def AssignTemplateTags(self, request, context):
+        return await self.ops.tags.assign(request)
+
+    async def RemoveTemplateTags(self, request, context):
+        return await self.ops.tags.remove(request)

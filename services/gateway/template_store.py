@@ -113,7 +113,14 @@ class TemplateStore:
         return stored
 
     async def require_own(self, name: str) -> Stored[template_pb2.TemplateRecord]:
-        """A template the caller may change: its tenant's, or a public one for an admin."""
+        """A template the caller may change: its tenant's, or a public one for an admin. A built-in image is
+        nobody's to change: PERMISSION_DENIED (TEMPLATE_BUILTIN) says so rather than NOT_FOUND."""
+        if await self.find(name) is None and name in await self.builtin():
+            raise PermissionDenied(
+                f"template {name!r} is built into the installation: it cannot be changed, tagged or deleted",
+                reason="TEMPLATE_BUILTIN",
+                metadata={"template": name},
+            )
         stored = await self.require(name)
         if stored.message.tenant != caller_tenant() and not (stored.message.tenant == "" and is_admin()):
             raise PermissionDenied(
@@ -182,6 +189,9 @@ class TemplateStore:
                 f"template {reference!r} does not exist", reason="TEMPLATE_NOT_FOUND", metadata={"template": name}
             )
         build_id = stored.message.tags.get(tag)
+        if not build_id and tag == "latest":  # untagged `latest`: the newest succeeded build (E2B's default)
+            newest = [b for b in await self.builds_of(stored.message) if b.state == SUCCEEDED]
+            build_id = max(newest, key=lambda b: b.end_time.ToNanoseconds()).id if newest else ""
         build = await self.records.get(TEMPLATE_BUILDS, build_id) if build_id else None
         if build is None or build.message.state != SUCCEEDED:
             if stored.message.tenant == "" and self.on_missing is not None:  # a built-in recipe not built yet
@@ -229,6 +239,8 @@ def template_view(
         tags=dict(record.tags),
         public=record.tenant == "",
     )
+    for tag in record.tags:  # a record older than tag_times: its last change stands in
+        view.tag_times[tag].CopyFrom(record.tag_times[tag] if tag in record.tag_times else record.update_time)
     if record.pool_size >= 0:
         view.pool_size = record.pool_size
     view.create_time.CopyFrom(record.create_time)
