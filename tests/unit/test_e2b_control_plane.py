@@ -191,7 +191,7 @@ async def test_another_tenants_sandbox_is_404_exactly_as_a_missing_one(doors):
 async def test_what_we_do_not_serve_is_501_naming_the_feature(doors):
     for verb, path, body, feature in (
         ("GET", "/volumes", None, "volumes"),
-        ("GET", "/templates", None, "template"),
+        ("GET", "/templates/x", None, "template"),  # a template with its builds
         ("PATCH", "/v2/templates/x", {"public": True}, "template"),
         ("GET", "/secrets", None, "secrets"),
         ("POST", "/v2/sandboxes", {"templateID": "base", "mcp": {"x": {}}}, "MCP"),

@@ -67,6 +67,6 @@ async def test_snapshot_refusals_are_e2b_shapes(doors):
         status, body = await doors.call("DELETE", "/templates/snap-000000000000")
         assert status == 404 and body["code"] == 404
         status, body = await doors.call("DELETE", "/templates/my-template")
-        assert status == 501 and "templates" in body["message"]  # a template, not one of our snapshots
+        assert status == 404 and "my-template" in body["message"]  # a template, not one of our snapshots
     finally:
         await source.kill()

@@ -3,7 +3,8 @@
 Each request is a call on the gateway's own gRPC server over loopback with the caller's credential: `X-API-Key:
 <our API key>` becomes `authorization: Bearer <it>`, so authentication, the tenant wall (another tenant's sandbox is
 404, as a missing one), quotas and audit are the gRPC API's. The routes are those the e2b SDK calls (`app`): sandboxes
-here, fork and snapshots in snapshot_routes.py, the Template builder in template_builds.py, logs in console_logs.py;
+here, fork and snapshots in snapshot_routes.py, the Template builder in template_builds.py, template listing,
+deletion and tags in template_routes.py, logs in console_logs.py;
 every other E2B feature answers 501 with its name (`UNSUPPORTED`), any other path 404, and a failure of ours 500, all
 in E2B's error shape. Create, connect and resume also answer a fresh per-sandbox access token (access_token.py).
 """
@@ -32,8 +33,8 @@ from services.gateway.e2b.template_builds import TemplateBuilds
 log = structlog.get_logger()
 # The first path segment of E2B features this backend does not serve, and the name the 501 gives them.
 UNSUPPORTED = {
-    "templates": "template listing and management (Template.build and Template.exists are served)",
-    "builds": "template listing and management (Template.build and Template.exists are served)",
+    "templates": "template updates and build listing (building, listing, deleting and tagging are served)",
+    "builds": "template updates and build listing (building, listing, deleting and tagging are served)",
     "volumes": "volumes",
     "secrets": "secrets",
     "teams": "teams",
@@ -78,10 +79,10 @@ class ControlPlane:
             ("GET", "/sandboxes/{id}/metrics", self.metrics),
             ("GET", "/sandboxes/{id}/logs", self.logs),
             ("GET", "/v2/sandboxes/{id}/logs", self.logs_v2),
-            ("GET", "/templates/aliases/{alias}", self.template_alias),
         ):
             app.router.add_route(verb, path, handler)
         self.snapshots.add(app)
+        template_routes.add(self, app)
         self.templates.add(app)
         app.router.add_route("*", "/{tail:.*}", self.unsupported)
         return app
@@ -303,9 +304,6 @@ class ControlPlane:
 
     async def logs_v2(self, request: web.Request) -> web.Response:
         return await console_logs.logs(self, request, v2=True)
-
-    async def template_alias(self, request: web.Request) -> web.Response:
-        return await template_routes.alias(self, request)
 
     async def unsupported(self, request: web.Request) -> web.Response:
         self.metadata(request)  # 401 before anything else, as every route

@@ -44,11 +44,10 @@ def grpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
 
 
 def our_template(template_id: str) -> str:
-    """E2B's `templateID` (maybe with a `:tag`, which we do not have: refused) as our template's name."""
-    name, _, tag = template_id.partition(":")
-    if tag and tag != "latest":
-        raise E2bError(400, f"template tags are not supported by this backend (asked for {template_id!r})")
-    return TEMPLATE_ALIASES.get(name, name)
+    """E2B's `templateID` (`name` or `name:tag`) as our template reference: the same tag, E2B's well-known names
+    as our built-ins' (our TemplateService checks the name and the tag)."""
+    name, colon, tag = template_id.partition(":")
+    return TEMPLATE_ALIASES.get(name, name) + colon + tag
 
 
 # --- values of a request -------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ class SnapshotRoutes:
         app.router.add_route("POST", "/sandboxes/{id}/fork", self.fork)
         app.router.add_route("POST", "/sandboxes/{id}/snapshots", self.create_snapshot)
         app.router.add_route("GET", "/snapshots", self.list_snapshots)
-        app.router.add_route("DELETE", "/templates/{id}", self.delete_snapshot)
 
     async def restore(self, body: dict, metadata, timeout: int) -> web.Response:
         """A create whose `templateID` is one of our snapshots: RestoreSnapshot with its labels and timeout."""
@@ -106,9 +105,7 @@ class SnapshotRoutes:
 
     async def delete_snapshot(self, request: web.Request) -> web.Response:
         metadata = self.plane.metadata(request)
-        snapshot = request.match_info["id"]
-        if not is_snapshot(snapshot):
-            raise E2bError(501, "deleting templates: not supported by this backend (use `mvm template rm`)")
+        snapshot = request.match_info["template"]  # `DELETE /templates/{id}` of a `snap-…` id (template_routes.py)
         await self.plane.stub().DeleteSnapshot(
             api.DeleteSnapshotRequest(name=f"snapshots/{snapshot}"), metadata=metadata, timeout=60
         )
