@@ -224,4 +224,6 @@ def test_parsing_and_completion_of_the_template_commands():
         "COMP_WORDS=(mvm template rm web '')\nCOMP_CWORD=4", "COMP_WORDS=(mvm template '')\nCOMP_CWORD=2"
     )
     result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
-    assert result.stdout.split() == ["build", "ls", "list", "show", "rm", "delete", "logs"], shlex.quote(result.stderr)
+    assert result.stdout.split() == ["build", "ls", "list", "show", "rm", "delete", "logs", "tag", "untag"], (
+        shlex.quote(result.stderr)
+    )

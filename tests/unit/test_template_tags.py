@@ -3,6 +3,7 @@ installation: the real gateway, compute and etcd, two real builds of one templat
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -188,3 +189,27 @@ async def test_a_built_in_template_cannot_be_tagged_or_deleted(carol):
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(error).reason == "TEMPLATE_BUILTIN"
     error = await refused(carol.stub.DeleteTemplate(tapi.DeleteTemplateRequest(name="templates/default"), metadata=md))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "built into the installation" in error.details()
+
+
+async def test_the_cli_tags_a_build_by_id_or_by_tag_and_untags(installation, carol, two_builds, monkeypatch, capfd):
+    from mvm_cli.main import run as mvm
+
+    first, second = two_builds
+    monkeypatch.setenv("MVM_API_KEY", carol.caller.key)
+    gateway = await installation.address("gateway")
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        capfd.readouterr()
+        status = await asyncio.to_thread(mvm, ["--gateway", gateway, *argv])
+        return (status, *capfd.readouterr())
+
+    status, out, _ = await cli("template", "tag", "tagged", build_id(second), "cli-a", "cli-b")
+    assert status == 0 and "cli-a, cli-b" in out and build_id(second) in out
+    status, _, _ = await cli("template", "tag", "tagged", "v1", "cli-b")  # BUILD given as a tag: moves cli-b
+    assert status == 0
+    tags = await tags_of(carol)
+    assert tags["cli-a"] == build_id(second) and tags["cli-b"] == build_id(first)
+    status, out, _ = await cli("template", "untag", "tagged", "cli-a", "cli-b")
+    assert status == 0 and "removed cli-a, cli-b" in out
+    status, _, err = await cli("template", "untag", "tagged", "cli-a")
+    assert status != 0 and "no tag 'cli-a'" in err

@@ -10,6 +10,7 @@ template logs REF         a build's log: NAME (its newest build), NAME:TAG or NA
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from microvm.sandbox.v1 import template_pb2, template_service_pb2
@@ -106,7 +107,7 @@ def register(sub) -> None:
     )
     add_listing(template, "names")
     template.set_defaults(handler=list_command)
-    actions = template.add_subparsers(dest="action", metavar="{build,ls,show,rm,logs}")
+    actions = template.add_subparsers(dest="action", metavar="{build,ls,show,rm,logs,tag,untag}")
     template_build.register(actions)
     ls = command_parser(
         actions,
@@ -145,6 +146,24 @@ def register(sub) -> None:
     logs.add_argument("-f", "--follow", action="store_true", help="follow the build until it ends")
     logs.set_defaults(handler=logs_command)
 
+    tag = command_parser(
+        actions,
+        "tag",
+        "point tags at a build",
+        "mvm template tag web b1a2b3c4d5e6 stable prod\nmvm template tag web v1 stable",
+        description="Point tags at a succeeded build of TEMPLATE: BUILD is a build id or a tag naming it now. A tag "
+        "that named another build moves; all of them move at once. `mvm create --template TEMPLATE:TAG` then boots it.",
+    )
+    tag.add_argument("template", metavar="TEMPLATE", help="the template's name")
+    tag.add_argument("build", metavar="BUILD", help="a build id (b…) or a tag of the template")
+    tag.add_argument("tags", nargs="+", metavar="TAG", help="tags to point at it")
+    tag.set_defaults(handler=tag_command)
+
+    untag = command_parser(actions, "untag", "remove tags from a template", "mvm template untag web stable")
+    untag.add_argument("template", metavar="TEMPLATE", help="the template's name")
+    untag.add_argument("tags", nargs="+", metavar="TAG", help="tags to remove (its builds stay)")
+    untag.set_defaults(handler=untag_command)
+
 
 def list_command(ctx: Context, args) -> int:
     found = ctx.client.templates.list()
@@ -178,6 +197,21 @@ def rm_command(ctx: Context, args) -> int:
         return f"deleted {short(template_name(name))}"
 
     return for_each(args.templates, delete, "template rm", noun="template")
+
+
+def tag_command(ctx: Context, args) -> int:
+    is_id = re.fullmatch(r"b[0-9a-f]{12}", args.build) is not None
+    source = f"{args.template}/{args.build}" if is_id else f"{args.template}:{args.build}"
+    build = ctx.client.templates.find_build(source).name
+    found = ctx.client.templates.assign_tags(build, args.tags)
+    emit(f"{short(found.name)}: {', '.join(args.tags)} -> {build_ref(build)}")
+    return 0
+
+
+def untag_command(ctx: Context, args) -> int:
+    found = ctx.client.templates.remove_tags(args.template, args.tags)
+    emit(f"{short(found.name)}: removed {', '.join(args.tags)}; tags now {tags_text(found) or 'none'}")
+    return 0
 
 
 def logs_command(ctx: Context, args) -> int:

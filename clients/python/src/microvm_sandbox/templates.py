@@ -270,6 +270,19 @@ class AsyncTemplates:
         unless force (they keep running; no new ones can be made from it)."""
         await self._call("DeleteTemplate", api.DeleteTemplateRequest(name=template_name(name), force=force))
 
+    async def assign_tags(self, build: str, tags: builtins.list[str]) -> template_pb2.Template:
+        """Points tags at a succeeded build (`T/B` or its full name), moving any that named another build; all
+        of them or none. Returns the template with its tags as they are now."""
+        request = api.AssignTemplateTagsRequest(build=build_name(build), tags=tags)
+        found: template_pb2.Template = (await self._call("AssignTemplateTags", request)).template
+        return found
+
+    async def remove_tags(self, name: str, tags: builtins.list[str]) -> template_pb2.Template:
+        """Removes tags from a template (NotFoundError, nothing removed, when one is not there); builds stay."""
+        request = api.RemoveTemplateTagsRequest(template=template_name(name), tags=tags)
+        found: template_pb2.Template = (await self._call("RemoveTemplateTags", request)).template
+        return found
+
 
 async def _follow(
     stream: AsyncBuildStream, on_log: LogCallback | None, on_step: StepCallback | None

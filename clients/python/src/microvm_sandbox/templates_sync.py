@@ -160,3 +160,11 @@ class Templates:
     def delete(self, name: str, *, force: bool = False) -> None:
         """Deletes a template and its builds (TemplateInUse unless force while in use)."""
         self._run(self.aio.delete(name, force=force))
+
+    def assign_tags(self, build: str, tags: builtins.list[str]) -> template_pb2.Template:
+        """Points tags at a succeeded build (`T/B`), moving any that named another build."""
+        return self._run(self.aio.assign_tags(build, tags))
+
+    def remove_tags(self, name: str, tags: builtins.list[str]) -> template_pb2.Template:
+        """Removes tags from a template; its builds stay."""
+        return self._run(self.aio.remove_tags(name, tags))
