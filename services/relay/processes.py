@@ -80,10 +80,12 @@ async def exec_events(stream: AgentStream, max_output_bytes: int = 0, start_sent
             data = frame.output.data
             room = max_output_bytes - produced if max_output_bytes else len(data)
             produced += len(data)
+            # Credit returns as the chunk is taken, before it is handed to gRPC: the guest reads its next chunk
+            # while this one crosses to the caller. Still bounded: the next grant waits for this yield, which
+            # waits for gRPC's own flow control, so a slow caller holds at most two windows here.
+            await stream.grant(len(data))
             if room > 0:
                 yield api.ExecResponse(**{OUTPUT_FIELD.get(frame.output.channel, "stdout"): data[:room]})
-            # Credit returns only once the event was handed to gRPC (which applies its own flow control).
-            await stream.grant(len(data))
         elif kind == "exec_started":
             record_guest_spawn(frame.exec_started, start_sent_ns)
             spawned_ns = frame.exec_started.spawned_unix_ns

@@ -259,7 +259,7 @@ async def test_slow_client_applies_back_pressure_to_the_process(relay):
     await asyncio.sleep(2)  # the client reads nothing meanwhile
     written = int(progress.read_text())
     call.cancel()
-    # Credit (1 MiB) + pipe + HTTP/2 windows: far below what an unbounded relay would have taken.
+    # Credit (1 MiB, and one chunk the relay holds) + pipe + HTTP/2 windows: far below an unbounded relay.
     assert written < 32 << 20, f"the process wrote {written} bytes while nobody read"
 
 
