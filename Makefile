@@ -114,6 +114,7 @@ bench: deps protos images
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.breakdown
 	$(BIN)/python -m bench.density
+	$(BIN)/python -m bench.parallel
 	$(BIN)/python -m bench.observability
 	$(BIN)/python -m bench.files
 	$(BIN)/python -m bench.network
