@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from microvm.compute.v1 import compute_pb2
 from microvm.network.v1 import network_pb2
@@ -50,6 +51,8 @@ from services.gateway.template_store import TemplateStore
 from services.network.policy import normalized_policy
 
 log = structlog.get_logger()
+# Spans of a create's own steps: a warm create's budget is tens of milliseconds (bench/breakdown.py).
+TRACER = trace.get_tracer("microvm.gateway")
 DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 256
 UPDATABLE = ("labels", "timeout", "network_policy")
 StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
@@ -172,7 +175,8 @@ class Sandboxes:
             raise InvalidArgument("vcpus must be at least 1 and memory_mib at least 128")
         policy = self.checked_policy(wanted.network_policy)
         template = (wanted.template or "default").removeprefix("templates/")
-        resolved = await self.templates.resolve(template) if self.templates is not None else None
+        with TRACER.start_as_current_span("gateway.resolve_template"):
+            resolved = await self.templates.resolve(template) if self.templates is not None else None
         config = resolved.config if resolved is not None else None
         if config is not None:  # a user template's own size, unless the caller chose one
             vcpus, memory = wanted.vcpus or config.vcpus or vcpus, wanted.memory_mib or config.memory_mib or memory
@@ -202,14 +206,17 @@ class Sandboxes:
             )
             return (await self.nodes.on_compute(node, lambda c: c.CreateVm(request, timeout=deadlines.VM_START))).vm
 
-        return await self.view(await self.start(record, create_vm))
+        started = await self.start(record, create_vm)
+        with TRACER.start_as_current_span("gateway.view"):
+            return await self.view(started)
 
     async def start(self, record: SandboxRecord, start_vm: StartVm) -> SandboxRecord:
         """Places the sandbox (its record is created naming the node, in one transaction with the tenant's quota and
         the node's capacity), starts its VM with `start_vm(node)`, marks it RUNNING if it still exists. A failure
         at any step removes what was made, and a sandbox deleted while it was being created stays deleted: its new
         VM goes too."""
-        revision = await self.placement.place(record)
+        with TRACER.start_as_current_span("gateway.placement"):
+            revision = await self.placement.place(record)
         node = record.node
         try:
             vm = await start_vm(node)
@@ -226,7 +233,8 @@ class Sandboxes:
             current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
 
         try:
-            record = await self.store.change(record, running, expect_states={CREATING})
+            with TRACER.start_as_current_span("gateway.record_running"):
+                record = await self.store.change(record, running, expect_states={CREATING})
         except ServiceError:
             await self._delete_vm(node, record.id)
             raise self._deleted_during_create(record) from None
