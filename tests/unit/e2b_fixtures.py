@@ -3,6 +3,7 @@ doors by its own environment variables (E2B_API_URL, E2B_SANDBOX_URL, E2B_API_KE
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,3 +50,13 @@ async def e2b_doors(node: InProcessNode, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("E2B_API_KEY", alice.key)
     async with aiohttp.ClientSession() as http:
         yield E2bDoors(api, sandbox, alice, bob, http)
+
+
+def envelopes(body: bytes) -> list[tuple[int, bytes]]:
+    """A Connect streaming body's envelopes: (flags, message) each."""
+    found = []
+    while body:
+        flags, length = struct.unpack(">BI", body[:5])
+        found.append((flags, body[5 : 5 + length]))
+        body = body[5 + length :]
+    return found

@@ -17,6 +17,7 @@ from microvm.sandbox.v1 import sandbox_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from tests.e2b_envd import SANDBOX_ENV, envd_app
 from tests.inprocess import tenant_caller
+from tests.unit.e2b_fixtures import envelopes
 
 pytestmark = pytest.mark.timeout(120)
 JSON, PROTO = {"Content-Type": "application/json"}, {"Content-Type": "application/proto"}
@@ -25,15 +26,6 @@ STREAM_PROTO = {"Content-Type": "application/connect+proto"}
 
 def envelope(data: bytes, flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(data)) + data
-
-
-def envelopes(body: bytes) -> list[tuple[int, bytes]]:
-    found = []
-    while body:
-        flags, length = struct.unpack(">BI", body[:5])
-        found.append((flags, body[5 : 5 + length]))
-        body = body[5 + length :]
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import struct
 import uuid
 
 import hpack
@@ -26,19 +25,11 @@ from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStr
 
 from services.gateway.e2b import http2
 from services.gateway.e2b.connect_protocol import FLAG_END_STREAM, envelope
+from tests.unit.e2b_fixtures import envelopes
 
 pytestmark = pytest.mark.timeout(120)
 PROTO, JSON = {"Content-Type": "application/proto"}, {"Content-Type": "application/json"}
 STREAM_PROTO, STREAM_JSON = {"Content-Type": "application/connect+proto"}, {"Content-Type": "application/connect+json"}
-
-
-def envelopes(body: bytes) -> list[tuple[int, bytes]]:
-    found = []
-    while body:
-        flags, length = struct.unpack(">BI", body[:5])
-        found.append((flags, body[5 : 5 + length]))
-        body = body[5 + length :]
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,8 @@ from services.gateway.e2b.sandbox_call import SandboxCall
 
 CHUNK = 1 << 20  # the most one ForwardPortRequest carries
 MAX_HEAD = 64 << 10
-# Hop-by-hop headers, and ours: never passed on.
-DROPPED = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "e2b-sandbox-id",
-    "e2b-sandbox-port",
-    "x-access-token",
-    "e2b-traffic-access-token",
-    "x-api-key",
-}
+# Hop-by-hop headers, the body's length (written anew), and ours: never passed on either way.
+DROPPED = guest_upgrade.DROPPED_FROM_REQUEST
 
 
 def request_head(request: web.Request, length: int) -> bytes:
