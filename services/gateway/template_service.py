@@ -15,7 +15,7 @@ from microvm.sandbox.v1 import sandbox_service_pb2 as sandbox_api
 from microvm.sandbox.v1 import template_service_pb2 as api
 from microvm.sandbox.v1 import template_service_pb2_grpc
 from services.common import deadlines
-from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, ServiceError
 from services.common.records import SANDBOXES, SNAPSHOTS, TEMPLATE_BUILDS, TEMPLATES
 from services.common.validation import check_page_size
 from services.gateway.access import current_principal
@@ -106,7 +106,7 @@ class TemplateOps:
                 if "pool_size" in paths or "poolSize" in paths:
                     await self.resize_pools(record)
                 return api.UpdateTemplateResponse(template=template_view(record, await self.images()))
-        raise FailedPrecondition("the template kept changing; try again", reason="TEMPLATE_BUSY")
+        raise Aborted("the template kept changing; try again", reason="TEMPLATE_BUSY")
 
     async def resize_pools(self, record) -> None:
         """Applies a new pool size to the images its tags name, on every node that has them (best effort: a node
@@ -164,7 +164,7 @@ class TemplateOps:
             + [records.delete_op(TEMPLATE_BUILDS, b) for b in ids if b not in needed],
         )
         if not deleted:
-            raise FailedPrecondition("the template changed while being deleted; try again", reason="TEMPLATE_BUSY")
+            raise Aborted("the template changed while being deleted; try again", reason="TEMPLATE_BUSY")
         # Images no sandbox or snapshot needs go now (builds of an unchanged plan share one).
         kept = {b.image for b in builds if b.id in needed}
         for node, image in sorted({(b.node, b.image) for b in builds if b.image and b.image not in kept}):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from microvm.sandbox.v1 import template_service_pb2 as api
 from microvm.types.v1 import template_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.gateway.template_store import (
     SUCCEEDED,
     TAG,
@@ -69,7 +69,7 @@ class TemplateTags:
                 record.tag_times[tag].CopyFrom(record.update_time)
             if await self.store.save(stored):
                 return api.AssignTemplateTagsResponse(template=template_view(record))
-        raise FailedPrecondition("the template kept changing; try again", reason="TEMPLATE_BUSY")
+        raise Aborted("the template kept changing; try again", reason="TEMPLATE_BUSY")
 
     async def remove(self, request: api.RemoveTemplateTagsRequest) -> api.RemoveTemplateTagsResponse:
         template, _ = parse_reference(request.template, "template")
@@ -94,4 +94,4 @@ class TemplateTags:
             record.update_time.GetCurrentTime()
             if await self.store.save(stored):
                 return api.RemoveTemplateTagsResponse(template=template_view(record))
-        raise FailedPrecondition("the template kept changing; try again", reason="TEMPLATE_BUSY")
+        raise Aborted("the template kept changing; try again", reason="TEMPLATE_BUSY")
