@@ -122,7 +122,7 @@ def test_http_api_doc_lists_every_route():
     from services.gateway.http import routes
 
     def readable(template: str) -> str:  # /v1/{name=sandboxes/*}:pause -> /v1/sandboxes/{id}:pause
-        template = template.replace("{name=templates/*/builds/*}", "templates/{id}/builds/{build}")
+        template = re.sub(r"\{[a-z_.]+=templates/\*/builds/\*\}", "templates/{id}/builds/{build}", template)
         return re.sub(
             r"\{[a-z_.]+=([a-z]+)/\*\}", lambda m: f"{m[1]}/{{{'node' if m[1] == 'nodes' else 'id'}}}", template
         )
