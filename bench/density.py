@@ -59,6 +59,16 @@ def vmm_pss_kib(stack) -> list[int]:
     return sizes
 
 
+def ksm_state() -> str:
+    """Whether the host merges identical pages (a host setting, off by default): it changes what PSS counts."""
+    try:
+        run = Path("/sys/kernel/mm/ksm/run").read_text().strip()
+        shared = int(Path("/sys/kernel/mm/ksm/pages_sharing").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return f"on ({shared * 4 // 1024} MiB shared)" if run == "1" else "off"
+
+
 def exec_p50_ms(gateway, name: str) -> float:
     took = []
     for _ in range(EXEC_SAMPLES):
@@ -72,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sandboxes", type=int, default=DEFAULT_SANDBOXES, help=f"1..{MAX_SANDBOXES}")
     parser.add_argument("--tb-size-mib", type=int, default=0, help="compute.tcg_tb_size_mib (0: the default)")
+    parser.add_argument(
+        "--settle-seconds", type=float, default=10, help="idle time before measuring (KSM, where on, needs minutes)"
+    )
     args = parser.parse_args()
     count = max(1, min(MAX_SANDBOXES, args.sandboxes))
     with tempfile.TemporaryDirectory(prefix="mvm-bench-density-") as tmp:
@@ -91,7 +104,7 @@ def main() -> None:
             for _ in range(count - 1):
                 gateway.create()
             create_rate = (count - 1) / (time.perf_counter() - started) if count > 1 else 0.0
-            time.sleep(10)  # settled: the pool refilled, the guests idle
+            time.sleep(args.settle_seconds)  # settled: the pool refilled, the guests idle
             exec_after = exec_p50_ms(gateway, first.name)
             vmm = vmm_pss_kib(stack)
             growth = max(0, services_rss_kib(stack) - services_before)
@@ -106,6 +119,7 @@ def main() -> None:
                 "goal": "<= 40 MiB per idle sandbox; 200 on this host",
                 "sandboxes": len(vmm),
                 "tcg_tb_size_mib": args.tb_size_mib or "default",
+                "host_ksm": ksm_state(),
                 "vmm_pss_mib_p50": round(statistics.median(vmm) / 1024, 1) if vmm else None,
                 "services_growth_mib": round(growth / 1024, 1),
                 "exec_p50_ms_first": round(exec_before, 2),
