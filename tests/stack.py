@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ from services.common.config import ConfigError
 from services.common.pki import TLS_CHANNEL_OPTIONS, Identity, load_identity
 from services.common.registry import SERVICES_PREFIX, ServiceInstance, etcd_client
 from services.supervisor.stack import ROLES, SERVICE_KINDS, check_stack_health
+from tests.etcd import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
