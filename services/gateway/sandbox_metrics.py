@@ -23,8 +23,11 @@ FOLLOW_POLL_SECONDS = 1.0  # how often a followed sandbox's node is asked for ne
 KEPT_SECONDS = 3600.0  # what each node keeps of a sandbox (services/compute/resource_sampler.py KEEP_SECONDS)
 
 
-def seconds(stamp: Timestamp) -> float:
-    return stamp.ToNanoseconds() / 1e9
+def seconds(stamp: Timestamp, field: str) -> float:
+    try:
+        return stamp.ToNanoseconds() / 1e9
+    except ValueError as error:  # protobuf refuses nanos outside 0..999999999 and seconds outside its years
+        raise InvalidArgument(f"{field}: {error}", reason="INVALID_TIMESTAMP") from None
 
 
 def stamp(seconds_since_epoch: float) -> str:
@@ -68,8 +71,8 @@ class SandboxMetricsServicer(metrics_service_pb2_grpc.SandboxMetricsServiceServi
 
     async def GetSandboxMetrics(self, request, context):
         record = await self.data.sandboxes.store.get(parse_name(request.sandbox))
-        start = seconds(request.start_time) if request.HasField("start_time") else 0.0
-        end = seconds(request.end_time) if request.HasField("end_time") else None
+        start = seconds(request.start_time, "start_time") if request.HasField("start_time") else 0.0
+        end = seconds(request.end_time, "end_time") if request.HasField("end_time") else None
         if request.follow and end is not None:
             raise InvalidArgument("follow goes on from now: give no end_time with it", reason="FOLLOW_WITH_END_TIME")
         if end is not None and end <= start:
@@ -78,11 +81,11 @@ class SandboxMetricsServicer(metrics_service_pb2_grpc.SandboxMetricsServiceServi
         # after = just before start: the compute answers samples strictly after it
         samples = await self._samples(record, max(0.0, start - 1e-6)) or []
         if end is not None:
-            samples = [sample for sample in samples if seconds(sample.time) < end]
+            samples = [sample for sample in samples if seconds(sample.time, "sample.time") < end]
         yield metrics_api.GetSandboxMetricsResponse(samples=samples)
         if not request.follow:
             return
-        last = seconds(samples[-1].time) if samples else max(start, time.time() - FOLLOW_POLL_SECONDS)
+        last = seconds(samples[-1].time, "sample.time") if samples else max(start, time.time() - FOLLOW_POLL_SECONDS)
         while True:
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
             try:
@@ -95,7 +98,7 @@ class SandboxMetricsServicer(metrics_service_pb2_grpc.SandboxMetricsServiceServi
             if fresh is None:
                 return
             for sample in fresh:
-                last = seconds(sample.time)
+                last = seconds(sample.time, "sample.time")
                 yield metrics_api.GetSandboxMetricsResponse(samples=[sample])
 
     async def ListSandboxMetrics(self, request, context):

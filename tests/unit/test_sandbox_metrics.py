@@ -127,6 +127,8 @@ async def test_bad_ranges_are_refused_with_what_is_wrong(sampled):
     cases = {
         "follow goes on from now": dict(follow=True, end_time=now),
         "end_time must be after start_time": dict(start_time=now, end_time=now),
+        "start_time: Timestamp is not valid": dict(start_time=Timestamp(seconds=0, nanos=2147483647)),
+        "end_time: Timestamp is not valid": dict(end_time=Timestamp(seconds=-(1 << 40))),
     }
     for message, fields in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
