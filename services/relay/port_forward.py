@@ -54,7 +54,10 @@ class GuestPorts:
 
     @staticmethod
     async def _next(tunnel: GuestTunnel, upstream: asyncio.Task) -> bytes:
-        """The guest's next bytes; a bad message from the caller ends the call at once with its status."""
+        """The guest's next bytes; a bad message from the caller ends the call at once with its status (also when
+        it failed before this read began: then no read would ever end a quiet guest's call)."""
+        if upstream.done() and not upstream.cancelled() and upstream.exception() is not None:
+            raise upstream.exception()
         if not upstream.done():
             reading = asyncio.ensure_future(tunnel.read())
             try:
