@@ -35,8 +35,9 @@ from aiohttp import web
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
-from multidict import CIMultiDict
 from yarl import URL
+
+from services.gateway.e2b.http2_headers import UpstreamRequestError, declared_length, response_headers, upstream_request
 
 log = structlog.get_logger()
 
@@ -47,10 +48,6 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 8 << 20  # and all streams of a connection together: what a connection may hold here
 IDLE_SECONDS = 75.0  # a connection without streams is closed after this, as aiohttp's keep-alive does HTTP/1.1
 CONNECT_SECONDS = 10.0  # to the private socket; a forwarded request then lives as long as its client wants
-# HTTP/1.1 framing and connection headers, meaningless (and refused by h2) in HTTP/2, both ways.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"})
-# A request's Expect would have the application answer 100 Continue to the forwarder, not to the client.
-NOT_FORWARDED = HOP_BY_HOP | {"host", "expect", "http2-settings"}
 
 
 class DoorSite(web.BaseSite):
@@ -134,10 +131,6 @@ class InboundStream:
     unacknowledged: int = 0  # request body bytes received and not yet forwarded (their window is still closed)
     window_open: asyncio.Event = field(default_factory=asyncio.Event)  # the client granted more window
     task: asyncio.Task | None = None
-
-
-class UpstreamRequestError(Exception):
-    """A request that cannot be said in HTTP/1.1 (answered 400)."""
 
 
 class H2cConnection(asyncio.Protocol):
@@ -378,45 +371,3 @@ class H2cConnection(asyncio.Protocol):
             await self._writable.wait()
             if self.transport.is_closing():
                 raise ConnectionResetError
-
-
-def upstream_request(h2_headers: list[tuple[bytes, bytes]]) -> tuple[str, str, CIMultiDict]:
-    """Method, target and HTTP/1.1 headers of an h2 request (h2 has checked its pseudo-headers are well formed)."""
-    pseudo: dict[bytes, bytes] = {}
-    headers: CIMultiDict = CIMultiDict()
-    cookies: list[str] = []
-    try:
-        for name, value in h2_headers:
-            if name.startswith(b":"):
-                pseudo[name] = value
-            elif name == b"cookie":  # h2 may split the Cookie header; HTTP/1.1 has exactly one
-                cookies.append(value.decode())
-            elif name.decode() not in NOT_FORWARDED:
-                headers.add(name.decode(), value.decode())
-        method, target = pseudo.get(b":method", b"").decode(), pseudo.get(b":path", b"").decode()
-        authority = pseudo.get(b":authority") or dict(h2_headers).get(b"host", b"")
-        headers["Host"] = authority.decode()
-    except UnicodeDecodeError:
-        raise UpstreamRequestError("request headers must be UTF-8") from None
-    if cookies:
-        headers["Cookie"] = "; ".join(cookies)
-    if method == "CONNECT" or not target.startswith("/"):
-        raise UpstreamRequestError(f"{method} {target}: only requests for a path are served")
-    return method, target, headers
-
-
-def declared_length(h2_headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The request's content-length (h2 has checked it is a number that the body matches)."""
-    for name, value in h2_headers:
-        if name == b"content-length":
-            return int(value)
-    return None
-
-
-def response_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    headers = [(b":status", str(response.status).encode())]
-    for name, value in response.raw_headers:
-        name = name.lower()
-        if name.decode("latin-1") not in HOP_BY_HOP:
-            headers.append((name, value))
-    return headers
