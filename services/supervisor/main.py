@@ -102,12 +102,19 @@ def cmd_wait(args) -> int:
         if not _read_pid(state_dir):
             print("supervisor is not running; see", state_dir / "logs" / "supervisor.log", file=sys.stderr)
             return 1
+        try:
+            identity = etcd_identity(config.common, "operator")
+        except ConfigError as exc:
+            # A new installation: the supervisor just started makes its certificates first.
+            report = {"certificates": str(exc)}
+            time.sleep(0.3)
+            continue
         report = asyncio.run(
             check_stack_health(
                 _endpoints(args, config),
                 pki_dir=config.common.pki_path,
                 node=_node(args, config),
-                etcd_identity=etcd_identity(config.common, "operator"),
+                etcd_identity=identity,
             )
         )
         kinds = ROLES[args.role]
