@@ -8,6 +8,7 @@ service: a call that never reached a server is tried again on the node's newest 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -69,13 +70,22 @@ class ClusterNodes:
 
     async def views(self, sandboxes: list[sandbox_types.SandboxRecord]) -> dict[str, NodeView]:
         """Every node that ever registered, with what `sandboxes` hold on it."""
-        controls = {s.parts[0]: s.message for s in await self.records.list(NODE_CONTROLS)}
-        views = {
+        return self.holding(await self.registered(), sandboxes)
+
+    async def registered(self) -> dict[str, NodeView]:
+        """Every node that ever registered, with nothing counted on it yet (its two lists read at once)."""
+        controls, nodes = await asyncio.gather(self.records.list(NODE_CONTROLS), self.records.list(NODES))
+        controls = {s.parts[0]: s.message for s in controls}
+        return {
             s.parts[0]: NodeView(
                 s.parts[0], s.message, controls.get(s.parts[0], node_pb2.NodeControl()), self.alive(s.parts[0])
             )
-            for s in await self.records.list(NODES)
+            for s in nodes
         }
+
+    @staticmethod
+    def holding(views: dict[str, NodeView], sandboxes: list[sandbox_types.SandboxRecord]) -> dict[str, NodeView]:
+        """`views` with what `sandboxes` hold counted on their nodes."""
         for sandbox in sandboxes:
             view = views.get(sandbox.node)
             if view is not None and holds_capacity(sandbox):

@@ -10,6 +10,7 @@ the same view; the loser decides again on a fresh view.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -142,6 +143,7 @@ class SandboxPlacement:
         self.records = Records(nodes.context.etcd)
         # Seconds each decision took (view, choice and transaction), for the benchmark.
         self.timings: list[float] = []
+        self._deciding = asyncio.Lock()
 
     async def quota(self, tenant: str) -> auth_types.Quota:
         stored = await self.records.get(TENANTS, tenant) if tenant else None
@@ -153,52 +155,66 @@ class SandboxPlacement:
         number of concurrent creates. Returns the record's revision."""
         quota = await self.quota(record.tenant)
         for _ in range(ATTEMPTS):
-            started = time.perf_counter()
-            # The guards first: a placement made after this read changes one, and our transaction then fails.
-            guards = {s.parts[0]: s.revision for s in await self.records.list(PLACEMENTS)}
-            tenant_guard = await self.records.get(TENANT_GUARDS, record.tenant)
-            # Snapshots share the disk quota; their usage is auth's record, compared below like our own guards.
-            usage = await self.records.get(QUOTA_USAGE, record.tenant)
-            snapshot_bytes = usage.message.used.snapshot_bytes if usage else 0
-            sandboxes = await self.store.list(tenant=None, every_tenant=True)
-            tenants = [s for s in sandboxes if s.tenant == record.tenant]
-            views = await self.nodes.views(sandboxes)
-            try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
-                node = choose(views, record)
-            except ResourceExhausted:
-                check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
-                raise
-            record.disk_bytes = max(v.record.template_disk_bytes.get(image_of(record), 0) for v in views.values())
-            check_quota(record, tenants, quota, snapshot_bytes)
-            record.node = node
-            guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
-            guard.time.GetCurrentTime()
-            record.update_time.GetCurrentTime()
-            placed, responses = await self.records.etcd.transaction(
-                compare=[
-                    self.records.unchanged(SANDBOXES, 0, record.id),
-                    self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
-                    self.records.unchanged(TENANT_GUARDS, tenant_guard.revision if tenant_guard else 0, record.tenant),
-                    self.records.unchanged(QUOTA_USAGE, usage.revision if usage else 0, record.tenant),
-                ],
-                success=[
-                    self.records.put_op(SANDBOXES, record, record.id),
-                    self.records.put_op(PLACEMENTS, guard, node),
-                    self.records.put_op(TENANT_GUARDS, guard, record.tenant),
-                ],
-                failure=[],
-            )
-            self.timings.append(time.perf_counter() - started)
+            # One decision at a time in this gateway: a burst of creates would otherwise read the same view, and
+            # all but one would lose the transaction and decide again (n² attempts). Other gateways still contend
+            # through the guards.
+            async with self._deciding:
+                placed, revision = await self._attempt(record, quota)
             if placed:
-                return responses[0].response_put.header.revision
+                return revision
             if await self.records.get(SANDBOXES, record.id) is not None:
                 raise AlreadyExists(
                     f"sandbox {name_of(record)} already exists",
                     reason="SANDBOX_EXISTS",
                     metadata={"sandbox": f"sandboxes/{name_of(record)}"},
                 )
-            log.info("placement_contended", sandbox=record.id, node=node)
+            log.info("placement_contended", sandbox=record.id, node=record.node)
         raise Aborted("placement is too contended right now; retry", reason="PLACEMENT_CONTENDED")
+
+    async def _attempt(self, record: SandboxRecord, quota: auth_types.Quota) -> tuple[bool, int]:
+        """One decision and its transaction: (placed, the record's revision)."""
+        started = time.perf_counter()
+        # The guards first: a placement made after this read changes one, and our transaction then fails.
+        # Snapshots share the disk quota; their usage is auth's record, compared below like our own guards.
+        placements, tenant_guard, usage = await asyncio.gather(
+            self.records.list(PLACEMENTS),
+            self.records.get(TENANT_GUARDS, record.tenant),
+            self.records.get(QUOTA_USAGE, record.tenant),
+        )
+        guards = {s.parts[0]: s.revision for s in placements}
+        snapshot_bytes = usage.message.used.snapshot_bytes if usage else 0
+        sandboxes, registered = await asyncio.gather(
+            self.store.list(tenant=None, every_tenant=True), self.nodes.registered()
+        )
+        tenants = [s for s in sandboxes if s.tenant == record.tenant]
+        views = self.nodes.holding(registered, sandboxes)
+        try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
+            node = choose(views, record)
+        except ResourceExhausted:
+            check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
+            raise
+        record.disk_bytes = max(v.record.template_disk_bytes.get(image_of(record), 0) for v in views.values())
+        check_quota(record, tenants, quota, snapshot_bytes)
+        record.node = node
+        guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
+        guard.time.GetCurrentTime()
+        record.update_time.GetCurrentTime()
+        placed, responses = await self.records.etcd.transaction(
+            compare=[
+                self.records.unchanged(SANDBOXES, 0, record.id),
+                self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
+                self.records.unchanged(TENANT_GUARDS, tenant_guard.revision if tenant_guard else 0, record.tenant),
+                self.records.unchanged(QUOTA_USAGE, usage.revision if usage else 0, record.tenant),
+            ],
+            success=[
+                self.records.put_op(SANDBOXES, record, record.id),
+                self.records.put_op(PLACEMENTS, guard, node),
+                self.records.put_op(TENANT_GUARDS, guard, record.tenant),
+            ],
+            failure=[],
+        )
+        self.timings.append(time.perf_counter() - started)
+        return placed, responses[0].response_put.header.revision if placed else 0
 
     async def move(self, record: SandboxRecord, revision: int, target: str) -> bool:
         """Records that `record` now runs on `target` (a migration), if neither it nor the target's placements
