@@ -33,10 +33,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def services_rss_kib(stack) -> int:
-    """Resident memory of the stack's service processes (not etcd's or the VMs')."""
+def services_rss_kib(stack) -> dict[str, int]:
+    """Resident memory of each of the stack's service processes (not etcd's or the VMs')."""
     children = json.loads((stack.state_dir / "supervisor.json").read_text())
-    return sum(rss_kib(entry["pid"]) for name, entry in children.items() if name in stack.kinds)
+    return {name: rss_kib(entry["pid"]) for name, entry in children.items() if name in stack.kinds}
 
 
 def vmm_pss_kib(stack) -> list[int]:
@@ -107,7 +107,9 @@ def main() -> None:
             time.sleep(args.settle_seconds)  # settled: the pool refilled, the guests idle
             exec_after = exec_p50_ms(gateway, first.name)
             vmm = vmm_pss_kib(stack)
-            growth = max(0, services_rss_kib(stack) - services_before)
+            services_after = services_rss_kib(stack)
+            growth_by_service = {name: after - services_before.get(name, 0) for name, after in services_after.items()}
+            growth = max(0, sum(growth_by_service.values()))
             per_sandbox_mib = (sum(vmm) + growth) / max(1, len(vmm)) / 1024
             row = {
                 "metric": "density",
@@ -122,6 +124,8 @@ def main() -> None:
                 "host_ksm": ksm_state(),
                 "vmm_pss_mib_p50": round(statistics.median(vmm) / 1024, 1) if vmm else None,
                 "services_growth_mib": round(growth / 1024, 1),
+                "services_growth_mib_by_service": {k: round(v / 1024, 1) for k, v in sorted(growth_by_service.items())},
+                "vmm_pss_mib_mean": round(statistics.mean(vmm) / 1024, 1) if vmm else None,
                 "exec_p50_ms_first": round(exec_before, 2),
                 "exec_p50_ms_last": round(exec_after, 2),
                 "creates_per_second": round(create_rate, 2),

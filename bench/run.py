@@ -249,7 +249,8 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
     return elapsed
 
 
-def wait_for_warm_pool(stack, timeout: float = 120) -> None:
+def wait_for_warm_pool(stack, timeout: float = 120, pooled_vms: int = 2) -> None:
+    """Until the node holds `pooled_vms` paused pool VMs (or `timeout` passed)."""
 
     async def pooled() -> int:
         client = stack.etcd_client()
@@ -260,7 +261,7 @@ def wait_for_warm_pool(stack, timeout: float = 120) -> None:
             await client.close()
 
     deadline = time.monotonic() + timeout
-    while asyncio.run(pooled()) < 2 and time.monotonic() < deadline:
+    while asyncio.run(pooled()) < pooled_vms and time.monotonic() < deadline:
         time.sleep(0.5)
 
 

@@ -111,6 +111,9 @@ class ComputeSettings(ServiceSettings):
     template_snapshots: bool = True
     # Restored, paused VMs kept ready per template (0 disables the pool).
     warm_pool_size: int = 2
+    # The nice value a pool VM's VMM runs at until it is claimed: refilling the pool after a burst of creates
+    # yields the CPU to the sandboxes just handed out (0: same priority as theirs).
+    pool_fill_niceness: int = 10
     # The size that template snapshots and the warm pool are made for.
     default_vcpus: int = 1
     default_memory_mib: int = 256
@@ -157,6 +160,8 @@ class ComputeSettings(ServiceSettings):
             raise ConfigError("compute.max_memory_mib_per_vm must be between 128 and 262144")
         if not 0 <= self.warm_pool_size <= 64:
             raise ConfigError("compute.warm_pool_size must be between 0 and 64")
+        if not 0 <= self.pool_fill_niceness <= 19:
+            raise ConfigError("compute.pool_fill_niceness must be between 0 and 19")
         if not 0.05 <= self.usage_sample_seconds <= 300:
             raise ConfigError("compute.usage_sample_seconds must be between 0.05 and 300")
         if self.tcg_tb_size_mib < 8:

@@ -30,6 +30,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.settings import ComputeSettings
+from services.compute.cpu_priority import can_raise_back, set_niceness
 from services.compute.guests import GuestLink
 from services.compute.image_start import start_service
 from services.compute.images import NodeImages
@@ -208,6 +209,8 @@ class VmLifecycle:
                     await self.network.attach(vm, policy)
                     await self.ledger.save(vm)
                 vm.pid = await launch(directory)
+                if vm.pooled and self.settings.pool_fill_niceness and can_raise_back():
+                    set_niceness(vm.pid, self.settings.pool_fill_niceness)  # its restore and warm-up included
                 await self.ledger.save(vm)
                 self.processes.watch(vm)
                 await self._until_ready(vm)
@@ -248,6 +251,7 @@ class VmLifecycle:
         async with self.ledger.lock(pooled.id):
             async with self.ledger.admission:
                 self.ledger.check_room(vm_id, pooled.vcpus, pooled.memory_mib)
+                set_niceness(pooled.pid, 0)  # filled in the background; a sandbox's from now on
                 await self.driver.resume(Path(pooled.directory))
                 self.processes.unwatch(pooled.id)
                 old_id = pooled.id
@@ -256,20 +260,28 @@ class VmLifecycle:
                 await self.ledger.save(pooled)
                 self.ledger.vms.pop(old_id, None)
             try:
-                if self.network is not None and pooled.nic.tap_device:
-                    await self.network.attach(pooled, policy, from_vm_id=old_id)
-                    await self.ledger.save(pooled)
-                await self.ledger.forget_key(old_id)
                 self.processes.watch(pooled)
-                await self.guests.set_identity(vm_id, hostname)
-            except BaseException:
+                # Side by side: the attachment moving is the network service's and etcd's work, the identity the
+                # guest's (its first round trip since it woke); neither needs the other.
+                async with asyncio.TaskGroup() as both:
+                    both.create_task(self._move_attachment(pooled, old_id, policy))
+                    both.create_task(self.guests.set_identity(vm_id, hostname))
+            except BaseException as exc:
+                if isinstance(exc, BaseExceptionGroup):
+                    exc = exc.exceptions[0]  # the first failure is the create's answer
                 await self.ledger.forget_key(old_id)
                 await self.processes.destroy(pooled)
                 await self.ledger.forget(pooled)
-                raise
+                raise exc from None
         log.info("vm_started", vm=vm_id, pid=pooled.pid, template=pooled.template, method="warm-pool")
         self.on_started(pooled, "warm-pool", began)
         return pooled
+
+    async def _move_attachment(self, vm: VmRecord, old_id: str, policy: network_types.NetworkPolicy | None) -> None:
+        if self.network is not None and vm.nic.tap_device:
+            await self.network.attach(vm, policy, from_vm_id=old_id)
+            await self.ledger.save(vm)
+        await self.ledger.forget_key(old_id)
 
     async def delete(self, vm_id: str) -> None:
         async with self.ledger.holding(vm_id) as vm:

@@ -18,7 +18,7 @@ import structlog
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
-from services.common.errors import ServiceError
+from services.common.errors import AlreadyExists, ResourceExhausted, ServiceError
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
@@ -85,21 +85,29 @@ class WarmStart:
     async def claim(
         self, template: str, vm_id: str, hostname: str, policy: network_types.NetworkPolicy | None
     ) -> VmRecord | None:
-        """Hands out a pooled VM as `vm_id`; None if none is ready."""
+        """Hands out a pooled VM as `vm_id`; None if none is ready. Only taking one from the pool is under the lock:
+        a burst of creates resumes and identifies its VMs side by side."""
+        try:
+            while (pooled := await self._take(template)) is not None:
+                try:
+                    return await self.lifecycle.claim(pooled, vm_id, hostname, policy)
+                except (ResourceExhausted, AlreadyExists):
+                    # Refused before it was resumed (the node is full, the id taken): it stays in the pool.
+                    self.pool.setdefault(template, []).insert(0, pooled.id)
+                    raise
+                except ServiceError as exc:
+                    log.warning("warm_pool_claim_failed", vm=pooled.id, error=exc.message)
+            return None
+        finally:
+            self.templates.changed.set()
+
+    async def _take(self, template: str) -> VmRecord | None:
         async with self._claim_lock:
             candidates = self.pool.get(template, [])
             while candidates:
                 pooled = self.lifecycle.ledger.vms.get(candidates.pop(0))
-                if pooled is None or pooled.state != vm_pb2.VM_STATE_PAUSED:
-                    continue
-                try:
-                    vm = await self.lifecycle.claim(pooled, vm_id, hostname, policy)
-                except ServiceError as exc:
-                    log.warning("warm_pool_claim_failed", vm=pooled.id, error=exc.message)
-                    continue
-                self.templates.changed.set()
-                return vm
-        self.templates.changed.set()
+                if pooled is not None and pooled.state == vm_pb2.VM_STATE_PAUSED:
+                    return pooled
         return None
 
     def pool_size(self, template: str) -> int:

@@ -140,6 +140,21 @@ async def test_a_pooled_vm_is_handed_out_with_its_own_identity(node):
     assert "warm-1" in vms and not any(v == vm.boot_hostname for v in vms)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a claimed VM its priority back needs root")
+async def test_a_pool_vm_fills_at_low_cpu_priority_and_is_claimed_at_normal_priority(node):
+    """Refilling the pool after a burst must not take the CPU from the sandboxes just handed out."""
+    await until(node.pool_ready)
+    pooled = next(s.message for s in await Records(node.etcd).list(VMS, node.node.node) if s.message.pooled)
+    assert os.getpriority(os.PRIO_PROCESS, pooled.pid) == 10  # compute.pool_fill_niceness
+    vm = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="warm-nice"), timeout=30)).vm
+    assert vm.start_method == "warm-pool"
+    claimed = (await Records(node.etcd).get(VMS, node.node.node, "warm-nice")).message
+    assert claimed.pid == pooled.pid
+    threads = os.listdir(f"/proc/{claimed.pid}/task")
+    assert [os.getpriority(os.PRIO_PROCESS, int(t)) for t in threads] == [0] * len(threads)
+    assert await node.exec("warm-nice", ["true"]) == (b"", 0)
+
+
 async def test_capacity_is_enforced_and_freed(node):
     await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="big-1", vcpus=3, memory_mib=1024), timeout=30)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
