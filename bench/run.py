@@ -33,6 +33,7 @@ from pathlib import Path
 from images.builder import BuiltImage
 from microvm.agent.v1 import agent_pb2
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
+from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.records import VMS, Records
 from services.common.settings import ComputeSettings
@@ -256,7 +257,11 @@ def wait_for_warm_pool(stack, timeout: float = 120, pooled_vms: int = 2) -> None
         client = stack.etcd_client()
         await client.connect()
         try:
-            return sum(1 for kv in await client.get_prefix(b"/microvm/vms/") if b"/pool-" in kv.key)
+            return sum(
+                1
+                for stored in await Records(client).list(VMS)
+                if stored.message.pooled and stored.message.state == vm_pb2.VM_STATE_PAUSED  # warmed, ready
+            )
         finally:
             await client.close()
 
