@@ -154,6 +154,7 @@ class CloudHypervisorDriver:
     # KVM take a fraction of a second anyway.
     supports_template_snapshots = False
     disk_format = "qcow2"
+    machine = "cloud-hypervisor-1"
 
     def __init__(self, choice: HypervisorChoice, binary: str) -> None:
         self.name = "cloud-hypervisor"

@@ -35,6 +35,7 @@ class FakeVmmDriver:
     agent_transport = "virtio-serial"
     supports_template_snapshots = True
     disk_format = "tree"  # a disk (and a template build layer) is a directory
+    machine = "fake-1"
 
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python

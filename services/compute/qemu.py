@@ -36,6 +36,8 @@ class QemuDriver:
     # Shared-RAM snapshots (device state + a RAM file mapped copy-on-write) make template restores cheap.
     supports_template_snapshots = True
     disk_format = "qcow2"
+    # Changes whenever the machine's options or devices do (`command`): 2 is microvm without a PIT.
+    machine = "microvm-2"
 
     def __init__(self, choice: HypervisorChoice, binary: str, tb_size_mib: int) -> None:
         self.name = "qemu"

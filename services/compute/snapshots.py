@@ -129,6 +129,7 @@ class VmSnapshots:
             "vmm": vm.vmm,
             "accel": vm.accel,
             "format": snapshot_format,
+            "machine": self.driver.machine,
             "network": bool(vm.nic.tap_device),
         }
         (out / "config.json").write_text(json.dumps(config))
@@ -215,6 +216,12 @@ class VmSnapshots:
                 f"snapshot {frozen.name} was taken under {config['vmm']}/{config['accel']}; "
                 f"this node runs {self.driver.name}/{self.driver.accel}",
                 reason="HYPERVISOR_MISMATCH",
+            )
+        if config.get("machine", "") != self.driver.machine:
+            raise FailedPrecondition(
+                f"snapshot {frozen.name} was taken on VM machine {config.get('machine') or 'of an earlier version'}; "
+                f"this node's VMs are {self.driver.machine} (its devices differ)",
+                reason="MACHINE_MISMATCH",
             )
         image = self.image_of(config, frozen.name)
         shared_ram = config.get("format") == "shared-ram"

@@ -40,7 +40,7 @@ class TemplateExchange:
         except FileNotFoundError:
             return None
         driver = self.lifecycle.driver
-        name = f"{template}-{build}-{vcpus}c{memory_mib}m-{driver.name}-{driver.accel}"
+        name = f"{template}-{build}-{vcpus}c{memory_mib}m-{driver.name}-{driver.accel}-{driver.machine}"
         name += "-net" if self.lifecycle.network is not None else ""
         name = re.sub(r"[^a-z0-9-]", "-", name.lower())
         if len(PREFIX + name) > 63:
@@ -72,6 +72,8 @@ class TemplateExchange:
         (work / "verified.json").unlink(missing_ok=True)
         build = self.lifecycle.images.load(template).directory.name
         self.templates.install(work, template, vcpus, memory_mib, build)
+        if self.templates.frozen(template, vcpus, memory_mib) is None:
+            return False  # unusable here (frozen() said why and dropped it): built here instead, not fetched again
         log.info(
             "template_snapshot_fetched",
             template=template,

@@ -91,6 +91,9 @@ class TemplateSnapshots:
         if directory is None or not (directory / ".complete").exists():
             return None
         try:
+            machine = json.loads((directory / "config.json").read_text()).get("machine", "")
+            if machine != self.lifecycle.driver.machine:
+                raise ValueError(f"it was taken on VM machine {machine or 'of an earlier version'}")
             expected = json.loads((directory / "verified.json").read_text())
             for filename, facts in expected.items():
                 if (directory / filename).stat().st_size != facts["size"]:

@@ -19,6 +19,9 @@ class VmmDriver(Protocol):
     agent_transport: str  # "virtio-serial" or "hybrid-vsock"
     supports_template_snapshots: bool
     disk_format: str  # "qcow2" (a file over its backing file) or "tree" (a directory: the fake)
+    # The virtual machine a snapshot's device state belongs to: a snapshot taken under another (devices added or
+    # removed by an upgrade) does not restore, and a template snapshot of another is rebuilt, not fetched.
+    machine: str
 
     def paths(self, directory: Path) -> dict[str, Path]:
         """Files of a VM: at least disk, agent, console and pid."""

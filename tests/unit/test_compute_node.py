@@ -303,3 +303,36 @@ async def test_a_vm_whose_sandbox_no_longer_names_its_node_is_deleted_after_the_
         assert (await node.vm("kept-vm")).state == vm_pb2.VM_STATE_RUNNING
     finally:
         await node.node.stop_all()
+
+
+async def test_a_template_snapshot_of_another_vm_machine_is_rebuilt_not_restored(tmp_path, etcd_server, etcd):
+    """After an upgrade that changed the VM's devices (QEMU's PIT went), a template snapshot taken before cannot
+    restore: a create boots cold instead of failing on it, and upkeep freezes a new one."""
+    import json
+
+    node = await start_node(tmp_path, etcd_server, etcd, warm_pool_size=0)
+    try:
+        configs = node.node.state_dir / "compute" / "templates" / "default"
+
+        async def frozen_config():
+            found = [p for p in configs.glob("*/config.json") if (p.parent / ".complete").exists()]
+            return found[0] if found else None
+
+        config_path = await until(frozen_config)
+        config = json.loads(config_path.read_text())
+        assert config["machine"] == "fake-1"
+        # A new file, as an older compute wrote it (the node's snapshot store may share the old one's inode).
+        (config_path.parent / "config.new").write_text(json.dumps({**config, "machine": "fake-0"}))
+        (config_path.parent / "config.new").replace(config_path)
+        vm = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="after-upgrade"), timeout=30)).vm
+        assert vm.start_method == "cold-boot"
+
+        async def rebuilt():
+            path = await frozen_config()
+            return path is not None and json.loads(path.read_text())["machine"] == "fake-1"
+
+        await until(rebuilt)
+        again = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="restored"), timeout=30)).vm
+        assert again.start_method == "template-snapshot"
+    finally:
+        await node.node.stop_all()
