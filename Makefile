@@ -29,7 +29,7 @@ status: ## health of every service
 deps: apt venv
 
 apt: ## Debian packages (skipped when already present)
-	@need=""; for p in etcd-server qemu-system-x86 qemu-utils busybox-static debootstrap e2fsprogs cpio iproute2 nftables kmod lz4 procps skopeo umoci musl xvfb openbox xdotool xterm x11-utils ffmpeg x11vnc novnc chromium prometheus nginx-light; do \
+	@need=""; for p in etcd-server etcd-client qemu-system-x86 qemu-utils busybox-static debootstrap e2fsprogs cpio iproute2 nftables kmod lz4 procps skopeo umoci musl xvfb openbox xdotool xterm x11-utils ffmpeg x11vnc novnc chromium prometheus nginx-light; do \
 	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
 	if [ -n "$$need" ]; then echo "apt-get install$$need"; \
 	  SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
