@@ -35,7 +35,7 @@ async def boot_and_exec(image: BuiltImage, directory: Path) -> tuple[float, floa
     another program (`env`: the libc it loads is in the page cache by then), and `true` exec latencies."""
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
+    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
     vm = VmRecord(
         id=f"bench-{directory.name}",
         node="bench",

@@ -71,7 +71,7 @@ async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
     """Starts the same qemu command compute uses and times it to the agent's first answer."""
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
+    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
     image = BuiltImage.load("default")
     # The same command compute runs for a cold boot, RAM file in tmpfs included.
     vm = VmRecord(
@@ -173,7 +173,7 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
 
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib)
+    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
     image = BuiltImage.load("default")
     state = source_dir / "state.bin"
     client = QmpClient(str(driver.paths(source_dir)["qmp"]))

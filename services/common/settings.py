@@ -98,6 +98,11 @@ class ComputeSettings(ServiceSettings):
     memory_mib_total: int = 20480
     # TCG translation cache per VM in MiB (QEMU's default of 1 GiB dominates a guest's RSS).
     tcg_tb_size_mib: int = 64
+    # Address space randomization of the guest's own processes (its kernel's `norandmaps` when off). "auto": on
+    # under KVM, off under TCG, where every exec translated the dynamic loader and libc afresh at new addresses
+    # and filled the translation cache, flushed every ~40 execs (exec `true` p50 35.6 -> 21.7 ms, p99 117 -> 29
+    # ms). It hardens programs inside a guest; the guest's isolation from the host and other guests is the VM's.
+    guest_aslr: str = "auto"
     # Seconds to wait for a booted guest's agent to answer.
     boot_timeout_seconds: float = 90.0
     # StopVm lets the guest write back its page cache for at most this long before the VMM is stopped.
@@ -140,6 +145,10 @@ class ComputeSettings(ServiceSettings):
     qemu_binary: str = "qemu-system-x86_64"
     cloud_hypervisor_binary: str = "cloud-hypervisor"
 
+    def aslr_for(self, accel: str) -> bool:
+        """Whether guests under `accel` randomize their processes' address spaces (`guest_aslr`)."""
+        return self.guest_aslr == "on" or (self.guest_aslr == "auto" and accel != "tcg")
+
     def ram_root(self, state_dir: str | Path) -> Path:
         if self.ram_dir:
             return Path(self.ram_dir)
@@ -160,6 +169,8 @@ class ComputeSettings(ServiceSettings):
             raise ConfigError("compute.max_memory_mib_per_vm must be between 128 and 262144")
         if not 0 <= self.warm_pool_size <= 64:
             raise ConfigError("compute.warm_pool_size must be between 0 and 64")
+        if self.guest_aslr not in ("auto", "on", "off"):
+            raise ConfigError("compute.guest_aslr must be auto, on or off")
         if not 0 <= self.pool_fill_niceness <= 19:
             raise ConfigError("compute.pool_fill_niceness must be between 0 and 19")
         if not 0.05 <= self.usage_sample_seconds <= 300:

@@ -156,10 +156,11 @@ class CloudHypervisorDriver:
     disk_format = "qcow2"
     machine = "cloud-hypervisor-1"
 
-    def __init__(self, choice: HypervisorChoice, binary: str) -> None:
+    def __init__(self, choice: HypervisorChoice, binary: str, aslr: bool = True) -> None:
         self.name = "cloud-hypervisor"
         self.accel = choice.accel
         self.binary = binary
+        self.boot_args = KERNEL_ARGS + ("" if aslr else " norandmaps")
 
     @staticmethod
     def paths(directory: Path) -> dict[str, Path]:
@@ -187,7 +188,7 @@ class CloudHypervisorDriver:
             "payload": {
                 "kernel": str(image.kernel),
                 "initramfs": str(image.initramfs),
-                "cmdline": f"{KERNEL_ARGS} mvm.hostname={vm.boot_hostname or vm.hostname}",
+                "cmdline": f"{self.boot_args} mvm.hostname={vm.boot_hostname or vm.hostname}",
             },
             "disks": [{"path": str(p["disk"]), "image_type": "Qcow2", "backing_files": True}],
             "rng": {"src": "/dev/urandom"},

@@ -36,6 +36,7 @@ class FakeVmmDriver:
     supports_template_snapshots = True
     disk_format = "tree"  # a disk (and a template build layer) is a directory
     machine = "fake-1"
+    boot_args = ""
 
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python

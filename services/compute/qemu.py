@@ -39,12 +39,15 @@ class QemuDriver:
     # Changes whenever the machine's options or devices do (`command`): 2 is microvm without a PIT.
     machine = "microvm-2"
 
-    def __init__(self, choice: HypervisorChoice, binary: str, tb_size_mib: int) -> None:
+    def __init__(self, choice: HypervisorChoice, binary: str, tb_size_mib: int, aslr: bool = True) -> None:
         self.name = "qemu"
         self.accel = choice.accel
         self.binary = binary
         self.tb_size_mib = tb_size_mib
         self.tsc_khz = host_tsc_khz()
+        self.boot_args = f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4}"
+        if not aslr:
+            self.boot_args += " norandmaps"
 
     @staticmethod
     def paths(directory: Path) -> dict[str, Path]:
@@ -66,10 +69,7 @@ class QemuDriver:
                 )
         accel = f"tcg,tb-size={self.tb_size_mib}" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
-        append = (
-            f"{KERNEL_ARGS} tsc_early_khz={self.tsc_khz} lpj={self.tsc_khz * 4} "
-            f"mvm.hostname={vm.boot_hostname or vm.hostname}"
-        )
+        append = f"{self.boot_args} mvm.hostname={vm.boot_hostname or vm.hostname}"
         # Every VM's RAM is the backend `mem`, file-backed or not, so migrated state fits any of them.
         # No PIT: a restored guest's PIT kept QEMU's main loop waking 36 times a second (an idle sandbox's VMM took
         # 8 ms of CPU a second, 4 without it); the kernel keeps time with the TSC (tsc_early_khz) and the LAPIC.

@@ -54,10 +54,16 @@ def make_driver(settings: ComputeSettings) -> tuple[VmmDriver, str]:
     if choice.vmm == "cloud-hypervisor":
         from services.compute.cloud_hypervisor import CloudHypervisorDriver
 
-        return CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary), choice.reason
+        return (
+            CloudHypervisorDriver(choice, settings.cloud_hypervisor_binary, settings.aslr_for(choice.accel)),
+            choice.reason,
+        )
     from services.compute.qemu import QemuDriver
 
-    return QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib), choice.reason
+    return (
+        QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel)),
+        choice.reason,
+    )
 
 
 class ComputeNode:

@@ -130,6 +130,7 @@ class VmSnapshots:
             "accel": vm.accel,
             "format": snapshot_format,
             "machine": self.driver.machine,
+            "boot_args": self.driver.boot_args,
             "network": bool(vm.nic.tap_device),
         }
         (out / "config.json").write_text(json.dumps(config))

@@ -40,7 +40,8 @@ class TemplateExchange:
         except FileNotFoundError:
             return None
         driver = self.lifecycle.driver
-        name = f"{template}-{build}-{vcpus}c{memory_mib}m-{driver.name}-{driver.accel}-{driver.machine}"
+        boot = hashlib.sha256(driver.boot_args.encode()).hexdigest()[:8]
+        name = f"{template}-{build}-{vcpus}c{memory_mib}m-{driver.name}-{driver.accel}-{driver.machine}-{boot}"
         name += "-net" if self.lifecycle.network is not None else ""
         name = re.sub(r"[^a-z0-9-]", "-", name.lower())
         if len(PREFIX + name) > 63:

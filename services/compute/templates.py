@@ -91,9 +91,12 @@ class TemplateSnapshots:
         if directory is None or not (directory / ".complete").exists():
             return None
         try:
-            machine = json.loads((directory / "config.json").read_text()).get("machine", "")
-            if machine != self.lifecycle.driver.machine:
+            config = json.loads((directory / "config.json").read_text())
+            machine, driver = config.get("machine", ""), self.lifecycle.driver
+            if machine != driver.machine:
                 raise ValueError(f"it was taken on VM machine {machine or 'of an earlier version'}")
+            if config.get("boot_args") != driver.boot_args:
+                raise ValueError("its guest booted with other kernel arguments")
             expected = json.loads((directory / "verified.json").read_text())
             for filename, facts in expected.items():
                 if (directory / filename).stat().st_size != facts["size"]:

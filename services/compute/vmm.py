@@ -22,6 +22,9 @@ class VmmDriver(Protocol):
     # The virtual machine a snapshot's device state belongs to: a snapshot taken under another (devices added or
     # removed by an upgrade) does not restore, and a template snapshot of another is rebuilt, not fetched.
     machine: str
+    # The kernel command line every VM boots with (its own name aside): a template snapshot booted with another is
+    # rebuilt (its kernel's state, ASLR say, was set at that boot).
+    boot_args: str
 
     def paths(self, directory: Path) -> dict[str, Path]:
         """Files of a VM: at least disk, agent, console and pid."""

@@ -11,6 +11,8 @@ import pytest
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from services.common.errors import error_info
+from services.common.settings import ComputeSettings
+from services.compute import hypervisor
 from tests.guests import sha256
 
 pytestmark = pytest.mark.guest
@@ -194,6 +196,10 @@ def test_a_fork_bomb_fills_only_the_capped_workload_and_exec_still_reports(gatew
         # Spawns migrate the agent in and out of that cgroup: cheap only with favordynmods (workload.py).
         mounts = gateway.read_file(bombed.name, "/proc/mounts").decode()
         assert "favordynmods" in next(line for line in mounts.splitlines() if " /sys/fs/cgroup " in line)
+        # compute.guest_aslr (auto): no address space randomization under TCG, where it cost every exec (settings.py).
+        accel = hypervisor.choose("qemu", "auto", "qemu-system-x86_64", "cloud-hypervisor").accel
+        expected = b"2" if ComputeSettings().aslr_for(accel) else b"0"
+        assert gateway.read_file(bombed.name, "/proc/sys/kernel/randomize_va_space").strip() == expected
         with pytest.raises(grpc.RpcError) as refused:
             gateway.exec(bombed.name, ["true"], timeout=60)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()

@@ -305,9 +305,12 @@ async def test_a_vm_whose_sandbox_no_longer_names_its_node_is_deleted_after_the_
         await node.node.stop_all()
 
 
-async def test_a_template_snapshot_of_another_vm_machine_is_rebuilt_not_restored(tmp_path, etcd_server, etcd):
-    """After an upgrade that changed the VM's devices (QEMU's PIT went), a template snapshot taken before cannot
-    restore: a create boots cold instead of failing on it, and upkeep freezes a new one."""
+@pytest.mark.parametrize(("field", "older"), [("machine", "fake-0"), ("boot_args", "norandmaps")])
+async def test_a_template_snapshot_of_another_vm_machine_is_rebuilt_not_restored(
+    tmp_path, etcd_server, etcd, field, older
+):
+    """After an upgrade that changed the VM's devices (QEMU's PIT went) or its kernel arguments (compute.guest_aslr),
+    a template snapshot taken before is not used: a create boots cold instead, and upkeep freezes a new one."""
     import json
 
     node = await start_node(tmp_path, etcd_server, etcd, warm_pool_size=0)
@@ -320,16 +323,17 @@ async def test_a_template_snapshot_of_another_vm_machine_is_rebuilt_not_restored
 
         config_path = await until(frozen_config)
         config = json.loads(config_path.read_text())
-        assert config["machine"] == "fake-1"
+        current = config[field]
+        assert (config["machine"], config["boot_args"]) == ("fake-1", "")
         # A new file, as an older compute wrote it (the node's snapshot store may share the old one's inode).
-        (config_path.parent / "config.new").write_text(json.dumps({**config, "machine": "fake-0"}))
+        (config_path.parent / "config.new").write_text(json.dumps({**config, field: older}))
         (config_path.parent / "config.new").replace(config_path)
         vm = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="after-upgrade"), timeout=30)).vm
         assert vm.start_method == "cold-boot"
 
         async def rebuilt():
             path = await frozen_config()
-            return path is not None and json.loads(path.read_text())["machine"] == "fake-1"
+            return path is not None and json.loads(path.read_text())[field] == current
 
         await until(rebuilt)
         again = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="restored"), timeout=30)).vm
