@@ -39,24 +39,39 @@ def services_rss_kib(stack) -> dict[str, int]:
     return {name: rss_kib(entry["pid"]) for name, entry in children.items() if name in stack.kinds}
 
 
-def vmm_pss_kib(stack) -> list[int]:
-    """PSS of each sandbox's VMM (not the warm pool's), from the VM records compute keeps in etcd."""
+def vmm_pss_kib(stack) -> list[tuple[str, int]]:
+    """(how it started, PSS) of each sandbox's VMM (not the warm pool's), from the VM records compute keeps."""
 
-    async def directories() -> list[Path]:
+    async def sandboxes() -> list:
         client = stack.etcd_client()
         await client.connect()
         try:
-            return [Path(s.message.directory) for s in await Records(client).list(VMS) if not s.message.pooled]
+            return [s.message for s in await Records(client).list(VMS) if not s.message.pooled and s.message.pid]
         finally:
             await client.close()
 
     sizes = []
-    for directory in asyncio.run(directories()):
+    for vm in asyncio.run(sandboxes()):
         try:
-            sizes.append(pss_kib(int((directory / "vmm.pid").read_text())))
+            sizes.append((vm.start_method, pss_kib(vm.pid)))
         except (OSError, ValueError):
             pass
     return sizes
+
+
+def by_start_method(sizes: list[tuple[str, int]]) -> dict[str, dict]:
+    """Count, p50 and mean PSS (MiB) per start method: a warm-pool claim and a template-snapshot restore differ."""
+    methods: dict[str, list[int]] = {}
+    for method, kib in sizes:
+        methods.setdefault(method, []).append(kib)
+    return {
+        method: {
+            "count": len(values),
+            "p50": round(statistics.median(values) / 1024, 1),
+            "mean": round(statistics.mean(values) / 1024, 1),
+        }
+        for method, values in sorted(methods.items())
+    }
 
 
 def ksm_state() -> str:
@@ -106,7 +121,8 @@ def main() -> None:
             create_rate = (count - 1) / (time.perf_counter() - started) if count > 1 else 0.0
             time.sleep(args.settle_seconds)  # settled: the pool refilled, the guests idle
             exec_after = exec_p50_ms(gateway, first.name)
-            vmm = vmm_pss_kib(stack)
+            started_as = vmm_pss_kib(stack)
+            vmm = [kib for _, kib in started_as]
             services_after = services_rss_kib(stack)
             growth_by_service = {name: after - services_before.get(name, 0) for name, after in services_after.items()}
             growth = max(0, sum(growth_by_service.values()))
@@ -126,6 +142,7 @@ def main() -> None:
                 "services_growth_mib": round(growth / 1024, 1),
                 "services_growth_mib_by_service": {k: round(v / 1024, 1) for k, v in sorted(growth_by_service.items())},
                 "vmm_pss_mib_mean": round(statistics.mean(vmm) / 1024, 1) if vmm else None,
+                "vmm_pss_mib_by_start_method": by_start_method(started_as),
                 "exec_p50_ms_first": round(exec_before, 2),
                 "exec_p50_ms_last": round(exec_after, 2),
                 "creates_per_second": round(create_rate, 2),
