@@ -256,3 +256,35 @@ async def test_http_serves_the_samples_as_ndjson_and_the_list_as_json(sampled):
         assert [entry["sandbox"] for entry in listed["sandboxes"]] == [created.sandbox.name]
         async with session.get(f"{base}/sandboxes/never-was/metrics") as response:
             assert response.status == 404
+
+
+async def test_a_quiet_guest_is_not_woken_for_its_memory_view_more_than_once_a_minute(tmp_path, monkeypatch):
+    """The guest's memory view costs a ping (guest CPU under TCG): a guest that stayed quiet keeps its last one."""
+    from types import SimpleNamespace
+
+    from microvm.types.v1 import vm_pb2
+    from services.compute import resource_sampler
+
+    vm = vm_pb2.VmRecord(id="vm-1", directory=str(tmp_path), state=vm_pb2.VM_STATE_RUNNING)
+    pings = []
+
+    async def facts(vm_id, timeout):
+        pings.append(vm_id)
+        return SimpleNamespace(mem_total_kib=1000, mem_available_kib=1000 - 100 * len(pings))
+
+    sampler = ResourceSampler(SimpleNamespace(vms={"vm-1": vm}), 5.0, guests=SimpleNamespace(facts=facts))
+    clock = [1000.0]
+    monkeypatch.setattr(resource_sampler.time, "monotonic", lambda: clock[0])
+
+    async def sample(cpu_percent: float) -> ResourceSample:
+        taken = ResourceSample(cpu_percent=cpu_percent)
+        await sampler._add_guest_view(vm, taken)
+        return taken
+
+    assert (await sample(0.0)).guest_memory_used_bytes == 100 << 10  # the first: asked
+    clock[0] += 5
+    assert (await sample(0.2)).guest_memory_used_bytes == 100 << 10 and len(pings) == 1  # quiet: kept
+    clock[0] += 5
+    assert (await sample(30.0)).guest_memory_used_bytes == 200 << 10 and len(pings) == 2  # busy: asked
+    clock[0] += resource_sampler.GUEST_VIEW_MAX_AGE
+    assert (await sample(0.0)).guest_memory_used_bytes == 300 << 10 and len(pings) == 3  # quiet but old: asked
