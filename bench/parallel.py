@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from bench.run import wait_for_warm_pool
 from services.common.records import VMS, Records
+from services.compute import resource_sampler
 from tests.guests import Gateway
 from tests.stack import start_stack
 
@@ -31,16 +31,16 @@ DEFAULT_POOL = 2
 
 def cpu_seconds(pid: int) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return resource_sampler.cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return 0.0  # ended
 
 
-def cpu_by_process(stack) -> dict[str, float]:
-    """CPU seconds used so far by each service (and etcd) of the stack, and by all its VMMs together."""
+def cpu_by_process(stack) -> tuple[dict[str, float], dict[int, tuple[str, float]]]:
+    """CPU seconds used so far: by each service (and etcd) of the stack, and by each VMM (pid -> (sandbox or pool,
+    seconds))."""
     children = json.loads((stack.state_dir / "supervisor.json").read_text())
-    used = {name: cpu_seconds(entry["pid"]) for name, entry in children.items() if entry.get("pid")}
+    services = {name: cpu_seconds(entry["pid"]) for name, entry in children.items() if entry.get("pid")}
 
     async def vmms() -> list:
         client = stack.etcd_client()
@@ -50,21 +50,17 @@ def cpu_by_process(stack) -> dict[str, float]:
         finally:
             await client.close()
 
-    for vm in asyncio.run(vmms()):
-        used[f"vmm {vm.pid} {'pool' if vm.pooled else 'sandbox'}"] = cpu_seconds(vm.pid)
-    return used
+    return services, {vm.pid: ("pool" if vm.pooled else "sandbox", cpu_seconds(vm.pid)) for vm in asyncio.run(vmms())}
 
 
-def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Seconds each service used between the two readings; the VMMs summed by what they were at the end (a claimed
-    pool VM counts as its sandbox's all along)."""
-    totals: dict[str, float] = {}
-    for key, seconds in after.items():
-        pid_key = key.rsplit(" ", 1)[0]
-        earlier = next((v for k, v in before.items() if k.rsplit(" ", 1)[0] == pid_key), 0.0)
-        name = f"{key.rsplit(' ', 1)[1]}_vmms" if key.startswith("vmm ") else key
-        totals[name] = round(totals.get(name, 0.0) + seconds - earlier, 2)
-    return dict(sorted(totals.items()))
+def cpu_used(before, after) -> dict[str, float]:
+    """Seconds each service used between two `cpu_by_process` readings, and the VMMs' summed by what they were at
+    the end (a claimed pool VM counts as its sandbox's all along)."""
+    totals = {name: seconds - before[0].get(name, 0.0) for name, seconds in after[0].items()}
+    for pid, (kind, seconds) in after[1].items():
+        earlier = before[1].get(pid, ("", 0.0))[1]
+        totals[f"{kind}_vmms"] = totals.get(f"{kind}_vmms", 0.0) + seconds - earlier
+    return {name: round(seconds, 2) for name, seconds in sorted(totals.items())}
 
 
 def create_and_exec(gateway: Gateway) -> tuple[str, float]:
