@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from microvm.types.v1 import (
     auth_pb2,
+    event_pb2,
     network_pb2,
     node_pb2,
     sandbox_pb2,
@@ -178,6 +179,9 @@ WEBHOOKS = RecordKind("/microvm/webhooks/{tenant}/{webhook}", webhook_pb2.Webhoo
 WEBHOOK_DELIVERIES = RecordKind(
     "/microvm/webhook-deliveries/{tenant}/{webhook}", webhook_pb2.WebhookDeliveryLog, "gateway"
 )
+EVENT_FENCES = RecordKind(
+    "/microvm/event-fences/{instance}", event_pb2.EventFence, "gateway (its own, under its registration's lease)"
+)
 WEBHOOK_LOCKS = RecordKind(
     "/microvm/webhook-locks/{tenant}/{webhook}", webhook_pb2.WebhookLock, "gateway (its own, under its lease)"
 )
@@ -210,6 +214,7 @@ ALL_KINDS: tuple[RecordKind, ...] = (
     WEBHOOKS,
     WEBHOOK_DELIVERIES,
     WEBHOOK_LOCKS,
+    EVENT_FENCES,
 )
 
 

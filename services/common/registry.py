@@ -98,6 +98,11 @@ class ServiceRegistration:
         # Called when this instance lost its node to another one (its lease ran out meanwhile).
         self._on_lost = on_lost
 
+    @property
+    def lease(self) -> aetcd.leases.Lease | None:
+        """The lease the registration is under now (None before it opened): keys that go with this instance."""
+        return self._lease
+
     async def claim_node(self) -> None:
         """Takes this node's lock for the instance's kind before anything else runs: a second instance of the
         kind on the node (a node id given twice) refuses to start. A predecessor on this host whose process is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from microvm.sandbox.v1 import event_service_pb2_grpc
 from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import event_pb2
 from services.common.errors import InvalidArgument, PermissionDenied, ServiceError
+from services.common.records import EVENT_FENCES, Records
 from services.gateway.access import current_principal
 from services.gateway.event_derivation import WATCHED, Derived, SandboxEventDeriver
 from services.gateway.event_history import Compacted, EtcdHistory, FutureRevision
@@ -27,9 +29,6 @@ from services.gateway.records import name_of
 from services.gateway.sandbox_requests import validate_labels
 
 KEEPALIVE_SECONDS = 15.0
-# With a cursor, the backlog is known to be sent once a newer change arrives, or once etcd has sent nothing for this
-# long (it sends a catching-up watch its history within its 100 ms sync loop).
-QUIET_SECONDS = 1.0
 CURSOR = re.compile(r"^(\d{1,18})(?:\.(\d{1,9}))?$")
 EVERY_TENANT = "*"
 
@@ -111,18 +110,36 @@ def matcher(labels: Mapping[str, str], types: frozenset[int]) -> Callable[[api.S
 
 
 class SandboxEvents:
-    """The event history of the cluster's sandboxes, followed from any cursor."""
+    """The event history of the cluster's sandboxes, followed from any cursor.
 
-    def __init__(self, etcd, operator_tenants=("default",)) -> None:
+    A watch that starts behind the head writes a fence (`/microvm/event-fences/<instance>`) and is caught up when
+    etcd delivers it: etcd 3.4 sends a catching-up watch nothing when its replay holds no change for it, and answers
+    a progress request with its own head before the replay is out (etcd-io/etcd#15220), so neither silence nor a
+    progress reply can say the backlog was sent."""
+
+    def __init__(self, etcd, operator_tenants=("default",), instance_id: str = "gateway", lease=lambda: None) -> None:
         self.history = EtcdHistory(etcd)
+        self.records = Records(etcd)
         self.operator_tenants = frozenset(operator_tenants)
+        self.instance_id = instance_id
+        self.lease = lease  # the replica's registration lease when there is one: its fence goes with it
+
+    async def _fence(self) -> int:
+        """Writes this replica's fence; its revision, newer than every change before it."""
+        fence = event_pb2.EventFence(instance_id=self.instance_id)
+        fence.time.FromNanoseconds(time.time_ns())
+        put = await self.records.etcd.put(
+            EVENT_FENCES.key(self.instance_id), EVENT_FENCES.encode(fence), lease=self.lease()
+        )
+        return put.header.revision
 
     async def follow(
         self, tenant: str | None, after: Cursor | None, wants: Callable[[api.SandboxEvent], bool]
     ) -> AsyncIterator[api.SandboxEvent | Progress]:
         """The events of `tenant`'s sandboxes (every tenant's: None) after `after` (None: from now) that `wants`,
-        as they happen: first a Progress, then events and a Progress each time the position moved while nothing
-        was sent for KEEPALIVE_SECONDS. OUT_OF_RANGE when `after` was compacted, meanwhile too."""
+        as they happen: first a Progress, then events, a Progress with `caught_up` once every event up to the
+        cluster's head at the start was sent, and a Progress each time the position moved while nothing was sent
+        for KEEPALIVE_SECONDS. OUT_OF_RANGE when `after` was compacted, meanwhile too."""
         head = await self.history.head()
         after = after or Cursor(head)
         if after.revision > head:
@@ -141,25 +158,20 @@ class SandboxEvents:
             raise InvalidArgument(f"cursor {after} is ahead of the cluster", reason="BAD_CURSOR") from None
         loop = asyncio.get_running_loop()
         position, caught_up = after, base >= head
-        quiet_since = sent = loop.time()
+        sent = loop.time()
         try:
+            if not caught_up:
+                head = await self._fence()
             yield Progress(position, caught_up)
             while True:
-                wait = QUIET_SECONDS if not caught_up else KEEPALIVE_SECONDS - (loop.time() - sent)
                 try:
-                    batch = await watch.next(max(0.05, wait))
+                    batch = await watch.next(max(0.05, KEEPALIVE_SECONDS - (loop.time() - sent)))
                 except Compacted:
                     raise compacted(position) from None
-                now = loop.time()
                 if batch is None:
-                    if not caught_up and now - quiet_since >= QUIET_SECONDS:
-                        caught_up = True
-                    elif now - sent < KEEPALIVE_SECONDS:
-                        continue
-                    sent = now
+                    sent = loop.time()
                     yield Progress(position, caught_up)
                     continue
-                quiet_since = now
                 if not batch.changes:  # etcd's progress notification: nothing more up to its revision
                     if batch.revision > position.revision:
                         position = Cursor(batch.revision)

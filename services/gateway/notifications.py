@@ -13,7 +13,12 @@ from services.gateway.webhooks import Webhooks, WebhookServicer
 
 async def wire_notifications(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     """Adds the services to `server` and starts webhook delivery; returns the services' full names."""
-    events = SandboxEvents(context.etcd, context.settings.operator_tenants)
+    events = SandboxEvents(
+        context.etcd,
+        context.settings.operator_tenants,
+        context.instance_id,
+        lease=lambda: context.registration.lease if context.registration else None,
+    )
     event_service_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(events), server)
     webhooks = Webhooks(context.etcd, context.settings.webhook_allowed_networks)
     webhook_service_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhooks), server)

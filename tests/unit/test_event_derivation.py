@@ -194,3 +194,34 @@ async def test_a_watch_that_falls_behind_ends_unavailable_and_resumes_from_its_c
     assert behind.value.reason == "WATCH_FELL_BEHIND" and 0 < len(got) < 6
     rest, _ = await cluster.events(Cursor.parse(got[-1].cursor), count=6 - len(got))
     assert [e.sandbox for e in got + rest] == [f"sandboxes/s{i}" for i in range(6)]
+
+
+async def test_a_replay_etcd_sends_late_still_comes_before_caught_up(cluster, monkeypatch):
+    """etcd sends a catching-up watch nothing while its replay is under way: silence is not the end of the backlog."""
+    from microvm.types.v1 import event_pb2
+    from services.common.records import EVENT_FENCES
+    from services.gateway import event_history
+
+    start = await cluster.now()
+    await cluster.put(cluster.sandbox("late", CREATING))
+    next_batch, held = event_history.EtcdWatch.next, []
+
+    async def silent_at_first(watch, timeout=None):
+        if not held:  # the first wait sees nothing for longer than any quiet period would have allowed
+            held.append(await asyncio.sleep(min(timeout or 3.0, 3.0)))
+            return None
+        return await next_batch(watch, timeout)
+
+    monkeypatch.setattr(event_history.EtcdWatch, "next", silent_at_first)
+    source = SandboxEvents(cluster.etcd, instance_id=f"gw-{cluster.tenant}")
+    seen = []
+    async with asyncio.timeout(20):
+        async for item in source.follow(cluster.tenant, start, lambda event: True):
+            seen.append(item)
+            if isinstance(item, Progress) and item.caught_up:
+                break
+    assert [type(item).__name__ for item in seen] == ["Progress", "Progress", "SandboxEvent", "Progress"]
+    assert not seen[0].caught_up and seen[2].sandbox == "sandboxes/late"
+    fence = await cluster.records.get(EVENT_FENCES, f"gw-{cluster.tenant}")
+    assert isinstance(fence.message, event_pb2.EventFence) and seen[-1].cursor.revision >= fence.revision
+    await cluster.etcd.delete(EVENT_FENCES.key(f"gw-{cluster.tenant}"))
