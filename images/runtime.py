@@ -4,6 +4,7 @@ Built from this host's Debian python3 into one prefix that every root filesystem
 image archive, Debian, Alpine/musl or without Python at all):
 
     /opt/microvm/agent.py, microvm_agent/, microvm/agent/, google/protobuf/   the agent and its protobuf runtime
+    /opt/microvm/google/_upb/                                                   protobuf's C implementation (upb)
     /opt/microvm/runtime/bin/python3                                            the interpreter
     /opt/microvm/runtime/lib/ld-linux-x86-64.so.2, libc.so.6, ...               its ELF loader and every shared
                                                                                 library it and its extensions load
@@ -83,7 +84,10 @@ DLOPENED = ("libgcc_s.so.1",)
 
 
 def agent_payload_dirs() -> list[tuple[Path, str]]:
-    """What the agent needs in the guest: its code, generated agent.v1 code, and protobuf's runtime."""
+    """What the agent needs in the guest: its code, generated agent.v1 code, and protobuf's runtime with its C
+    implementation (upb). Without upb protobuf falls back to pure Python: under TCG that cost each exec about a
+    millisecond and a half of decoding and encoding frames (docs/guest-boot.md)."""
+    import google._upb._message
     import google.protobuf
 
     protobuf_dir = Path(google.protobuf.__file__).parent
@@ -91,7 +95,13 @@ def agent_payload_dirs() -> list[tuple[Path, str]]:
         (REPO / "guest_agents" / "linux" / "microvm_agent", "microvm_agent"),
         (REPO / "gen" / "python" / "microvm" / "agent", "microvm/agent"),
         (protobuf_dir, "google/protobuf"),
+        (Path(google._upb._message.__file__).parent, "google/_upb"),
     ]
+
+
+def payload_extensions(payload: list[tuple[Path, str]]) -> list[Path]:
+    """The compiled extension modules among the payload (upb): their libraries go into the runtime too."""
+    return sorted(p for source, _ in payload for p in _tree_files(source) if p.suffix == ".so")
 
 
 def interpreter(python: str = HOST_PYTHON) -> dict:
@@ -215,7 +225,7 @@ def bundle_files(python: str = HOST_PYTHON) -> list[tuple[Path, str]]:
     executable = Path(info["executable"])
     stdlib_dest = f"{RUNTIME_DIR}/lib/python{info['version']}"
     files = [(executable, f"{RUNTIME_DIR}/bin/python3")]
-    for soname, library in sorted(shared_libraries([executable, *extensions]).items()):
+    for soname, library in sorted(shared_libraries([executable, *extensions, *payload_extensions(payload)]).items()):
         files.append((library, f"{RUNTIME_DIR}/lib/{soname}"))
     for extension in extensions:
         files.append((extension, f"{stdlib_dest}/lib-dynload/{extension.name}"))
@@ -238,6 +248,8 @@ def _tree_files(path: Path) -> list[Path]:
 
 
 SMOKE_IMPORTS = ("microvm_agent.main", "microvm_agent.archives", "microvm_agent.watch", "microvm_agent.background")
+# The bundle must run protobuf's C implementation: the pure-Python fallback works, only slower, so it would go unseen.
+SMOKE_CHECK = "from google.protobuf.internal import api_implementation; assert api_implementation.Type() == 'upb'"
 AGENT_ENTRY = "import sys\nsys.path.insert(0, '/opt/microvm')\nfrom microvm_agent.main import main\nmain()\n"
 
 
@@ -264,7 +276,7 @@ def build_agent_runtime(python: str = HOST_PYTHON) -> Path:
         compile_command = [python, "-I", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash"]
         run([*compile_command, "-s", str(work), "-p", "/", str(agent)], stdout=subprocess.DEVNULL)
         # The bundle starts through its own loader and imports the whole agent: a missing module fails the build.
-        smoke = f"import sys; sys.path.insert(0, {str(agent)!r}); import {', '.join(SMOKE_IMPORTS)}"
+        smoke = f"import sys; sys.path.insert(0, {str(agent)!r}); import {', '.join(SMOKE_IMPORTS)}; {SMOKE_CHECK}"
         run([*runtime_command(work), "-c", smoke])
         (work / "size").write_text(str(sum(f.stat().st_size for f in work.rglob("*") if f.is_file())))
 

@@ -27,7 +27,9 @@ def bundle() -> Path:
 
 def test_every_library_the_runtime_loads_comes_from_the_bundle(bundle):
     lib = bundle / RUNTIME_DIR / "lib"
-    elves = [bundle / RUNTIME_DIR / "bin" / "python3", *sorted((lib / "python3.11" / "lib-dynload").glob("*.so"))]
+    upb = sorted((bundle / AGENT_DIR / "google" / "_upb").glob("*.so"))
+    assert upb, "protobuf's C implementation is not in the bundle"
+    elves = [bundle / RUNTIME_DIR / "bin" / "python3", *sorted((lib / "python3.11" / "lib-dynload").glob("*.so")), *upb]
     assert len(elves) > 5, elves
     for elf in elves:
         # The bundle's loader lists what it would map for `elf` with only the bundle's library path.
@@ -40,6 +42,16 @@ def test_every_library_the_runtime_loads_comes_from_the_bundle(bundle):
         paths = [line.split("=>")[1].split("(")[0].strip() for line in listing.splitlines() if "=>" in line]
         assert paths or "statically linked" in listing, (elf.name, listing)  # an extension that needs no library
         assert all(path.startswith(str(lib) + "/") for path in paths), (elf.name, listing)
+
+
+def test_the_bundled_agent_decodes_frames_with_protobufs_c_implementation(bundle):
+    probe = (
+        f"import sys; sys.path.insert(0, {str(bundle / AGENT_DIR)!r}); "
+        "from microvm.agent.v1 import agent_pb2; from google.protobuf.internal import api_implementation; "
+        "print(api_implementation.Type(), type(agent_pb2.Frame).__module__)"
+    )
+    out = subprocess.run([*runtime_command(bundle), "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["upb", "google._upb._message"], out
 
 
 def test_runtime_holds_only_the_stdlib_the_agent_needs(bundle):
