@@ -253,8 +253,9 @@ class Records:
                 log.error("record_corrupt", key=kv.key.decode(errors="replace"), error=str(exc))
         return stored
 
-    async def put(self, kind: RecordKind[M], message: M, *parts: str, lease=None) -> None:
-        await self.etcd.put(kind.key(*parts), kind.encode(message), lease=lease)
+    async def put(self, kind: RecordKind[M], message: M, *parts: str, lease=None) -> int:
+        """Writes the record; the cluster's revision of the write."""
+        return (await self.etcd.put(kind.key(*parts), kind.encode(message), lease=lease)).header.revision
 
     async def delete(self, kind: RecordKind, *parts: str) -> None:
         await self.etcd.delete(kind.key(*parts))

@@ -128,10 +128,7 @@ class SandboxEvents:
         """Writes this replica's fence; its revision, newer than every change before it."""
         fence = event_pb2.EventFence(instance_id=self.instance_id)
         fence.time.FromNanoseconds(time.time_ns())
-        put = await self.records.etcd.put(
-            EVENT_FENCES.key(self.instance_id), EVENT_FENCES.encode(fence), lease=self.lease()
-        )
-        return put.header.revision
+        return await self.records.put(EVENT_FENCES, fence, self.instance_id, lease=self.lease())
 
     async def follow(
         self, tenant: str | None, after: Cursor | None, wants: Callable[[api.SandboxEvent], bool]
