@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+import aetcd.exceptions
 import grpc
 
 from microvm.sandbox.v1 import event_service_pb2 as api
@@ -128,7 +129,16 @@ class SandboxEvents:
         """Writes this replica's fence; its revision, newer than every change before it."""
         fence = event_pb2.EventFence(instance_id=self.instance_id)
         fence.time.FromNanoseconds(time.time_ns())
-        return await self.records.put(EVENT_FENCES, fence, self.instance_id, lease=self.lease())
+        if (lease := self.lease()) is not None:
+            try:
+                return await self.records.put(EVENT_FENCES, fence, self.instance_id, lease=lease)
+            except aetcd.exceptions.ClientError as error:
+                cause = error.__cause__
+                if not isinstance(cause, grpc.aio.AioRpcError) or cause.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                # The registration's lease ran out and is being granted again: this fence goes without one (the
+                # next is written under the new lease over it).
+        return await self.records.put(EVENT_FENCES, fence, self.instance_id)
 
     async def follow(
         self, tenant: str | None, after: Cursor | None, wants: Callable[[api.SandboxEvent], bool]

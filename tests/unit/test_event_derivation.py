@@ -42,9 +42,11 @@ class Cluster:
     async def register_compute(self) -> None:
         await self.records.put(SERVICES, service_pb2.ServiceRegistration(node=self.node), "compute", self.compute)
 
-    async def events(self, after: Cursor | None = None, count: int = 1, tenant: str | None = "", wants=None):
+    async def events(
+        self, after: Cursor | None = None, count: int = 1, tenant: str | None = "", wants=None, source=None
+    ):
         """`count` events of the tenant after `after` (and the progress messages seen meanwhile)."""
-        source = SandboxEvents(self.etcd)
+        source = source or SandboxEvents(self.etcd)
         found, progress = [], []
         stream = source.follow(self.tenant if tenant == "" else tenant, after, wants or (lambda event: True))
         try:
@@ -225,3 +227,18 @@ async def test_a_replay_etcd_sends_late_still_comes_before_caught_up(cluster, mo
     fence = await cluster.records.get(EVENT_FENCES, f"gw-{cluster.tenant}")
     assert isinstance(fence.message, event_pb2.EventFence) and seen[-1].cursor.revision >= fence.revision
     await cluster.etcd.delete(EVENT_FENCES.key(f"gw-{cluster.tenant}"))
+
+
+async def test_a_fence_whose_lease_ran_out_is_written_without_it(cluster):
+    from services.common.records import EVENT_FENCES
+
+    lease = await cluster.etcd.lease(5)
+    await lease.revoke()  # the registration's lease expired; the registry has not granted the next one yet
+    start = await cluster.now()
+    await cluster.put(cluster.sandbox("unleased", CREATING))
+    source = SandboxEvents(cluster.etcd, instance_id=f"gw-lapsed-{cluster.tenant}", lease=lambda: lease)
+    found, progress = await cluster.events(start, count=1, source=source)
+    assert found[0].sandbox == "sandboxes/unleased"
+    fence = await cluster.etcd.get(EVENT_FENCES.key(f"gw-lapsed-{cluster.tenant}"))
+    assert fence is not None and fence.lease == 0
+    await cluster.etcd.delete(EVENT_FENCES.key(f"gw-lapsed-{cluster.tenant}"))
