@@ -299,6 +299,9 @@ class CloudHypervisorDriver:
         await api.resume()
         return pid
 
+    async def share_memory(self, frozen: Path, vm: VmRecord, image: BuiltImage, work: Path) -> bool:
+        return False  # its snapshot's memory ranges are restored as they are
+
     def owns_process(self, pid: int, directory: Path) -> bool:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

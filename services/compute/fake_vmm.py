@@ -156,6 +156,9 @@ class FakeVmmDriver:
         await asyncio.to_thread(_unpack, frozen / "disk.tar", disk)
         return await self.launch(vm, image, directory)
 
+    async def share_memory(self, frozen: Path, vm: VmRecord, image: BuiltImage, work: Path) -> bool:
+        return False  # its snapshots hold no RAM
+
     def owns_process(self, pid: int, directory: Path) -> bool:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

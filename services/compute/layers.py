@@ -27,6 +27,7 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.compute.disks import create_overlay, run_tool
 from services.compute.lifecycle import VmLifecycle
+from services.compute.process_exit import exited
 
 log = structlog.get_logger()
 KEY = re.compile(r"^[0-9a-f]{16,64}$")
@@ -35,19 +36,6 @@ KEY = re.compile(r"^[0-9a-f]{16,64}$")
 def check_key(key: str) -> None:
     if not KEY.match(key):
         raise InvalidArgument(f"layer key {key!r} is not a hex digest", reason="INVALID_LAYER_KEY")
-
-
-async def exited(pid: int, seconds: float = 120.0) -> None:
-    """Waits until process `pid` is gone: a stopped VMM holds its disk's lock until it has exited (a large guest's
-    memory takes a while to free), and the next builder VM opens that disk as its backing file."""
-    deadline = time.monotonic() + seconds
-    while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return  # exited; only its parent's wait is left
-        except (OSError, IndexError):
-            return
-        await asyncio.sleep(0.05)
 
 
 async def unlocked(disk: Path, seconds: float = 120.0) -> None:

@@ -19,6 +19,7 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import FailedPrecondition
 from services.compute.disks import create_overlay, freeze
 from services.compute.hypervisor import HypervisorChoice, host_tsc_khz
+from services.compute.process_exit import exited
 from services.compute.qmp import QmpClient
 
 # Measured here: reliable and fast under TCG (see docs/guest-boot.md).
@@ -150,8 +151,11 @@ class QemuDriver:
         With `incoming` the VM waits for migrated state instead of booting (see `restore`)."""
         if not self.paths(directory)["disk"].exists():
             await self.prepare_disk(image, directory)
+        return await self._start(self.command(vm, image, directory, incoming), directory)
+
+    async def _start(self, command: list[str], directory: Path) -> int:
         process = await asyncio.create_subprocess_exec(
-            *self.command(vm, image, directory, incoming),
+            *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -243,6 +247,47 @@ class QemuDriver:
         finally:
             await client.close()
         return pid
+
+    async def share_memory(self, frozen: Path, vm: VmRecord, image: BuiltImage, work: Path) -> bool:
+        """A `stream` snapshot made `shared-ram`: a qemu that never runs the guest loads the stream into a shared RAM
+        file, then saves its device state alone (`x-ignore-shared`). Restores then map the file copy-on-write
+        instead of each loading the stream: clones of one snapshot share its pages. `ram` is moved in before
+        `devices.bin`, whose presence makes a restore shared, so a restore meanwhile still finds a complete form."""
+        if (frozen / "devices.bin").exists() or not (frozen / "memory.bin").exists():
+            return False
+        helper = VmRecord()
+        helper.CopyFrom(vm)
+        helper.directory, helper.ram_path, helper.ram_shared = str(work), str(work / "ram"), True
+        await create_overlay(frozen / "disk.qcow2", "qcow2", self.paths(work)["disk"])
+        command = self.command(helper, image, work, incoming=True)
+        if helper.nic.tap_device:
+            # virtio-net's state needs a TAP backend to load into: qemu makes one in a network namespace of its own,
+            # which goes with it (the guest never runs, so nothing is ever sent).
+            command = ["unshare", "--net", *command]
+        pid = await self._start(command, work)
+        client = QmpClient(str(self.paths(work)["qmp"]))
+        try:
+            await client.connect()
+            await client.execute("migrate-incoming", {"uri": f"exec:cat {frozen / 'memory.bin'}"})
+            await self._wait_for_migration(client)
+            await client.execute(
+                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+            )
+            await client.execute("migrate", {"uri": f"exec:cat > {work / 'devices.bin'}"})
+            await self._wait_for_migration(client)
+        finally:
+            try:
+                # quit, not a kill: qemu reaps the `cat` writing devices.bin as it cleans up.
+                await asyncio.wait_for(client.execute("quit"), 5)
+            except Exception:  # noqa: BLE001 - gone or stuck either way: made sure of below
+                pass
+            await client.close()
+            await exited(pid, 10)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, 9)
+        os.rename(work / "ram", frozen / "ram")
+        os.rename(work / "devices.bin", frozen / "devices.bin")
+        return True
 
     async def pause(self, directory: Path) -> None:
         await self._qmp(directory, "stop")

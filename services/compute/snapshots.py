@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+import structlog
+
 from images.builder import BuiltImage
 from microvm.snapshot.v1 import snapshot_pb2
 from microvm.types.v1 import network_pb2 as network_types
@@ -25,6 +27,8 @@ from services.common.client_streams import send_until_refused
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
+
+log = structlog.get_logger()
 
 # Artifact name in the snapshot store -> file in a materialized snapshot.
 ARTIFACT_FILES = {
@@ -82,6 +86,8 @@ class VmSnapshots:
         self.ledger, self.driver = lifecycle.ledger, lifecycle.driver
         # Snapshots materialized on this node: frozen disk + memory, shared by every VM restored from them.
         self.root = snapshot_root
+        # Restores of each snapshot on this node since compute started: from the second on, its memory is shared.
+        self.restores: dict[str, int] = {}
 
     async def snapshot(self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False) -> int:
         """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored. With
@@ -225,7 +231,9 @@ class VmSnapshots:
                 reason="MACHINE_MISMATCH",
             )
         image = self.image_of(config, frozen.name)
-        shared_ram = config.get("format") == "shared-ram"
+        if source_snapshot:
+            await self._share_memory(frozen, source_snapshot, config, image)
+        shared_ram = config.get("format") == "shared-ram" or (frozen / "ram").is_file()
         vm = await self.lifecycle.admit(
             vm_id,
             config["template"],
@@ -243,6 +251,39 @@ class VmSnapshots:
         return await self.lifecycle.boot(
             vm, lambda directory: self.driver.restore(vm, image, directory, frozen), policy
         )
+
+    async def _share_memory(self, frozen: Path, snapshot_id: str, config: dict, image: BuiltImage) -> None:
+        """From a snapshot's second restore on this node (a fork's clones, a snapshot restored again), its RAM as a
+        file that restores map copy-on-write instead of each loading the migration stream: made once, its pages are
+        shared by every VM restored from it, and each restore loads only device state. A first restore (a migration,
+        a lone restore) does not wait for it. A failure leaves the stream, which restores as before."""
+        self.restores[snapshot_id] = self.restores.get(snapshot_id, 0) + 1
+        if self.restores[snapshot_id] < 2 or (frozen / "devices.bin").exists():
+            return
+        async with self.ledger.lock(f"snapshot:{snapshot_id}"):
+            if (frozen / "devices.bin").exists():
+                return
+            helper = VmRecord(
+                id=f"share-{snapshot_id}",
+                template=config["template"],
+                image_dir=str(image.directory),
+                vcpus=config["vcpus"],
+                memory_mib=config["memory_mib"],
+                hostname=config["boot_hostname"],
+                boot_hostname=config["boot_hostname"],
+            )
+            if config.get("network"):
+                helper.nic.tap_device, helper.nic.mac_address = "mvmshare0", "02:00:00:00:00:01"
+            work = self.root / f".{snapshot_id}.share"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                if await self.driver.share_memory(frozen, helper, image, work):
+                    log.info("snapshot_memory_shared", snapshot=snapshot_id)
+            except Exception as exc:  # noqa: BLE001 - an optimization: the stream still restores
+                log.warning("snapshot_memory_not_shared", snapshot=snapshot_id, error=str(exc))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
 
     def image_of(self, config: dict, snapshot: str) -> BuiltImage:
         """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the
@@ -265,3 +306,4 @@ class VmSnapshots:
         for directory in self.root.glob("*") if self.root.exists() else []:
             if not directory.name.startswith(".") and directory.name not in in_use:
                 shutil.rmtree(directory, ignore_errors=True)
+                self.restores.pop(directory.name, None)

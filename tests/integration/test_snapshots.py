@@ -94,6 +94,27 @@ def test_fork_makes_independent_clones_with_their_own_identity(gateway, counting
             gateway.delete(clone.name)
 
 
+def test_clones_of_a_snapshot_whose_ram_is_in_its_stream_share_one_ram_file(stack, gateway, counting_sandbox):
+    # A restored guest never maps its RAM shared, so a snapshot of it carries its RAM in the migration stream; from
+    # the second clone on, they restore from a RAM file made of it once (services/compute/snapshots.py).
+    restored = restore(gateway, snapshot_of(gateway, counting_sandbox))
+    clones = []
+    try:
+        forked = gateway.stub.ForkSandbox(api.ForkSandboxRequest(name=restored.name, count=3), timeout=600)
+        clones = list(forked.sandboxes)
+        frozen = stack.state_dir / "compute" / "snapshots" / forked.snapshot.name.split("/")[1]
+        assert {"memory.bin", "devices.bin", "ram"} <= {p.name for p in frozen.iterdir()}
+        shared = [line for line in stack.log("compute").splitlines() if "snapshot_memory_shared" in line]
+        assert any(frozen.name in line for line in shared), shared[-3:]
+        for clone in clones:  # memory as it was: the file the note is in, and the counting process goes on
+            assert gateway.read_file(clone.name, "/root/note.txt") == b"written before the snapshot"
+            first = count(gateway, clone)
+            assert wait_for(lambda c=clone, f=first: count(gateway, c) > f, timeout=10)
+    finally:
+        for sandbox in [*clones, restored]:
+            gateway.delete(sandbox.name)
+
+
 def test_lineage_records_the_parent_snapshot(gateway, counting_sandbox):
     root = snapshot_of(gateway, counting_sandbox)
     clone = restore(gateway, root)
@@ -109,13 +130,17 @@ def test_lineage_records_the_parent_snapshot(gateway, counting_sandbox):
 
 
 def test_corrupt_chunk_refuses_restore_with_data_loss(stack, gateway, counting_sandbox):
+    # Random bytes in the guest's page cache: its memory then holds chunks no other snapshot has (a guest that
+    # changed little since its last snapshot may have none).
+    gateway.exec(counting_sandbox.name, ["sh", "-c", "head -c 8388608 /dev/urandom > /root/unique.bin"])
     snapshot = snapshot_of(gateway, counting_sandbox)
     record = (
         store_stub(stack)
         .GetSnapshotRecord(snapshot_pb2.GetSnapshotRecordRequest(id=snapshot.name.split("/")[1]), timeout=10)
         .record
     )
-    memory = next(a for a in record.artifacts if a.name == "memory")
+    # Its RAM: in the migration stream (`memory`), or a file of its own (`ram`) when the source booted cold.
+    memory = next(a for a in record.artifacts if a.name in ("memory", "ram"))
     # A chunk only this snapshot has, so other snapshots stay intact.
     others = store_stub(stack).ListSnapshotRecords(snapshot_pb2.ListSnapshotRecordsRequest(), timeout=10).records
     shared = {d for r in others if r.id != record.id for a in r.artifacts for d in a.chunk_sha256}

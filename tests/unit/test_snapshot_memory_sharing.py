@@ -1,0 +1,78 @@
+"""VmSnapshots._share_memory (services/compute/snapshots.py): when a snapshot's migration stream becomes a RAM file
+its restores map copy-on-write. The driver is a recording stand-in; the real conversion is QEMU's, exercised by the
+fork tests against real guests (tests/integration/test_snapshots.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from images.builder import BuiltImage
+from services.common.settings import ComputeSettings
+from services.compute.ledger import VmLedger
+from services.compute.snapshots import VmSnapshots
+
+CONFIG = {"template": "default", "vcpus": 1, "memory_mib": 256, "boot_hostname": "src", "network": True}
+
+
+class RecordingDriver:
+    """Makes the shared form as QEMU's driver does (`ram`, then `devices.bin`), or fails when told to."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[Path, object, Path]] = []
+        self.fail = fail
+
+    async def share_memory(self, frozen: Path, vm, image, work: Path) -> bool:
+        self.calls.append((frozen, vm, work))
+        await asyncio.sleep(0.05)  # restores arriving meanwhile wait for it
+        if self.fail:
+            raise RuntimeError("qemu failed to start: no such device")
+        (frozen / "ram").write_bytes(b"\0" * 16)
+        (frozen / "devices.bin").write_bytes(b"state")
+        return True
+
+
+def snapshots(tmp_path: Path, driver: RecordingDriver) -> tuple[VmSnapshots, Path, BuiltImage]:
+    lifecycle = SimpleNamespace(ledger=VmLedger(None, "node-1", ComputeSettings()), driver=driver)
+    frozen = tmp_path / "snapshots" / "snap-1"
+    frozen.mkdir(parents=True)
+    (frozen / "memory.bin").write_bytes(b"stream")
+    image = BuiltImage("default", tmp_path, tmp_path / "k", tmp_path / "b", tmp_path / "i", tmp_path / "r", {})
+    return VmSnapshots(lifecycle, tmp_path / "snapshots"), frozen, image
+
+
+async def test_the_first_restore_loads_the_stream_and_the_second_shares_the_memory_once(tmp_path):
+    driver = RecordingDriver()
+    vm_snapshots, frozen, image = snapshots(tmp_path, driver)
+    await vm_snapshots._share_memory(frozen, "snap-1", CONFIG, image)
+    assert driver.calls == []  # a lone restore (a migration) never waits for it
+    await asyncio.gather(*(vm_snapshots._share_memory(frozen, "snap-1", CONFIG, image) for _ in range(5)))
+    assert len(driver.calls) == 1 and (frozen / "devices.bin").exists() and (frozen / "ram").exists()
+    _, helper, work = driver.calls[0]
+    # The helper VM has the snapshot's size and a NIC (its device state has one), and works in its own directory,
+    # gone afterwards.
+    assert (helper.vcpus, helper.memory_mib, helper.boot_hostname) == (1, 256, "src")
+    assert helper.nic.tap_device and helper.nic.mac_address
+    assert work.parent == frozen.parent and not work.exists()
+
+
+@pytest.mark.parametrize("network", [True, False])
+async def test_a_failure_to_share_leaves_the_stream_and_every_restore_goes_on(tmp_path, network):
+    driver = RecordingDriver(fail=True)
+    vm_snapshots, frozen, image = snapshots(tmp_path, driver)
+    for _ in range(3):
+        await vm_snapshots._share_memory(frozen, "snap-1", {**CONFIG, "network": network}, image)
+    assert len(driver.calls) == 2  # tried again by the next restore; nothing raised
+    assert bool(driver.calls[0][1].nic.tap_device) == network
+    assert sorted(p.name for p in frozen.parent.iterdir()) == ["snap-1"]  # no work directory left behind
+    assert sorted(p.name for p in frozen.iterdir()) == ["memory.bin"]
+
+
+def test_prune_forgets_the_restores_of_a_snapshot_it_drops(tmp_path):
+    vm_snapshots, frozen, _ = snapshots(tmp_path, RecordingDriver())
+    vm_snapshots.restores["snap-1"] = 3
+    vm_snapshots.prune(set())
+    assert not frozen.exists() and vm_snapshots.restores == {}
