@@ -84,10 +84,9 @@ class GuestLink:
     async def configure_network(self, vm_id: str) -> None:
         await self._call("ConfigureNetwork", relay_pb2.ConfigureNetworkRequest(vm_id=vm_id), deadlines.GUEST)
 
-    async def set_identity(self, vm_id: str, hostname: str) -> None:
-        await self._call(
-            "SetGuestIdentity", relay_pb2.SetGuestIdentityRequest(vm_id=vm_id, hostname=hostname), deadlines.GUEST
-        )
+    async def set_identity(self, vm_id: str, hostname: str, confirm_later: bool = False) -> None:
+        request = relay_pb2.SetGuestIdentityRequest(vm_id=vm_id, hostname=hostname, confirm_later=confirm_later)
+        await self._call("SetGuestIdentity", request, deadlines.GUEST)
 
     async def sync_clock(self, vm_id: str) -> relay_pb2.SyncGuestClockResponse:
         return await self._call("SyncGuestClock", relay_pb2.SyncGuestClockRequest(vm_id=vm_id), deadlines.GUEST)

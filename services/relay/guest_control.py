@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+from collections.abc import Awaitable, Callable
 
+import structlog
 from opentelemetry import trace
 
 from microvm.agent.v1 import agent_pb2
 from microvm.relay.v1 import relay_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
+from services.relay.agent_channel import AgentTarget
 from services.relay.channel_pool import ChannelPool
 from services.relay.guest_clock import TOLERANCE_NS, read_offset, set_clock_blind, sync_clock, sync_quietly
 from services.relay.vms import NodeVms
@@ -17,6 +21,7 @@ from services.relay.vms import NodeVms
 HOSTNAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-]{0,62}$")
 MAX_TIMEOUT_MS = 600_000
 TRACER = trace.get_tracer("microvm.relay")
+log = structlog.get_logger()
 
 
 def _seconds(timeout_ms: int, default: float) -> float:
@@ -26,8 +31,17 @@ def _seconds(timeout_ms: int, default: float) -> float:
 
 
 class GuestControl:
-    def __init__(self, vms: NodeVms, pool: ChannelPool, default_timeout: float) -> None:
+    def __init__(
+        self,
+        vms: NodeVms,
+        pool: ChannelPool,
+        default_timeout: float,
+        on_unconfirmed: Callable[[AgentTarget, str], Awaitable[None]] | None = None,
+    ) -> None:
         self.vms, self.pool, self.default_timeout = vms, pool, default_timeout
+        # Told of a guest that did not confirm an identity sent with `confirm_later` (the relay records an incident).
+        self.on_unconfirmed = on_unconfirmed
+        self._confirming: set[asyncio.Task] = set()
 
     async def wait_for_agent(self, vm_id: str, timeout_ms: int) -> relay_pb2.WaitForAgentResponse:
         """Connects (again and again while the guest boots) until the agent answers, or the time is up."""
@@ -68,7 +82,9 @@ class GuestControl:
                 reason="GUEST_NETWORK_FAILED",
             )
 
-    async def set_identity(self, vm_id: str, hostname: str) -> None:
+    async def set_identity(self, vm_id: str, hostname: str, confirm_later: bool = False) -> None:
+        """Gives the guest its host name and fresh entropy, and the host's clock. With `confirm_later` it answers
+        once they are sent and confirms them in the background (`_confirm`)."""
         if not HOSTNAME.fullmatch(hostname):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         # Spans: a warm create waits on this call (bench/breakdown.py shows each part).
@@ -78,6 +94,12 @@ class GuestControl:
             channel = await self.pool.get(target)
         with TRACER.start_as_current_span("guest.identity_and_clock"):
             await self._send_identity(channel, hostname)
+            if not confirm_later:
+                await self._check_clock(channel)
+                return
+        task = asyncio.get_running_loop().create_task(self._confirm(target, channel), name=f"identity-{vm_id}")
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
 
     async def _send_identity(self, channel, hostname: str) -> None:
         await channel.send(
@@ -87,9 +109,27 @@ class GuestControl:
         # in the same breath, and let the one ping that confirms both (ordered after them) say whether it is close
         # enough; a create then waits for one round trip to its just-woken guest instead of four.
         await set_clock_blind(channel)
+
+    async def _check_clock(self, channel) -> None:
         reading = await read_offset(channel, self.default_timeout)
         if abs(reading.offset_ns) > TOLERANCE_NS:
             await sync_quietly(channel, self.default_timeout)
+
+    async def _confirm(self, target: AgentTarget, channel) -> None:
+        """The guest's answer to the ping behind its identity, awaited after the call returned. A guest that does not
+        give it is broken: its channel is closed and an incident recorded, so its sandbox reads FAILED instead of
+        looking ready. A VM deleted meanwhile needs nothing said, nor one paused meanwhile (its guest takes the frames
+        when it is resumed)."""
+        try:
+            await self._check_clock(channel)
+        except Exception as exc:  # noqa: BLE001 - every way of not answering means the same here
+            if target.vm_id not in self.vms.vms or self.vms.is_paused(target.vm_id):
+                return
+            reason = f"the guest did not confirm its identity after it was claimed: {exc}"
+            log.warning("guest_identity_unconfirmed", vm=target.vm_id, error=str(exc))
+            if self.on_unconfirmed is not None:
+                await self.on_unconfirmed(target, reason)
+            await self.pool.close(target)
 
     async def sync_clock(self, vm_id: str) -> relay_pb2.SyncGuestClockResponse:
         channel = await self.pool.get(await self.vms.target(vm_id, running=False))

@@ -183,7 +183,7 @@ class GuestControlServicer(relay_pb2_grpc.GuestControlServiceServicer):
         return relay_pb2.ConfigureNetworkResponse()
 
     async def SetGuestIdentity(self, request, context):
-        await self.control.set_identity(request.vm_id, request.hostname)
+        await self.control.set_identity(request.vm_id, request.hostname, request.confirm_later)
         return relay_pb2.SetGuestIdentityResponse()
 
     async def RunCommand(self, request, context):
@@ -213,7 +213,9 @@ class NodeRelay:
             is_paused=lambda vm_id: self.vms.is_paused(vm_id),
         )
         self.vms = NodeVms(etcd, node, on_removed=self.forget)
-        self.control = GuestControl(self.vms, self.pool, settings.connect_timeout_seconds)
+        self.control = GuestControl(
+            self.vms, self.pool, settings.connect_timeout_seconds, on_unconfirmed=self.record_incident
+        )
         self.processes = GuestProcesses(self.open_stream)
         self.files = GuestFiles(self.open_stream)
 

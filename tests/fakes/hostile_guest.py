@@ -79,6 +79,8 @@ class HostileGuest:
                     await writer.drain()
                     if pongs == 1:
                         self._misbehave(writer)
+                elif kind == "set_identity" and self.mode == "mute-after-identity":
+                    silenced = True  # takes its identity, then never answers again
                 elif kind == "watch_start" and self.mode == "watch-flood":
                     await self._flood_watch(frame.stream_id, writer)
                 elif kind == "exec_start":

@@ -250,3 +250,24 @@ async def test_a_paused_guests_silence_does_not_close_its_channel(relay):
         os.kill(agent.pid, signal.SIGCONT)
         agent.kill()
         agent.wait()
+
+
+async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_never_confirms_it_is_failed(relay):
+    # A claimed pool VM: the call returns once the identity is sent; the guest's confirmation is awaited behind it.
+    identity = relay_pb2.SetGuestIdentityRequest(vm_id="host", hostname="claimed-host", confirm_later=True)
+    await relay.control.SetGuestIdentity(identity, timeout=5)
+    reply = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="host", timeout_ms=3000))
+    assert reply.hostname == "claimed-host"
+    guest = await hostile(relay, "mute-after-identity")
+    try:
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="mute-after-identity", timeout_ms=3000))
+        mute = relay_pb2.SetGuestIdentityRequest(vm_id="mute-after-identity", hostname="mute", confirm_later=True)
+        await relay.control.SetGuestIdentity(mute, timeout=5)  # answered: the frames went out
+        deadline = time.monotonic() + 15
+        while (found := await incident(relay, "mute-after-identity")) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert found is not None and "did not confirm its identity" in found.reason, found
+        assert await incident(relay, "host") is None  # the well-behaved one confirmed
+        await neighbour_execs(relay, 2)
+    finally:
+        await guest.close()
