@@ -4,6 +4,7 @@ is closed and the sandbox marked with the reason, and a neighbour sandbox on the
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import grpc
@@ -252,14 +253,21 @@ async def test_a_paused_guests_silence_does_not_close_its_channel(relay):
         agent.wait()
 
 
-async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_never_confirms_it_is_failed(relay):
+async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_never_confirms_it_is_failed(
+    relay, tmp_path
+):
     # A claimed pool VM: the call returns once the identity is sent; the guest's confirmation is awaited behind it.
-    identity = relay_pb2.SetGuestIdentityRequest(vm_id="host", hostname="claimed-host", confirm_later=True)
-    await relay.control.SetGuestIdentity(identity, timeout=5)
-    reply = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="host", timeout_ms=3000))
-    assert reply.hostname == "claimed-host"
+    # The well-behaved guest is the agent simulating a guest (--root): a real one would rename this host.
+    (tmp_path / "root").mkdir()
+    agent = await start_agent(str(tmp_path / "sim.sock"), "--root", str(tmp_path / "root"), "--hostname", "pooled")
     guest = await hostile(relay, "mute-after-identity")
     try:
+        await add_vm(relay.etcd, relay.node, "sim", str(tmp_path / "sim.sock"))
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=5000))
+        claimed = relay_pb2.SetGuestIdentityRequest(vm_id="sim", hostname="claimed", confirm_later=True)
+        await relay.control.SetGuestIdentity(claimed, timeout=5)
+        reply = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=3000))
+        assert reply.hostname == "claimed" and socket.gethostname() != "claimed"
         await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="mute-after-identity", timeout_ms=3000))
         mute = relay_pb2.SetGuestIdentityRequest(vm_id="mute-after-identity", hostname="mute", confirm_later=True)
         await relay.control.SetGuestIdentity(mute, timeout=5)  # answered: the frames went out
@@ -267,7 +275,9 @@ async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_neve
         while (found := await incident(relay, "mute-after-identity")) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert found is not None and "did not confirm its identity" in found.reason, found
-        assert await incident(relay, "host") is None  # the well-behaved one confirmed
+        assert await incident(relay, "sim") is None  # the well-behaved one confirmed long before
         await neighbour_execs(relay, 2)
     finally:
         await guest.close()
+        agent.kill()
+        agent.wait()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -369,3 +370,18 @@ async def test_the_agent_refuses_bad_process_requests_and_outlives_signals(relay
     finally:
         agent.kill()
         agent.wait()
+
+
+async def test_an_agent_that_is_not_a_guests_pid_1_never_renames_the_host_it_runs_on(relay):
+    # The agent engine on this host (not PID 1, not simulating): an identity is taken as a name to answer with, and
+    # the host's own name and /etc/hosts stay as they were.
+    before, hosts = socket.gethostname(), Path("/etc/hosts").read_bytes()
+    try:
+        identity = relay_pb2.SetGuestIdentityRequest(vm_id="host", hostname="renamed-by-a-test")
+        await relay.control.SetGuestIdentity(identity, timeout=5)
+        facts = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="host", timeout_ms=5000))
+        assert facts.hostname == "renamed-by-a-test"
+        assert socket.gethostname() == before and Path("/etc/hosts").read_bytes() == hosts
+    finally:
+        if socket.gethostname() != before and os.geteuid() == 0:  # a regression: put the host back
+            socket.sethostname(before)

@@ -40,6 +40,7 @@ class Agent:
         # On a host standing in for a guest: identity and network changes are recorded, never applied.
         self.simulated = simulated
         self.simulated_hostname = "simulated-guest"
+        self.given_hostname = ""  # an agent that is neither PID 1 nor simulated: the name it was given, not applied
         # Not the guest's init (simulated, or an agent run on a host in tests): the clock the host set is kept as
         # an offset from this machine's own, which is never changed.
         self.simulated_clock_offset_ns = 0
@@ -191,9 +192,14 @@ class Agent:
 
     @property
     def hostname(self) -> str:
-        return self.simulated_hostname if self.simulated else os.uname().nodename
+        return self.simulated_hostname if self.simulated else self.given_hostname or os.uname().nodename
 
     def _set_identity(self, identity: agent_pb2.SetIdentity) -> None:
+        if not self.is_init and not self.simulated:
+            # Only the guest's PID 1 renames its system: an agent run on a host (a test's) never renames the host or
+            # rewrites its /etc/hosts, as it never sets the host's clock. It answers with the name it was given.
+            self.given_hostname = identity.hostname or self.given_hostname
+            return
         if self.simulated:
             self.simulated_hostname = identity.hostname or self.simulated_hostname
             if self.own_uts:  # its own UTS namespace: the processes it starts see the name too
