@@ -88,6 +88,7 @@ class VmSnapshots:
         self.root = snapshot_root
         # Restores of each snapshot on this node since compute started: from the second on, its memory is shared.
         self.restores: dict[str, int] = {}
+        self.unshareable: set[str] = set()  # tried once and failed: not again (restores would queue behind it)
 
     async def snapshot(self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False) -> int:
         """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored. With
@@ -256,12 +257,13 @@ class VmSnapshots:
         """From a snapshot's second restore on this node (a fork's clones, a snapshot restored again), its RAM as a
         file that restores map copy-on-write instead of each loading the migration stream: made once, its pages are
         shared by every VM restored from it, and each restore loads only device state. A first restore (a migration,
-        a lone restore) does not wait for it. A failure leaves the stream, which restores as before."""
+        a lone restore) does not wait for it. A failure leaves the stream, which restores as before, and is not
+        tried again for that snapshot."""
         self.restores[snapshot_id] = self.restores.get(snapshot_id, 0) + 1
-        if self.restores[snapshot_id] < 2 or (frozen / "devices.bin").exists():
+        if self.restores[snapshot_id] < 2 or (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:
             return
         async with self.ledger.lock(f"snapshot:{snapshot_id}"):
-            if (frozen / "devices.bin").exists():
+            if (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:
                 return
             helper = VmRecord(
                 id=f"share-{snapshot_id}",
@@ -281,6 +283,7 @@ class VmSnapshots:
                 if await self.driver.share_memory(frozen, helper, image, work):
                     log.info("snapshot_memory_shared", snapshot=snapshot_id)
             except Exception as exc:  # noqa: BLE001 - an optimization: the stream still restores
+                self.unshareable.add(snapshot_id)
                 log.warning("snapshot_memory_not_shared", snapshot=snapshot_id, error=str(exc))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
@@ -307,3 +310,4 @@ class VmSnapshots:
             if not directory.name.startswith(".") and directory.name not in in_use:
                 shutil.rmtree(directory, ignore_errors=True)
                 self.restores.pop(directory.name, None)
+                self.unshareable.discard(directory.name)

@@ -13,6 +13,7 @@ from opentelemetry import trace
 from microvm.agent.v1 import agent_pb2
 from microvm.relay.v1 import relay_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, error_from_code
+from services.common.tasks import cancel_and_wait
 from services.relay.agent_channel import AgentTarget
 from services.relay.channel_pool import ChannelPool
 from services.relay.guest_clock import TOLERANCE_NS, read_offset, set_clock_blind, sync_clock, sync_quietly
@@ -147,6 +148,11 @@ class GuestControl:
             raise error_from_code(frame.error.code, f"VM {vm_id}: {frame.error.message}")
         exited = frame.exec_exited
         return -exited.signal if exited.signal else exited.exit_code
+
+    async def stop_confirming(self) -> None:
+        """At shutdown: the confirmations still awaited end (a guest left unconfirmed is no worse than before)."""
+        for task in list(self._confirming):
+            await cancel_and_wait(task)
 
     async def close(self, vm_id: str) -> None:
         vm = self.vms.vms.get(vm_id)

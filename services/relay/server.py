@@ -247,6 +247,7 @@ class NodeRelay:
         return channel.open_stream()
 
     async def close(self) -> None:
+        await self.control.stop_confirming()
         await self.vms.close()
         await self.pool.close_all()
 
