@@ -189,6 +189,23 @@ class QemuDriver:
                 raise FailedPrecondition("migration did not complete in time", reason="MIGRATION_TIMEOUT")
             await asyncio.sleep(0.005)
 
+    async def _save_state(self, client: QmpClient, target: Path, ignore_shared: bool) -> None:
+        """The stopped VM's state into `target`; with `ignore_shared` its RAM, when a shared file, stays out."""
+        await self._ignore_shared(client, ignore_shared)
+        await client.execute("migrate", {"uri": f"exec:cat > {target}"})
+        await self._wait_for_migration(client)
+
+    async def _load_state(self, client: QmpClient, source: Path, ignore_shared: bool) -> None:
+        """State saved by `_save_state` into a qemu started with `incoming`, the same `ignore_shared`."""
+        await self._ignore_shared(client, ignore_shared)
+        await client.execute("migrate-incoming", {"uri": f"exec:cat {source}"})
+        await self._wait_for_migration(client)
+
+    @staticmethod
+    async def _ignore_shared(client: QmpClient, on: bool) -> None:
+        capability = {"capability": "x-ignore-shared", "state": on}
+        await client.execute("migrate-set-capabilities", {"capabilities": [capability]})
+
     async def snapshot(self, vm: VmRecord, out: Path, base_image: Path) -> str:
         """Saves RAM + device state and a disk frozen at the same instant into `out`; returns the format.
 
@@ -205,12 +222,7 @@ class QemuDriver:
             if was_running:
                 await client.execute("stop")
             await client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            await client.execute(
-                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": shared}]}
-            )
-            target = out / ("devices.bin" if shared else "memory.bin")
-            await client.execute("migrate", {"uri": f"exec:cat > {target}"})
-            await self._wait_for_migration(client)
+            await self._save_state(client, out / ("devices.bin" if shared else "memory.bin"), ignore_shared=shared)
             if shared:
                 copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", vm.ram_path, str(out / "ram"))
                 if await copy.wait() != 0:
@@ -235,13 +247,7 @@ class QemuDriver:
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()
         try:
-            if shared:
-                await client.execute(
-                    "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-                )
-            state = frozen / ("devices.bin" if shared else "memory.bin")
-            await client.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
-            await self._wait_for_migration(client)
+            await self._load_state(client, frozen / ("devices.bin" if shared else "memory.bin"), ignore_shared=shared)
             # Without `cont` a restored guest stays paused forever.
             await client.execute("cont")
         finally:
@@ -268,13 +274,8 @@ class QemuDriver:
         client = QmpClient(str(self.paths(work)["qmp"]))
         try:
             await client.connect()
-            await client.execute("migrate-incoming", {"uri": f"exec:cat {frozen / 'memory.bin'}"})
-            await self._wait_for_migration(client)
-            await client.execute(
-                "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-            )
-            await client.execute("migrate", {"uri": f"exec:cat > {work / 'devices.bin'}"})
-            await self._wait_for_migration(client)
+            await self._load_state(client, frozen / "memory.bin", ignore_shared=False)
+            await self._save_state(client, work / "devices.bin", ignore_shared=True)
         finally:
             try:
                 # quit, not a kill: qemu reaps the `cat` writing devices.bin as it cleans up.
