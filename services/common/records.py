@@ -240,6 +240,20 @@ class Records:
             return None
         return Stored(parts, kind.decode(result.value, key), result.mod_revision)
 
+    async def get_many(self, *reads: tuple[RecordKind, tuple[str, ...]]) -> list[Stored | None]:
+        """Several records in one round trip, all as of one revision: each read is (kind, key parts)."""
+        tx = self.etcd.transactions
+        keys = [kind.key(*parts) for kind, parts in reads]
+        _, responses = await self.etcd.transaction(compare=[], success=[tx.get(key) for key in keys], failure=[])
+        found: list[Stored | None] = []
+        for (kind, parts), key, kvs in zip(reads, keys, responses, strict=True):
+            if not kvs:
+                found.append(None)
+                continue
+            value, meta = kvs[0]
+            found.append(Stored(parts, kind.decode(value, key), meta.mod_revision))
+        return found
+
     async def list(self, kind: RecordKind[M], *scope: str) -> list[Stored[M]]:
         """Every record of `kind` under `scope`; a corrupt one is logged and skipped, never fatal."""
         stored = []

@@ -86,8 +86,8 @@ class Sandboxes:
 
     async def running(self, name: str) -> SandboxRecord:
         """The caller's sandbox, FAILED_PRECONDITION unless it runs (UNAVAILABLE when its node is lost)."""
-        record = await self.store.get(parse_name(name))
-        sandbox = await self.view(record)
+        record, vm, incident = await self.store.with_vm(parse_name(name))
+        sandbox = to_public(record, vm, self.nodes.alive(record.node), incident)
         if sandbox.state == sandbox_pb2.SANDBOX_STATE_UNAVAILABLE:
             raise Unavailable(
                 f"sandbox {name_of(record)}: {sandbox.failure_message}",
