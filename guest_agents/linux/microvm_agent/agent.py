@@ -50,13 +50,17 @@ class Agent:
         self.streams: dict[int, Process | FileTransfer] = {}
         self.tasks: dict[int, asyncio.Task] = {}
         self.children: dict[int, Process] = {}
-        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        # Frames waiting for the writer, and the future it waits on while there are none: a list and a future, not
+        # an asyncio.Queue, since every frame passes here and each Queue operation is several calls under emulation.
+        self._outgoing: list[bytes] = []
+        self._writer_idle: asyncio.Future | None = None
 
     # --- sending ---------------------------------------------------------------------------------
     def send(self, stream_id: int, **body) -> None:
         header, payload = encode_parts(agent_pb2.Frame(stream_id=stream_id, **body))
-        self._outgoing.put_nowait(header)
-        self._outgoing.put_nowait(payload)
+        self._outgoing += (header, payload)
+        if self._writer_idle is not None and not self._writer_idle.done():
+            self._writer_idle.set_result(None)
 
     def send_error(self, stream_id: int, code: int, message: str, reason: str = "") -> None:
         self.send(stream_id, error=agent_pb2.Error(code=code, message=message[:4096], reason=reason))
@@ -251,15 +255,14 @@ class Agent:
         finally:
             writer.cancel()
             self.cancel_all()
-            while not self._outgoing.empty():
-                self._outgoing.get_nowait()
+            self._outgoing.clear()
 
     async def _write_loop(self, transport) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            buffers = [await self._outgoing.get()]
-            size = len(buffers[0])
-            # Hand over what is queued in one call (bounded, to keep latency low), without copying.
-            while not self._outgoing.empty() and size < (4 << 20):
-                buffers.append(self._outgoing.get_nowait())
-                size += len(buffers[-1])
+            while not self._outgoing:
+                self._writer_idle = loop.create_future()
+                await self._writer_idle
+            # Hand over what is queued in one call, without copying.
+            buffers, self._outgoing = self._outgoing, []
             await transport.write_buffers(buffers)

@@ -19,10 +19,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from microvm.agent.v1 import agent_pb2
-from microvm_agent.processes import Process
+from microvm_agent.processes import Process, grow_pipe
 from microvm_agent.streams import (
     DRAIN_AFTER_EXIT_SECONDS,
     FAILED_PRECONDITION,
+    FULL_PIPE_BYTES,
     INVALID_ARGUMENT,
     NOT_FOUND,
     OUTPUT_CHUNK,
@@ -122,6 +123,8 @@ class Detached(Process):
             data = await read_fd(fd, OUTPUT_CHUNK)
             if not data:
                 return
+            if len(data) >= FULL_PIPE_BYTES and self.pty_master is None:
+                grow_pipe(fd)
             self.output.append(channel, data)
 
     async def _watch(self, pumps: list[asyncio.Task]) -> None:

@@ -21,7 +21,9 @@ from microvm_agent.files import real
 from microvm_agent.streams import (
     DEFAULT_ENV,
     DRAIN_AFTER_EXIT_SECONDS,
+    F_GETPIPE_SZ,
     F_SETPIPE_SZ,
+    FULL_PIPE_BYTES,
     INVALID_ARGUMENT,
     MAX_TERMINAL,
     NOT_FOUND,
@@ -31,8 +33,6 @@ from microvm_agent.streams import (
     Credit,
     StreamError,
     os_error,
-    read_fd,
-    wait_readable,
     write_fd,
 )
 
@@ -61,6 +61,16 @@ def validate_start(start: agent_pb2.ExecStart) -> None:
         raise StreamError(INVALID_ARGUMENT, f"terminal size {start.cols}x{start.rows} is out of range")
 
 
+def grow_pipe(fd: int) -> None:
+    """A pipe that was found full grows (once: it then reads more than a default pipe holds), so bulk output takes
+    fewer reads and frames. Only then: the two fcntls would be most of a short command's system calls."""
+    try:
+        if fcntl.fcntl(fd, F_GETPIPE_SZ) < PIPE_BYTES:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # over /proc/sys/fs/pipe-max-size for an unprivileged agent: the default size serves
+        pass
+
+
 class Process:
     """A process started for one exec stream."""
 
@@ -79,6 +89,10 @@ class Process:
         self.pty_master: int | None = None
         self.stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
+        # The output fds still read (fd -> channel), those paused for want of credit, and the end of all of them.
+        self.outputs: dict[int, int] = {}
+        self.paused: set[int] = set()
+        self.outputs_closed: asyncio.Future | None = None
         # Signals that arrived before the process existed: delivered right after it starts.
         self.early_signals: list[int] = []
 
@@ -108,11 +122,15 @@ class Process:
                 )
             cwd = real("/")
         # Its own reason: the caller can tell a missing command from a missing sandbox (both NOT_FOUND).
+        executable = None
         if "/" in argv[0]:
             if not os.path.exists(os.path.join(cwd, argv[0])):
                 raise StreamError(NOT_FOUND, f"{argv[0]}: no such file", reason="COMMAND_NOT_FOUND")
-        elif shutil.which(argv[0], path=env["PATH"]) is None:
-            raise StreamError(NOT_FOUND, f"{argv[0]}: command not found", reason="COMMAND_NOT_FOUND")
+        else:
+            # Handed to the spawn, which then does not search PATH again with a failing execve per directory.
+            executable = shutil.which(argv[0], path=env["PATH"])
+            if executable is None:
+                raise StreamError(NOT_FOUND, f"{argv[0]}: command not found", reason="COMMAND_NOT_FOUND")
 
         def take_terminal() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -140,6 +158,7 @@ class Process:
             with workload.current.joined():  # born in the capped cgroup
                 self.popen = subprocess.Popen(
                     argv,
+                    executable=executable,
                     stdin=stdin,
                     stdout=stdout,
                     stderr=stderr,
@@ -161,20 +180,18 @@ class Process:
             if start.pty:
                 os.close(slave)
         self.agent.children[self.popen.pid] = self
+        # Non-blocking parent ends with one fcntl each: their status flags are known to be none (a pipe's or the pty
+        # master's), so there is nothing to read back first. Every system call costs tens of µs under emulation.
         if start.pty:
-            os.set_blocking(self.pty_master, False)
+            fcntl.fcntl(self.pty_master, fcntl.F_SETFL, os.O_NONBLOCK)
             self.stdin_fd = self.pty_master
             parent_fds.append(self.pty_master)
         else:
             for pipe in (self.popen.stdout, self.popen.stderr):
-                os.set_blocking(pipe.fileno(), False)
-                try:  # bigger pipes: fewer reads and frames for bulk output
-                    fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
-                except OSError:
-                    pass
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
                 parent_fds.append(pipe.fileno())
             if self.popen.stdin:
-                os.set_blocking(self.popen.stdin.fileno(), False)
+                fcntl.fcntl(self.popen.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
                 self.stdin_fd = self.popen.stdin.fileno()
         return parent_fds
 
@@ -183,34 +200,43 @@ class Process:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     async def run(self) -> None:
+        """Spawns, streams the output and reports the exit. The output is read by reader callbacks, not tasks: under
+        emulation every task step and future is costly, and a short command's whole life is a few loop turns."""
         fds = self._spawn()
+        loop = asyncio.get_running_loop()
         started = agent_pb2.ExecStarted(
             pid=self.popen.pid, received_unix_ns=self.received_unix_ns, spawned_unix_ns=time.time_ns()
         )
         self.agent.send(self.stream_id, exec_started=started)
         for signum in self.early_signals:
             self.kill(signum)
-        if self.start.timeout_ms:
-            asyncio.get_running_loop().call_later(self.start.timeout_ms / 1000, self._on_timeout)
+        timer = loop.call_later(self.start.timeout_ms / 1000, self._on_timeout) if self.start.timeout_ms else None
         channels = (
             [agent_pb2.OUTPUT_CHANNEL_STDOUT]
             if self.pty_master is not None
             else [agent_pb2.OUTPUT_CHANNEL_STDOUT, agent_pb2.OUTPUT_CHANNEL_STDERR]
         )
-        pumps = [asyncio.create_task(self._pump(fd, channel)) for fd, channel in zip(fds, channels, strict=True)]
+        self.outputs = dict(zip(fds, channels, strict=True))
+        self.outputs_closed = loop.create_future()
+        for fd in fds:
+            loop.add_reader(fd, self._on_output, fd)
         if self.stdin_fd is not None:
             self.tasks.append(asyncio.create_task(self._feed_stdin()))
         try:
             status = await self.exit_status
             # Let the pipes drain, but not forever: a background child may keep them open.
-            _, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_SECONDS)
-            if pending and self.credit.available > 0:
-                await asyncio.wait(pending, timeout=DRAIN_AFTER_EXIT_SECONDS)
+            if self.outputs:
+                done, _ = await asyncio.wait([self.outputs_closed], timeout=DRAIN_AFTER_EXIT_SECONDS)
+                if not done and self.credit.available > 0:
+                    await asyncio.wait([self.outputs_closed], timeout=DRAIN_AFTER_EXIT_SECONDS)
         finally:
-            # Also when the stream is cancelled (its host connection closed): every task waiting on this process's
-            # fds ends before they are closed. One still waiting keeps its fd registered with the event loop after
-            # the close, and the next process given that fd number never has its output read.
-            await stop_tasks([*pumps, *self.tasks])
+            if timer is not None:
+                timer.cancel()
+            # Also when the stream is cancelled (its host connection closed): nothing watches this process's fds
+            # when they are closed. A reader left registered after the close would take the fd number from the
+            # next process given it, whose output would then never be read.
+            self._stop_reading()
+            await stop_tasks(self.tasks)
         self._close_fds()
         exited = agent_pb2.ExecExited(
             timed_out=self.timed_out, reaped_unix_ns=self.reaped_unix_ns, sent_unix_ns=time.time_ns()
@@ -221,17 +247,49 @@ class Process:
             exited.exit_code = os.WEXITSTATUS(status)
         self.agent.send(self.stream_id, exec_exited=exited)
 
-    async def _pump(self, fd: int, channel: int) -> None:
-        while True:
-            # Credit is taken only once data is waiting: a quiet stdout must not starve a busy stderr.
-            await wait_readable(fd)
-            allowed = await self.credit.take(OUTPUT_CHUNK)
-            data = await read_fd(fd, allowed)
-            if len(data) < allowed:
-                self.credit.grant(allowed - len(data))
-            if not data:
-                return
-            self.agent.send(self.stream_id, output=agent_pb2.Output(channel=channel, data=data))
+    def _on_output(self, fd: int) -> None:
+        """`fd` is readable: one read within the host's credit, sent as one frame."""
+        if self.credit.available <= 0:
+            # Out of credit: stop watching until the host grants more. The pipe fills and the process waits on it,
+            # and a quiet stdout never starves a busy stderr since credit is only spent on data that is there.
+            asyncio.get_running_loop().remove_reader(fd)
+            self.paused.add(fd)
+            return
+        try:
+            data = os.read(fd, min(OUTPUT_CHUNK, self.credit.available))
+        except BlockingIOError:
+            return
+        except OSError:  # EIO from a pty master whose terminal has closed: its end
+            data = b""
+        if not data:
+            self._end_output(fd)
+            return
+        if len(data) >= FULL_PIPE_BYTES and self.pty_master is None:
+            grow_pipe(fd)
+        self.credit.available -= len(data)
+        self.agent.send(self.stream_id, output=agent_pb2.Output(channel=self.outputs[fd], data=data))
+
+    def _end_output(self, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        self.outputs.pop(fd, None)
+        self.paused.discard(fd)
+        if not self.outputs and not self.outputs_closed.done():
+            self.outputs_closed.set_result(None)
+
+    def _granted(self, increment: int) -> None:
+        self.credit.grant(increment)
+        if self.paused and self.credit.available > 0:
+            loop = asyncio.get_running_loop()
+            for fd in self.paused:
+                loop.add_reader(fd, self._on_output, fd)
+            self.paused.clear()
+
+    def _stop_reading(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self.outputs:
+            loop.remove_reader(fd)
+        self.outputs.clear()
+        self.paused.clear()
 
     async def _feed_stdin(self) -> None:
         while True:
@@ -298,4 +356,4 @@ class Process:
             else:  # not started yet: start at this size
                 self.start.cols, self.start.rows = frame.resize.cols, frame.resize.rows
         elif body == "window_update":
-            self.credit.grant(frame.window_update.increment)
+            self._granted(frame.window_update.increment)

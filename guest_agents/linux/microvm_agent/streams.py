@@ -26,7 +26,9 @@ INITIAL_WINDOW = 1 << 20
 OUTPUT_CHUNK = 1 << 20
 FILE_CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 PIPE_BYTES = 1 << 20
+FULL_PIPE_BYTES = 1 << 16  # what a pipe holds before it grows (Linux's default)
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 # How long output may keep arriving after the process exited (a background child holding the pipe
 # must not hold the exit event hostage).
@@ -99,22 +101,39 @@ async def read_fd(fd: int, size: int) -> bytes:
             loop.remove_reader(fd)
 
 
-async def read_some(fd: int, size: int) -> bytes:
-    """Up to `size` bytes from a non-blocking fd: waits for the first, then takes what is there without waiting."""
-    first = await read_fd(fd, size)
-    if not first or len(first) >= size:
-        return first
-    parts, total = [first], len(first)
+def read_waiting(fd: int, size: int) -> bytes | None:
+    """Up to `size` bytes that a non-blocking fd holds now: None when it holds none yet, b'' at its end (EIO from a
+    pty master counts as the end)."""
+    parts, total = [], 0
     while total < size:
         try:
             more = os.read(fd, size - total)
-        except OSError:  # nothing more waiting (EAGAIN), or the end the next read reports
+        except BlockingIOError:
             break
+        except OSError as exc:
+            if parts:  # the next read reports it
+                break
+            if exc.errno == errno.EIO:
+                return b""
+            raise
         if not more:
-            break
+            if parts:  # the end: the next read reports it
+                break
+            return b""
         parts.append(more)
         total += len(more)
-    return b"".join(parts)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_some(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from a non-blocking fd: waits for the first, then takes what is there without waiting."""
+    while True:
+        data = read_waiting(fd, size)
+        if data is not None:
+            return data
+        await wait_readable(fd)
 
 
 async def write_fd(fd: int, data: bytes) -> None:
