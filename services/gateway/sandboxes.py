@@ -260,7 +260,8 @@ class Sandboxes:
             log.warning("vm_delete_deferred", node=node, vm=vm_id, error=exc.message)
 
     async def get(self, name: str) -> sandbox_pb2.Sandbox:
-        return await self.view(await self.store.get(parse_name(name)))
+        record, vm, incident = await self.store.with_vm(parse_name(name))
+        return to_public(record, vm, self.nodes.alive(record.node), incident)
 
     async def list(self, request: api.ListSandboxesRequest) -> api.ListSandboxesResponse:
         page_size = check_page_size(request.page_size)
