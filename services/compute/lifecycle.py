@@ -237,8 +237,11 @@ class VmLifecycle:
         if vm.nic.tap_device:
             await self.guests.configure_network(vm.id)
         if vm.start_method != "cold-boot" and not vm.pooled:
-            # Restored: the guest has its source's host name and RNG state until it is given its own.
-            await self.guests.set_identity(vm.id, vm.hostname)
+            # Restored: the guest has its source's host name and RNG state until it is given its own. Confirmed
+            # behind the start, as a claim's is: its frames reach the guest before any later one (the caller's first
+            # command runs renamed and reseeded), the guest has just answered, and one that never confirms is
+            # marked FAILED by the relay. A fork's clones each waited out that round trip under load.
+            await self.guests.set_identity(vm.id, vm.hostname, confirm_later=True)
 
     async def claim(
         self, pooled: VmRecord, vm_id: str, hostname: str, policy: network_types.NetworkPolicy | None = None
