@@ -250,13 +250,19 @@ class SandboxStore:
                 swept += 1
         return swept
 
-    async def change(self, record: SandboxRecord, mutate, expect_states=None) -> SandboxRecord:
+    async def change(self, record: SandboxRecord, mutate, expect_states=None, revision: int = 0) -> SandboxRecord:
         """Reads `record` again, applies `mutate(record)` and writes it back only if nobody changed it meanwhile
         (retried on a conflict): a change never resurrects a sandbox deleted concurrently, nor undoes another
-        change. NOT_FOUND when it is gone; FAILED_PRECONDITION when its state is not in `expect_states`."""
+        change. NOT_FOUND when it is gone; FAILED_PRECONDITION when its state is not in `expect_states`. With the
+        `revision` `record` was read or written at, the first try writes without reading it again (a create marking
+        its sandbox RUNNING: one round trip, not two); a conflict reads it as usual."""
         sandbox_id, name = record.id, name_of(record)
+        known = None
+        if revision:
+            known = Stored((sandbox_id,), SandboxRecord(), revision)
+            known.message.CopyFrom(record)
         for _ in range(50):
-            stored = await self.records.get(SANDBOXES, sandbox_id)
+            stored, known = known or await self.records.get(SANDBOXES, sandbox_id), None
             if stored is None:
                 raise not_found(name)
             record = stored.message

@@ -234,7 +234,7 @@ class Sandboxes:
 
         try:
             with TRACER.start_as_current_span("gateway.record_running"):
-                record = await self.store.change(record, running, expect_states={CREATING})
+                record = await self.store.change(record, running, expect_states={CREATING}, revision=revision)
         except ServiceError:
             await self._delete_vm(node, record.id)
             raise self._deleted_during_create(record) from None

@@ -98,3 +98,30 @@ async def test_a_hint_never_reaches_another_tenants_sandbox_of_the_same_name(etc
             await store.with_vm("shared-name")
     finally:
         access._principal.reset(token)
+
+
+async def test_a_change_from_a_known_revision_writes_at_once_and_rereads_on_a_conflict(etcd, tenant):
+    counting = CountingEtcd(etcd)
+    store, records = SandboxStore(counting), Records(etcd)
+    sandbox_id = sandbox_key(tenant, "made")
+    creating = sandbox_types.SandboxRecord(
+        id=sandbox_id, name="made", tenant=tenant, node="node-a", state=sandbox_types.SANDBOX_RECORD_STATE_CREATING
+    )
+    revision = await records.put(SANDBOXES, creating, sandbox_id)
+
+    def running(record):
+        record.state = sandbox_types.SANDBOX_RECORD_STATE_RUNNING
+
+    changed = await store.change(creating, running, revision=revision)
+    assert changed.state == sandbox_types.SANDBOX_RECORD_STATE_RUNNING
+    assert counting.requests == ["transaction"]
+    assert creating.state == sandbox_types.SANDBOX_RECORD_STATE_CREATING  # the caller's copy is left as it was
+
+    # Changed since that revision (labelled by someone else): read again, and their change is kept.
+    labelled = (await records.get(SANDBOXES, sandbox_id)).message
+    labelled.labels["by"] = "someone"
+    await records.put(SANDBOXES, labelled, sandbox_id)
+    counting.requests.clear()
+    changed = await store.change(creating, running, revision=revision)
+    assert counting.requests == ["transaction", "get", "transaction"]
+    assert changed.labels["by"] == "someone"
