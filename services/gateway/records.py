@@ -262,7 +262,8 @@ class SandboxStore:
             known = Stored((sandbox_id,), SandboxRecord(), revision)
             known.message.CopyFrom(record)
         for _ in range(50):
-            stored, known = known or await self.records.get(SANDBOXES, sandbox_id), None
+            stored = known if known is not None else await self.records.get(SANDBOXES, sandbox_id)
+            known = None  # a conflict reads it again
             if stored is None:
                 raise not_found(name)
             record = stored.message
