@@ -84,10 +84,14 @@ class Sandboxes:
         vm, incident = await asyncio.gather(self.store.vm(record), self.store.incident(record))
         return to_public(record, vm, self.nodes.alive(record.node), incident)
 
+    async def read(self, name: str) -> tuple[SandboxRecord, sandbox_pb2.Sandbox]:
+        """The caller's sandbox `name`: its record and its public view (one etcd round trip once its node is known)."""
+        record, vm, incident = await self.store.with_vm(parse_name(name))
+        return record, to_public(record, vm, self.nodes.alive(record.node), incident)
+
     async def running(self, name: str) -> SandboxRecord:
         """The caller's sandbox, FAILED_PRECONDITION unless it runs (UNAVAILABLE when its node is lost)."""
-        record, vm, incident = await self.store.with_vm(parse_name(name))
-        sandbox = to_public(record, vm, self.nodes.alive(record.node), incident)
+        record, sandbox = await self.read(name)
         if sandbox.state == sandbox_pb2.SANDBOX_STATE_UNAVAILABLE:
             raise Unavailable(
                 f"sandbox {name_of(record)}: {sandbox.failure_message}",
@@ -260,8 +264,7 @@ class Sandboxes:
             log.warning("vm_delete_deferred", node=node, vm=vm_id, error=exc.message)
 
     async def get(self, name: str) -> sandbox_pb2.Sandbox:
-        record, vm, incident = await self.store.with_vm(parse_name(name))
-        return to_public(record, vm, self.nodes.alive(record.node), incident)
+        return (await self.read(name))[1]
 
     async def list(self, request: api.ListSandboxesRequest) -> api.ListSandboxesResponse:
         page_size = check_page_size(request.page_size)
