@@ -47,6 +47,7 @@ from services.gateway.port_forward import PortForwardServicer
 from services.gateway.quotas import QuotaClient
 from services.gateway.records import SandboxStore
 from services.gateway.sandbox_metrics import SandboxMetricsServicer
+from services.gateway.sandbox_upkeep import SandboxUpkeep
 from services.gateway.sandboxes import Sandboxes
 from services.gateway.servicer import NodeServicer, SandboxServicer
 from services.gateway.snapshots import SnapshotOps
@@ -140,8 +141,9 @@ async def wire(server, context: ServiceContext[GatewaySettings]) -> list[str]:
     context.every(context.settings.template_image_prune_seconds, gateway.template_images.prune, "template-images")
     context.on_shutdown.append(gateway.builds.close)
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(gateway.admin), server)
-    context.every(context.settings.reaper_interval_seconds, gateway.sandboxes.reap_expired, "sandbox-reaper")
-    context.every(300, gateway.sandboxes.sweep_tombstones, "tombstone-sweeper")
+    upkeep = SandboxUpkeep(gateway.sandboxes)
+    context.every(context.settings.reaper_interval_seconds, upkeep.reap_expired, "sandbox-reaper")
+    context.every(300, upkeep.sweep_tombstones, "tombstone-sweeper")
     notifications = await wire_notifications(server, context)  # WatchEvents and webhooks
 
     # The E2B SDKs' control plane and in-sandbox traffic (docs/e2b.md): bound now, so a taken address fails the start

@@ -14,7 +14,7 @@ import pytest
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from services.common.records import SANDBOXES, VMS, Records
-from services.gateway.sandboxes import ABANDONED_CREATE_SECONDS
+from services.gateway.sandbox_upkeep import ABANDONED_CREATE_SECONDS
 from tests.inprocess import etcd_client_for, tenant_caller
 
 pytestmark = pytest.mark.timeout(120)
