@@ -65,6 +65,17 @@ class ClusterNodes:
     def alive(self, node: str) -> bool:
         return any(i.node == node for i in self.context.directory.instances("compute"))
 
+    async def until_any_compute(self, timeout: float) -> None:
+        """Returns once some compute service is registered, or after `timeout` seconds: a create that arrives while
+        every compute service is restarting (or just before the first registers) waits for one, as calls to a
+        node's services ride out its restart, instead of failing at once."""
+        if self.context.directory.instances("compute"):
+            return
+        try:
+            await self.context.directory.wait_for("compute", timeout)
+        except TimeoutError:
+            pass  # placement then says no node is answering
+
     def compute_instance_key(self, node: str) -> str:
         return self.context.directory.newest("compute", node).key
 

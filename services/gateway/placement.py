@@ -17,6 +17,7 @@ import structlog
 
 from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
+from services.common import deadlines
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -144,6 +145,7 @@ class SandboxPlacement:
         # Seconds each decision took (view, choice and transaction), for the benchmark.
         self.timings: list[float] = []
         self._deciding = asyncio.Lock()
+        self.compute_wait = deadlines.RESTART_WAIT
 
     async def quota(self, tenant: str) -> auth_types.Quota:
         stored = await self.records.get(TENANTS, tenant) if tenant else None
@@ -153,7 +155,7 @@ class SandboxPlacement:
         """Chooses a node for a new sandbox and creates its record naming that node, in one transaction with the
         node's and the tenant's guards: neither a node's capacity nor the tenant's quota can be exceeded by any
         number of concurrent creates. Returns the record's revision."""
-        quota = await self.quota(record.tenant)
+        quota, _ = await asyncio.gather(self.quota(record.tenant), self.nodes.until_any_compute(self.compute_wait))
         for _ in range(ATTEMPTS):
             # One decision at a time in this gateway: a burst of creates would otherwise read the same view, and
             # all but one would lose the transaction and decide again (n² attempts). Other gateways still contend

@@ -151,3 +151,39 @@ async def test_one_gateways_burst_decides_each_placement_once(etcd):
     assert {request.node for request in requests} == {name}
     assert len(decider.timings) == 12  # one decision each, no retries
     assert len([r for r in await store.list(every_tenant=True) if r.node == name]) == 12
+
+
+class LateDirectory:
+    """A directory whose one compute service registers only when `register` is called (a stack just starting)."""
+
+    def __init__(self, node: str) -> None:
+        self.node, self.registered = node, asyncio.Event()
+
+    def instances(self, kind: str):
+        return [SimpleNamespace(node=self.node)] if self.registered.is_set() else []
+
+    async def wait_for(self, kind: str, timeout: float):
+        await asyncio.wait_for(self.registered.wait(), timeout)
+        return self.instances(kind)
+
+
+async def test_a_create_before_any_compute_registers_waits_for_one(etcd):
+    """A create that arrives while no compute service is registered yet (or all are restarting) is placed once
+    one registers, instead of failing with NO_COMPUTE_NODES."""
+    name = f"late-{uuid.uuid4().hex[:6]}"
+    await Records(etcd).put(NODES, node(name).record, name)
+    directory = LateDirectory(name)
+    decider = SandboxPlacement(ClusterNodes(SimpleNamespace(etcd=etcd, directory=directory)), SandboxStore(etcd))
+    request = sandbox(tenant=f"late-{name}")
+    asyncio.get_running_loop().call_later(0.3, directory.registered.set)
+    await decider.place(request)
+    assert request.node == name
+
+
+async def test_a_create_with_no_compute_for_the_whole_wait_says_none_is_answering(etcd):
+    decider = SandboxPlacement(
+        ClusterNodes(SimpleNamespace(etcd=etcd, directory=LateDirectory("never"))), SandboxStore(etcd)
+    )
+    decider.compute_wait = 0.2
+    with pytest.raises(Unavailable, match="no compute node is answering"):
+        await decider.place(sandbox(tenant="nobody-answers"))
