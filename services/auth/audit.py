@@ -6,7 +6,8 @@ changing, removing or reordering one breaks the chain from there on.
 
 Appends never give up because others append too. In one auth process, each tenant has one writer: appends wait in
 the tenant's queue, and the writer puts every waiting event (up to `BATCH_LIMIT`) and the moved head in one
-transaction, chained in arrival order; each caller returns when the transaction holding its event committed. Across
+transaction, chained in arrival order; each caller returns when the transaction holding its event committed. The
+head it committed is kept, so the next batch is one round trip to etcd, not a read and a write. Across
 auth replicas the transaction is a compare-and-swap on the head: a batch that lost it to another replica is re-read,
 re-chained after the winner's entries and tried again after a jittered, growing pause. Every lost round is another
 replica's committed batch, so the log always advances; a batch fails only when etcd does (UNAVAILABLE, and then
@@ -68,6 +69,10 @@ class AuditLog:
         self.batch_limit = batch_limit
         self._waiting: dict[str, deque[tuple[auth_types.AuditEvent, asyncio.Future]]] = {}
         self._writers: dict[str, asyncio.Task] = {}
+        # Each tenant's head as this process last committed it (sequence, hash, revision): the next batch chains
+        # after it without reading the head again. The compare-and-swap still guards it: a head another replica
+        # moved meanwhile fails the swap, and the batch re-reads it.
+        self._heads: dict[str, tuple[int, str, int]] = {}
 
     async def append(self, event: auth_types.AuditEvent) -> auth_types.AuditEvent:
         """The event as stored (sequence and hashes filled in), once its transaction committed."""
@@ -120,13 +125,17 @@ class AuditLog:
             del self._waiting[tenant], self._writers[tenant]
 
     async def _commit(self, tenant: str, events: list[auth_types.AuditEvent]) -> None:
-        """Chains `events` after the head and writes them with the moved head in one compare-and-swap on the head;
-        a lost round is re-read and re-chained."""
+        """Chains `events` after the head (as last committed here, else read) and writes them with the moved head in
+        one compare-and-swap on the head; a lost round is re-read and re-chained."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CONTENDED_FOR
         for attempt in itertools.count():
-            head = await self.records.get(AUDIT_HEADS, tenant)
-            sequence, previous = (head.message.sequence, head.message.hash) if head else (0, "")
+            known = self._heads.pop(tenant, None)
+            chained_on_known = known is not None
+            if known is None:
+                head = await self.records.get(AUDIT_HEADS, tenant)
+                known = (head.message.sequence, head.message.hash, head.revision) if head else (0, "", 0)
+            sequence, previous, revision = known
             puts = []
             for event in events:
                 sequence += 1
@@ -136,10 +145,12 @@ class AuditLog:
             puts.append(
                 self.records.put_op(AUDIT_HEADS, auth_types.AuditHead(sequence=sequence, hash=previous), tenant)
             )
-            if await self.records.transaction(
-                compare=[self.records.unchanged(AUDIT_HEADS, head.revision if head else 0, tenant)], success=puts
-            ):
+            committed_at = await self.records.commit([self.records.unchanged(AUDIT_HEADS, revision, tenant)], puts)
+            if committed_at:
+                self._heads[tenant] = (sequence, previous, committed_at)
                 return
+            if chained_on_known:
+                continue  # the head we knew was stale (another replica appended): read it, and try at once
             if loop.time() > give_up:
                 log.error("audit_contended", tenant=tenant, events=len(events), attempts=attempt + 1)
                 raise Aborted("the audit log is too contended; retry", reason="AUDIT_CONTENDED")

@@ -290,6 +290,12 @@ class Records:
         ok, _ = await self.etcd.transaction(compare=list(compare), success=list(success), failure=list(failure))
         return bool(ok)
 
+    async def commit(self, compare: Iterable, success: Iterable) -> int:
+        """`success` (puts) if every comparison holds: the revision they were written at, else 0 (nothing written).
+        A writer that keeps that revision can compare against it next time without reading the record again."""
+        ok, responses = await self.etcd.transaction(compare=list(compare), success=list(success), failure=[])
+        return responses[0].response_put.header.revision if ok else 0
+
     async def migrate(self, kind: RecordKind, *scope: str) -> int:
         """Rewrites this writer's legacy (JSON) records under `scope` as declared messages, each in a transaction
         that leaves a record changed meanwhile alone. Returns how many were rewritten."""

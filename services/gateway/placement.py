@@ -201,22 +201,21 @@ class SandboxPlacement:
         guard = sandbox_types.PlacementGuard(last_sandbox_id=record.id)
         guard.time.GetCurrentTime()
         record.update_time.GetCurrentTime()
-        placed, responses = await self.records.etcd.transaction(
-            compare=[
+        revision = await self.records.commit(
+            [
                 self.records.unchanged(SANDBOXES, 0, record.id),
                 self.records.unchanged(PLACEMENTS, guards.get(node, 0), node),
                 self.records.unchanged(TENANT_GUARDS, tenant_guard.revision if tenant_guard else 0, record.tenant),
                 self.records.unchanged(QUOTA_USAGE, usage.revision if usage else 0, record.tenant),
             ],
-            success=[
+            [
                 self.records.put_op(SANDBOXES, record, record.id),
                 self.records.put_op(PLACEMENTS, guard, node),
                 self.records.put_op(TENANT_GUARDS, guard, record.tenant),
             ],
-            failure=[],
         )
         self.timings.append(time.perf_counter() - started)
-        return placed, responses[0].response_put.header.revision if placed else 0
+        return bool(revision), revision
 
     async def move(self, record: SandboxRecord, revision: int, target: str) -> bool:
         """Records that `record` now runs on `target` (a migration), if neither it nor the target's placements

@@ -44,15 +44,15 @@ async def other_etcd(etcd_server):
 async def test_a_thousand_concurrent_appends_of_one_tenant_are_all_chained(etcd, tenant):
     log = AuditLog(etcd)
     commits = 0
-    transaction = log.records.transaction
+    commit = log.records.commit
 
     async def counted(*args, **kwargs):
         nonlocal commits
-        committed = await transaction(*args, **kwargs)
-        commits += committed
-        return committed
+        committed_at = await commit(*args, **kwargs)
+        commits += bool(committed_at)
+        return committed_at
 
-    log.records.transaction = counted
+    log.records.commit = counted
     appended = await asyncio.gather(*(log.append(event(tenant, i)) for i in range(1000)))
 
     assert sorted(e.sequence for e in appended) == list(range(1, 1001))
@@ -98,16 +98,16 @@ async def test_a_batch_that_lost_the_head_to_another_replica_is_chained_after_it
 
 async def test_a_failed_write_fails_its_callers_and_the_next_append_goes_on(etcd, tenant):
     log = AuditLog(etcd)
-    transaction = log.records.transaction
+    commit = log.records.commit
     failures = []
 
     async def broken_once(*args, **kwargs):
         if not failures:
             failures.append(1)
             raise ConnectionError("etcd went away")
-        return await transaction(*args, **kwargs)
+        return await commit(*args, **kwargs)
 
-    log.records.transaction = broken_once
+    log.records.commit = broken_once
     with pytest.raises(Unavailable):
         await log.append(event(tenant, 0))
     appended = await log.append(event(tenant, 1))
@@ -125,4 +125,31 @@ async def test_an_append_whose_caller_went_away_is_still_written(etcd, tenant):
     await first
     await log.append(event(tenant, 2))  # queued after it: written after it
     events, valid = await log.list(tenant, None, None)
+    assert valid and [e.target for e in events] == ["sandboxes/s-0", "sandboxes/s-1", "sandboxes/s-2"]
+
+
+async def test_the_next_append_chains_on_the_head_it_committed_without_reading_it(etcd, tenant):
+    log = AuditLog(etcd)
+    await log.append(event(tenant, 0))
+    read = log.records.get
+    reads = []
+
+    async def counted(kind, *parts):
+        reads.append(kind)
+        return await read(kind, *parts)
+
+    log.records.get = counted
+    second = await log.append(event(tenant, 1))
+    assert second.sequence == 2 and reads == []  # one round trip: the swap alone
+    events, valid = await log.list(tenant, None, None)
+    assert valid and [e.target for e in events] == ["sandboxes/s-0", "sandboxes/s-1"]
+
+
+async def test_a_head_another_replica_moved_since_is_read_again_and_chained_after(etcd, other_etcd, tenant):
+    first, second = AuditLog(etcd), AuditLog(other_etcd)
+    await first.append(event(tenant, 0))  # the head first knows
+    await second.append(event(tenant, 1))  # moved by another replica since
+    mine = await first.append(event(tenant, 2))
+    assert mine.sequence == 3
+    events, valid = await first.list(tenant, None, None)
     assert valid and [e.target for e in events] == ["sandboxes/s-0", "sandboxes/s-1", "sandboxes/s-2"]
