@@ -78,3 +78,21 @@ class LocalEtcd:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+class CountingEtcd:
+    """The etcd client, counting the requests made through it."""
+
+    def __init__(self, etcd) -> None:
+        self.etcd, self.requests = etcd, []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.etcd, name)
+        if name not in ("get", "get_prefix", "put", "transaction"):
+            return attribute
+
+        async def counted(*args, **kwargs):
+            self.requests.append(name)
+            return await attribute(*args, **kwargs)
+
+        return counted

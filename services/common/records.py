@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 import structlog
+from aetcd.utils import prefix_range_end
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
@@ -227,6 +228,17 @@ class Stored(Generic[M]):
     revision: int
 
 
+@dataclass(init=False)
+class Every:
+    """A read for `Records.get_many`: every record of `kind` under `scope`."""
+
+    kind: RecordKind
+    scope: tuple[str, ...]
+
+    def __init__(self, kind: RecordKind, *scope: str) -> None:
+        self.kind, self.scope = kind, scope
+
+
 class Records:
     """Typed etcd access for the declared record kinds."""
 
@@ -240,24 +252,37 @@ class Records:
             return None
         return Stored(parts, kind.decode(result.value, key), result.mod_revision)
 
-    async def get_many(self, *reads: tuple[RecordKind, tuple[str, ...]]) -> list[Stored | None]:
-        """Several records in one round trip, all as of one revision: each read is (kind, key parts)."""
+    async def get_many(self, *reads: tuple[RecordKind, tuple[str, ...]] | Every) -> list:
+        """Several reads in one round trip, all as of one revision. Each read is (kind, key parts), answered with
+        its Stored record or None, or `Every(kind, *scope)`, answered with the list `list` would give."""
         tx = self.etcd.transactions
-        keys = [kind.key(*parts) for kind, parts in reads]
-        _, responses = await self.etcd.transaction(compare=[], success=[tx.get(key) for key in keys], failure=[])
-        found: list[Stored | None] = []
-        for (kind, parts), key, kvs in zip(reads, keys, responses, strict=True):
-            if not kvs:
+        ops = [
+            tx.get(read.kind.scope(*read.scope), prefix_range_end(read.kind.scope(*read.scope)))
+            if isinstance(read, Every)
+            else tx.get(read[0].key(*read[1]))
+            for read in reads
+        ]
+        _, responses = await self.etcd.transaction(compare=[], success=ops, failure=[])
+        found: list = []
+        for read, kvs in zip(reads, responses, strict=True):
+            if isinstance(read, Every):
+                found.append(self._decoded(read.kind, [meta for _, meta in kvs]))
+            elif not kvs:
                 found.append(None)
-                continue
-            value, meta = kvs[0]
-            found.append(Stored(parts, kind.decode(value, key), meta.mod_revision))
+            else:
+                kind, parts = read
+                value, meta = kvs[0]
+                found.append(Stored(parts, kind.decode(value, meta.key), meta.mod_revision))
         return found
 
     async def list(self, kind: RecordKind[M], *scope: str) -> list[Stored[M]]:
         """Every record of `kind` under `scope`; a corrupt one is logged and skipped, never fatal."""
+        return self._decoded(kind, await self.etcd.get_prefix(kind.scope(*scope)))
+
+    @staticmethod
+    def _decoded(kind: RecordKind[M], kvs) -> list[Stored[M]]:
         stored = []
-        for kv in await self.etcd.get_prefix(kind.scope(*scope)):
+        for kv in kvs:
             parts = kind.parts_of(kv.key)
             if parts is None:
                 continue  # a key of another kind under the same prefix

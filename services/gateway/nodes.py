@@ -23,7 +23,7 @@ from microvm.types.v1 import node_pb2
 from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from services.common import deadlines
 from services.common.errors import NotFound, Unavailable
-from services.common.records import NODE_CONTROLS, NODES, Records
+from services.common.records import NODE_CONTROLS, NODES, Records, Stored
 from services.common.server import ServiceContext
 
 T = TypeVar("T")
@@ -85,7 +85,10 @@ class ClusterNodes:
 
     async def registered(self) -> dict[str, NodeView]:
         """Every node that ever registered, with nothing counted on it yet (its two lists read at once)."""
-        controls, nodes = await asyncio.gather(self.records.list(NODE_CONTROLS), self.records.list(NODES))
+        return self.registered_from(*await asyncio.gather(self.records.list(NODE_CONTROLS), self.records.list(NODES)))
+
+    def registered_from(self, controls: list[Stored], nodes: list[Stored]) -> dict[str, NodeView]:
+        """The views of `nodes` (NODES records) with their `controls` (NODE_CONTROLS records), as read."""
         controls = {s.parts[0]: s.message for s in controls}
         return {
             s.parts[0]: NodeView(

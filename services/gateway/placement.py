@@ -27,7 +27,17 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.records import PLACEMENTS, QUOTA_USAGE, SANDBOXES, TENANT_GUARDS, TENANTS, Records
+from services.common.records import (
+    NODE_CONTROLS,
+    NODES,
+    PLACEMENTS,
+    QUOTA_USAGE,
+    SANDBOXES,
+    TENANT_GUARDS,
+    TENANTS,
+    Every,
+    Records,
+)
 from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
 from services.gateway.records import SandboxRecord, SandboxStore, image_of, name_of
 
@@ -147,21 +157,17 @@ class SandboxPlacement:
         self._deciding = asyncio.Lock()
         self.compute_wait = deadlines.RESTART_WAIT
 
-    async def quota(self, tenant: str) -> auth_types.Quota:
-        stored = await self.records.get(TENANTS, tenant) if tenant else None
-        return stored.message.quota if stored else auth_types.Quota()  # no tenant record: no limits
-
     async def place(self, record: SandboxRecord) -> int:
         """Chooses a node for a new sandbox and creates its record naming that node, in one transaction with the
         node's and the tenant's guards: neither a node's capacity nor the tenant's quota can be exceeded by any
         number of concurrent creates. Returns the record's revision."""
-        quota, _ = await asyncio.gather(self.quota(record.tenant), self.nodes.until_any_compute(self.compute_wait))
+        await self.nodes.until_any_compute(self.compute_wait)
         for _ in range(ATTEMPTS):
             # One decision at a time in this gateway: a burst of creates would otherwise read the same view, and
             # all but one would lose the transaction and decide again (n² attempts). Other gateways still contend
             # through the guards.
             async with self._deciding:
-                placed, revision = await self._attempt(record, quota)
+                placed, revision = await self._attempt(record)
             if placed:
                 return revision
             if await self.records.get(SANDBOXES, record.id) is not None:
@@ -173,23 +179,27 @@ class SandboxPlacement:
             log.info("placement_contended", sandbox=record.id, node=record.node)
         raise Aborted("placement is too contended right now; retry", reason="PLACEMENT_CONTENDED")
 
-    async def _attempt(self, record: SandboxRecord, quota: auth_types.Quota) -> tuple[bool, int]:
+    async def _attempt(self, record: SandboxRecord) -> tuple[bool, int]:
         """One decision and its transaction: (placed, the record's revision)."""
         started = time.perf_counter()
-        # The guards first: a placement made after this read changes one, and our transaction then fails.
-        # Snapshots share the disk quota; their usage is auth's record, compared below like our own guards.
-        placements, tenant_guard, usage = await asyncio.gather(
-            self.records.list(PLACEMENTS),
-            self.records.get(TENANT_GUARDS, record.tenant),
-            self.records.get(QUOTA_USAGE, record.tenant),
+        # The guards and what they guard, read together as of one revision: a placement made after this read
+        # changes a guard, and our transaction then fails. Snapshots share the disk quota; their usage is auth's
+        # record, compared below like our own guards.
+        tenant, placements, tenant_guard, usage, stored, controls, nodes = await self.records.get_many(
+            (TENANTS, (record.tenant,)),
+            Every(PLACEMENTS),
+            (TENANT_GUARDS, (record.tenant,)),
+            (QUOTA_USAGE, (record.tenant,)),
+            Every(SANDBOXES),
+            Every(NODE_CONTROLS),
+            Every(NODES),
         )
+        quota = tenant.message.quota if tenant else auth_types.Quota()  # no tenant record: no limits
         guards = {s.parts[0]: s.revision for s in placements}
         snapshot_bytes = usage.message.used.snapshot_bytes if usage else 0
-        sandboxes, registered = await asyncio.gather(
-            self.store.list(tenant=None, every_tenant=True), self.nodes.registered()
-        )
+        sandboxes = [s.message for s in stored]
         tenants = [s for s in sandboxes if s.tenant == record.tenant]
-        views = self.nodes.holding(registered, sandboxes)
+        views = self.nodes.holding(self.nodes.registered_from(controls, nodes), sandboxes)
         try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
             node = choose(views, record)
         except ResourceExhausted:

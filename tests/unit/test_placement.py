@@ -15,6 +15,7 @@ from services.common.records import NODES, Records
 from services.gateway.nodes import ClusterNodes, NodeView
 from services.gateway.placement import SandboxPlacement, choose
 from services.gateway.records import SandboxStore
+from tests.etcd import CountingEtcd
 
 
 def node(
@@ -187,3 +188,17 @@ async def test_a_create_with_no_compute_for_the_whole_wait_says_none_is_answerin
     decider.compute_wait = 0.2
     with pytest.raises(Unavailable, match="no compute node is answering"):
         await decider.place(sandbox(tenant="nobody-answers"))
+
+
+async def test_a_placement_is_one_read_and_one_transaction(etcd):
+    """The tenant's quota and usage, the guards, the sandboxes and the nodes are read in one round trip, as of one
+    revision; the record is then written with the guards compared, in another."""
+    name = f"reads-{uuid.uuid4().hex[:6]}"
+    await Records(etcd).put(NODES, node(name).record, name)
+    counting = CountingEtcd(etcd)
+    directory = SimpleNamespace(instances=lambda kind: [SimpleNamespace(node=name)])
+    nodes = ClusterNodes(SimpleNamespace(etcd=counting, directory=directory))
+    decider = SandboxPlacement(nodes, SandboxStore(counting))
+    request = sandbox(tenant=f"reads-{name}")
+    await decider.place(request)
+    assert request.node == name and counting.requests == ["transaction", "transaction"]

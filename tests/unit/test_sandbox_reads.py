@@ -14,24 +14,7 @@ from services.common.errors import NotFound
 from services.common.records import CHANNEL_INCIDENTS, SANDBOXES, VMS, Records
 from services.gateway import access
 from services.gateway.records import SandboxStore, sandbox_key
-
-
-class CountingEtcd:
-    """The etcd client, counting the requests made through it."""
-
-    def __init__(self, etcd) -> None:
-        self.etcd, self.requests = etcd, []
-
-    def __getattr__(self, name):
-        attribute = getattr(self.etcd, name)
-        if name not in ("get", "transaction"):
-            return attribute
-
-        async def counted(*args, **kwargs):
-            self.requests.append(name)
-            return await attribute(*args, **kwargs)
-
-        return counted
+from tests.etcd import CountingEtcd
 
 
 @pytest.fixture
