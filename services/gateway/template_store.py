@@ -16,7 +16,7 @@ from microvm.sandbox.v1 import template_pb2 as api_template
 from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import template_pb2
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
-from services.common.records import TEMPLATE_BUILDS, TEMPLATES, Records, Stored
+from services.common.records import NODES, TEMPLATE_BUILDS, TEMPLATES, Every, Records, Stored
 from services.gateway.access import current_principal, current_tenant
 from services.gateway.templates import TemplateCatalog
 
@@ -73,6 +73,10 @@ class Resolved:
         return self.build.config if self.build is not None else template_pb2.ImageConfig()
 
 
+def names_of(templates: list[api_template.Template]) -> list[str]:
+    return [t.name.removeprefix("templates/") for t in templates]
+
+
 def build_name(build: template_pb2.TemplateBuildRecord) -> str:
     return f"templates/{build.template}/builds/{build.id}"
 
@@ -94,15 +98,16 @@ class TemplateStore:
         self.on_missing = None
 
     async def builtin(self) -> list[str]:
-        return [t.name.removeprefix("templates/") for t in await self.catalog.all()]
+        return names_of(await self.catalog.all())
 
     async def find(self, name: str) -> Stored[template_pb2.TemplateRecord] | None:
-        """The caller's own template of that name, else a public one."""
-        for owner in (owner_key(caller_tenant()), PUBLIC):
-            stored = await self.records.get(TEMPLATES, owner, name)
-            if stored is not None:
-                return stored
-        return None
+        """The caller's own template of that name, else a public one (both read in one round trip)."""
+        own, public = await self.records.get_many(*self._named(name))
+        return own or public
+
+    @staticmethod
+    def _named(name: str) -> tuple[tuple, tuple]:
+        return (TEMPLATES, (owner_key(caller_tenant()), name)), (TEMPLATES, (PUBLIC, name))
 
     async def require(self, name: str) -> Stored[template_pb2.TemplateRecord]:
         stored = await self.find(name)
@@ -178,9 +183,11 @@ class TemplateStore:
         """The image a reference boots: a built-in image (tag `latest` only), or the build a user template's tag
         points at. NOT_FOUND (reason TEMPLATE_NOT_FOUND or TAG_NOT_FOUND) otherwise."""
         name, tag = parse_reference(reference)
-        stored = await self.find(name)
+        # The template records and the nodes' images in one round trip: a create resolves a built-in name mostly.
+        own, public, nodes = await self.records.get_many(*self._named(name), Every(NODES))
+        stored = own or public
         if stored is None:
-            if name in await self.builtin() and tag == "latest":
+            if name in names_of(self.catalog.builtin_on(nodes)) and tag == "latest":
                 return Resolved(name, tag, name)
             error = await self.on_missing(name, tag) if self.on_missing is not None else None
             if error is not None:

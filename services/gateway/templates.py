@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.sandbox.v1 import template_pb2
+from microvm.types.v1 import node_pb2
 from services.common.errors import InvalidArgument
-from services.common.records import NODES, Records
+from services.common.records import NODES, Records, Stored
 from services.common.validation import check_page_size
 
 
@@ -27,12 +28,21 @@ class TemplateCatalog:
 
     async def all(self) -> list[template_pb2.Template]:
         """The built-in templates (images the installation built); user templates' build images are not listed."""
-        return [t for t in await self.images() if not t.name.startswith("templates/u-")]
+        return self.builtin_on(await self.records.list(NODES))
+
+    @classmethod
+    def builtin_on(cls, nodes: list[Stored[node_pb2.NodeRecord]]) -> list[template_pb2.Template]:
+        """`all()` as `nodes` (their records, as read) report it."""
+        return [t for t in cls.images_on(nodes) if not t.name.startswith("templates/u-")]
 
     async def images(self) -> list[template_pb2.Template]:
         """Every image some node has, built-in or a user template's build (`u-<build>`)."""
+        return self.images_on(await self.records.list(NODES))
+
+    @staticmethod
+    def images_on(nodes: list[Stored[node_pb2.NodeRecord]]) -> list[template_pb2.Template]:
         templates: dict[str, template_pb2.Template] = {}
-        for stored in await self.records.list(NODES):
+        for stored in nodes:
             node, record = stored.parts[0], stored.message
             for name in record.templates:
                 template = templates.setdefault(name, template_pb2.Template(name=f"templates/{name}", builtin=True))
