@@ -15,6 +15,7 @@ in-sandbox methods and only on its own sandbox (any other target is NOT_FOUND, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 
@@ -190,13 +191,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         """Records a mutating call in its tenant's audit log; returns once auth has stored the entry, raises
         Unavailable (AUDIT_UNAVAILABLE) when it could not. `caller_gone`: nobody waits; written in the background."""
+        task = self.start_audit(principal, method, target, code)
+        if task is not None and not caller_gone:
+            await asyncio.shield(task)
+
+    def start_audit(self, principal, method: str, target: str, code: grpc.StatusCode) -> asyncio.Task | None:
+        """Starts writing the entry (for `audit`, or a stream whose result is settled before its end): a task of
+        its own, which nothing but the shutdown cancels; None for a call that is not audited."""
         if method not in MUTATING:
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self._record(principal, method, target, code))
         self._pending.add(task)
         task.add_done_callback(self._recorded)
-        if not caller_gone:
-            await asyncio.shield(task)
+        return task
 
     def _recorded(self, task: asyncio.Task) -> None:
         self._pending.discard(task)
@@ -270,6 +277,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             _principal.set(principal)
             observability.bind_to_call(tenant=principal.tenant)  # on every later log line of this call
             return principal, confined
+
+        def is_exit(item) -> bool:
+            return hasattr(item, "HasField") and "exited" in item.DESCRIPTOR.fields_by_name and item.HasField("exited")
 
         def outside(confined: str, target: str) -> bool:
             """Whether a call confined to one sandbox (an E2B access token) names another, or none."""
@@ -346,23 +356,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 if not streaming_request and outside(confined, target_of(request)):
                     await context.abort_with_status(not_found().to_status())
                 request = FirstMessage(request, confined) if streaming_request else request
-                finished = False
+                # A process stream is complete once its exit was delivered, even if the caller hangs up right
+                # after reading it: its entry is started with the exit, written while the exit travels.
+                settled: asyncio.Task | None = None
                 try:
                     async for item in behavior(request, context):
-                        # A process stream is complete once its exit was delivered, even if the caller
-                        # hangs up right after reading it.
-                        finished = finished or (
-                            hasattr(item, "HasField")
-                            and "exited" in item.DESCRIPTOR.fields_by_name
-                            and item.HasField("exited")
-                        )
+                        if settled is None and is_exit(item):
+                            code = result_code(context, None)
+                            settled = interceptor.start_audit(principal, method, target_of_call(request), code)
                         yield item
                 except BaseException as exc:
-                    code = result_code(context, None if finished else exc)
-                    await audit_failure(principal, target_of_call(request), code, exc)
+                    if settled is None:
+                        await audit_failure(principal, target_of_call(request), result_code(context, exc), exc)
+                    elif not isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                        with contextlib.suppress(ServiceError):  # the caller gets the stream's own error
+                            await asyncio.shield(settled)
                     raise
                 # The stream's final status waits for its entry, as a unary call's answer does.
-                await interceptor.audit(principal, method, target_of_call(request), result_code(context, None))
+                if settled is not None:
+                    await asyncio.shield(settled)
+                else:
+                    await interceptor.audit(principal, method, target_of_call(request), result_code(context, None))
 
             return wrapped
 

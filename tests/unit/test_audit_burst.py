@@ -180,3 +180,56 @@ async def test_a_caller_that_hangs_up_still_gets_its_audit_entry(installation, m
     log = await audit_log(installation, tenant)
     assert [(e.method, e.target, e.result) for e in log.events[1:]] == [(UPDATE, sandbox.name, "OK")]
     assert log.chain_valid
+
+
+async def test_a_process_stream_hung_up_after_its_exit_is_recorded_ok_and_its_status_waits_for_the_entry(
+    installation, monkeypatch
+):
+    tenant = f"exited-{installation.node}"
+    caller = await tenant_caller(installation, tenant)
+    sandbox = (
+        await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    ).sandbox
+    entered, gate = asyncio.Event(), asyncio.Event()
+    append = AuditLog.append
+
+    async def held(self, event):
+        entered.set()
+        await gate.wait()
+        return await append(self, event)
+
+    monkeypatch.setattr(AuditLog, "append", held)
+
+    async def run(hang_up: bool) -> grpc.StatusCode | None:
+        entered.clear()
+        gate.clear()
+        call = caller.stub.Exec(
+            api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(argv=["true"])),
+            metadata=caller.metadata,
+            timeout=60,
+        )
+        async for event in call:
+            if event.HasField("exited"):
+                break
+        await asyncio.wait_for(entered.wait(), 30)  # the entry is being written: the stream has not ended
+        if hang_up:
+            call.cancel()
+            gate.set()
+            return None
+        ending = asyncio.ensure_future(call.code())
+        await asyncio.sleep(0.2)
+        assert not ending.done()  # its status waits for the entry
+        gate.set()
+        return await ending
+
+    assert await run(hang_up=False) == grpc.StatusCode.OK
+    await run(hang_up=True)
+    for _ in range(300):
+        log = await audit_log(installation, tenant)
+        if len(log.events) == 3:
+            break
+        await asyncio.sleep(0.1)
+    monkeypatch.undo()
+    exec_method = "/microvm.sandbox.v1.SandboxService/Exec"
+    assert [(e.method, e.target, e.result) for e in log.events[1:]] == [(exec_method, sandbox.name, "OK")] * 2
+    assert log.chain_valid
