@@ -197,11 +197,17 @@ class SandboxStore:
             self.node_hints.pop((tenant, name), None)
         record = await self.get(name)
         vm, incident = await asyncio.gather(self.vm(record), self.incident(record))
-        if tenant is not None and record.node and record.id == sandbox_key(tenant, name):
-            self.node_hints[(tenant, name)] = record.node
+        if tenant is not None and record.id == sandbox_key(tenant, name):
+            self.remember_node(record)
+        return record, vm, incident
+
+    def remember_node(self, record: SandboxRecord) -> None:
+        """Notes the node `record` is placed on (a create's, or one just read): its next read is one round trip."""
+        if record.node and record.name:
+            self.node_hints[(record.tenant, record.name)] = record.node
+            self.node_hints.move_to_end((record.tenant, record.name))
             if len(self.node_hints) > MAX_NODE_HINTS:
                 self.node_hints.popitem(last=False)
-        return record, vm, incident
 
     async def gone(self, tenant: str | None, name: str) -> NotFound:
         """NOT_FOUND for `name`, saying what became of it if it was the caller's and ended within a day."""

@@ -237,6 +237,7 @@ class Sandboxes:
         except ServiceError:
             await self._delete_vm(node, record.id)
             raise self._deleted_during_create(record) from None
+        self.store.remember_node(record)  # its first command reads it in one round trip
         log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
         return record
 

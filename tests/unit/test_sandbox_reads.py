@@ -108,3 +108,15 @@ async def test_a_change_from_a_known_revision_writes_at_once_and_rereads_on_a_co
     changed = await store.change(creating, running, revision=revision)
     assert counting.requests == ["transaction", "get", "transaction"]
     assert changed.labels["by"] == "someone"
+
+
+async def test_a_sandbox_just_created_here_is_read_in_one_round_trip(etcd, tenant):
+    """The create knows where it placed the sandbox: its first command needs no read to find the node."""
+    counting = CountingEtcd(etcd)
+    store, records = SandboxStore(counting), Records(etcd)
+    await place(records, tenant, "fresh", "node-a")
+    store.remember_node((await records.get(SANDBOXES, sandbox_key(tenant, "fresh"))).message)
+    counting.requests.clear()
+    record, vm, _ = await store.with_vm("fresh")
+    assert (record.node, vm.state) == ("node-a", vm_pb2.VM_STATE_RUNNING)
+    assert counting.requests == ["transaction"]
