@@ -205,15 +205,13 @@ class Sandboxes:
             )
             return (await self.nodes.on_compute(node, lambda c: c.CreateVm(request, timeout=deadlines.VM_START))).vm
 
-        started = await self.start(record, create_vm)
-        with TRACER.start_as_current_span("gateway.view"):
-            return await self.view(started)
+        return await self.start(record, create_vm)
 
-    async def start(self, record: SandboxRecord, start_vm: StartVm) -> SandboxRecord:
+    async def start(self, record: SandboxRecord, start_vm: StartVm) -> sandbox_pb2.Sandbox:
         """Places the sandbox (its record is created naming the node, in one transaction with the tenant's quota and
-        the node's capacity), starts its VM with `start_vm(node)`, marks it RUNNING if it still exists. A failure
-        at any step removes what was made, and a sandbox deleted while it was being created stays deleted: its new
-        VM goes too."""
+        the node's capacity), starts its VM with `start_vm(node)`, marks it RUNNING if it still exists, and returns
+        its view. A failure at any step removes what was made, and a sandbox deleted while it was being created
+        stays deleted: its new VM goes too."""
         with TRACER.start_as_current_span("gateway.placement"):
             revision = await self.placement.place(record)
         node = record.node
@@ -232,14 +230,19 @@ class Sandboxes:
             current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
 
         try:
+            # The view's reads (the VM record, a channel incident) side by side with the write.
             with TRACER.start_as_current_span("gateway.record_running"):
-                record = await self.store.change(record, running, expect_states={CREATING}, revision=revision)
+                record, vm, incident = await asyncio.gather(
+                    self.store.change(record, running, expect_states={CREATING}, revision=revision),
+                    self.store.vm(record),
+                    self.store.incident(record),
+                )
         except ServiceError:
             await self._delete_vm(node, record.id)
             raise self._deleted_during_create(record) from None
         self.store.remember_node(record)  # its first command reads it in one round trip
         log.info("sandbox_started", sandbox=record.id, node=node, snapshot=record.source_snapshot)
-        return record
+        return to_public(record, vm, self.nodes.alive(node), incident)
 
     @staticmethod
     def _deleted_during_create(record: SandboxRecord) -> Aborted:

@@ -229,7 +229,7 @@ class SnapshotOps:
             )
             return (await self.nodes.on_compute(node, lambda c: c.RestoreVm(request, timeout=deadlines.SNAPSHOT))).vm
 
-        return await self.sandboxes.view(await self.sandboxes.start(record, restore_vm))
+        return await self.sandboxes.start(record, restore_vm)
 
     async def restore(self, request: api.RestoreSnapshotRequest) -> sandbox_pb2.Sandbox:
         validate_labels(request.sandbox.labels)
