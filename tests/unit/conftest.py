@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from microvm.auth.v1 import auth_pb2
 from services.common.registry import etcd_client
+from services.gateway import access
 from tests.code_server import add_code_interpreter_image, add_guest_server_image, host_code_server
 from tests.desktop_server import host_desktop, missing_tools
 from tests.etcd import LocalEtcd
@@ -29,6 +31,15 @@ async def etcd(etcd_server):
     await client.connect()
     yield client
     await client.close()
+
+
+@pytest.fixture
+def calling_tenant():
+    """A tenant of its own per test, set as the caller of the gateway code the test runs (its principal)."""
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    token = access._principal.set(auth_pb2.Principal(id="someone", tenant=tenant))
+    yield tenant
+    access._principal.reset(token)
 
 
 @pytest.fixture

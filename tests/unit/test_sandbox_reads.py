@@ -3,8 +3,6 @@ node is known, and never a stale answer when the sandbox moved, broke or went aw
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from microvm.auth.v1 import auth_pb2
@@ -18,11 +16,8 @@ from tests.etcd import CountingEtcd
 
 
 @pytest.fixture
-def tenant():
-    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-    token = access._principal.set(auth_pb2.Principal(id="someone", tenant=tenant))
-    yield tenant
-    access._principal.reset(token)
+def tenant(calling_tenant):
+    return calling_tenant
 
 
 async def place(records: Records, tenant: str, name: str, node: str, pid: int = 100) -> str:

@@ -7,22 +7,17 @@ import uuid
 
 import pytest
 
-from microvm.auth.v1 import auth_pb2
 from microvm.types.v1 import node_pb2, template_pb2
 from services.common.errors import NotFound
 from services.common.records import NODES, TEMPLATE_BUILDS, TEMPLATES, Records
-from services.gateway import access
 from services.gateway.template_store import TemplateStore
 from services.gateway.templates import TemplateCatalog
 from tests.etcd import CountingEtcd
 
 
 @pytest.fixture
-def tenant():
-    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-    token = access._principal.set(auth_pb2.Principal(id="someone", tenant=tenant))
-    yield tenant
-    access._principal.reset(token)
+def tenant(calling_tenant):
+    return calling_tenant
 
 
 @pytest.fixture
