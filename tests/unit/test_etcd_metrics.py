@@ -25,9 +25,11 @@ async def test_each_service_times_its_own_etcd_requests_by_operation(installatio
     gateway = await installation.metrics_address("gateway")
     before = counts(await asyncio.to_thread(scrape, gateway))
     created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    await caller.stub.ListSandboxes(api.ListSandboxesRequest(), metadata=caller.metadata, timeout=60)
     await caller.stub.DeleteSandbox(api.DeleteSandboxRequest(name=created.sandbox.name), metadata=caller.metadata)
     after = counts(await asyncio.to_thread(scrape, gateway))
-    # A create reads records, places the sandbox in one transaction, and a delete writes its tombstone in another.
+    # A create reads what it decides on and places the sandbox in transactions, a list reads a range of records,
+    # and a delete reads the record and writes its tombstone in a transaction.
     for operation in ("get", "range", "txn"):
         assert after.get(operation, 0) > before.get(operation, 0), (operation, before, after)
     await asyncio.sleep(1.5)  # the registration's lease is refreshed every ttl/3 (2 s here)
