@@ -180,10 +180,12 @@ def run(stack, collector: Collector) -> None:
     for _ in range(5):
         gateway.exec(sandbox.name, ["true"])
     totals = []
+    timed_from = time.time_ns()  # the services' spans carry the same host clock
     for _ in range(CALLS):
         t0 = time.perf_counter()
         gateway.exec(sandbox.name, ["true"])
         totals.append((time.perf_counter() - t0) * 1000)
+    timed_until = time.time_ns()
     floor = float(gateway.exec(sandbox.name, ["python3", "-c", SPAWN_FLOOR]).stdout.decode().strip())
     sdk_vs_raw(gateway, stack.gateway_address, sandbox.name)
     time.sleep(FLUSH_SECONDS)
@@ -198,8 +200,10 @@ def run(stack, collector: Collector) -> None:
             for trace_id, spans in collector.spans.items()
             if trace_id not in create_traces and any(s.name == "guest.exec.spawn" for _, s in spans)
         ]
-    # The calls are one after another: the last CALLS traces (the floor's exec excluded) in the order they began.
-    timed = sorted(traces, key=began)[-CALLS - 1 : -1]
+    # The timed calls are one after another: the traces that began while they ran, in the order they began (the
+    # floor's exec and the SDK comparison's calls come after).
+    timed = sorted((t for t in traces if timed_from <= began(t) <= timed_until), key=began)
+    assert len(timed) == CALLS, f"{len(timed)} traces of {CALLS} timed calls"
     client_p50 = statistics.median(totals)
     hops = collections.defaultdict(list)
     for spans, client_ms in zip(timed, totals, strict=False):
