@@ -24,7 +24,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from bench.run import emit, raw_boot
+from bench.raw_vm import raw_boot
+from bench.run import emit
 from microvm.agent.v1 import agent_pb2
 from services.relay.agent_channel import AgentChannel
 from services.relay.guest_io import READ_AHEAD

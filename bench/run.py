@@ -30,17 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from images.builder import BuiltImage
-from microvm.agent.v1 import agent_pb2
+from bench.raw_vm import raw_boot, raw_ping_rtts, raw_stream, raw_stream_restore
 from microvm.sandbox.v1 import sandbox_service_pb2 as api
 from microvm.types.v1 import vm_pb2
-from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.records import VMS, Records
 from services.common.settings import ComputeSettings
-from services.compute import hypervisor
-from services.compute.qemu import QemuDriver
 from services.gateway.records import sandbox_key
-from services.relay.agent_channel import AgentChannel, AgentTarget
 from tests.guests import Gateway
 from tests.stack import start_stack
 
@@ -68,73 +63,12 @@ def emit(
     )
 
 
-async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
-    """Starts the same qemu command compute uses and times it to the agent's first answer."""
-    settings = ComputeSettings()
-    choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    image = BuiltImage.load("default")
-    # The same command compute runs for a cold boot, RAM file in tmpfs included.
-    vm = VmRecord(
-        id="bench-raw",
-        node="bench",
-        template="default",
-        image_dir=str(image.directory),
-        vcpus=1,
-        memory_mib=256,
-        hostname="bench-raw",
-        vmm="qemu",
-        accel=choice.accel,
-        directory=str(directory),
-        ram_path=str(settings.ram_root(directory) / "bench-raw.ram"),
-        ram_shared=True,
-    )
-    Path(vm.ram_path).parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    pid = await driver.launch(vm, image, directory)
-    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=str(driver.paths(directory)["agent"])))
-    await channel.connect(5)
-    while True:
-        try:
-            await channel.ping(1.0)
-            break
-        except TimeoutError:
-            continue
-    return time.perf_counter() - started, channel, pid
-
-
-async def raw_ping_rtts(channel: AgentChannel, count: int) -> list[float]:
-    rtts = []
-    for _ in range(count):
-        started = time.perf_counter()
-        await channel.ping(5)
-        rtts.append(time.perf_counter() - started)
-    return rtts
-
-
 def gateway_stream(gateway, sandbox: str) -> float:
     started = time.perf_counter()
     total = 0
     command = api.ProcessConfig(argv=["head", "-c", str(STREAM_BYTES), "/dev/zero"])
     for event in gateway.stub.Exec(api.ExecRequest(sandbox=sandbox, process=command), timeout=600):
         total += len(event.stdout)
-    assert total == STREAM_BYTES, total
-    return total / (time.perf_counter() - started) / 1e6
-
-
-async def raw_stream(channel: AgentChannel) -> float:
-    stream = channel.open_stream()
-    started = time.perf_counter()
-    await stream.send(exec_start=agent_pb2.ExecStart(argv=["head", "-c", str(STREAM_BYTES), "/dev/zero"]))
-    total = 0
-    while True:
-        frame = await stream.receive()
-        kind = frame.WhichOneof("body")
-        if kind == "output":
-            total += len(frame.output.data)
-            await stream.grant(len(frame.output.data))
-        elif kind in ("exec_exited", "error"):
-            break
     assert total == STREAM_BYTES, total
     return total / (time.perf_counter() - started) / 1e6
 
@@ -176,89 +110,6 @@ def first_output_after_create(gateway, **fields) -> tuple[float, object]:
         if event.stdout and first is None:
             first = time.perf_counter() - started
     return first, sandbox
-
-
-async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir: Path) -> float:
-    """Saves the raw VM's state as a migration stream, then times a fresh qemu `-incoming` restore of it."""
-    from services.compute.qmp import QmpClient
-
-    settings = ComputeSettings()
-    choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    image = BuiltImage.load("default")
-    state = source_dir / "state.bin"
-    client = QmpClient(str(driver.paths(source_dir)["qmp"]))
-    await client.connect()
-    await client.execute("stop")
-    await client.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-    await client.execute("migrate", {"uri": f"exec:cat > {state}"})
-    while (await client.execute("query-migrate")).get("status") != "completed":
-        await asyncio.sleep(0.01)
-    await client.close()
-    await channel.close()
-    frozen = source_dir / "frozen.qcow2"
-    await (
-        await asyncio.create_subprocess_exec(
-            "qemu-img",
-            "convert",
-            "-U",
-            "-O",
-            "qcow2",
-            "-B",
-            str(image.rootfs),
-            "-F",
-            "raw",
-            str(driver.paths(source_dir)["disk"]),
-            str(frozen),
-        )
-    ).wait()
-    await (
-        await asyncio.create_subprocess_exec(
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(frozen),
-            "-F",
-            "qcow2",
-            str(driver.paths(target_dir)["disk"]),
-        )
-    ).wait()
-    vm = VmRecord(
-        id="bench-raw2",
-        node="bench",
-        template="default",
-        image_dir=str(image.directory),
-        vcpus=1,
-        memory_mib=256,
-        hostname="bench-raw",
-        vmm="qemu",
-        accel=choice.accel,
-        directory=str(target_dir),
-    )
-    command = driver.command(vm, image, target_dir) + ["-incoming", f"exec:cat {state}"]
-    started = time.perf_counter()
-    await (await asyncio.create_subprocess_exec(*command)).wait()
-    client = QmpClient(str(driver.paths(target_dir)["qmp"]))
-    await client.connect()
-    while (await client.execute("query-migrate")).get("status") != "completed":
-        await asyncio.sleep(0.005)
-    await client.execute("cont")
-    await client.close()
-    restored = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=str(driver.paths(target_dir)["agent"])))
-    await restored.connect(5)
-    while True:
-        try:
-            await restored.ping(1.0)
-            break
-        except TimeoutError:
-            continue
-    elapsed = time.perf_counter() - started
-    await restored.close()
-    os.kill(int(driver.paths(target_dir)["pid"].read_text()), signal.SIGKILL)
-    return elapsed
 
 
 def wait_for_warm_pool(stack, timeout: float = 120, pooled_vms: int = 2) -> None:
@@ -338,7 +189,7 @@ def main() -> None:
             through_gateway, raw = [], []
             for _ in range(STREAM_ROUNDS):
                 through_gateway.append(gateway_stream(gateway, sandbox.name))
-                raw.append(loop.run_until_complete(raw_stream(channel)))
+                raw.append(loop.run_until_complete(raw_stream(channel, STREAM_BYTES)))
             emit(
                 "stream_throughput",
                 statistics.median(through_gateway),
