@@ -18,15 +18,17 @@ from services.compute.qemu import QemuDriver
 from services.relay.agent_channel import AgentChannel, AgentTarget
 
 
-async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
-    """Starts the same qemu command compute uses and times it to the agent's first answer."""
+def qemu_driver() -> tuple[ComputeSettings, QemuDriver, BuiltImage]:
+    """The QEMU driver compute would choose here, and the default image."""
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
     driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    image = BuiltImage.load("default")
-    # The same command compute runs for a cold boot, RAM file in tmpfs included.
-    vm = VmRecord(
-        id="bench-raw",
+    return settings, driver, BuiltImage.load("default")
+
+
+def raw_vm(vm_id: str, driver: QemuDriver, image: BuiltImage, directory: Path, **extra) -> VmRecord:
+    return VmRecord(
+        id=vm_id,
         node="bench",
         template="default",
         image_dir=str(image.directory),
@@ -34,22 +36,34 @@ async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
         memory_mib=256,
         hostname="bench-raw",
         vmm="qemu",
-        accel=choice.accel,
+        accel=driver.accel,
         directory=str(directory),
-        ram_path=str(settings.ram_root(directory) / "bench-raw.ram"),
-        ram_shared=True,
+        **extra,
     )
-    Path(vm.ram_path).parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    pid = await driver.launch(vm, image, directory)
-    channel = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=str(driver.paths(directory)["agent"])))
+
+
+async def until_answering(vm_id: str, driver: QemuDriver, directory: Path) -> AgentChannel:
+    """The VM's agent channel, once the agent answered a ping."""
+    channel = AgentChannel(AgentTarget(vm_id=vm_id, socket_path=str(driver.paths(directory)["agent"])))
     await channel.connect(5)
     while True:
         try:
             await channel.ping(1.0)
-            break
+            return channel
         except TimeoutError:
             continue
+
+
+async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
+    """Starts the same qemu command compute uses and times it to the agent's first answer."""
+    settings, driver, image = qemu_driver()
+    # The same command compute runs for a cold boot, RAM file in tmpfs included.
+    ram_path = str(settings.ram_root(directory) / "bench-raw.ram")
+    vm = raw_vm("bench-raw", driver, image, directory, ram_path=ram_path, ram_shared=True)
+    Path(vm.ram_path).parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pid = await driver.launch(vm, image, directory)
+    channel = await until_answering(vm.id, driver, directory)
     return time.perf_counter() - started, channel, pid
 
 
@@ -84,10 +98,7 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
     """Saves the raw VM's state as a migration stream, then times a fresh qemu `-incoming` restore of it."""
     from services.compute.qmp import QmpClient
 
-    settings = ComputeSettings()
-    choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    image = BuiltImage.load("default")
+    _, driver, image = qemu_driver()
     state = source_dir / "state.bin"
     client = QmpClient(str(driver.paths(source_dir)["qmp"]))
     await client.connect()
@@ -128,18 +139,7 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
             str(driver.paths(target_dir)["disk"]),
         )
     ).wait()
-    vm = VmRecord(
-        id="bench-raw2",
-        node="bench",
-        template="default",
-        image_dir=str(image.directory),
-        vcpus=1,
-        memory_mib=256,
-        hostname="bench-raw",
-        vmm="qemu",
-        accel=choice.accel,
-        directory=str(target_dir),
-    )
+    vm = raw_vm("bench-raw2", driver, image, target_dir)
     command = driver.command(vm, image, target_dir) + ["-incoming", f"exec:cat {state}"]
     started = time.perf_counter()
     await (await asyncio.create_subprocess_exec(*command)).wait()
@@ -149,14 +149,7 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
         await asyncio.sleep(0.005)
     await client.execute("cont")
     await client.close()
-    restored = AgentChannel(AgentTarget(vm_id=vm.id, socket_path=str(driver.paths(target_dir)["agent"])))
-    await restored.connect(5)
-    while True:
-        try:
-            await restored.ping(1.0)
-            break
-        except TimeoutError:
-            continue
+    restored = await until_answering(vm.id, driver, target_dir)
     elapsed = time.perf_counter() - started
     await restored.close()
     os.kill(int(driver.paths(target_dir)["pid"].read_text()), signal.SIGKILL)
