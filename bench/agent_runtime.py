@@ -19,12 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.raw_vm import qemu_driver, raw_vm
 from bench.run import emit, percentile
 from images.builder import BuiltImage
-from microvm.types.v1.vm_pb2 import VmRecord
-from services.common.settings import ComputeSettings
-from services.compute import hypervisor
-from services.compute.qemu import QemuDriver
 from services.relay.agent_channel import AgentChannel, AgentTarget
 
 EXECS = 30
@@ -33,21 +30,8 @@ EXECS = 30
 async def boot_and_exec(image: BuiltImage, directory: Path) -> tuple[float, float, float, list[float]]:
     """Seconds from qemu's start to the agent's first pong, the first exec's seconds (`true`), the first exec of
     another program (`env`: the libc it loads is in the page cache by then), and `true` exec latencies."""
-    settings = ComputeSettings()
-    choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    vm = VmRecord(
-        id=f"bench-{directory.name}",
-        node="bench",
-        template=image.name,
-        image_dir=str(image.directory),
-        vcpus=1,
-        memory_mib=256,
-        hostname="bench",
-        vmm="qemu",
-        accel=choice.accel,
-        directory=str(directory),
-    )
+    _, driver = qemu_driver()
+    vm = raw_vm(f"bench-{directory.name}", driver, image, directory)
     await driver.prepare_disk(image, directory)  # not timed: compute makes the overlay before it starts qemu
     started = time.perf_counter()
     pid = await driver.launch(vm, image, directory)

@@ -18,19 +18,19 @@ from services.compute.qemu import QemuDriver
 from services.relay.agent_channel import AgentChannel, AgentTarget
 
 
-def qemu_driver() -> tuple[ComputeSettings, QemuDriver, BuiltImage]:
-    """The QEMU driver compute would choose here, and the default image."""
+def qemu_driver() -> tuple[ComputeSettings, QemuDriver]:
+    """The QEMU driver compute would choose here, with its settings."""
     settings = ComputeSettings()
     choice = hypervisor.choose("qemu", "auto", settings.qemu_binary, settings.cloud_hypervisor_binary)
-    driver = QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
-    return settings, driver, BuiltImage.load("default")
+    return settings, QemuDriver(choice, settings.qemu_binary, settings.tcg_tb_size_mib, settings.aslr_for(choice.accel))
 
 
 def raw_vm(vm_id: str, driver: QemuDriver, image: BuiltImage, directory: Path, **extra) -> VmRecord:
+    """The record compute would write for a 1 vCPU, 256 MiB VM of `image` in `directory`."""
     return VmRecord(
         id=vm_id,
         node="bench",
-        template="default",
+        template=image.name,
         image_dir=str(image.directory),
         vcpus=1,
         memory_mib=256,
@@ -42,21 +42,18 @@ def raw_vm(vm_id: str, driver: QemuDriver, image: BuiltImage, directory: Path, *
     )
 
 
-async def until_answering(vm_id: str, driver: QemuDriver, directory: Path) -> AgentChannel:
+async def until_answering(vm_id: str, driver: QemuDriver, directory: Path, timeout: float = 120) -> AgentChannel:
     """The VM's agent channel, once the agent answered a ping."""
     channel = AgentChannel(AgentTarget(vm_id=vm_id, socket_path=str(driver.paths(directory)["agent"])))
     await channel.connect(5)
-    while True:
-        try:
-            await channel.ping(1.0)
-            return channel
-        except TimeoutError:
-            continue
+    await channel.wait_until_answering(timeout)
+    return channel
 
 
 async def raw_boot(directory: Path) -> tuple[float, AgentChannel, int]:
     """Starts the same qemu command compute uses and times it to the agent's first answer."""
-    settings, driver, image = qemu_driver()
+    settings, driver = qemu_driver()
+    image = BuiltImage.load("default")
     # The same command compute runs for a cold boot, RAM file in tmpfs included.
     ram_path = str(settings.ram_root(directory) / "bench-raw.ram")
     vm = raw_vm("bench-raw", driver, image, directory, ram_path=ram_path, ram_shared=True)
@@ -98,7 +95,8 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
     """Saves the raw VM's state as a migration stream, then times a fresh qemu `-incoming` restore of it."""
     from services.compute.qmp import QmpClient
 
-    _, driver, image = qemu_driver()
+    _, driver = qemu_driver()
+    image = BuiltImage.load("default")
     state = source_dir / "state.bin"
     client = QmpClient(str(driver.paths(source_dir)["qmp"]))
     await client.connect()
