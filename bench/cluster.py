@@ -28,7 +28,6 @@ from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from services.common.records import SANDBOXES, Records
 from services.gateway.nodes import ClusterNodes
 from services.gateway.placement import SandboxPlacement
-from services.gateway.records import SandboxStore
 from tests.cluster import Cluster
 from tests.guests import Gateway
 
@@ -73,7 +72,7 @@ async def placement_timings(control, rounds: int = 200) -> tuple[list[float], li
                 ),
             )
         )
-        placement = SandboxPlacement(nodes, SandboxStore(client))
+        placement = SandboxPlacement(nodes)
         records = Records(client)
         reads = []
         for _ in range(rounds):

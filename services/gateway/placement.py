@@ -39,7 +39,7 @@ from services.common.records import (
     Records,
 )
 from services.gateway.nodes import ClusterNodes, NodeView, holds_capacity
-from services.gateway.records import SandboxRecord, SandboxStore, image_of, name_of
+from services.gateway.records import SandboxRecord, image_of, name_of
 
 log = structlog.get_logger()
 ATTEMPTS = 20
@@ -149,8 +149,8 @@ def check_quota(
 
 
 class SandboxPlacement:
-    def __init__(self, nodes: ClusterNodes, store: SandboxStore) -> None:
-        self.nodes, self.store = nodes, store
+    def __init__(self, nodes: ClusterNodes) -> None:
+        self.nodes = nodes
         self.records = Records(nodes.context.etcd)
         # Seconds each decision took (view, choice and transaction), for the benchmark.
         self.timings: list[float] = []

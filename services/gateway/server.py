@@ -81,7 +81,7 @@ class Gateway:
     def __init__(self, context: ServiceContext[GatewaySettings]) -> None:
         self.store = SandboxStore(context.etcd)
         self.nodes = ClusterNodes(context)
-        self.placement = SandboxPlacement(self.nodes, self.store)
+        self.placement = SandboxPlacement(self.nodes)
         self.templates = TemplateStore(context.etcd, TemplateCatalog(context.etcd))
         self.sandboxes = Sandboxes(
             context, self.store, self.nodes, self.placement, QuotaClient(context), self.templates

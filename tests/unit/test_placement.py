@@ -121,7 +121,7 @@ async def test_concurrent_placements_never_oversubscribe_a_node(etcd):
         SimpleNamespace(etcd=etcd, directory=SimpleNamespace(instances=lambda kind: [SimpleNamespace(node=name)]))
     )
     store = SandboxStore(etcd)
-    deciders = [SandboxPlacement(nodes, store) for _ in range(10)]
+    deciders = [SandboxPlacement(nodes) for _ in range(10)]
 
     async def place(decider):
         request = sandbox(tenant=f"race-{name}")
@@ -146,7 +146,7 @@ async def test_one_gateways_burst_decides_each_placement_once(etcd):
         SimpleNamespace(etcd=etcd, directory=SimpleNamespace(instances=lambda kind: [SimpleNamespace(node=name)]))
     )
     store = SandboxStore(etcd)
-    decider = SandboxPlacement(nodes, store)
+    decider = SandboxPlacement(nodes)
     requests = [sandbox(tenant=f"burst-{name}") for _ in range(12)]
     await asyncio.gather(*(decider.place(request) for request in requests))
     assert {request.node for request in requests} == {name}
@@ -174,7 +174,7 @@ async def test_a_create_before_any_compute_registers_waits_for_one(etcd):
     name = f"late-{uuid.uuid4().hex[:6]}"
     await Records(etcd).put(NODES, node(name).record, name)
     directory = LateDirectory(name)
-    decider = SandboxPlacement(ClusterNodes(SimpleNamespace(etcd=etcd, directory=directory)), SandboxStore(etcd))
+    decider = SandboxPlacement(ClusterNodes(SimpleNamespace(etcd=etcd, directory=directory)))
     request = sandbox(tenant=f"late-{name}")
     asyncio.get_running_loop().call_later(0.3, directory.registered.set)
     await decider.place(request)
@@ -182,9 +182,7 @@ async def test_a_create_before_any_compute_registers_waits_for_one(etcd):
 
 
 async def test_a_create_with_no_compute_for_the_whole_wait_says_none_is_answering(etcd):
-    decider = SandboxPlacement(
-        ClusterNodes(SimpleNamespace(etcd=etcd, directory=LateDirectory("never"))), SandboxStore(etcd)
-    )
+    decider = SandboxPlacement(ClusterNodes(SimpleNamespace(etcd=etcd, directory=LateDirectory("never"))))
     decider.compute_wait = 0.2
     with pytest.raises(Unavailable, match="no compute node is answering"):
         await decider.place(sandbox(tenant="nobody-answers"))
@@ -198,7 +196,7 @@ async def test_a_placement_is_one_read_and_one_transaction(etcd):
     counting = CountingEtcd(etcd)
     directory = SimpleNamespace(instances=lambda kind: [SimpleNamespace(node=name)])
     nodes = ClusterNodes(SimpleNamespace(etcd=counting, directory=directory))
-    decider = SandboxPlacement(nodes, SandboxStore(counting))
+    decider = SandboxPlacement(nodes)
     request = sandbox(tenant=f"reads-{name}")
     await decider.place(request)
     assert request.node == name and counting.requests == ["transaction", "transaction"]
