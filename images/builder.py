@@ -32,7 +32,7 @@ from images.cache import content_hash as _hash
 from images.cache import run as _run
 from images.cache import stage as _stage
 from images.cache import step as _step
-from images.rootfs import finish_tree, make_ext4
+from images.rootfs import filesystem_id, finish_tree, make_ext4
 from images.runtime import build_agent_runtime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,12 @@ class BuiltImage:
             rootfs=directory / "rootfs.ext4",
             manifest=manifest,
         )
+
+    @property
+    def rootfs_id(self) -> str:
+        """Which build of the root filesystem this is (images/rootfs.py `filesystem_id`): a snapshot records it, and
+        is restored only over the same one."""
+        return filesystem_id(self.rootfs)
 
 
 def available_templates(root: Path | None = None) -> list[str]:

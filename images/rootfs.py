@@ -69,6 +69,27 @@ def make_ext4(tree: Path, out: Path, size_mib: int) -> None:
     run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "root_owner=0:0", "-d", str(tree), str(out), f"{size_mib}M"])
 
 
+# ext4's superblock: 1024 bytes in, its magic at 0x38, the filesystem's UUID at 0x68.
+SUPERBLOCK_OFFSET, EXT4_MAGIC = 1024, 0xEF53
+
+
+def filesystem_id(image: Path) -> str:
+    """The UUID of the ext4 filesystem in `image` (hex), "" when it holds none (not ext4, not a file).
+
+    mkfs.ext4 makes a new UUID on every run, and ext4 seeds its metadata checksums from it. So it tells two builds
+    of the same recipe apart: a guest frozen on one build and restored over another would fail every checksum of
+    blocks it had cached. Copies of one build (another node's, converted to qcow2 and back) keep it."""
+    try:
+        with open(image, "rb") as f:
+            f.seek(SUPERBLOCK_OFFSET)
+            superblock = f.read(0x78)
+    except (IsADirectoryError, FileNotFoundError):
+        return ""
+    if len(superblock) < 0x78 or int.from_bytes(superblock[0x38:0x3A], "little") != EXT4_MAGIC:
+        return ""
+    return superblock[0x68:0x78].hex()
+
+
 def tree_size_mib(tree: Path) -> int:
     """Disk usage of `tree` in MiB, rounded up (du: blocks allocated, hard links once)."""
     output = run(["du", "-s", "-B1M", str(tree)], capture_output=True, text=True).stdout

@@ -174,6 +174,7 @@ class VmLifecycle:
                 node=self.node,
                 template=template,
                 image_dir=str(image.directory),
+                rootfs_id=image.rootfs_id,
                 vcpus=vcpus,
                 memory_mib=memory_mib,
                 hostname=hostname,
@@ -330,6 +331,13 @@ class VmLifecycle:
                     image = BuiltImage.at(Path(vm.image_dir))
                 except FileNotFoundError as exc:
                     raise FailedPrecondition(f"cannot start VM {vm_id}: {exc}", reason="IMAGE_GONE") from None
+                if vm.rootfs_id and image.rootfs_id != vm.rootfs_id:
+                    raise FailedPrecondition(
+                        f"cannot start VM {vm_id}: its image build {image.directory.name} was built again since the VM "
+                        f"was made (root filesystem {image.rootfs_id}, its disk sits on {vm.rootfs_id}); its disk "
+                        "would read as corrupt",
+                        reason="IMAGE_REBUILT",
+                    )
                 vm.pid = await self.driver.launch(vm, image, Path(vm.directory))
                 await self.ledger.save(vm)
                 self.processes.watch(vm)

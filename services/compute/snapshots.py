@@ -130,6 +130,9 @@ class VmSnapshots:
         config = {
             "template": vm.template,
             "image_dir": vm.image_dir,
+            # The build of the root filesystem the frozen page cache and disk overlay belong to: the VM's own (the
+            # image may have been built again since the VM started, and it still reads the build it opened).
+            "rootfs_id": vm.rootfs_id or image.rootfs_id,
             "vcpus": vm.vcpus,
             "memory_mib": vm.memory_mib,
             "boot_hostname": vm.boot_hostname or vm.hostname,
@@ -290,13 +293,27 @@ class VmSnapshots:
 
     def image_of(self, config: dict, snapshot: str) -> BuiltImage:
         """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the
-        same name under any node's image cache), or the path the source node had."""
+        same name under any node's image cache), or the path the source node had. The same recipe built twice (on
+        two nodes, or rebuilt here) makes another filesystem, which the snapshot's guest would find corrupt: the
+        root filesystem must be the one it was taken on (snapshots from before `rootfs_id` are not checked)."""
         build = Path(config["image_dir"])
+        expected = config.get("rootfs_id")
+        rebuilt = ""
         for directory in (self.lifecycle.images.root_of(config["template"]) / config["template"] / build.name, build):
             try:
-                return BuiltImage.at(directory)
+                image = BuiltImage.at(directory)
             except FileNotFoundError:
                 continue
+            if expected is None or image.rootfs_id == expected:
+                return image
+            rebuilt = image.rootfs_id
+        if rebuilt:
+            raise FailedPrecondition(
+                f"cannot restore snapshot {snapshot}: image build {build.name} of template {config['template']!r} "
+                f"on node {self.ledger.node} is another build of the same recipe (root filesystem {rebuilt}, the "
+                f"snapshot's is {expected}); its guest would find its files corrupt",
+                reason="IMAGE_REBUILT",
+            )
         raise FailedPrecondition(
             f"cannot restore snapshot {snapshot}: image build {build.name} of template "
             f"{config['template']!r} is not on node {self.ledger.node}",

@@ -34,9 +34,15 @@ class TemplateExchange:
         self.templates, self.store = templates, store
         self.lifecycle = templates.lifecycle
 
+    def build(self, template: str) -> str:
+        """This node's image build of the template: its recipe hash and its root filesystem's id (two nodes build
+        the same recipe into different filesystems, and a template snapshot restores only over its own)."""
+        image = self.lifecycle.images.load(template)
+        return f"{image.directory.name}-{image.rootfs_id[:12]}" if image.rootfs_id else image.directory.name
+
     def snapshot_id(self, template: str, vcpus: int, memory_mib: int) -> str | None:
         try:
-            build = self.lifecycle.images.load(template).directory.name
+            build = self.build(template)
         except FileNotFoundError:
             return None
         driver = self.lifecycle.driver
@@ -95,7 +101,7 @@ class TemplateExchange:
             for name, filename in ARTIFACT_FILES.items():
                 if (directory / filename).exists():
                     await upload(store, snapshot_id, name, directory / filename)
-            build = self.lifecycle.images.load(template).directory.name
+            build = self.build(template)
             record = SnapshotRecord(
                 id=snapshot_id,
                 tenant="",

@@ -97,6 +97,12 @@ class TemplateSnapshots:
                 raise ValueError(f"it was taken on VM machine {machine or 'of an earlier version'}")
             if config.get("boot_args") != driver.boot_args:
                 raise ValueError("its guest booted with other kernel arguments")
+            rootfs_id = self.lifecycle.images.load(template).rootfs_id
+            if config.get("rootfs_id") != rootfs_id:
+                # The image was built again under the same recipe hash: a restore would corrupt the guest's files.
+                raise ValueError(
+                    f"it was taken on root filesystem {config.get('rootfs_id')}, the image's is {rootfs_id}"
+                )
             expected = json.loads((directory / "verified.json").read_text())
             for filename, facts in expected.items():
                 if (directory / filename).stat().st_size != facts["size"]:
