@@ -76,7 +76,7 @@ class Agent:
                 return
             process = self.children.pop(pid, None)
             if process is not None:
-                process.popen.returncode = status  # tell subprocess not to wait for it again
+                process.child.reaped(status)  # tell subprocess, if it started it, not to wait for it again
                 process.reaped_unix_ns = time.time_ns()
                 if not process.exit_status.done():
                     process.exit_status.set_result(status)

@@ -148,7 +148,7 @@ class Detached(Process):
 
     def info(self) -> agent_pb2.ProcessInfo:
         info = agent_pb2.ProcessInfo(
-            pid=self.popen.pid,
+            pid=self.child.pid,
             argv=self.start.argv,
             tag=self.tag,
             cwd=self.start.cwd,
@@ -184,15 +184,15 @@ class Registry:
             )
         process = Detached(agent, start.exec, start.tag)
         process.begin()
-        self.running[process.popen.pid] = process
+        self.running[process.child.pid] = process
         return process
 
     def ended(self, process: Detached) -> None:
-        self.running.pop(process.popen.pid, None)
+        self.running.pop(process.child.pid, None)
         self.ended_ones.append(process)
 
     def get(self, pid: int) -> Detached:
-        process = self.running.get(pid) or next((p for p in self.ended_ones if p.popen.pid == pid), None)
+        process = self.running.get(pid) or next((p for p in self.ended_ones if p.child.pid == pid), None)
         if process is None:
             raise StreamError(NOT_FOUND, f"no background process {pid}", reason="PROCESS_NOT_FOUND")
         return process

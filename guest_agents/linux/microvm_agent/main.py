@@ -19,6 +19,7 @@ import sys
 from microvm_agent import files as agent_files
 from microvm_agent import system, workload
 from microvm_agent.agent import Agent
+from microvm_agent.spawning import seal_descriptors
 from microvm_agent.streams import read_waiting, writev_fd
 
 PORT_NAME = "microvm.agent"
@@ -150,10 +151,15 @@ async def run(args) -> None:
     agent = Agent(is_init=is_init, simulated=bool(args.root))
     if args.root:
         agent_files.PATH_ROOT = os.path.realpath(args.root)
+        # Where the guest's agent works (main), so a stand-in spawns its default commands the same way.
+        home = agent_files.real("/root")
+        if os.path.isdir(home):
+            os.chdir(home)
         agent.simulated_hostname = args.hostname or agent.simulated_hostname
         agent.own_uts = args.own_uts
         if args.own_uts:
             socket.sethostname(agent.simulated_hostname)
+    seal_descriptors()  # before the first spawn: nothing the agent inherited reaches what it starts
     loop.add_signal_handler(signal.SIGCHLD, agent.reap_children)
     if is_init or args.root:
         # The guest's PID 1 (or its stand-in) survives whatever a process in the guest sends it (`kill -INT 1`):

@@ -10,7 +10,6 @@ import pwd
 import shutil
 import signal
 import struct
-import subprocess
 import termios
 import time
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 from microvm.agent.v1 import agent_pb2
 from microvm_agent import workload
 from microvm_agent.files import real
+from microvm_agent.spawning import Child, spawn
 from microvm_agent.streams import (
     DEFAULT_ENV,
     DRAIN_AFTER_EXIT_SECONDS,
@@ -82,7 +82,7 @@ class Process:
         self.received_unix_ns = time.time_ns()  # made as its frame is dispatched: when the agent took it
         self.reaped_unix_ns = 0  # set by the agent's reaper
         self.credit = Credit(agent.initial_window)
-        self.popen: subprocess.Popen | None = None
+        self.child: Child | None = None
         self.exit_status: asyncio.Future = asyncio.get_running_loop().create_future()
         self.timed_out = False
         self.stdin_fd: int | None = None
@@ -132,11 +132,6 @@ class Process:
             if executable is None:
                 raise StreamError(NOT_FOUND, f"{argv[0]}: command not found", reason="COMMAND_NOT_FOUND")
 
-        def take_terminal() -> None:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        # Without a preexec function subprocess can use vfork, which under emulation is many times
-        # cheaper than forking the agent: only the rare pty case pays for one.
         identity = {}
         if user:
             identity = {
@@ -144,30 +139,15 @@ class Process:
                 "group": user.pw_gid,
                 "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
             }
-
-        parent_fds: list[int] = []
+        slave = None
         if start.pty:
             master, slave = pty.openpty()
             self._set_size(master, start.cols or 80, start.rows or 24)
             self.pty_master = master
-            stdin = stdout = stderr = slave
-        else:
-            stdin = subprocess.PIPE if start.stdin else subprocess.DEVNULL
-            stdout = stderr = subprocess.PIPE
         try:
             with workload.current.joined():  # born in the capped cgroup
-                self.popen = subprocess.Popen(
-                    argv,
-                    executable=executable,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                    preexec_fn=take_terminal if start.pty else None,
-                    **identity,
+                self.child = spawn(
+                    argv, executable, env, cwd, stdin=bool(start.stdin), terminal=slave, identity=identity
                 )
         except BlockingIOError:  # EAGAIN from fork: the workload is at its process cap (a fork bomb, say)
             raise StreamError(
@@ -177,22 +157,16 @@ class Process:
         except OSError as exc:  # the errno table: ENOENT NOT_FOUND, EACCES PERMISSION_DENIED, ENOEXEC INTERNAL...
             raise os_error(exc, argv[0]) from None
         finally:
-            if start.pty:
+            if slave is not None:
                 os.close(slave)
-        self.agent.children[self.popen.pid] = self
+        self.agent.children[self.child.pid] = self
         # Non-blocking parent ends with one fcntl each: their status flags are known to be none (a pipe's or the pty
         # master's), so there is nothing to read back first. Every system call costs tens of µs under emulation.
-        if start.pty:
-            fcntl.fcntl(self.pty_master, fcntl.F_SETFL, os.O_NONBLOCK)
-            self.stdin_fd = self.pty_master
-            parent_fds.append(self.pty_master)
-        else:
-            for pipe in (self.popen.stdout, self.popen.stderr):
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
-                parent_fds.append(pipe.fileno())
-            if self.popen.stdin:
-                fcntl.fcntl(self.popen.stdin.fileno(), fcntl.F_SETFL, os.O_NONBLOCK)
-                self.stdin_fd = self.popen.stdin.fileno()
+        child = self.child
+        parent_fds = [self.pty_master] if start.pty else [child.stdout, child.stderr]
+        self.stdin_fd = self.pty_master if start.pty else child.stdin
+        for fd in {*parent_fds, self.stdin_fd} - {None}:
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
         return parent_fds
 
     @staticmethod
@@ -205,7 +179,7 @@ class Process:
         fds = self._spawn()
         loop = asyncio.get_running_loop()
         started = agent_pb2.ExecStarted(
-            pid=self.popen.pid, received_unix_ns=self.received_unix_ns, spawned_unix_ns=time.time_ns()
+            pid=self.child.pid, received_unix_ns=self.received_unix_ns, spawned_unix_ns=time.time_ns()
         )
         self.agent.send(self.stream_id, exec_started=started)
         for signum in self.early_signals:
@@ -297,7 +271,7 @@ class Process:
             if data is None:
                 if self.pty_master is None:
                     os.close(self.stdin_fd)
-                    self.popen.stdin = None
+                    self.child.stdin = None
                 else:
                     await write_fd(self.stdin_fd, b"\x04")  # ^D: end of input for the terminal
                 self.stdin_fd = None
@@ -313,13 +287,15 @@ class Process:
                 os.close(self.pty_master)
             except OSError:
                 pass
-        if self.popen:
-            for pipe in (self.popen.stdout, self.popen.stderr, self.popen.stdin):
-                try:
-                    if pipe:
-                        pipe.close()
-                except OSError:
-                    pass
+            self.pty_master = None
+        if self.child:
+            for fd in (self.child.stdout, self.child.stderr, self.child.stdin):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self.child.stdout = self.child.stderr = self.child.stdin = None
 
     def _on_timeout(self) -> None:
         if not self.exit_status.done():
@@ -327,9 +303,9 @@ class Process:
             self.kill(signal.SIGKILL)
 
     def kill(self, signum: int) -> None:
-        if self.popen and not self.exit_status.done():
+        if self.child and not self.exit_status.done():
             try:
-                os.killpg(self.popen.pid, signum)
+                os.killpg(self.child.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -341,11 +317,11 @@ class Process:
             if frame.stdin.eof:
                 self.stdin_queue.put_nowait(None)
         elif body == "signal":
-            if self.popen is None:
+            if self.child is None:
                 self.early_signals.append(frame.signal.signal)
             elif not self.exit_status.done():
                 try:
-                    os.killpg(self.popen.pid, frame.signal.signal)
+                    os.killpg(self.child.pid, frame.signal.signal)
                 except (ProcessLookupError, OSError):
                     pass
         elif body == "resize":
