@@ -20,7 +20,7 @@ from microvm_agent import files as agent_files
 from microvm_agent import system, workload
 from microvm_agent.agent import Agent
 from microvm_agent.spawning import seal_descriptors
-from microvm_agent.streams import read_waiting, writev_fd
+from microvm_agent.streams import read_waiting, unwritten, writev_fd
 
 PORT_NAME = "microvm.agent"
 VSOCK_PORT = 1024
@@ -83,6 +83,14 @@ class PortTransport:
     async def write_buffers(self, buffers: list[bytes]) -> None:
         await writev_fd(self.fd, buffers)
 
+    def write_now(self, buffers) -> list:
+        """Writes what the port takes without waiting; returns the rest (the writer's to finish, or to fail on)."""
+        try:
+            written = os.writev(self.fd, buffers)
+        except OSError:
+            return list(buffers)
+        return unwritten(buffers, written)
+
 
 async def serve_port(agent: Agent, path: str) -> None:
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -116,6 +124,14 @@ class SocketTransport:
     async def write_buffers(self, buffers: list[bytes]) -> None:
         self.writer.writelines(buffers)
         await self.writer.drain()
+
+    def write_now(self, buffers) -> list:
+        """Hands the frame to the socket unless it is closing or still holds unsent data (then the writer's)."""
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return list(buffers)
+        self.writer.writelines(buffers)
+        return []
 
 
 async def serve_unix(agent: Agent, path: str) -> None:

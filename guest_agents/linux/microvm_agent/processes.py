@@ -95,6 +95,9 @@ class Process:
         self.outputs_closed: asyncio.Future | None = None
         # Signals that arrived before the process existed: delivered right after it starts.
         self.early_signals: list[int] = []
+        self.launch_error: Exception | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.exit_fd: int | None = None  # a pidfd: readable once the process has exited
 
     def _spawn(self) -> list[int]:
         start = self.start
@@ -160,6 +163,7 @@ class Process:
             if slave is not None:
                 os.close(slave)
         self.agent.children[self.child.pid] = self
+        self._watch_exit()
         # Non-blocking parent ends with one fcntl each: their status flags are known to be none (a pipe's or the pty
         # master's), so there is nothing to read back first. Every system call costs tens of µs under emulation.
         child = self.child
@@ -169,13 +173,45 @@ class Process:
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
         return parent_fds
 
+    def _watch_exit(self) -> None:
+        """The exit seen on the process's pidfd, in the loop turn that finds it: the SIGCHLD path (the wakeup pipe,
+        then a callback, then the reaper) takes two more turns. That reaper stays, for kernels without pidfds and
+        for every other child PID 1 adopts; whichever waits first reports the exit."""
+        try:
+            self.exit_fd = os.pidfd_open(self.child.pid)
+        except (AttributeError, OSError):  # Linux before 5.3
+            return
+        asyncio.get_running_loop().add_reader(self.exit_fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._unwatch_exit()
+        try:
+            pid, status = os.waitpid(self.child.pid, os.WNOHANG)
+        except ChildProcessError:  # the reaper has it already
+            return
+        if pid:
+            self.agent.child_exited(pid, status)
+
+    def _unwatch_exit(self) -> None:
+        if self.exit_fd is not None:
+            asyncio.get_running_loop().remove_reader(self.exit_fd)
+            os.close(self.exit_fd)
+            self.exit_fd = None
+
     @staticmethod
     def _set_size(fd: int, cols: int, rows: int) -> None:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
-    async def run(self) -> None:
-        """Spawns, streams the output and reports the exit. The output is read by reader callbacks, not tasks: under
-        emulation every task step and future is costly, and a short command's whole life is a few loop turns."""
+    def launch(self) -> None:
+        """Spawns and starts watching the process, right as its frame is dispatched (no loop turn before the spawn).
+        The output is read by reader callbacks, not tasks: under emulation every task step and future is costly, and
+        a short command's whole life is a few loop turns. A failure is kept for `run` to report."""
+        try:
+            self._launch()
+        except Exception as exc:  # noqa: BLE001 - reported by run(), as a failure inside the stream's task
+            self.launch_error = exc
+
+    def _launch(self) -> None:
         fds = self._spawn()
         loop = asyncio.get_running_loop()
         started = agent_pb2.ExecStarted(
@@ -184,7 +220,8 @@ class Process:
         self.agent.send(self.stream_id, exec_started=started)
         for signum in self.early_signals:
             self.kill(signum)
-        timer = loop.call_later(self.start.timeout_ms / 1000, self._on_timeout) if self.start.timeout_ms else None
+        if self.start.timeout_ms:
+            self.timer = loop.call_later(self.start.timeout_ms / 1000, self._on_timeout)
         channels = (
             [agent_pb2.OUTPUT_CHANNEL_STDOUT]
             if self.pty_master is not None
@@ -196,6 +233,13 @@ class Process:
             loop.add_reader(fd, self._on_output, fd)
         if self.stdin_fd is not None:
             self.tasks.append(asyncio.create_task(self._feed_stdin()))
+
+    async def run(self) -> None:
+        """Streams the output of the launched process (launched now if it was not) and reports its exit."""
+        if self.child is None and self.launch_error is None:
+            self.launch()
+        if self.launch_error is not None:
+            raise self.launch_error
         try:
             status = await self.exit_status
             # Let the pipes drain, but not forever: a background child may keep them open.
@@ -204,8 +248,8 @@ class Process:
                 if not done and self.credit.available > 0:
                     await asyncio.wait([self.outputs_closed], timeout=DRAIN_AFTER_EXIT_SECONDS)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
             # Also when the stream is cancelled (its host connection closed): nothing watches this process's fds
             # when they are closed. A reader left registered after the close would take the fd number from the
             # next process given it, whose output would then never be read.
@@ -259,6 +303,7 @@ class Process:
             self.paused.clear()
 
     def _stop_reading(self) -> None:
+        self._unwatch_exit()
         loop = asyncio.get_running_loop()
         for fd in self.outputs:
             loop.remove_reader(fd)
@@ -282,6 +327,7 @@ class Process:
                 return
 
     def _close_fds(self) -> None:
+        self._unwatch_exit()
         if self.pty_master is not None:
             try:
                 os.close(self.pty_master)

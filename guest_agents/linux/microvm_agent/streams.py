@@ -140,6 +140,18 @@ async def write_fd(fd: int, data: bytes) -> None:
     await writev_fd(fd, [data])
 
 
+def unwritten(buffers, written: int) -> list:
+    """What of `buffers` a write of `written` bytes left, without copying."""
+    rest = []
+    for buffer in buffers:
+        if written >= len(buffer):
+            written -= len(buffer)
+        else:
+            rest.append(memoryview(buffer)[written:] if written else buffer)
+            written = 0
+    return rest
+
+
 async def writev_fd(fd: int, buffers: list[bytes]) -> None:
     loop = asyncio.get_running_loop()
     views = [memoryview(b) for b in buffers if b]
