@@ -119,6 +119,9 @@ class ComputeSettings(ServiceSettings):
     # The nice value a pool VM's VMM runs at until it is claimed: refilling the pool after a burst of creates
     # yields the CPU to the sandboxes just handed out (0: same priority as theirs).
     pool_fill_niceness: int = 10
+    # After a claim, a refill waits this long while the pool still holds a ready VM, so the claimed sandbox's first
+    # commands (a caller's usual create-then-run) do not share the CPU with a restore; an empty pool refills at once.
+    pool_refill_delay_ms: int = 250
     # The size that template snapshots and the warm pool are made for.
     default_vcpus: int = 1
     default_memory_mib: int = 256
@@ -173,6 +176,8 @@ class ComputeSettings(ServiceSettings):
             raise ConfigError("compute.guest_aslr must be auto, on or off")
         if not 0 <= self.pool_fill_niceness <= 19:
             raise ConfigError("compute.pool_fill_niceness must be between 0 and 19")
+        if not 0 <= self.pool_refill_delay_ms <= 10000:
+            raise ConfigError("compute.pool_refill_delay_ms must be between 0 and 10000")
         if not 0.05 <= self.usage_sample_seconds <= 300:
             raise ConfigError("compute.usage_sample_seconds must be between 0.05 and 300")
         if self.tcg_tb_size_mib < 8:
