@@ -114,3 +114,20 @@ def test_a_terminal_is_the_controlling_terminal_and_all_three_streams(tmp_path):
         assert os.waitstatus_to_exitcode(status) == 0 and output.startswith(b"/dev/pts/")
     finally:
         os.close(master)
+
+
+def test_a_removed_or_replaced_working_directory_of_the_agent_is_not_inherited(tmp_path):
+    """`rm -rf /root` in a guest: the agent's directory is gone (getcwd fails), and one made again in its place is
+    another directory. A start there must land in the new one, and starts elsewhere go on working."""
+    home, before = tmp_path / "home", os.getcwd()
+    home.mkdir()
+    os.chdir(home)
+    try:
+        home.rmdir()
+        child = spawn(["sh", "-c", "pwd"], None, ENV, str(tmp_path), stdin=False)
+        assert finish(child) == (f"{tmp_path}\n".encode(), b"", 0)
+        home.mkdir()
+        child = spawn(["sh", "-c", "pwd; ls"], None, ENV, str(home), stdin=False)
+        assert finish(child) == (f"{home}\n".encode(), b"", 0)
+    finally:
+        os.chdir(before)

@@ -6,11 +6,11 @@ session and the cgroup step took 5.7-5.9 ms in a guest here, the same done by `o
 Python around it (its handles, its error pipe, its file objects).
 
 `posix_spawn` cannot change the working directory or the user, and has no terminal step: a process started in
-the agent's own working directory (the default: root's home) as the agent's user, without a terminal, takes it;
-every other start goes through Popen as before. What the child gets is the same either way: a new session, the
-standard streams asked for and no other descriptor of the agent's (every one is close-on-exec: Python makes them
-so, and `seal_descriptors` marks what the agent inherited), SIGPIPE and SIGXFSZ back at their defaults (Python
-ignores them), an empty signal mask.
+the agent's own working directory (the default: root's home; checked by inode on every start) as the agent's
+user, without a terminal, takes it; every other start goes through Popen as before. What the child gets is the
+same either way: a new session, the standard streams asked for and no other descriptor of the agent's (every one
+is close-on-exec: Python makes them so, and `seal_descriptors` marks what the agent inherited), SIGPIPE and
+SIGXFSZ back at their defaults (Python ignores them), an empty signal mask.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def spawn(
     and for stdin when `stdin` (else /dev/null); or with `terminal` (a pty's slave) as all three and as its
     controlling terminal. `identity`: Popen's user, group and extra_groups to switch to. Raises OSError as the
     start failed (BlockingIOError: no process slot is left)."""
-    if terminal is None and not identity and cwd == os.getcwd():
+    if terminal is None and not identity and in_working_directory(cwd):
         if executable is None and "/" not in argv[0]:  # searched in the child's PATH, as Popen does
             executable = shutil.which(argv[0], path=env.get("PATH", os.defpath)) or argv[0]
         return _posix_spawn(argv, executable or argv[0], env, stdin)
@@ -95,6 +95,17 @@ def spawn(
     finally:
         _close(out_write, err_write, in_read)
     return Child(pid=popen.pid, stdin=in_write, stdout=out_read, stderr=err_read, popen=popen)
+
+
+def in_working_directory(path: str) -> bool:
+    """Whether `path` is the directory the agent works in now, the one a posix_spawned child starts in. By inode,
+    not name: a caller may have removed the agent's directory (`rm -rf /root`, then getcwd fails) or put another
+    in its place, and a child must not start in a deleted directory."""
+    try:
+        here, there = os.stat("."), os.stat(path)
+    except OSError:
+        return False
+    return here.st_nlink > 0 and (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
 
 
 def take_terminal() -> None:
