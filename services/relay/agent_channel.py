@@ -109,6 +109,9 @@ class AgentChannel:
         self.junk = JunkMeter(self.limits)
         # Why the channel was closed for breaking the protocol; None while the guest behaves.
         self.violation: str | None = None
+        # The VM's end of the channel closed (its VMM exited or closed the socket): the VM went away, which compute
+        # reports (its process watch, its reconciliation); nothing the guest said broke the protocol.
+        self.closed_by_vm = False
         self._closing: asyncio.Future | None = None
         self.buffered = 0
         self._stale: dict[int, None] = {}  # stream ids to cancel (ordered, bounded)
@@ -223,6 +226,7 @@ class AgentChannel:
                         f"a frame stayed half-written for {self.limits.frame_seconds:.0f} s"
                     ) from None
                 if not data:
+                    self.closed_by_vm = True
                     break
                 self._last_frame = time.monotonic()
                 if seeker is not None:  # no whole frame of this connection yet: what precedes one is stale

@@ -120,11 +120,16 @@ class GuestControl:
         """The guest's answer to the ping behind its identity, awaited after the call returned. A guest that does not
         give it is broken: its channel is closed and an incident recorded, so its sandbox reads FAILED instead of
         looking ready. A VM deleted meanwhile needs nothing said, nor one paused meanwhile (its guest takes the frames
-        when it is resumed)."""
+        when it is resumed), nor one whose VMM went away (compute says so: the sandbox reads FAILED with the VM's own
+        reason, not as a guest that broke the protocol)."""
         try:
             await self._check_clock(channel)
         except Exception as exc:  # noqa: BLE001 - every way of not answering means the same here
             if target.vm_id not in self.vms.vms or self.vms.is_paused(target.vm_id):
+                return
+            if channel.closed_by_vm and channel.violation is None:
+                # The VM itself went away (its VMM died or was killed): compute reports that, as the VM's failure.
+                log.info("guest_identity_unconfirmed_vm_gone", vm=target.vm_id, error=str(exc))
                 return
             reason = f"the guest did not confirm its identity after it was claimed: {exc}"
             log.warning("guest_identity_unconfirmed", vm=target.vm_id, error=str(exc))

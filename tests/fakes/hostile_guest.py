@@ -11,7 +11,8 @@ It says Hello and answers pings like the real agent, then does what `mode` says:
 - `watch-flood`: answers a directory watch with changes far beyond the credit it was granted;
 - `stale-tail`: not hostile, unlucky: before its Hello come the last bytes of a frame cut by a snapshot (a pong
   whose header went to the connection before the restore), then it behaves;
-- `no-frames`: sends bytes that never hold a whole frame, and nothing else.
+- `no-frames`: sends bytes that never hold a whole frame, and nothing else;
+- `gone-after-identity`: not hostile: takes its identity and then its VM is gone (the channel closes).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class HostileGuest:
                         self._misbehave(writer)
                 elif kind == "set_identity" and self.mode == "mute-after-identity":
                     silenced = True  # takes its identity, then never answers again
+                elif kind == "set_identity" and self.mode == "gone-after-identity":
+                    writer.close()  # as a VMM that exits closes its end of the channel
+                    return
                 elif kind == "watch_start" and self.mode == "watch-flood":
                     await self._flood_watch(frame.stream_id, writer)
                 elif kind == "exec_start":

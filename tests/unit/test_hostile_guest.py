@@ -261,6 +261,7 @@ async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_neve
     (tmp_path / "root").mkdir()
     agent = await start_agent(str(tmp_path / "sim.sock"), "--root", str(tmp_path / "root"), "--hostname", "pooled")
     guest = await hostile(relay, "mute-after-identity")
+    dying = await hostile(relay, "gone-after-identity")
     try:
         await add_vm(relay.etcd, relay.node, "sim", str(tmp_path / "sim.sock"))
         await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=5000))
@@ -268,6 +269,10 @@ async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_neve
         await relay.control.SetGuestIdentity(claimed, timeout=5)
         reply = await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="sim", timeout_ms=3000))
         assert reply.hostname == "claimed" and socket.gethostname() != "claimed"
+        # A VM that dies right after its claim did not break the protocol: compute reports its death, not the relay.
+        await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="gone-after-identity", timeout_ms=3000))
+        gone = relay_pb2.SetGuestIdentityRequest(vm_id="gone-after-identity", hostname="gone", confirm_later=True)
+        await relay.control.SetGuestIdentity(gone, timeout=5)
         await relay.control.WaitForAgent(relay_pb2.WaitForAgentRequest(vm_id="mute-after-identity", timeout_ms=3000))
         mute = relay_pb2.SetGuestIdentityRequest(vm_id="mute-after-identity", hostname="mute", confirm_later=True)
         await relay.control.SetGuestIdentity(mute, timeout=5)  # answered: the frames went out
@@ -276,8 +281,11 @@ async def test_an_identity_confirmed_later_answers_at_once_and_a_guest_that_neve
             await asyncio.sleep(0.1)
         assert found is not None and "did not confirm its identity" in found.reason, found
         assert await incident(relay, "sim") is None  # the well-behaved one confirmed long before
+        # Its confirmation failed at once, on the closed channel, long before the mute one's wait ran out.
+        assert await incident(relay, "gone-after-identity") is None
         await neighbour_execs(relay, 2)
     finally:
         await guest.close()
+        await dying.close()
         agent.kill()
         agent.wait()
