@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -28,6 +29,9 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.compute.disks import create_overlay, run_tool
 from services.compute.lifecycle import VmLifecycle
 from services.compute.process_exit import exited
+
+if TYPE_CHECKING:
+    from images.builder import BuiltImage
 
 log = structlog.get_logger()
 KEY = re.compile(r"^[0-9a-f]{16,64}$")
@@ -86,23 +90,27 @@ class Layers:
     def path(self, key: str) -> Path:
         return self.root / (key if self.tree else f"{key}.qcow2")
 
-    def usable(self, key: str, base_rootfs: str | None = None) -> bool:
-        """The layer and every layer under it are there (a pruned parent breaks its children), and (given
-        `base_rootfs`) the bottom one stands on that root filesystem: the base image's current build."""
-        bottom = ""
+    def usable(self, key: str, base: BuiltImage | None = None) -> bool:
+        """The layer and every layer under it are there (a pruned parent breaks its children), and (given `base`)
+        the bottom one stands on that root filesystem: the base image's current build, by path and by filesystem
+        id (a build made again under the same recipe hash is another filesystem; a layer over the first would
+        read as corrupt over the second)."""
+        bottom: dict = {}
         while key:
             path = self.path(key)
             if not path.exists():
                 return False
             try:
-                facts = json.loads(path.with_name(f"{key}.json").read_text())
+                bottom = json.loads(path.with_name(f"{key}.json").read_text())
             except (OSError, ValueError):
                 return False
-            key, bottom = facts.get("parent", ""), facts.get("base", "")
-        return base_rootfs is None or bottom == base_rootfs
+            key = bottom.get("parent", "")
+        if base is None:
+            return True
+        return bottom.get("base") == str(base.rootfs) and bottom.get("base_id") == base.rootfs_id
 
     def find(self, keys, base_image: str = "") -> list[str]:
-        base = str(self.lifecycle.images.require(base_image, self.lifecycle.node).rootfs) if base_image else None
+        base = self.lifecycle.images.require(base_image, self.lifecycle.node) if base_image else None
         found = [key for key in keys if KEY.match(key) and self.usable(key, base)]
         for key in found:
             self.touch(key)
@@ -202,7 +210,8 @@ class Layers:
                 backing, kind = (self.path(parent), "qcow2") if parent else (image.rootfs, "raw")
                 grow = disk_mib if disk_mib and (disk_mib << 20) > await virtual_size(backing) else 0
                 await create_overlay(backing, kind, disk, grow)
-            (directory / "layer-parent").write_text(json.dumps({"parent": parent, "base": str(image.rootfs)}))
+            origin = {"parent": parent, "base": str(image.rootfs), "base_id": image.rootfs_id}
+            (directory / "layer-parent").write_text(json.dumps(origin))
             return await lifecycle.driver.launch(vm, image, directory)
 
         vm = await lifecycle.boot(vm, launch, policy)

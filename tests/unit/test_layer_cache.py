@@ -64,3 +64,16 @@ def test_a_layer_a_builder_stands_on_is_kept(tmp_path):
     make(layers, 3, None, age_seconds=30 * 86400)
     layers.prune(max_bytes=0, max_age_seconds=0)
     assert present(layers) == {1, 2}
+
+
+def test_a_layer_stands_only_on_the_base_build_it_was_made_on(tmp_path):
+    """Same path, same recipe hash, another mkfs: the base's filesystem id tells the builds apart."""
+    layers = layers_at(tmp_path)
+    layers.root.mkdir(parents=True)
+    layers.path(key(1)).write_bytes(b"layer")
+    meta = {"parent": "", "base": "/images/default/abc/rootfs.ext4", "base_id": "11" * 16}
+    layers.path(key(1)).with_name(f"{key(1)}.json").write_text(json.dumps(meta))
+    base = SimpleNamespace(rootfs=Path(meta["base"]), rootfs_id="11" * 16)
+    assert layers.usable(key(1), base)
+    assert not layers.usable(key(1), SimpleNamespace(rootfs=base.rootfs, rootfs_id="22" * 16))  # built again
+    assert not layers.usable(key(1), SimpleNamespace(rootfs=Path("/images/default/def/rootfs.ext4"), rootfs_id=""))
