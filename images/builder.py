@@ -15,6 +15,7 @@ unchanged recipe is never rebuilt, and a change to the agent rebuilds only the f
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import re
@@ -99,7 +100,7 @@ class BuiltImage:
             manifest=manifest,
         )
 
-    @property
+    @functools.cached_property
     def rootfs_id(self) -> str:
         """Which build of the root filesystem this is (images/rootfs.py `filesystem_id`): a snapshot records it, and
         is restored only over the same one."""

@@ -235,9 +235,7 @@ class Process:
             self.tasks.append(asyncio.create_task(self._feed_stdin()))
 
     async def run(self) -> None:
-        """Streams the output of the launched process (launched now if it was not) and reports its exit."""
-        if self.child is None and self.launch_error is None:
-            self.launch()
+        """Streams the output of the process `launch` started and reports its exit."""
         if self.launch_error is not None:
             raise self.launch_error
         try:
@@ -303,7 +301,6 @@ class Process:
             self.paused.clear()
 
     def _stop_reading(self) -> None:
-        self._unwatch_exit()
         loop = asyncio.get_running_loop()
         for fd in self.outputs:
             loop.remove_reader(fd)

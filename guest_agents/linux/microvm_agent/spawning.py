@@ -71,30 +71,35 @@ def spawn(
     if terminal is None and not identity and in_working_directory(cwd):
         if executable is None and "/" not in argv[0]:  # searched in the child's PATH, as Popen does
             executable = shutil.which(argv[0], path=env.get("PATH", os.defpath)) or argv[0]
-        return _posix_spawn(argv, executable or argv[0], env, stdin)
+        return _piped(stdin, lambda fds: (_posix_spawn(argv, executable or argv[0], env, *fds), None))
     if terminal is not None:
         popen = _popen(argv, executable, env, cwd, identity, terminal, terminal, terminal, take_terminal)
         return Child(pid=popen.pid, stdin=None, stdout=None, stderr=None, popen=popen)
+
+    def start(fds: tuple) -> tuple[int, subprocess.Popen]:
+        stdin_fd, stdout_fd, stderr_fd = fds
+        popen = _popen(
+            argv, executable, env, cwd, identity, subprocess.DEVNULL if stdin_fd is None else stdin_fd, *fds[1:]
+        )
+        return popen.pid, popen
+
+    return _piped(stdin, start)
+
+
+def _piped(stdin: bool, start) -> Child:
+    """A child started by `start((stdin, stdout, stderr))` on new pipes (stdin None: none asked for), which returns
+    its pid and Popen (or None). The child's ends are closed once it has its copies; ours too if it did not start."""
     pipes = _pipes(3 if stdin else 2)
     (out_read, out_write), (err_read, err_write) = pipes[0], pipes[1]
     in_read, in_write = pipes[2] if stdin else (None, None)
     try:
-        popen = _popen(
-            argv,
-            executable,
-            env,
-            cwd,
-            identity,
-            subprocess.DEVNULL if in_read is None else in_read,
-            out_write,
-            err_write,
-        )
+        pid, popen = start((in_read, out_write, err_write))
     except BaseException:
         _close(out_read, err_read, in_write)
         raise
     finally:
         _close(out_write, err_write, in_read)
-    return Child(pid=popen.pid, stdin=in_write, stdout=out_read, stderr=err_read, popen=popen)
+    return Child(pid=pid, stdin=in_write, stdout=out_read, stderr=err_read, popen=popen)
 
 
 def in_working_directory(path: str) -> bool:
@@ -151,22 +156,10 @@ def _close(*fds: int | None) -> None:
                 pass
 
 
-def _posix_spawn(argv: list[str], path: str, env: dict[str, str], stdin: bool) -> Child:
-    pipes = _pipes(3 if stdin else 2)
-    (out_read, out_write), (err_read, err_write) = pipes[0], pipes[1]
-    in_read, in_write = pipes[2] if stdin else (None, None)
+def _posix_spawn(argv: list[str], path: str, env: dict[str, str], stdin: int | None, stdout: int, stderr: int) -> int:
     actions: list[tuple] = [
-        (os.POSIX_SPAWN_DUP2, in_read, 0) if stdin else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, out_write, 1),
-        (os.POSIX_SPAWN_DUP2, err_write, 2),
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0) if stdin is None else (os.POSIX_SPAWN_DUP2, stdin, 0),
+        (os.POSIX_SPAWN_DUP2, stdout, 1),
+        (os.POSIX_SPAWN_DUP2, stderr, 2),
     ]
-    try:
-        pid = os.posix_spawn(
-            path, argv, env, file_actions=actions, setsid=True, setsigdef=RESTORED_SIGNALS, setsigmask=()
-        )
-    except BaseException:
-        _close(out_read, err_read, in_write)
-        raise
-    finally:
-        _close(out_write, err_write, in_read)  # the child's ends: it has its own copies now
-    return Child(pid=pid, stdin=in_write, stdout=out_read, stderr=err_read)
+    return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=RESTORED_SIGNALS, setsigmask=())
