@@ -9,8 +9,10 @@ otherwise fetched from the node's snapshot store, which gets missing chunks from
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -56,15 +58,58 @@ def hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
     return result
 
 
+def extents(fd: int, size: int) -> list[tuple[int, int, bool]]:
+    """The file as (offset, length, has_data) runs: its holes (SEEK_HOLE) are zeros nobody needs to read or send.
+    A filesystem that cannot tell says the whole file is data."""
+    runs, offset = [], 0
+    try:
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                    raise
+                data = size
+            if data > offset:
+                runs.append((offset, data - offset, False))
+            if data >= size:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            runs.append((data, hole - data, True))
+            offset = hole
+    except OSError:
+        return [(0, size, True)] if size else []
+    return runs
+
+
 async def upload(store, snapshot_id: str, name: str, path: Path) -> int:
+    """The file as an artifact; holes go as their lengths. Raises DataLoss when the store kept another size (a
+    store that does not know zero runs would drop them)."""
+    size = path.stat().st_size
+
     async def requests():
         yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id, name=name))
         with open(path, "rb") as f:
-            while data := await asyncio.to_thread(f.read, UPLOAD_CHUNK):
-                yield snapshot_pb2.PutArtifactRequest(data=data)
+            for offset, length, has_data in extents(f.fileno(), size):
+                if not has_data:
+                    yield snapshot_pb2.PutArtifactRequest(zero_bytes=length)
+                    continue
+                f.seek(offset)
+                while length > 0:
+                    data = await asyncio.to_thread(f.read, min(UPLOAD_CHUNK, length))
+                    if not data:
+                        break
+                    length -= len(data)
+                    yield snapshot_pb2.PutArtifactRequest(data=data)
 
     # A refusal (mvm-refused) stops the upload at once instead of after the whole file (client_streams.py).
     reply = await send_until_refused(lambda r: store.PutArtifact(r, timeout=deadlines.TRANSFER), requests())
+    if reply.artifact.size_bytes != size:
+        raise DataLoss(
+            f"the snapshot store kept {reply.artifact.size_bytes} bytes of artifact {name} of {snapshot_id}, "
+            f"not its {size}",
+            reason="ARTIFACT_SIZE_MISMATCH",
+        )
     return reply.artifact.size_bytes
 
 

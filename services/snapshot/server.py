@@ -19,6 +19,7 @@ from services.snapshot.metrics import SnapshotMetrics
 from services.snapshot.store import SnapshotChunkStore
 
 log = structlog.get_logger()
+MAX_ZERO_RUN = 1 << 40
 
 
 class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
@@ -41,7 +42,14 @@ class SnapshotStoreServicer(snapshot_pb2_grpc.SnapshotStoreServiceServicer):
 
         async def data():
             async for message in request_iterator:
-                yield message.data
+                if message.WhichOneof("request") == "zero_bytes":
+                    if not 1 <= message.zero_bytes <= MAX_ZERO_RUN:
+                        raise InvalidArgument(f"zero_bytes must be between 1 and 2^40, got {message.zero_bytes}")
+                    yield message.zero_bytes
+                elif message.WhichOneof("request") == "header":
+                    raise InvalidArgument("PutArtifact carries one header, in its first message")
+                else:
+                    yield message.data
 
         artifact, new_bytes = await self.store.put_artifact(header.snapshot_id, header.name, data())
         return snapshot_pb2.PutArtifactResponse(artifact=artifact, new_bytes=new_bytes)

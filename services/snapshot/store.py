@@ -46,17 +46,17 @@ class SnapshotChunkStore:
         return self.chunks / digest[:2] / digest
 
     # --- chunks ----------------------------------------------------------------------------------
-    def _store_chunk(self, data: bytes) -> tuple[str, bool]:
-        digest = hashlib.sha256(data).hexdigest()
+    def _store_chunk(self, data: bytes, digest: str) -> bool:
+        """Keeps `data` under its digest unless it is already there; True when it was new."""
         path = self.chunk_path(digest)
         if path.exists():
-            return digest, False
+            return False
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{digest}.{os.getpid()}.{time.monotonic_ns()}")
         with open(tmp, "wb") as f:
             f.write(data)
         os.rename(tmp, path)
-        return digest, True
+        return True
 
     def read_chunk(self, digest: str) -> bytes:
         try:
@@ -69,30 +69,56 @@ class SnapshotChunkStore:
             raise DataLoss(f"chunk {digest} is corrupt", reason="CHUNK_CORRUPT", metadata={"chunk": digest})
         return data
 
-    async def put_artifact(self, snapshot_id: str, name: str, data_iterator) -> tuple[snapshot_pb2.Artifact, int]:
-        """Stores a stream of bytes as chunks; returns the artifact and how many bytes were new."""
+    async def put_artifact(self, snapshot_id: str, name: str, pieces) -> tuple[snapshot_pb2.Artifact, int]:
+        """Stores a stream as chunks; returns the artifact and how many bytes were new. `pieces` yields bytes, or
+        an int: that many zero bytes (a hole of a sparse file), stored exactly as the same zeros sent as data but
+        never copied or hashed chunk by chunk: every whole chunk of them is the one all-zero chunk."""
         artifact = snapshot_pb2.Artifact(name=name)
         whole = hashlib.sha256()
         buffer = bytearray()
         new_bytes = 0
         inflight = self._inflight.setdefault(id(artifact), set())
+        zeros = bytes(self.chunk_size)
+        zero_digest = ""
+
+        async def keep(piece: bytes, digest: str) -> None:
+            nonlocal new_bytes
+            inflight.add(digest)
+            fresh = await asyncio.to_thread(self._store_chunk, piece, digest)
+            artifact.chunk_sha256.append(digest)
+            new_bytes += len(piece) if fresh else 0
 
         async def flush(final: bool) -> None:
-            nonlocal new_bytes
             while len(buffer) >= self.chunk_size or (final and buffer):
                 piece = bytes(buffer[: self.chunk_size])
                 del buffer[: self.chunk_size]
-                digest = hashlib.sha256(piece).hexdigest()
-                inflight.add(digest)
-                digest, fresh = await asyncio.to_thread(self._store_chunk, piece)
-                artifact.chunk_sha256.append(digest)
-                new_bytes += len(piece) if fresh else 0
+                await keep(piece, hashlib.sha256(piece).hexdigest())
+
+        async def add_zeros(count: int) -> None:
+            nonlocal zero_digest
+            artifact.size_bytes += count
+            if buffer:  # up to the next chunk boundary, as data
+                head = min(count, self.chunk_size - len(buffer))
+                buffer.extend(zeros[:head])
+                whole.update(zeros[:head])
+                count -= head
+                await flush(final=False)
+            while count >= self.chunk_size:
+                zero_digest = zero_digest or hashlib.sha256(zeros).hexdigest()
+                whole.update(zeros)
+                await keep(zeros, zero_digest)
+                count -= self.chunk_size
+            buffer.extend(zeros[:count])
+            whole.update(zeros[:count])
 
         try:
-            async for data in data_iterator:
-                whole.update(data)
-                artifact.size_bytes += len(data)
-                buffer += data
+            async for piece in pieces:
+                if isinstance(piece, int):
+                    await add_zeros(piece)
+                    continue
+                whole.update(piece)
+                artifact.size_bytes += len(piece)
+                buffer += piece
                 await flush(final=False)
             await flush(final=True)
             artifact.sha256 = whole.hexdigest()
@@ -119,13 +145,14 @@ class SnapshotChunkStore:
             )
 
     async def verify(self, record: snapshot_pb2.SnapshotRecord) -> list[str]:
+        """The record's chunks that are missing or corrupt here; each distinct chunk read once (a RAM artifact is
+        mostly the one all-zero chunk)."""
         bad = []
-        for artifact in record.artifacts:
-            for digest in artifact.chunk_sha256:
-                try:
-                    await asyncio.to_thread(self.read_chunk, digest)
-                except DataLoss:
-                    bad.append(digest)
+        for digest in dict.fromkeys(d for artifact in record.artifacts for d in artifact.chunk_sha256):
+            try:
+                await asyncio.to_thread(self.read_chunk, digest)
+            except DataLoss:
+                bad.append(digest)
         return bad
 
     # --- records ---------------------------------------------------------------------------------
@@ -206,7 +233,7 @@ class SnapshotChunkStore:
                                     reason="CHUNK_CORRUPT",
                                     metadata={"node": holder, "chunk": digest},
                                 )
-                            await asyncio.to_thread(self._store_chunk, data)
+                            await asyncio.to_thread(self._store_chunk, data, digest)
                             fetched += len(data)
                 except Unavailable as exc:
                     log.warning("snapshot_holder_unreachable", snapshot=record.id, node=holder, error=exc.message)
