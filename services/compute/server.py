@@ -118,7 +118,7 @@ class ComputeNode:
         instance = self.context.directory.newest("snapshot", self.node)
         return snapshot_pb2_grpc.SnapshotStoreServiceStub(self.context.channel(instance.address))
 
-    async def restore(self, vm_id: str, snapshot_id: str, hostname: str, policy):
+    async def restore(self, vm_id: str, snapshot_id: str, hostname: str, policy, share_memory: bool = False):
         store = self.snapshot_store()
         record = (
             await store.GetSnapshotRecord(
@@ -127,7 +127,7 @@ class ComputeNode:
         ).record
         if record.image:  # a user template's sandbox: its image may have been built on another node
             await self.exchange.ensure(record.image)
-        return await self.snapshots.restore(vm_id, record, hostname, store, policy)
+        return await self.snapshots.restore(vm_id, record, hostname, store, policy, share_memory)
 
     async def network_ready(self) -> None:
         if self.network is not None and not await self.network.wait_until_registered(60):
@@ -213,7 +213,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
         return compute_pb2.SnapshotVmResponse(size_bytes=size)
 
     async def RestoreVm(self, request, context):
-        vm = await self.node.restore(request.vm_id, request.snapshot_id, request.hostname, request.network_policy)
+        vm = await self.node.restore(
+            request.vm_id, request.snapshot_id, request.hostname, request.network_policy, request.share_memory
+        )
         return compute_pb2.RestoreVmResponse(vm=shown(vm))
 
     async def FindLayers(self, request, context):

@@ -239,13 +239,21 @@ class VmSnapshots:
         hostname: str,
         store,
         policy: network_types.NetworkPolicy | None = None,
+        share_memory: bool = False,
     ) -> VmRecord:
-        """A new VM from a snapshot: its own disk overlay on the frozen disk, RAM loaded, then running."""
+        """A new VM from a snapshot: its own disk overlay on the frozen disk, RAM loaded, then running.
+        `share_memory`: more restores of it follow here (see `_share_memory`)."""
         hostname = hostname or vm_id
         check_names(vm_id, hostname)
         frozen = await self.materialize(record, store)
         return await self.restore_from(
-            frozen, vm_id, hostname, source_snapshot=record.id, start_method="snapshot-restore", policy=policy
+            frozen,
+            vm_id,
+            hostname,
+            source_snapshot=record.id,
+            start_method="snapshot-restore",
+            policy=policy,
+            share_memory=share_memory,
         )
 
     async def restore_from(
@@ -257,6 +265,7 @@ class VmSnapshots:
         start_method: str = "snapshot-restore",
         pooled: bool = False,
         policy: network_types.NetworkPolicy | None = None,
+        share_memory: bool = False,
     ) -> VmRecord:
         config = json.loads((frozen / "config.json").read_text())
         networked = self.lifecycle.network is not None
@@ -281,7 +290,7 @@ class VmSnapshots:
             )
         image = self.image_of(config, frozen.name)
         if source_snapshot:
-            await self._share_memory(frozen, source_snapshot, config, image)
+            await self._share_memory(frozen, source_snapshot, config, image, share_memory)
         shared_ram = config.get("format") == "shared-ram" or (frozen / "ram").is_file()
         vm = await self.lifecycle.admit(
             vm_id,
@@ -301,14 +310,17 @@ class VmSnapshots:
             vm, lambda directory: self.driver.restore(vm, image, directory, frozen), policy
         )
 
-    async def _share_memory(self, frozen: Path, snapshot_id: str, config: dict, image: BuiltImage) -> None:
-        """From a snapshot's second restore on this node (a fork's clones, a snapshot restored again), its RAM as a
-        file that restores map copy-on-write instead of each loading the migration stream: made once, its pages are
-        shared by every VM restored from it, and each restore loads only device state. A first restore (a migration,
-        a lone restore) does not wait for it. A failure leaves the stream, which restores as before, and is not
-        tried again for that snapshot."""
+    async def _share_memory(
+        self, frozen: Path, snapshot_id: str, config: dict, image: BuiltImage, more_follow: bool = False
+    ) -> None:
+        """From a snapshot's second restore on this node (a snapshot restored again), or its first when `more_follow`
+        (a fork's clones), its RAM as a file that restores map copy-on-write instead of each loading the migration
+        stream: made once, its pages are shared by every VM restored from it, and each restore loads only device
+        state. A lone first restore (a migration) does not wait for it. A failure leaves the stream, which restores
+        as before, and is not tried again for that snapshot."""
         self.restores[snapshot_id] = self.restores.get(snapshot_id, 0) + 1
-        if self.restores[snapshot_id] < 2 or (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:
+        wanted = self.restores[snapshot_id] >= 2 or more_follow
+        if not wanted or (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:
             return
         async with self.ledger.lock(f"snapshot:{snapshot_id}"):
             if (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:

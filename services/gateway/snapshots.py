@@ -201,10 +201,12 @@ class SnapshotOps:
         timeout_seconds: int,
         policy: network_types.NetworkPolicy,
         node_selector=None,
+        share_memory: bool = False,
     ) -> sandbox_pb2.Sandbox:
         """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`, on whichever
         node placement picks (that node fetches the snapshot if it does not hold it). It has its source's labels
-        with `labels` on top, and its source's environment (its processes were started with it)."""
+        with `labels` on top, and its source's environment (its processes were started with it). `share_memory`:
+        more restores of `snapshot` follow (RestoreVmRequest.share_memory)."""
         name = f"sbx-{uuid.uuid4().hex[:12]}"
         merged = {**snapshot.sandbox_labels, **labels}
         validate_labels(merged)
@@ -225,7 +227,11 @@ class SnapshotOps:
 
         async def restore_vm(node: str):
             request = compute_pb2.RestoreVmRequest(
-                vm_id=record.id, snapshot_id=snapshot.id, hostname=name, network_policy=policy
+                vm_id=record.id,
+                snapshot_id=snapshot.id,
+                hostname=name,
+                network_policy=policy,
+                share_memory=share_memory,
             )
             return (await self.nodes.on_compute(node, lambda c: c.RestoreVm(request, timeout=deadlines.SNAPSHOT))).vm
 
@@ -255,7 +261,12 @@ class SnapshotOps:
         results = await asyncio.gather(
             *(
                 self.restore_into_new_sandbox(
-                    snapshot, request.labels, source.timeout_seconds, source.network_policy, source.node_selector
+                    snapshot,
+                    request.labels,
+                    source.timeout_seconds,
+                    source.network_policy,
+                    source.node_selector,
+                    share_memory=count > 1,
                 )
                 for _ in range(count)
             ),

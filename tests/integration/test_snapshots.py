@@ -95,8 +95,8 @@ def test_fork_makes_independent_clones_with_their_own_identity(gateway, counting
 
 
 def test_clones_of_a_snapshot_whose_ram_is_in_its_stream_share_one_ram_file(stack, gateway, counting_sandbox):
-    # A restored guest never maps its RAM shared, so a snapshot of it carries its RAM in the migration stream; from
-    # the second clone on, they restore from a RAM file made of it once (services/compute/snapshots.py).
+    # A restored guest never maps its RAM shared, so a snapshot of it carries its RAM in the migration stream; a
+    # fork's clones, the first one too, restore from a RAM file made of it once (services/compute/snapshots.py).
     restored = restore(gateway, snapshot_of(gateway, counting_sandbox))
     clones = []
     try:
@@ -106,6 +106,8 @@ def test_clones_of_a_snapshot_whose_ram_is_in_its_stream_share_one_ram_file(stac
         assert {"memory.bin", "devices.bin", "ram"} <= {p.name for p in frozen.iterdir()}
         shared = [line for line in stack.log("compute").splitlines() if "snapshot_memory_shared" in line]
         assert any(frozen.name in line for line in shared), shared[-3:]
+        mapping = f"mem-path={frozen / 'ram'},".encode()
+        assert len([c for c in vmm_command_lines() if mapping in c]) == 3  # none of them loaded the stream
         for clone in clones:  # memory as it was: the file the note is in, and the counting process goes on
             assert gateway.read_file(clone.name, "/root/note.txt") == b"written before the snapshot"
             first = count(gateway, clone)
@@ -113,6 +115,16 @@ def test_clones_of_a_snapshot_whose_ram_is_in_its_stream_share_one_ram_file(stac
     finally:
         for sandbox in [*clones, restored]:
             gateway.delete(sandbox.name)
+
+
+def vmm_command_lines() -> list[bytes]:
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:
+            pass
+    return [line for line in lines if line.startswith(b"qemu-system")]
 
 
 def test_lineage_records_the_parent_snapshot(gateway, counting_sandbox):

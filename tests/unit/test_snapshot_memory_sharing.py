@@ -78,3 +78,13 @@ def test_prune_forgets_the_restores_of_a_snapshot_it_drops(tmp_path):
     vm_snapshots.restores["snap-1"] = 3
     vm_snapshots.prune(set())
     assert not frozen.exists() and vm_snapshots.restores == {}
+
+
+async def test_a_fork_shares_the_memory_before_its_first_clone_instead_of_loading_the_stream_too(tmp_path):
+    driver = RecordingDriver()
+    vm_snapshots, frozen, image = snapshots(tmp_path, driver)
+    # A fork's clones arrive together, each told more follow: the first waits for the file like the others.
+    await asyncio.gather(
+        *(vm_snapshots._share_memory(frozen, "snap-1", CONFIG, image, more_follow=True) for _ in range(3))
+    )
+    assert len(driver.calls) == 1 and (frozen / "devices.bin").exists()
