@@ -25,10 +25,11 @@ from microvm.types.v1 import template_pb2
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
 from services.common.errors import NotFound
+from services.compute.artifacts import ARTIFACT_FILES, upload
 from services.compute.disks import pack_tree, run_tool, unpack_tree
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
-from services.compute.snapshots import ARTIFACT_FILES, VmSnapshots, upload
+from services.compute.snapshots import VmSnapshots
 
 log = structlog.get_logger()
 PREFIX = "img-"

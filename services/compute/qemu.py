@@ -258,23 +258,43 @@ class QemuDriver:
         """A `stream` snapshot made `shared-ram`: a qemu that never runs the guest loads the stream into a shared RAM
         file, then saves its device state alone (`x-ignore-shared`). Restores then map the file copy-on-write
         instead of each loading the stream: clones of one snapshot share its pages. `ram` is moved in before
-        `devices.bin`, whose presence makes a restore shared, so a restore meanwhile still finds a complete form."""
+        `devices.bin`, whose presence makes a restore shared, so a restore meanwhile still finds a complete form.
+
+        The load goes to `vm.ram_path` (tmpfs) when set, then a sparse copy into the snapshot: QEMU writing a guest's
+        pages one by one into a shared mapping of a file on ext4 costs a page fault with block allocation each (1.0
+        to 1.5 s of CPU for a 256 MiB guest here), against 0.22 s into tmpfs and 0.07 s for the copy."""
         if (frozen / "devices.bin").exists() or not (frozen / "memory.bin").exists():
             return False
+        loaded = Path(vm.ram_path) if vm.ram_path else work / "ram"
         helper = VmRecord()
         helper.CopyFrom(vm)
-        helper.directory, helper.ram_path, helper.ram_shared = str(work), str(work / "ram"), True
+        helper.directory, helper.ram_path, helper.ram_shared = str(work), str(loaded), True
         await create_overlay(frozen / "disk.qcow2", "qcow2", self.paths(work)["disk"])
         command = self.command(helper, image, work, incoming=True)
         if helper.nic.tap_device:
             # virtio-net's state needs a TAP backend to load into: qemu makes one in a network namespace of its own,
             # which goes with it (the guest never runs, so nothing is ever sent).
             command = ["unshare", "--net", *command]
+        try:
+            await self._load_into_helper(command, work, frozen / "memory.bin")
+            if loaded != work / "ram":
+                copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", str(loaded), str(work / "ram"))
+                if await copy.wait() != 0:
+                    raise FailedPrecondition("cannot copy the shared RAM file", reason="MEMORY_SNAPSHOT_FAILED")
+        finally:
+            if loaded != work / "ram":
+                loaded.unlink(missing_ok=True)
+        os.rename(work / "ram", frozen / "ram")
+        os.rename(work / "devices.bin", frozen / "devices.bin")
+        return True
+
+    async def _load_into_helper(self, command: list[str], work: Path, stream: Path) -> None:
+        """A qemu that never runs the guest loads `stream` into its shared RAM file and saves its devices alone."""
         pid = await self._start(command, work)
         client = QmpClient(str(self.paths(work)["qmp"]))
         try:
             await client.connect()
-            await self._load_state(client, frozen / "memory.bin", ignore_shared=False)
+            await self._load_state(client, stream, ignore_shared=False)
             await self._save_state(client, work / "devices.bin", ignore_shared=True)
         finally:
             try:
@@ -286,9 +306,6 @@ class QemuDriver:
             await exited(pid, 10)
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, 9)
-        os.rename(work / "ram", frozen / "ram")
-        os.rename(work / "devices.bin", frozen / "devices.bin")
-        return True
 
     async def pause(self, directory: Path) -> None:
         await self._qmp(directory, "stop")

@@ -9,120 +9,23 @@ otherwise fetched from the node's snapshot store, which gets missing chunks from
 from __future__ import annotations
 
 import asyncio
-import errno
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import structlog
 
 from images.builder import BuiltImage
-from microvm.snapshot.v1 import snapshot_pb2
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from microvm.types.v1.vm_pb2 import VmRecord
-from services.common import deadlines
-from services.common.client_streams import send_until_refused
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from services.compute.artifacts import ARTIFACT_FILES, available_memory_kib, download, hash_files, on_tmpfs, upload
 from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
 
 log = structlog.get_logger()
-
-# Artifact name in the snapshot store -> file in a materialized snapshot.
-ARTIFACT_FILES = {
-    "memory": "memory.bin",
-    "devices": "devices.bin",
-    "ram": "ram",
-    "disk": "disk.qcow2",
-    "disk-tree": "disk.tar",
-    "vmm-state": "vmm-state.tar",
-    "config": "config.json",
-}
-UPLOAD_CHUNK = 1 << 20
-
-
-def hash_files(directory: Path, files: dict[str, str]) -> dict[str, dict]:
-    result = {}
-    for name, filename in files.items():
-        if not (directory / filename).exists():
-            continue
-        digest = hashlib.sha256()
-        with open(directory / filename, "rb") as f:
-            while block := f.read(UPLOAD_CHUNK * 4):
-                digest.update(block)
-        result[name] = {"sha256": digest.hexdigest(), "size": (directory / filename).stat().st_size}
-    return result
-
-
-def extents(fd: int, size: int) -> list[tuple[int, int, bool]]:
-    """The file as (offset, length, has_data) runs: its holes (SEEK_HOLE) are zeros nobody needs to read or send.
-    A filesystem that cannot tell says the whole file is data."""
-    runs, offset = [], 0
-    try:
-        while offset < size:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                    raise
-                data = size
-            if data > offset:
-                runs.append((offset, data - offset, False))
-            if data >= size:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-            runs.append((data, hole - data, True))
-            offset = hole
-    except OSError:
-        return [(0, size, True)] if size else []
-    return runs
-
-
-async def upload(store, snapshot_id: str, name: str, path: Path) -> int:
-    """The file as an artifact; holes go as their lengths. Raises DataLoss when the store kept another size (a
-    store that does not know zero runs would drop them)."""
-    size = path.stat().st_size
-
-    async def requests():
-        yield snapshot_pb2.PutArtifactRequest(header=snapshot_pb2.PutArtifactHeader(snapshot_id=snapshot_id, name=name))
-        with open(path, "rb") as f:
-            for offset, length, has_data in extents(f.fileno(), size):
-                if not has_data:
-                    yield snapshot_pb2.PutArtifactRequest(zero_bytes=length)
-                    continue
-                f.seek(offset)
-                while length > 0:
-                    data = await asyncio.to_thread(f.read, min(UPLOAD_CHUNK, length))
-                    if not data:
-                        break
-                    length -= len(data)
-                    yield snapshot_pb2.PutArtifactRequest(data=data)
-
-    # A refusal (mvm-refused) stops the upload at once instead of after the whole file (client_streams.py).
-    reply = await send_until_refused(lambda r: store.PutArtifact(r, timeout=deadlines.TRANSFER), requests())
-    if reply.artifact.size_bytes != size:
-        raise DataLoss(
-            f"the snapshot store kept {reply.artifact.size_bytes} bytes of artifact {name} of {snapshot_id}, "
-            f"not its {size}",
-            reason="ARTIFACT_SIZE_MISMATCH",
-        )
-    return reply.artifact.size_bytes
-
-
-async def download(store, snapshot_id: str, name: str, path: Path) -> None:
-    """The artifact into `path`; runs of zeros (most of a fresh guest's RAM) stay holes in a sparse file."""
-    with open(path, "wb") as f:
-        request = snapshot_pb2.GetArtifactRequest(snapshot_id=snapshot_id, name=name)
-        async for chunk in store.GetArtifact(request, timeout=deadlines.TRANSFER):
-            if chunk.data.count(0) == len(chunk.data):
-                f.seek(len(chunk.data), 1)
-            else:
-                await asyncio.to_thread(f.write, chunk.data)
-        f.truncate()
 
 
 class VmSnapshots:
@@ -336,6 +239,7 @@ class VmSnapshots:
             )
             if config.get("network"):
                 helper.nic.tap_device, helper.nic.mac_address = "mvmshare0", "02:00:00:00:00:01"
+            helper.ram_path = self._loading_place(snapshot_id, config["memory_mib"])
             work = self.root / f".{snapshot_id}.share"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -347,6 +251,17 @@ class VmSnapshots:
                 log.warning("snapshot_memory_not_shared", snapshot=snapshot_id, error=str(exc))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+
+    def _loading_place(self, snapshot_id: str, memory_mib: int) -> str:
+        """Where the helper of `_share_memory` loads the RAM first: a file in the node's RAM directory when that is
+        tmpfs and the guest's whole RAM fits easily in the host's available memory (the load touches every page,
+        zeros too, so the file is briefly as large as the guest), else "" (straight into the snapshot, slower). A
+        leftover of a crash ends in `.ram`: adoption removes it."""
+        ram_root = self.lifecycle.ram_root
+        if not on_tmpfs(ram_root) or memory_mib * 1024 > available_memory_kib() // 4:
+            return ""
+        ram_root.mkdir(parents=True, exist_ok=True)
+        return str(ram_root / f"share-{snapshot_id}.ram")
 
     def image_of(self, config: dict, snapshot: str) -> BuiltImage:
         """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the

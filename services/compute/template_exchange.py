@@ -21,7 +21,7 @@ from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
 from services.common.errors import ServiceError
-from services.compute.snapshots import ARTIFACT_FILES, upload
+from services.compute.artifacts import ARTIFACT_FILES, upload
 from services.compute.templates import TemplateSnapshots
 
 log = structlog.get_logger()

@@ -48,7 +48,8 @@ class VmmDriver(Protocol):
     async def share_memory(self, frozen: Path, vm: VmRecord, image: BuiltImage, work: Path) -> bool:
         """Gives a snapshot whose RAM is in its migration stream the form restores map copy-on-write (its RAM as a
         file beside device state alone), using `work` and `vm` (the snapshot's size and devices) for a VMM that
-        never runs the guest. False when this VMM has no such form; nothing changed then."""
+        never runs the guest; `vm.ram_path`, when set, is where it may load the RAM first (in memory), to be copied
+        into the snapshot and removed. False when this VMM has no such form; nothing changed then."""
 
     def owns_process(self, pid: int, directory: Path) -> bool:
         """True when `pid` is still this VM's VMM (pids are reused)."""

@@ -12,6 +12,7 @@ import pytest
 
 from images.builder import BuiltImage
 from services.common.settings import ComputeSettings
+from services.compute import snapshots as snapshots_module
 from services.compute.ledger import VmLedger
 from services.compute.snapshots import VmSnapshots
 
@@ -36,7 +37,9 @@ class RecordingDriver:
 
 
 def snapshots(tmp_path: Path, driver: RecordingDriver) -> tuple[VmSnapshots, Path, BuiltImage]:
-    lifecycle = SimpleNamespace(ledger=VmLedger(None, "node-1", ComputeSettings()), driver=driver)
+    lifecycle = SimpleNamespace(
+        ledger=VmLedger(None, "node-1", ComputeSettings()), driver=driver, ram_root=tmp_path / "ram"
+    )
     frozen = tmp_path / "snapshots" / "snap-1"
     frozen.mkdir(parents=True)
     (frozen / "memory.bin").write_bytes(b"stream")
@@ -88,3 +91,18 @@ async def test_a_fork_shares_the_memory_before_its_first_clone_instead_of_loadin
         *(vm_snapshots._share_memory(frozen, "snap-1", CONFIG, image, more_follow=True) for _ in range(3))
     )
     assert len(driver.calls) == 1 and (frozen / "devices.bin").exists()
+
+
+@pytest.mark.parametrize("tmpfs", [True, False])
+async def test_the_helper_loads_the_ram_in_memory_when_the_ram_directory_is_tmpfs_and_it_fits(
+    tmp_path, monkeypatch, tmpfs
+):
+    monkeypatch.setattr(snapshots_module, "on_tmpfs", lambda path: tmpfs)
+    driver = RecordingDriver()
+    vm_snapshots, frozen, image = snapshots(tmp_path, driver)
+    await vm_snapshots._share_memory(frozen, "snap-1", CONFIG, image, more_follow=True)
+    helper = driver.calls[0][1]
+    assert helper.ram_path == (str(tmp_path / "ram" / "share-snap-1.ram") if tmpfs else "")
+    # A guest too large for a quarter of the host's available memory loads straight into the snapshot.
+    monkeypatch.setattr(snapshots_module, "available_memory_kib", lambda: 4 * 256 * 1024 - 1)
+    assert vm_snapshots._loading_place("snap-2", 256) == ""

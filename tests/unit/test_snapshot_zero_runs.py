@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
-from services.compute.snapshots import download, extents, upload
+from services.compute.artifacts import download, extents, upload
 from tests.inprocess import InProcessNode
 
 pytestmark = pytest.mark.timeout(60)
