@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from images.builder import BuiltImage
 from microvm.types.v1 import network_pb2 as network_types
@@ -40,6 +41,8 @@ from services.compute.supervision import VmProcesses
 from services.compute.vmm import VmmDriver
 
 log = structlog.get_logger()
+# Spans of a start's steps: bench/breakdown.py shows where a fork's restores spend their time.
+TRACER = trace.get_tracer("microvm.compute")
 TRANSPORTS = {
     "virtio-serial": vm_pb2.AGENT_TRANSPORT_VIRTIO_SERIAL,
     "hybrid-vsock": vm_pb2.AGENT_TRANSPORT_HYBRID_VSOCK,
@@ -207,9 +210,11 @@ class VmLifecycle:
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir(parents=True)
                 if self.network is not None:
-                    await self.network.attach(vm, policy)
-                    await self.ledger.save(vm)
-                vm.pid = await launch(directory)
+                    with TRACER.start_as_current_span("compute.network_attach"):
+                        await self.network.attach(vm, policy)
+                        await self.ledger.save(vm)
+                with TRACER.start_as_current_span("compute.vmm_launch"):
+                    vm.pid = await launch(directory)
                 if vm.pooled and self.settings.pool_fill_niceness and can_raise_back():
                     set_niceness(vm.pid, self.settings.pool_fill_niceness)  # its restore and warm-up included
                 await self.ledger.save(vm)
@@ -229,14 +234,16 @@ class VmLifecycle:
                 raise Unavailable(f"VM {vm.id} failed to start: {exc}", reason="VM_START_FAILED") from exc
 
     async def _until_ready(self, vm: VmRecord) -> None:
-        await self.guests.wait_for_agent(
-            vm.id,
-            self.settings.boot_timeout_seconds,
-            alive=lambda: vm.state != vm_pb2.VM_STATE_FAILED and self.processes.alive(vm),
-            describe=lambda: self.processes.console_tail(vm),
-        )
+        with TRACER.start_as_current_span("compute.wait_for_agent"):
+            await self.guests.wait_for_agent(
+                vm.id,
+                self.settings.boot_timeout_seconds,
+                alive=lambda: vm.state != vm_pb2.VM_STATE_FAILED and self.processes.alive(vm),
+                describe=lambda: self.processes.console_tail(vm),
+            )
         if vm.nic.tap_device:
-            await self.guests.configure_network(vm.id)
+            with TRACER.start_as_current_span("compute.configure_network"):
+                await self.guests.configure_network(vm.id)
         if vm.start_method != "cold-boot" and not vm.pooled:
             # Restored: the guest has its source's host name and RNG state until it is given its own. Confirmed
             # behind the start, as a claim's is: its frames reach the guest before any later one (the caller's first

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import structlog
+from opentelemetry import trace
 
 from images.builder import BuiltImage
 from microvm.types.v1 import network_pb2 as network_types
@@ -26,6 +27,7 @@ from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
 
 log = structlog.get_logger()
+TRACER = trace.get_tracer("microvm.compute")
 
 
 class VmSnapshots:
@@ -57,10 +59,12 @@ class VmSnapshots:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            hashes = await self.freeze(vm, image, work)
+            with TRACER.start_as_current_span("compute.freeze"):
+                hashes = await self.freeze(vm, image, work)
             total = 0
-            for name in hashes:
-                total += await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name])
+            with TRACER.start_as_current_span("compute.upload"):
+                for name in hashes:
+                    total += await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name])
             shutil.rmtree(target, ignore_errors=True)
             work.rename(target)
             return total
@@ -148,7 +152,8 @@ class VmSnapshots:
         `share_memory`: more restores of it follow here (see `_share_memory`)."""
         hostname = hostname or vm_id
         check_names(vm_id, hostname)
-        frozen = await self.materialize(record, store)
+        with TRACER.start_as_current_span("compute.materialize"):
+            frozen = await self.materialize(record, store)
         return await self.restore_from(
             frozen,
             vm_id,
@@ -193,7 +198,8 @@ class VmSnapshots:
             )
         image = self.image_of(config, frozen.name)
         if source_snapshot:
-            await self._share_memory(frozen, source_snapshot, config, image, share_memory)
+            with TRACER.start_as_current_span("compute.share_memory"):
+                await self._share_memory(frozen, source_snapshot, config, image, share_memory)
         shared_ram = config.get("format") == "shared-ram" or (frozen / "ram").is_file()
         vm = await self.lifecycle.admit(
             vm_id,
