@@ -208,7 +208,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def SnapshotVm(self, request, context):
         size = await self.node.snapshots.snapshot(
-            request.vm_id, request.snapshot_id, self.node.snapshot_store(), request.leave_paused
+            request.vm_id, request.snapshot_id, self.node.snapshot_store(), request.leave_paused, request.share_memory
         )
         return compute_pb2.SnapshotVmResponse(size_bytes=size)
 

@@ -40,9 +40,12 @@ class VmSnapshots:
         self.restores: dict[str, int] = {}
         self.unshareable: set[str] = set()  # tried once and failed: not again (restores would queue behind it)
 
-    async def snapshot(self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False) -> int:
+    async def snapshot(
+        self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False, share_memory: bool = False
+    ) -> int:
         """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored. With
-        `leave_paused` the VM stays paused afterwards (a migration: nothing may change after it)."""
+        `leave_paused` the VM stays paused afterwards (a migration: nothing may change after it). With `share_memory`
+        (a fork's clones follow) a stream's RAM is made the shared form (`_share_memory`) while the files upload."""
         vm = self.ledger.visible(vm_id)
         if vm.state not in (vm_pb2.VM_STATE_RUNNING, vm_pb2.VM_STATE_PAUSED):
             raise FailedPrecondition(
@@ -61,10 +64,23 @@ class VmSnapshots:
         try:
             with TRACER.start_as_current_span("compute.freeze"):
                 hashes = await self.freeze(vm, image, work)
-            total = 0
-            with TRACER.start_as_current_span("compute.upload"):
-                for name in hashes:
-                    total += await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name])
+
+            async def upload_all() -> int:
+                with TRACER.start_as_current_span("compute.upload"):
+                    return sum([await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name]) for name in hashes])
+
+            if not share_memory:
+                total = await upload_all()
+            else:
+                # Side by side: the store's writes and the helper's load take about as long, on different cores.
+                config = json.loads((work / "config.json").read_text())
+                try:
+                    async with asyncio.TaskGroup() as both:
+                        uploaded = both.create_task(upload_all())
+                        both.create_task(self._make_shared(work, snapshot_id, config, image))
+                except ExceptionGroup as failed:  # the upload's (sharing never raises): as it is, not in a group
+                    raise failed.exceptions[0] from None
+                total = uploaded.result()
             shutil.rmtree(target, ignore_errors=True)
             work.rename(target)
             return total
@@ -234,29 +250,34 @@ class VmSnapshots:
         async with self.ledger.lock(f"snapshot:{snapshot_id}"):
             if (frozen / "devices.bin").exists() or snapshot_id in self.unshareable:
                 return
-            helper = VmRecord(
-                id=f"share-{snapshot_id}",
-                template=config["template"],
-                image_dir=str(image.directory),
-                vcpus=config["vcpus"],
-                memory_mib=config["memory_mib"],
-                hostname=config["boot_hostname"],
-                boot_hostname=config["boot_hostname"],
-            )
-            if config.get("network"):
-                helper.nic.tap_device, helper.nic.mac_address = "mvmshare0", "02:00:00:00:00:01"
-            helper.ram_path = self._loading_place(snapshot_id, config["memory_mib"])
-            work = self.root / f".{snapshot_id}.share"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            try:
+            await self._make_shared(frozen, snapshot_id, config, image)
+
+    async def _make_shared(self, frozen: Path, snapshot_id: str, config: dict, image: BuiltImage) -> None:
+        """The driver's shared form of the stream snapshot in `frozen` (see `_share_memory`); never raises."""
+        helper = VmRecord(
+            id=f"share-{snapshot_id}",
+            template=config["template"],
+            image_dir=str(image.directory),
+            vcpus=config["vcpus"],
+            memory_mib=config["memory_mib"],
+            hostname=config["boot_hostname"],
+            boot_hostname=config["boot_hostname"],
+        )
+        if config.get("network"):
+            helper.nic.tap_device, helper.nic.mac_address = "mvmshare0", "02:00:00:00:00:01"
+        helper.ram_path = self._loading_place(snapshot_id, config["memory_mib"])
+        work = self.root / f".{snapshot_id}.share"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            with TRACER.start_as_current_span("compute.make_shared"):
                 if await self.driver.share_memory(frozen, helper, image, work):
                     log.info("snapshot_memory_shared", snapshot=snapshot_id)
-            except Exception as exc:  # noqa: BLE001 - an optimization: the stream still restores
-                self.unshareable.add(snapshot_id)
-                log.warning("snapshot_memory_not_shared", snapshot=snapshot_id, error=str(exc))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - an optimization: the stream still restores
+            self.unshareable.add(snapshot_id)
+            log.warning("snapshot_memory_not_shared", snapshot=snapshot_id, error=str(exc))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _loading_place(self, snapshot_id: str, memory_mib: int) -> str:
         """Where the helper of `_share_memory` loads the RAM first: a file in the node's RAM directory when that is

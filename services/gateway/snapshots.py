@@ -60,10 +60,16 @@ class SnapshotOps:
         self.sandboxes, self.nodes, self.quotas = sandboxes, sandboxes.nodes, sandboxes.quotas
 
     async def take(
-        self, record: SandboxRecord, labels, ttl_seconds: int = 0, tenant: str | None = None, leave_paused: bool = False
+        self,
+        record: SandboxRecord,
+        labels,
+        ttl_seconds: int = 0,
+        tenant: str | None = None,
+        leave_paused: bool = False,
+        share_memory: bool = False,
     ) -> SnapshotRecord:
         """Freezes the sandbox on its node and commits the record. `tenant` "" makes a node-internal snapshot (a
-        migration's), charged to no quota."""
+        migration's), charged to no quota. `share_memory`: restores of it follow (SnapshotVmRequest.share_memory)."""
         if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
             sandbox = await self.sandboxes.view(record)
             raise FailedPrecondition(
@@ -80,7 +86,9 @@ class SnapshotOps:
                 auth_types.QuotaAmount(snapshot_bytes=(record.memory_mib + SNAPSHOT_DISK_ALLOWANCE_MIB) << 20),
             )
         try:
-            freeze = compute_pb2.SnapshotVmRequest(vm_id=record.id, snapshot_id=snapshot_id, leave_paused=leave_paused)
+            freeze = compute_pb2.SnapshotVmRequest(
+                vm_id=record.id, snapshot_id=snapshot_id, leave_paused=leave_paused, share_memory=share_memory
+            )
             await self.nodes.on_compute(record.node, lambda c: c.SnapshotVm(freeze, timeout=deadlines.SNAPSHOT))
             snapshot = SnapshotRecord(
                 id=snapshot_id,
@@ -255,7 +263,7 @@ class SnapshotOps:
             raise InvalidArgument(f"count must be between 1 and {MAX_FORK}, got {count}")
         validate_labels(request.labels)
         source = await self.sandboxes.store.get(parse_name(request.name))
-        snapshot = await self.take(source, {"forked-from": name_of(source)})
+        snapshot = await self.take(source, {"forked-from": name_of(source)}, share_memory=count > 1)
         snapshot = await self.verified(snapshot.id, snapshot)
         # Clones go where their source may go (its node selector), not necessarily to its node.
         results = await asyncio.gather(

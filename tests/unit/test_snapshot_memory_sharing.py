@@ -11,6 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from images.builder import BuiltImage
+from microvm.types.v1 import vm_pb2
+from microvm.types.v1.vm_pb2 import VmRecord
+from services.common.errors import DataLoss
 from services.common.settings import ComputeSettings
 from services.compute import snapshots as snapshots_module
 from services.compute.ledger import VmLedger
@@ -106,3 +109,58 @@ async def test_the_helper_loads_the_ram_in_memory_when_the_ram_directory_is_tmpf
     # A guest too large for a quarter of the host's available memory loads straight into the snapshot.
     monkeypatch.setattr(snapshots_module, "available_memory_kib", lambda: 4 * 256 * 1024 - 1)
     assert vm_snapshots._loading_place("snap-2", 256) == ""
+
+
+class ForkSnapshotDriver(RecordingDriver):
+    """Freezes a stream snapshot; its share_memory waits until an upload has begun (see the test below)."""
+
+    machine, boot_args = "microvm", "console=ttyS0"
+
+    def __init__(self, upload_began: asyncio.Event, share_began: asyncio.Event) -> None:
+        super().__init__()
+        self.upload_began, self.share_began = upload_began, share_began
+
+    async def snapshot(self, vm, out: Path, base_image: Path) -> str:
+        (out / "memory.bin").write_bytes(b"stream")
+        (out / "disk.qcow2").write_bytes(b"disk")
+        return "stream"
+
+    async def share_memory(self, frozen: Path, vm, image, work: Path) -> bool:
+        self.share_began.set()
+        await self.upload_began.wait()
+        return await super().share_memory(frozen, vm, image, work)
+
+
+def fork_source(tmp_path: Path, monkeypatch, upload) -> tuple[VmSnapshots, ForkSnapshotDriver]:
+    upload_began, share_began = asyncio.Event(), asyncio.Event()
+    driver = ForkSnapshotDriver(upload_began, share_began)
+    vm_snapshots, _, image = snapshots(tmp_path, driver)
+    monkeypatch.setattr(snapshots_module, "BuiltImage", SimpleNamespace(at=lambda directory: image))
+    monkeypatch.setattr(snapshots_module, "upload", lambda *args: upload(upload_began, share_began, *args))
+    vm_snapshots.ledger.vms["src"] = VmRecord(id="src", template="default", state=vm_pb2.VM_STATE_RUNNING, vcpus=1)
+    return vm_snapshots, driver
+
+
+async def test_a_fork_snapshot_shares_its_stream_while_its_files_upload(tmp_path, monkeypatch):
+    async def upload(upload_began, share_began, store, snapshot_id, name, path):
+        upload_began.set()
+        await share_began.wait()  # one after the other, either way round, would never get past here
+        return path.stat().st_size
+
+    vm_snapshots, driver = fork_source(tmp_path, monkeypatch, upload)
+    total = await asyncio.wait_for(vm_snapshots.snapshot("src", "snap-fork", store=None, share_memory=True), 10)
+    frozen = tmp_path / "snapshots" / "snap-fork"
+    assert total == sum((frozen / name).stat().st_size for name in ("memory.bin", "disk.qcow2", "config.json"))
+    assert {"memory.bin", "ram", "devices.bin"} <= {p.name for p in frozen.iterdir()}
+    assert len(driver.calls) == 1 and driver.calls[0][0].name == ".snap-fork.partial"  # before it was final
+
+
+async def test_an_upload_that_fails_beside_the_sharing_fails_the_snapshot_with_its_own_error(tmp_path, monkeypatch):
+    async def upload(upload_began, share_began, store, snapshot_id, name, path):
+        upload_began.set()
+        raise DataLoss("the store kept another size", reason="ARTIFACT_SIZE_MISMATCH")
+
+    vm_snapshots, _ = fork_source(tmp_path, monkeypatch, upload)
+    with pytest.raises(DataLoss):
+        await asyncio.wait_for(vm_snapshots.snapshot("src", "snap-fork", store=None, share_memory=True), 10)
+    assert list((tmp_path / "snapshots").iterdir()) == [tmp_path / "snapshots" / "snap-1"]  # nothing left behind
