@@ -15,7 +15,7 @@ from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common import deadlines
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
-from services.common.records import Records
+from services.common.records import SNAPSHOTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
 from services.compute import hypervisor
@@ -41,6 +41,8 @@ from services.compute.vmm import VmmDriver
 from services.compute.warm_pool import WarmStart
 
 log = structlog.get_logger()
+# A local snapshot copy with no record is kept this long: its record is committed after the snapshot is taken.
+SNAPSHOT_COPY_GRACE_SECONDS = 600.0
 
 
 def make_driver(settings: ComputeSettings) -> tuple[VmmDriver, str]:
@@ -128,6 +130,15 @@ class ComputeNode:
         if record.image:  # a user template's sandbox: its image may have been built on another node
             await self.exchange.ensure(record.image)
         return await self.snapshots.restore(vm_id, record, hostname, store, policy, share_memory)
+
+    async def prune_snapshot_copies(self, min_age_seconds: float = SNAPSHOT_COPY_GRACE_SECONDS) -> list[str]:
+        """Every fork and snapshot leaves its frozen files on the node (RAM, disk): kept while a record or a VM
+        needs them, then dropped."""
+        live = {stored.message.id for stored in await self.ledger.records.list(SNAPSHOTS)}
+        dropped = await self.snapshots.prune(live, min_age_seconds)
+        if dropped:
+            log.info("snapshot_copies_pruned", count=len(dropped))
+        return dropped
 
     async def network_ready(self) -> None:
         if self.network is not None and not await self.network.wait_until_registered(60):
@@ -312,6 +323,8 @@ async def wire(server, context: ServiceContext[ComputeSettings]) -> list[str]:
         await asyncio.to_thread(node.layers.prune, settings.layer_cache_max_bytes, max_age)
 
     context.every(600, prune_layers, "layer-cache")
+
+    context.every(SNAPSHOT_COPY_GRACE_SECONDS / 2, node.prune_snapshot_copies, "snapshot-copies")
     context.registration_metadata.update(vmm=driver.name, accel=driver.accel, hypervisor_reason=reason)
     context.dependencies.append(vmm_dependency(driver))
     context.on_shutdown.append(node.close)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import structlog
@@ -319,11 +320,25 @@ class VmSnapshots:
             reason="IMAGE_GONE",
         )
 
-    def prune(self, live_snapshots: set[str]) -> None:
-        """Drops local snapshot copies that no record and no VM needs any more."""
-        in_use = {vm.source_snapshot for vm in self.ledger.vms.values()} | live_snapshots
-        for directory in self.root.glob("*") if self.root.exists() else []:
-            if not directory.name.startswith(".") and directory.name not in in_use:
-                shutil.rmtree(directory, ignore_errors=True)
-                self.restores.pop(directory.name, None)
-                self.unshareable.discard(directory.name)
+    async def prune(self, live_snapshots: set[str], min_age_seconds: float = 0.0) -> list[str]:
+        """Drops local snapshot copies that no record (`live_snapshots`) and no VM needs any more, and work
+        directories a crash left behind; returns what went. Only what is older than `min_age_seconds`: a snapshot
+        just frozen has no record until the gateway commits it (work directories get 6 times as long: an upload
+        may still be writing)."""
+        dropped = []
+        for directory in sorted(self.root.iterdir()) if self.root.exists() else []:
+            name = directory.name
+            try:
+                age = time.time() - directory.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if name in live_snapshots or age < min_age_seconds * (6 if name.startswith(".") else 1):
+                continue
+            async with self.ledger.lock(f"snapshot:{name}"):
+                if any(vm.source_snapshot == name for vm in self.ledger.vms.values()):
+                    continue
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+            self.restores.pop(name, None)
+            self.unshareable.discard(name)
+            dropped.append(name)
+        return dropped

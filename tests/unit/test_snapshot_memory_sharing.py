@@ -5,6 +5,8 @@ fork tests against real guests (tests/integration/test_snapshots.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,11 +14,14 @@ import pytest
 
 from images.builder import BuiltImage
 from microvm.types.v1 import vm_pb2
+from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import DataLoss
+from services.common.records import SNAPSHOTS, Records
 from services.common.settings import ComputeSettings
 from services.compute import snapshots as snapshots_module
 from services.compute.ledger import VmLedger
+from services.compute.server import ComputeNode
 from services.compute.snapshots import VmSnapshots
 
 CONFIG = {"template": "default", "vcpus": 1, "memory_mib": 256, "boot_hostname": "src", "network": True}
@@ -79,11 +84,36 @@ async def test_a_failure_to_share_leaves_the_stream_and_every_restore_goes_on(tm
     assert sorted(p.name for p in frozen.iterdir()) == ["memory.bin"]
 
 
-def test_prune_forgets_the_restores_of_a_snapshot_it_drops(tmp_path):
+async def test_prune_forgets_the_restores_of_a_snapshot_it_drops(tmp_path):
     vm_snapshots, frozen, _ = snapshots(tmp_path, RecordingDriver())
     vm_snapshots.restores["snap-1"] = 3
-    vm_snapshots.prune(set())
+    assert await vm_snapshots.prune(set()) == ["snap-1"]
     assert not frozen.exists() and vm_snapshots.restores == {}
+
+
+async def test_prune_keeps_what_a_record_a_vm_or_a_snapshot_in_the_making_needs_and_drops_the_rest(tmp_path):
+    vm_snapshots, frozen, _ = snapshots(tmp_path, RecordingDriver())
+    root = frozen.parent
+    ages = {
+        "snap-recorded": 700,
+        "snap-cloned": 700,
+        "snap-just-taken": 60,
+        ".snap-crashed.partial": 4000,
+        ".snap-uploading.partial": 700,
+        "snap-1": 700,
+    }
+    for name, age in ages.items():
+        (root / name).mkdir(exist_ok=True)
+        os.utime(root / name, (time.time() - age, time.time() - age))
+    vm_snapshots.ledger.vms["clone"] = VmRecord(id="clone", source_snapshot="snap-cloned")
+    dropped = await vm_snapshots.prune({"snap-recorded"}, min_age_seconds=600)
+    assert sorted(dropped) == [".snap-crashed.partial", "snap-1"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".snap-uploading.partial",
+        "snap-cloned",
+        "snap-just-taken",
+        "snap-recorded",
+    ]
 
 
 async def test_a_fork_shares_the_memory_before_its_first_clone_instead_of_loading_the_stream_too(tmp_path):
@@ -164,3 +194,16 @@ async def test_an_upload_that_fails_beside_the_sharing_fails_the_snapshot_with_i
     with pytest.raises(DataLoss):
         await asyncio.wait_for(vm_snapshots.snapshot("src", "snap-fork", store=None, share_memory=True), 10)
     assert list((tmp_path / "snapshots").iterdir()) == [tmp_path / "snapshots" / "snap-1"]  # nothing left behind
+
+
+async def test_the_node_prunes_its_copies_against_the_snapshot_records_in_etcd(tmp_path, etcd):
+    vm_snapshots, frozen, _ = snapshots(tmp_path, RecordingDriver())
+    (frozen.parent / "snap-unit-recorded").mkdir()
+    records = Records(etcd)
+    await records.put(SNAPSHOTS, SnapshotRecord(id="snap-unit-recorded", template="default"), "snap-unit-recorded")
+    try:
+        node = SimpleNamespace(ledger=SimpleNamespace(records=records), snapshots=vm_snapshots)
+        assert await ComputeNode.prune_snapshot_copies(node, min_age_seconds=0) == ["snap-1"]
+        assert [p.name for p in frozen.parent.iterdir()] == ["snap-unit-recorded"]
+    finally:
+        await records.delete(SNAPSHOTS, "snap-unit-recorded")
