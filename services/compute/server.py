@@ -219,14 +219,24 @@ class ComputeServicer(compute_pb2_grpc.ComputeServiceServicer):
 
     async def SnapshotVm(self, request, context):
         size = await self.node.snapshots.snapshot(
-            request.vm_id, request.snapshot_id, self.node.snapshot_store(), request.leave_paused, request.share_memory
+            request.vm_id,
+            request.snapshot_id,
+            self.node.snapshot_store(),
+            request.leave_paused,
+            request.share_memory,
+            request.local_only,
         )
         return compute_pb2.SnapshotVmResponse(size_bytes=size)
 
     async def RestoreVm(self, request, context):
-        vm = await self.node.restore(
-            request.vm_id, request.snapshot_id, request.hostname, request.network_policy, request.share_memory
-        )
+        if request.local_snapshot:
+            vm = await self.node.snapshots.restore_here(
+                request.vm_id, request.snapshot_id, request.hostname, request.network_policy, request.share_memory
+            )
+        else:
+            vm = await self.node.restore(
+                request.vm_id, request.snapshot_id, request.hostname, request.network_policy, request.share_memory
+            )
         return compute_pb2.RestoreVmResponse(vm=shown(vm))
 
     async def FindLayers(self, request, context):

@@ -22,7 +22,7 @@ from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from microvm.types.v1.vm_pb2 import VmRecord
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.compute.artifacts import ARTIFACT_FILES, available_memory_kib, download, hash_files, on_tmpfs, upload
 from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
@@ -42,11 +42,18 @@ class VmSnapshots:
         self.unshareable: set[str] = set()  # tried once and failed: not again (restores would queue behind it)
 
     async def snapshot(
-        self, vm_id: str, snapshot_id: str, store, leave_paused: bool = False, share_memory: bool = False
+        self,
+        vm_id: str,
+        snapshot_id: str,
+        store,
+        leave_paused: bool = False,
+        share_memory: bool = False,
+        local_only: bool = False,
     ) -> int:
         """Freezes memory, devices and disk of a VM into the snapshot store; returns the bytes stored. With
         `leave_paused` the VM stays paused afterwards (a migration: nothing may change after it). With `share_memory`
-        (a fork's clones follow) a stream's RAM is made the shared form (`_share_memory`) while the files upload."""
+        (a fork's clones follow) a stream's RAM is made the shared form (`_share_memory`) while the files upload.
+        With `local_only` nothing is uploaded: the copy on this node is the snapshot (`restore_here`)."""
         vm = self.ledger.visible(vm_id)
         if vm.state not in (vm_pb2.VM_STATE_RUNNING, vm_pb2.VM_STATE_PAUSED):
             raise FailedPrecondition(
@@ -70,7 +77,11 @@ class VmSnapshots:
                 with TRACER.start_as_current_span("compute.upload"):
                     return sum([await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name]) for name in hashes])
 
-            if not share_memory:
+            if local_only:
+                if share_memory:
+                    await self._make_shared(work, snapshot_id, json.loads((work / "config.json").read_text()), image)
+                total = sum(entry["size"] for entry in hashes.values())
+            elif not share_memory:
                 total = await upload_all()
             else:
                 # Side by side: the store's writes and the helper's load take about as long, on different cores.
@@ -176,6 +187,33 @@ class VmSnapshots:
             vm_id,
             hostname,
             source_snapshot=record.id,
+            start_method="snapshot-restore",
+            policy=policy,
+            share_memory=share_memory,
+        )
+
+    async def restore_here(
+        self,
+        vm_id: str,
+        snapshot_id: str,
+        hostname: str,
+        policy: network_types.NetworkPolicy | None = None,
+        share_memory: bool = False,
+    ) -> VmRecord:
+        """A new VM from a snapshot this node froze and kept to itself (`snapshot(local_only=True)`)."""
+        hostname = hostname or vm_id
+        check_names(vm_id, hostname)
+        if not VM_ID.fullmatch(snapshot_id) or not (self.root / snapshot_id / "verified.json").is_file():
+            raise NotFound(
+                f"snapshot {snapshot_id} is not on node {self.ledger.node}",
+                reason="SNAPSHOT_NOT_HERE",
+                metadata={"snapshot": f"snapshots/{snapshot_id}"},
+            )
+        return await self.restore_from(
+            self.root / snapshot_id,
+            vm_id,
+            hostname,
+            source_snapshot=snapshot_id,
             start_method="snapshot-restore",
             policy=policy,
             share_memory=share_memory,

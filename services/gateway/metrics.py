@@ -146,7 +146,7 @@ class CreateMetrics:
         """Measures every `sandboxes.start` from now on (creates, restores and forks all go through it)."""
         start = sandboxes.start
 
-        async def measured(record, start_vm):
+        async def measured(record, start_vm, only_node: str = ""):
             began, method = time.perf_counter(), "none"  # none: it failed before a VM started
 
             async def started_vm(node: str):
@@ -156,7 +156,7 @@ class CreateMetrics:
                 return vm
 
             try:
-                running = await start(record, started_vm)
+                running = await start(record, started_vm, only_node)
             except BaseException as error:
                 self.creates.labels(result_of(error), method).inc()
                 raise

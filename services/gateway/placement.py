@@ -76,9 +76,9 @@ def score(view: NodeView, record: SandboxRecord) -> float:
     )
 
 
-def choose(views: dict[str, NodeView], record: SandboxRecord) -> str:
-    """The best node for `record`, or the status that says why there is none."""
-    alive = [v for v in views.values() if v.alive]
+def choose(views: dict[str, NodeView], record: SandboxRecord, only_node: str = "") -> str:
+    """The best node for `record` (`only_node`: that one or none), or the status that says why there is none."""
+    alive = [v for v in views.values() if v.alive and (not only_node or v.name == only_node)]
     if not alive:
         raise Unavailable("no compute node is answering", reason="NO_COMPUTE_NODES")
     with_template = [v for v in alive if can_run(v, record)]
@@ -157,17 +157,32 @@ class SandboxPlacement:
         self._deciding = asyncio.Lock()
         self.compute_wait = deadlines.RESTART_WAIT
 
-    async def place(self, record: SandboxRecord) -> int:
-        """Chooses a node for a new sandbox and creates its record naming that node, in one transaction with the
-        node's and the tenant's guards: neither a node's capacity nor the tenant's quota can be exceeded by any
-        number of concurrent creates. Returns the record's revision."""
+    async def fits(self, node: str, record: SandboxRecord, count: int) -> bool:
+        """Whether `node` could take `count` more sandboxes like `record` now: a hint (a placement decides)."""
+        stored, controls, nodes = await self.records.get_many(Every(SANDBOXES), Every(NODE_CONTROLS), Every(NODES))
+        views = self.nodes.holding(self.nodes.registered_from(controls, nodes), [s.message for s in stored])
+        view = views.get(node)
+        return bool(
+            view
+            and view.alive
+            and view.schedulable
+            and can_run(view, record)
+            and all(view.record.labels.get(k) == v for k, v in record.node_selector.items())
+            and view.vcpus_free >= count * record.vcpus
+            and view.memory_mib_free >= count * record.memory_mib
+        )
+
+    async def place(self, record: SandboxRecord, only_node: str = "") -> int:
+        """Chooses a node for a new sandbox (`only_node`: that one or none) and creates its record naming that node,
+        in one transaction with the node's and the tenant's guards: neither a node's capacity nor the tenant's quota
+        can be exceeded by any number of concurrent creates. Returns the record's revision."""
         await self.nodes.until_any_compute(self.compute_wait)
         for _ in range(ATTEMPTS):
             # One decision at a time in this gateway: a burst of creates would otherwise read the same view, and
             # all but one would lose the transaction and decide again (n² attempts). Other gateways still contend
             # through the guards.
             async with self._deciding:
-                placed, revision = await self._attempt(record)
+                placed, revision = await self._attempt(record, only_node)
             if placed:
                 return revision
             if await self.records.get(SANDBOXES, record.id) is not None:
@@ -179,7 +194,7 @@ class SandboxPlacement:
             log.info("placement_contended", sandbox=record.id, node=record.node)
         raise Aborted("placement is too contended right now; retry", reason="PLACEMENT_CONTENDED")
 
-    async def _attempt(self, record: SandboxRecord) -> tuple[bool, int]:
+    async def _attempt(self, record: SandboxRecord, only_node: str = "") -> tuple[bool, int]:
         """One decision and its transaction: (placed, the record's revision)."""
         started = time.perf_counter()
         # The guards and what they guard, read together as of one revision: a placement made after this read
@@ -201,7 +216,7 @@ class SandboxPlacement:
         tenants = [s for s in sandboxes if s.tenant == record.tenant]
         views = self.nodes.holding(self.nodes.registered_from(controls, nodes), sandboxes)
         try:  # a request no node could ever take is INVALID_ARGUMENT whatever the quota
-            node = choose(views, record)
+            node = choose(views, record, only_node)
         except ResourceExhausted:
             check_quota(record, tenants, quota, snapshot_bytes)  # the tenant's own limit is the clearer answer
             raise

@@ -207,13 +207,13 @@ class Sandboxes:
 
         return await self.start(record, create_vm)
 
-    async def start(self, record: SandboxRecord, start_vm: StartVm) -> sandbox_pb2.Sandbox:
+    async def start(self, record: SandboxRecord, start_vm: StartVm, only_node: str = "") -> sandbox_pb2.Sandbox:
         """Places the sandbox (its record is created naming the node, in one transaction with the tenant's quota and
-        the node's capacity), starts its VM with `start_vm(node)`, marks it RUNNING if it still exists, and returns
-        its view. A failure at any step removes what was made, and a sandbox deleted while it was being created
-        stays deleted: its new VM goes too."""
+        the node's capacity; `only_node`: that node or none), starts its VM with `start_vm(node)`, marks it RUNNING
+        if it still exists, and returns its view. A failure at any step removes what was made, and a sandbox deleted
+        while it was being created stays deleted: its new VM goes too."""
         with TRACER.start_as_current_span("gateway.placement"):
-            revision = await self.placement.place(record)
+            revision = await self.placement.place(record, only_node)
         node = record.node
         try:
             vm = await start_vm(node)

@@ -8,7 +8,6 @@ refused with DATA_LOSS and never booted. Every restored or forked guest gets a f
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -23,15 +22,15 @@ from microvm.types.v1 import auth_pb2 as auth_types
 from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from services.common import deadlines
-from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.validation import check_page_size
 from services.gateway.access import current_tenant
+from services.gateway.forks import fork_sandbox
 from services.gateway.records import MIGRATING, PAUSED, RUNNING, SandboxRecord, name_of, sandbox_key, state_name
 from services.gateway.sandbox_requests import parse_name, validate_labels
 from services.gateway.sandboxes import Sandboxes
 
 log = structlog.get_logger()
-MAX_FORK = 64
 SNAPSHOT_DISK_ALLOWANCE_MIB = 1024
 
 
@@ -55,6 +54,29 @@ def to_public(record: SnapshotRecord) -> sandbox_pb2.Snapshot:
     return snapshot
 
 
+def snapshot_of(record: SandboxRecord, snapshot_id: str, owner: str, labels) -> SnapshotRecord:
+    """The record of a snapshot of `record`'s sandbox taken now: what a restore needs to make a sandbox like it."""
+    snapshot = SnapshotRecord(
+        id=snapshot_id,
+        tenant=owner,
+        source_sandbox=record.id,
+        source_sandbox_name=name_of(record),
+        parent_snapshot=record.source_snapshot,
+        template=record.template,
+        labels=labels,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_mib,
+        sandbox_labels=record.labels,
+        sandbox_env=record.env,
+        template_build=record.template_build,
+        image=record.image,
+        default_cwd=record.default_cwd,
+        default_user=record.default_user,
+    )
+    snapshot.create_time.GetCurrentTime()
+    return snapshot
+
+
 class SnapshotOps:
     def __init__(self, sandboxes: Sandboxes) -> None:
         self.sandboxes, self.nodes, self.quotas = sandboxes, sandboxes.nodes, sandboxes.quotas
@@ -70,11 +92,7 @@ class SnapshotOps:
     ) -> SnapshotRecord:
         """Freezes the sandbox on its node and commits the record. `tenant` "" makes a node-internal snapshot (a
         migration's), charged to no quota. `share_memory`: restores of it follow (SnapshotVmRequest.share_memory)."""
-        if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
-            sandbox = await self.sandboxes.view(record)
-            raise FailedPrecondition(
-                f"sandbox {name_of(record)} is {state_name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
-            )
+        await self._require_running(record)
         validate_labels(labels)
         snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
         owner = record.tenant if tenant is None else tenant
@@ -90,24 +108,7 @@ class SnapshotOps:
                 vm_id=record.id, snapshot_id=snapshot_id, leave_paused=leave_paused, share_memory=share_memory
             )
             await self.nodes.on_compute(record.node, lambda c: c.SnapshotVm(freeze, timeout=deadlines.SNAPSHOT))
-            snapshot = SnapshotRecord(
-                id=snapshot_id,
-                tenant=owner,
-                source_sandbox=record.id,
-                source_sandbox_name=name_of(record),
-                parent_snapshot=record.source_snapshot,
-                template=record.template,
-                labels=labels,
-                vcpus=record.vcpus,
-                memory_mib=record.memory_mib,
-                sandbox_labels=record.labels,
-                sandbox_env=record.env,
-                template_build=record.template_build,
-                image=record.image,
-                default_cwd=record.default_cwd,
-                default_user=record.default_user,
-            )
-            snapshot.create_time.GetCurrentTime()
+            snapshot = snapshot_of(record, snapshot_id, owner, labels)
             if ttl_seconds:
                 snapshot.expire_time.FromSeconds(int(time.time()) + ttl_seconds)
             commit = snapshot_pb2.CommitSnapshotRequest(record=snapshot)
@@ -120,6 +121,27 @@ class SnapshotOps:
             raise
         log.info("snapshot_created", snapshot=snapshot_id, sandbox=record.id, node=record.node)
         return committed.record
+
+    async def take_here(self, record: SandboxRecord, labels, share_memory: bool) -> SnapshotRecord:
+        """A snapshot that stays on the sandbox's node (SnapshotVmRequest.local_only): frozen there, never uploaded,
+        no record committed. What a fork that keeps no snapshot restores its clones from, on that node."""
+        await self._require_running(record)
+        snapshot_id = f"snap-{uuid.uuid4().hex[:12]}"
+        freeze = compute_pb2.SnapshotVmRequest(
+            vm_id=record.id, snapshot_id=snapshot_id, share_memory=share_memory, local_only=True
+        )
+        await self.nodes.on_compute(record.node, lambda c: c.SnapshotVm(freeze, timeout=deadlines.SNAPSHOT))
+        log.info("snapshot_kept_on_node", snapshot=snapshot_id, sandbox=record.id, node=record.node)
+        snapshot = snapshot_of(record, snapshot_id, record.tenant, labels)
+        snapshot.holder_nodes.append(record.node)
+        return snapshot
+
+    async def _require_running(self, record: SandboxRecord) -> None:
+        if record.state not in (RUNNING, PAUSED, MIGRATING) or not self.nodes.alive(record.node):
+            sandbox = await self.sandboxes.view(record)
+            raise FailedPrecondition(
+                f"sandbox {name_of(record)} is {state_name(sandbox.state)}", reason="SANDBOX_NOT_RUNNING"
+            )
 
     async def create(self, request: api.CreateSnapshotRequest) -> sandbox_pb2.Snapshot:
         ttl = request.ttl.seconds if request.HasField("ttl") else 0
@@ -210,11 +232,13 @@ class SnapshotOps:
         policy: network_types.NetworkPolicy,
         node_selector=None,
         share_memory: bool = False,
+        kept_on: str = "",
     ) -> sandbox_pb2.Sandbox:
         """A new sandbox from `snapshot`, with its own address (never its source's) and `policy`, on whichever
         node placement picks (that node fetches the snapshot if it does not hold it). It has its source's labels
         with `labels` on top, and its source's environment (its processes were started with it). `share_memory`:
-        more restores of `snapshot` follow (RestoreVmRequest.share_memory)."""
+        more restores of `snapshot` follow (RestoreVmRequest.share_memory). `kept_on`: the node that kept the
+        snapshot to itself (`take_here`), where the sandbox must go."""
         name = f"sbx-{uuid.uuid4().hex[:12]}"
         merged = {**snapshot.sandbox_labels, **labels}
         validate_labels(merged)
@@ -240,10 +264,11 @@ class SnapshotOps:
                 hostname=name,
                 network_policy=policy,
                 share_memory=share_memory,
+                local_snapshot=bool(kept_on),
             )
             return (await self.nodes.on_compute(node, lambda c: c.RestoreVm(request, timeout=deadlines.SNAPSHOT))).vm
 
-        return await self.sandboxes.start(record, restore_vm)
+        return await self.sandboxes.start(record, restore_vm, only_node=kept_on)
 
     async def restore(self, request: api.RestoreSnapshotRequest) -> sandbox_pb2.Sandbox:
         validate_labels(request.sandbox.labels)
@@ -258,43 +283,4 @@ class SnapshotOps:
         )
 
     async def fork(self, request: api.ForkSandboxRequest) -> api.ForkSandboxResponse:
-        count = request.count or 1
-        if not 1 <= count <= MAX_FORK:
-            raise InvalidArgument(f"count must be between 1 and {MAX_FORK}, got {count}")
-        validate_labels(request.labels)
-        source = await self.sandboxes.store.get(parse_name(request.name))
-        snapshot = await self.take(source, {"forked-from": name_of(source)}, share_memory=count > 1)
-        snapshot = await self.verified(snapshot.id, snapshot)
-        # Clones go where their source may go (its node selector), not necessarily to its node.
-        results = await asyncio.gather(
-            *(
-                self.restore_into_new_sandbox(
-                    snapshot,
-                    request.labels,
-                    source.timeout_seconds,
-                    source.network_policy,
-                    source.node_selector,
-                    share_memory=count > 1,
-                )
-                for _ in range(count)
-            ),
-            return_exceptions=True,
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if not request.keep_snapshot:
-            # The clones run on their nodes' materialized copies, kept while a VM uses them: the record and its
-            # stored chunks are not needed, and a fork should leave nothing the caller did not ask for.
-            try:
-                await self.forget(snapshot)
-            except (ServiceError, grpc.aio.AioRpcError) as exc:
-                log.warning("fork_snapshot_not_deleted", snapshot=snapshot.id, error=str(exc))
-        if failures:
-            # All or nothing: a partial fork would leave the caller with clones it did not ask for.
-            for clone in results:
-                if not isinstance(clone, BaseException):
-                    try:
-                        await self.sandboxes.destroy(await self.sandboxes.store.get(clone.name.split("/")[1]))
-                    except Exception as exc:
-                        log.warning("fork_cleanup_failed", sandbox=clone.name, error=str(exc))
-            raise failures[0]
-        return api.ForkSandboxResponse(snapshot=to_public(snapshot), sandboxes=results)
+        return await fork_sandbox(self, request)

@@ -217,6 +217,24 @@ async def test_snapshot_and_restore_keep_files_and_give_a_new_identity(node):
     assert await node.read("src-1", "/root/state.txt") == b"kept"
 
 
+async def test_a_snapshot_kept_on_the_node_restores_there_without_a_record(node):
+    await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="src-here", memory_mib=320), timeout=30)
+    await node.write("src-here", "/root/state.txt", b"kept here")
+    freeze = compute_pb2.SnapshotVmRequest(vm_id="src-here", snapshot_id="snap-here-1", local_only=True)
+    assert (await node.compute.SnapshotVm(freeze, timeout=60)).size_bytes > 0
+    restore = compute_pb2.RestoreVmRequest(vm_id="clone-here", snapshot_id="snap-here-1", local_snapshot=True)
+    clone = (await node.compute.RestoreVm(restore, timeout=60)).vm
+    assert clone.source_snapshot == "snap-here-1" and await node.read("clone-here", "/root/state.txt") == b"kept here"
+    # It never reached the store: by record it does not exist; and a copy this node lacks is not here.
+    for request in (
+        compute_pb2.RestoreVmRequest(vm_id="clone-x", snapshot_id="snap-here-1"),
+        compute_pb2.RestoreVmRequest(vm_id="clone-y", snapshot_id="snap-elsewhere", local_snapshot=True),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await node.compute.RestoreVm(request, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_pause_resume_and_stop_start_keep_the_disk(node):
     await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="ps-1", memory_mib=320), timeout=30)
     await node.write("ps-1", "/root/f", b"1")

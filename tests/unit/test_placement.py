@@ -73,6 +73,17 @@ def test_a_tenants_sandboxes_spread_over_the_nodes():
     assert choose(views(node("a", sandboxes=mine), node("b", sandboxes=theirs)), sandbox("t1")) == "b"
 
 
+def test_a_sandbox_held_to_one_node_goes_there_or_nowhere():
+    # A fork's clones restored from a snapshot kept on their source's node (services/gateway/forks.py).
+    cluster = views(node("roomy"), node("source", memory=2048, sandboxes=[sandbox(memory=1024)]))
+    assert choose(cluster, sandbox()) == "roomy"
+    assert choose(cluster, sandbox(), only_node="source") == "source"
+    with pytest.raises(ResourceExhausted):
+        choose(cluster, sandbox(memory=2048), only_node="source")
+    with pytest.raises(Unavailable):
+        choose(cluster, sandbox(), only_node="gone")
+
+
 def test_labels_select_nodes():
     cluster = views(node("a", labels={"zone": "x"}), node("b", labels={"zone": "y"}, memory=2048))
     assert choose(cluster, sandbox(selector={"zone": "y"})) == "b"

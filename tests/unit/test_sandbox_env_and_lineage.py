@@ -1,6 +1,7 @@
 """What a sandbox was created with stays with it: its environment reaches every command (a command's own env
 wins), and a restore or fork keeps the source's labels and environment (found by a new user: labels were lost on
-restore and fork). A fork leaves no snapshot behind unless asked to keep it. A whole installation (fake VMM)."""
+restore and fork). A fork leaves no snapshot behind unless asked to keep it, and one whose clones fit on its node
+never uploads one. A whole installation (fake VMM)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,43 @@ async def test_a_fork_keeps_labels_and_env_and_leaves_no_snapshot_unless_asked(c
         api.ForkSandboxRequest(name=source.name, keep_snapshot=True), metadata=caller.metadata, timeout=60
     )
     assert await snapshots_of(caller) == [*before, kept.snapshot.name]
+
+
+def stored_chunks(installation) -> set[str]:
+    return {p.name for p in (installation.state_dir / "snapshot" / "chunks").glob("*/*")}
+
+
+async def write(caller, name: str, path: str, data: bytes) -> None:
+    async def requests():
+        yield api.WriteFileRequest(header=api.WriteFileHeader(sandbox=name, path=path))
+        yield api.WriteFileRequest(data=data)
+
+    await caller.stub.WriteFile(requests(), metadata=caller.metadata, timeout=10)
+
+
+async def read(caller, name: str, path: str) -> bytes:
+    request = api.ReadFileRequest(sandbox=name, path=path)
+    return b"".join([m.data async for m in caller.stub.ReadFile(request, metadata=caller.metadata, timeout=10)])
+
+
+async def test_a_fork_that_keeps_no_snapshot_restores_on_its_node_without_the_snapshot_store(
+    installation, caller, source
+):
+    # A disk no snapshot has yet (a file API write: the fake VMM's guest disk): anything uploaded is new chunks.
+    unique = uuid.uuid4().hex.encode()
+    await write(caller, source.name, "/root/unique", unique)
+    chunks, before = stored_chunks(installation), await snapshots_of(caller)
+    forked = await caller.stub.ForkSandbox(
+        api.ForkSandboxRequest(name=source.name, count=2), metadata=caller.metadata, timeout=60
+    )
+    assert stored_chunks(installation) == chunks and await snapshots_of(caller) == before
+    for clone in forked.sandboxes:
+        assert clone.node == source.node and await read(caller, clone.name, "/root/unique") == unique
+    # Kept, it is a snapshot like any other: in the store.
+    await caller.stub.ForkSandbox(
+        api.ForkSandboxRequest(name=source.name, keep_snapshot=True), metadata=caller.metadata, timeout=60
+    )
+    assert stored_chunks(installation) - chunks
 
 
 async def test_a_bad_sandbox_env_is_invalid_argument(caller):
