@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import struct
 import time
+
+from microvm_agent import netlink
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RNDADDENTROPY = 0x40085203
@@ -170,39 +170,22 @@ def network_interface() -> str | None:
     return None
 
 
-IP_SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
 async def configure_network(mac_address: str, address_cidr: str, gateway: str, dns_servers: list[str]) -> str:
-    """Gives the NIC its MAC, address and default route (replacing whatever a snapshot carried) and writes
-    /etc/resolv.conf. Raises OSError with iproute2's message when a step fails."""
+    """Gives the NIC its MAC, address and default route (replacing whatever a snapshot carried), over rtnetlink
+    (netlink.py: no `ip` to start), and writes /etc/resolv.conf. Raises OSError with the kernel's errno when a step
+    fails."""
     interface = network_interface()
     if interface is None:
         raise OSError(errno.ENODEV, "the VM has no network interface")
-    ip = shutil.which("ip", path=IP_SEARCH_PATH)
-    if ip is None:
-        raise OSError(2, "iproute2 (`ip`) is not installed in this image")
     try:  # guests are IPv4-only; no link-local chatter on the bridge
         with open(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6", "w") as f:
             f.write("1")
     except OSError:
         pass
-    commands = [
-        f"link set dev {interface} down",
-        f"link set dev {interface} address {mac_address}" if mac_address else "",
-        f"addr flush dev {interface}",
-        f"addr add {address_cidr} dev {interface}",
-        f"link set dev {interface} up",
-        f"neigh flush dev {interface}",
-        f"route replace default via {gateway} dev {interface}" if gateway else "",
-    ]
-    script = "\n".join(c for c in commands if c) + "\n"
-    process = await asyncio.create_subprocess_exec(
-        ip, "-batch", "-", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await process.communicate(script.encode())
-    if process.returncode != 0:
-        raise OSError(22, f"ip: {err.decode(errors='replace').strip()}")
+    try:
+        netlink.configure(interface, mac_address, address_cidr, gateway)
+    except ValueError as exc:  # a malformed address or MAC from the host
+        raise OSError(errno.EINVAL, f"network configuration: {exc}") from None
     resolv = "".join(f"nameserver {server}\n" for server in dns_servers)
     temporary = "/etc/.resolv.conf.microvm"
     with open(temporary, "w") as f:
