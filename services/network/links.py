@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -89,12 +90,13 @@ class HostLinks:
         return {link["ifname"] for link in await self._links() if link["ifname"].startswith(TAP_PREFIX)}
 
     async def create_tap(self, name: str) -> None:
-        if name not in await self.taps():
+        """The TAP on the bridge, isolated from the other ports, up, without IPv6 (idempotent). Two `ip` runs, not
+        five: each is a process start, and a fork's clones attach one after the other."""
+        if not os.path.exists(f"/sys/class/net/{name}"):
             await run("ip", "tuntap", "add", "dev", name, "mode", "tap")
-        _write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
-        await run("ip", "link", "set", name, "master", self.bridge)
-        await run("bridge", "link", "set", "dev", name, "isolated", "on")
-        await run("ip", "link", "set", name, "up")
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")  # before it is up: no link-local chatter
+        steps = f"link set dev {name} master {self.bridge}\nlink set dev {name} type bridge_slave isolated on\n"
+        await run("ip", "-batch", "-", stdin=(steps + f"link set dev {name} up\n").encode())
 
     async def delete_tap(self, name: str) -> None:
         await delete_tap(name)

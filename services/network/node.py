@@ -70,6 +70,10 @@ class NodeNetwork:
         self.refused: set[tuple[str, int]] = set()  # recorded mappings the rules refuse (warned about once)
         self.dns_servers = list(settings.dns_servers) or host_resolvers()
         self.lock = asyncio.Lock()
+        # Rule convergences asked for and applied: a convergence that starts after a change includes it, so
+        # changes made while one runs share the next (a fork's clones attach together: one nft run, not ten).
+        self._converging = asyncio.Lock()
+        self._rules_asked = self._rules_applied = 0
 
     async def start(self) -> None:
         try:
@@ -84,7 +88,15 @@ class NodeNetwork:
             ) from None
 
     async def _converge_rules(self) -> None:
-        await self.firewall.apply(list((await self.store.all()).values()))
+        """Returns once the host's rules were made from the records as they are now, or later."""
+        self._rules_asked += 1
+        asked = self._rules_asked
+        async with self._converging:
+            if self._rules_applied >= asked:
+                return  # a convergence that began after this change was asked for has applied it
+            covered = self._rules_asked
+            await self.firewall.apply(list((await self.store.all()).values()))
+            self._rules_applied = covered
 
     async def _get(self, sandbox_id: str) -> Attachment:
         attachment = await self.store.get(sandbox_id)
@@ -137,12 +149,17 @@ class NodeNetwork:
             try:
                 await self.store.put(attachment)
                 await self.links.create_tap(attachment.tap_device)
-                await self._converge_rules()
             except BaseException:
                 await self._remove(attachment)
                 raise
-            log.info("sandbox_attached", sandbox=sandbox_id, tap=attachment.tap_device, address=address)
-            return attachment
+        try:
+            await self._converge_rules()  # outside the lock: attaches made meanwhile share it
+        except BaseException:
+            async with self.lock:
+                await self._remove(attachment)
+            raise
+        log.info("sandbox_attached", sandbox=sandbox_id, tap=attachment.tap_device, address=address)
+        return attachment
 
     async def detach(self, sandbox_id: str) -> None:
         async with self.lock:
@@ -290,7 +307,8 @@ class NodeNetwork:
                         counts["listeners_opened"] += 1
                     except FailedPrecondition as exc:
                         log.warning("exposed_port_unavailable", host=f"{host_address}:{host_port}", error=exc.message)
-            await self.firewall.ensure(list(attachments.values()))
+            async with self._converging:  # not between another convergence's read and its apply
+                await self.firewall.ensure(list(attachments.values()))
         if any(counts.values()):
             log.info("network_reconciled", **counts)
         return counts
