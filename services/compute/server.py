@@ -145,6 +145,7 @@ class ComputeNode:
             log.warning("network_service_missing", node=self.node)
 
     async def start(self) -> None:
+        self.snapshots.reap_leftover_helpers()
         await adopt(self.lifecycle, self.warm)
         await self.reporter.publish()
         self.warm.start_upkeep(self.network_ready)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -362,6 +364,24 @@ class VmSnapshots:
             f"{config['template']!r} is not on node {self.ledger.node}",
             reason="IMAGE_GONE",
         )
+
+    def reap_leftover_helpers(self) -> int:
+        """Share helpers a crash of compute left running (a qemu that never runs a guest, holding a RAM file as
+        large as the guest's): killed, their work directories removed; returns how many were running. At start,
+        before anything can start a new one."""
+        killed = 0
+        for work in sorted(self.root.glob(".*.share")) if self.root.exists() else []:
+            try:
+                pid = int(self.driver.paths(work)["pid"].read_text())
+                if self.driver.owns_process(pid, work):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            except (OSError, ValueError):
+                pass  # never started, or gone already
+            shutil.rmtree(work, ignore_errors=True)
+        if killed:
+            log.warning("share_helpers_reaped", count=killed)
+        return killed
 
     async def prune(self, live_snapshots: set[str], min_age_seconds: float = 0.0) -> list[str]:
         """Drops local snapshot copies that no record (`live_snapshots`) and no VM needs any more, and work

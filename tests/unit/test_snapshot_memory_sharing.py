@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +24,7 @@ from services.common.records import SNAPSHOTS, Records
 from services.common.settings import ComputeSettings
 from services.compute import snapshots as snapshots_module
 from services.compute.ledger import VmLedger
+from services.compute.qemu import QemuDriver
 from services.compute.server import ComputeNode
 from services.compute.snapshots import VmSnapshots
 
@@ -207,3 +211,26 @@ async def test_the_node_prunes_its_copies_against_the_snapshot_records_in_etcd(t
         assert [p.name for p in frozen.parent.iterdir()] == ["snap-unit-recorded"]
     finally:
         await records.delete(SNAPSHOTS, "snap-unit-recorded")
+
+
+def test_a_share_helper_left_running_by_a_crash_is_killed_at_start(tmp_path):
+    class Driver(RecordingDriver):
+        paths = staticmethod(QemuDriver.paths)
+
+        @staticmethod
+        def owns_process(pid: int, directory: Path) -> bool:
+            return str(directory / "qmp.sock").encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+    vm_snapshots, frozen, _ = snapshots(tmp_path, Driver())
+    work = frozen.parent / ".snap-1.share"
+    work.mkdir()
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(work / "qmp.sock")])
+    (work / "vmm.pid").write_text(str(helper.pid))
+    stray = frozen.parent / ".snap-2.share"  # its helper never started
+    stray.mkdir()
+    try:
+        assert vm_snapshots.reap_leftover_helpers() == 1
+        assert helper.wait(10) == -signal.SIGKILL
+        assert not work.exists() and not stray.exists() and frozen.exists()
+    finally:
+        helper.kill()
