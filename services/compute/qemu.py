@@ -217,6 +217,7 @@ class QemuDriver:
         client = QmpClient(str(self.paths(directory)["qmp"]))
         await client.connect()
         shared = bool(vm.ram_path and vm.ram_shared)
+        was_running = False
         try:
             was_running = (await client.execute("query-status")).get("running")
             if was_running:
@@ -227,14 +228,14 @@ class QemuDriver:
                 copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", vm.ram_path, str(out / "ram"))
                 if await copy.wait() != 0:
                     raise FailedPrecondition("cannot copy the VM's memory file", reason="MEMORY_SNAPSHOT_FAILED")
-            try:
-                await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2")
-            finally:
-                if was_running:
-                    await client.execute("cont")
+            await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2")
             return "shared-ram" if shared else "stream"
         finally:
-            await client.close()
+            try:
+                if was_running:  # whatever failed: a snapshot never leaves a running VM stopped
+                    await client.execute("cont")
+            finally:
+                await client.close()
 
     async def restore(self, vm: VmRecord, image: BuiltImage, directory: Path, frozen: Path) -> int:
         """Starts qemu waiting for state, gives it a fresh overlay on the frozen disk, loads RAM, runs it.
