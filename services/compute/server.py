@@ -18,7 +18,7 @@ from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.records import SNAPSHOTS, Records
 from services.common.server import ServiceContext
 from services.common.settings import ComputeSettings
-from services.compute import hypervisor
+from services.compute import hypervisor, snapshot_upkeep
 from services.compute.archive_images import ArchiveImages
 from services.compute.console import select
 from services.compute.dependencies import vmm_dependency
@@ -135,7 +135,7 @@ class ComputeNode:
         """Every fork and snapshot leaves its frozen files on the node (RAM, disk): kept while a record or a VM
         needs them, then dropped."""
         live = {stored.message.id for stored in await self.ledger.records.list(SNAPSHOTS)}
-        dropped = await self.snapshots.prune(live, min_age_seconds)
+        dropped = await snapshot_upkeep.prune(self.snapshots, live, min_age_seconds)
         if dropped:
             log.info("snapshot_copies_pruned", count=len(dropped))
         return dropped
@@ -145,7 +145,7 @@ class ComputeNode:
             log.warning("network_service_missing", node=self.node)
 
     async def start(self) -> None:
-        self.snapshots.reap_leftover_helpers()
+        snapshot_upkeep.reap_leftover_helpers(self.snapshots)
         await adopt(self.lifecycle, self.warm)
         await self.reporter.publish()
         self.warm.start_upkeep(self.network_ready)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import structlog
@@ -364,44 +361,3 @@ class VmSnapshots:
             f"{config['template']!r} is not on node {self.ledger.node}",
             reason="IMAGE_GONE",
         )
-
-    def reap_leftover_helpers(self) -> int:
-        """Share helpers a crash of compute left running (a qemu that never runs a guest, holding a RAM file as
-        large as the guest's): killed, their work directories removed; returns how many were running. At start,
-        before anything can start a new one."""
-        killed = 0
-        for work in sorted(self.root.glob(".*.share")) if self.root.exists() else []:
-            try:
-                pid = int(self.driver.paths(work)["pid"].read_text())
-                if self.driver.owns_process(pid, work):
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-            except (OSError, ValueError):
-                pass  # never started, or gone already
-            shutil.rmtree(work, ignore_errors=True)
-        if killed:
-            log.warning("share_helpers_reaped", count=killed)
-        return killed
-
-    async def prune(self, live_snapshots: set[str], min_age_seconds: float = 0.0) -> list[str]:
-        """Drops local snapshot copies that no record (`live_snapshots`) and no VM needs any more, and work
-        directories a crash left behind; returns what went. Only what is older than `min_age_seconds`: a snapshot
-        just frozen has no record until the gateway commits it (work directories get 6 times as long: an upload
-        may still be writing)."""
-        dropped = []
-        for directory in sorted(self.root.iterdir()) if self.root.exists() else []:
-            name = directory.name
-            try:
-                age = time.time() - directory.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if name in live_snapshots or age < min_age_seconds * (6 if name.startswith(".") else 1):
-                continue
-            async with self.ledger.lock(f"snapshot:{name}"):
-                if any(vm.source_snapshot == name for vm in self.ledger.vms.values()):
-                    continue
-                await asyncio.to_thread(shutil.rmtree, directory, True)
-            self.restores.pop(name, None)
-            self.unshareable.discard(name)
-            dropped.append(name)
-        return dropped

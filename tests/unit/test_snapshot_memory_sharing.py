@@ -22,6 +22,7 @@ from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import DataLoss
 from services.common.records import SNAPSHOTS, Records
 from services.common.settings import ComputeSettings
+from services.compute import snapshot_upkeep
 from services.compute import snapshots as snapshots_module
 from services.compute.ledger import VmLedger
 from services.compute.qemu import QemuDriver
@@ -91,7 +92,7 @@ async def test_a_failure_to_share_leaves_the_stream_and_every_restore_goes_on(tm
 async def test_prune_forgets_the_restores_of_a_snapshot_it_drops(tmp_path):
     vm_snapshots, frozen, _ = snapshots(tmp_path, RecordingDriver())
     vm_snapshots.restores["snap-1"] = 3
-    assert await vm_snapshots.prune(set()) == ["snap-1"]
+    assert await snapshot_upkeep.prune(vm_snapshots, set()) == ["snap-1"]
     assert not frozen.exists() and vm_snapshots.restores == {}
 
 
@@ -110,7 +111,7 @@ async def test_prune_keeps_what_a_record_a_vm_or_a_snapshot_in_the_making_needs_
         (root / name).mkdir(exist_ok=True)
         os.utime(root / name, (time.time() - age, time.time() - age))
     vm_snapshots.ledger.vms["clone"] = VmRecord(id="clone", source_snapshot="snap-cloned")
-    dropped = await vm_snapshots.prune({"snap-recorded"}, min_age_seconds=600)
+    dropped = await snapshot_upkeep.prune(vm_snapshots, {"snap-recorded"}, min_age_seconds=600)
     assert sorted(dropped) == [".snap-crashed.partial", "snap-1"]
     assert sorted(p.name for p in root.iterdir()) == [
         ".snap-uploading.partial",
@@ -226,10 +227,14 @@ def test_a_share_helper_left_running_by_a_crash_is_killed_at_start(tmp_path):
     work.mkdir()
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(work / "qmp.sock")])
     (work / "vmm.pid").write_text(str(helper.pid))
+    for _ in range(500):  # a process just started shows its command line once its exec is through
+        if Driver.owns_process(helper.pid, work):
+            break
+        time.sleep(0.01)
     stray = frozen.parent / ".snap-2.share"  # its helper never started
     stray.mkdir()
     try:
-        assert vm_snapshots.reap_leftover_helpers() == 1
+        assert snapshot_upkeep.reap_leftover_helpers(vm_snapshots) == 1
         assert helper.wait(10) == -signal.SIGKILL
         assert not work.exists() and not stray.exists() and frozen.exists()
     finally:
