@@ -73,25 +73,21 @@ class VmSnapshots:
                 hashes = await self.freeze(vm, image, work, hashed=not local_only)
 
             async def upload_all() -> int:
+                if local_only:
+                    return sum(entry["size"] for entry in hashes.values())
                 with TRACER.start_as_current_span("compute.upload"):
                     return sum([await upload(store, snapshot_id, name, work / ARTIFACT_FILES[name]) for name in hashes])
 
-            if local_only:
-                if share_memory:
-                    await self._make_shared(work, snapshot_id, json.loads((work / "config.json").read_text()), image)
-                total = sum(entry["size"] for entry in hashes.values())
-            elif not share_memory:
-                total = await upload_all()
-            else:
-                # Side by side: the store's writes and the helper's load take about as long, on different cores.
-                config = json.loads((work / "config.json").read_text())
-                try:
-                    async with asyncio.TaskGroup() as both:
-                        uploaded = both.create_task(upload_all())
-                        both.create_task(self._make_shared(work, snapshot_id, config, image))
-                except ExceptionGroup as failed:  # the upload's (sharing never raises): as it is, not in a group
-                    raise failed.exceptions[0] from None
-                total = uploaded.result()
+            # Side by side: the store's writes and the helper's load take about as long, on different cores.
+            try:
+                async with asyncio.TaskGroup() as steps:
+                    uploaded = steps.create_task(upload_all())
+                    if share_memory:
+                        config = json.loads((work / "config.json").read_text())
+                        steps.create_task(self._make_shared(work, snapshot_id, config, image))
+            except ExceptionGroup as failed:  # the upload's (sharing never raises): as it is, not in a group
+                raise failed.exceptions[0] from None
+            total = uploaded.result()
             shutil.rmtree(target, ignore_errors=True)
             work.rename(target)
             return total
@@ -191,7 +187,6 @@ class VmSnapshots:
             vm_id,
             hostname,
             source_snapshot=record.id,
-            start_method="snapshot-restore",
             policy=policy,
             share_memory=share_memory,
         )
@@ -218,7 +213,6 @@ class VmSnapshots:
             vm_id,
             hostname,
             source_snapshot=snapshot_id,
-            start_method="snapshot-restore",
             policy=policy,
             share_memory=share_memory,
         )

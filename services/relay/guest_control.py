@@ -127,7 +127,7 @@ class GuestControl:
         except Exception as exc:  # noqa: BLE001 - every way of not answering means the same here
             if target.vm_id not in self.vms.vms or self.vms.is_paused(target.vm_id):
                 return
-            if channel.closed_by_vm and channel.violation is None:
+            if channel.closed_by_vm:  # never set by a protocol violation
                 # The VM itself went away (its VMM died or was killed): compute reports that, as the VM's failure.
                 log.info("guest_identity_unconfirmed_vm_gone", vm=target.vm_id, error=str(exc))
                 return
