@@ -8,13 +8,19 @@ import os
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
     """Cancels an owned background task and waits until it has stopped; whatever it raised is its own business
-    (it was being stopped)."""
+    (it was being stopped). A cancellation of the caller itself while it waits is not that task's: it goes on up.
+    Swallowing it once let a relay's VM watch, cancelled while it closed a removed VM's channel, carry on watching,
+    and the shutdown that cancelled it waited for it forever."""
     if task is None:
         return
     task.cancel()
     try:
         await task
-    except (asyncio.CancelledError, Exception):
+    except asyncio.CancelledError:
+        caller = asyncio.current_task()
+        if caller is not None and caller.cancelling():
+            raise
+    except Exception:
         pass
 
 

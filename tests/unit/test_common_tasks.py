@@ -1,0 +1,59 @@
+"""services/common/tasks.py: stopping an owned task, and a cancellation that belongs to the one stopping it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.tasks import cancel_and_wait
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def slow_to_stop(stopping: asyncio.Event) -> None:
+    """A task whose cancellation takes a few loop turns (a channel's heartbeat closing its side)."""
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        stopping.set()
+        await asyncio.sleep(0.05)
+
+
+async def test_what_the_stopped_task_raised_stays_with_it():
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("its own business")
+
+    failing = asyncio.create_task(fails())
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(failing)
+    stopping = asyncio.Event()
+    sleeping = asyncio.create_task(slow_to_stop(stopping))
+    await asyncio.sleep(0)
+    await cancel_and_wait(sleeping)
+    assert sleeping.cancelled() and stopping.is_set()
+    await cancel_and_wait(None)
+
+
+async def test_a_watch_cancelled_while_it_stops_a_task_stops_too():
+    """The relay's VM watch closes a removed VM's channel (stopping the channel's tasks) inside its loop. Cancelled
+    right then, it must end: a cancellation swallowed there kept it watching, and its owner's close waited forever."""
+    stopping, iterations, gave_up = asyncio.Event(), 0, False
+
+    async def watch() -> None:
+        nonlocal iterations
+        while not gave_up:
+            iterations += 1
+            inner = asyncio.create_task(slow_to_stop(stopping))
+            await asyncio.sleep(0)
+            await cancel_and_wait(inner)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await stopping.wait()  # the watch now waits for its inner task to finish stopping
+    watcher.cancel()
+    await asyncio.wait({watcher}, timeout=2)
+    gave_up = True  # a watch that swallowed its cancellation ends here, so the failure below is reported
+    assert watcher.done() and watcher.cancelled(), "the watch carried on after it was cancelled"
+    assert iterations == 1
