@@ -58,10 +58,10 @@ async def running_stack(vmm: str = "fake"):
     except BaseException:
         print(f"\nthe stack's state and logs are kept in {state_dir}")
         raise
-    else:
-        shutil.rmtree(state_dir, ignore_errors=True)
     finally:
         await asyncio.to_thread(stack.stop)
+    # Only once the stack has stopped: its stop finds the VMs compute left running by their pid files in there.
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @dataclass

@@ -20,8 +20,10 @@ Tolerances (per minute of load; the load makes ~150 cycles of ~9 calls a minute 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -53,6 +55,40 @@ def process_resources(pid: int) -> tuple[float, int]:
         if line.startswith("VmRSS:"):
             rss_kib = int(line.split()[1])
     return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_kinds(pid: int) -> collections.Counter:
+    """What `pid`'s open file descriptors are, counted by kind: a file by its path, a socket, a pipe or an anonymous
+    inode by kind only (their inode numbers change with every connection)."""
+    kinds: collections.Counter = collections.Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed between the listing and the link
+            continue
+        kinds[re.sub(r"[:\[]\[?\d+\]$", "", target)] += 1
+    return kinds
+
+
+def fd_changes(before: dict[str, collections.Counter], after: dict[str, collections.Counter]) -> dict[str, dict]:
+    """Per process, the kinds of descriptor whose count differs between two readings: kind -> (before, after)."""
+    changes = {}
+    for name in sorted({*before, *after}):
+        old, new = before.get(name, collections.Counter()), after.get(name, collections.Counter())
+        differing = {kind: (old[kind], new[kind]) for kind in sorted({*old, *new}) if old[kind] != new[kind]}
+        if differing:
+            changes[name] = differing
+    return changes
+
+
+async def all_fd_kinds(stack: LocalStack) -> dict[str, collections.Counter]:
+    kinds = {}
+    for name, pid in supervised_pids(stack).items():
+        try:
+            kinds[name] = await asyncio.to_thread(fd_kinds, pid)
+        except OSError:
+            continue
+    return kinds
 
 
 def tap_devices() -> list[str]:
@@ -155,8 +191,11 @@ class Samples:
         }
 
 
-async def quiet_sample(stack: LocalStack, settle: float = 3.0, timeout: float = 60.0) -> dict[str, float]:
-    """A sample once the counts that must return to baseline have stayed the same for `settle` seconds."""
+async def quiet_sample(
+    stack: LocalStack, settle: float = 3.0, timeout: float = 60.0
+) -> tuple[dict[str, float], dict[str, collections.Counter]]:
+    """A sample once the counts that must return to baseline have stayed the same for `settle` seconds, and what
+    each process's descriptors were then (to say which kind did not come back)."""
     deadline = time.monotonic() + timeout
     previous = await sample(stack)
     stable_since = time.monotonic()
@@ -166,8 +205,8 @@ async def quiet_sample(stack: LocalStack, settle: float = 3.0, timeout: float = 
         if counts(current) != counts(previous):
             previous, stable_since = current, time.monotonic()
         elif time.monotonic() - stable_since >= settle:
-            return current
-    return previous
+            break
+    return previous, await all_fd_kinds(stack)
 
 
 def counts(values: dict[str, float]) -> dict[str, float]:
@@ -187,6 +226,8 @@ class SoakResult:
     baseline: dict[str, float]
     end: dict[str, float]
     cycles: int
+    baseline_fds: dict[str, collections.Counter] = field(default_factory=dict)
+    end_fds: dict[str, collections.Counter] = field(default_factory=dict)
 
     @property
     def too_steep(self) -> dict[str, float]:
@@ -195,6 +236,11 @@ class SoakResult:
     @property
     def not_returned(self) -> dict[str, tuple[float, float]]:
         return not_returned(self.baseline, self.end)
+
+    @property
+    def fd_changes(self) -> dict[str, dict]:
+        """Which kinds of descriptor differ between the quiet baseline and the quiet end, per process."""
+        return fd_changes(self.baseline_fds, self.end_fds)
 
     def as_json(self, **extra) -> str:
         return json.dumps(
@@ -207,6 +253,7 @@ class SoakResult:
                 "baseline": counts(self.baseline),
                 "end": counts(self.end),
                 "not_returned": self.not_returned,
+                "fd_changes": self.fd_changes,
                 "tally": json.loads(self.tally.as_json()),
             }
         )
@@ -220,7 +267,7 @@ async def run_soak(stack: LocalStack, seconds: float, every: float, warmup: floa
     warm = Workload(stack, tally, workers=workers)
     await _run_for(warm.run(stop), stop, warmup)
     await warm.cleanup()
-    baseline = await quiet_sample(stack)
+    baseline, baseline_fds = await quiet_sample(stack)
 
     load = Workload(stack, tally, workers=workers)
     samples, stop = Samples(), asyncio.Event()
@@ -229,7 +276,8 @@ async def run_soak(stack: LocalStack, seconds: float, every: float, warmup: floa
     await sampler
     await load.verify()
     await load.cleanup()
-    return SoakResult(tally, samples, baseline, await quiet_sample(stack), warm.cycles + load.cycles)
+    end, end_fds = await quiet_sample(stack)
+    return SoakResult(tally, samples, baseline, end, warm.cycles + load.cycles, baseline_fds, end_fds)
 
 
 async def _run_for(work, stop: asyncio.Event, seconds: float) -> None:

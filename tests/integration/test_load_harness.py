@@ -20,5 +20,5 @@ async def test_load_harness_runs_samples_and_cleans_up():
         assert {f"{name}.{metric}" for name in VICTIMS for metric in ("rss_mib", "fds")} <= set(slopes)
         assert {"taps", "etcd_keys", "audit_events", "vm_dirs"} <= set(slopes)
         assert result.baseline["vm_dirs"] >= 1 and result.end["etcd_keys"] > 0  # the warm pool's VM; registrations
-        assert not result.not_returned, result.not_returned
+        assert not result.not_returned, (result.not_returned, result.fd_changes)
         assert not any(supervised_restarts(stack).values())

@@ -40,5 +40,6 @@ async def test_soak_resources_stay_flat_under_load():
         assert not any(restarts.values()), f"a process of the stack restarted during the soak: {restarts}"
         assert not result.too_steep, f"growing under steady load (per minute): {result.too_steep}"
         assert not result.not_returned, (
-            f"not back to the baseline after the load (baseline, end): {result.not_returned}"
+            f"not back to the baseline after the load (baseline, end): {result.not_returned}; "
+            f"descriptors by kind: {result.fd_changes}"
         )
