@@ -19,6 +19,7 @@ import sys
 from microvm_agent import files as agent_files
 from microvm_agent import system, workload
 from microvm_agent.agent import Agent
+from microvm_agent.host_link import HostLink
 from microvm_agent.spawning import seal_descriptors
 from microvm_agent.streams import read_waiting, unwritten, writev_fd
 
@@ -95,23 +96,14 @@ class PortTransport:
 async def serve_port(agent: Agent, path: str) -> None:
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     transport = PortTransport(fd)
+    host = HostLink(fd)
     while True:
-        # The port reports hang-up until the host side connects; poll cheaply instead of spinning.
-        while _host_disconnected(fd):
-            await asyncio.sleep(0.02)
+        await host.until_connected()  # the port reports hang-up until the host side connects
         try:
             await agent.serve(transport)
         finally:
             transport.unwatch()
-        await asyncio.sleep(0.02)
-
-
-def _host_disconnected(fd: int) -> bool:
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLHUP)
-    return any(events & select.POLLHUP for _, events in poller.poll(0))
+        await asyncio.sleep(0.02)  # a host gone whose hang-up the port does not show yet: no spin meanwhile
 
 
 class SocketTransport:
