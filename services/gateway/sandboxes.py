@@ -325,23 +325,19 @@ class Sandboxes:
 
         return await self.view(await self.store.change(record, apply, expect_states=LIVE))
 
-    async def require_running_or_paused(self, record: SandboxRecord) -> None:
+    async def require_running_or_paused(self, record: SandboxRecord, reason: str = "SANDBOX_NOT_RUNNING") -> None:
+        """FAILED_PRECONDITION (`reason`) unless the sandbox, as its VM says, is running or paused."""
         sandbox = await self.view(record)
         if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
             raise FailedPrecondition(
                 f"sandbox {name_of(record)} is {state_name(sandbox.state)}",
-                reason="SANDBOX_NOT_RUNNING",
+                reason=reason,
                 metadata={"sandbox": sandbox.name},
             )
 
     async def set_paused(self, name: str, paused: bool) -> sandbox_pb2.Sandbox:
         record = await self.store.get(parse_name(name))
-        sandbox = await self.view(record)
-        if sandbox.state not in (sandbox_pb2.SANDBOX_STATE_RUNNING, sandbox_pb2.SANDBOX_STATE_PAUSED):
-            raise FailedPrecondition(
-                f"sandbox {name_of(record)} is {state_name(sandbox.state)}",
-                reason="SANDBOX_NOT_RUNNING" if paused else "SANDBOX_NOT_PAUSED",
-            )
+        await self.require_running_or_paused(record, "SANDBOX_NOT_RUNNING" if paused else "SANDBOX_NOT_PAUSED")
         if paused:
             change = compute_pb2.PauseVmRequest(vm_id=record.id)
             await self.nodes.on_compute(record.node, lambda c: c.PauseVm(change, timeout=deadlines.VM_CHANGE))
