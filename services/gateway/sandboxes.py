@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from microvm.types.v1 import sandbox_pb2 as sandbox_types
 from microvm.types.v1 import vm_pb2
 from services.common import deadlines
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, ServiceError, Unavailable
+from services.common.records import SANDBOXES
 from services.common.validation import check_env, check_page_size
 from services.gateway.access import current_tenant
 from services.gateway.nodes import ClusterNodes
@@ -59,6 +61,12 @@ StartVm = Callable[[str], Awaitable[vm_pb2.VmRecord]]
 CREATING = sandbox_types.SANDBOX_RECORD_STATE_CREATING
 DELETING = sandbox_types.SANDBOX_RECORD_STATE_DELETING
 LIVE = {CREATING, RUNNING, sandbox_types.SANDBOX_RECORD_STATE_PAUSED, sandbox_types.SANDBOX_RECORD_STATE_MIGRATING}
+
+
+def mark_running(current: SandboxRecord, vm: vm_pb2.VmRecord) -> None:
+    """A created sandbox's record once its VM runs."""
+    current.state = RUNNING
+    current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
 
 
 class Sandboxes:
@@ -155,6 +163,7 @@ class Sandboxes:
             source_snapshot=source_snapshot,
             env=env or {},
             state=sandbox_types.SANDBOX_RECORD_STATE_CREATING,
+            creating_gateway=self.context.instance_id,
         )
         record.create_time.FromNanoseconds(int(now * 1e9))
         record.expire_time.FromNanoseconds(int((now + timeout) * 1e9))
@@ -225,19 +234,22 @@ class Sandboxes:
                 raise self._deleted_during_create(record) from failure
             raise
 
-        def running(current: SandboxRecord) -> None:
-            current.state = RUNNING
-            current.hypervisor, current.ip_address = f"{vm.vmm}/{vm.accel}", vm.nic.guest_cidr.partition("/")[0]
-
         try:
             # The view's reads (the VM record, a channel incident) side by side with the write.
             with TRACER.start_as_current_span("gateway.record_running"):
                 record, vm, incident = await asyncio.gather(
-                    self.store.change(record, running, expect_states={CREATING}, revision=revision),
+                    self.store.change(
+                        record, functools.partial(mark_running, vm=vm), expect_states={CREATING}, revision=revision
+                    ),
                     self.store.vm(record),
                     self.store.incident(record),
                 )
         except ServiceError:
+            finished = await self.store.records.get(SANDBOXES, record.id)
+            if finished is not None and finished.message.state == RUNNING and finished.message.node == node:
+                # Another gateway's upkeep finished this create, taking this one for gone (its registration had
+                # lapsed): the sandbox is the caller's all the same.
+                return await self.view(finished.message)
             await self._delete_vm(node, record.id)
             raise self._deleted_during_create(record) from None
         self.store.remember_node(record)  # its first command reads it in one round trip
