@@ -41,12 +41,18 @@ async def wait_gone(records: Records, sandbox_id: str, node: str) -> None:
     raise AssertionError(f"the abandoned create {sandbox_id} was not reaped")
 
 
-async def test_an_abandoned_create_is_reaped_and_its_quota_released(installation):
-    tenant = f"abandon-{uuid.uuid4().hex[:6]}"
-    caller = await tenant_caller(installation, tenant, max_sandboxes=1)
+async def one_sandbox(installation, prefix: str, **quota) -> tuple:
+    """A new tenant's caller, the installation's records, and the record of the one sandbox it created."""
+    tenant = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    caller = await tenant_caller(installation, tenant, **quota)
     records = Records(etcd_client_for(installation.etcd_endpoint))
-    await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
+    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
     (record,) = [stored.message for stored in await records.list(SANDBOXES) if stored.message.tenant == tenant]
+    return caller, records, record, created.sandbox
+
+
+async def test_an_abandoned_create_is_reaped_and_its_quota_released(installation):
+    caller, records, record, _ = await one_sandbox(installation, "abandon", max_sandboxes=1)
     assert await records.get(VMS, record.node, record.id) is not None
 
     # Recent: a create still under way is left alone.
@@ -74,11 +80,7 @@ async def settled_state(records: Records, sandbox_id: str):
 async def test_the_create_of_a_gone_gateway_is_finished_when_its_vm_runs(installation):
     """The chaos suite's case: the gateway killed after its VM started and before the record said so. The caller's
     retry finds the name taken (ALREADY_EXISTS); the sandbox must become theirs, not sit CREATING for minutes."""
-    tenant = f"gone-{uuid.uuid4().hex[:6]}"
-    caller = await tenant_caller(installation, tenant)
-    records = Records(etcd_client_for(installation.etcd_endpoint))
-    created = await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
-    (record,) = [stored.message for stored in await records.list(SANDBOXES) if stored.message.tenant == tenant]
+    caller, records, record, sandbox = await one_sandbox(installation, "gone")
     assert record.creating_gateway  # the live gateway that made it
 
     # Its own gateway alive: a create ten seconds old is still that gateway's.
@@ -94,10 +96,10 @@ async def test_the_create_of_a_gone_gateway_is_finished_when_its_vm_runs(install
         records, record.id, age=GONE_GATEWAY_GRACE_SECONDS + 2, gateway="gateway-that-died"
     )
     assert await settled_state(records, record.id) == sandbox_types.SANDBOX_RECORD_STATE_RUNNING
-    got = await caller.stub.GetSandbox(api.GetSandboxRequest(name=created.sandbox.name), metadata=caller.metadata)
+    got = await caller.stub.GetSandbox(api.GetSandboxRequest(name=sandbox.name), metadata=caller.metadata)
     assert got.sandbox.state == sandbox_pb2.SANDBOX_STATE_RUNNING and got.sandbox.hypervisor
     async for event in caller.stub.Exec(
-        api.ExecRequest(sandbox=created.sandbox.name, process=api.ProcessConfig(argv=["true"])),
+        api.ExecRequest(sandbox=sandbox.name, process=api.ProcessConfig(argv=["true"])),
         metadata=caller.metadata,
         timeout=30,
     ):
@@ -106,15 +108,11 @@ async def test_the_create_of_a_gone_gateway_is_finished_when_its_vm_runs(install
 
 
 async def test_the_create_of_a_gone_gateway_without_a_vm_is_undone(installation):
-    tenant = f"ghost-{uuid.uuid4().hex[:6]}"
-    caller = await tenant_caller(installation, tenant, max_sandboxes=1)
-    records = Records(etcd_client_for(installation.etcd_endpoint))
-    await caller.stub.CreateSandbox(api.CreateSandboxRequest(), metadata=caller.metadata, timeout=60)
-    (record,) = [stored.message for stored in await records.list(SANDBOXES) if stored.message.tenant == tenant]
+    caller, records, record, _ = await one_sandbox(installation, "ghost", max_sandboxes=1)
     # A second record of the tenant, placed by a gateway that died before any VM started: it holds the quota of 1.
     ghost = sandbox_types.SandboxRecord()
     ghost.CopyFrom(record)
-    ghost.id, ghost.name = sandbox_key(tenant, "ghost-1"), "ghost-1"
+    ghost.id, ghost.name = sandbox_key(record.tenant, "ghost-1"), "ghost-1"
     await records.put(SANDBOXES, ghost, ghost.id)
     await left_as_the_dead_gateway_left_it(
         records, ghost.id, age=GONE_GATEWAY_GRACE_SECONDS + 2, gateway="gateway-that-died"
