@@ -8,17 +8,19 @@ import os
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
     """Cancels an owned background task and waits until it has stopped; whatever it raised is its own business
-    (it was being stopped). A cancellation of the caller itself while it waits is not that task's: it goes on up.
-    Swallowing it once let a relay's VM watch, cancelled while it closed a removed VM's channel, carry on watching,
-    and the shutdown that cancelled it waited for it forever."""
+    (it was being stopped). A cancellation of the caller itself that arrives while it waits is not that task's: it goes
+    on up. Swallowing it once let a relay's VM watch, cancelled while it closed a removed VM's channel, carry on
+    watching, and the shutdown that cancelled it waited for it forever. One that arrived before the call (a cancelled
+    call's cleanup stopping its helpers) was delivered already, and the cleanup goes on."""
     if task is None:
         return
+    caller = asyncio.current_task()
+    cancels_before = caller.cancelling() if caller is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        caller = asyncio.current_task()
-        if caller is not None and caller.cancelling():
+        if caller is not None and caller.cancelling() > cancels_before:
             raise
     except Exception:
         pass

@@ -57,3 +57,23 @@ async def test_a_watch_cancelled_while_it_stops_a_task_stops_too():
     gave_up = True  # a watch that swallowed its cancellation ends here, so the failure below is reported
     assert watcher.done() and watcher.cancelled(), "the watch carried on after it was cancelled"
     assert iterations == 1
+
+
+async def test_a_cancelled_calls_cleanup_stops_its_helpers_and_goes_on():
+    """A call cancelled before its cleanup (a gRPC handler the server cancelled, in its `finally`): stopping a helper
+    there must not end the cleanup, whose later steps (closing a stream, freeing a slot) still have to run."""
+    stopping, cleaned = asyncio.Event(), []
+
+    async def handler() -> None:
+        helper = asyncio.create_task(slow_to_stop(stopping))
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await cancel_and_wait(helper)
+            cleaned.append("after the helper")
+
+    call = asyncio.create_task(handler())
+    await asyncio.sleep(0.01)
+    call.cancel()
+    await asyncio.wait({call}, timeout=2)
+    assert call.cancelled() and cleaned == ["after the helper"]
