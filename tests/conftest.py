@@ -1,8 +1,32 @@
 from __future__ import annotations
 
+import asyncio
+import io
+
 import pytest
+import pytest_timeout
 
 from tests.stack import LocalStack, start_stack
+
+_dump_thread_stacks = pytest_timeout.dump_stacks
+
+
+def _dump_stacks_and_tasks(terminal) -> None:
+    """pytest-timeout's dump, and every task of the event loop the test (or its fixture's teardown) was in: a hung
+    async test shows only its loop waiting in epoll, and the task that never finished is what to read."""
+    _dump_thread_stacks(terminal)
+    try:
+        loop = asyncio.get_running_loop()  # the timeout's signal handler runs in the loop's thread, inside its select
+    except RuntimeError:
+        return
+    for task in asyncio.all_tasks(loop):
+        stack = io.StringIO()
+        task.print_stack(file=stack)
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        terminal.write(stack.getvalue())
+
+
+pytest_timeout.dump_stacks = _dump_stacks_and_tasks
 
 
 @pytest.fixture(scope="session")
