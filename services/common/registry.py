@@ -199,7 +199,11 @@ class ServiceRegistration:
         while True:
             await asyncio.sleep(interval)
             try:
-                reply = await asyncio.wait_for(self._lease.refresh(), timeout=interval * 2)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that arrives as the refresh
+                # completes, and this loop then ran on, so the close that cancelled it waited until its own caller
+                # gave up (a 30 s stop in the tests, then an error).
+                async with asyncio.timeout(interval * 2):
+                    reply = await self._lease.refresh()
                 expired = reply is None or reply.TTL <= 0
                 if expired:
                     # The lease ran out (etcd restarted or we stalled): register again.
