@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
+import linecache
 
 import pytest
 import pytest_timeout
@@ -20,10 +20,25 @@ def _dump_stacks_and_tasks(terminal) -> None:
     except RuntimeError:
         return
     for task in asyncio.all_tasks(loop):
-        stack = io.StringIO()
-        task.print_stack(file=stack)
         terminal.sep("~", title=f"asyncio task {task.get_name()}")
-        terminal.write(stack.getvalue())
+        try:
+            terminal.write(task_stack(task))
+        except Exception as exc:  # the dump must never replace the timeout it reports
+            terminal.write(f"(no stack: {exc!r})\n")
+
+
+def task_stack(task: asyncio.Task) -> str:
+    """Where `task` waits, innermost frame last. Not `Task.print_stack`: on 3.11 a suspended frame can report no line
+    number, and linecache then raises TypeError, which hid the very hang this dump was for."""
+    lines = [f"{task!r}\n"]
+    for frame in task.get_stack():
+        code = frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {frame.f_lineno or "?"}, in {code.co_name}\n')
+        if frame.f_lineno:
+            source = linecache.getline(code.co_filename, frame.f_lineno, frame.f_globals).strip()
+            if source:
+                lines.append(f"    {source}\n")
+    return "".join(lines)
 
 
 pytest_timeout.dump_stacks = _dump_stacks_and_tasks

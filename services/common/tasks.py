@@ -5,25 +5,33 @@ from __future__ import annotations
 import asyncio
 import os
 
+import structlog
+
+log = structlog.get_logger()
+
+
+# How long a cancelled task may take to stop before it is cancelled again. Python 3.11's `asyncio.wait_for` (in our
+# code and in libraries such as aetcd's watch setup) drops a cancellation that arrives as its inner call completes,
+# and a task looping over it then runs on as if never cancelled.
+RECANCEL_SECONDS = 1.0
+
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
     """Cancels an owned background task and waits until it has stopped; whatever it raised is its own business
-    (it was being stopped). A cancellation of the caller itself that arrives while it waits is not that task's: it goes
-    on up. Swallowing it once let a relay's VM watch, cancelled while it closed a removed VM's channel, carry on
-    watching, and the shutdown that cancelled it waited for it forever. One that arrived before the call (a cancelled
-    call's cleanup stopping its helpers) was delivered already, and the cleanup goes on."""
+    (it was being stopped). A task that swallowed its cancellation is cancelled again each `RECANCEL_SECONDS`, so a
+    shutdown never waits for it forever (relay test teardowns hung so until their 60 s timeout, twice in CI).
+
+    A cancellation of the caller that arrives while it waits goes on up (`asyncio.wait` raises it): it is not the
+    task's. One that arrived before the call was delivered already (a cancelled call's cleanup stopping its
+    helpers), and the cleanup goes on."""
     if task is None:
         return
-    caller = asyncio.current_task()
-    cancels_before = caller.cancelling() if caller is not None else 0
     task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        if caller is not None and caller.cancelling() > cancels_before:
-            raise
-    except Exception:
-        pass
+    while not (await asyncio.wait({task}, timeout=RECANCEL_SECONDS))[0]:
+        log.warning("task_ignored_its_cancellation", task=task.get_name())
+        task.cancel()
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 def process_alive(pid: int) -> bool:

@@ -77,3 +77,22 @@ async def test_a_cancelled_calls_cleanup_stops_its_helpers_and_goes_on():
     call.cancel()
     await asyncio.wait({call}, timeout=2)
     assert call.cancelled() and cleaned == ["after the helper"]
+
+
+async def test_a_task_that_swallowed_its_cancellation_is_cancelled_again():
+    """Python 3.11's `asyncio.wait_for` returns its inner result when a cancellation arrives just as that result
+    does, and drops the cancellation: a loop over it runs on. Stopping such a task must still end."""
+    results: asyncio.Queue[asyncio.Future] = asyncio.Queue()
+
+    async def loop_over_wait_for() -> None:
+        while True:
+            result = asyncio.get_running_loop().create_future()
+            results.put_nowait(result)
+            await asyncio.wait_for(result, 3600)
+
+    looping = asyncio.create_task(loop_over_wait_for())
+    (await results.get()).set_result(None)
+    stopping = asyncio.create_task(cancel_and_wait(looping))  # its cancel arrives with that result: dropped
+    await results.get()  # the loop went round
+    await asyncio.wait({stopping}, timeout=5)
+    assert stopping.done() and looping.cancelled()
