@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from images.builder import BuiltImage
@@ -101,19 +103,22 @@ class FakeVmmDriver:
                 if p["console"].exists():
                     break
                 await asyncio.sleep(0.01)
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
+            # Spawned and recorded with no await between: a launch cancelled in that gap (a pool refill at shutdown)
+            # left an agent no pid file named, so nothing stopped it. asyncio's spawn awaits after the fork.
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=console,
                 cwd=str(directory),
                 env=env,
                 start_new_session=True,
             )
+            p["pid"].write_text(str(process.pid))
         finally:
             os.close(serial_in)
             os.close(console)
-        p["pid"].write_text(str(process.pid))
+        threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
         return process.pid
 
     def _pid(self, directory: Path) -> int:
