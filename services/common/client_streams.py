@@ -52,7 +52,8 @@ async def drain_until_closed(requests, idle_seconds: float = IDLE_SECONDS) -> No
     iterator = aiter(requests)
     while True:
         try:
-            await asyncio.wait_for(anext(iterator), idle_seconds)
+            async with asyncio.timeout(idle_seconds):
+                await anext(iterator)
         except Exception:  # StopAsyncIteration (half-closed), TimeoutError (idle), a bad message: the end
             return
 

@@ -19,6 +19,7 @@ from microvm.types.v1 import network_pb2 as network_types
 from microvm.types.v1 import vm_pb2
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import AlreadyExists, ResourceExhausted, ServiceError
+from services.common.tasks import cancel_and_wait
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
 from services.compute.snapshots import VmSnapshots
@@ -162,7 +163,8 @@ class WarmStart:
                 return
             self._claimed.clear()
             try:
-                await asyncio.wait_for(self._claimed.wait(), hold)
+                async with asyncio.timeout(hold):
+                    await self._claimed.wait()
             except TimeoutError:
                 pass
 
@@ -214,14 +216,10 @@ class WarmStart:
                     log.warning("warm_start_upkeep_failed", template=template, error=str(exc))
                     await asyncio.sleep(5)
             try:
-                await asyncio.wait_for(self.templates.changed.wait(), timeout=30)
+                async with asyncio.timeout(30):
+                    await self.templates.changed.wait()
             except TimeoutError:
                 pass
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await asyncio.wait_for(self._task, 3)
-            except (asyncio.CancelledError, TimeoutError, Exception):
-                pass
+        await cancel_and_wait(self._task)

@@ -178,7 +178,8 @@ class EtcdWatch:
     async def next(self, timeout: float | None = None) -> Batch | None:
         """The next response; None when `timeout` seconds passed without one. Raises what ended the watch."""
         try:
-            item = await asyncio.wait_for(self._batches.get(), timeout)
+            async with asyncio.timeout(timeout):
+                item = await self._batches.get()
         except TimeoutError:
             return None
         if isinstance(item, BaseException):

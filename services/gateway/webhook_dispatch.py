@@ -53,7 +53,8 @@ class WebhookDispatcher:
 
     async def _keep_lease(self) -> None:
         if self.lease is not None:
-            reply = await asyncio.wait_for(self.lease.refresh(), deadlines.QUICK)
+            async with asyncio.timeout(deadlines.QUICK):
+                reply = await self.lease.refresh()
             if reply is None or reply.TTL <= 0:  # ran out (we stalled, or etcd restarted): our locks are gone
                 log.warning("webhook_lease_lost", held=len(self.feeds))
                 self.lease = None

@@ -64,7 +64,8 @@ class AgentStream:
 
     async def receive(self, timeout: float | None = None) -> agent_pb2.Frame:
         """Next frame; raises Unavailable when the channel died, TimeoutError after `timeout`."""
-        item = await asyncio.wait_for(self.frames.get(), timeout) if timeout else await self.frames.get()
+        async with asyncio.timeout(timeout or None):
+            item = await self.frames.get()
         if isinstance(item, ChannelClosed):
             raise Unavailable(f"agent of VM {self.channel.target.vm_id} went away: {item}", reason="AGENT_UNAVAILABLE")
         if isinstance(item, ServiceError):  # the caller's side failed (`abort`), or the agent restarted
@@ -161,7 +162,8 @@ class AgentChannel:
         self._pongs[nonce] = future
         try:
             await self.send(agent_pb2.Frame(stream_id=0, ping=agent_pb2.Ping(nonce=nonce)))
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         finally:
             self._pongs.pop(nonce, None)
 
@@ -220,7 +222,8 @@ class AgentChannel:
                 # A frame the guest began must be finished soon: a half-written one would wedge the channel.
                 started = decoder.pending
                 try:
-                    data = await asyncio.wait_for(reader.read(1 << 20), self.limits.frame_seconds if started else None)
+                    async with asyncio.timeout(self.limits.frame_seconds if started else None):
+                        data = await reader.read(1 << 20)
                 except TimeoutError:
                     raise ProtocolViolation(
                         f"a frame stayed half-written for {self.limits.frame_seconds:.0f} s"

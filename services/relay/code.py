@@ -96,7 +96,8 @@ class GuestCode:
                     return
                 while True:
                     try:
-                        event = await asyncio.wait_for(self.server.answer(tunnel), KEEPALIVE_SECONDS)
+                        async with asyncio.timeout(KEEPALIVE_SECONDS):
+                            event = await self.server.answer(tunnel)
                         break
                     except TimeoutError:
                         yield api.RunCodeResponse(keepalive={})
