@@ -23,6 +23,12 @@ ARTIFACT_FILES = {
     "disk-tree": "disk.tar",
     "vmm-state": "vmm-state.tar",
     "config": "config.json",
+    # An image build offered with the snapshots taken over it (build_exchange.py BUILD_FILES).
+    "rootfs": "rootfs.ext4",
+    "kernel": "vmlinux",
+    "bzimage": "bzImage",
+    "initramfs": "initramfs.cpio.gz",
+    "manifest": "manifest.json",
 }
 UPLOAD_CHUNK = 1 << 20
 

@@ -228,7 +228,7 @@ class QemuDriver:
                 copy = await asyncio.create_subprocess_exec("cp", "--sparse=always", vm.ram_path, str(out / "ram"))
                 if await copy.wait() != 0:
                     raise FailedPrecondition("cannot copy the VM's memory file", reason="MEMORY_SNAPSHOT_FAILED")
-            await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2")
+            await freeze(self.paths(directory)["disk"], base_image, out / "disk.qcow2", link_base=True)
             return "shared-ram" if shared else "stream"
         finally:
             try:

@@ -23,6 +23,8 @@ from microvm.types.v1.snapshot_pb2 import SnapshotRecord
 from microvm.types.v1.vm_pb2 import VmRecord
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.compute.artifacts import ARTIFACT_FILES, available_memory_kib, download, hash_files, on_tmpfs, upload
+from services.compute.build_exchange import BuildExchange, portable
+from services.compute.disks import BASE_LINK, backing_name, point_base_link
 from services.compute.ledger import VM_ID, check_names, state_name
 from services.compute.lifecycle import VmLifecycle
 
@@ -39,6 +41,8 @@ class VmSnapshots:
         # Restores of each snapshot on this node since compute started: from the second on, its memory is shared.
         self.restores: dict[str, int] = {}
         self.unshareable: set[str] = set()  # tried once and failed: not again (restores would queue behind it)
+        # The image builds snapshots leave with, and those fetched for snapshots that came from other nodes.
+        self.builds = BuildExchange(self.materialize, snapshot_root.parent / "builds")
 
     async def snapshot(
         self,
@@ -85,7 +89,9 @@ class VmSnapshots:
                     if share_memory:
                         config = json.loads((work / "config.json").read_text())
                         steps.create_task(self._make_shared(work, snapshot_id, config, image))
-            except ExceptionGroup as failed:  # the upload's (sharing never raises): as it is, not in a group
+                    if not local_only and portable(work):  # it may be restored on a node with another build
+                        steps.create_task(self.builds.offer(image, store))
+            except ExceptionGroup as failed:  # an upload's (sharing never raises): as it is, not in a group
                 raise failed.exceptions[0] from None
             total = uploaded.result()
             shutil.rmtree(target, ignore_errors=True)
@@ -189,6 +195,7 @@ class VmSnapshots:
             source_snapshot=record.id,
             policy=policy,
             share_memory=share_memory,
+            store=store,
         )
 
     async def restore_here(
@@ -227,7 +234,10 @@ class VmSnapshots:
         pooled: bool = False,
         policy: network_types.NetworkPolicy | None = None,
         share_memory: bool = False,
+        store=None,
     ) -> VmRecord:
+        """A VM from the frozen files in `frozen`; `store` (this node's snapshot store) can fetch the snapshot's image
+        build when this node has another."""
         config = json.loads((frozen / "config.json").read_text())
         networked = self.lifecycle.network is not None
         if config.get("network", False) != networked:
@@ -249,7 +259,7 @@ class VmSnapshots:
                 f"this node's VMs are {self.driver.machine} (its devices differ)",
                 reason="MACHINE_MISMATCH",
             )
-        image = self.image_of(config, frozen.name)
+        image = await self.image_for(config, frozen, store)
         if source_snapshot:
             with TRACER.start_as_current_span("compute.share_memory"):
                 await self._share_memory(frozen, source_snapshot, config, image, share_memory)
@@ -326,6 +336,23 @@ class VmSnapshots:
             return ""
         ram_root.mkdir(parents=True, exist_ok=True)
         return str(ram_root / f"share-{snapshot_id}.ram")
+
+    async def image_for(self, config: dict, frozen: Path, store=None) -> BuiltImage:
+        """`image_of`; for a frozen disk that names its base only through its link (`portable`), any copy of the
+        exact build also serves: one fetched before, or fetched now from the node that offered it. The link is
+        pointed at the build chosen."""
+        try:
+            image = self.image_of(config, frozen.name)
+        except FailedPrecondition as refused:
+            expected = config.get("rootfs_id", "")
+            if not (expected and portable(frozen)):
+                raise
+            image = self.builds.local(expected) or (await self.builds.fetch(expected, store) if store else None)
+            if image is None:
+                raise refused from None
+        if backing_name(frozen / "disk.qcow2") == BASE_LINK:
+            point_base_link(frozen, image.rootfs)
+        return image
 
     def image_of(self, config: dict, snapshot: str) -> BuiltImage:
         """The image build a snapshot was taken on: this node's copy of the same build (same recipe hash, so the

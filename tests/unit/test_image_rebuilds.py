@@ -17,6 +17,7 @@ from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1 import snapshot_pb2 as snapshot_types
 from microvm.types.v1 import vm_pb2
 from services.common.errors import error_info
+from services.common.records import VMS, Records
 from tests.unit.test_compute_node import start_node, until
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,17 +94,32 @@ async def test_nothing_taken_on_a_build_runs_over_the_next_build_of_the_same_rec
         vm = (await node.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="restored"), timeout=30)).vm
         assert vm.start_method == "template-snapshot"
 
-        # A user's snapshot, and a stopped VM's disk, of the first build: refused with the reason, kept as they are.
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
+        # A user's snapshot of the first build offered that build with it: restored over a copy of the first build
+        # fetched back from the store, never over the second.
+        clone = (
             await node.compute.RestoreVm(
                 compute_pb2.RestoreVmRequest(vm_id="clone", snapshot_id="snap-first"), timeout=60
             )
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert failure_reason(refused.value) == "IMAGE_REBUILT" and first in refused.value.details()
+        ).vm
+        assert clone.rootfs_id == first and await node.read("clone", "/root/kept") == b"1"
+        stored = (await Records(etcd).get(VMS, node.node.node, "clone")).message
+        assert Path(stored.image_dir) == node.node.state_dir / "compute" / "builds" / first
+        # A stopped VM's disk of the first build, and a snapshot kept on the node (never offered) of the second once
+        # a third is built: refused with the reason, kept as they are.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await node.compute.StartVm(compute_pb2.StartVmRequest(vm_id="on-first"), timeout=30)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert failure_reason(refused.value) == "IMAGE_REBUILT"
         assert (await node.vm("on-first")).state == vm_pb2.VM_STATE_STOPPED
+        kept = compute_pb2.SnapshotVmRequest(vm_id="restored", snapshot_id="kept-second", local_only=True)
+        await node.compute.SnapshotVm(kept, timeout=60)
+        third = build_rootfs(image_dir)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node.compute.RestoreVm(
+                compute_pb2.RestoreVmRequest(vm_id="clone-2", snapshot_id="kept-second", local_snapshot=True),
+                timeout=60,
+            )
+        assert failure_reason(refused.value) == "IMAGE_REBUILT" and second in refused.value.details()
+        assert third != second
     finally:
         await node.node.stop_all()
