@@ -4,6 +4,7 @@ directly (no gateway, relay or etcd): a boot, ping round trips, a stream, and a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -141,14 +142,17 @@ async def raw_stream_restore(channel: AgentChannel, source_dir: Path, target_dir
     command = driver.command(vm, image, target_dir) + ["-incoming", f"exec:cat {state}"]
     started = time.perf_counter()
     await (await asyncio.create_subprocess_exec(*command)).wait()
-    client = QmpClient(str(driver.paths(target_dir)["qmp"]))
-    await client.connect()
-    while (await client.execute("query-migrate")).get("status") != "completed":
-        await asyncio.sleep(0.005)
-    await client.execute("cont")
-    await client.close()
-    restored = await until_answering(vm.id, driver, target_dir)
-    elapsed = time.perf_counter() - started
-    await restored.close()
-    os.kill(int(driver.paths(target_dir)["pid"].read_text()), signal.SIGKILL)
+    try:
+        client = QmpClient(str(driver.paths(target_dir)["qmp"]))
+        await client.connect()
+        while (await client.execute("query-migrate")).get("status") != "completed":
+            await asyncio.sleep(0.005)
+        await client.execute("cont")
+        await client.close()
+        restored = await until_answering(vm.id, driver, target_dir)
+        elapsed = time.perf_counter() - started
+        await restored.close()
+    finally:  # the restored qemu is daemonized: nothing else stops it, whatever failed above
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(driver.paths(target_dir)["pid"].read_text()), signal.SIGKILL)
     return elapsed

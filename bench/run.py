@@ -21,6 +21,7 @@ Never fails on a figure: machines are noisy, the ratios are what to compare acro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -144,6 +145,7 @@ def main() -> None:
         raw_dir = Path(tmp) / "raw"
         raw_dir.mkdir()
         loop = asyncio.new_event_loop()
+        raw_pid = 0
         try:
             # Let compute finish its template snapshot and warm pool: nothing else competes for the CPU.
             wait_for_warm_pool(stack)
@@ -269,8 +271,10 @@ def main() -> None:
                 "cold create of the same size (320 MiB) in the same run",
                 "ratio <= 0.5",
             )
-            os.kill(raw_pid, signal.SIGKILL)  # the hand-started source VM, paused since its state was saved
         finally:
+            if raw_pid:  # the hand-started VM (paused since its state was saved): also when a step above failed
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(raw_pid, signal.SIGKILL)
             loop.close()
             stack.stop()
             for ram in ComputeSettings().ram_root(raw_dir).glob("*.ram"):
