@@ -20,6 +20,7 @@ import structlog
 
 from microvm.types.v1 import node_pb2
 from services.common import deadlines
+from services.compute.disks import BASE_LINK
 from services.compute.image_start import ready_check, start_service
 from services.compute.images import is_user_image
 from services.compute.lifecycle import VmLifecycle
@@ -37,6 +38,16 @@ def _digest(path: Path) -> str:
         while block := f.read(4 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_facts(frozen: Path) -> dict[str, dict]:
+    """Size and hash of each frozen file, which every use of the template snapshot checks. Not the link to the image
+    (disks.py BASE_LINK): hashing it read the whole root filesystem, on every pool restore."""
+    return {
+        path.name: {"size": path.stat().st_size, "sha256": "" if path.name in SIZE_ONLY else _digest(path)}
+        for path in frozen.iterdir()
+        if path.is_file() and not path.is_symlink() and path.name not in ("verified.json", ".complete")
+    }
 
 
 class TemplateSnapshots:
@@ -105,6 +116,8 @@ class TemplateSnapshots:
                 )
             expected = json.loads((directory / "verified.json").read_text())
             for filename, facts in expected.items():
+                if filename == BASE_LINK:  # the link to the image (a template of an earlier version listed it)
+                    continue
                 if (directory / filename).stat().st_size != facts["size"]:
                     raise ValueError(f"{filename} has the wrong size")
                 if filename not in SIZE_ONLY and _digest(directory / filename) != facts["sha256"]:
@@ -181,14 +194,7 @@ class TemplateSnapshots:
         """Makes the frozen files in `work` the template snapshot of that size (checked on every use from now on)
         and drops those of older image builds that no VM maps."""
         directory = self.directory(template, vcpus, memory_mib)
-        facts = {}
-        for path in work.iterdir():
-            if path.is_file() and path.name not in ("verified.json", ".complete"):
-                facts[path.name] = {
-                    "size": path.stat().st_size,
-                    "sha256": "" if path.name in SIZE_ONLY else _digest(path),
-                }
-        (work / "verified.json").write_text(json.dumps(facts))
+        (work / "verified.json").write_text(json.dumps(file_facts(work)))
         (work / ".complete").touch()
         shutil.rmtree(directory, ignore_errors=True)
         work.rename(directory)

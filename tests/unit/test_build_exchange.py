@@ -15,6 +15,7 @@ from microvm.types.v1 import snapshot_pb2 as snapshot_types
 from services.common.records import VMS, Records
 from services.compute.build_exchange import portable
 from services.compute.disks import BASE_LINK, backing_name, create_overlay, freeze, point_base_link
+from services.compute.templates import file_facts
 from tests.unit.test_compute_node import start_node
 from tests.unit.test_image_rebuilds import build_rootfs
 
@@ -112,3 +113,19 @@ async def test_a_snapshot_restores_on_a_node_with_another_build_of_its_image(tmp
     finally:
         for node in nodes.values():
             await node.node.stop_all()
+
+
+def test_a_template_snapshot_checks_its_own_files_not_the_image_its_link_names(tmp_path):
+    """Its files are hashed once and checked on every use: following the link to the image read a whole root
+    filesystem each time (a cold create beside a pool refill took 1.2-1.8x the raw boot instead of 1.0x)."""
+    image = tmp_path / "rootfs.ext4"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    (frozen / "devices.bin").write_bytes(b"state")
+    (frozen / "ram").write_bytes(b"pages")
+    point_base_link(frozen, image)
+    facts = file_facts(frozen)
+    assert sorted(facts) == ["devices.bin", "ram"]
+    assert facts["ram"] == {"size": 5, "sha256": ""} and len(facts["devices.bin"]["sha256"]) == 64
