@@ -12,7 +12,9 @@ a link beside it (disks.py `BASE_LINK`), which each node points at its own copy 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +40,7 @@ BUILD_FILES = {
     "manifest": "manifest.json",
 }
 Store = snapshot_pb2_grpc.SnapshotStoreServiceStub
+_FREE = asyncio.Lock()  # stands for a build no fetch is working on
 
 
 class BuildExchange:
@@ -53,12 +56,31 @@ class BuildExchange:
         return PREFIX + rootfs_id
 
     def local(self, rootfs_id: str) -> BuiltImage | None:
-        """This node's fetched copy of the build whose root filesystem is `rootfs_id`, if it has one."""
+        """This node's fetched copy of the build whose root filesystem is `rootfs_id`, if it has one (its use is
+        noted: `prune` keeps what was used lately)."""
         try:
             image = BuiltImage.at(self.root / rootfs_id)
-        except (FileNotFoundError, ValueError, KeyError):
+            os.utime(image.directory)
+        except (OSError, ValueError, KeyError):
             return None
         return image if image.rootfs_id == rootfs_id else None
+
+    def prune(self, in_use: set[Path], min_age_seconds: float) -> list[str]:
+        """Drops the fetched builds no VM of this node sits on (`in_use`: their image directories) and none used for
+        `min_age_seconds`; a later restore fetches one again. Returns what went."""
+        dropped = []
+        for directory in sorted(self.root.iterdir()) if self.root.exists() else []:
+            try:
+                idle = time.time() - directory.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if directory in in_use or idle < min_age_seconds or self._locks.get(directory.name, _FREE).locked():
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            dropped.append(directory.name)
+        if dropped:
+            log.info("image_builds_pruned", rootfs_ids=dropped)
+        return dropped
 
     async def offer(self, image: BuiltImage, store: Store) -> None:
         """`image`'s build in this node's store, unless it is there already (from this node or another)."""

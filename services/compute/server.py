@@ -138,6 +138,9 @@ class ComputeNode:
         dropped = await snapshot_upkeep.prune(self.snapshots, live, min_age_seconds)
         if dropped:
             log.info("snapshot_copies_pruned", count=len(dropped))
+        in_use = {Path(vm.image_dir) for vm in self.ledger.vms.values()}
+        # In the loop, not a thread: a restore that just found a build (and refreshed its time) is never raced.
+        self.snapshots.builds.prune(in_use, min_age_seconds)
         return dropped
 
     async def network_ready(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from microvm.compute.v1 import compute_pb2
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1 import snapshot_pb2 as snapshot_types
 from services.common.records import VMS, Records
-from services.compute.build_exchange import portable
+from services.compute.build_exchange import BuildExchange, portable
 from services.compute.disks import BASE_LINK, backing_name, create_overlay, freeze, point_base_link
 from services.compute.templates import file_facts
 from tests.unit.test_compute_node import start_node
@@ -129,3 +130,22 @@ def test_a_template_snapshot_checks_its_own_files_not_the_image_its_link_names(t
     facts = file_facts(frozen)
     assert sorted(facts) == ["devices.bin", "ram"]
     assert facts["ram"] == {"size": 5, "sha256": ""} and len(facts["devices.bin"]["sha256"]) == 64
+
+
+def test_fetched_builds_go_once_no_vm_sits_on_them_and_none_was_used_lately(tmp_path):
+    exchange = BuildExchange(materialize=None, root=tmp_path / "builds")
+    ids = {}
+    for name in ("in-use", "used-lately", "idle"):
+        directory = tmp_path / "builds" / name
+        directory.mkdir(parents=True)
+        ids[name] = build_rootfs(directory)
+        (directory / "manifest.json").write_text('{"template": "default"}')
+        (directory / ".complete").touch()
+        directory.rename(tmp_path / "builds" / ids[name])
+    hour_ago = time.time() - 3600
+    for name in ("in-use", "idle"):
+        os.utime(tmp_path / "builds" / ids[name], (hour_ago, hour_ago))
+    assert exchange.local(ids["used-lately"]) is not None  # a restore found it just now
+    dropped = exchange.prune({tmp_path / "builds" / ids["in-use"]}, min_age_seconds=600)
+    assert dropped == [ids["idle"]]
+    assert exchange.local(ids["in-use"]) and exchange.local(ids["used-lately"]) and not exchange.local(ids["idle"])
