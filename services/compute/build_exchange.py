@@ -28,6 +28,7 @@ from services.common import deadlines
 from services.common.errors import DataLoss
 from services.compute.artifacts import upload
 from services.compute.disks import BASE_LINK, backing_name
+from services.compute.images import is_user_image
 
 log = structlog.get_logger()
 PREFIX = "build-"
@@ -85,7 +86,7 @@ class BuildExchange:
     async def offer(self, image: BuiltImage, store: Store) -> None:
         """`image`'s build in this node's store, unless it is there already (from this node or another)."""
         rootfs_id = image.rootfs_id
-        if not rootfs_id or rootfs_id in self._offered:
+        if not rootfs_id or rootfs_id in self._offered or is_user_image(image.name):  # those travel as images
             return
         async with self._locks.setdefault(rootfs_id, asyncio.Lock()):
             if rootfs_id in self._offered:

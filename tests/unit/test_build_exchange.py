@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from images.builder import BuiltImage
 from microvm.compute.v1 import compute_pb2
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1 import snapshot_pb2 as snapshot_types
@@ -149,3 +150,15 @@ def test_fetched_builds_go_once_no_vm_sits_on_them_and_none_was_used_lately(tmp_
     dropped = exchange.prune({tmp_path / "builds" / ids["in-use"]}, min_age_seconds=600)
     assert dropped == [ids["idle"]]
     assert exchange.local(ids["in-use"]) and exchange.local(ids["used-lately"]) and not exchange.local(ids["idle"])
+
+
+async def test_a_user_templates_image_is_not_offered_again_as_a_build(tmp_path):
+    """It travels between nodes as an image already (image_exchange.py), with the same filesystem."""
+    directory = tmp_path / "u-app" / "build"
+    directory.mkdir(parents=True)
+    build_rootfs(directory)
+    (directory / "manifest.json").write_text('{"template": "u-app"}')
+    (directory / ".complete").touch()
+    image = BuiltImage.at(directory)
+    assert image.rootfs_id
+    await BuildExchange(materialize=None, root=tmp_path / "builds").offer(image, store=None)  # no store is asked
