@@ -41,7 +41,6 @@ BUILD_FILES = {
     "manifest": "manifest.json",
 }
 Store = snapshot_pb2_grpc.SnapshotStoreServiceStub
-_FREE = asyncio.Lock()  # stands for a build no fetch is working on
 
 
 class BuildExchange:
@@ -75,7 +74,8 @@ class BuildExchange:
                 idle = time.time() - directory.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if directory in in_use or idle < min_age_seconds or self._locks.get(directory.name, _FREE).locked():
+            fetching = self._locks.get(directory.name)
+            if directory in in_use or idle < min_age_seconds or (fetching is not None and fetching.locked()):
                 continue
             shutil.rmtree(directory, ignore_errors=True)
             dropped.append(directory.name)

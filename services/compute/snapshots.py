@@ -347,9 +347,14 @@ class VmSnapshots:
             expected = config.get("rootfs_id", "")
             if not (expected and portable(frozen)):
                 raise
-            image = self.builds.local(expected) or (await self.builds.fetch(expected, store) if store else None)
+            image = self.builds.local(expected)
+            if image is None and store is None:  # a snapshot kept on this node: its build was here or nowhere
+                raise
+            image = image or await self.builds.fetch(expected, store)
             if image is None:
-                raise refused from None
+                raise FailedPrecondition(
+                    f"{refused.message}; no node offered the build it was taken on", reason=refused.reason
+                ) from None
         if backing_name(frozen / "disk.qcow2") == BASE_LINK:
             point_base_link(frozen, image.rootfs)
         return image

@@ -4,16 +4,19 @@ it (services/compute/build_exchange.py), and a frozen disk reaches it through it
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from images.builder import BuiltImage
 from microvm.compute.v1 import compute_pb2
 from microvm.snapshot.v1 import snapshot_pb2, snapshot_pb2_grpc
 from microvm.types.v1 import snapshot_pb2 as snapshot_types
+from services.common.errors import error_info
 from services.common.records import VMS, Records
 from services.compute.build_exchange import BuildExchange, portable
 from services.compute.disks import BASE_LINK, backing_name, create_overlay, freeze, point_base_link
@@ -112,6 +115,16 @@ async def test_a_snapshot_restores_on_a_node_with_another_build_of_its_image(tmp
         assert (fetched / "rootfs.ext4").stat().st_mtime_ns == fetched_at
         own = (await b.compute.CreateVm(compute_pb2.CreateVmRequest(vm_id="own"), timeout=30)).vm
         assert own.rootfs_id == builds["b"]
+
+        # A build nobody offers (its record gone) cannot be had: refused with the reason, nothing started over B's.
+        await store.DeleteSnapshotRecord(
+            snapshot_pb2.DeleteSnapshotRecordRequest(id=f"build-{builds['a']}"), timeout=10
+        )
+        shutil.rmtree(fetched)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await b.compute.RestoreVm(compute_pb2.RestoreVmRequest(vm_id="moved-3", snapshot_id="snap-a"), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(refused.value).reason == "IMAGE_REBUILT" and "no node offered" in refused.value.details()
     finally:
         for node in nodes.values():
             await node.node.stop_all()
