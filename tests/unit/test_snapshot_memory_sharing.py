@@ -207,7 +207,7 @@ async def test_the_node_prunes_its_copies_against_the_snapshot_records_in_etcd(t
     records = Records(etcd)
     await records.put(SNAPSHOTS, SnapshotRecord(id="snap-unit-recorded", template="default"), "snap-unit-recorded")
     try:
-        node = SimpleNamespace(ledger=SimpleNamespace(records=records), snapshots=vm_snapshots)
+        node = SimpleNamespace(ledger=SimpleNamespace(records=records, vms={}), snapshots=vm_snapshots)
         assert await ComputeNode.prune_snapshot_copies(node, min_age_seconds=0) == ["snap-1"]
         assert [p.name for p in frozen.parent.iterdir()] == ["snap-unit-recorded"]
     finally:
