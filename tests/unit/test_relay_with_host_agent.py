@@ -310,6 +310,14 @@ async def test_pty_mode_gives_a_terminal_of_the_requested_size(relay):
     assert lines[0].startswith("/dev/pts/") and lines[1:] == ["30", "100"] and exited.exit_code == 0
 
 
+async def test_ctrl_s_in_a_terminals_input_does_not_freeze_its_output(relay):
+    """0x13 is XOFF to a terminal with flow control: the process then blocked writing, for good (a fuzz find)."""
+    stdout, _, exited, _ = await run(
+        relay, ["sh", "-c", "read line; echo after"], process={"pty": True}, stdin=b"\x13\n"
+    )
+    assert b"after" in stdout and exited.exit_code == 0
+
+
 async def test_interactive_exec_takes_stdin_resize_and_signals(relay):
     queue: asyncio.Queue = asyncio.Queue()
 

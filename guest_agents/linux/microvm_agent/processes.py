@@ -71,6 +71,15 @@ def grow_pipe(fd: int) -> None:
         pass
 
 
+def no_flow_control(terminal: int) -> None:
+    """Ctrl-S in a caller's input is a byte for the program, not XOFF: with the terminal's flow control on, a stray
+    0x13 in an exec's stdin froze its output for good, and the process with it (blocked writing), until the call's
+    deadline. Modern terminals' users rarely want XOFF; readline binds Ctrl-S to a forward search."""
+    attributes = termios.tcgetattr(terminal)
+    attributes[0] &= ~(termios.IXON | termios.IXOFF)  # input modes
+    termios.tcsetattr(terminal, termios.TCSANOW, attributes)
+
+
 class Process:
     """A process started for one exec stream."""
 
@@ -146,6 +155,7 @@ class Process:
         if start.pty:
             master, slave = pty.openpty()
             self._set_size(master, start.cols or 80, start.rows or 24)
+            no_flow_control(slave)
             self.pty_master = master
         try:
             with workload.current.joined():  # born in the capped cgroup
